@@ -1,0 +1,265 @@
+//! The native CPU backend: quantized SIMD matrix products on all cores (rayon), f32 KV cache.
+
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+use super::{Backend, ForwardBatch};
+use crate::arch::{DecoderWeights, ModelConfig, RopeStyle};
+use crate::error::{ModelError, Result};
+use crate::kv::KV_BLOCK_TOKENS;
+use crate::quant::{matmul, QuantizedActs};
+
+/// Scratch buffers reused between forward passes, so steady-state decoding allocates nothing.
+#[derive(Default)]
+struct Scratch {
+    x: Vec<f32>,
+    h: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    att: Vec<f32>,
+    o: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    acts: QuantizedActs,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+/// Runs a llama-style decoder on the CPU.
+pub struct CpuBackend {
+    config: ModelConfig,
+    weights: Arc<DecoderWeights>,
+    /// KV storage: block-major, then layer, then K/V, then slot, then the KV width.
+    kv: Vec<f32>,
+    kv_blocks: usize,
+    scratch: Scratch,
+}
+
+impl CpuBackend {
+    /// Builds a backend over shared weights.
+    pub fn new(config: ModelConfig, weights: Arc<DecoderWeights>) -> Self {
+        CpuBackend { config, weights, kv: Vec::new(), kv_blocks: 0, scratch: Scratch::default() }
+    }
+
+    fn block_stride(&self) -> usize {
+        self.config.n_layers * 2 * KV_BLOCK_TOKENS * self.config.kv_dim()
+    }
+}
+
+fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let d = w.len();
+    for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        let ss: f32 = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let scale = 1.0 / (ss + eps).sqrt();
+        for ((o, xv), wv) in or.iter_mut().zip(xr).zip(w) {
+            *o = xv * scale * wv;
+        }
+    }
+}
+
+fn add_bias(y: &mut [f32], b: Option<&Vec<f32>>) {
+    if let Some(b) = b {
+        for row in y.chunks_exact_mut(b.len()) {
+            for (v, bv) in row.iter_mut().zip(b) {
+                *v += bv;
+            }
+        }
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + ra.iter().zip(rb).map(|(x, y)| x * y).sum::<f32>()
+}
+
+fn rope(v: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32], style: RopeStyle) {
+    let half = head_dim / 2;
+    for head in v.chunks_exact_mut(head_dim) {
+        for i in 0..half {
+            let (a, b) = match style {
+                RopeStyle::Neox => (i, i + half),
+                RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+            };
+            let (x0, x1) = (head[a], head[b]);
+            head[a] = x0 * cos[i] - x1 * sin[i];
+            head[b] = x0 * sin[i] + x1 * cos[i];
+        }
+    }
+}
+
+impl Backend for CpuBackend {
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn ensure_kv_blocks(&mut self, n_blocks: usize) -> Result<()> {
+        if n_blocks > self.kv_blocks {
+            // Grow geometrically so a long generation reallocates O(log n) times.
+            let target = n_blocks.max(self.kv_blocks * 2).max(16);
+            let len = target.checked_mul(self.block_stride()).ok_or_else(|| ModelError::invalid("kv_blocks", "overflow"))?;
+            self.kv
+                .try_reserve_exact(len - self.kv.len())
+                .map_err(|e| ModelError::invalid("kv_blocks", format!("cannot allocate KV storage for {target} blocks: {e}")))?;
+            self.kv.resize(len, 0.0);
+            self.kv_blocks = target;
+        }
+        Ok(())
+    }
+
+    fn copy_kv_block(&mut self, src: u32, dst: u32, n_tokens: usize) {
+        let cfg = &self.config;
+        let slab = KV_BLOCK_TOKENS * cfg.kv_dim();
+        let stride = self.block_stride();
+        for lk in 0..cfg.n_layers * 2 {
+            let s = src as usize * stride + lk * slab;
+            let d = dst as usize * stride + lk * slab;
+            self.kv.copy_within(s..s + n_tokens * cfg.kv_dim(), d);
+        }
+    }
+
+    fn forward(&mut self, batch: &ForwardBatch<'_>, logits: &mut Vec<f32>) -> Result<()> {
+        let cfg = self.config.clone();
+        let w = self.weights.clone();
+        let n = batch.tokens.len();
+        let d = cfg.d_model;
+        let hd = cfg.head_dim;
+        let q_dim = cfg.n_heads * hd;
+        let kv_dim = cfg.kv_dim();
+        let group = cfg.n_heads / cfg.n_kv_heads;
+        let stride = self.block_stride();
+        let slab = KV_BLOCK_TOKENS * kv_dim;
+        let s = &mut self.scratch;
+        s.x.resize(n * d, 0.0);
+        s.h.resize(n * d, 0.0);
+        s.q.resize(n * q_dim, 0.0);
+        s.k.resize(n * kv_dim, 0.0);
+        s.v.resize(n * kv_dim, 0.0);
+        s.att.resize(n * q_dim, 0.0);
+        s.o.resize(n * d, 0.0);
+        s.gate.resize(n * cfg.ffn_dim, 0.0);
+        s.up.resize(n * cfg.ffn_dim, 0.0);
+
+        for (i, &t) in batch.tokens.iter().enumerate() {
+            w.embed.dequantize_row_into(t as usize, &mut s.x[i * d..(i + 1) * d]);
+        }
+        // RoPE angles per token, as llama.cpp computes them: theta_i = pos * base^(-2i/head_dim),
+        // the power taken by repeated multiplication in f32.
+        let half = hd / 2;
+        s.cos.resize(n * half, 0.0);
+        s.sin.resize(n * half, 0.0);
+        let theta_scale = cfg.rope_theta.powf(-2.0 / hd as f32);
+        for (i, &p) in batch.positions.iter().enumerate() {
+            let mut theta = p as f32;
+            for j in 0..half {
+                s.cos[i * half + j] = theta.cos();
+                s.sin[i * half + j] = theta.sin();
+                theta *= theta_scale;
+            }
+        }
+        let scale = 1.0 / (hd as f32).sqrt();
+
+        for (l, lw) in w.layers.iter().enumerate() {
+            rms_norm(&s.x, &lw.attn_norm, cfg.rms_eps, &mut s.h);
+            s.acts.quantize_from(&s.h, n, d);
+            matmul(&lw.wq, &s.acts, &mut s.q);
+            matmul(&lw.wk, &s.acts, &mut s.k);
+            matmul(&lw.wv, &s.acts, &mut s.v);
+            add_bias(&mut s.q, lw.bq.as_ref());
+            add_bias(&mut s.k, lw.bk.as_ref());
+            add_bias(&mut s.v, lw.bv.as_ref());
+            for i in 0..n {
+                let (c, sn) = (&s.cos[i * half..(i + 1) * half], &s.sin[i * half..(i + 1) * half]);
+                rope(&mut s.q[i * q_dim..(i + 1) * q_dim], hd, c, sn, cfg.rope_style);
+                rope(&mut s.k[i * kv_dim..(i + 1) * kv_dim], hd, c, sn, cfg.rope_style);
+            }
+            // Write this batch's keys and values into their slots.
+            for i in 0..n {
+                let pos = batch.positions[i] as usize;
+                let table = &batch.block_tables[batch.seq_index[i] as usize];
+                let block = table[pos / KV_BLOCK_TOKENS] as usize;
+                let slot = pos % KV_BLOCK_TOKENS;
+                let kbase = block * stride + (2 * l) * slab + slot * kv_dim;
+                let vbase = block * stride + (2 * l + 1) * slab + slot * kv_dim;
+                self.kv[kbase..kbase + kv_dim].copy_from_slice(&s.k[i * kv_dim..(i + 1) * kv_dim]);
+                self.kv[vbase..vbase + kv_dim].copy_from_slice(&s.v[i * kv_dim..(i + 1) * kv_dim]);
+            }
+            // Attention, one task per (token, query head).
+            let kv = &self.kv;
+            let q = &s.q;
+            s.att.par_chunks_mut(hd).enumerate().for_each(|(idx, out)| {
+                let i = idx / cfg.n_heads;
+                let h = idx % cfg.n_heads;
+                let kvh = h / group;
+                let pos = batch.positions[i] as usize;
+                let table = &batch.block_tables[batch.seq_index[i] as usize];
+                let qv = &q[i * q_dim + h * hd..i * q_dim + (h + 1) * hd];
+                let mut scores = Vec::with_capacity(pos + 1);
+                let mut max = f32::NEG_INFINITY;
+                for p in 0..=pos {
+                    let block = table[p / KV_BLOCK_TOKENS] as usize;
+                    let base = block * stride + (2 * l) * slab + (p % KV_BLOCK_TOKENS) * kv_dim + kvh * hd;
+                    let sc = dot(qv, &kv[base..base + hd]) * scale;
+                    max = max.max(sc);
+                    scores.push(sc);
+                }
+                let mut sum = 0f32;
+                for sc in scores.iter_mut() {
+                    *sc = (*sc - max).exp();
+                    sum += *sc;
+                }
+                out.fill(0.0);
+                let inv = 1.0 / sum;
+                for (p, sc) in scores.iter().enumerate() {
+                    let block = table[p / KV_BLOCK_TOKENS] as usize;
+                    let base = block * stride + (2 * l + 1) * slab + (p % KV_BLOCK_TOKENS) * kv_dim + kvh * hd;
+                    let wgt = sc * inv;
+                    for (o, vv) in out.iter_mut().zip(&kv[base..base + hd]) {
+                        *o += wgt * vv;
+                    }
+                }
+            });
+            s.acts.quantize_from(&s.att, n, q_dim);
+            matmul(&lw.wo, &s.acts, &mut s.o);
+            for (x, o) in s.x.iter_mut().zip(&s.o) {
+                *x += o;
+            }
+            rms_norm(&s.x, &lw.ffn_norm, cfg.rms_eps, &mut s.h);
+            s.acts.quantize_from(&s.h, n, d);
+            matmul(&lw.w_gate, &s.acts, &mut s.gate);
+            matmul(&lw.w_up, &s.acts, &mut s.up);
+            for (g, u) in s.gate.iter_mut().zip(&s.up) {
+                *g = *g / (1.0 + (-*g).exp()) * u;
+            }
+            s.acts.quantize_from(&s.gate, n, cfg.ffn_dim);
+            matmul(&lw.w_down, &s.acts, &mut s.o);
+            for (x, o) in s.x.iter_mut().zip(&s.o) {
+                *x += o;
+            }
+        }
+
+        let m = batch.logits_for.len();
+        let mut sel = vec![0f32; m * d];
+        for (j, &i) in batch.logits_for.iter().enumerate() {
+            sel[j * d..(j + 1) * d].copy_from_slice(&s.x[i as usize * d..(i as usize + 1) * d]);
+        }
+        let mut normed = vec![0f32; m * d];
+        rms_norm(&sel, &w.out_norm, cfg.rms_eps, &mut normed);
+        s.acts.quantize_from(&normed, m, d);
+        logits.resize(m * cfg.vocab_size, 0.0);
+        matmul(&w.output, &s.acts, logits);
+        Ok(())
+    }
+}

