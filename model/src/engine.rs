@@ -46,6 +46,10 @@ pub struct Engine {
     options: EngineOptions,
     /// Tokens whose keys and values were computed, since creation (for cost accounting).
     tokens_computed: u64,
+    /// Output buffer of `forward`, reused between calls.
+    logits: Vec<f32>,
+    /// Logits of one pass, reused between calls.
+    pass_logits: Vec<f32>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -68,6 +72,8 @@ impl Engine {
             next_id: 0,
             options,
             tokens_computed: 0,
+            logits: Vec::new(),
+            pass_logits: Vec::new(),
         }
     }
 
@@ -135,15 +141,36 @@ impl Engine {
     ///
     /// Either every entry is appended or, on error, none is: a bad request (unknown sequence,
     /// token id out of range, context too long, cache full) changes nothing.
-    pub fn forward(&mut self, entries: &[(SeqId, &[u32])]) -> Result<Vec<f32>> {
+    ///
+    /// The returned slice is a buffer the engine reuses on the next call.
+    pub fn forward(&mut self, entries: &[(SeqId, &[u32])]) -> Result<&[f32]> {
+        self.forward_impl(entries, false)
+    }
+
+    /// Like [`Engine::forward`], but returns the logits after *every* appended token, entry
+    /// after entry (`Σ tokens * vocab_size`): what scoring a path token by token needs.
+    pub fn forward_all_logits(&mut self, entries: &[(SeqId, &[u32])]) -> Result<&[f32]> {
+        self.forward_impl(entries, true)
+    }
+
+    fn forward_impl(&mut self, entries: &[(SeqId, &[u32])], all: bool) -> Result<&[f32]> {
         self.validate(entries)?;
-        let mut logits = vec![0f32; entries.len() * self.config().vocab_size];
         let vocab = self.config().vocab_size;
+        // Where each entry's logits start in the output.
+        let mut out_start = Vec::with_capacity(entries.len());
+        let mut total = 0;
+        for (_, toks) in entries {
+            out_start.push(total);
+            total += if all { toks.len() } else { 1 };
+        }
+        // Reused buffers: a fresh 600 kB vector per step would be a fresh mmap and page faults.
+        let mut logits = std::mem::take(&mut self.logits);
+        logits.resize(total * vocab, 0.0);
         // Split long inputs into passes of at most `batch_tokens_max` tokens; every entry's
-        // tokens go in order, and its logits come from the pass holding its last token.
+        // tokens go in order, and later passes attend to what earlier ones wrote.
         let mut offsets = vec![0usize; entries.len()];
-        let mut pass_logits = Vec::new();
-        loop {
+        let mut pass_logits = std::mem::take(&mut self.pass_logits);
+        let result = loop {
             let mut budget = self.options.batch_tokens_max;
             let mut pass: Vec<(usize, SeqId, &[u32])> = Vec::new();
             for (e, (seq, toks)) in entries.iter().enumerate() {
@@ -155,20 +182,41 @@ impl Engine {
                 }
             }
             if pass.is_empty() {
-                break;
+                break Ok(());
             }
-            let finishing: Vec<(usize, bool)> =
-                pass.iter().map(|(e, _, _)| (*e, offsets[*e] == entries[*e].1.len())).collect();
-            self.run_pass(&pass, &finishing, &mut pass_logits)?;
-            let mut j = 0;
-            for (e, done) in finishing {
-                if done {
-                    logits[e * vocab..(e + 1) * vocab].copy_from_slice(&pass_logits[j * vocab..(j + 1) * vocab]);
-                    j += 1;
+            // For each entry in the pass: which of its tokens need logits, and where they go.
+            let mut want: Vec<(usize, usize)> = Vec::new(); // (token index in pass, output row)
+            let mut idx = 0;
+            for (e, _, toks) in &pass {
+                let end = offsets[*e];
+                let start = end - toks.len();
+                if all {
+                    for k in 0..toks.len() {
+                        want.push((idx + k, out_start[*e] + start + k));
+                    }
+                } else if end == entries[*e].1.len() {
+                    want.push((idx + toks.len() - 1, out_start[*e]));
                 }
+                idx += toks.len();
             }
-        }
-        Ok(logits)
+            let logits_for: Vec<u32> = want.iter().map(|w| w.0 as u32).collect();
+            if let Err(e) = self.run_pass(&pass, &logits_for, &mut pass_logits) {
+                break Err(e);
+            }
+            if pass.len() == entries.len() && want.len() == total && offsets.iter().zip(entries).all(|(o, e)| *o == e.1.len()) {
+                // The common case (one pass covers everything): the pass's logits are the answer.
+                std::mem::swap(&mut logits, &mut pass_logits);
+                logits.truncate(total * vocab);
+                continue;
+            }
+            for (j, (_, row)) in want.iter().enumerate() {
+                logits[row * vocab..(row + 1) * vocab].copy_from_slice(&pass_logits[j * vocab..(j + 1) * vocab]);
+            }
+        };
+        self.pass_logits = pass_logits;
+        self.logits = logits;
+        result?;
+        Ok(&self.logits[..total * vocab])
     }
 
     fn validate(&self, entries: &[(SeqId, &[u32])]) -> Result<()> {
@@ -203,12 +251,11 @@ impl Engine {
     }
 
     /// Reserves slots for one pass, runs it, and advances the sequences.
-    fn run_pass(&mut self, pass: &[(usize, SeqId, &[u32])], finishing: &[(usize, bool)], logits: &mut Vec<f32>) -> Result<()> {
+    fn run_pass(&mut self, pass: &[(usize, SeqId, &[u32])], logits_for: &[u32], logits: &mut Vec<f32>) -> Result<()> {
         let mut tokens = Vec::new();
         let mut positions = Vec::new();
         let mut seq_index = Vec::new();
         let mut tables = Vec::with_capacity(pass.len());
-        let mut logits_for = Vec::new();
         for (j, (_, seq, toks)) in pass.iter().enumerate() {
             self.reserve(*seq, toks.len())?;
             let state = &self.seqs[seq];
@@ -216,9 +263,6 @@ impl Engine {
                 tokens.push(t);
                 positions.push((state.len + k) as u32);
                 seq_index.push(j as u32);
-            }
-            if finishing[j].1 {
-                logits_for.push((tokens.len() - 1) as u32);
             }
             tables.push(state.blocks.clone());
         }
@@ -228,7 +272,7 @@ impl Engine {
             positions: &positions,
             seq_index: &seq_index,
             block_tables: &tables,
-            logits_for: &logits_for,
+            logits_for,
         };
         self.backend.forward(&batch, logits)?;
         for (_, seq, toks) in pass {

@@ -121,7 +121,7 @@ fn run(
     let roots: Vec<SeqId> = requests.iter().map(|_| engine.new_sequence()).collect();
     seqs.extend(&roots);
     let entries: Vec<(SeqId, &[u32])> = roots.iter().zip(requests).map(|(s, r)| (*s, r.prompt.as_slice())).collect();
-    let prompt_logits = engine.forward(&entries)?;
+    let prompt_logits = engine.forward(&entries)?.to_vec();
     stats.forward_passes += 1;
     stats.prompt_tokens_computed = requests.iter().map(|r| r.prompt.len() as u64).sum();
     stats.prefill_secs = t0.elapsed().as_secs_f64();
@@ -155,9 +155,9 @@ fn run(
         }
         let last: Vec<[u32; 1]> = active.iter().map(|&i| [*live[i].out.tokens.last().expect("one token accepted")]).collect();
         let entries: Vec<(SeqId, &[u32])> = active.iter().zip(&last).map(|(&i, t)| (live[i].seq, &t[..])).collect();
+        stats.kv_blocks_peak = stats.kv_blocks_peak.max(engine.kv_blocks_in_use());
         let logits = engine.forward(&entries)?;
         stats.forward_passes += 1;
-        stats.kv_blocks_peak = stats.kv_blocks_peak.max(engine.kv_blocks_in_use());
         for (j, &i) in active.iter().enumerate() {
             let r = &requests[live[i].request];
             accept(&mut live[i], &logits[j * vocab..(j + 1) * vocab], r, tokenizer, &mut stats, on_token)?;
@@ -185,12 +185,22 @@ fn accept(
     if tokenizer.is_eos(tok) {
         l.out.stop_reason = StopReason::Eos;
         l.done = true;
+        l.out.text = tokenizer.decode(&l.out.tokens)?;
         return Ok(());
     }
     l.out.tokens.push(tok);
+    // (`text` is decoded at every step only when stop strings need it; otherwise at the end.)
     l.out.logprobs.push(log_prob(logits, tok));
     stats.generated_tokens += 1;
     on_token(l.request, l.sample, tok);
+    if r.stop.is_empty() {
+        if l.out.tokens.len() >= r.max_tokens {
+            l.out.stop_reason = StopReason::MaxTokens;
+            l.done = true;
+            l.out.text = tokenizer.decode(&l.out.tokens)?;
+        }
+        return Ok(());
+    }
     l.out.text = tokenizer.decode(&l.out.tokens)?;
     let first_stop = r
         .stop

@@ -8,7 +8,7 @@ use super::{Backend, ForwardBatch};
 use crate::arch::{DecoderWeights, ModelConfig, RopeStyle};
 use crate::error::{ModelError, Result};
 use crate::kv::KV_BLOCK_TOKENS;
-use crate::quant::{matmul, QuantizedActs};
+use crate::quant::{matmul, matmul_many, QuantizedActs};
 
 /// Scratch buffers reused between forward passes, so steady-state decoding allocates nothing.
 #[derive(Default)]
@@ -174,9 +174,7 @@ impl Backend for CpuBackend {
         for (l, lw) in w.layers.iter().enumerate() {
             rms_norm(&s.x, &lw.attn_norm, cfg.rms_eps, &mut s.h);
             s.acts.quantize_from(&s.h, n, d);
-            matmul(&lw.wq, &s.acts, &mut s.q);
-            matmul(&lw.wk, &s.acts, &mut s.k);
-            matmul(&lw.wv, &s.acts, &mut s.v);
+            matmul_many(&mut [(&lw.wq, &mut s.q[..]), (&lw.wk, &mut s.k[..]), (&lw.wv, &mut s.v[..])], &s.acts);
             add_bias(&mut s.q, lw.bq.as_ref());
             add_bias(&mut s.k, lw.bk.as_ref());
             add_bias(&mut s.v, lw.bv.as_ref());
@@ -238,8 +236,7 @@ impl Backend for CpuBackend {
             }
             rms_norm(&s.x, &lw.ffn_norm, cfg.rms_eps, &mut s.h);
             s.acts.quantize_from(&s.h, n, d);
-            matmul(&lw.w_gate, &s.acts, &mut s.gate);
-            matmul(&lw.w_up, &s.acts, &mut s.up);
+            matmul_many(&mut [(&lw.w_gate, &mut s.gate[..]), (&lw.w_up, &mut s.up[..])], &s.acts);
             for (g, u) in s.gate.iter_mut().zip(&s.up) {
                 *g = *g / (1.0 + (-*g).exp()) * u;
             }
@@ -251,13 +248,11 @@ impl Backend for CpuBackend {
         }
 
         let m = batch.logits_for.len();
-        let mut sel = vec![0f32; m * d];
         for (j, &i) in batch.logits_for.iter().enumerate() {
-            sel[j * d..(j + 1) * d].copy_from_slice(&s.x[i as usize * d..(i as usize + 1) * d]);
+            s.o[j * d..(j + 1) * d].copy_from_slice(&s.x[i as usize * d..(i as usize + 1) * d]);
         }
-        let mut normed = vec![0f32; m * d];
-        rms_norm(&sel, &w.out_norm, cfg.rms_eps, &mut normed);
-        s.acts.quantize_from(&normed, m, d);
+        rms_norm(&s.o[..m * d], &w.out_norm, cfg.rms_eps, &mut s.h[..m * d]);
+        s.acts.quantize_from(&s.h[..m * d], m, d);
         logits.resize(m * cfg.vocab_size, 0.0);
         matmul(&w.output, &s.acts, logits);
         Ok(())

@@ -61,8 +61,6 @@ struct UnpackedRow {
     u: Vec<u8>,
     /// Scale per 16 weights.
     scale16: Vec<f32>,
-    /// The same scales repeated for each i32 lane of the AVX2 kernel (4 per 16 weights).
-    lanes: Vec<f32>,
     min16: Vec<f32>,
     signed: bool,
 }
@@ -72,16 +70,12 @@ impl UnpackedRow {
         UnpackedRow {
             u: vec![0; cols],
             scale16: vec![0.0; cols / 16],
-            lanes: vec![0.0; cols / 4],
             min16: vec![0.0; cols / 16],
             signed: false,
         }
     }
     fn load(&mut self, w: &QMatrix, r: usize) {
         self.signed = unpack_row(w.ty, w.row_bytes(r), &mut self.u, &mut self.scale16, &mut self.min16);
-        for (lane4, s) in self.lanes.chunks_exact_mut(4).zip(&self.scale16) {
-            lane4.fill(*s);
-        }
     }
 }
 
@@ -116,71 +110,11 @@ fn dot_scalar(row: &UnpackedRow, qs: &[i8], d: &[f32]) -> f32 {
     total
 }
 
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use std::arch::x86_64::*;
-
-    /// Σ over blocks of `d[b] * Σ_lane lanes[8b+lane] * (Σ of 4 products)`.
-    ///
-    /// # Safety
-    /// The CPU must support AVX2 and FMA; `u` and `qs` must hold `32 * d.len()` bytes and
-    /// `lanes` `8 * d.len()` floats.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dot<const SIGNED: bool>(u: &[u8], lanes: &[f32], qs: &[i8], d: &[f32]) -> f32 {
-        let nb = d.len();
-        debug_assert!(u.len() >= nb * 32 && qs.len() >= nb * 32 && lanes.len() >= nb * 8);
-        let ones = _mm256_set1_epi16(1);
-        let mut acc0 = _mm256_setzero_ps();
-        let mut acc1 = _mm256_setzero_ps();
-        let up = u.as_ptr();
-        let xp = qs.as_ptr();
-        let lp = lanes.as_ptr();
-        let mut b = 0;
-        while b + 2 <= nb {
-            let w0 = _mm256_loadu_si256(up.add(32 * b) as *const __m256i);
-            let x0 = _mm256_loadu_si256(xp.add(32 * b) as *const __m256i);
-            let w1 = _mm256_loadu_si256(up.add(32 * b + 32) as *const __m256i);
-            let x1 = _mm256_loadu_si256(xp.add(32 * b + 32) as *const __m256i);
-            let (p0, p1) = if SIGNED {
-                (
-                    _mm256_maddubs_epi16(_mm256_sign_epi8(w0, w0), _mm256_sign_epi8(x0, w0)),
-                    _mm256_maddubs_epi16(_mm256_sign_epi8(w1, w1), _mm256_sign_epi8(x1, w1)),
-                )
-            } else {
-                (_mm256_maddubs_epi16(w0, x0), _mm256_maddubs_epi16(w1, x1))
-            };
-            let s0 = _mm256_mul_ps(_mm256_loadu_ps(lp.add(8 * b)), _mm256_set1_ps(*d.get_unchecked(b)));
-            let s1 = _mm256_mul_ps(_mm256_loadu_ps(lp.add(8 * b + 8)), _mm256_set1_ps(*d.get_unchecked(b + 1)));
-            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p0, ones)), s0, acc0);
-            acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p1, ones)), s1, acc1);
-            b += 2;
-        }
-        if b < nb {
-            let w0 = _mm256_loadu_si256(up.add(32 * b) as *const __m256i);
-            let x0 = _mm256_loadu_si256(xp.add(32 * b) as *const __m256i);
-            let p0 = if SIGNED {
-                _mm256_maddubs_epi16(_mm256_sign_epi8(w0, w0), _mm256_sign_epi8(x0, w0))
-            } else {
-                _mm256_maddubs_epi16(w0, x0)
-            };
-            let s0 = _mm256_mul_ps(_mm256_loadu_ps(lp.add(8 * b)), _mm256_set1_ps(*d.get_unchecked(b)));
-            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p0, ones)), s0, acc0);
-        }
-        let acc = _mm256_add_ps(acc0, acc1);
-        let hi = _mm256_extractf128_ps(acc, 1);
-        let lo = _mm256_castps256_ps128(acc);
-        let s = _mm_add_ps(hi, lo);
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-        _mm_cvtss_f32(s)
-    }
-}
-
 fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *DETECTED.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+        *DETECTED.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c"))
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -188,20 +122,40 @@ fn has_avx2() -> bool {
     }
 }
 
-fn dot_row(row: &UnpackedRow, qs: &[i8], d: &[f32], simd: bool) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if simd {
-        // SAFETY: `simd` is only true when AVX2 and FMA were detected; lengths match by construction.
-        return unsafe {
-            if row.signed {
-                avx2::dot::<true>(&row.u, &row.lanes, qs, d)
-            } else {
-                avx2::dot::<false>(&row.u, &row.lanes, qs, d)
+/// Row `r` against every token, four tokens per pass over the row.
+#[cfg(target_arch = "x86_64")]
+fn simd_row(w: &QMatrix, r: usize, x: &QuantizedActs, mins16: &mut [f32], mut put: impl FnMut(usize, f32)) {
+    let cols = x.cols;
+    let tok = |t: usize| super::avx2::Tok {
+        qs: x.qs[t * cols..].as_ptr(),
+        d: x.d[t * cols / 32..].as_ptr(),
+        s16: x.sums16[t * cols / 16..].as_ptr(),
+    };
+    let bytes = w.row_bytes(r);
+    let mins16 = &mut mins16[..];
+    let mut t = 0;
+    // SAFETY: only called when AVX2/FMA/F16C were detected; every token's buffers span `cols`.
+    unsafe {
+        while t + 4 <= x.n_tokens {
+            let v = super::avx2::row_dot::<4>(w.ty, bytes, &[tok(t), tok(t + 1), tok(t + 2), tok(t + 3)], mins16);
+            for (i, v) in v.into_iter().enumerate() {
+                put(t + i, v);
             }
-        };
+            t += 4;
+        }
+        match x.n_tokens - t {
+            3 => {
+                let v = super::avx2::row_dot::<3>(w.ty, bytes, &[tok(t), tok(t + 1), tok(t + 2)], mins16);
+                v.into_iter().enumerate().for_each(|(i, v)| put(t + i, v));
+            }
+            2 => {
+                let v = super::avx2::row_dot::<2>(w.ty, bytes, &[tok(t), tok(t + 1)], mins16);
+                v.into_iter().enumerate().for_each(|(i, v)| put(t + i, v));
+            }
+            1 => put(t, super::avx2::row_dot::<1>(w.ty, bytes, &[tok(t)], mins16)[0]),
+            _ => {}
+        }
     }
-    let _ = simd;
-    dot_scalar(row, qs, d)
 }
 
 /// A raw pointer to the output that rayon tasks write at disjoint indices.
@@ -211,50 +165,81 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
-fn matmul_impl(w: &QMatrix, x: &QuantizedActs, out: &mut [f32], simd: bool, parallel: bool) {
-    assert_eq!(w.cols, x.cols, "matmul: weight has {} columns, activations {}", w.cols, x.cols);
-    assert_eq!(out.len(), x.n_tokens * w.rows, "matmul: output size");
+/// Computes every job's rows for `range`, writing through the job's output pointer.
+fn run_rows(w: &QMatrix, x: &QuantizedActs, ptr: OutPtr, range: std::ops::Range<usize>, simd: bool) {
     let rows = w.rows;
     let cols = w.cols;
-    let n_tokens = x.n_tokens;
-    let ptr = OutPtr(out.as_mut_ptr());
-    let work = |range: std::ops::Range<usize>| {
-        let ptr = ptr;
-        let mut row = UnpackedRow::new(cols);
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        let mut mins16 = vec![0f32; cols / 16];
         for r in range {
-            row.load(w, r);
-            for t in 0..n_tokens {
-                let qs = &x.qs[t * cols..(t + 1) * cols];
-                let d = &x.d[t * cols / 32..(t + 1) * cols / 32];
-                let mut v = dot_row(&row, qs, d, simd);
-                if !row.signed {
-                    v -= min_term(&row.min16, &x.sums16[t * cols / 16..(t + 1) * cols / 16]);
-                }
-                // SAFETY: (t, r) is written by exactly one task, since row ranges are disjoint,
-                // and t * rows + r < n_tokens * rows == out.len().
+            simd_row(w, r, x, &mut mins16, |t, v| {
+                // SAFETY: (t, r) is written by exactly one task, since row ranges are
+                // disjoint, and t * rows + r < n_tokens * rows == the output's length.
                 unsafe { *ptr.0.add(t * rows + r) = v };
-            }
+            });
         }
-    };
-    if parallel {
-        // Enough chunks to balance work between cores, few enough to keep the per-task
-        // overhead (a scratch row) negligible.
-        let chunk = (rows / (rayon::current_num_threads() * 8)).clamp(4, 256);
-        (0..rows.div_ceil(chunk)).into_par_iter().for_each(|c| work(c * chunk..((c + 1) * chunk).min(rows)));
-    } else {
-        work(0..rows);
+        return;
     }
+    let _ = simd;
+    let mut row = UnpackedRow::new(cols);
+    for r in range {
+        row.load(w, r);
+        for t in 0..x.n_tokens {
+            let qs = &x.qs[t * cols..(t + 1) * cols];
+            let d = &x.d[t * cols / 32..(t + 1) * cols / 32];
+            let mut v = dot_scalar(&row, qs, d);
+            if !row.signed {
+                v -= min_term(&row.min16, &x.sums16[t * cols / 16..(t + 1) * cols / 16]);
+            }
+            // SAFETY: as above.
+            unsafe { *ptr.0.add(t * rows + r) = v };
+        }
+    }
+}
+
+fn matmul_impl(jobs: &mut [(&QMatrix, &mut [f32])], x: &QuantizedActs, simd: bool, parallel: bool) {
+    for (w, out) in jobs.iter() {
+        assert_eq!(w.cols, x.cols, "matmul: weight has {} columns, activations {}", w.cols, x.cols);
+        assert_eq!(out.len(), x.n_tokens * w.rows, "matmul: output size");
+    }
+    let ptrs: Vec<OutPtr> = jobs.iter_mut().map(|(_, out)| OutPtr(out.as_mut_ptr())).collect();
+    if !parallel {
+        for ((w, _), ptr) in jobs.iter().zip(&ptrs) {
+            run_rows(w, x, *ptr, 0..w.rows, simd);
+        }
+        return;
+    }
+    // One parallel region for all jobs: chunks of rows from every matrix, enough of them to
+    // balance the cores, few enough that per-task overhead stays negligible.
+    let total_rows: usize = jobs.iter().map(|(w, _)| w.rows).sum();
+    let chunk = (total_rows / (rayon::current_num_threads() * 8)).clamp(4, 512);
+    let mut tasks: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
+    for (j, (w, _)) in jobs.iter().enumerate() {
+        let mut r = 0;
+        while r < w.rows {
+            tasks.push((j, r..(r + chunk).min(w.rows)));
+            r += chunk;
+        }
+    }
+    let jobs = &*jobs;
+    tasks.into_par_iter().for_each(|(j, range)| run_rows(jobs[j].0, x, ptrs[j], range, simd));
 }
 
 /// `out[t][r] = Σ_c w[r][c] * x[t][c]` for every token `t` and row `r`, on all cores.
 pub fn matmul(w: &QMatrix, x: &QuantizedActs, out: &mut [f32]) {
-    matmul_impl(w, x, out, has_avx2(), true);
+    matmul_impl(&mut [(w, out)], x, has_avx2(), true);
+}
+
+/// Several products of the same activations (e.g. Q, K and V) in one parallel region.
+pub fn matmul_many(jobs: &mut [(&QMatrix, &mut [f32])], x: &QuantizedActs) {
+    matmul_impl(jobs, x, has_avx2(), true);
 }
 
 /// The same product with the portable scalar kernel on one thread: the reference the SIMD
 /// kernels are tested against.
 pub fn matmul_into_scalar(w: &QMatrix, x: &QuantizedActs, out: &mut [f32]) {
-    matmul_impl(w, x, out, false, false);
+    matmul_impl(&mut [(w, out)], x, false, false);
 }
 
 #[cfg(test)]
@@ -313,7 +298,7 @@ mod tests {
     #[test]
     fn kernels_agree_with_reference_on_every_type() {
         for ty in [GgmlType::Q4_0, GgmlType::Q5_0, GgmlType::Q8_0] {
-            for (rows, cols, n) in [(1, 32, 1), (7, 96, 3), (33, 896, 5)] {
+            for (rows, cols, n) in [(1, 32, 1), (7, 96, 3), (5, 64, 6), (33, 896, 5)] {
                 check(ty, rows, cols, n);
             }
         }

@@ -6,10 +6,12 @@
 //! 8 bits in blocks of 32 ([`QuantizedActs`]). Unpacking once per row and reusing it for every
 //! token in the batch is what makes batched decoding cheaper per token than single decoding.
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 mod dot;
 mod formats;
 
-pub use dot::{matmul, matmul_into_scalar, QuantizedActs};
+pub use dot::{matmul, matmul_into_scalar, matmul_many, QuantizedActs};
 pub use formats::{dequantize_row, quantize_row_q8_0, GgmlType};
 
 use std::sync::Arc;
