@@ -1,0 +1,72 @@
+//! Best-of-N, weighted best-of-N and self-consistency: sample N complete solutions.
+//!
+//! The root is expanded once with `k = N`; then every unfinished path is extended by one step per
+//! round, all paths sharing one batched policy call. Final answers are scored as they appear (one
+//! scorer call per round), so the best answer so far is always current. The strategies differ only
+//! in how the answer is chosen ([`crate::engine`] picks by best value, value sum or vote count),
+//! and self-consistency never calls the scorer.
+
+use crate::engine::{expand, score_nodes, Budget, Io, Tally, Termination};
+use crate::flight::InFlight;
+use crate::policy::Policy;
+use crate::scorer::Scorer;
+use crate::tree::{NodeId, NodeState, Tree};
+
+pub(crate) async fn run<P: Policy, S: Scorer>(
+    tree: &mut Tree,
+    io: &mut Io<'_, P, S>,
+    tally: &mut Tally,
+    n: u32,
+    scored: bool,
+) -> Termination {
+    let mut frontier: Vec<(NodeId, u32)> = vec![(NodeId::ROOT, n)];
+    loop {
+        if frontier.is_empty() {
+            return Termination::Completed;
+        }
+        if io.converged(tally) {
+            return Termination::Converged;
+        }
+        let result = round(tree, io, tally, &mut frontier, scored).await;
+        io.stats.rounds += 1;
+        io.publish_best(tree, tally);
+        if let Err(termination) = result {
+            return termination;
+        }
+    }
+}
+
+async fn round<P: Policy, S: Scorer>(
+    tree: &mut Tree,
+    io: &mut Io<'_, P, S>,
+    tally: &mut Tally,
+    frontier: &mut Vec<(NodeId, u32)>,
+    scored: bool,
+) -> Result<(), Termination> {
+    io.check_policy()?;
+    if scored {
+        io.check_scorer(1)?;
+    }
+    let needed: u64 = frontier.iter().map(|&(_, k)| u64::from(k)).sum();
+    if io.nodes_left(tree) < needed {
+        return Err(Termination::Budget(Budget::Nodes));
+    }
+    let mut flight = InFlight::new(tree);
+    for &(node, _) in frontier.iter() {
+        flight.begin_expanding(node);
+    }
+    let children = expand(&mut flight, io, frontier).await?;
+    let (finals, open): (Vec<NodeId>, Vec<NodeId>) =
+        children.into_iter().partition(|&c| flight.tree().node(c).state() == NodeState::Terminal);
+    if scored {
+        score_nodes(&mut flight, io, Some(&mut *tally), &finals).await?;
+    } else {
+        for node in finals {
+            if let Some(answer) = flight.tree().node(node).answer() {
+                tally.add(node, answer, None);
+            }
+        }
+    }
+    *frontier = open.into_iter().map(|node| (node, 1)).collect();
+    Ok(())
+}

@@ -1,0 +1,199 @@
+//! Talking to a running search: cancelling it, watching its events and its best answer so far.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+
+use crate::answer::Answer;
+use crate::engine::{Costs, Termination};
+use crate::tree::NodeId;
+
+/// Cancels a search from anywhere. Clones share one flag; cancelling is permanent.
+///
+/// A cancelled search abandons its in-flight call (its virtual loss is released), and returns
+/// normally with [`Termination::Cancelled`] and the best answer found so far.
+#[derive(Debug, Clone)]
+pub struct CancelToken {
+    /// A watch channel rather than a bare flag so waiters wake at once.
+    flag: Arc<watch::Sender<bool>>,
+}
+
+impl Default for CancelToken {
+    fn default() -> Self {
+        CancelToken::new()
+    }
+}
+
+impl CancelToken {
+    /// A token that is not cancelled.
+    pub fn new() -> CancelToken {
+        CancelToken { flag: Arc::new(watch::Sender::new(false)) }
+    }
+
+    /// Cancels every search holding a clone of this token.
+    pub fn cancel(&self) {
+        self.flag.send_replace(true);
+    }
+
+    /// True once [`CancelToken::cancel`] was called.
+    pub fn is_cancelled(&self) -> bool {
+        *self.flag.borrow()
+    }
+
+    /// Completes once the token is cancelled.
+    pub async fn cancelled(&self) {
+        let mut rx = self.flag.subscribe();
+        // The sender lives in `self`, so the channel cannot close while we wait.
+        let _ = rx.wait_for(|&cancelled| cancelled).await;
+    }
+}
+
+/// The answer a search would give if it stopped now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BestAnswer {
+    /// The answer.
+    pub answer: Answer,
+    /// The node that holds it (for a rollout answer: the node the rollout started from).
+    pub node: NodeId,
+    /// Its value, when it was scored.
+    pub value: Option<f64>,
+    /// Final answers equivalent to it found so far.
+    pub votes: u32,
+    /// Sum of those answers' values.
+    pub weight: f64,
+}
+
+/// Something that happened in the tree; a streaming front end forwards these.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum SearchEvent {
+    /// A node got children.
+    NodeExpanded {
+        /// The node.
+        node: NodeId,
+        /// Its new children, in order.
+        children: Vec<NodeId>,
+    },
+    /// A node's path got a value from the scorer.
+    NodeScored {
+        /// The node.
+        node: NodeId,
+        /// The aggregated value.
+        value: f64,
+    },
+    /// A node failed (policy or scorer error, NaN score, malformed reply).
+    NodeFailed {
+        /// The node.
+        node: NodeId,
+        /// Why.
+        reason: String,
+    },
+    /// The best answer so far changed.
+    BestAnswer(BestAnswer),
+    /// The search ended.
+    Finished {
+        /// Why it ended.
+        termination: Termination,
+        /// What it spent.
+        costs: Costs,
+    },
+}
+
+/// The caller's handles on one running search.
+///
+/// Events go through a bounded channel with `try_send`: a slow reader loses events (counted in
+/// [`crate::SearchStats::events_dropped`]) rather than stalling the search. The best answer so far
+/// is also kept in a watch channel, which never loses the latest value.
+#[derive(Debug)]
+pub struct SearchControl {
+    /// Checked before every round and raced against every call.
+    cancel: CancelToken,
+    /// Where tree events go, if anyone listens.
+    events: Option<mpsc::Sender<SearchEvent>>,
+    /// The latest best answer, for readers that only want the current state.
+    best: watch::Sender<Option<BestAnswer>>,
+}
+
+impl Default for SearchControl {
+    fn default() -> Self {
+        SearchControl::new()
+    }
+}
+
+impl SearchControl {
+    /// No events, a fresh cancel token.
+    pub fn new() -> SearchControl {
+        SearchControl { cancel: CancelToken::new(), events: None, best: watch::Sender::new(None) }
+    }
+
+    /// Uses `token` for cancellation.
+    pub fn with_cancel(mut self, token: CancelToken) -> SearchControl {
+        self.cancel = token;
+        self
+    }
+
+    /// Sends tree events to `sender`.
+    pub fn with_events(mut self, sender: mpsc::Sender<SearchEvent>) -> SearchControl {
+        self.events = Some(sender);
+        self
+    }
+
+    /// The cancel token.
+    pub fn cancel_token(&self) -> &CancelToken {
+        &self.cancel
+    }
+
+    /// A receiver of the best answer so far; it always holds the latest value.
+    pub fn best_answer(&self) -> watch::Receiver<Option<BestAnswer>> {
+        self.best.subscribe()
+    }
+
+    /// The best answer so far.
+    pub fn current_best(&self) -> Option<BestAnswer> {
+        self.best.borrow().clone()
+    }
+
+    pub(crate) fn wants_events(&self) -> bool {
+        self.events.is_some()
+    }
+
+    /// Sends an event without waiting; returns false when it was dropped.
+    pub(crate) fn emit(&self, event: SearchEvent) -> bool {
+        match &self.events {
+            Some(tx) => tx.try_send(event).is_ok(),
+            None => true,
+        }
+    }
+
+    pub(crate) fn publish_best(&self, best: BestAnswer) {
+        self.best.send_replace(Some(best));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn cancel_wakes_waiters_and_sticks() {
+        let token = CancelToken::new();
+        let clone = token.clone();
+        assert!(!clone.is_cancelled());
+        let waiter = tokio::spawn(async move { clone.cancelled().await });
+        token.cancel();
+        waiter.await.unwrap();
+        assert!(token.is_cancelled());
+        token.cancelled().await; // already cancelled: returns at once
+    }
+
+    #[test]
+    fn a_full_event_channel_drops_instead_of_blocking() {
+        let (tx, mut rx) = mpsc::channel(1);
+        let control = SearchControl::new().with_events(tx);
+        let event = || SearchEvent::NodeFailed { node: NodeId::ROOT, reason: "x".into() };
+        assert!(control.emit(event()));
+        assert!(!control.emit(event()));
+        assert_eq!(rx.try_recv().unwrap(), event());
+    }
+}

@@ -1,0 +1,102 @@
+//! Events, the anytime best answer, exports and the API's contracts.
+
+use arbor_search::synthetic::{GamePolicy, GameScorer, PathGame};
+use arbor_search::{NodeId, NodeState, Search, SearchControl, SearchError, SearchEvent, TreeExport};
+use tokio::sync::mpsc;
+
+use crate::{config, play, run, runtime};
+
+fn game() -> PathGame {
+    PathGame::new(17, 5, 0.7)
+}
+
+const FIELDS: &str = r#""strategy": {"kind": "mcts", "rollout": {}}, "budget": {"max_generated_tokens": 1500}"#;
+
+#[test]
+fn events_describe_the_tree_and_end_with_the_outcome() {
+    let (tx, mut rx) = mpsc::channel(100_000);
+    let control = SearchControl::new().with_events(tx);
+    let policy = GamePolicy::new(game());
+    let scorer = GameScorer::new(game(), 0.25, 0.2);
+    let (outcome, tree) = run(game().prompt(), config(FIELDS, 1), &policy, &scorer, &control);
+    let mut events = Vec::new();
+    while let Ok(event) = rx.try_recv() {
+        events.push(event);
+    }
+    assert_eq!(outcome.stats.events_dropped, 0);
+    let expanded = events.iter().filter(|e| matches!(e, SearchEvent::NodeExpanded { .. })).count();
+    let nodes_with_children = tree.nodes().filter(|(_, n)| !n.edges().is_empty()).count();
+    assert_eq!(expanded, nodes_with_children);
+    let scored = events.iter().filter(|e| matches!(e, SearchEvent::NodeScored { .. })).count();
+    assert_eq!(scored, tree.nodes().filter(|(_, n)| n.score().is_some()).count());
+    let last_best = events.iter().rev().find_map(|e| match e {
+        SearchEvent::BestAnswer(best) => Some(best.clone()),
+        _ => None,
+    });
+    let key = |b: &Option<arbor_search::BestAnswer>| b.as_ref().map(|b| (b.node, b.answer.key.clone()));
+    assert_eq!(key(&last_best), key(&outcome.answer), "events announce each new best answer");
+    assert_eq!(control.current_best(), outcome.answer);
+    match events.last() {
+        Some(SearchEvent::Finished { termination, costs }) => {
+            assert_eq!((*termination, *costs), (outcome.termination, outcome.costs));
+        }
+        other => panic!("last event {other:?}"),
+    }
+    // Events serialise for a streaming front end.
+    let json = serde_json::to_string(&events[0]).unwrap();
+    assert!(json.contains("\"event\":\"node_expanded\""), "{json}");
+}
+
+#[test]
+fn a_slow_listener_loses_events_but_not_the_search() {
+    let (tx, _rx) = mpsc::channel(2);
+    let policy = GamePolicy::new(game());
+    let scorer = GameScorer::new(game(), 0.25, 0.2);
+    let control = SearchControl::new().with_events(tx);
+    let (with_events, tree_a) = run(game().prompt(), config(FIELDS, 2), &policy, &scorer, &control);
+    let quiet = play(game(), FIELDS, 2);
+    assert!(with_events.stats.events_dropped > 0);
+    let json = |t: &arbor_search::Tree| serde_json::to_string(&t.export()).unwrap();
+    assert_eq!(json(&tree_a), json(&quiet.tree), "listening must not change the search");
+}
+
+#[test]
+fn exports_cover_the_whole_tree() {
+    let played = play(game(), FIELDS, 3);
+    let tree = &played.tree;
+    let export = tree.export();
+    let back: TreeExport = serde_json::from_str(&serde_json::to_string(&export).unwrap()).unwrap();
+    assert_eq!(back, export);
+    let graph = tree.to_petgraph();
+    assert_eq!(graph.node_count(), tree.len());
+    assert_eq!(graph.edge_count(), tree.len() - 1);
+    let visits: u32 = graph.edges(petgraph::graph::NodeIndex::new(0)).map(|e| e.weight().visits).sum();
+    assert_eq!(visits + tree.node(NodeId::ROOT).end_visits(), tree.incoming(NodeId::ROOT).visits);
+    let dot = tree.to_dot();
+    assert_eq!(dot.matches(" -> ").count(), tree.len() - 1);
+    assert!(tree.nodes().any(|(_, n)| n.state() == NodeState::Terminal));
+}
+
+#[test]
+fn a_search_runs_once() {
+    let policy = GamePolicy::new(game());
+    let scorer = GameScorer::new(game(), 0.25, 0.2);
+    let mut search = Search::new(game().prompt().clone(), config(FIELDS, 4)).unwrap();
+    let rt = runtime();
+    rt.block_on(search.run(&policy, &scorer, &SearchControl::new())).unwrap();
+    let again = rt.block_on(search.run(&policy, &scorer, &SearchControl::new()));
+    assert!(matches!(again, Err(SearchError::AlreadyRun)), "{again:?}");
+}
+
+#[test]
+fn the_search_future_is_send() {
+    fn assert_send<T: Send>(_: &T) {}
+    let policy = GamePolicy::new(game());
+    let scorer = GameScorer::new(game(), 0.25, 0.2);
+    let control = SearchControl::new();
+    let mut search = Search::new(game().prompt().clone(), config(FIELDS, 5)).unwrap();
+    let future = search.run(&policy, &scorer, &control);
+    assert_send(&future);
+    let entry = arbor_search::search("q", config(FIELDS, 5), &policy, &scorer, &control);
+    assert_send(&entry);
+}
