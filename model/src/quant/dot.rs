@@ -296,6 +296,21 @@ mod tests {
     }
 
     #[test]
+    fn q4_0_and_q5_0_convert_to_q8_0_losslessly() {
+        for ty in [GgmlType::Q4_0, GgmlType::Q5_0] {
+            let w = random_matrix(ty, 3, 64, 9);
+            let q8 = w.clone().into_matmul_ready("w").unwrap();
+            assert_eq!(q8.ty, GgmlType::Q8_0);
+            let (mut a, mut b) = (vec![0f32; 64], vec![0f32; 64]);
+            for r in 0..3 {
+                w.dequantize_row_into(r, &mut a);
+                q8.dequantize_row_into(r, &mut b);
+                assert_eq!(a, b, "{ty:?} row {r}");
+            }
+        }
+    }
+
+    #[test]
     fn kernels_agree_with_reference_on_every_type() {
         for ty in [GgmlType::Q4_0, GgmlType::Q5_0, GgmlType::Q8_0] {
             for (rows, cols, n) in [(1, 32, 1), (7, 96, 3), (5, 64, 6), (33, 896, 5)] {

@@ -81,10 +81,33 @@ impl QMatrix {
         Ok(QMatrix { ty, rows, cols, storage })
     }
 
-    /// Builds a matrix the matmul kernels accept from one they don't (F32/F16/BF16 are re-stored as Q8_0).
+    /// Re-stores a matrix in the form the matmul kernels run fastest on.
+    ///
+    /// F32/F16/BF16 become Q8_0 (as llama.cpp quantizes activations' partners). Q4_0 and Q5_0
+    /// also become Q8_0, *losslessly*: their values are `d * (q - offset)` with `q - offset` in
+    /// -16..=15, which Q8_0 holds exactly with the same scale. Q8_0 costs 55% more memory than
+    /// Q5_0 but needs no bit unpacking, and on AVX2 its product runs ~1.4x faster.
     pub fn into_matmul_ready(self, name: &str) -> Result<Self> {
-        if self.ty.is_matmul_native() {
-            return Ok(self);
+        match self.ty {
+            GgmlType::Q8_0 | GgmlType::Q4K | GgmlType::Q6K => return Ok(self),
+            GgmlType::Q4_0 | GgmlType::Q5_0 => {
+                let mut out = Vec::with_capacity(self.rows * GgmlType::Q8_0.row_bytes(self.cols));
+                let mut u = vec![0u8; self.cols];
+                let mut scale16 = vec![0f32; self.cols / 16];
+                let mut min16 = vec![0f32; self.cols / 16];
+                let offset = if self.ty == GgmlType::Q5_0 { 16 } else { 8 };
+                let block_bytes = self.ty.block_bytes();
+                for r in 0..self.rows {
+                    let bytes = self.row_bytes(r);
+                    formats::unpack_row(self.ty, bytes, &mut u, &mut scale16, &mut min16);
+                    for (b, blk) in bytes.chunks_exact(block_bytes).enumerate() {
+                        out.extend_from_slice(&blk[0..2]);
+                        out.extend(u[b * 32..b * 32 + 32].iter().map(|&q| (q as i8 - offset) as u8));
+                    }
+                }
+                return QMatrix::new(name, GgmlType::Q8_0, self.rows, self.cols, Storage::Owned(out.into()));
+            }
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {}
         }
         let mut row = vec![0f32; self.cols];
         let mut out = Vec::with_capacity(self.rows * GgmlType::Q8_0.row_bytes(self.cols));
