@@ -190,7 +190,7 @@ impl<'a> Reader<'a> {
                 let remaining = (self.bytes.len() - self.pos) as u64;
                 if count > remaining {
                     return Err(self.err(format!(
-                        "{key}: array of {count} items cannot fit in the {remaining} bytes left"
+                        "{key}: array of {count} items cannot fit in the {remaining} bytes left (file truncated?)"
                     )));
                 }
                 let mut items = Vec::with_capacity(count as usize);
@@ -287,7 +287,7 @@ pub fn parse_bytes(bytes: &[u8]) -> Result<Parsed> {
     let remaining = (bytes.len() - r.pos) as u64;
     if n_tensors > remaining || n_kv > remaining {
         return Err(r.err(format!(
-            "header claims {n_tensors} tensors and {n_kv} metadata entries, more than the file can hold"
+            "header claims {n_tensors} tensors and {n_kv} metadata entries, more than the file can hold (file truncated?)"
         )));
     }
     let mut metadata = BTreeMap::new();

@@ -5,23 +5,45 @@ use rayon::prelude::*;
 use super::formats::unpack_row;
 use super::QMatrix;
 
+/// Tokens whose blocks [`QuantizedActs`] interleaves, the widest group the kernels take at once.
+pub(super) const GROUP: usize = 8;
+
 /// Activations of a batch of tokens quantized to 8 bits in blocks of 32, the form every
 /// matmul kernel takes. Scales are symmetric (`x ≈ d * q`, `q` in -127..=127).
+///
+/// Tokens are stored in groups of [`GROUP`] (the last group may be smaller) and, within a
+/// group, block-interleaved: block 0 of every token of the group, then block 1, and so on, so
+/// that a kernel working on the whole group walks one pointer. See [`QuantizedActs::block`].
 #[derive(Debug, Default, Clone)]
 pub struct QuantizedActs {
     /// Number of token rows.
     pub n_tokens: usize,
     /// Elements per row (a multiple of 32).
     pub cols: usize,
-    /// Quantized values, `n_tokens * cols`.
+    /// Quantized values, `n_tokens * cols`, group-interleaved.
     qs: Vec<i8>,
-    /// One scale per block of 32.
+    /// One scale per block of 32, group-interleaved like `qs`.
     d: Vec<f32>,
-    /// `d * Σq` over each half block of 16, for the weight offsets (`min16`) of unsigned formats.
+    /// `d * Σq` over each half block of 16, for the weight offsets (`min16`) of unsigned
+    /// formats; per token (not interleaved).
     sums16: Vec<f32>,
 }
 
 impl QuantizedActs {
+    /// Index (in blocks) of token `t`'s block `b` in the interleaved layout.
+    fn block_index(&self, t: usize, b: usize) -> usize {
+        let nb = self.cols / 32;
+        let t0 = t / GROUP * GROUP;
+        let g = GROUP.min(self.n_tokens - t0);
+        t0 * nb + b * g + (t - t0)
+    }
+
+    /// Token `t`'s block `b`: its 32 quantized values and scale.
+    fn block(&self, t: usize, b: usize) -> (&[i8], f32) {
+        let i = self.block_index(t, b);
+        (&self.qs[32 * i..32 * i + 32], self.d[i])
+    }
+
     /// Quantizes `x` (`n_tokens` rows of `cols`) into `self`, reusing its buffers.
     pub fn quantize_from(&mut self, x: &[f32], n_tokens: usize, cols: usize) {
         assert_eq!(x.len(), n_tokens * cols, "activation shape");
@@ -31,20 +53,23 @@ impl QuantizedActs {
         self.qs.resize(n_tokens * cols, 0);
         self.d.resize(n_tokens * cols / 32, 0.0);
         self.sums16.resize(n_tokens * cols / 16, 0.0);
-        for (b, blk) in x.chunks_exact(32).enumerate() {
+        let nb = cols / 32;
+        for (j, blk) in x.chunks_exact(32).enumerate() {
+            let (t, b) = (j / nb, j % nb);
+            let i = self.block_index(t, b);
             let amax = blk.iter().fold(0f32, |m, v| m.max(v.abs()));
             let d = amax / 127.0;
             let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-            let q = &mut self.qs[b * 32..b * 32 + 32];
+            let q = &mut self.qs[i * 32..i * 32 + 32];
             let mut s = [0i32; 2];
-            for (i, (qv, v)) in q.iter_mut().zip(blk).enumerate() {
+            for (k, (qv, v)) in q.iter_mut().zip(blk).enumerate() {
                 let r = (v * id).round() as i32;
                 *qv = r as i8;
-                s[i / 16] += r;
+                s[k / 16] += r;
             }
-            self.d[b] = d;
-            self.sums16[2 * b] = d * s[0] as f32;
-            self.sums16[2 * b + 1] = d * s[1] as f32;
+            self.d[i] = d;
+            self.sums16[2 * j] = d * s[0] as f32;
+            self.sums16[2 * j + 1] = d * s[1] as f32;
         }
     }
 
@@ -95,14 +120,16 @@ fn min_term(min16: &[f32], sums16: &[f32]) -> f32 {
     total
 }
 
-fn dot_scalar(row: &UnpackedRow, qs: &[i8], d: &[f32]) -> f32 {
+fn dot_scalar(row: &UnpackedRow, x: &QuantizedActs, t: usize) -> f32 {
     let mut total = 0f32;
-    for (b, db) in d.iter().enumerate() {
+    for b in 0..x.cols / 32 {
+        let (qs, db) = x.block(t, b);
         for h in 0..2 {
             let mut isum = 0i32;
-            for i in b * 32 + h * 16..b * 32 + h * 16 + 16 {
+            for k in h * 16..h * 16 + 16 {
+                let i = b * 32 + k;
                 let w = if row.signed { i32::from(row.u[i] as i8) } else { i32::from(row.u[i]) };
-                isum += w * i32::from(qs[i]);
+                isum += w * i32::from(qs[k]);
             }
             total += row.scale16[2 * b + h] * db * isum as f32;
         }
@@ -122,39 +149,44 @@ fn has_avx2() -> bool {
     }
 }
 
-/// Row `r` against every token, four tokens per pass over the row.
+/// Row `r` against every token, one group of up to [`GROUP`] tokens per pass over the row
+/// (eight accumulators and the decoded block fit in the 16 AVX2 registers, and the block's
+/// decoding is shared by all of them).
 #[cfg(target_arch = "x86_64")]
 fn simd_row(w: &QMatrix, r: usize, x: &QuantizedActs, mins16: &mut [f32], mut put: impl FnMut(usize, f32)) {
+    use super::avx2::{row_dot, Group};
     let cols = x.cols;
-    let tok = |t: usize| super::avx2::Tok {
-        qs: x.qs[t * cols..].as_ptr(),
-        d: x.d[t * cols / 32..].as_ptr(),
-        s16: x.sums16[t * cols / 16..].as_ptr(),
-    };
     let bytes = w.row_bytes(r);
-    let mins16 = &mut mins16[..];
-    let mut t = 0;
-    // SAFETY: only called when AVX2/FMA/F16C were detected; every token's buffers span `cols`.
-    unsafe {
-        while t + 4 <= x.n_tokens {
-            let v = super::avx2::row_dot::<4>(w.ty, bytes, &[tok(t), tok(t + 1), tok(t + 2), tok(t + 3)], mins16);
-            for (i, v) in v.into_iter().enumerate() {
-                put(t + i, v);
-            }
-            t += 4;
+    let ty = w.ty;
+    let mut t0 = 0;
+    while t0 < x.n_tokens {
+        let g = GROUP.min(x.n_tokens - t0);
+        let grp = Group {
+            qs: x.qs[t0 * cols..].as_ptr(),
+            d: x.d[t0 * cols / 32..].as_ptr(),
+            s16: x.sums16[t0 * cols / 16..].as_ptr(),
+            s16_stride: cols / 16,
+        };
+        macro_rules! pass {
+            ($n:literal) => {{
+                // SAFETY: only called when AVX2/FMA/F16C were detected; `bytes` is a whole row
+                // of `ty`, `mins16` holds cols/16 values, and tokens t0..t0 + g (g == $n) form
+                // one interleaved group of `cols` columns, as `Group` describes.
+                let v = unsafe { row_dot::<$n>(ty, bytes, &grp, mins16) };
+                v.into_iter().enumerate().for_each(|(i, v)| put(t0 + i, v));
+            }};
         }
-        match x.n_tokens - t {
-            3 => {
-                let v = super::avx2::row_dot::<3>(w.ty, bytes, &[tok(t), tok(t + 1), tok(t + 2)], mins16);
-                v.into_iter().enumerate().for_each(|(i, v)| put(t + i, v));
-            }
-            2 => {
-                let v = super::avx2::row_dot::<2>(w.ty, bytes, &[tok(t), tok(t + 1)], mins16);
-                v.into_iter().enumerate().for_each(|(i, v)| put(t + i, v));
-            }
-            1 => put(t, super::avx2::row_dot::<1>(w.ty, bytes, &[tok(t)], mins16)[0]),
-            _ => {}
+        match g {
+            8 => pass!(8),
+            7 => pass!(7),
+            6 => pass!(6),
+            5 => pass!(5),
+            4 => pass!(4),
+            3 => pass!(3),
+            2 => pass!(2),
+            _ => pass!(1),
         }
+        t0 += g;
     }
 }
 
@@ -172,7 +204,17 @@ fn run_rows(w: &QMatrix, x: &QuantizedActs, ptr: OutPtr, range: std::ops::Range<
     #[cfg(target_arch = "x86_64")]
     if simd {
         let mut mins16 = vec![0f32; cols / 16];
-        for r in range {
+        let row_len = w.ty.row_bytes(cols);
+        for r in range.clone() {
+            // With several tokens the kernel is compute-bound and the hardware prefetcher lags
+            // behind the first pass over each row: fetch the next row while this one runs.
+            if x.n_tokens > 1 && r + 1 < range.end {
+                let next = w.row_bytes(r + 1).as_ptr();
+                for off in (0..row_len).step_by(64) {
+                    // SAFETY: prefetching is a hint that cannot fault; `off` is inside the row.
+                    unsafe { std::arch::x86_64::_mm_prefetch(next.add(off) as *const i8, std::arch::x86_64::_MM_HINT_T0) };
+                }
+            }
             simd_row(w, r, x, &mut mins16, |t, v| {
                 // SAFETY: (t, r) is written by exactly one task, since row ranges are
                 // disjoint, and t * rows + r < n_tokens * rows == the output's length.
@@ -186,9 +228,7 @@ fn run_rows(w: &QMatrix, x: &QuantizedActs, ptr: OutPtr, range: std::ops::Range<
     for r in range {
         row.load(w, r);
         for t in 0..x.n_tokens {
-            let qs = &x.qs[t * cols..(t + 1) * cols];
-            let d = &x.d[t * cols / 32..(t + 1) * cols / 32];
-            let mut v = dot_scalar(&row, qs, d);
+            let mut v = dot_scalar(&row, x, t);
             if !row.signed {
                 v -= min_term(&row.min16, &x.sums16[t * cols / 16..(t + 1) * cols / 16]);
             }
@@ -313,13 +353,20 @@ mod tests {
     #[test]
     fn kernels_agree_with_reference_on_every_type() {
         for ty in [GgmlType::Q4_0, GgmlType::Q5_0, GgmlType::Q8_0] {
-            for (rows, cols, n) in [(1, 32, 1), (7, 96, 3), (5, 64, 6), (33, 896, 5)] {
+            for (rows, cols, n) in [(1, 32, 1), (7, 96, 3), (5, 64, 6), (33, 896, 5), (3, 32, 17)] {
                 check(ty, rows, cols, n);
             }
         }
         for ty in [GgmlType::Q4K, GgmlType::Q6K] {
-            for (rows, cols, n) in [(1, 256, 1), (9, 512, 4), (17, 4864, 2)] {
+            for (rows, cols, n) in [(1, 256, 1), (9, 512, 4), (17, 4864, 2), (3, 256, 19)] {
                 check(ty, rows, cols, n);
+            }
+        }
+        // Every pass width and remainder: 1..=9 tokens (8 + 1), 12 (8 + 4) and 15 (8 + 4 + 3).
+        for ty in [GgmlType::Q8_0, GgmlType::Q4K, GgmlType::Q6K, GgmlType::Q5_0] {
+            let cols = if matches!(ty, GgmlType::Q4K | GgmlType::Q6K) { 512 } else { 96 };
+            for n in (1..=9).chain([12, 15]) {
+                check(ty, 5, cols, n);
             }
         }
     }

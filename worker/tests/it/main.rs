@@ -1,0 +1,68 @@
+//! End to end: every strategy on a real GSM8K question with the real default model.
+
+use std::sync::OnceLock;
+
+use arbor_model::backend::cpu::CpuBackend;
+use arbor_model::{Engine, EngineOptions, Model};
+use arbor_search::{LogProbScorer, Search, SearchConfig, SearchControl};
+use arbor_worker::{LocalWorker, WorkerOptions};
+
+fn model() -> &'static Model {
+    static MODEL: OnceLock<Model> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        let path = arbor_model::fetch::ensure_default_model(&mut |_| {}).expect("fetch default model");
+        Model::load(&path).expect("load default model")
+    })
+}
+
+fn worker() -> LocalWorker {
+    let m = model();
+    let engine = Engine::new(Box::new(CpuBackend::new(m.config.clone(), m.weights.clone())), EngineOptions::default());
+    LocalWorker::new(m, engine, WorkerOptions::default())
+}
+
+/// The first GSM8K training question (answer 72).
+const QUESTION: &str = "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did Natalia sell altogether in April and May?";
+
+fn run(strategy_json: &str, budget_tokens: u64) {
+    let w = worker();
+    let prompt = w.format_question(QUESTION).unwrap();
+    let config = SearchConfig::from_json(&format!(
+        r#"{{"strategy": {strategy_json}, "scoring": {{"scorer": "log_prob"}}, "seed": 3,
+            "sampling": {{"temperature": 0.7, "top_p": 1.0, "max_step_tokens": 96}},
+            "budget": {{"max_generated_tokens": {budget_tokens}}}}}"#
+    ))
+    .unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let mut search = Search::new(prompt, config).unwrap();
+    let outcome = rt.block_on(search.run(&w, &LogProbScorer, &SearchControl::new())).unwrap();
+    search.tree().check_invariants().unwrap();
+    let stats = w.stats();
+    let c = &outcome.costs;
+    // The search's counters are exactly what the worker computed.
+    assert_eq!(c.generated_tokens, stats.generated_tokens, "{strategy_json}");
+    assert_eq!(c.prompt_tokens_computed, stats.prompt_tokens_computed, "{strategy_json}");
+    assert_eq!(c.policy_calls, stats.propose_calls, "{strategy_json}");
+    assert!(c.generated_tokens > 0 && c.generated_tokens <= budget_tokens + 96 * 16, "{strategy_json}: {c:?}");
+    assert!(c.nodes >= 2);
+    assert_eq!(w.engine_usage(), (0, 0), "no sequence or KV block outlives a call");
+    // A well-formed answer: the small model may be wrong, but it must give a number.
+    let answer = outcome.answer.unwrap_or_else(|| panic!("{strategy_json}: no answer within budget; tree: {:?}", search.tree().export()));
+    assert!(!answer.answer.key.is_empty(), "{strategy_json}");
+    assert!(answer.answer.key.parse::<f64>().is_ok(), "{strategy_json}: answer {:?} is not a number", answer.answer);
+    eprintln!("{strategy_json}: answer {} ({} generated tokens, {} nodes)", answer.answer.raw, c.generated_tokens, c.nodes);
+}
+
+#[test]
+fn every_strategy_answers_a_gsm8k_question_with_exact_costs() {
+    for (strategy, budget) in [
+        (r#"{"kind": "self_consistency", "n": 3}"#, 1200),
+        (r#"{"kind": "best_of_n", "n": 3}"#, 1200),
+        (r#"{"kind": "weighted_best_of_n", "n": 3}"#, 1200),
+        (r#"{"kind": "beam", "beam_width": 2, "proposals_per_beam": 2}"#, 1500),
+        (r#"{"kind": "dvts", "beams": 4, "width": 2}"#, 1500),
+        (r#"{"kind": "mcts", "expand_k": 2, "simulations_in_flight": 2, "rollout": {"max_steps": 8}}"#, 1500),
+    ] {
+        run(strategy, budget);
+    }
+}
