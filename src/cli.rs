@@ -25,6 +25,17 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Answer a question by searching over reasoning steps (the main job).
+    ///
+    /// Without --coordinator the search runs embedded: coordinator and worker in this process,
+    /// the default model fetched on first use. Progress goes to stderr; the answer, the chosen
+    /// reasoning path and every cost counter go to stdout (one JSON object with --json).
+    ///
+    /// Examples:
+    ///   arbor search "Natalia sold clips to 48 friends in April and half as many in May. How many in all?"
+    ///   arbor search --strategy best-of-n --budget-tokens 1024 --json "What is 15% of 240?"
+    ///   arbor search --config my-search.json "..."   (full SearchConfig, see ARCHITECTURE.md)
+    Search(crate::search_cmd::SearchArgs),
     /// Generate text with the engine, streaming tokens to stdout (statistics go to stderr).
     ///
     /// Example: arbor generate --chat --prompt "What is 17*23?" --max-tokens 64
@@ -97,6 +108,7 @@ pub(crate) fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => cmd_generate(args),
+        Command::Search(args) => crate::search_cmd::run(args),
         Command::Model { action: ModelAction::Fetch } => resolve_model(None).map(|p| println!("{}", p.display())),
         Command::Model { action: ModelAction::List } => cmd_model_list(),
     };

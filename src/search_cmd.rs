@@ -1,0 +1,210 @@
+//! `arbor search`: one question, one strategy, one budget; embedded coordinator and worker.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use arbor_search::{
+    BeamConfig, DvtsConfig, LogProbScorer, MctsConfig, SampleConfig, ScorerChoice, Search, SearchConfig, SearchControl,
+    SearchEvent, StrategyConfig,
+};
+use arbor_worker::{LocalWorker, WorkerOptions};
+use clap::ValueEnum;
+
+use crate::cli::{load_engine, Device};
+
+/// Test-time strategies.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Strategy {
+    /// Monte-Carlo tree search (PUCT, batched expansion, virtual loss).
+    Mcts,
+    /// Sample N solutions, keep the best-scored one.
+    BestOfN,
+    /// Sample N solutions, keep the answer with the largest summed score.
+    WeightedBestOfN,
+    /// Sample N solutions, keep the most frequent answer (self-consistency).
+    Majority,
+    /// Beam search guided by step scores.
+    Beam,
+    /// Diverse verifier tree search: independent greedy subtrees.
+    Dvts,
+}
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct SearchArgs {
+    /// The question to answer.
+    question: String,
+    /// Search strategy.
+    #[arg(long, value_enum, default_value_t = Strategy::Mcts)]
+    strategy: Strategy,
+    /// Stop after this many generated tokens (the main compute budget).
+    #[arg(long, default_value_t = 1024)]
+    budget_tokens: u64,
+    /// Wall-clock deadline in milliseconds (optional).
+    #[arg(long)]
+    deadline_ms: Option<u64>,
+    /// Samples for best-of-n / weighted-best-of-n / majority; beams for beam and dvts.
+    #[arg(long, default_value_t = 8)]
+    n: u32,
+    /// Sampling temperature of reasoning steps.
+    #[arg(long, default_value_t = 0.7)]
+    temperature: f32,
+    /// Most tokens in one reasoning step.
+    #[arg(long, default_value_t = 128)]
+    max_step_tokens: u32,
+    /// Seed: the same seed gives the same tree.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// A JSON file with a full search configuration (overrides the options above except the budget and seed when they are given explicitly).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Print one JSON object (answer, path, costs) instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Write the search tree in Graphviz DOT to this file.
+    #[arg(long)]
+    dot: Option<PathBuf>,
+    /// A remote coordinator (gRPC service): not part of this build yet.
+    #[arg(long)]
+    coordinator: Option<String>,
+    /// A GGUF file or Hugging Face folder; default: the embedded default model.
+    #[arg(long, env = "ARBOR_MODEL")]
+    model: Option<PathBuf>,
+    /// Where to run the model.
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    device: Device,
+}
+
+fn build_config(a: &SearchArgs) -> Result<SearchConfig> {
+    let mut config = match &a.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            SearchConfig::from_json(&text).with_context(|| format!("{}", path.display()))?
+        }
+        None => {
+            let mut c = SearchConfig::default();
+            let n = a.n.max(1);
+            c.strategy = match a.strategy {
+                Strategy::Mcts => StrategyConfig::Mcts(MctsConfig::default()),
+                Strategy::BestOfN => StrategyConfig::BestOfN(SampleConfig { n }),
+                Strategy::WeightedBestOfN => StrategyConfig::WeightedBestOfN(SampleConfig { n }),
+                Strategy::Majority => StrategyConfig::SelfConsistency(SampleConfig { n }),
+                Strategy::Beam => StrategyConfig::Beam(BeamConfig { beam_width: n.min(4), ..BeamConfig::default() }),
+                Strategy::Dvts => StrategyConfig::Dvts(DvtsConfig { beams: n, ..DvtsConfig::default() }),
+            };
+            c.scoring.scorer = ScorerChoice::LogProb;
+            c.sampling.temperature = a.temperature;
+            c.sampling.max_step_tokens = a.max_step_tokens;
+            c
+        }
+    };
+    config.seed = a.seed;
+    config.budget.max_generated_tokens = Some(a.budget_tokens);
+    if a.deadline_ms.is_some() {
+        config.budget.deadline_ms = a.deadline_ms;
+    }
+    config.validate().context("search configuration")?;
+    Ok(config)
+}
+
+pub(crate) fn run(args: SearchArgs) -> Result<()> {
+    if let Some(url) = &args.coordinator {
+        bail!("--coordinator {url}: the gRPC service is not part of this build yet; run without it (embedded)");
+    }
+    let config = build_config(&args)?;
+    let (model, engine) = load_engine(args.model.clone(), args.device)?;
+    let worker = LocalWorker::new(&model, engine, WorkerOptions::default());
+    let prompt = worker.format_question(&args.question)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<SearchEvent>(1024);
+    let control = SearchControl::new().with_events(tx);
+    let mut search = Search::new(prompt, config)?;
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(indicatif::ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}").expect("static template"));
+    bar.enable_steady_tick(Duration::from_millis(200));
+    let budget = args.budget_tokens;
+    let progress = {
+        let bar = bar.clone();
+        let worker = worker.clone();
+        rt.spawn(async move {
+            let (mut expanded, mut best) = (0u64, String::from("-"));
+            while let Some(ev) = rx.recv().await {
+                match ev {
+                    SearchEvent::NodeExpanded { .. } => expanded += 1,
+                    SearchEvent::BestAnswer(b) => best = b.answer.raw.clone(),
+                    _ => {}
+                }
+                let s = worker.stats();
+                bar.set_message(format!(
+                    "{expanded} expansions, {}/{budget} tokens generated, best answer so far: {best}",
+                    s.generated_tokens
+                ));
+            }
+        })
+    };
+    let outcome = rt.block_on(search.run(&worker, &LogProbScorer, &control));
+    drop(control);
+    let _ = rt.block_on(progress);
+    bar.finish_and_clear();
+    let outcome = outcome?;
+    let tree = search.tree();
+    if let Err(e) = tree.check_invariants() {
+        tracing::error!("tree invariant violated after search: {e:?}");
+    }
+    if let Some(path) = &args.dot {
+        std::fs::write(path, tree.to_dot()).with_context(|| format!("writing {}", path.display()))?;
+    }
+    let path: Vec<String> = outcome.answer.as_ref().map(|a| tree.path(a.node).iter().map(|s| s.text.clone()).collect()).unwrap_or_default();
+    let c = &outcome.costs;
+    if args.json {
+        let out = serde_json::json!({
+            "question": args.question,
+            "strategy": format!("{:?}", args.strategy),
+            "answer": outcome.answer.as_ref().map(|a| a.answer.raw.clone()),
+            "answer_key": outcome.answer.as_ref().map(|a| a.answer.key.clone()),
+            "value": outcome.answer.as_ref().and_then(|a| a.value),
+            "votes": outcome.answer.as_ref().map(|a| a.votes),
+            "path": path,
+            "candidates": outcome.candidates.iter().map(|t| serde_json::json!({"answer": t.answer.raw, "votes": t.votes, "weight": t.weight})).collect::<Vec<_>>(),
+            "termination": format!("{:?}", outcome.termination),
+            "costs": {
+                "generated_tokens": c.generated_tokens,
+                "prompt_tokens_sent": c.prompt_tokens_sent,
+                "prompt_tokens_computed": c.prompt_tokens_computed,
+                "prompt_tokens_reused": c.prompt_tokens_reused,
+                "prm_tokens_computed": c.scorer_tokens,
+                "policy_calls": c.policy_calls,
+                "scorer_calls": c.scorer_calls,
+                "nodes": c.nodes,
+                "wall_ms": c.wall_us / 1000,
+            },
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        match &outcome.answer {
+            Some(a) => {
+                println!("Answer: {}", a.answer.raw);
+                println!("\nReasoning path ({} steps):", path.len());
+                for (i, step) in path.iter().enumerate() {
+                    println!("  {}. {}", i + 1, step.trim().replace('\n', "\n     "));
+                }
+            }
+            None => println!("No final answer within the budget ({:?}).", outcome.termination),
+        }
+        if outcome.candidates.len() > 1 {
+            let cands: Vec<String> = outcome.candidates.iter().map(|t| format!("{} ({} votes)", t.answer.raw, t.votes)).collect();
+            println!("\nCandidates: {}", cands.join(", "));
+        }
+        println!(
+            "\nCost: {} generated tokens, {} prompt tokens computed ({} reused), {} policy calls, {} nodes, {:.1}s; stopped: {:?}",
+            c.generated_tokens,
+            c.prompt_tokens_computed,
+            c.prompt_tokens_reused,
+            c.policy_calls,
+            c.nodes,
+            c.wall_us as f64 / 1e6,
+            outcome.termination
+        );
+    }
+    Ok(())
+}
