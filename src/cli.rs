@@ -185,6 +185,8 @@ fn cmd_generate(args: GenerateArgs) -> Result<()> {
         max_tokens: args.max_tokens,
         sampling: SamplingParams { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed },
         stop: args.stop,
+        prefix: None,
+        keep_sequences: false,
     };
     let mut printed = 0usize;
     let mut generated: Vec<u32> = Vec::new();

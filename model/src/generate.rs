@@ -24,6 +24,21 @@ pub struct GenRequest {
     /// Generation stops once the generated text contains one of these (e.g. `"\n\n"`, the
     /// reasoning-step delimiter). The returned text ends before it.
     pub stop: Vec<String>,
+    /// A live sequence that already holds the first tokens of `prompt`: the samples fork it and
+    /// only the rest of the prompt is computed. It is left unchanged.
+    #[serde(skip)]
+    pub prefix: Option<SeqId>,
+    /// Keep each sample's sequence alive and return it in [`GenOutput::seq`] (the caller frees
+    /// it), so a later request can continue from it.
+    #[serde(default)]
+    pub keep_sequences: bool,
+}
+
+impl GenRequest {
+    /// A request for `n` samples of at most `max_tokens` after `prompt`.
+    pub fn new(prompt: Vec<u32>, n: usize, max_tokens: usize, sampling: SamplingParams) -> Self {
+        GenRequest { prompt, n, max_tokens, sampling, stop: Vec::new(), prefix: None, keep_sequences: false }
+    }
 }
 
 /// Why a continuation ended.
@@ -48,12 +63,18 @@ pub struct GenOutput {
     pub text: String,
     /// Why it ended.
     pub stop_reason: StopReason,
+    /// With [`GenRequest::keep_sequences`]: the sequence holding `prompt` followed by the
+    /// generated tokens (all of them after EOS; all but the last, which was never fed back,
+    /// otherwise). [`Engine::seq_len`] says how many tokens it holds.
+    #[serde(skip)]
+    pub seq: Option<SeqId>,
 }
 
 /// Counters of one [`generate`] call.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct GenStats {
-    /// Prompt tokens run through the model (once per request, not once per sample).
+    /// Prompt tokens run through the model (once per request, not once per sample; tokens
+    /// already held by a [`GenRequest::prefix`] are not computed again).
     pub prompt_tokens_computed: u64,
     /// Tokens generated over all samples.
     pub generated_tokens: u64,
@@ -94,6 +115,15 @@ pub fn generate(
         if r.max_tokens == 0 {
             return Err(ModelError::invalid("max_tokens", "must be at least 1"));
         }
+        if let Some(p) = r.prefix {
+            let held = engine.seq_len(p).ok_or_else(|| ModelError::invalid("prefix", format!("sequence {} does not exist", p.0)))?;
+            if held >= r.prompt.len() {
+                return Err(ModelError::invalid(
+                    "prefix",
+                    format!("the prefix sequence holds {held} tokens; the prompt ({}) must extend it", r.prompt.len()),
+                ));
+            }
+        }
         if r.stop.iter().any(|s| s.is_empty()) {
             return Err(ModelError::invalid("stop", "stop strings must not be empty"));
         }
@@ -101,9 +131,16 @@ pub fn generate(
     }
     let mut seqs: Vec<SeqId> = Vec::new();
     let result = run(engine, tokenizer, requests, &mut seqs, &mut on_token);
-    // Free every sequence on every path, so an error leaves the cache as it was.
+    // Free every sequence on every path, so an error leaves the cache as it was; on success
+    // the ones the caller asked to keep survive.
+    let kept: std::collections::HashSet<SeqId> = match &result {
+        Ok((outs, _)) => outs.iter().flatten().filter_map(|o| o.seq).collect(),
+        Err(_) => Default::default(),
+    };
     for s in seqs {
-        engine.free(s);
+        if !kept.contains(&s) {
+            engine.free(s);
+        }
     }
     result
 }
@@ -118,12 +155,20 @@ fn run(
     let mut stats = GenStats::default();
     let vocab = engine.config().vocab_size;
     let t0 = std::time::Instant::now();
-    let roots: Vec<SeqId> = requests.iter().map(|_| engine.new_sequence()).collect();
-    seqs.extend(&roots);
-    let entries: Vec<(SeqId, &[u32])> = roots.iter().zip(requests).map(|(s, r)| (*s, r.prompt.as_slice())).collect();
+    let mut roots = Vec::with_capacity(requests.len());
+    let mut entries: Vec<(SeqId, &[u32])> = Vec::with_capacity(requests.len());
+    for r in requests {
+        let (root, held) = match r.prefix {
+            Some(p) => (engine.fork(p)?, engine.seq_len(p).expect("validated")),
+            None => (engine.new_sequence(), 0),
+        };
+        seqs.push(root);
+        roots.push(root);
+        entries.push((root, &r.prompt[held..]));
+        stats.prompt_tokens_computed += (r.prompt.len() - held) as u64;
+    }
     let prompt_logits = engine.forward(&entries)?.to_vec();
     stats.forward_passes += 1;
-    stats.prompt_tokens_computed = requests.iter().map(|r| r.prompt.len() as u64).sum();
     stats.prefill_secs = t0.elapsed().as_secs_f64();
 
     let t1 = std::time::Instant::now();
@@ -140,7 +185,13 @@ fn run(
                 sample: si,
                 seq,
                 sampler: Sampler::new(r.sampling.clone(), si as u64),
-                out: GenOutput { tokens: vec![], logprobs: vec![], text: String::new(), stop_reason: StopReason::MaxTokens },
+                out: GenOutput {
+                    tokens: vec![],
+                    logprobs: vec![],
+                    text: String::new(),
+                    stop_reason: StopReason::MaxTokens,
+                    seq: r.keep_sequences.then_some(seq),
+                },
                 done: false,
             };
             accept(&mut l, logits, r, tokenizer, &mut stats, on_token)?;

@@ -10,7 +10,7 @@
 use std::sync::{Arc, Mutex};
 
 use arbor_model::generate::{generate, GenStats};
-use arbor_model::{ChatMessage, Engine, GenRequest, Model, SamplingParams, StopReason, Tokenizer};
+use arbor_model::{ChatMessage, Engine, GenRequest, Model, SamplingParams, SeqId, StopReason, Tokenizer};
 use arbor_search::{Policy, PolicyCost, PolicyError, ProposeRequest, Proposals, ProposedStep, StepStop};
 
 /// Settings of a worker.
@@ -20,11 +20,78 @@ pub struct WorkerOptions {
     pub step_delimiter: String,
     /// Top-k applied to every sampled token (0 = off).
     pub top_k: usize,
+    /// Most sequences the prefix cache keeps (0 disables it).
+    pub prefix_cache_entries_max: usize,
+    /// The prefix cache gives back its least recently used sequences while more KV blocks
+    /// than this are in use.
+    pub prefix_cache_blocks_max: usize,
 }
 
 impl Default for WorkerOptions {
     fn default() -> Self {
-        WorkerOptions { step_delimiter: "\n\n".into(), top_k: 0 }
+        WorkerOptions {
+            step_delimiter: "\n\n".into(),
+            top_k: 0,
+            prefix_cache_entries_max: 512,
+            prefix_cache_blocks_max: 4096,
+        }
+    }
+}
+
+/// Sequences kept alive after a call, keyed by the tokens they hold: the tree-aware part of the
+/// KV cache. A node's children are generated from forks of its parent's kept sequence, so each
+/// expansion computes only the tokens the cache does not already hold (usually one).
+#[derive(Debug, Default)]
+struct PrefixCache {
+    entries: Vec<CacheEntry>,
+    /// Logical clock for least-recently-used eviction.
+    clock: u64,
+}
+
+#[derive(Debug)]
+struct CacheEntry {
+    tokens: Vec<u32>,
+    seq: SeqId,
+    last_used: u64,
+}
+
+impl PrefixCache {
+    /// The longest cached sequence whose tokens are a proper prefix of `tokens`.
+    fn lookup(&mut self, tokens: &[u32]) -> Option<(SeqId, usize)> {
+        self.clock += 1;
+        let clock = self.clock;
+        let best = self
+            .entries
+            .iter_mut()
+            .filter(|e| e.tokens.len() < tokens.len() && tokens.starts_with(&e.tokens))
+            .max_by_key(|e| e.tokens.len())?;
+        best.last_used = clock;
+        Some((best.seq, best.tokens.len()))
+    }
+
+    fn insert(&mut self, tokens: Vec<u32>, seq: SeqId, engine: &mut Engine) {
+        self.clock += 1;
+        if let Some(e) = self.entries.iter_mut().find(|e| e.tokens == tokens) {
+            // Already cached: keep the old sequence, drop the new duplicate.
+            e.last_used = self.clock;
+            engine.free(seq);
+            return;
+        }
+        self.entries.push(CacheEntry { tokens, seq, last_used: self.clock });
+    }
+
+    fn evict(&mut self, engine: &mut Engine, entries_max: usize, blocks_max: usize) {
+        while !self.entries.is_empty() && (self.entries.len() > entries_max || engine.kv_blocks_in_use() > blocks_max) {
+            let (i, _) = self.entries.iter().enumerate().min_by_key(|(_, e)| e.last_used).expect("non-empty");
+            let e = self.entries.swap_remove(i);
+            engine.free(e.seq);
+        }
+    }
+
+    fn clear(&mut self, engine: &mut Engine) {
+        for e in self.entries.drain(..) {
+            engine.free(e.seq);
+        }
     }
 }
 
@@ -45,8 +112,8 @@ pub struct WorkerStats {
 
 struct Inner {
     tokenizer: Arc<Tokenizer>,
-    /// One engine, used by one batch at a time; batching happens inside a call.
-    engine: Mutex<Engine>,
+    /// One engine and its prefix cache, used by one batch at a time; batching happens inside a call.
+    engine: Mutex<(Engine, PrefixCache)>,
     options: WorkerOptions,
     stats: Mutex<WorkerStats>,
 }
@@ -75,7 +142,7 @@ impl LocalWorker {
         LocalWorker {
             inner: Arc::new(Inner {
                 tokenizer: model.tokenizer.clone(),
-                engine: Mutex::new(engine),
+                engine: Mutex::new((engine, PrefixCache::default())),
                 options,
                 stats: Mutex::new(WorkerStats::default()),
             }),
@@ -96,15 +163,27 @@ impl LocalWorker {
         self.inner.stats.lock().expect("stats lock").clone()
     }
 
-    /// Live sequences and KV blocks in the engine (both zero between calls).
-    pub fn engine_usage(&self) -> (usize, usize) {
-        let e = self.inner.engine.lock().expect("engine lock");
-        (e.n_sequences(), e.kv_blocks_in_use())
+    /// Live sequences, KV blocks in use, and sequences held by the prefix cache. Between calls
+    /// every live sequence belongs to the cache.
+    pub fn engine_usage(&self) -> (usize, usize, usize) {
+        let g = self.inner.engine.lock().expect("engine lock");
+        (g.0.n_sequences(), g.0.kv_blocks_in_use(), g.1.entries.len())
+    }
+
+    /// Frees every cached sequence (e.g. between unrelated searches).
+    pub fn clear_prefix_cache(&self) {
+        let mut g = self.inner.engine.lock().expect("engine lock");
+        let (engine, cache) = &mut *g;
+        cache.clear(engine);
     }
 
     fn propose_blocking(&self, batch: &[ProposeRequest]) -> Result<Vec<Proposals>, PolicyError> {
         let inner = &self.inner;
+        let caching = inner.options.prefix_cache_entries_max > 0;
+        let mut guard = inner.engine.lock().map_err(|_| PolicyError::new("engine lock poisoned by an earlier panic"))?;
+        let (engine, cache) = &mut *guard;
         let mut requests = Vec::with_capacity(batch.len());
+        let mut reused = Vec::with_capacity(batch.len());
         for r in batch {
             // The prompt is already templated, so its special tokens are parsed; the steps are the
             // model's own tokens, appended as generated.
@@ -112,6 +191,8 @@ impl LocalWorker {
             for s in &r.steps {
                 prompt.extend_from_slice(&s.token_ids);
             }
+            let hit = if caching { cache.lookup(&prompt) } else { None };
+            reused.push(hit.map_or(0, |h| h.1) as u64);
             requests.push(GenRequest {
                 prompt,
                 n: r.k as usize,
@@ -123,17 +204,31 @@ impl LocalWorker {
                     seed: r.sampling.seed,
                 },
                 stop: vec![inner.options.step_delimiter.clone()],
+                prefix: hit.map(|h| h.0),
+                keep_sequences: caching,
             });
         }
-        let (outputs, gstats) = {
-            let mut engine = inner.engine.lock().map_err(|_| PolicyError::new("engine lock poisoned by an earlier panic"))?;
-            generate(&mut engine, &inner.tokenizer, &requests, |_, _, _| {}).map_err(|e| PolicyError::new(e.to_string()))?
-        };
+        let (mut outputs, gstats) =
+            generate(engine, &inner.tokenizer, &requests, |_, _, _| {}).map_err(|e| PolicyError::new(e.to_string()))?;
+        // Keep every sample's sequence under the tokens it holds: the next expansion of that
+        // child forks it instead of recomputing the path.
+        for (samples, req) in outputs.iter_mut().zip(&requests) {
+            for out in samples.iter_mut() {
+                if let Some(seq) = out.seq.take() {
+                    let held = engine.seq_len(seq).unwrap_or(0);
+                    let tokens: Vec<u32> = req.prompt.iter().chain(&out.tokens).copied().take(held).collect();
+                    cache.insert(tokens, seq, engine);
+                }
+            }
+        }
+        cache.evict(engine, inner.options.prefix_cache_entries_max, inner.options.prefix_cache_blocks_max);
+        drop(guard);
         self.record(batch.len(), &gstats);
         Ok(outputs
             .into_iter()
             .zip(&requests)
-            .map(|(samples, req)| {
+            .zip(reused)
+            .map(|((samples, req), reused)| {
                 let generated: u64 = samples.iter().map(|s| s.tokens.len() as u64).sum();
                 let steps = samples
                     .into_iter()
@@ -153,10 +248,10 @@ impl LocalWorker {
                     steps,
                     cost: PolicyCost {
                         prompt_tokens: sent,
-                        // Each request's prefix is prefilled once for all its samples; no prefix
-                        // is kept between calls yet, so nothing is reused across calls.
-                        prompt_tokens_computed: sent,
-                        prompt_tokens_reused: 0,
+                        // A request's prefix is computed once for all its samples, minus what the
+                        // prefix cache already held.
+                        prompt_tokens_computed: sent - reused,
+                        prompt_tokens_reused: reused,
                         generated_tokens: generated,
                     },
                 }

@@ -109,9 +109,8 @@ unsafe fn store_doubled(v: __m256, dst: *mut f32) {
 ///
 /// Offsets (the `min` of unsigned formats) are gathered per 16 weights into `mins16` while the
 /// row is decoded and applied once at the end with one vector dot per token, which keeps them
-/// out of the inner loop's dependency chains. With one token, even and odd blocks go to
-/// separate accumulators so that two FMA chains overlap; with more, every token has one
-/// accumulator (its chains overlap already) so that up to eight tokens fit in registers.
+/// out of the inner loop's dependency chains. Every token has one accumulator, so that eight
+/// tokens fit in registers and results are identical whatever the batch.
 ///
 /// # Safety
 /// AVX2, FMA and F16C must be available; `row` must hold whole blocks of `ty`, `mins16` must
@@ -119,16 +118,13 @@ unsafe fn store_doubled(v: __m256, dst: *mut f32) {
 /// (laid out as [`Group`] says) of the row's width.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn row_dot<const NT: usize>(ty: GgmlType, row: &[u8], g: &Group, mins16: &mut [f32]) -> [f32; NT] {
+    // One accumulator per token for every NT, so that a token's result does not depend on the
+    // batch it is computed in (the engine relies on batched and single decoding agreeing
+    // exactly). With one token the FMA chain is still shorter than a block's memory time.
     let mut acc_a = [_mm256_setzero_ps(); NT];
-    let mut acc_b = [_mm256_setzero_ps(); NT];
-    // Odd blocks' accumulators (see above); a compile-time choice.
     macro_rules! odd {
         () => {
-            if NT == 1 {
-                &mut acc_b
-            } else {
-                &mut acc_a
-            }
+            &mut acc_a
         };
     }
     let p = row.as_ptr();
@@ -248,7 +244,7 @@ pub(super) unsafe fn row_dot<const NT: usize>(ty: GgmlType, row: &[u8], g: &Grou
     let mut out = [0f32; NT];
     let n16 = row.len() / ty.block_bytes() * ty.block_elems() / 16;
     for t in 0..NT {
-        out[t] = hsum(if NT == 1 { _mm256_add_ps(acc_a[t], acc_b[t]) } else { acc_a[t] });
+        out[t] = hsum(acc_a[t]);
         if !signed {
             out[t] -= dot_f32(mins16.as_ptr(), g.s16.add(t * g.s16_stride), n16);
         }

@@ -204,17 +204,7 @@ fn run_rows(w: &QMatrix, x: &QuantizedActs, ptr: OutPtr, range: std::ops::Range<
     #[cfg(target_arch = "x86_64")]
     if simd {
         let mut mins16 = vec![0f32; cols / 16];
-        let row_len = w.ty.row_bytes(cols);
-        for r in range.clone() {
-            // With several tokens the kernel is compute-bound and the hardware prefetcher lags
-            // behind the first pass over each row: fetch the next row while this one runs.
-            if x.n_tokens > 1 && r + 1 < range.end {
-                let next = w.row_bytes(r + 1).as_ptr();
-                for off in (0..row_len).step_by(64) {
-                    // SAFETY: prefetching is a hint that cannot fault; `off` is inside the row.
-                    unsafe { std::arch::x86_64::_mm_prefetch(next.add(off) as *const i8, std::arch::x86_64::_MM_HINT_T0) };
-                }
-            }
+        for r in range {
             simd_row(w, r, x, &mut mins16, |t, v| {
                 // SAFETY: (t, r) is written by exactly one task, since row ranges are
                 // disjoint, and t * rows + r < n_tokens * rows == the output's length.

@@ -27,7 +27,7 @@ fn bad_requests_are_rejected_without_changing_state() {
     let too_long = vec![1u32; model().config.context_length];
     check(e.forward(&[(s, &too_long)]), "tokens");
     assert!(e.fork(gone).is_err());
-    let bad = GenRequest { prompt: vec![1], n: 0, max_tokens: 4, sampling: SamplingParams::greedy(), stop: vec![] };
+    let bad = GenRequest { prompt: vec![1], n: 0, max_tokens: 4, sampling: SamplingParams::greedy(), stop: vec![], prefix: None, keep_sequences: false };
     let err = arbor_model::generate::generate(&mut e, &model().tokenizer, &[bad], |_, _, _| {}).unwrap_err();
     assert!(err.to_string().contains("n:"), "{err}");
 }

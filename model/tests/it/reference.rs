@@ -139,7 +139,7 @@ fn greedy_continuations_equal_llama_cpp() {
     let requests: Vec<GenRequest> = f
         .prompts
         .iter()
-        .map(|p| GenRequest { prompt: p.tokens.clone(), n: 1, max_tokens: 32, sampling: SamplingParams::greedy(), stop: vec![] })
+        .map(|p| GenRequest { prompt: p.tokens.clone(), n: 1, max_tokens: 32, sampling: SamplingParams::greedy(), stop: vec![], prefix: None, keep_sequences: false })
         .collect();
     let (outputs, stats) = generate(&mut e, tok, &requests, |_, _, _| {}).unwrap();
     assert_eq!(stats.prompt_tokens_computed, f.prompts.iter().map(|p| p.tokens.len() as u64).sum::<u64>());
@@ -236,6 +236,8 @@ fn batched_generation_equals_one_at_a_time_and_stops_on_strings() {
         max_tokens: 16,
         sampling: SamplingParams::greedy(),
         stop: vec!["\n".into()],
+        prefix: None,
+        keep_sequences: false,
     };
     let requests: Vec<GenRequest> = prompts.iter().map(|p| req(p)).collect();
     let mut e = engine();
@@ -266,6 +268,8 @@ fn seeded_sampling_is_reproducible_and_n_samples_share_one_prefill() {
         max_tokens: 8,
         sampling: SamplingParams { temperature: 0.9, top_k: 0, top_p: 1.0, seed: 5 },
         stop: vec![],
+        prefix: None,
+        keep_sequences: false,
     };
     let mut e = engine();
     let (a, sa) = generate(&mut e, tok, std::slice::from_ref(&r), |_, _, _| {}).unwrap();

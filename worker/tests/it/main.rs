@@ -45,7 +45,11 @@ fn run(strategy_json: &str, budget_tokens: u64) {
     assert_eq!(c.policy_calls, stats.propose_calls, "{strategy_json}");
     assert!(c.generated_tokens > 0 && c.generated_tokens <= budget_tokens + 64 * 16, "{strategy_json}: {c:?}");
     assert!(c.nodes >= 2);
-    assert_eq!(w.engine_usage(), (0, 0), "no sequence or KV block outlives a call");
+    let (live, _, cached) = w.engine_usage();
+    assert_eq!(live, cached, "between calls every live sequence belongs to the prefix cache");
+    assert!(c.prompt_tokens_reused > 0, "{strategy_json}: expansions should reuse cached prefixes: {c:?}");
+    w.clear_prefix_cache();
+    assert_eq!(w.engine_usage(), (0, 0, 0), "clearing the cache frees every sequence and block");
     // A well-formed answer: the small model may be wrong, but it must give a number.
     let answer = outcome.answer.unwrap_or_else(|| panic!("{strategy_json}: no answer within budget; tree: {:?}", search.tree().export()));
     assert!(!answer.answer.key.is_empty(), "{strategy_json}");
@@ -59,9 +63,9 @@ fn every_strategy_answers_a_gsm8k_question_with_exact_costs() {
         (r#"{"kind": "self_consistency", "n": 2}"#, 500),
         (r#"{"kind": "best_of_n", "n": 2}"#, 500),
         (r#"{"kind": "weighted_best_of_n", "n": 2}"#, 500),
-        (r#"{"kind": "beam", "beam_width": 2, "proposals_per_beam": 2}"#, 800),
-        (r#"{"kind": "dvts", "beams": 2, "width": 2}"#, 800),
-        (r#"{"kind": "mcts", "expand_k": 2, "simulations_in_flight": 2, "rollout": {"max_steps": 6}}"#, 800),
+        (r#"{"kind": "beam", "beam_width": 2, "proposals_per_beam": 2}"#, 1200),
+        (r#"{"kind": "dvts", "beams": 2, "width": 2}"#, 1200),
+        (r#"{"kind": "mcts", "expand_k": 2, "simulations_in_flight": 2, "rollout": {"max_steps": 6}}"#, 1200),
     ] {
         run(strategy, budget);
     }
