@@ -63,6 +63,8 @@ impl SafetensorsFolder {
         let hf_config: HfConfig = serde_json::from_str(&text)
             .map_err(|e| ModelError::Format { path: cfg_path.clone(), reason: format!("config.json: {e}") })?;
         let _ = &hf_config.architectures;
+        // Reject an unsupported or inconsistent config before touching gigabytes of weights.
+        hf_config.to_config()?;
         let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
             .map_err(|e| ModelError::io(dir, e))?
             .filter_map(|e| e.ok().map(|e| e.path()))

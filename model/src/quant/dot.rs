@@ -340,6 +340,25 @@ mod tests {
         }
     }
 
+    /// A token's result must not depend on the batch around it (batched and single decoding
+    /// agree exactly), whatever pass width and position the token gets.
+    #[test]
+    fn results_do_not_depend_on_the_batch() {
+        for (ty, cols) in [(GgmlType::Q8_0, 96), (GgmlType::Q4K, 512), (GgmlType::Q6K, 512)] {
+            let rows = 5;
+            let w = random_matrix(ty, rows, cols, 7);
+            let n = 13;
+            let x: Vec<f32> = (0..n * cols).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 3.0).collect();
+            let mut all = vec![0f32; n * rows];
+            matmul(&w, &QuantizedActs::quantize(&x, n, cols), &mut all);
+            for t in 0..n {
+                let mut one = vec![0f32; rows];
+                matmul(&w, &QuantizedActs::quantize(&x[t * cols..(t + 1) * cols], 1, cols), &mut one);
+                assert_eq!(one[..], all[t * rows..(t + 1) * rows], "{ty:?} token {t}");
+            }
+        }
+    }
+
     #[test]
     fn kernels_agree_with_reference_on_every_type() {
         for ty in [GgmlType::Q4_0, GgmlType::Q5_0, GgmlType::Q8_0] {

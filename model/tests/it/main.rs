@@ -1,6 +1,7 @@
 //! Integration tests of the model crate on the real default model (fetched on first use).
 
 mod errors;
+mod hf_folder;
 mod reference;
 
 use std::sync::OnceLock;
