@@ -280,3 +280,40 @@ fn seeded_sampling_is_reproducible_and_n_samples_share_one_prefill() {
     assert_eq!(sa.prompt_tokens_computed, r.prompt.len() as u64, "three samples, one prefill");
     assert_eq!(sa.generated_tokens, a[0].iter().map(|o| o.tokens.len() as u64).sum::<u64>());
 }
+
+#[test]
+fn continuing_from_a_kept_prefix_equals_prefilling_everything() {
+    let m = model();
+    let tok = &m.tokenizer;
+    let prompt = tok.encode("Step 1: 12 apples cost $3 each, so together they cost", false).unwrap();
+    let mut e = engine();
+    let full = GenRequest::new(prompt.clone(), 2, 8, SamplingParams { temperature: 0.8, top_k: 0, top_p: 1.0, seed: 9 });
+    let (a, sa) = generate(&mut e, tok, std::slice::from_ref(&full), |_, _, _| {}).unwrap();
+    let split = 7;
+    let prefix = e.new_sequence();
+    e.forward(&[(prefix, &prompt[..split])]).unwrap();
+    let cont = GenRequest { prefix: Some(prefix), keep_sequences: true, ..full.clone() };
+    let (b, sb) = generate(&mut e, tok, std::slice::from_ref(&cont), |_, _, _| {}).unwrap();
+    for (x, y) in a[0].iter().zip(&b[0]) {
+        assert_eq!(x.tokens, y.tokens);
+        assert_eq!(x.logprobs, y.logprobs);
+    }
+    assert_eq!(sa.prompt_tokens_computed, prompt.len() as u64);
+    assert_eq!(sb.prompt_tokens_computed, (prompt.len() - split) as u64, "only the tokens past the prefix are computed");
+    assert_eq!(e.seq_len(prefix), Some(split), "the prefix sequence is left as it was");
+    for out in &b[0] {
+        let seq = out.seq.expect("kept");
+        let held = e.seq_len(seq).unwrap();
+        let expected = prompt.len() + out.tokens.len() - usize::from(out.stop_reason != StopReason::Eos);
+        assert_eq!(held, expected);
+        e.free(seq);
+    }
+    e.free(prefix);
+    assert_eq!(e.kv_blocks_in_use(), 0);
+    // A prefix that does not leave anything to compute is refused with the field named.
+    let s = e.new_sequence();
+    e.forward(&[(s, &prompt)]).unwrap();
+    let bad = GenRequest { prefix: Some(s), ..full };
+    let err = generate(&mut e, tok, &[bad], |_, _, _| {}).unwrap_err();
+    assert!(err.to_string().contains("prefix"), "{err}");
+}
