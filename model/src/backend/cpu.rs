@@ -131,6 +131,29 @@ impl Backend for CpuBackend {
     }
 
     fn forward(&mut self, batch: &ForwardBatch<'_>, logits: &mut Vec<f32>) -> Result<()> {
+        // Run the whole pass on a worker of the pool: the ~100 parallel regions of a pass then
+        // split work by stealing, instead of each one parking the caller on a futex and waking
+        // it (tens of microseconds each, several milliseconds per decoded token).
+        let pool = compute_pool();
+        pool.install(|| self.forward_on_pool(batch, logits))
+    }
+}
+
+/// The thread pool all CPU backends compute on: as many threads as rayon's global pool
+/// (`RAYON_NUM_THREADS`, or one per core).
+fn compute_pool() -> &'static rayon::ThreadPool {
+    static POOL: std::sync::OnceLock<rayon::ThreadPool> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(rayon::current_num_threads())
+            .thread_name(|i| format!("arbor-cpu-{i}"))
+            .build()
+            .expect("building the CPU thread pool")
+    })
+}
+
+impl CpuBackend {
+    fn forward_on_pool(&mut self, batch: &ForwardBatch<'_>, logits: &mut Vec<f32>) -> Result<()> {
         let cfg = self.config.clone();
         let w = self.weights.clone();
         let n = batch.tokens.len();
