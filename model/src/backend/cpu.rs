@@ -281,3 +281,40 @@ impl CpuBackend {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// llama.cpp's converter permutes each head's Q/K rows so that rotating interleaved pairs
+    /// `(2i, 2i+1)` equals Hugging Face's `rotate_half` on the original order: output row `2i`
+    /// takes original row `i`, row `2i+1` takes row `i + head_dim/2`. Both styles must agree
+    /// under that permutation, or GGUF llama files would be rotated wrongly.
+    #[test]
+    fn interleaved_rope_on_permuted_rows_equals_neox_rope() {
+        let hd = 8;
+        let heads = 2;
+        let v: Vec<f32> = (0..hd * heads).map(|i| (i as f32 * 0.37).sin()).collect();
+        let pos = 5.0f32;
+        let (cos, sin): (Vec<f32>, Vec<f32>) =
+            (0..hd / 2).map(|i| pos * 10_000f32.powf(-2.0 * i as f32 / hd as f32)).map(|t| (t.cos(), t.sin())).unzip();
+        let permute = |x: &[f32]| -> Vec<f32> {
+            let mut out = vec![0f32; x.len()];
+            for (h, head) in x.chunks(hd).enumerate() {
+                for i in 0..hd / 2 {
+                    out[h * hd + 2 * i] = head[i];
+                    out[h * hd + 2 * i + 1] = head[i + hd / 2];
+                }
+            }
+            out
+        };
+        let mut neox = v.clone();
+        rope(&mut neox, hd, &cos, &sin, RopeStyle::Neox);
+        let mut inter = permute(&v);
+        rope(&mut inter, hd, &cos, &sin, RopeStyle::Interleaved);
+        let expected = permute(&neox);
+        for (a, b) in inter.iter().zip(&expected) {
+            assert!((a - b).abs() < 1e-6, "{inter:?} vs {expected:?}");
+        }
+    }
+}
