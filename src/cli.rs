@@ -198,7 +198,7 @@ fn cmd_generate(args: GenerateArgs) -> Result<()> {
             let s = s.trim_end_matches('\u{FFFD}');
             if s.len() > printed && s.is_char_boundary(printed) {
                 let mut out = stdout.lock();
-                let _ = out.write_all(s[printed..].as_bytes());
+                let _ = out.write_all(&s.as_bytes()[printed..]);
                 let _ = out.flush();
                 printed = s.len();
             }

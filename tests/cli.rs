@@ -1,0 +1,68 @@
+//! The `arbor` command line as a user runs it.
+
+use std::process::Command;
+
+fn arbor() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_arbor"))
+}
+
+#[test]
+fn search_json_reports_answer_path_and_every_cost() {
+    let out = arbor()
+        .args(["search", "--strategy", "majority", "--n", "2", "--budget-tokens", "400", "--max-step-tokens", "64", "--json"])
+        .arg("Tom has 3 boxes with 4 pencils in each box. How many pencils does Tom have?")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is one JSON object");
+    for key in ["generated_tokens", "prompt_tokens_computed", "prompt_tokens_reused", "prm_tokens_computed", "policy_calls", "nodes", "wall_ms"] {
+        assert!(v["costs"][key].is_u64(), "costs.{key} missing: {v}");
+    }
+    assert!(v["costs"]["generated_tokens"].as_u64().unwrap() > 0);
+    assert!(v["path"].as_array().is_some_and(|p| !p.is_empty()), "{v}");
+    let answer = v["answer"].as_str().expect("an answer");
+    assert!(!answer.is_empty());
+}
+
+#[test]
+fn generate_streams_text_to_stdout_and_statistics_to_stderr() {
+    let out = arbor().args(["generate", "--prompt", "1, 2, 3, 4,", "--max-tokens", "6"]).output().unwrap();
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains('5'), "greedy continuation of a count: {text:?}");
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("tok/s") && err.contains("6 generated"), "{err}");
+}
+
+#[test]
+fn bad_input_gets_a_precise_error_and_a_failure_status() {
+    let check = |args: &[&str], needle: &str| {
+        let out = arbor().args(args).output().unwrap();
+        assert!(!out.status.success(), "{args:?} should fail");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{args:?}: expected {needle:?} in {err}");
+        assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    };
+    check(&["generate", "--prompt", "hi", "--model", "/nonexistent/model.gguf"], "/nonexistent/model.gguf");
+    check(&["generate", "--prompt", "hi", "--top-p", "0"], "top_p");
+    check(&["search", "--strategy", "sideways", "q"], "sideways");
+    check(&["search", "--device", "gpu", "q"], "wgpu");
+    let dir = std::env::temp_dir().join(format!("arbor-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("not-a-model.gguf");
+    std::fs::write(&bad, b"definitely not GGUF").unwrap();
+    check(&["generate", "--prompt", "hi", "--model", bad.to_str().unwrap()], "not a GGUF file");
+    let cfg = dir.join("search.json");
+    std::fs::write(&cfg, r#"{"strategy": {"kind": "beam", "beam_widht": 4}}"#).unwrap();
+    check(&["search", "--config", cfg.to_str().unwrap(), "q"], "beam_widht");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn help_teaches_the_commands() {
+    let out = arbor().args(["search", "--help"]).output().unwrap();
+    let help = String::from_utf8(out.stdout).unwrap();
+    for needle in ["--strategy", "--budget-tokens", "--json", "mcts", "best-of-n", "Examples"] {
+        assert!(help.contains(needle), "search --help lacks {needle}");
+    }
+}
