@@ -491,9 +491,20 @@ impl<'a, P: Policy, S: Scorer> Io<'a, P, S> {
     /// call failed (its nodes are to be marked failed).
     pub(crate) async fn propose(
         &mut self,
-        batch: Vec<ProposeRequest>,
+        mut batch: Vec<ProposeRequest>,
     ) -> Result<Result<Vec<Proposals>, PolicyError>, Termination> {
         self.check_policy()?;
+        // Share what is left of the token budget among the call's samples, so one wide batch
+        // cannot overshoot the budget by a batch's worth of full-length steps: steps of the
+        // last call are cut short instead (a cut step is kept, marked `MaxTokens`).
+        if let Some(max) = self.config.budget.max_generated_tokens {
+            let remaining = max.saturating_sub(self.costs.generated_tokens);
+            let samples: u64 = batch.iter().map(|r| u64::from(r.k)).sum::<u64>().max(1);
+            let per_sample = u32::try_from(remaining / samples).unwrap_or(u32::MAX).max(1);
+            for r in &mut batch {
+                r.sampling.max_step_tokens = r.sampling.max_step_tokens.min(per_sample);
+            }
+        }
         self.costs.policy_calls += 1;
         let expected = batch.len();
         let policy = self.policy;

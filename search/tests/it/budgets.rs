@@ -1,5 +1,6 @@
-//! Budgets hold exactly (tokens to within one batch) and reported costs equal what the fake policy
-//! and scorer counted on their own side.
+//! Budgets hold exactly (tokens to within one token per sample of the last call, since the last
+//! call's steps are capped to the budget left) and reported costs equal what the fake policy and
+//! scorer counted on their own side.
 
 use arbor_search::synthetic::PathGame;
 use arbor_search::{Budget, Termination};
@@ -44,14 +45,17 @@ fn check_costs(played: &Played, what: &str) {
 }
 
 #[test]
-fn token_budgets_hold_to_one_batch_and_costs_match_what_the_fakes_saw() {
+fn token_budgets_hold_to_one_token_per_sample_and_costs_match_what_the_fakes_saw() {
     for (strategy, batch_tokens) in STRATEGIES {
         for budget in [60, 333, 1000] {
             let fields = format!(r#""strategy": {strategy}, "budget": {{"max_generated_tokens": {budget}}}"#);
             let played = play(deep(budget), &fields, budget);
             let what = format!("{strategy} at {budget} tokens");
             let used = played.outcome.costs.generated_tokens;
-            assert!(used <= budget + batch_tokens, "{what}: used {used}");
+            // Each sample of a call gets at most its share of the tokens left (at least one), so
+            // the overshoot is below one token per sample of the widest call.
+            let samples = batch_tokens / 9;
+            assert!(used <= budget + samples, "{what}: used {used}");
             if played.outcome.termination == Termination::Budget(Budget::GeneratedTokens) {
                 assert!(used >= budget, "{what}: stopped early at {used}");
             }

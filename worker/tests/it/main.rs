@@ -43,7 +43,7 @@ fn run(strategy_json: &str, budget_tokens: u64) {
     assert_eq!(c.generated_tokens, stats.generated_tokens, "{strategy_json}");
     assert_eq!(c.prompt_tokens_computed, stats.prompt_tokens_computed, "{strategy_json}");
     assert_eq!(c.policy_calls, stats.propose_calls, "{strategy_json}");
-    assert!(c.generated_tokens > 0 && c.generated_tokens <= budget_tokens + 64 * 16, "{strategy_json}: {c:?}");
+    assert!(c.generated_tokens > 0 && c.generated_tokens <= budget_tokens + 16, "{strategy_json}: {c:?}");
     assert!(c.nodes >= 2);
     let (live, _, cached) = w.engine_usage();
     assert_eq!(live, cached, "between calls every live sequence belongs to the prefix cache");
