@@ -48,14 +48,37 @@ impl CpuBackend {
     }
 }
 
+/// Rows at or above which element-wise work is spread over the pool (below it, the cost of
+/// splitting exceeds the work).
+const PARALLEL_ROWS_MIN: usize = 16;
+
 fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let d = w.len();
-    for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+    let norm_row = |(xr, or): (&[f32], &mut [f32])| {
         let ss: f32 = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
         let scale = 1.0 / (ss + eps).sqrt();
         for ((o, xv), wv) in or.iter_mut().zip(xr).zip(w) {
             *o = xv * scale * wv;
         }
+    };
+    if x.len() / d >= PARALLEL_ROWS_MIN {
+        x.par_chunks_exact(d).zip(out.par_chunks_exact_mut(d)).for_each(norm_row);
+    } else {
+        x.chunks_exact(d).zip(out.chunks_exact_mut(d)).for_each(norm_row);
+    }
+}
+
+/// `gate = silu(gate) * up`, row by row.
+fn swiglu(gate: &mut [f32], up: &[f32], width: usize) {
+    let row = |(g, u): (&mut [f32], &[f32])| {
+        for (gv, uv) in g.iter_mut().zip(u) {
+            *gv = *gv / (1.0 + (-*gv).exp()) * uv;
+        }
+    };
+    if gate.len() / width >= PARALLEL_ROWS_MIN {
+        gate.par_chunks_mut(width).zip(up.par_chunks(width)).for_each(row);
+    } else {
+        gate.chunks_mut(width).zip(up.chunks(width)).for_each(row);
     }
 }
 
@@ -260,9 +283,7 @@ impl CpuBackend {
             rms_norm(&s.x, &lw.ffn_norm, cfg.rms_eps, &mut s.h);
             s.acts.quantize_from(&s.h, n, d);
             matmul_many(&mut [(&lw.w_gate, &mut s.gate[..]), (&lw.w_up, &mut s.up[..])], &s.acts);
-            for (g, u) in s.gate.iter_mut().zip(&s.up) {
-                *g = *g / (1.0 + (-*g).exp()) * u;
-            }
+            swiglu(&mut s.gate, &s.up, cfg.ffn_dim);
             s.acts.quantize_from(&s.gate, n, cfg.ffn_dim);
             matmul(&lw.w_down, &s.acts, &mut s.o);
             for (x, o) in s.x.iter_mut().zip(&s.o) {

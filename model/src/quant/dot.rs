@@ -54,22 +54,45 @@ impl QuantizedActs {
         self.d.resize(n_tokens * cols / 32, 0.0);
         self.sums16.resize(n_tokens * cols / 16, 0.0);
         let nb = cols / 32;
-        for (j, blk) in x.chunks_exact(32).enumerate() {
-            let (t, b) = (j / nb, j % nb);
-            let i = self.block_index(t, b);
-            let amax = blk.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let d = amax / 127.0;
-            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-            let q = &mut self.qs[i * 32..i * 32 + 32];
-            let mut s = [0i32; 2];
-            for (k, (qv, v)) in q.iter_mut().zip(blk).enumerate() {
-                let r = (v * id).round() as i32;
-                *qv = r as i8;
-                s[k / 16] += r;
+        // Each group of GROUP tokens owns contiguous ranges of `qs`, `d` and `sums16`, so large
+        // batches quantize their groups in parallel.
+        let quantize_group = |(gi, ((qs, d), sums16)): (usize, ((&mut [i8], &mut [f32]), &mut [f32]))| {
+            let t0 = gi * GROUP;
+            let g = GROUP.min(n_tokens - t0);
+            for tl in 0..g {
+                let row = &x[(t0 + tl) * cols..(t0 + tl + 1) * cols];
+                for (b, blk) in row.chunks_exact(32).enumerate() {
+                    let i = b * g + tl;
+                    let amax = blk.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    let dv = amax / 127.0;
+                    let id = if dv > 0.0 { 1.0 / dv } else { 0.0 };
+                    let q = &mut qs[i * 32..i * 32 + 32];
+                    let mut s = [0i32; 2];
+                    for (k, (qv, v)) in q.iter_mut().zip(blk).enumerate() {
+                        let r = (v * id).round() as i32;
+                        *qv = r as i8;
+                        s[k / 16] += r;
+                    }
+                    d[i] = dv;
+                    sums16[tl * 2 * nb + 2 * b] = dv * s[0] as f32;
+                    sums16[tl * 2 * nb + 2 * b + 1] = dv * s[1] as f32;
+                }
             }
-            self.d[i] = d;
-            self.sums16[2 * j] = d * s[0] as f32;
-            self.sums16[2 * j + 1] = d * s[1] as f32;
+        };
+        if n_tokens >= 2 * GROUP {
+            self.qs
+                .par_chunks_mut(GROUP * cols)
+                .zip(self.d.par_chunks_mut(GROUP * nb))
+                .zip(self.sums16.par_chunks_mut(GROUP * 2 * nb))
+                .enumerate()
+                .for_each(quantize_group);
+        } else {
+            self.qs
+                .chunks_mut(GROUP * cols)
+                .zip(self.d.chunks_mut(GROUP * nb))
+                .zip(self.sums16.chunks_mut(GROUP * 2 * nb))
+                .enumerate()
+                .for_each(quantize_group);
         }
     }
 
