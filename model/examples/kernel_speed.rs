@@ -17,6 +17,7 @@ fn main() {
     let shapes = [
         (GgmlType::Q8_0, 896, 896),
         (GgmlType::Q8_0, 4864, 896),
+        (GgmlType::Q5_0, 4864, 896),
         (GgmlType::Q8_0, 151936, 896),
         (GgmlType::Q4K, 896, 4864),
         (GgmlType::Q6K, 896, 4864),
