@@ -61,9 +61,13 @@ pub(crate) struct SearchArgs {
     /// Print one JSON object (answer, path, costs) instead of text.
     #[arg(long)]
     json: bool,
-    /// Write the search tree in Graphviz DOT to this file.
+    /// Write the search tree in Graphviz DOT to this file (`dot -Tsvg FILE > tree.svg`).
     #[arg(long)]
     dot: Option<PathBuf>,
+    /// Write the whole search tree as JSON to this file (every node's text, tokens, score,
+    /// visits and state).
+    #[arg(long)]
+    tree_json: Option<PathBuf>,
     /// A remote coordinator (gRPC service): not part of this build yet.
     #[arg(long)]
     coordinator: Option<String>,
@@ -153,6 +157,10 @@ pub(crate) fn run(args: SearchArgs) -> Result<()> {
     }
     if let Some(path) = &args.dot {
         std::fs::write(path, tree.to_dot()).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &args.tree_json {
+        let json = serde_json::to_string_pretty(&tree.export())?;
+        std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
     }
     let path: Vec<String> = outcome.answer.as_ref().map(|a| tree.path(a.node).iter().map(|s| s.text.clone()).collect()).unwrap_or_default();
     let c = &outcome.costs;

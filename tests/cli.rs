@@ -8,11 +8,23 @@ fn arbor() -> Command {
 
 #[test]
 fn search_json_reports_answer_path_and_every_cost() {
+    let dir = std::env::temp_dir().join(format!("arbor-cli-search-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (dot, tree) = (dir.join("tree.dot"), dir.join("tree.json"));
     let out = arbor()
         .args(["search", "--strategy", "majority", "--n", "2", "--budget-tokens", "400", "--max-step-tokens", "64", "--json"])
+        .arg("--dot")
+        .arg(&dot)
+        .arg("--tree-json")
+        .arg(&tree)
         .arg("Tom has 3 boxes with 4 pencils in each box. How many pencils does Tom have?")
         .output()
         .unwrap();
+    let dot = std::fs::read_to_string(&dot).unwrap();
+    assert!(dot.contains("digraph") && dot.contains("->"), "{dot}");
+    let tree: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&tree).unwrap()).unwrap();
+    assert!(tree["nodes"].as_array().is_some_and(|n| n.len() > 2), "{tree}");
+    std::fs::remove_dir_all(&dir).unwrap();
     assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is one JSON object");
     for key in ["generated_tokens", "prompt_tokens_computed", "prompt_tokens_reused", "prm_tokens_computed", "policy_calls", "nodes", "wall_ms"] {
