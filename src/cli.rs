@@ -37,7 +37,8 @@ enum Command {
     /// Examples:
     ///   arbor search "Natalia sold clips to 48 friends in April and half as many in May. How many in all?"
     ///   arbor search --strategy best-of-n --budget-tokens 1024 --json "What is 15% of 240?"
-    ///   arbor search --config my-search.json "..."   (full SearchConfig, see ARCHITECTURE.md)
+    ///   arbor search --strategy beam --print-config q > my-search.json   (every knob, as JSON)
+    ///   arbor search --config my-search.json "..."
     #[command(verbatim_doc_comment)]
     Search(crate::search_cmd::SearchArgs),
     /// Generate text with the engine, streaming tokens to stdout (statistics go to stderr).

@@ -61,6 +61,9 @@ pub(crate) struct SearchArgs {
     /// Print one JSON object (answer, path, costs) instead of text.
     #[arg(long)]
     json: bool,
+    /// Print the full search configuration these options make, as JSON for --config, and exit.
+    #[arg(long)]
+    print_config: bool,
     /// Write the search tree in Graphviz DOT to this file (`dot -Tsvg FILE > tree.svg`).
     #[arg(long)]
     dot: Option<PathBuf>,
@@ -116,6 +119,10 @@ pub(crate) fn run(args: SearchArgs) -> Result<()> {
         bail!("--coordinator {url}: the gRPC service is not part of this build yet; run without it (embedded)");
     }
     let config = build_config(&args)?;
+    if args.print_config {
+        println!("{}", serde_json::to_string_pretty(&config)?);
+        return Ok(());
+    }
     let (model, engine) = load_engine(args.model.clone(), args.device)?;
     let worker = LocalWorker::new(&model, engine, WorkerOptions::default());
     let prompt = worker.format_question(&args.question)?;

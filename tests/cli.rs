@@ -71,6 +71,23 @@ fn bad_input_gets_a_precise_error_and_a_failure_status() {
 }
 
 #[test]
+fn printed_config_round_trips_through_config() {
+    let out = arbor().args(["search", "--strategy", "beam", "--budget-tokens", "300", "--print-config", "q"]).output().unwrap();
+    assert!(out.status.success());
+    let dir = std::env::temp_dir().join(format!("arbor-cli-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("c.json");
+    std::fs::write(&path, &out.stdout).unwrap();
+    let again = arbor().args(["search", "--budget-tokens", "300", "--print-config", "--config"]).arg(&path).arg("q").output().unwrap();
+    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    assert_eq!(out.stdout, again.stdout);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["strategy"]["kind"], "beam");
+    assert_eq!(v["budget"]["max_generated_tokens"], 300);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn help_teaches_the_commands() {
     let out = arbor().args(["search", "--help"]).output().unwrap();
     let help = String::from_utf8(out.stdout).unwrap();
