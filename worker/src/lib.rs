@@ -208,8 +208,21 @@ impl LocalWorker {
                 keep_sequences: caching,
             });
         }
-        let (mut outputs, gstats) =
-            generate(engine, &inner.tokenizer, &requests, |_, _, _| {}).map_err(|e| PolicyError::new(e.to_string()))?;
+        let (mut outputs, gstats) = match generate(engine, &inner.tokenizer, &requests, |_, _, _| {}) {
+            Ok(done) => done,
+            // The cache's own blocks may be what fills the KV pool: give them all back and try
+            // once more from scratch (a failed generate left the engine as it was).
+            Err(arbor_model::ModelError::KvCacheFull { .. }) if !cache.entries.is_empty() => {
+                tracing::info!(cached = cache.entries.len(), "KV cache full: dropping the prefix cache and retrying");
+                cache.clear(engine);
+                for (r, reused) in requests.iter_mut().zip(reused.iter_mut()) {
+                    r.prefix = None;
+                    *reused = 0;
+                }
+                generate(engine, &inner.tokenizer, &requests, |_, _, _| {}).map_err(|e| PolicyError::new(e.to_string()))?
+            }
+            Err(e) => return Err(PolicyError::new(e.to_string())),
+        };
         // Keep every sample's sequence under the tokens it holds: the next expansion of that
         // child forks it instead of recomputing the path.
         for (samples, req) in outputs.iter_mut().zip(&requests) {

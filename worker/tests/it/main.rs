@@ -16,9 +16,39 @@ fn model() -> &'static Model {
 }
 
 fn worker() -> LocalWorker {
+    worker_with(EngineOptions::default(), WorkerOptions::default())
+}
+
+fn worker_with(engine_options: EngineOptions, options: WorkerOptions) -> LocalWorker {
     let m = model();
-    let engine = Engine::new(Box::new(CpuBackend::new(m.config.clone(), m.weights.clone())), EngineOptions::default());
-    LocalWorker::new(m, engine, WorkerOptions::default())
+    let engine = Engine::new(Box::new(CpuBackend::new(m.config.clone(), m.weights.clone())), engine_options);
+    LocalWorker::new(m, engine, options)
+}
+
+#[test]
+fn a_full_kv_pool_drops_the_prefix_cache_instead_of_failing_the_search() {
+    // 48 blocks of 16 tokens: room for one call's sequences, not for them plus a cache that
+    // is allowed to keep far more than that.
+    let w = worker_with(
+        EngineOptions { kv_blocks_max: 48, batch_tokens_max: 512 },
+        WorkerOptions { prefix_cache_blocks_max: 10_000, ..WorkerOptions::default() },
+    );
+    let prompt = w.format_question(QUESTION).unwrap();
+    let config = SearchConfig::from_json(
+        r#"{"strategy": {"kind": "beam", "beam_width": 2, "proposals_per_beam": 2}, "scoring": {"scorer": "log_prob"},
+            "sampling": {"temperature": 0.7, "top_p": 1.0, "max_step_tokens": 48},
+            "budget": {"max_generated_tokens": 500}}"#,
+    )
+    .unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let mut search = Search::new(prompt, config).unwrap();
+    let outcome = rt.block_on(search.run(&w, &LogProbScorer, &SearchControl::new())).unwrap();
+    search.tree().check_invariants().unwrap();
+    assert_eq!(outcome.stats.policy_errors, 0, "no call may fail: {:?}", outcome.stats);
+    assert!(outcome.costs.generated_tokens >= 400, "the search ran to its budget: {:?}", outcome.costs);
+    let (live, blocks, cached) = w.engine_usage();
+    assert_eq!(live, cached);
+    assert!(blocks <= 48);
 }
 
 /// The first GSM8K training question (answer 72).
