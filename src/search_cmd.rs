@@ -52,6 +52,10 @@ pub(crate) struct SearchArgs {
     /// Most tokens in one reasoning step.
     #[arg(long, default_value_t = 128)]
     max_step_tokens: u32,
+    /// System prompt; the default asks for one step per paragraph and a final "The answer is N."
+    /// (the step delimiter is a blank line, so a custom prompt should keep steps as paragraphs).
+    #[arg(long)]
+    system: Option<String>,
     /// Seed: the same seed gives the same tree.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -125,7 +129,10 @@ pub(crate) fn run(args: SearchArgs) -> Result<()> {
     }
     let (model, engine) = load_engine(args.model.clone(), args.device)?;
     let worker = LocalWorker::new(&model, engine, WorkerOptions::default());
-    let prompt = worker.format_question(&args.question)?;
+    let prompt = match &args.system {
+        Some(system) => worker.format_question_with(system, &args.question)?,
+        None => worker.format_question(&args.question)?,
+    };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<SearchEvent>(1024);
     let control = SearchControl::new().with_events(tx);

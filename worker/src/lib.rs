@@ -152,10 +152,12 @@ impl LocalWorker {
     /// The prompt a search should continue for `question`: the model's chat template with a
     /// step-by-step system prompt, ending where the assistant's answer begins.
     pub fn format_question(&self, question: &str) -> Result<String, arbor_model::ModelError> {
-        self.inner.tokenizer.apply_chat_template(
-            &[ChatMessage::new("system", STEP_BY_STEP_SYSTEM_PROMPT), ChatMessage::new("user", question)],
-            true,
-        )
+        self.format_question_with(STEP_BY_STEP_SYSTEM_PROMPT, question)
+    }
+
+    /// Like [`LocalWorker::format_question`] with another system prompt.
+    pub fn format_question_with(&self, system: &str, question: &str) -> Result<String, arbor_model::ModelError> {
+        self.inner.tokenizer.apply_chat_template(&[ChatMessage::new("system", system), ChatMessage::new("user", question)], true)
     }
 
     /// Counters so far.
