@@ -87,6 +87,12 @@ pub(crate) struct SearchArgs {
 }
 
 fn build_config(a: &SearchArgs) -> Result<SearchConfig> {
+    if a.budget_tokens == 0 {
+        bail!("--budget-tokens must be at least 1");
+    }
+    if a.n == 0 {
+        bail!("--n must be at least 1 (samples for best-of-n/majority, beams for beam/dvts)");
+    }
     let mut config = match &a.config {
         Some(path) => {
             let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -94,7 +100,7 @@ fn build_config(a: &SearchArgs) -> Result<SearchConfig> {
         }
         None => {
             let mut c = SearchConfig::default();
-            let n = a.n.max(1);
+            let n = a.n;
             c.strategy = match a.strategy {
                 Strategy::Mcts => StrategyConfig::Mcts(MctsConfig::default()),
                 Strategy::BestOfN => StrategyConfig::BestOfN(SampleConfig { n }),

@@ -59,6 +59,9 @@ fn bad_input_gets_a_precise_error_and_a_failure_status() {
     check(&["generate", "--prompt", "hi", "--top-p", "0"], "top_p");
     check(&["search", "--strategy", "sideways", "q"], "sideways");
     check(&["search", "--device", "gpu", "q"], "wgpu");
+    check(&["search", "--budget-tokens", "0", "q"], "--budget-tokens");
+    check(&["search", "--strategy", "best-of-n", "--n", "0", "q"], "--n");
+    check(&["search", "--max-step-tokens", "0", "q"], "max_step_tokens");
     let dir = std::env::temp_dir().join(format!("arbor-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let bad = dir.join("not-a-model.gguf");
