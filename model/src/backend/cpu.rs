@@ -240,38 +240,51 @@ impl CpuBackend {
                 self.kv[kbase..kbase + kv_dim].copy_from_slice(&s.k[i * kv_dim..(i + 1) * kv_dim]);
                 self.kv[vbase..vbase + kv_dim].copy_from_slice(&s.v[i * kv_dim..(i + 1) * kv_dim]);
             }
-            // Attention, one task per (token, query head).
+            // Attention, one task per (token, KV head): the `group` query heads that share a KV
+            // head read each cached key and value once. Per head, the arithmetic and its order
+            // are those of a plain one-head loop.
             let kv = &self.kv;
             let q = &s.q;
-            s.att.par_chunks_mut(hd).enumerate().for_each(|(idx, out)| {
-                let i = idx / cfg.n_heads;
-                let h = idx % cfg.n_heads;
-                let kvh = h / group;
-                let pos = batch.positions[i] as usize;
+            s.att.par_chunks_mut(group * hd).enumerate().for_each(|(idx, out)| {
+                let i = idx / cfg.n_kv_heads;
+                let kvh = idx % cfg.n_kv_heads;
+                let ctx = batch.positions[i] as usize + 1;
                 let table = &batch.block_tables[batch.seq_index[i] as usize];
-                let qv = &q[i * q_dim + h * hd..i * q_dim + (h + 1) * hd];
-                let mut scores = Vec::with_capacity(pos + 1);
-                let mut max = f32::NEG_INFINITY;
-                for p in 0..=pos {
+                let qs = &q[i * q_dim + kvh * group * hd..i * q_dim + (kvh + 1) * group * hd];
+                let slot = |p: usize, kind: usize| {
                     let block = table[p / KV_BLOCK_TOKENS] as usize;
-                    let base = block * stride + (2 * l) * slab + (p % KV_BLOCK_TOKENS) * kv_dim + kvh * hd;
-                    let sc = dot(qv, &kv[base..base + hd]) * scale;
-                    max = max.max(sc);
-                    scores.push(sc);
+                    block * stride + (2 * l + kind) * slab + (p % KV_BLOCK_TOKENS) * kv_dim + kvh * hd
+                };
+                // scores[g * ctx + p]: query head g of the group against position p.
+                let mut scores = vec![0f32; group * ctx];
+                for p in 0..ctx {
+                    let base = slot(p, 0);
+                    let k = &kv[base..base + hd];
+                    for g in 0..group {
+                        scores[g * ctx + p] = dot(&qs[g * hd..(g + 1) * hd], k) * scale;
+                    }
                 }
-                let mut sum = 0f32;
-                for sc in scores.iter_mut() {
-                    *sc = (*sc - max).exp();
-                    sum += *sc;
+                for row in scores.chunks_exact_mut(ctx) {
+                    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                    let mut sum = 0f32;
+                    for sc in row.iter_mut() {
+                        *sc = (*sc - max).exp();
+                        sum += *sc;
+                    }
+                    let inv = 1.0 / sum;
+                    for sc in row.iter_mut() {
+                        *sc *= inv;
+                    }
                 }
                 out.fill(0.0);
-                let inv = 1.0 / sum;
-                for (p, sc) in scores.iter().enumerate() {
-                    let block = table[p / KV_BLOCK_TOKENS] as usize;
-                    let base = block * stride + (2 * l + 1) * slab + (p % KV_BLOCK_TOKENS) * kv_dim + kvh * hd;
-                    let wgt = sc * inv;
-                    for (o, vv) in out.iter_mut().zip(&kv[base..base + hd]) {
-                        *o += wgt * vv;
+                for p in 0..ctx {
+                    let base = slot(p, 1);
+                    let v = &kv[base..base + hd];
+                    for g in 0..group {
+                        let wgt = scores[g * ctx + p];
+                        for (o, vv) in out[g * hd..(g + 1) * hd].iter_mut().zip(v) {
+                            *o += wgt * vv;
+                        }
                     }
                 }
             });
