@@ -1,5 +1,6 @@
 //! Batched sampling: many requests, each with `n` samples that share its prompt's KV blocks.
 
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::{Engine, SeqId};
@@ -209,9 +210,24 @@ fn run(
         stats.kv_blocks_peak = stats.kv_blocks_peak.max(engine.kv_blocks_in_use());
         let logits = engine.forward(&entries)?;
         stats.forward_passes += 1;
-        for (j, &i) in active.iter().enumerate() {
+        // Sampling and log-softmax read all 151,936 logits per sequence: spread them over the
+        // cores for wide batches. Each sequence has its own sampler, so the result is the same.
+        let picks: Vec<(u32, f32)> = {
+            let mut refs: Vec<&mut Live> = live.iter_mut().filter(|l| !l.done).collect();
+            let pick = |(j, l): (usize, &mut &mut Live)| {
+                let row = &logits[j * vocab..(j + 1) * vocab];
+                let tok = l.sampler.sample(row);
+                (tok, log_prob(row, tok))
+            };
+            if refs.len() >= 4 {
+                refs.par_iter_mut().enumerate().map(pick).collect()
+            } else {
+                refs.iter_mut().enumerate().map(pick).collect()
+            }
+        };
+        for (&i, (tok, lp)) in active.iter().zip(picks) {
             let r = &requests[live[i].request];
-            accept(&mut live[i], &logits[j * vocab..(j + 1) * vocab], r, tokenizer, &mut stats, on_token)?;
+            accept_token(&mut live[i], tok, lp, r, tokenizer, &mut stats, on_token)?;
         }
     }
     stats.decode_secs = t1.elapsed().as_secs_f64();
@@ -233,6 +249,19 @@ fn accept(
     on_token: &mut impl FnMut(usize, usize, u32),
 ) -> Result<()> {
     let tok = l.sampler.sample(logits);
+    accept_token(l, tok, log_prob(logits, tok), r, tokenizer, stats, on_token)
+}
+
+/// Takes `tok` (with log-probability `lp`) as `l`'s next token and decides whether it has finished.
+fn accept_token(
+    l: &mut Live,
+    tok: u32,
+    lp: f32,
+    r: &GenRequest,
+    tokenizer: &Tokenizer,
+    stats: &mut GenStats,
+    on_token: &mut impl FnMut(usize, usize, u32),
+) -> Result<()> {
     if tokenizer.is_eos(tok) {
         l.out.stop_reason = StopReason::Eos;
         l.done = true;
@@ -241,7 +270,7 @@ fn accept(
     }
     l.out.tokens.push(tok);
     // (`text` is decoded at every step only when stop strings need it; otherwise at the end.)
-    l.out.logprobs.push(log_prob(logits, tok));
+    l.out.logprobs.push(lp);
     stats.generated_tokens += 1;
     on_token(l.request, l.sample, tok);
     if r.stop.is_empty() {

@@ -264,7 +264,8 @@ fn seeded_sampling_is_reproducible_and_n_samples_share_one_prefill() {
     let chat = tok.apply_chat_template(&[ChatMessage::new("user", "Name a fruit.")], true).unwrap();
     let r = GenRequest {
         prompt: tok.encode(&chat, true).unwrap(),
-        n: 3,
+        // Six samples: wide enough that sampling runs spread over the cores.
+        n: 6,
         max_tokens: 8,
         sampling: SamplingParams { temperature: 0.9, top_k: 0, top_p: 1.0, seed: 5 },
         stop: vec![],
@@ -277,7 +278,7 @@ fn seeded_sampling_is_reproducible_and_n_samples_share_one_prefill() {
     let ta: Vec<_> = a[0].iter().map(|o| o.tokens.clone()).collect();
     let tb: Vec<_> = b[0].iter().map(|o| o.tokens.clone()).collect();
     assert_eq!(ta, tb);
-    assert_eq!(sa.prompt_tokens_computed, r.prompt.len() as u64, "three samples, one prefill");
+    assert_eq!(sa.prompt_tokens_computed, r.prompt.len() as u64, "six samples, one prefill");
     assert_eq!(sa.generated_tokens, a[0].iter().map(|o| o.tokens.len() as u64).sum::<u64>());
 }
 
