@@ -24,7 +24,10 @@ pub struct EngineOptions {
 impl Default for EngineOptions {
     fn default() -> Self {
         // 8192 blocks of 16 tokens: 131,072 token slots, about 3 GiB of f32 KV for Qwen2.5-0.5B.
-        EngineOptions { kv_blocks_max: 8192, batch_tokens_max: 512 }
+        EngineOptions {
+            kv_blocks_max: 8192,
+            batch_tokens_max: 512,
+        }
     }
 }
 
@@ -44,8 +47,6 @@ pub struct Engine {
     seqs: HashMap<SeqId, SeqState>,
     next_id: u32,
     options: EngineOptions,
-    /// Tokens whose keys and values were computed, since creation (for cost accounting).
-    tokens_computed: u64,
     /// Output buffer of `forward`, reused between calls.
     logits: Vec<f32>,
     /// Logits of one pass, reused between calls.
@@ -71,7 +72,6 @@ impl Engine {
             seqs: HashMap::new(),
             next_id: 0,
             options,
-            tokens_computed: 0,
             logits: Vec::new(),
             pass_logits: Vec::new(),
         }
@@ -97,7 +97,11 @@ impl Engine {
 
     /// Creates a sequence that shares all of `parent`'s tokens and KV blocks.
     pub fn fork(&mut self, parent: SeqId) -> Result<SeqId> {
-        let state = self.seqs.get(&parent).ok_or_else(|| unknown(parent))?.clone();
+        let state = self
+            .seqs
+            .get(&parent)
+            .ok_or_else(|| unknown(parent))?
+            .clone();
         for &b in &state.blocks {
             self.alloc.retain(b);
         }
@@ -129,11 +133,6 @@ impl Engine {
     /// KV blocks owned by at least one sequence.
     pub fn kv_blocks_in_use(&self) -> usize {
         self.alloc.in_use()
-    }
-
-    /// Tokens run through the model since the engine was made.
-    pub fn tokens_computed(&self) -> u64 {
-        self.tokens_computed
     }
 
     /// Appends `tokens` to each listed sequence, runs the model over them, and returns the
@@ -203,14 +202,9 @@ impl Engine {
             if let Err(e) = self.run_pass(&pass, &logits_for, &mut pass_logits) {
                 break Err(e);
             }
-            if pass.len() == entries.len() && want.len() == total && offsets.iter().zip(entries).all(|(o, e)| *o == e.1.len()) {
-                // The common case (one pass covers everything): the pass's logits are the answer.
-                std::mem::swap(&mut logits, &mut pass_logits);
-                logits.truncate(total * vocab);
-                continue;
-            }
             for (j, (_, row)) in want.iter().enumerate() {
-                logits[row * vocab..(row + 1) * vocab].copy_from_slice(&pass_logits[j * vocab..(j + 1) * vocab]);
+                logits[row * vocab..(row + 1) * vocab]
+                    .copy_from_slice(&pass_logits[j * vocab..(j + 1) * vocab]);
             }
         };
         self.pass_logits = pass_logits;
@@ -226,32 +220,61 @@ impl Engine {
         for (seq, toks) in entries {
             let state = self.seqs.get(seq).ok_or_else(|| unknown(*seq))?;
             if !seen.insert(*seq) {
-                return Err(ModelError::invalid("entries", format!("sequence {} appears twice in one batch", seq.0)));
+                return Err(ModelError::invalid(
+                    "entries",
+                    format!("sequence {} appears twice in one batch", seq.0),
+                ));
             }
             if toks.is_empty() {
-                return Err(ModelError::invalid("tokens", format!("no tokens given for sequence {}", seq.0)));
+                return Err(ModelError::invalid(
+                    "tokens",
+                    format!("no tokens given for sequence {}", seq.0),
+                ));
             }
             if let Some(&t) = toks.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-                return Err(ModelError::invalid("tokens", format!("token id {t} is outside the vocabulary of {}", cfg.vocab_size)));
+                return Err(ModelError::invalid(
+                    "tokens",
+                    format!(
+                        "token id {t} is outside the vocabulary of {}",
+                        cfg.vocab_size
+                    ),
+                ));
             }
             let new_len = state.len + toks.len();
             if new_len > cfg.context_length {
                 return Err(ModelError::invalid(
                     "tokens",
-                    format!("sequence {} would hold {new_len} tokens, beyond the model's context of {}", seq.0, cfg.context_length),
+                    format!(
+                        "sequence {} would hold {new_len} tokens, beyond the model's context of {}",
+                        seq.0, cfg.context_length
+                    ),
                 ));
             }
-            let cow = state.len % KV_BLOCK_TOKENS != 0 && state.blocks.last().is_some_and(|&b| self.alloc.is_shared(b));
-            blocks_needed += new_len.div_ceil(KV_BLOCK_TOKENS) - state.blocks.len() + usize::from(cow);
+            let cow = state.len % KV_BLOCK_TOKENS != 0
+                && state
+                    .blocks
+                    .last()
+                    .is_some_and(|&b| self.alloc.is_shared(b));
+            blocks_needed +=
+                new_len.div_ceil(KV_BLOCK_TOKENS) - state.blocks.len() + usize::from(cow);
         }
         if blocks_needed > self.alloc.available() {
-            return Err(ModelError::KvCacheFull { needed: blocks_needed, limit: self.alloc.limit(), block_size: KV_BLOCK_TOKENS });
+            return Err(ModelError::KvCacheFull {
+                needed: blocks_needed,
+                limit: self.alloc.limit(),
+                block_size: KV_BLOCK_TOKENS,
+            });
         }
         Ok(())
     }
 
     /// Reserves slots for one pass, runs it, and advances the sequences.
-    fn run_pass(&mut self, pass: &[(usize, SeqId, &[u32])], logits_for: &[u32], logits: &mut Vec<f32>) -> Result<()> {
+    fn run_pass(
+        &mut self,
+        pass: &[(usize, SeqId, &[u32])],
+        logits_for: &[u32],
+        logits: &mut Vec<f32>,
+    ) -> Result<()> {
         let mut tokens = Vec::new();
         let mut positions = Vec::new();
         let mut seq_index = Vec::new();
@@ -278,7 +301,6 @@ impl Engine {
         for (_, seq, toks) in pass {
             self.seqs.get_mut(seq).expect("validated").len += toks.len();
         }
-        self.tokens_computed += tokens.len() as u64;
         Ok(())
     }
 
@@ -292,9 +314,16 @@ impl Engine {
             if self.alloc.is_shared(last) {
                 let fresh = self.alloc.alloc()?;
                 self.backend.ensure_kv_blocks(self.alloc.high_water())?;
-                self.backend.copy_kv_block(last, fresh, len % KV_BLOCK_TOKENS);
+                self.backend
+                    .copy_kv_block(last, fresh, len % KV_BLOCK_TOKENS);
                 self.alloc.release(last);
-                *self.seqs.get_mut(&seq).expect("checked").blocks.last_mut().expect("checked") = fresh;
+                *self
+                    .seqs
+                    .get_mut(&seq)
+                    .expect("checked")
+                    .blocks
+                    .last_mut()
+                    .expect("checked") = fresh;
             }
         }
         let need = (len + n).div_ceil(KV_BLOCK_TOKENS);
@@ -307,5 +336,8 @@ impl Engine {
 }
 
 fn unknown(seq: SeqId) -> ModelError {
-    ModelError::invalid("seq", format!("sequence {} does not exist (freed or never created)", seq.0))
+    ModelError::invalid(
+        "seq",
+        format!("sequence {} does not exist (freed or never created)", seq.0),
+    )
 }

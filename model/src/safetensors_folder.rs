@@ -37,8 +37,12 @@ pub fn hf_name(gguf: &str) -> String {
     if let Some(t) = top {
         return t.to_string();
     }
-    let Some(rest) = gguf.strip_prefix("blk.") else { return gguf.to_string() };
-    let Some((layer, tail)) = rest.split_once('.') else { return gguf.to_string() };
+    let Some(rest) = gguf.strip_prefix("blk.") else {
+        return gguf.to_string();
+    };
+    let Some((layer, tail)) = rest.split_once('.') else {
+        return gguf.to_string();
+    };
     let (stem, kind) = tail.rsplit_once('.').unwrap_or((tail, ""));
     let mapped = match stem {
         "attn_norm" => "input_layernorm",
@@ -60,9 +64,10 @@ impl SafetensorsFolder {
     pub fn open(dir: &Path) -> Result<Self> {
         let cfg_path = dir.join("config.json");
         let text = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
-        let hf_config: HfConfig = serde_json::from_str(&text)
-            .map_err(|e| ModelError::Format { path: cfg_path.clone(), reason: format!("config.json: {e}") })?;
-        let _ = &hf_config.architectures;
+        let hf_config: HfConfig = serde_json::from_str(&text).map_err(|e| ModelError::Format {
+            path: cfg_path.clone(),
+            reason: format!("config.json: {e}"),
+        })?;
         // Reject an unsupported or inconsistent config before touching gigabytes of weights.
         hf_config.to_config()?;
         let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -72,7 +77,10 @@ impl SafetensorsFolder {
             .collect();
         paths.sort();
         if paths.is_empty() {
-            return Err(ModelError::Format { path: dir.into(), reason: "no *.safetensors file in the folder".into() });
+            return Err(ModelError::Format {
+                path: dir.into(),
+                reason: "no *.safetensors file in the folder".into(),
+            });
         }
         let mut files = Vec::new();
         let mut tensors = HashMap::new();
@@ -80,8 +88,13 @@ impl SafetensorsFolder {
             let file = std::fs::File::open(&path).map_err(|e| ModelError::io(&path, e))?;
             // SAFETY: read-only map of a file Arbor does not modify; all reads are bounds-checked.
             let mmap = Arc::new(unsafe { Mmap::map(&file) }.map_err(|e| ModelError::io(&path, e))?);
-            let (header_len, meta) = safetensors::SafeTensors::read_metadata(&mmap[..])
-                .map_err(|e| ModelError::Format { path: path.clone(), reason: format!("safetensors header: {e}") })?;
+            let (header_len, meta) =
+                safetensors::SafeTensors::read_metadata(&mmap[..]).map_err(|e| {
+                    ModelError::Format {
+                        path: path.clone(),
+                        reason: format!("safetensors header: {e}"),
+                    }
+                })?;
             let data_start = 8 + header_len;
             for (name, info) in meta.tensors() {
                 let dtype = match info.dtype {
@@ -89,31 +102,57 @@ impl SafetensorsFolder {
                     Dtype::F16 => GgmlType::F16,
                     Dtype::BF16 => GgmlType::BF16,
                     other => {
-                        return Err(ModelError::UnsupportedType { name: name.clone(), ty: format!("safetensors {other:?}") })
+                        return Err(ModelError::UnsupportedType {
+                            name: name.clone(),
+                            ty: format!("safetensors {other:?}"),
+                        })
                     }
                 };
                 let (start, end) = info.data_offsets;
                 if data_start + end > mmap.len() || start > end {
-                    return Err(ModelError::tensor(&name, format!("data range {start}..{end} beyond the end of {}", path.display())));
+                    return Err(ModelError::tensor(
+                        &name,
+                        format!(
+                            "data range {start}..{end} beyond the end of {}",
+                            path.display()
+                        ),
+                    ));
                 }
                 tensors.insert(
                     name.clone(),
-                    Entry { file: files.len(), dtype, shape: info.shape.clone(), offset: data_start + start, len: end - start },
+                    Entry {
+                        file: files.len(),
+                        dtype,
+                        shape: info.shape.clone(),
+                        offset: data_start + start,
+                        len: end - start,
+                    },
                 );
             }
             files.push((path, mmap));
         }
-        Ok(SafetensorsFolder { hf_config, files, tensors })
+        Ok(SafetensorsFolder {
+            hf_config,
+            files,
+            tensors,
+        })
     }
 
     fn entry(&self, gguf_name: &str) -> Result<(&Entry, String)> {
         let name = hf_name(gguf_name);
-        let e = self.tensors.get(&name).ok_or_else(|| ModelError::MissingTensor(name.clone()))?;
+        let e = self
+            .tensors
+            .get(&name)
+            .ok_or_else(|| ModelError::MissingTensor(name.clone()))?;
         Ok((e, name))
     }
 
     fn storage(&self, e: &Entry) -> Storage {
-        Storage::Mapped { mmap: self.files[e.file].1.clone(), offset: e.offset, len: e.len }
+        Storage::Mapped {
+            mmap: self.files[e.file].1.clone(),
+            offset: e.offset,
+            len: e.len,
+        }
     }
 }
 
@@ -125,7 +164,10 @@ impl WeightSource for SafetensorsFolder {
     fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<QMatrix> {
         let (e, hf) = self.entry(name)?;
         if e.shape != [rows, cols] {
-            return Err(ModelError::tensor(&hf, format!("shape {:?}, expected [{rows}, {cols}]", e.shape)));
+            return Err(ModelError::tensor(
+                &hf,
+                format!("shape {:?}, expected [{rows}, {cols}]", e.shape),
+            ));
         }
         QMatrix::new(&hf, e.dtype, rows, cols, self.storage(e))?.into_matmul_ready(&hf)
     }
@@ -133,7 +175,10 @@ impl WeightSource for SafetensorsFolder {
     fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
         let (e, hf) = self.entry(name)?;
         if e.shape != [len] {
-            return Err(ModelError::tensor(&hf, format!("shape {:?}, expected [{len}]", e.shape)));
+            return Err(ModelError::tensor(
+                &hf,
+                format!("shape {:?}, expected [{len}]", e.shape),
+            ));
         }
         let mut out = vec![0f32; len];
         dequantize_row(e.dtype, self.storage(e).bytes(), &mut out);

@@ -61,13 +61,28 @@ impl ModelConfig {
             return bad("config", format!("zero-sized model: {self:?}"));
         }
         if self.n_heads % self.n_kv_heads != 0 {
-            return bad("n_kv_heads", format!("{} query heads is not a multiple of {} KV heads", self.n_heads, self.n_kv_heads));
+            return bad(
+                "n_kv_heads",
+                format!(
+                    "{} query heads is not a multiple of {} KV heads",
+                    self.n_heads, self.n_kv_heads
+                ),
+            );
         }
         if self.head_dim % 2 != 0 {
-            return bad("head_dim", format!("{} must be even for RoPE", self.head_dim));
+            return bad(
+                "head_dim",
+                format!("{} must be even for RoPE", self.head_dim),
+            );
         }
-        if self.d_model % 32 != 0 || self.ffn_dim % 32 != 0 || (self.n_heads * self.head_dim) % 32 != 0 {
-            return bad("d_model", "d_model, ffn_dim and n_heads*head_dim must be multiples of 32".into());
+        if self.d_model % 32 != 0
+            || self.ffn_dim % 32 != 0
+            || (self.n_heads * self.head_dim) % 32 != 0
+        {
+            return bad(
+                "d_model",
+                "d_model, ffn_dim and n_heads*head_dim must be multiples of 32".into(),
+            );
         }
         if !(self.rms_eps > 0.0 && self.rope_theta > 0.0) {
             return bad("rms_eps", "rms_eps and rope_theta must be positive".into());
@@ -94,7 +109,9 @@ pub(crate) fn common_gguf(g: &GgufFile, arch: &str, rope_style: RopeStyle) -> Re
     let d_model = g.get_u64(&key("embedding_length"))? as usize;
     let n_heads = g.get_u64(&key("attention.head_count"))? as usize;
     let n_kv_heads = match g.get(&key("attention.head_count_kv")) {
-        Some(v) => v.as_u64().ok_or_else(|| ModelError::metadata(&key("attention.head_count_kv"), "expected an integer"))? as usize,
+        Some(v) => v.as_u64().ok_or_else(|| {
+            ModelError::metadata(&key("attention.head_count_kv"), "expected an integer")
+        })? as usize,
         None => n_heads,
     };
     let head_dim = match g.get(&key("attention.key_length")) {
@@ -114,17 +131,22 @@ pub(crate) fn common_gguf(g: &GgufFile, arch: &str, rope_style: RopeStyle) -> Re
         head_dim,
         ffn_dim: g.get_u64(&key("feed_forward_length"))? as usize,
         vocab_size,
-        rope_theta: g.get(&key("rope.freq_base")).and_then(|v| v.as_f64()).unwrap_or(10_000.0) as f32,
+        rope_theta: g
+            .get(&key("rope.freq_base"))
+            .and_then(|v| v.as_f64())
+            .unwrap_or(10_000.0) as f32,
         rope_style,
         rms_eps: g.get_f64(&key("attention.layer_norm_rms_epsilon"))? as f32,
-        context_length: g.get(&key("context_length")).and_then(|v| v.as_u64()).unwrap_or(4096) as usize,
+        context_length: g
+            .get(&key("context_length"))
+            .and_then(|v| v.as_u64())
+            .unwrap_or(4096) as usize,
     })
 }
 
 /// `config.json` fields of the llama-style families, named as Hugging Face names them.
 #[derive(Debug, Deserialize)]
 pub(crate) struct HfConfig {
-    pub(crate) architectures: Option<Vec<String>>,
     pub(crate) model_type: Option<String>,
     pub(crate) hidden_size: usize,
     pub(crate) intermediate_size: usize,
@@ -144,7 +166,12 @@ impl HfConfig {
             Some("qwen2") => "qwen2",
             Some("llama") => "llama",
             Some(other) => return Err(ModelError::UnsupportedArchitecture(other.to_string())),
-            None => return Err(ModelError::metadata("model_type", "missing from config.json")),
+            None => {
+                return Err(ModelError::metadata(
+                    "model_type",
+                    "missing from config.json",
+                ))
+            }
         };
         let cfg = ModelConfig {
             architecture: arch.to_string(),
@@ -152,7 +179,9 @@ impl HfConfig {
             d_model: self.hidden_size,
             n_heads: self.num_attention_heads,
             n_kv_heads: self.num_key_value_heads.unwrap_or(self.num_attention_heads),
-            head_dim: self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1)),
+            head_dim: self
+                .head_dim
+                .unwrap_or(self.hidden_size / self.num_attention_heads.max(1)),
             ffn_dim: self.intermediate_size,
             vocab_size: self.vocab_size,
             rope_theta: self.rope_theta.unwrap_or(10_000.0),
@@ -235,7 +264,16 @@ impl DecoderWeights {
         }
         let embed = src.matrix("token_embd.weight", cfg.vocab_size, d)?;
         // Tied embeddings: the output projection reuses the embedding matrix.
-        let output = if src.has("output.weight") { src.matrix("output.weight", cfg.vocab_size, d)? } else { embed.clone() };
-        Ok(DecoderWeights { embed, layers, out_norm: src.vector("output_norm.weight", d)?, output })
+        let output = if src.has("output.weight") {
+            src.matrix("output.weight", cfg.vocab_size, d)?
+        } else {
+            embed.clone()
+        };
+        Ok(DecoderWeights {
+            embed,
+            layers,
+            out_norm: src.vector("output_norm.weight", d)?,
+            output,
+        })
     }
 }

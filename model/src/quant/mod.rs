@@ -69,16 +69,33 @@ pub struct QMatrix {
 
 impl QMatrix {
     /// Wraps raw bytes as a matrix after checking that their size matches the shape.
-    pub fn new(name: &str, ty: GgmlType, rows: usize, cols: usize, storage: Storage) -> Result<Self> {
+    pub fn new(
+        name: &str,
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        storage: Storage,
+    ) -> Result<Self> {
         if cols % ty.block_elems() != 0 {
-            return Err(ModelError::tensor(name, format!("{cols} columns is not a multiple of the {ty:?} block size")));
+            return Err(ModelError::tensor(
+                name,
+                format!("{cols} columns is not a multiple of the {ty:?} block size"),
+            ));
         }
         let expected = rows * ty.row_bytes(cols);
         let got = storage.bytes().len();
         if expected != got {
-            return Err(ModelError::tensor(name, format!("expected {expected} bytes for [{rows}, {cols}] {ty:?}, found {got}")));
+            return Err(ModelError::tensor(
+                name,
+                format!("expected {expected} bytes for [{rows}, {cols}] {ty:?}, found {got}"),
+            ));
         }
-        Ok(QMatrix { ty, rows, cols, storage })
+        Ok(QMatrix {
+            ty,
+            rows,
+            cols,
+            storage,
+        })
     }
 
     /// Re-stores a matrix in the form the matmul kernels run fastest on.
@@ -102,10 +119,20 @@ impl QMatrix {
                     formats::unpack_row(self.ty, bytes, &mut u, &mut scale16, &mut min16);
                     for (b, blk) in bytes.chunks_exact(block_bytes).enumerate() {
                         out.extend_from_slice(&blk[0..2]);
-                        out.extend(u[b * 32..b * 32 + 32].iter().map(|&q| (q as i8 - offset) as u8));
+                        out.extend(
+                            u[b * 32..b * 32 + 32]
+                                .iter()
+                                .map(|&q| (q as i8 - offset) as u8),
+                        );
                     }
                 }
-                return QMatrix::new(name, GgmlType::Q8_0, self.rows, self.cols, Storage::Owned(out.into()));
+                return QMatrix::new(
+                    name,
+                    GgmlType::Q8_0,
+                    self.rows,
+                    self.cols,
+                    Storage::Owned(out.into()),
+                );
             }
             GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {}
         }
@@ -115,7 +142,13 @@ impl QMatrix {
             dequantize_row(self.ty, self.row_bytes(r), &mut row);
             quantize_row_q8_0(&row, &mut out);
         }
-        QMatrix::new(name, GgmlType::Q8_0, self.rows, self.cols, Storage::Owned(out.into()))
+        QMatrix::new(
+            name,
+            GgmlType::Q8_0,
+            self.rows,
+            self.cols,
+            Storage::Owned(out.into()),
+        )
     }
 
     /// The bytes of row `r`.
@@ -127,10 +160,5 @@ impl QMatrix {
     /// Dequantizes row `r` into `out` (length `cols`).
     pub fn dequantize_row_into(&self, r: usize, out: &mut [f32]) {
         dequantize_row(self.ty, self.row_bytes(r), out);
-    }
-
-    /// Bytes of weight data, for bandwidth accounting.
-    pub fn size_bytes(&self) -> usize {
-        self.storage.bytes().len()
     }
 }
