@@ -17,7 +17,8 @@ use arbor_model::fetch::ensure_default_model;
 use arbor_model::sampling::argmax;
 use arbor_model::{Engine, EngineOptions, Model};
 
-const PROMPT_SEED_TEXT: &str = "Janet's ducks lay 16 eggs per day. She eats three for breakfast every morning and \
+const PROMPT_SEED_TEXT: &str =
+    "Janet's ducks lay 16 eggs per day. She eats three for breakfast every morning and \
 bakes muffins for her friends every day with four. She sells the remainder at the \
 farmers' market daily for $2 per fresh duck egg. How much in dollars does she make \
 every day at the farmers' market? Let's think step by step. First, we count the eggs \
@@ -37,11 +38,22 @@ struct Figures {
 }
 
 fn main() -> anyhow::Result<()> {
-    let threads: usize = std::env::var("ARBOR_BENCH_THREADS").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
-    });
-    let rounds: usize = std::env::var("ARBOR_BENCH_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3).max(1);
-    rayon::ThreadPoolBuilder::new().num_threads(threads).build_global()?;
+    let threads: usize = std::env::var("ARBOR_BENCH_THREADS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        });
+    let rounds: usize = std::env::var("ARBOR_BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3)
+        .max(1);
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()?;
     let path = ensure_default_model(&mut |_| {})?;
     let model = Model::load(&path)?;
     let skip_llama = std::env::var_os("ARBOR_BENCH_SKIP_LLAMA").is_some();
@@ -60,7 +72,8 @@ fn main() -> anyhow::Result<()> {
     }
     let med = |v: &[Figures], f: fn(&Figures) -> f64| median(v.iter().map(f).collect());
     let ratio = |f: fn(&Figures) -> f64| -> Option<f64> {
-        (theirs.len() == ours.len()).then(|| median(ours.iter().zip(&theirs).map(|(a, b)| f(a) / f(b)).collect()))
+        (theirs.len() == ours.len())
+            .then(|| median(ours.iter().zip(&theirs).map(|(a, b)| f(a) / f(b)).collect()))
     };
     let row = |name: &str, f: fn(&Figures) -> f64| {
         let o = med(&ours, f);
@@ -86,13 +99,24 @@ fn main() -> anyhow::Result<()> {
 
 fn measure_llama(path: &std::path::Path, threads: usize) -> Option<Figures> {
     let out = Command::new("python3")
-        .args(["benches/llama_cpp_baseline.py", "--threads", &threads.to_string(), "--model"])
+        .args([
+            "benches/llama_cpp_baseline.py",
+            "--threads",
+            &threads.to_string(),
+            "--model",
+        ])
         .arg(path)
         .output();
     let v: serde_json::Value = match out {
         Ok(o) if o.status.success() => serde_json::from_slice(&o.stdout).ok()?,
         Ok(o) => {
-            eprintln!("llama.cpp baseline failed: {}", String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or(""));
+            eprintln!(
+                "llama.cpp baseline failed: {}",
+                String::from_utf8_lossy(&o.stderr)
+                    .lines()
+                    .last()
+                    .unwrap_or("")
+            );
             return None;
         }
         Err(e) => {
@@ -101,7 +125,11 @@ fn measure_llama(path: &std::path::Path, threads: usize) -> Option<Figures> {
         }
     };
     let par = |n: u64| {
-        v["decode_parallel"].as_array()?.iter().find(|e| e["n_seq"].as_u64() == Some(n))?["aggregate_tokens_per_s"].as_f64()
+        v["decode_parallel"]
+            .as_array()?
+            .iter()
+            .find(|e| e["n_seq"].as_u64() == Some(n))?["aggregate_tokens_per_s"]
+            .as_f64()
     };
     Some(Figures {
         prefill: v.pointer("/prefill/tokens_per_s")?.as_f64()?,
@@ -113,7 +141,10 @@ fn measure_llama(path: &std::path::Path, threads: usize) -> Option<Figures> {
 
 fn measure_arbor(model: &Model) -> anyhow::Result<Figures> {
     let vocab = model.config.vocab_size;
-    let mut engine = Engine::new(Box::new(CpuBackend::new(model.config.clone(), model.weights.clone())), EngineOptions::default());
+    let mut engine = Engine::new(
+        Box::new(CpuBackend::new(model.config.clone(), model.weights.clone())),
+        EngineOptions::default(),
+    );
     let mut text = PROMPT_SEED_TEXT.to_string();
     while model.tokenizer.encode(&text, false)?.len() < 128 {
         text.push_str(PROMPT_SEED_TEXT);
@@ -160,7 +191,11 @@ fn measure_arbor(model: &Model) -> anyhow::Result<Figures> {
         let t = Instant::now();
         for _ in 0..steps {
             let inputs: Vec<[u32; 1]> = toks.iter().map(|&t| [t]).collect();
-            let entries: Vec<_> = seqs.iter().zip(&inputs).map(|(s, t)| (*s, &t[..])).collect();
+            let entries: Vec<_> = seqs
+                .iter()
+                .zip(&inputs)
+                .map(|(s, t)| (*s, &t[..]))
+                .collect();
             let logits = engine.forward(&entries)?;
             for (i, t) in toks.iter_mut().enumerate() {
                 *t = argmax(&logits[i * vocab..(i + 1) * vocab]);
@@ -171,5 +206,10 @@ fn measure_arbor(model: &Model) -> anyhow::Result<Figures> {
             engine.free(s);
         }
     }
-    Ok(Figures { prefill: prefill_tps, decode1: decode1_tps, decode8: parallel[0], decode32: parallel[1] })
+    Ok(Figures {
+        prefill: prefill_tps,
+        decode1: decode1_tps,
+        decode8: parallel[0],
+        decode32: parallel[1],
+    })
 }

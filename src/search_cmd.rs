@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use arbor_search::{
-    BeamConfig, DvtsConfig, LogProbScorer, MctsConfig, SampleConfig, ScorerChoice, Search, SearchConfig, SearchControl,
-    SearchEvent, StrategyConfig,
+    BeamConfig, DvtsConfig, LogProbScorer, MctsConfig, SampleConfig, ScorerChoice, Search,
+    SearchConfig, SearchControl, SearchEvent, StrategyConfig,
 };
 use arbor_worker::{LocalWorker, WorkerOptions};
 use clap::ValueEnum;
@@ -95,7 +95,8 @@ fn build_config(a: &SearchArgs) -> Result<SearchConfig> {
     }
     let mut config = match &a.config {
         Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
             SearchConfig::from_json(&text).with_context(|| format!("{}", path.display()))?
         }
         None => {
@@ -106,8 +107,14 @@ fn build_config(a: &SearchArgs) -> Result<SearchConfig> {
                 Strategy::BestOfN => StrategyConfig::BestOfN(SampleConfig { n }),
                 Strategy::WeightedBestOfN => StrategyConfig::WeightedBestOfN(SampleConfig { n }),
                 Strategy::Majority => StrategyConfig::SelfConsistency(SampleConfig { n }),
-                Strategy::Beam => StrategyConfig::Beam(BeamConfig { beam_width: n.min(4), ..BeamConfig::default() }),
-                Strategy::Dvts => StrategyConfig::Dvts(DvtsConfig { beams: n, ..DvtsConfig::default() }),
+                Strategy::Beam => StrategyConfig::Beam(BeamConfig {
+                    beam_width: n.min(4),
+                    ..BeamConfig::default()
+                }),
+                Strategy::Dvts => StrategyConfig::Dvts(DvtsConfig {
+                    beams: n,
+                    ..DvtsConfig::default()
+                }),
             };
             c.scoring.scorer = ScorerChoice::LogProb;
             c.sampling.temperature = a.temperature;
@@ -139,12 +146,18 @@ pub(crate) fn run(args: SearchArgs) -> Result<()> {
         Some(system) => worker.format_question_with(system, &args.question)?,
         None => worker.format_question(&args.question)?,
     };
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<SearchEvent>(1024);
     let control = SearchControl::new().with_events(tx);
     let mut search = Search::new(prompt, config)?;
     let bar = indicatif::ProgressBar::new_spinner();
-    bar.set_style(indicatif::ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}").expect("static template"));
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
+            .expect("static template"),
+    );
     bar.enable_steady_tick(Duration::from_millis(200));
     let budget = args.budget_tokens;
     let progress = {
@@ -176,13 +189,18 @@ pub(crate) fn run(args: SearchArgs) -> Result<()> {
         tracing::error!("tree invariant violated after search: {e:?}");
     }
     if let Some(path) = &args.dot {
-        std::fs::write(path, tree.to_dot()).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(path, tree.to_dot())
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some(path) = &args.tree_json {
         let json = serde_json::to_string_pretty(&tree.export())?;
         std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
     }
-    let path: Vec<String> = outcome.answer.as_ref().map(|a| tree.path(a.node).iter().map(|s| s.text.clone()).collect()).unwrap_or_default();
+    let path: Vec<String> = outcome
+        .answer
+        .as_ref()
+        .map(|a| tree.path(a.node).iter().map(|s| s.text.clone()).collect())
+        .unwrap_or_default();
     let c = &outcome.costs;
     if args.json {
         let out = serde_json::json!({
@@ -217,10 +235,17 @@ pub(crate) fn run(args: SearchArgs) -> Result<()> {
                     println!("  {}. {}", i + 1, step.trim().replace('\n', "\n     "));
                 }
             }
-            None => println!("No final answer within the budget ({:?}).", outcome.termination),
+            None => println!(
+                "No final answer within the budget ({:?}).",
+                outcome.termination
+            ),
         }
         if outcome.candidates.len() > 1 {
-            let cands: Vec<String> = outcome.candidates.iter().map(|t| format!("{} ({} votes)", t.answer.raw, t.votes)).collect();
+            let cands: Vec<String> = outcome
+                .candidates
+                .iter()
+                .map(|t| format!("{} ({} votes)", t.answer.raw, t.votes))
+                .collect();
             println!("\nCandidates: {}", cands.join(", "));
         }
         println!(

@@ -12,7 +12,18 @@ fn search_json_reports_answer_path_and_every_cost() {
     std::fs::create_dir_all(&dir).unwrap();
     let (dot, tree) = (dir.join("tree.dot"), dir.join("tree.json"));
     let out = arbor()
-        .args(["search", "--strategy", "majority", "--n", "2", "--budget-tokens", "400", "--max-step-tokens", "64", "--json"])
+        .args([
+            "search",
+            "--strategy",
+            "majority",
+            "--n",
+            "2",
+            "--budget-tokens",
+            "400",
+            "--max-step-tokens",
+            "64",
+            "--json",
+        ])
         .arg("--dot")
         .arg(&dot)
         .arg("--tree-json")
@@ -22,12 +33,29 @@ fn search_json_reports_answer_path_and_every_cost() {
         .unwrap();
     let dot = std::fs::read_to_string(&dot).unwrap();
     assert!(dot.contains("digraph") && dot.contains("->"), "{dot}");
-    let tree: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&tree).unwrap()).unwrap();
-    assert!(tree["nodes"].as_array().is_some_and(|n| n.len() > 2), "{tree}");
+    let tree: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&tree).unwrap()).unwrap();
+    assert!(
+        tree["nodes"].as_array().is_some_and(|n| n.len() > 2),
+        "{tree}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
-    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is one JSON object");
-    for key in ["generated_tokens", "prompt_tokens_computed", "prompt_tokens_reused", "prm_tokens_computed", "policy_calls", "nodes", "wall_ms"] {
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("stdout is one JSON object");
+    for key in [
+        "generated_tokens",
+        "prompt_tokens_computed",
+        "prompt_tokens_reused",
+        "prm_tokens_computed",
+        "policy_calls",
+        "nodes",
+        "wall_ms",
+    ] {
         assert!(v["costs"][key].is_u64(), "costs.{key} missing: {v}");
     }
     assert!(v["costs"]["generated_tokens"].as_u64().unwrap() > 0);
@@ -38,12 +66,25 @@ fn search_json_reports_answer_path_and_every_cost() {
 
 #[test]
 fn generate_streams_text_to_stdout_and_statistics_to_stderr() {
-    let out = arbor().args(["generate", "--prompt", "1, 2, 3, 4,", "--max-tokens", "6"]).output().unwrap();
-    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let out = arbor()
+        .args(["generate", "--prompt", "1, 2, 3, 4,", "--max-tokens", "6"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
-    assert!(text.contains('5'), "greedy continuation of a count: {text:?}");
+    assert!(
+        text.contains('5'),
+        "greedy continuation of a count: {text:?}"
+    );
     let err = String::from_utf8(out.stderr).unwrap();
-    assert!(err.contains("tok/s") && err.contains("6 generated"), "{err}");
+    assert!(
+        err.contains("tok/s") && err.contains("6 generated"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -52,37 +93,93 @@ fn bad_input_gets_a_precise_error_and_a_failure_status() {
         let out = arbor().args(args).output().unwrap();
         assert!(!out.status.success(), "{args:?} should fail");
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains(needle), "{args:?}: expected {needle:?} in {err}");
+        assert!(
+            err.contains(needle),
+            "{args:?}: expected {needle:?} in {err}"
+        );
         assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
     };
-    check(&["generate", "--prompt", "hi", "--model", "/nonexistent/model.gguf"], "/nonexistent/model.gguf");
+    check(
+        &[
+            "generate",
+            "--prompt",
+            "hi",
+            "--model",
+            "/nonexistent/model.gguf",
+        ],
+        "/nonexistent/model.gguf",
+    );
     check(&["generate", "--prompt", "hi", "--top-p", "0"], "top_p");
     check(&["search", "--strategy", "sideways", "q"], "sideways");
     check(&["search", "--device", "gpu", "q"], "wgpu");
     check(&["search", "--budget-tokens", "0", "q"], "--budget-tokens");
-    check(&["search", "--strategy", "best-of-n", "--n", "0", "q"], "--n");
-    check(&["search", "--max-step-tokens", "0", "q"], "max_step_tokens");
+    check(
+        &["search", "--strategy", "best-of-n", "--n", "0", "q"],
+        "--n",
+    );
+    check(
+        &["search", "--max-step-tokens", "0", "q"],
+        "max_step_tokens",
+    );
     let dir = std::env::temp_dir().join(format!("arbor-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let bad = dir.join("not-a-model.gguf");
     std::fs::write(&bad, b"definitely not GGUF").unwrap();
-    check(&["generate", "--prompt", "hi", "--model", bad.to_str().unwrap()], "not a GGUF file");
+    check(
+        &[
+            "generate",
+            "--prompt",
+            "hi",
+            "--model",
+            bad.to_str().unwrap(),
+        ],
+        "not a GGUF file",
+    );
     let cfg = dir.join("search.json");
     std::fs::write(&cfg, r#"{"strategy": {"kind": "beam", "beam_widht": 4}}"#).unwrap();
-    check(&["search", "--config", cfg.to_str().unwrap(), "q"], "beam_widht");
+    check(
+        &["search", "--config", cfg.to_str().unwrap(), "q"],
+        "beam_widht",
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn printed_config_round_trips_through_config() {
-    let out = arbor().args(["search", "--strategy", "beam", "--budget-tokens", "300", "--print-config", "q"]).output().unwrap();
+    let out = arbor()
+        .args([
+            "search",
+            "--strategy",
+            "beam",
+            "--budget-tokens",
+            "300",
+            "--print-config",
+            "q",
+        ])
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let dir = std::env::temp_dir().join(format!("arbor-cli-config-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("c.json");
     std::fs::write(&path, &out.stdout).unwrap();
-    let again = arbor().args(["search", "--budget-tokens", "300", "--print-config", "--config"]).arg(&path).arg("q").output().unwrap();
-    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    let again = arbor()
+        .args([
+            "search",
+            "--budget-tokens",
+            "300",
+            "--print-config",
+            "--config",
+        ])
+        .arg(&path)
+        .arg("q")
+        .output()
+        .unwrap();
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
     assert_eq!(out.stdout, again.stdout);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["strategy"]["kind"], "beam");
@@ -94,7 +191,14 @@ fn printed_config_round_trips_through_config() {
 fn help_teaches_the_commands() {
     let out = arbor().args(["search", "--help"]).output().unwrap();
     let help = String::from_utf8(out.stdout).unwrap();
-    for needle in ["--strategy", "--budget-tokens", "--json", "mcts", "best-of-n", "Examples"] {
+    for needle in [
+        "--strategy",
+        "--budget-tokens",
+        "--json",
+        "mcts",
+        "best-of-n",
+        "Examples",
+    ] {
         assert!(help.contains(needle), "search --help lacks {needle}");
     }
 }

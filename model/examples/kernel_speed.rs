@@ -13,7 +13,10 @@ fn main() {
         .filter_map(|s| s.trim().parse().ok())
         .collect();
     let types = std::env::var("KS_TYPES").unwrap_or_default();
-    let secs: f64 = std::env::var("KS_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(0.3);
+    let secs: f64 = std::env::var("KS_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0.3);
     let shapes = [
         (GgmlType::Q8_0, 896, 896),
         (GgmlType::Q8_0, 4864, 896),
@@ -23,7 +26,11 @@ fn main() {
         (GgmlType::Q6K, 896, 4864),
     ];
     for (ty, rows, cols) in shapes {
-        if !types.is_empty() && !types.split(',').any(|f| format!("{ty:?}").contains(f.trim())) {
+        if !types.is_empty()
+            && !types
+                .split(',')
+                .any(|f| format!("{ty:?}").contains(f.trim()))
+        {
             continue;
         }
         let n = rows * ty.row_bytes(cols);

@@ -97,15 +97,27 @@ pub type Result<T, E = ModelError> = std::result::Result<T, E>;
 
 impl ModelError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        ModelError::Io { path: path.into(), source }
+        ModelError::Io {
+            path: path.into(),
+            source,
+        }
     }
     pub(crate) fn tensor(name: &str, reason: impl Into<String>) -> Self {
-        ModelError::Tensor { name: name.to_string(), reason: reason.into() }
+        ModelError::Tensor {
+            name: name.to_string(),
+            reason: reason.into(),
+        }
     }
     pub(crate) fn metadata(key: &str, reason: impl Into<String>) -> Self {
-        ModelError::Metadata { key: key.to_string(), reason: reason.into() }
+        ModelError::Metadata {
+            key: key.to_string(),
+            reason: reason.into(),
+        }
     }
     pub(crate) fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
-        ModelError::InvalidRequest { field, reason: reason.into() }
+        ModelError::InvalidRequest {
+            field,
+            reason: reason.into(),
+        }
     }
 }

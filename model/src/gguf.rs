@@ -130,7 +130,10 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn err(&self, reason: impl Into<String>) -> ModelError {
-        ModelError::GgufParse { offset: self.pos as u64, reason: reason.into() }
+        ModelError::GgufParse {
+            offset: self.pos as u64,
+            reason: reason.into(),
+        }
     }
     fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8]> {
         let remaining = self.bytes.len() - self.pos;
@@ -158,7 +161,8 @@ impl<'a> Reader<'a> {
     fn string(&mut self, what: &str) -> Result<String> {
         let start = self.pos;
         let len = self.u64(what)?;
-        let len = usize::try_from(len).map_err(|_| self.err(format!("{what}: length {len} too large")))?;
+        let len = usize::try_from(len)
+            .map_err(|_| self.err(format!("{what}: length {len} too large")))?;
         let bytes = self.take(len, what)?;
         String::from_utf8(bytes.to_vec()).map_err(|e| ModelError::GgufParse {
             offset: start as u64,
@@ -220,7 +224,12 @@ impl GgufFile {
     /// Parses GGUF bytes that are already mapped.
     pub fn parse(mmap: Arc<Mmap>) -> Result<Self> {
         let (version, metadata, tensors) = parse_bytes(&mmap)?;
-        Ok(GgufFile { version, metadata, tensors, mmap })
+        Ok(GgufFile {
+            version,
+            metadata,
+            tensors,
+            mmap,
+        })
     }
 
     /// Looks up a tensor by name.
@@ -301,7 +310,12 @@ pub fn parse_bytes(bytes: &[u8]) -> Result<Parsed> {
         None => DEFAULT_ALIGNMENT,
         Some(v) => match v.as_u64() {
             Some(a) if a > 0 && a.is_power_of_two() => a,
-            _ => return Err(ModelError::metadata("general.alignment", format!("{v:?} is not a power of two"))),
+            _ => {
+                return Err(ModelError::metadata(
+                    "general.alignment",
+                    format!("{v:?} is not a power of two"),
+                ))
+            }
         },
     };
     let mut raw = Vec::with_capacity(n_tensors as usize);
@@ -312,7 +326,9 @@ pub fn parse_bytes(bytes: &[u8]) -> Result<Parsed> {
         if n_dims == 0 || n_dims > TENSOR_DIMS_MAX {
             return Err(ModelError::GgufParse {
                 offset: info_offset,
-                reason: format!("tensor `{name}` has {n_dims} dimensions (1..={TENSOR_DIMS_MAX} allowed)"),
+                reason: format!(
+                    "tensor `{name}` has {n_dims} dimensions (1..={TENSOR_DIMS_MAX} allowed)"
+                ),
             });
         }
         let mut dims = Vec::with_capacity(n_dims as usize);
@@ -330,21 +346,34 @@ pub fn parse_bytes(bytes: &[u8]) -> Result<Parsed> {
             name: name.clone(),
             ty: format!("ggml type id {ty_id}"),
         })?;
-        let n_elements = dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d)).ok_or_else(|| {
-            ModelError::GgufParse { offset: info_offset, reason: format!("tensor `{name}`: dimensions {dims:?} overflow") }
-        })?;
+        let n_elements = dims
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+            .ok_or_else(|| ModelError::GgufParse {
+                offset: info_offset,
+                reason: format!("tensor `{name}`: dimensions {dims:?} overflow"),
+            })?;
         let block = ty.block_elems() as u64;
         if dims[0] % block != 0 {
             return Err(ModelError::tensor(
                 &name,
-                format!("row length {} is not a multiple of the {ty:?} block size {block}", dims[0]),
+                format!(
+                    "row length {} is not a multiple of the {ty:?} block size {block}",
+                    dims[0]
+                ),
             ));
         }
         let size = n_elements / block * ty.block_bytes() as u64;
         if rel_offset % alignment != 0 {
-            return Err(ModelError::tensor(&name, format!("data offset {rel_offset} is not aligned to {alignment}")));
+            return Err(ModelError::tensor(
+                &name,
+                format!("data offset {rel_offset} is not aligned to {alignment}"),
+            ));
         }
-        let offset = data_start.checked_add(rel_offset).filter(|o| o.checked_add(size).is_some_and(|end| end <= bytes.len() as u64));
+        let offset = data_start.checked_add(rel_offset).filter(|o| {
+            o.checked_add(size)
+                .is_some_and(|end| end <= bytes.len() as u64)
+        });
         let Some(offset) = offset else {
             return Err(ModelError::tensor(
                 &name,
@@ -355,7 +384,13 @@ pub fn parse_bytes(bytes: &[u8]) -> Result<Parsed> {
                 ),
             ));
         };
-        tensors.push(TensorInfo { name, dims, ty, offset, size });
+        tensors.push(TensorInfo {
+            name,
+            dims,
+            ty,
+            offset,
+            size,
+        });
     }
     Ok((version, metadata, tensors))
 }

@@ -23,7 +23,11 @@ pub(crate) struct BlockAllocator {
 
 impl BlockAllocator {
     pub(crate) fn new(limit: usize) -> Self {
-        BlockAllocator { refcount: Vec::new(), free: Vec::new(), limit }
+        BlockAllocator {
+            refcount: Vec::new(),
+            free: Vec::new(),
+            limit,
+        }
     }
 
     /// Blocks that could still be allocated.
@@ -52,7 +56,11 @@ impl BlockAllocator {
             return Ok(id);
         }
         if self.refcount.len() >= self.limit {
-            return Err(ModelError::KvCacheFull { needed: 1, limit: self.limit, block_size: KV_BLOCK_TOKENS });
+            return Err(ModelError::KvCacheFull {
+                needed: 1,
+                limit: self.limit,
+                block_size: KV_BLOCK_TOKENS,
+            });
         }
         self.refcount.push(1);
         Ok((self.refcount.len() - 1) as u32)
@@ -87,7 +95,10 @@ mod tests {
         let mut a = BlockAllocator::new(2);
         let x = a.alloc().unwrap();
         let y = a.alloc().unwrap();
-        assert!(matches!(a.alloc(), Err(ModelError::KvCacheFull { limit: 2, .. })));
+        assert!(matches!(
+            a.alloc(),
+            Err(ModelError::KvCacheFull { limit: 2, .. })
+        ));
         a.retain(x);
         assert!(a.is_shared(x));
         a.release(x);

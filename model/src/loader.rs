@@ -33,7 +33,10 @@ pub struct Model {
 
 impl std::fmt::Debug for Model {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Model").field("config", &self.config).field("source", &self.source).finish()
+        f.debug_struct("Model")
+            .field("config", &self.config)
+            .field("source", &self.source)
+            .finish()
     }
 }
 
@@ -55,7 +58,12 @@ impl Model {
         let tokenizer = Tokenizer::from_gguf(&g)?;
         let weights = DecoderWeights::load(&config, &g)?;
         tracing::info!(path = %path.display(), arch = %config.architecture, layers = config.n_layers, "loaded GGUF model");
-        Ok(Model { config, weights: Arc::new(weights), tokenizer: Arc::new(tokenizer), source: ModelSource::Gguf(path.into()) })
+        Ok(Model {
+            config,
+            weights: Arc::new(weights),
+            tokenizer: Arc::new(tokenizer),
+            source: ModelSource::Gguf(path.into()),
+        })
     }
 
     /// Loads a Hugging Face folder. Float weights are re-stored as Q8_0 for the CPU kernels.
@@ -64,7 +72,12 @@ impl Model {
         let config = folder.hf_config.to_config()?;
         let tokenizer = Tokenizer::from_hf_folder(dir)?;
         let weights = DecoderWeights::load(&config, &folder)?;
-        Ok(Model { config, weights: Arc::new(weights), tokenizer: Arc::new(tokenizer), source: ModelSource::HfFolder(dir.into()) })
+        Ok(Model {
+            config,
+            weights: Arc::new(weights),
+            tokenizer: Arc::new(tokenizer),
+            source: ModelSource::HfFolder(dir.into()),
+        })
     }
 }
 
@@ -74,23 +87,43 @@ impl WeightSource for GgufFile {
     }
 
     fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<QMatrix> {
-        let info = self.tensor(name).ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
+        let info = self
+            .tensor(name)
+            .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
         if info.dims != [cols as u64, rows as u64] {
-            return Err(ModelError::tensor(name, format!("shape {:?} (GGML order), expected [{cols}, {rows}]", info.dims)));
+            return Err(ModelError::tensor(
+                name,
+                format!(
+                    "shape {:?} (GGML order), expected [{cols}, {rows}]",
+                    info.dims
+                ),
+            ));
         }
-        let storage = Storage::Mapped { mmap: self.mmap.clone(), offset: info.offset as usize, len: info.size as usize };
+        let storage = Storage::Mapped {
+            mmap: self.mmap.clone(),
+            offset: info.offset as usize,
+            len: info.size as usize,
+        };
         QMatrix::new(name, info.ty, rows, cols, storage)?.into_matmul_ready(name)
     }
 
     fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
-        let info = self.tensor(name).ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
+        let info = self
+            .tensor(name)
+            .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
         if info.n_elements() != len as u64 || info.dims.iter().filter(|&&d| d != 1).count() > 1 {
-            return Err(ModelError::tensor(name, format!("shape {:?}, expected a vector of {len}", info.dims)));
+            return Err(ModelError::tensor(
+                name,
+                format!("shape {:?}, expected a vector of {len}", info.dims),
+            ));
         }
         let mut out = vec![0f32; len];
         dequantize_row(info.ty, self.tensor_bytes(info), &mut out);
         if let Some(i) = out.iter().position(|v| !v.is_finite()) {
-            return Err(ModelError::tensor(name, format!("element {i} is not finite ({})", out[i])));
+            return Err(ModelError::tensor(
+                name,
+                format!("element {i} is not finite ({})", out[i]),
+            ));
         }
         Ok(out)
     }

@@ -22,23 +22,37 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams { temperature: 0.7, top_k: 0, top_p: 1.0, seed: 0 }
+        SamplingParams {
+            temperature: 0.7,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+        }
     }
 }
 
 impl SamplingParams {
     /// Greedy decoding.
     pub fn greedy() -> Self {
-        SamplingParams { temperature: 0.0, ..Default::default() }
+        SamplingParams {
+            temperature: 0.0,
+            ..Default::default()
+        }
     }
 
     /// Rejects values that make no sense, naming the field.
     pub fn validate(&self) -> Result<()> {
         if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return Err(ModelError::invalid("temperature", format!("{} must be a finite number ≥ 0", self.temperature)));
+            return Err(ModelError::invalid(
+                "temperature",
+                format!("{} must be a finite number ≥ 0", self.temperature),
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(ModelError::invalid("top_p", format!("{} must be in (0, 1]", self.top_p)));
+            return Err(ModelError::invalid(
+                "top_p",
+                format!("{} must be in (0, 1]", self.top_p),
+            ));
         }
         Ok(())
     }
@@ -75,7 +89,11 @@ impl Sampler {
     /// the sample among siblings), so siblings differ but reruns repeat.
     pub fn new(params: SamplingParams, stream: u64) -> Self {
         let seed = params.seed ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        Sampler { params, rng: StdRng::seed_from_u64(seed), candidates: Vec::new() }
+        Sampler {
+            params,
+            rng: StdRng::seed_from_u64(seed),
+            candidates: Vec::new(),
+        }
     }
 
     /// Picks the next token.
@@ -85,13 +103,22 @@ impl Sampler {
         }
         let inv_t = 1.0 / self.params.temperature;
         self.candidates.clear();
-        self.candidates.extend(logits.iter().enumerate().map(|(i, &v)| (i as u32, v * inv_t)));
+        self.candidates.extend(
+            logits
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| (i as u32, v * inv_t)),
+        );
         let k = self.params.top_k;
         if k > 0 && k < self.candidates.len() {
-            self.candidates.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
+            self.candidates
+                .select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
             self.candidates.truncate(k);
         }
-        let max = self.candidates.iter().fold(f32::NEG_INFINITY, |m, c| m.max(c.1));
+        let max = self
+            .candidates
+            .iter()
+            .fold(f32::NEG_INFINITY, |m, c| m.max(c.1));
         let mut total = 0f32;
         for c in self.candidates.iter_mut() {
             c.1 = (c.1 - max).exp();
@@ -137,24 +164,57 @@ mod tests {
     #[test]
     fn same_seed_same_tokens_and_top_k_restricts() {
         let logits: Vec<f32> = (0..100).map(|i| (i as f32 * 0.37).sin()).collect();
-        let p = SamplingParams { temperature: 1.0, top_k: 3, top_p: 1.0, seed: 42 };
-        let a: Vec<u32> = { let mut s = Sampler::new(p.clone(), 1); (0..50).map(|_| s.sample(&logits)).collect() };
-        let b: Vec<u32> = { let mut s = Sampler::new(p.clone(), 1); (0..50).map(|_| s.sample(&logits)).collect() };
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_k: 3,
+            top_p: 1.0,
+            seed: 42,
+        };
+        let a: Vec<u32> = {
+            let mut s = Sampler::new(p.clone(), 1);
+            (0..50).map(|_| s.sample(&logits)).collect()
+        };
+        let b: Vec<u32> = {
+            let mut s = Sampler::new(p.clone(), 1);
+            (0..50).map(|_| s.sample(&logits)).collect()
+        };
         assert_eq!(a, b);
         let mut top: Vec<u32> = (0..100).collect();
         top.sort_by(|&x, &y| logits[y as usize].total_cmp(&logits[x as usize]));
-        assert!(a.iter().all(|t| top[..3].contains(t)), "{a:?} outside top-3 {:?}", &top[..3]);
+        assert!(
+            a.iter().all(|t| top[..3].contains(t)),
+            "{a:?} outside top-3 {:?}",
+            &top[..3]
+        );
         let distinct: std::collections::HashSet<_> = a.iter().collect();
-        assert!(distinct.len() > 1, "temperature 1 over 3 candidates should vary");
+        assert!(
+            distinct.len() > 1,
+            "temperature 1 over 3 candidates should vary"
+        );
     }
 
     #[test]
     fn top_p_keeps_the_nucleus() {
         let logits = [10.0, 0.0, 0.0, 0.0];
-        let p = SamplingParams { temperature: 1.0, top_k: 0, top_p: 0.5, seed: 7 };
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 0.5,
+            seed: 7,
+        };
         let mut s = Sampler::new(p, 0);
         assert!((0..100).all(|_| s.sample(&logits) == 0));
-        assert!(SamplingParams { top_p: 0.0, ..Default::default() }.validate().is_err());
-        assert!(SamplingParams { temperature: f32::NAN, ..Default::default() }.validate().is_err());
+        assert!(SamplingParams {
+            top_p: 0.0,
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
+        assert!(SamplingParams {
+            temperature: f32::NAN,
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
     }
 }

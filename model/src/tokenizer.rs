@@ -19,10 +19,17 @@ const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{
 /// llama.cpp's `LLAMA_VOCAB_PRE_TYPE_LLAMA3` split pattern (digits in runs of up to three).
 const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// GPT-2's split pattern.
-const GPT2_PATTERN: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+const GPT2_PATTERN: &str =
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
 
 /// Names of end-of-turn tokens that end generation in the families Arbor runs.
-const END_TOKENS: &[&str] = &["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<|end|>"];
+const END_TOKENS: &[&str] = &[
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<|eot_id|>",
+    "<|end_of_text|>",
+    "<|end|>",
+];
 
 /// One chat message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,7 +43,10 @@ pub struct ChatMessage {
 impl ChatMessage {
     /// A message with a role.
     pub fn new(role: &str, content: &str) -> Self {
-        ChatMessage { role: role.into(), content: content.into() }
+        ChatMessage {
+            role: role.into(),
+            content: content.into(),
+        }
     }
 }
 
@@ -54,7 +64,10 @@ pub struct Tokenizer {
 
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tokenizer").field("vocab", &self.with_special.get_vocab_size(true)).field("eos", &self.eos).finish()
+        f.debug_struct("Tokenizer")
+            .field("vocab", &self.with_special.get_vocab_size(true))
+            .field("eos", &self.eos)
+            .finish()
     }
 }
 
@@ -72,36 +85,50 @@ impl Tokenizer {
                 format!("`{model}` tokenizers are not supported (supported: gpt2 byte-level BPE)"),
             ));
         }
-        let pre = g.get("tokenizer.ggml.pre").and_then(|v| v.as_str()).unwrap_or("default");
+        let pre = g
+            .get("tokenizer.ggml.pre")
+            .and_then(|v| v.as_str())
+            .unwrap_or("default");
         let pattern = match pre {
             "qwen2" | "deepseek-r1-qwen" => QWEN2_PATTERN,
             "llama3" | "llama-bpe" | "smaug-bpe" => LLAMA3_PATTERN,
             "default" | "gpt2" => GPT2_PATTERN,
             other => {
-                return Err(ModelError::metadata("tokenizer.ggml.pre", format!("pre-tokenizer `{other}` is not supported")))
+                return Err(ModelError::metadata(
+                    "tokenizer.ggml.pre",
+                    format!("pre-tokenizer `{other}` is not supported"),
+                ))
             }
         };
         let tokens = g
             .get("tokenizer.ggml.tokens")
             .and_then(|v| v.as_array())
-            .ok_or_else(|| ModelError::metadata("tokenizer.ggml.tokens", "missing or not an array"))?;
+            .ok_or_else(|| {
+                ModelError::metadata("tokenizer.ggml.tokens", "missing or not an array")
+            })?;
         let mut vocab = tokenizers::models::bpe::Vocab::default();
         let mut names = Vec::with_capacity(tokens.len());
         for (i, t) in tokens.iter().enumerate() {
-            let s = t.as_str().ok_or_else(|| ModelError::metadata("tokenizer.ggml.tokens", format!("item {i} is not a string")))?;
+            let s = t.as_str().ok_or_else(|| {
+                ModelError::metadata("tokenizer.ggml.tokens", format!("item {i} is not a string"))
+            })?;
             vocab.insert(s.to_string(), i as u32);
             names.push(s);
         }
         let merges_meta = g
             .get("tokenizer.ggml.merges")
             .and_then(|v| v.as_array())
-            .ok_or_else(|| ModelError::metadata("tokenizer.ggml.merges", "missing or not an array"))?;
+            .ok_or_else(|| {
+                ModelError::metadata("tokenizer.ggml.merges", "missing or not an array")
+            })?;
         let mut merges = Vec::with_capacity(merges_meta.len());
         for (i, m) in merges_meta.iter().enumerate() {
-            let (a, b) = m
-                .as_str()
-                .and_then(|s| s.split_once(' '))
-                .ok_or_else(|| ModelError::metadata("tokenizer.ggml.merges", format!("item {i} is not `left right`")))?;
+            let (a, b) = m.as_str().and_then(|s| s.split_once(' ')).ok_or_else(|| {
+                ModelError::metadata(
+                    "tokenizer.ggml.merges",
+                    format!("item {i} is not `left right`"),
+                )
+            })?;
             merges.push((a.to_string(), b.to_string()));
         }
         let types: Vec<u64> = g
@@ -117,9 +144,17 @@ impl Tokenizer {
             .map(|(_, n)| AddedToken::from(n.to_string(), true))
             .collect();
         let build = |with_specials: bool| -> Result<tokenizers::Tokenizer> {
-            let bpe = BPE::builder().vocab_and_merges(vocab.clone(), merges.clone()).build().map_err(tk_err)?;
+            let bpe = BPE::builder()
+                .vocab_and_merges(vocab.clone(), merges.clone())
+                .build()
+                .map_err(tk_err)?;
             let mut tk = tokenizers::Tokenizer::new(bpe);
-            let split = Split::new(SplitPattern::Regex(pattern.into()), SplitDelimiterBehavior::Isolated, false).map_err(tk_err)?;
+            let split = Split::new(
+                SplitPattern::Regex(pattern.into()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(tk_err)?;
             let pre = Sequence::new(vec![
                 PreTokenizerWrapper::Split(split),
                 PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, false, false)),
@@ -143,13 +178,20 @@ impl Tokenizer {
             }
         }
         let token_name = |key: &str| {
-            g.get(key).and_then(|v| v.as_u64()).and_then(|id| names.get(id as usize)).map(|s| s.to_string()).unwrap_or_default()
+            g.get(key)
+                .and_then(|v| v.as_u64())
+                .and_then(|id| names.get(id as usize))
+                .map(|s| s.to_string())
+                .unwrap_or_default()
         };
         Ok(Tokenizer {
             with_special: build(true)?,
             plain: Some(build(false)?),
             eos,
-            chat_template: g.get("tokenizer.chat_template").and_then(|v| v.as_str()).map(str::to_string),
+            chat_template: g
+                .get("tokenizer.chat_template")
+                .and_then(|v| v.as_str())
+                .map(str::to_string),
             bos_token: token_name("tokenizer.ggml.bos_token_id"),
             eos_token: token_name("tokenizer.ggml.eos_token_id"),
         })
@@ -158,19 +200,33 @@ impl Tokenizer {
     /// Loads `tokenizer.json` (and the chat template from `tokenizer_config.json`) from a folder.
     pub fn from_hf_folder(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
-        let tk = tokenizers::Tokenizer::from_file(&path).map_err(|e| ModelError::Format { path: path.clone(), reason: e.to_string() })?;
+        let tk = tokenizers::Tokenizer::from_file(&path).map_err(|e| ModelError::Format {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg: serde_json::Value = match std::fs::read_to_string(&cfg_path) {
-            Ok(text) => serde_json::from_str(&text).map_err(|e| ModelError::Format { path: cfg_path.clone(), reason: e.to_string() })?,
+            Ok(text) => serde_json::from_str(&text).map_err(|e| ModelError::Format {
+                path: cfg_path.clone(),
+                reason: e.to_string(),
+            })?,
             Err(_) => serde_json::Value::Null,
         };
         let tok_str = |v: &serde_json::Value| -> Option<String> {
-            v.as_str().map(str::to_string).or_else(|| v.get("content").and_then(|c| c.as_str()).map(str::to_string))
+            v.as_str().map(str::to_string).or_else(|| {
+                v.get("content")
+                    .and_then(|c| c.as_str())
+                    .map(str::to_string)
+            })
         };
         let eos_token = tok_str(&cfg["eos_token"]).unwrap_or_default();
         let bos_token = tok_str(&cfg["bos_token"]).unwrap_or_default();
         let mut eos = HashSet::new();
-        for name in END_TOKENS.iter().copied().chain(std::iter::once(eos_token.as_str())) {
+        for name in END_TOKENS
+            .iter()
+            .copied()
+            .chain(std::iter::once(eos_token.as_str()))
+        {
             if let Some(id) = tk.token_to_id(name) {
                 eos.insert(id);
             }
@@ -188,8 +244,16 @@ impl Tokenizer {
     /// Token ids of `text`. With `parse_special`, text such as `<|im_start|>` becomes its
     /// special token; without, it is tokenized as the characters it is made of.
     pub fn encode(&self, text: &str, parse_special: bool) -> Result<Vec<u32>> {
-        let tk = if parse_special { &self.with_special } else { self.plain.as_ref().unwrap_or(&self.with_special) };
-        Ok(tk.encode_fast(text, false).map_err(tk_err)?.get_ids().to_vec())
+        let tk = if parse_special {
+            &self.with_special
+        } else {
+            self.plain.as_ref().unwrap_or(&self.with_special)
+        };
+        Ok(tk
+            .encode_fast(text, false)
+            .map_err(tk_err)?
+            .get_ids()
+            .to_vec())
     }
 
     /// Text of token ids (special tokens included verbatim; invalid UTF-8 becomes U+FFFD).
@@ -214,16 +278,32 @@ impl Tokenizer {
 
     /// Renders `messages` with the model's chat template (a real Jinja engine, so the
     /// template's own logic, such as a default system prompt, applies).
-    pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
-        let source = self.chat_template.as_deref().ok_or_else(|| ModelError::Template("the model has no chat template".into()))?;
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        let source = self
+            .chat_template
+            .as_deref()
+            .ok_or_else(|| ModelError::Template("the model has no chat template".into()))?;
         let mut env = minijinja::Environment::new();
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
-        env.add_template("chat", source).map_err(|e| ModelError::Template(e.to_string()))?;
-        let tmpl = env.get_template("chat").map_err(|e| ModelError::Template(e.to_string()))?;
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        env.add_template("chat", source)
+            .map_err(|e| ModelError::Template(e.to_string()))?;
+        let tmpl = env
+            .get_template("chat")
+            .map_err(|e| ModelError::Template(e.to_string()))?;
         tmpl.render(minijinja::context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,

@@ -10,8 +10,8 @@
 use std::time::Instant;
 
 use arbor_search::{
-    Policy, PolicyCost, PolicyError, ProposeRequest, Proposals, ProposedStep, ScoreError, ScoreRequest, Scorer,
-    Search, SearchConfig, SearchControl, StepScores, StepStop,
+    Policy, PolicyCost, PolicyError, Proposals, ProposeRequest, ProposedStep, ScoreError,
+    ScoreRequest, Scorer, Search, SearchConfig, SearchControl, StepScores, StepStop,
 };
 
 /// Returns `k` one-token steps at once; log-probs vary with the seed so priors differ.
@@ -24,7 +24,11 @@ impl Policy for ZeroCostPolicy {
             .map(|r| Proposals {
                 steps: (0..r.k)
                     .map(|j| {
-                        let h = r.sampling.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(u64::from(j) << 17);
+                        let h = r
+                            .sampling
+                            .seed
+                            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                            .wrapping_add(u64::from(j) << 17);
                         ProposedStep {
                             text: String::new(),
                             token_ids: vec![1],
@@ -33,7 +37,10 @@ impl Policy for ZeroCostPolicy {
                         }
                     })
                     .collect(),
-                cost: PolicyCost { generated_tokens: u64::from(r.k), ..PolicyCost::default() },
+                cost: PolicyCost {
+                    generated_tokens: u64::from(r.k),
+                    ..PolicyCost::default()
+                },
             })
             .collect())
     }
@@ -51,7 +58,10 @@ impl Scorer for ZeroCostScorer {
                 if let (Some(last), Some(step)) = (scores.last_mut(), r.steps.last()) {
                     *last = step.mean_logprob().exp() as f32;
                 }
-                StepScores { scores, cost: Default::default() }
+                StepScores {
+                    scores,
+                    cost: Default::default(),
+                }
             })
             .collect())
     }
@@ -73,10 +83,15 @@ fn measure(label: &'static str, in_flight: u32, expand_k: u32, simulations: u32)
             "max_depth": 4096, "budget": {{"max_nodes": 4000000}}}}"#
     ))
     .expect("bench config");
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     let mut search = Search::new("bench", config).expect("search");
     let started = Instant::now();
-    let outcome = runtime.block_on(search.run(&ZeroCostPolicy, &ZeroCostScorer, &SearchControl::new())).expect("run");
+    let outcome = runtime
+        .block_on(search.run(&ZeroCostPolicy, &ZeroCostScorer, &SearchControl::new()))
+        .expect("run");
     let seconds = started.elapsed().as_secs_f64();
     search.tree().check_invariants().expect("invariants");
     Row {
@@ -103,8 +118,18 @@ fn main() {
         measure("256 in flight, k=4", 256, 4, simulations),
         measure("64 in flight, k=2 (deeper)", 64, 2, simulations),
     ];
-    println!("{:<28} {:>9} {:>12} {:>12} {:>10} {:>8} {:>14} {:>10} {:>9}",
-        "scenario", "in flight", "simulations", "node visits", "tree nodes", "time ms", "visits/s", "sims/s", "vs base");
+    println!(
+        "{:<28} {:>9} {:>12} {:>12} {:>10} {:>8} {:>14} {:>10} {:>9}",
+        "scenario",
+        "in flight",
+        "simulations",
+        "node visits",
+        "tree nodes",
+        "time ms",
+        "visits/s",
+        "sims/s",
+        "vs base"
+    );
     let base = rows[0].node_visits as f64 / rows[0].seconds;
     for r in &rows {
         let visits_per_s = r.node_visits as f64 / r.seconds;
@@ -121,9 +146,15 @@ fn main() {
             visits_per_s / base,
         );
     }
-    let worst = rows.iter().map(|r| r.node_visits as f64 / r.seconds).fold(f64::INFINITY, f64::min);
+    let worst = rows
+        .iter()
+        .map(|r| r.node_visits as f64 / r.seconds)
+        .fold(f64::INFINITY, f64::min);
     if full {
-        println!("\ntarget >= 1,000,000 node visits/s per core: {}", if worst >= 1e6 { "met" } else { "NOT met" });
+        println!(
+            "\ntarget >= 1,000,000 node visits/s per core: {}",
+            if worst >= 1e6 { "met" } else { "NOT met" }
+        );
     } else {
         println!("\nsmoke run only (debug build); run `cargo bench` for figures");
     }

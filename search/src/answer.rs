@@ -56,7 +56,10 @@ pub fn extract_raw(text: &str) -> Option<String> {
 
 /// Contents of the last `\boxed{...}` or `\fbox{...}`, with nested braces.
 fn last_boxed(text: &str) -> Option<String> {
-    let start = ["\\boxed", "\\fbox"].iter().filter_map(|m| text.rfind(m).map(|i| i + m.len())).max()?;
+    let start = ["\\boxed", "\\fbox"]
+        .iter()
+        .filter_map(|m| text.rfind(m).map(|i| i + m.len()))
+        .max()?;
     let rest = text[start..].trim_start();
     if let Some(inner) = rest.strip_prefix('{') {
         let mut depth = 1usize;
@@ -75,7 +78,9 @@ fn last_boxed(text: &str) -> Option<String> {
         None
     } else {
         // `\boxed 5`: the next whitespace-delimited token.
-        rest.split_whitespace().next().map(|t| t.trim_end_matches(['$', '.']).to_owned())
+        rest.split_whitespace()
+            .next()
+            .map(|t| t.trim_end_matches(['$', '.']).to_owned())
     }
 }
 
@@ -110,7 +115,10 @@ fn last_number(text: &str) -> Option<&str> {
     while i < bytes.len() {
         if bytes[i].is_ascii_digit() {
             let mut start = i;
-            if start > 0 && bytes[start - 1] == b'-' && (start < 2 || !bytes[start - 2].is_ascii_alphanumeric()) {
+            if start > 0
+                && bytes[start - 1] == b'-'
+                && (start < 2 || !bytes[start - 2].is_ascii_alphanumeric())
+            {
                 start -= 1;
             }
             let end = number_end(bytes, i);
@@ -154,7 +162,11 @@ pub fn normalize(raw: &str) -> String {
     match parse_number(text) {
         Some(n) => n.to_string(),
         None => {
-            let mut key: String = text.chars().filter(|c| !c.is_whitespace()).flat_map(char::to_lowercase).collect();
+            let mut key: String = text
+                .chars()
+                .filter(|c| !c.is_whitespace())
+                .flat_map(char::to_lowercase)
+                .collect();
             while key.ends_with('.') {
                 key.pop();
             }
@@ -166,13 +178,17 @@ pub fn normalize(raw: &str) -> String {
 /// Removes LaTeX and currency decoration that never changes an answer's value.
 fn strip_markup(raw: &str) -> String {
     let mut s = raw.trim().to_owned();
-    if let Some(inner) = last_boxed(&s).filter(|_| s.starts_with("\\boxed") || s.starts_with("\\fbox")) {
+    if let Some(inner) =
+        last_boxed(&s).filter(|_| s.starts_with("\\boxed") || s.starts_with("\\fbox"))
+    {
         s = inner;
     }
     for wrapper in ["\\text{", "\\textbf{", "\\mathrm{", "\\mbox{"] {
         while let Some(at) = s.find(wrapper) {
             let open = at + wrapper.len();
-            let Some(close) = matching_brace(&s, open) else { break };
+            let Some(close) = matching_brace(&s, open) else {
+                break;
+            };
             s = format!("{}{}{}", &s[..at], &s[open..close], &s[close + 1..]);
         }
     }
@@ -247,7 +263,10 @@ impl Rational {
         }
         let g = gcd(num.unsigned_abs(), den.unsigned_abs()) as i128;
         let sign = if den < 0 { -1 } else { 1 };
-        Some(Rational { num: sign * num / g.max(1), den: sign * den / g.max(1) })
+        Some(Rational {
+            num: sign * num / g.max(1),
+            den: sign * den / g.max(1),
+        })
     }
 }
 
@@ -274,11 +293,17 @@ impl fmt::Display for Rational {
             fives += 1;
         }
         let places = twos.max(fives);
-        let scaled = 10i128.checked_pow(places).and_then(|p| (self.num).checked_mul(p / self.den));
+        let scaled = 10i128
+            .checked_pow(places)
+            .and_then(|p| (self.num).checked_mul(p / self.den));
         match (rest, scaled) {
             (1, Some(scaled)) => {
                 let sign = if scaled < 0 { "-" } else { "" };
-                let digits = format!("{:0>width$}", scaled.unsigned_abs(), width = places as usize + 1);
+                let digits = format!(
+                    "{:0>width$}",
+                    scaled.unsigned_abs(),
+                    width = places as usize + 1
+                );
                 let (int, frac) = digits.split_at(digits.len() - places as usize);
                 write!(f, "{sign}{int}.{}", frac.trim_end_matches('0'))
             }
@@ -311,11 +336,20 @@ fn parse_number(s: &str) -> Option<Rational> {
         (parse_plain(&body[..end])?, &body[end..])
     };
     // What follows may be a unit or a percent sign, but nothing that changes the value.
-    let unit_like = rest.chars().all(|c| c.is_alphabetic() || c.is_whitespace() || c == '%' || c == '.');
+    let unit_like = rest
+        .chars()
+        .all(|c| c.is_alphabetic() || c.is_whitespace() || c == '%' || c == '.');
     if !unit_like {
         return None;
     }
-    Some(if negative { Rational { num: -value.num, den: value.den } } else { value })
+    Some(if negative {
+        Rational {
+            num: -value.num,
+            den: value.den,
+        }
+    } else {
+        value
+    })
 }
 
 fn divide(a: Rational, b: Rational) -> Option<Rational> {
@@ -329,7 +363,9 @@ fn parse_plain(s: &str) -> Option<Rational> {
     }
     let digits: String = s.chars().filter(|&c| c != ',').collect();
     let (int, frac) = digits.split_once('.').unwrap_or((&digits, ""));
-    if int.len() + frac.len() > DIGITS_MAX || !(int.chars().chain(frac.chars()).all(|c| c.is_ascii_digit())) {
+    if int.len() + frac.len() > DIGITS_MAX
+        || !(int.chars().chain(frac.chars()).all(|c| c.is_ascii_digit()))
+    {
         return None;
     }
     let num: i128 = format!("{int}{frac}").parse().ok()?;
@@ -341,7 +377,11 @@ mod tests {
     use super::*;
 
     fn check_extract(text: &str, expected: Option<&str>) {
-        assert_eq!(extract_raw(text).as_deref(), expected, "extracting from {text:?}");
+        assert_eq!(
+            extract_raw(text).as_deref(),
+            expected,
+            "extracting from {text:?}"
+        );
     }
 
     #[test]
@@ -355,7 +395,10 @@ mod tests {
         check_extract("The answer is $18. Done.", Some("$18"));
         check_extract("So the final answer is: 3.5.", Some("3.5"));
         check_extract("Answer: forty two", Some("forty two"));
-        check_extract("We get 3 apples, then 12 more, total -15 oranges", Some("-15"));
+        check_extract(
+            "We get 3 apples, then 12 more, total -15 oranges",
+            Some("-15"),
+        );
         check_extract("ratio 3/4 of 1,000,000.", Some("1,000,000"));
         check_extract("x-5", Some("5"));
         check_extract("no numbers here", None);
@@ -391,7 +434,10 @@ mod tests {
         check_key("\\boxed{42}", "42");
         check_key("3 + 4", "3+4");
         check_key("(2, 3)", "(2,3)");
-        check_key("1000000000000000000000000000000000000", "1000000000000000000000000000000000000");
+        check_key(
+            "1000000000000000000000000000000000000",
+            "1000000000000000000000000000000000000",
+        );
         check_key("1/0", "1/0");
         check_key("0.1", "0.1");
         check_key("-0.05", "-0.05");

@@ -56,8 +56,9 @@ async fn round<P: Policy, S: Scorer>(
         flight.begin_expanding(node);
     }
     let children = expand(&mut flight, io, frontier).await?;
-    let (finals, open): (Vec<NodeId>, Vec<NodeId>) =
-        children.into_iter().partition(|&c| flight.tree().node(c).state() == NodeState::Terminal);
+    let (finals, open): (Vec<NodeId>, Vec<NodeId>) = children
+        .into_iter()
+        .partition(|&c| flight.tree().node(c).state() == NodeState::Terminal);
     if scored {
         score_nodes(&mut flight, io, Some(&mut *tally), &finals).await?;
     } else {

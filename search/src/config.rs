@@ -156,7 +156,10 @@ pub struct RolloutConfig {
 
 impl Default for RolloutConfig {
     fn default() -> Self {
-        RolloutConfig { max_steps: 16, temperature: None }
+        RolloutConfig {
+            max_steps: 16,
+            temperature: None,
+        }
     }
 }
 
@@ -188,7 +191,11 @@ pub struct BeamConfig {
 
 impl Default for BeamConfig {
     fn default() -> Self {
-        BeamConfig { beam_width: 4, proposals_per_beam: 4, answer: AnswerSelection::BestValue }
+        BeamConfig {
+            beam_width: 4,
+            proposals_per_beam: 4,
+            answer: AnswerSelection::BestValue,
+        }
     }
 }
 
@@ -206,7 +213,11 @@ pub struct DvtsConfig {
 
 impl Default for DvtsConfig {
     fn default() -> Self {
-        DvtsConfig { beams: 16, width: 4, answer: AnswerSelection::BestValue }
+        DvtsConfig {
+            beams: 16,
+            width: 4,
+            answer: AnswerSelection::BestValue,
+        }
     }
 }
 
@@ -258,7 +269,11 @@ pub struct SamplingConfig {
 
 impl Default for SamplingConfig {
     fn default() -> Self {
-        SamplingConfig { temperature: 0.8, top_p: 1.0, max_step_tokens: 256 }
+        SamplingConfig {
+            temperature: 0.8,
+            top_p: 1.0,
+            max_step_tokens: 256,
+        }
     }
 }
 
@@ -306,12 +321,18 @@ pub struct ConvergenceConfig {
 
 impl Default for ConvergenceConfig {
     fn default() -> Self {
-        ConvergenceConfig { min_answers: 8, min_share: 0.75 }
+        ConvergenceConfig {
+            min_answers: 8,
+            min_share: 0.75,
+        }
     }
 }
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> SearchError {
-    SearchError::InvalidConfig { field, reason: reason.into() }
+    SearchError::InvalidConfig {
+        field,
+        reason: reason.into(),
+    }
 }
 
 fn in_range(field: &'static str, value: u32, low: u32, high: u32) -> Result<(), SearchError> {
@@ -353,7 +374,12 @@ impl SearchConfig {
         match &self.strategy {
             StrategyConfig::Mcts(m) => {
                 in_range("strategy.expand_k", m.expand_k, 1, K_MAX)?;
-                in_range("strategy.simulations_in_flight", m.simulations_in_flight, 1, IN_FLIGHT_MAX)?;
+                in_range(
+                    "strategy.simulations_in_flight",
+                    m.simulations_in_flight,
+                    1,
+                    IN_FLIGHT_MAX,
+                )?;
                 in_range("strategy.max_simulations", m.max_simulations, 1, u32::MAX)?;
                 if !(m.c_puct.is_finite() && m.c_puct >= 0.0) {
                     return Err(invalid("strategy.c_puct", "must be finite and >= 0"));
@@ -364,17 +390,32 @@ impl SearchConfig {
                 if let Some(r) = &m.rollout {
                     in_range("strategy.rollout.max_steps", r.max_steps, 1, DEPTH_MAX)?;
                     if r.temperature.is_some_and(|t| !(t.is_finite() && t >= 0.0)) {
-                        return Err(invalid("strategy.rollout.temperature", "must be finite and >= 0"));
+                        return Err(invalid(
+                            "strategy.rollout.temperature",
+                            "must be finite and >= 0",
+                        ));
                     }
                 }
             }
-            StrategyConfig::BestOfN(c) | StrategyConfig::WeightedBestOfN(c) | StrategyConfig::SelfConsistency(c) => {
+            StrategyConfig::BestOfN(c)
+            | StrategyConfig::WeightedBestOfN(c)
+            | StrategyConfig::SelfConsistency(c) => {
                 in_range("strategy.n", c.n, 1, K_MAX)?;
             }
             StrategyConfig::Beam(b) => {
                 in_range("strategy.beam_width", b.beam_width, 1, K_MAX)?;
-                in_range("strategy.proposals_per_beam", b.proposals_per_beam, 1, K_MAX)?;
-                in_range("strategy.beam_width * proposals_per_beam", b.beam_width * b.proposals_per_beam, 1, K_MAX)?;
+                in_range(
+                    "strategy.proposals_per_beam",
+                    b.proposals_per_beam,
+                    1,
+                    K_MAX,
+                )?;
+                in_range(
+                    "strategy.beam_width * proposals_per_beam",
+                    b.beam_width * b.proposals_per_beam,
+                    1,
+                    K_MAX,
+                )?;
             }
             StrategyConfig::Dvts(d) => {
                 in_range("strategy.width", d.width, 1, K_MAX)?;
@@ -395,7 +436,9 @@ mod tests {
     fn check(json: &str, expected: Result<(), &str>) {
         match (SearchConfig::from_json(json), expected) {
             (Ok(_), Ok(())) => {}
-            (Err(SearchError::InvalidConfig { field, .. }), Err(want)) => assert_eq!(field, want, "{json}"),
+            (Err(SearchError::InvalidConfig { field, .. }), Err(want)) => {
+                assert_eq!(field, want, "{json}")
+            }
             (got, want) => panic!("{json}: got {got:?}, want {want:?}"),
         }
     }
@@ -403,22 +446,58 @@ mod tests {
     #[test]
     fn parsing_and_validation() {
         check("{}", Ok(()));
-        check(r#"{"strategy": {"kind": "mcts", "expand_k": 3, "rollout": {}}}"#, Ok(()));
-        check(r#"{"strategy": {"kind": "beam", "beam_width": 4, "proposals_per_beam": 4}}"#, Ok(()));
-        check(r#"{"strategy": {"kind": "dvts", "beams": 16, "width": 4, "answer": "weighted_vote"}}"#, Ok(()));
-        check(r#"{"strategy": {"kind": "best_of_n", "n": 8}, "scoring": {"aggregation": "min"}}"#, Ok(()));
-        check(r#"{"strategy": {"kind": "self_consistency"}, "scoring": {"scorer": "log_prob"}}"#, Ok(()));
-        check(r#"{"budget": {"max_generated_tokens": 1000, "deadline_ms": 50}, "seed": 7}"#, Ok(()));
-        check(r#"{"strategy": {"kind": "dvts", "beams": 10, "width": 4}}"#, Err("strategy.beams"));
-        check(r#"{"strategy": {"kind": "mcts", "expand_k": 0}}"#, Err("strategy.expand_k"));
-        check(r#"{"strategy": {"kind": "mcts", "c_base": 0}}"#, Err("strategy.c_base"));
+        check(
+            r#"{"strategy": {"kind": "mcts", "expand_k": 3, "rollout": {}}}"#,
+            Ok(()),
+        );
+        check(
+            r#"{"strategy": {"kind": "beam", "beam_width": 4, "proposals_per_beam": 4}}"#,
+            Ok(()),
+        );
+        check(
+            r#"{"strategy": {"kind": "dvts", "beams": 16, "width": 4, "answer": "weighted_vote"}}"#,
+            Ok(()),
+        );
+        check(
+            r#"{"strategy": {"kind": "best_of_n", "n": 8}, "scoring": {"aggregation": "min"}}"#,
+            Ok(()),
+        );
+        check(
+            r#"{"strategy": {"kind": "self_consistency"}, "scoring": {"scorer": "log_prob"}}"#,
+            Ok(()),
+        );
+        check(
+            r#"{"budget": {"max_generated_tokens": 1000, "deadline_ms": 50}, "seed": 7}"#,
+            Ok(()),
+        );
+        check(
+            r#"{"strategy": {"kind": "dvts", "beams": 10, "width": 4}}"#,
+            Err("strategy.beams"),
+        );
+        check(
+            r#"{"strategy": {"kind": "mcts", "expand_k": 0}}"#,
+            Err("strategy.expand_k"),
+        );
+        check(
+            r#"{"strategy": {"kind": "mcts", "c_base": 0}}"#,
+            Err("strategy.c_base"),
+        );
         check(r#"{"sampling": {"top_p": 0}}"#, Err("sampling.top_p"));
         check(r#"{"max_depth": 0}"#, Err("max_depth"));
         check(r#"{"budget": {"max_nodes": 1}}"#, Err("budget.max_nodes"));
-        check(r#"{"convergence": {"min_share": 1.5}}"#, Err("convergence.min_share"));
-        check(r#"{"strategy": {"kind": "beam", "beam_width": 64, "proposals_per_beam": 8}}"#, Err("strategy.beam_width * proposals_per_beam"));
+        check(
+            r#"{"convergence": {"min_share": 1.5}}"#,
+            Err("convergence.min_share"),
+        );
+        check(
+            r#"{"strategy": {"kind": "beam", "beam_width": 64, "proposals_per_beam": 8}}"#,
+            Err("strategy.beam_width * proposals_per_beam"),
+        );
         check(r#"{"stratgey": {}}"#, Err("<json>"));
-        check(r#"{"strategy": {"kind": "mcts", "expandk": 3}}"#, Err("<json>"));
+        check(
+            r#"{"strategy": {"kind": "mcts", "expandk": 3}}"#,
+            Err("<json>"),
+        );
         check(r#"{"strategy": {"kind": "annealing"}}"#, Err("<json>"));
     }
 

@@ -28,7 +28,9 @@ impl Default for CancelToken {
 impl CancelToken {
     /// A token that is not cancelled.
     pub fn new() -> CancelToken {
-        CancelToken { flag: Arc::new(watch::Sender::new(false)) }
+        CancelToken {
+            flag: Arc::new(watch::Sender::new(false)),
+        }
     }
 
     /// Cancels every search holding a clone of this token.
@@ -124,7 +126,11 @@ impl Default for SearchControl {
 impl SearchControl {
     /// No events, a fresh cancel token.
     pub fn new() -> SearchControl {
-        SearchControl { cancel: CancelToken::new(), events: None, best: watch::Sender::new(None) }
+        SearchControl {
+            cancel: CancelToken::new(),
+            events: None,
+            best: watch::Sender::new(None),
+        }
     }
 
     /// Uses `token` for cancellation.
@@ -191,7 +197,10 @@ mod tests {
     fn a_full_event_channel_drops_instead_of_blocking() {
         let (tx, mut rx) = mpsc::channel(1);
         let control = SearchControl::new().with_events(tx);
-        let event = || SearchEvent::NodeFailed { node: NodeId::ROOT, reason: "x".into() };
+        let event = || SearchEvent::NodeFailed {
+            node: NodeId::ROOT,
+            reason: "x".into(),
+        };
         assert!(control.emit(event()));
         assert!(!control.emit(event()));
         assert_eq!(rx.try_recv().unwrap(), event());

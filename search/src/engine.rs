@@ -9,11 +9,13 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::answer::{extract_answer, Answer};
-use crate::config::{AnswerSelection, Backup, MctsAnswer, ScorerChoice, SearchConfig, StrategyConfig};
+use crate::config::{
+    AnswerSelection, Backup, MctsAnswer, ScorerChoice, SearchConfig, StrategyConfig,
+};
 use crate::control::{BestAnswer, SearchControl, SearchEvent};
 use crate::error::{PolicyError, ScoreError, SearchError};
 use crate::flight::InFlight;
-use crate::policy::{Policy, PolicyCost, ProposeRequest, Proposals, Sampling, Step, StepStop};
+use crate::policy::{Policy, PolicyCost, Proposals, ProposeRequest, Sampling, Step, StepStop};
 use crate::scorer::{LogProbScorer, ScoreRequest, Scorer, StepScores};
 use crate::tree::{NewChild, NodeId, NodeState, Tree};
 use crate::{beam, best_of_n, mcts};
@@ -45,8 +47,12 @@ impl Costs {
     fn add_policy(&mut self, cost: &PolicyCost) {
         self.generated_tokens = self.generated_tokens.saturating_add(cost.generated_tokens);
         self.prompt_tokens_sent = self.prompt_tokens_sent.saturating_add(cost.prompt_tokens);
-        self.prompt_tokens_computed = self.prompt_tokens_computed.saturating_add(cost.prompt_tokens_computed);
-        self.prompt_tokens_reused = self.prompt_tokens_reused.saturating_add(cost.prompt_tokens_reused);
+        self.prompt_tokens_computed = self
+            .prompt_tokens_computed
+            .saturating_add(cost.prompt_tokens_computed);
+        self.prompt_tokens_reused = self
+            .prompt_tokens_reused
+            .saturating_add(cost.prompt_tokens_reused);
     }
 }
 
@@ -110,7 +116,10 @@ pub enum Termination {
 impl Termination {
     /// Cancellation and the deadline end a search even in the middle of a round.
     pub(crate) fn is_abrupt(self) -> bool {
-        matches!(self, Termination::Cancelled | Termination::Budget(Budget::Deadline))
+        matches!(
+            self,
+            Termination::Cancelled | Termination::Budget(Budget::Deadline)
+        )
     }
 }
 
@@ -162,7 +171,11 @@ impl Search {
     /// Validates `config` and makes a tree holding only the prompt.
     pub fn new(prompt: impl Into<Arc<str>>, config: SearchConfig) -> Result<Search, SearchError> {
         config.validate()?;
-        Ok(Search { tree: Tree::new(prompt), config, ran: false })
+        Ok(Search {
+            tree: Tree::new(prompt),
+            config,
+            ran: false,
+        })
     }
 
     /// The configuration.
@@ -210,7 +223,9 @@ impl Search {
             StrategyConfig::BestOfN(c) | StrategyConfig::WeightedBestOfN(c) => {
                 best_of_n::run(&mut self.tree, &mut io, &mut tally, c.n, true).await
             }
-            StrategyConfig::SelfConsistency(c) => best_of_n::run(&mut self.tree, &mut io, &mut tally, c.n, false).await,
+            StrategyConfig::SelfConsistency(c) => {
+                best_of_n::run(&mut self.tree, &mut io, &mut tally, c.n, false).await
+            }
             StrategyConfig::Beam(b) => beam::run_beam(&mut self.tree, &mut io, &mut tally, b).await,
             StrategyConfig::Dvts(d) => beam::run_dvts(&mut self.tree, &mut io, &mut tally, d).await,
         };
@@ -221,7 +236,13 @@ impl Search {
         io.emit(|| SearchEvent::Finished { termination, costs });
         tracing::debug!(?termination, ?costs, "search ends");
         self.tree.check_invariants()?;
-        Ok(SearchOutcome { answer, candidates: tally.candidates(), termination, costs, stats: io.stats })
+        Ok(SearchOutcome {
+            answer,
+            candidates: tally.candidates(),
+            termination,
+            costs,
+            stats: io.stats,
+        })
     }
 }
 
@@ -273,14 +294,17 @@ pub(crate) struct Tally {
 impl Tally {
     pub(crate) fn add(&mut self, node: NodeId, answer: &Answer, value: Option<f64>) {
         self.total += 1;
-        let entry = self.entries.entry(answer.key.clone()).or_insert_with(|| AnswerTally {
-            answer: answer.clone(),
-            votes: 0,
-            weight: 0.0,
-            best_value: None,
-            best_node: node,
-            first_node: node,
-        });
+        let entry = self
+            .entries
+            .entry(answer.key.clone())
+            .or_insert_with(|| AnswerTally {
+                answer: answer.clone(),
+                votes: 0,
+                weight: 0.0,
+                best_value: None,
+                best_node: node,
+                first_node: node,
+            });
         entry.votes += 1;
         if let Some(v) = value {
             entry.weight += v;
@@ -295,14 +319,25 @@ impl Tally {
         let earlier_first = |a: &AnswerTally, b: &AnswerTally| b.first_node.cmp(&a.first_node);
         let entries = self.entries.values();
         match selection {
-            AnswerSelection::BestValue => entries.filter(|e| e.best_value.is_some()).max_by(|a, b| {
-                a.best_value.unwrap_or(0.0).total_cmp(&b.best_value.unwrap_or(0.0)).then_with(|| earlier_first(a, b))
-            }),
+            AnswerSelection::BestValue => {
+                entries.filter(|e| e.best_value.is_some()).max_by(|a, b| {
+                    a.best_value
+                        .unwrap_or(0.0)
+                        .total_cmp(&b.best_value.unwrap_or(0.0))
+                        .then_with(|| earlier_first(a, b))
+                })
+            }
             AnswerSelection::WeightedVote => entries.max_by(|a, b| {
-                a.weight.total_cmp(&b.weight).then(a.votes.cmp(&b.votes)).then_with(|| earlier_first(a, b))
+                a.weight
+                    .total_cmp(&b.weight)
+                    .then(a.votes.cmp(&b.votes))
+                    .then_with(|| earlier_first(a, b))
             }),
             AnswerSelection::Majority => entries.max_by(|a, b| {
-                a.votes.cmp(&b.votes).then(a.weight.total_cmp(&b.weight)).then_with(|| earlier_first(a, b))
+                a.votes
+                    .cmp(&b.votes)
+                    .then(a.weight.total_cmp(&b.weight))
+                    .then_with(|| earlier_first(a, b))
             }),
         }
     }
@@ -315,7 +350,10 @@ impl Tally {
     fn candidates(&self) -> Vec<AnswerTally> {
         let mut all: Vec<AnswerTally> = self.entries.values().cloned().collect();
         all.sort_by(|a, b| {
-            b.votes.cmp(&a.votes).then(b.weight.total_cmp(&a.weight)).then(a.first_node.cmp(&b.first_node))
+            b.votes
+                .cmp(&a.votes)
+                .then(b.weight.total_cmp(&a.weight))
+                .then(a.first_node.cmp(&b.first_node))
         });
         all
     }
@@ -336,13 +374,22 @@ impl Tally {
 fn most_visited(tree: &Tree, tally: &Tally, backup: Backup) -> Option<BestAnswer> {
     let mut at = NodeId::ROOT;
     loop {
-        let best = tree.node(at).edges().iter().filter(|e| e.stats().visits > 0).max_by(|a, b| {
-            a.stats()
-                .visits
-                .cmp(&b.stats().visits)
-                .then(a.stats().q(backup, 0.0).total_cmp(&b.stats().q(backup, 0.0)))
-                .then(b.child().cmp(&a.child()))
-        });
+        let best = tree
+            .node(at)
+            .edges()
+            .iter()
+            .filter(|e| e.stats().visits > 0)
+            .max_by(|a, b| {
+                a.stats()
+                    .visits
+                    .cmp(&b.stats().visits)
+                    .then(
+                        a.stats()
+                            .q(backup, 0.0)
+                            .total_cmp(&b.stats().q(backup, 0.0)),
+                    )
+                    .then(b.child().cmp(&a.child()))
+            });
         match best {
             Some(edge) => at = edge.child(),
             None => break,
@@ -375,7 +422,9 @@ fn best_answer(tree: &Tree, tally: &Tally, rule: AnswerRule) -> Option<BestAnswe
 
 /// SplitMix64: a cheap, well-mixed, portable hash for deriving seeds.
 pub(crate) fn mix(a: u64, b: u64) -> u64 {
-    let mut z = a ^ b.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(0x6A09_E667_F3BC_C909);
+    let mut z = a ^ b
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add(0x6A09_E667_F3BC_C909);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
@@ -411,9 +460,17 @@ pub(crate) struct Io<'a, P, S> {
 }
 
 impl<'a, P: Policy, S: Scorer> Io<'a, P, S> {
-    fn new(policy: &'a P, scorer: Option<&'a S>, control: &'a SearchControl, config: &'a SearchConfig) -> Self {
+    fn new(
+        policy: &'a P,
+        scorer: Option<&'a S>,
+        control: &'a SearchControl,
+        config: &'a SearchConfig,
+    ) -> Self {
         let started = Instant::now();
-        let deadline = config.budget.deadline_ms.map(|ms| started + std::time::Duration::from_millis(ms));
+        let deadline = config
+            .budget
+            .deadline_ms
+            .map(|ms| started + std::time::Duration::from_millis(ms));
         Io {
             policy,
             scorer,
@@ -447,10 +504,16 @@ impl<'a, P: Policy, S: Scorer> Io<'a, P, S> {
     pub(crate) fn check_policy(&self) -> Result<(), Termination> {
         self.check_live()?;
         let budget = &self.config.budget;
-        if budget.max_policy_calls.is_some_and(|max| self.costs.policy_calls >= max) {
+        if budget
+            .max_policy_calls
+            .is_some_and(|max| self.costs.policy_calls >= max)
+        {
             return Err(Termination::Budget(Budget::PolicyCalls));
         }
-        if budget.max_generated_tokens.is_some_and(|max| self.costs.generated_tokens >= max) {
+        if budget
+            .max_generated_tokens
+            .is_some_and(|max| self.costs.generated_tokens >= max)
+        {
             return Err(Termination::Budget(Budget::GeneratedTokens));
         }
         Ok(())
@@ -459,7 +522,12 @@ impl<'a, P: Policy, S: Scorer> Io<'a, P, S> {
     /// May the search make `calls` more scorer calls?
     pub(crate) fn check_scorer(&self, calls: u64) -> Result<(), Termination> {
         self.check_live()?;
-        if self.config.budget.max_scorer_calls.is_some_and(|max| self.costs.scorer_calls + calls > max) {
+        if self
+            .config
+            .budget
+            .max_scorer_calls
+            .is_some_and(|max| self.costs.scorer_calls + calls > max)
+        {
             return Err(Termination::Budget(Budget::ScorerCalls));
         }
         Ok(())
@@ -500,7 +568,9 @@ impl<'a, P: Policy, S: Scorer> Io<'a, P, S> {
         if let Some(max) = self.config.budget.max_generated_tokens {
             let remaining = max.saturating_sub(self.costs.generated_tokens);
             let samples: u64 = batch.iter().map(|r| u64::from(r.k)).sum::<u64>().max(1);
-            let per_sample = u32::try_from(remaining / samples).unwrap_or(u32::MAX).max(1);
+            let per_sample = u32::try_from(remaining / samples)
+                .unwrap_or(u32::MAX)
+                .max(1);
             for r in &mut batch {
                 r.sampling.max_step_tokens = r.sampling.max_step_tokens.min(per_sample);
             }
@@ -517,7 +587,10 @@ impl<'a, P: Policy, S: Scorer> Io<'a, P, S> {
                 if replies.len() != expected {
                     self.stats.policy_errors += 1;
                     self.call_failed();
-                    let message = format!("policy returned {} replies for {expected} requests", replies.len());
+                    let message = format!(
+                        "policy returned {} replies for {expected} requests",
+                        replies.len()
+                    );
                     return Ok(Err(PolicyError::new(message)));
                 }
                 self.failed_in_row = 0;
@@ -547,12 +620,18 @@ impl<'a, P: Policy, S: Scorer> Io<'a, P, S> {
         match reply {
             Ok(replies) => {
                 for r in &replies {
-                    self.costs.scorer_tokens = self.costs.scorer_tokens.saturating_add(r.cost.tokens_computed);
+                    self.costs.scorer_tokens = self
+                        .costs
+                        .scorer_tokens
+                        .saturating_add(r.cost.tokens_computed);
                 }
                 if replies.len() != expected {
                     self.stats.scorer_errors += 1;
                     self.call_failed();
-                    let message = format!("scorer returned {} replies for {expected} requests", replies.len());
+                    let message = format!(
+                        "scorer returned {} replies for {expected} requests",
+                        replies.len()
+                    );
                     return Ok(Err(ScoreError::new(message)));
                 }
                 self.failed_in_row = 0;
@@ -587,7 +666,10 @@ impl<'a, P: Policy, S: Scorer> Io<'a, P, S> {
 
     /// Whether the configured convergence rule holds.
     pub(crate) fn converged(&self, tally: &Tally) -> bool {
-        self.config.convergence.as_ref().is_some_and(|c| tally.converged(c.min_answers, c.min_share))
+        self.config
+            .convergence
+            .as_ref()
+            .is_some_and(|c| tally.converged(c.min_answers, c.min_share))
     }
 
     /// Computes the best answer so far and publishes it. Called after every round. The watch
@@ -609,7 +691,10 @@ impl<'a, P: Policy, S: Scorer> Io<'a, P, S> {
     pub(crate) fn fail(&mut self, tree: &mut Tree, node: NodeId, reason: &str) {
         tree.fail(node, reason);
         self.stats.failed_nodes += 1;
-        self.emit(|| SearchEvent::NodeFailed { node, reason: reason.to_owned() });
+        self.emit(|| SearchEvent::NodeFailed {
+            node,
+            reason: reason.to_owned(),
+        });
     }
 }
 
@@ -623,9 +708,17 @@ async fn until(deadline: Option<Instant>) {
 /// Why a proposed step cannot become a usable node, if it cannot.
 fn malformed(step: &crate::policy::ProposedStep) -> Option<String> {
     if !step.token_logprobs.is_empty() && step.token_logprobs.len() != step.token_ids.len() {
-        return Some(format!("{} log-probs for {} tokens", step.token_logprobs.len(), step.token_ids.len()));
+        return Some(format!(
+            "{} log-probs for {} tokens",
+            step.token_logprobs.len(),
+            step.token_ids.len()
+        ));
     }
-    if step.token_logprobs.iter().any(|lp| lp.is_nan() || *lp > 0.0) {
+    if step
+        .token_logprobs
+        .iter()
+        .any(|lp| lp.is_nan() || *lp > 0.0)
+    {
         return Some("log-prob is NaN or positive".to_owned());
     }
     None
@@ -663,7 +756,11 @@ pub(crate) async fn expand<P: Policy, S: Scorer>(
     for (&(leaf, k), reply) in leaves.iter().zip(replies) {
         let count = reply.steps.len();
         if count == 0 || count > k as usize {
-            io.fail(flight.tree_mut(), leaf, &format!("policy returned {count} steps for k = {k}"));
+            io.fail(
+                flight.tree_mut(),
+                leaf,
+                &format!("policy returned {count} steps for k = {k}"),
+            );
             continue;
         }
         let depth = flight.tree().node(leaf).depth() + 1;
@@ -676,13 +773,29 @@ pub(crate) async fn expand<P: Policy, S: Scorer>(
             .zip(&failures)
             .map(|(s, f)| {
                 let lp = &s.token_logprobs;
-                let mean = if lp.is_empty() { 0.0 } else { lp.iter().map(|&x| f64::from(x)).sum::<f64>() / lp.len() as f64 };
-                if f.is_none() { mean } else { f64::NEG_INFINITY }
+                let mean = if lp.is_empty() {
+                    0.0
+                } else {
+                    lp.iter().map(|&x| f64::from(x)).sum::<f64>() / lp.len() as f64
+                };
+                if f.is_none() {
+                    mean
+                } else {
+                    f64::NEG_INFINITY
+                }
             })
             .collect();
         let top = means.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let weights: Vec<f64> =
-            means.iter().map(|&m| if m == f64::NEG_INFINITY || top == f64::NEG_INFINITY { 0.0 } else { (m - top).exp() }).collect();
+        let weights: Vec<f64> = means
+            .iter()
+            .map(|&m| {
+                if m == f64::NEG_INFINITY || top == f64::NEG_INFINITY {
+                    0.0
+                } else {
+                    (m - top).exp()
+                }
+            })
+            .collect();
         let total: f64 = weights.iter().sum();
         let children = reply
             .steps
@@ -694,7 +807,11 @@ pub(crate) async fn expand<P: Policy, S: Scorer>(
                 prior: if total > 0.0 { (w / total) as f32 } else { 0.0 },
                 stop: s.stop,
                 failure,
-                step: Arc::new(Step { text: s.text, token_ids: s.token_ids, token_logprobs: s.token_logprobs }),
+                step: Arc::new(Step {
+                    text: s.text,
+                    token_ids: s.token_ids,
+                    token_logprobs: s.token_logprobs,
+                }),
             })
             .collect();
         let ids = flight.tree_mut().expand(leaf, children);
@@ -707,13 +824,21 @@ pub(crate) async fn expand<P: Policy, S: Scorer>(
                 }
                 NodeState::Failed => {
                     io.stats.failed_nodes += 1;
-                    let reason = flight.tree().node(id).failure().unwrap_or_default().to_owned();
+                    let reason = flight
+                        .tree()
+                        .node(id)
+                        .failure()
+                        .unwrap_or_default()
+                        .to_owned();
                     io.emit(|| SearchEvent::NodeFailed { node: id, reason });
                 }
                 _ => created.push(id),
             }
         }
-        io.emit(|| SearchEvent::NodeExpanded { node: leaf, children: ids });
+        io.emit(|| SearchEvent::NodeExpanded {
+            node: leaf,
+            children: ids,
+        });
     }
     Ok(created)
 }
@@ -732,8 +857,14 @@ pub(crate) async fn score_nodes<P: Policy, S: Scorer>(
     }
     flight.owe_scores(nodes);
     let tree = flight.tree();
-    let requests =
-        nodes.iter().map(|&node| ScoreRequest { node, prompt: Arc::clone(tree.prompt()), steps: tree.path(node) }).collect();
+    let requests = nodes
+        .iter()
+        .map(|&node| ScoreRequest {
+            node,
+            prompt: Arc::clone(tree.prompt()),
+            steps: tree.path(node),
+        })
+        .collect();
     match io.score(requests).await? {
         Err(e) => {
             for &node in nodes {
@@ -745,7 +876,10 @@ pub(crate) async fn score_nodes<P: Policy, S: Scorer>(
             for (&node, reply) in nodes.iter().zip(replies) {
                 let depth = flight.tree().node(node).depth() as usize;
                 if reply.scores.len() != depth {
-                    let reason = format!("scorer returned {} scores for {depth} steps", reply.scores.len());
+                    let reason = format!(
+                        "scorer returned {} scores for {depth} steps",
+                        reply.scores.len()
+                    );
                     io.fail(flight.tree_mut(), node, &reason);
                     continue;
                 }
@@ -755,7 +889,9 @@ pub(crate) async fn score_nodes<P: Policy, S: Scorer>(
                 };
                 flight.tree_mut().set_score(node, value);
                 io.emit(|| SearchEvent::NodeScored { node, value });
-                if let (Some(tally), Some(answer)) = (tally.as_deref_mut(), flight.tree().node(node).answer()) {
+                if let (Some(tally), Some(answer)) =
+                    (tally.as_deref_mut(), flight.tree().node(node).answer())
+                {
                     tally.add(node, answer, Some(value));
                 }
             }
@@ -783,18 +919,32 @@ mod tests {
             tally.add(node(i as u32 + 1), &answer(raw), *value);
         }
         let best = tally.best(selection).map(|b| b.answer.key);
-        assert_eq!(best.as_deref(), Some(expected), "{selection:?} over {entries:?}");
+        assert_eq!(
+            best.as_deref(),
+            Some(expected),
+            "{selection:?} over {entries:?}"
+        );
     }
 
     #[test]
     fn tally_selections() {
-        let entries = [("1/2", Some(0.9)), ("7", Some(0.5)), ("0.5", Some(0.1)), ("7", Some(0.6)), ("$7", Some(0.3))];
+        let entries = [
+            ("1/2", Some(0.9)),
+            ("7", Some(0.5)),
+            ("0.5", Some(0.1)),
+            ("7", Some(0.6)),
+            ("$7", Some(0.3)),
+        ];
         check(&entries, AnswerSelection::BestValue, "0.5"); // 0.9 is the single best, "1/2" == "0.5"
         check(&entries, AnswerSelection::WeightedVote, "7"); // 1.4 against 1.0
         check(&entries, AnswerSelection::Majority, "7"); // 3 votes against 2
-        // Ties go to the answer seen first.
+                                                         // Ties go to the answer seen first.
         check(&[("3", None), ("4", None)], AnswerSelection::Majority, "3");
-        check(&[("3", Some(0.5)), ("4", Some(0.5))], AnswerSelection::BestValue, "3");
+        check(
+            &[("3", Some(0.5)), ("4", Some(0.5))],
+            AnswerSelection::BestValue,
+            "3",
+        );
     }
 
     #[test]

@@ -76,7 +76,11 @@ impl fmt::Display for Violation {
                 write!(f, "{node}: virtual loss {virtual_loss} left on its edge")
             }
             Violation::LeftExpanding { node } => write!(f, "{node}: left in state expanding"),
-            Violation::VisitsDoNotAddUp { node, incoming, accounted } => {
+            Violation::VisitsDoNotAddUp {
+                node,
+                incoming,
+                accounted,
+            } => {
                 write!(f, "{node}: {incoming} visits in, {accounted} accounted for")
             }
             Violation::NotFinite { node, field } => write!(f, "{node}: `{field}` is not finite"),
@@ -97,7 +101,9 @@ pub struct PolicyError {
 impl PolicyError {
     /// An error with the given message.
     pub fn new(message: impl Into<String>) -> Self {
-        PolicyError { message: message.into() }
+        PolicyError {
+            message: message.into(),
+        }
     }
 }
 
@@ -113,6 +119,8 @@ pub struct ScoreError {
 impl ScoreError {
     /// An error with the given message.
     pub fn new(message: impl Into<String>) -> Self {
-        ScoreError { message: message.into() }
+        ScoreError {
+            message: message.into(),
+        }
     }
 }

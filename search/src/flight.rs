@@ -21,7 +21,12 @@ pub(crate) struct InFlight<'t> {
 
 impl<'t> InFlight<'t> {
     pub(crate) fn new(tree: &'t mut Tree) -> InFlight<'t> {
-        InFlight { tree, loaded: Vec::new(), expanding: Vec::new(), unscored: Vec::new() }
+        InFlight {
+            tree,
+            loaded: Vec::new(),
+            expanding: Vec::new(),
+            unscored: Vec::new(),
+        }
     }
 
     pub(crate) fn tree(&self) -> &Tree {
@@ -104,9 +109,19 @@ mod tests {
     fn tree_with_children(n: usize) -> (Tree, Vec<NodeId>) {
         let mut tree = Tree::new("q");
         tree.begin_expanding(NodeId::ROOT);
-        let step = Arc::new(Step { text: "s".into(), token_ids: vec![1], token_logprobs: vec![0.0] });
+        let step = Arc::new(Step {
+            text: "s".into(),
+            token_ids: vec![1],
+            token_logprobs: vec![0.0],
+        });
         let children = (0..n)
-            .map(|_| NewChild { step: Arc::clone(&step), stop: StepStop::Delimiter, prior: 1.0, terminal: false, failure: None })
+            .map(|_| NewChild {
+                step: Arc::clone(&step),
+                stop: StepStop::Delimiter,
+                prior: 1.0,
+                terminal: false,
+                failure: None,
+            })
             .collect();
         let ids = tree.expand(NodeId::ROOT, children);
         (tree, ids)
@@ -126,7 +141,11 @@ mod tests {
         }
         tree.check_invariants().unwrap();
         assert_eq!(tree.node(ids[0]).state(), NodeState::Unexpanded);
-        assert_eq!(tree.node(ids[1]).state(), NodeState::Failed, "an unscored child cannot stay selectable");
+        assert_eq!(
+            tree.node(ids[1]).state(),
+            NodeState::Failed,
+            "an unscored child cannot stay selectable"
+        );
     }
 
     #[test]
@@ -149,7 +168,11 @@ mod tests {
             let mut flight = InFlight::new(&mut tree);
             let slot = flight.load(ids[0]);
             assert_eq!(flight.settle(slot, Some(0.5)), 2);
-            assert_eq!(flight.settle(slot, Some(0.5)), 0, "settling twice is a no-op");
+            assert_eq!(
+                flight.settle(slot, Some(0.5)),
+                0,
+                "settling twice is a no-op"
+            );
         }
         tree.check_invariants().unwrap();
         assert_eq!(tree.incoming(ids[0]).visits, 1);

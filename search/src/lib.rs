@@ -45,13 +45,17 @@ mod tree;
 
 pub use answer::{equivalent, extract_answer, extract_raw, normalize, Answer};
 pub use config::{
-    AnswerSelection, Backup, BeamConfig, BudgetConfig, ConvergenceConfig, DvtsConfig, MctsAnswer, MctsConfig,
-    RolloutConfig, SampleConfig, SamplingConfig, ScorerChoice, ScoringConfig, SearchConfig, StrategyConfig, DEPTH_MAX,
-    IN_FLIGHT_MAX, K_MAX, NODES_MAX,
+    AnswerSelection, Backup, BeamConfig, BudgetConfig, ConvergenceConfig, DvtsConfig, MctsAnswer,
+    MctsConfig, RolloutConfig, SampleConfig, SamplingConfig, ScorerChoice, ScoringConfig,
+    SearchConfig, StrategyConfig, DEPTH_MAX, IN_FLIGHT_MAX, K_MAX, NODES_MAX,
 };
 pub use control::{BestAnswer, CancelToken, SearchControl, SearchEvent};
-pub use engine::{search, AnswerTally, Budget, Costs, Search, SearchOutcome, SearchStats, Termination};
+pub use engine::{
+    search, AnswerTally, Budget, Costs, Search, SearchOutcome, SearchStats, Termination,
+};
 pub use error::{PolicyError, ScoreError, SearchError, Violation};
-pub use policy::{Policy, PolicyCost, ProposeRequest, Proposals, ProposedStep, Sampling, Step, StepStop};
+pub use policy::{
+    Policy, PolicyCost, Proposals, ProposeRequest, ProposedStep, Sampling, Step, StepStop,
+};
 pub use scorer::{Aggregation, LogProbScorer, ScoreCost, ScoreRequest, Scorer, StepScores};
 pub use tree::{Edge, EdgeStats, Node, NodeExport, NodeId, NodeState, Rollout, Tree, TreeExport};

@@ -63,7 +63,11 @@ pub(crate) async fn run<P: Policy, S: Scorer>(
     tally: &mut Tally,
     config: &MctsConfig,
 ) -> Termination {
-    let puct = Puct { c_puct: config.c_puct, c_base: config.c_base, backup: config.backup };
+    let puct = Puct {
+        c_puct: config.c_puct,
+        c_base: config.c_base,
+        backup: config.backup,
+    };
     loop {
         if tree.node(NodeId::ROOT).is_exhausted() {
             return Termination::Exhausted;
@@ -98,7 +102,9 @@ async fn round<P: Policy, S: Scorer>(
         return Err(Termination::Budget(Budget::Nodes));
     }
     let sims_left = u64::from(config.max_simulations) - io.stats.simulations;
-    let slots = u64::from(config.simulations_in_flight).min(room).min(sims_left) as usize;
+    let slots = u64::from(config.simulations_in_flight)
+        .min(room)
+        .min(sims_left) as usize;
 
     let mut flight = InFlight::new(tree);
     let mut sims: Vec<Simulation> = Vec::with_capacity(slots);
@@ -111,12 +117,22 @@ async fn round<P: Policy, S: Scorer>(
             Descent::Leaf(leaf) => {
                 flight.begin_expanding(leaf);
                 let slot = flight.load(leaf);
-                sims.push(Simulation { slot, expands: true, stepped: false, rollout_value: None });
+                sims.push(Simulation {
+                    slot,
+                    expands: true,
+                    stepped: false,
+                    rollout_value: None,
+                });
                 leaves.push((leaf, k));
             }
             Descent::Terminal(node) => {
                 let slot = flight.load(node);
-                sims.push(Simulation { slot, expands: false, stepped: false, rollout_value: None });
+                sims.push(Simulation {
+                    slot,
+                    expands: false,
+                    stepped: false,
+                    rollout_value: None,
+                });
             }
             Descent::Busy(node) => {
                 io.stats.collisions += 1;
@@ -133,7 +149,9 @@ async fn round<P: Policy, S: Scorer>(
         // Each expanding simulation goes on into its best new child, valued by the scorer.
         let mut starts = Vec::new();
         for (i, sim) in sims.iter_mut().enumerate().filter(|(_, s)| s.expands) {
-            let Some(leaf) = flight.end(sim.slot) else { continue };
+            let Some(leaf) = flight.end(sim.slot) else {
+                continue;
+            };
             if flight.tree().node(leaf).state() != NodeState::Expanded {
                 continue;
             }
@@ -142,7 +160,9 @@ async fn round<P: Policy, S: Scorer>(
                 flight.step_down(sim.slot, child);
                 sim.stepped = true;
                 io.stats.node_visits += 1;
-                if config.rollout.is_some() && flight.tree().node(child).state() == NodeState::Unexpanded {
+                if config.rollout.is_some()
+                    && flight.tree().node(child).state() == NodeState::Unexpanded
+                {
                     starts.push((i, child));
                 }
             }
@@ -156,11 +176,17 @@ async fn round<P: Policy, S: Scorer>(
     }
 
     for sim in &sims {
-        let Some(end) = flight.end(sim.slot) else { continue };
+        let Some(end) = flight.end(sim.slot) else {
+            continue;
+        };
         let node = flight.tree().node(end);
         // A simulation whose leaf failed to expand never reached a value: it only releases.
         let lands = node.state() != NodeState::Failed && (!sim.expands || sim.stepped);
-        let value = if lands { sim.rollout_value.or(node.score()) } else { None };
+        let value = if lands {
+            sim.rollout_value.or(node.score())
+        } else {
+            None
+        };
         let walked = flight.settle(sim.slot, value);
         if value.is_some() {
             io.stats.node_visits += walked;
@@ -197,7 +223,13 @@ async fn rollouts<P: Policy, S: Scorer>(
     let max_depth = io.config.max_depth as usize;
     let mut rolls: Vec<Roll> = starts
         .iter()
-        .map(|&(_, start)| Roll { start, steps: flight.tree().path(start), added: 0, open: true, finished: false })
+        .map(|&(_, start)| Roll {
+            start,
+            steps: flight.tree().path(start),
+            added: 0,
+            open: true,
+            finished: false,
+        })
         .collect();
     let prompt = Arc::clone(flight.tree().prompt());
     loop {
@@ -218,7 +250,11 @@ async fn rollouts<P: Policy, S: Scorer>(
                 prompt: Arc::clone(&prompt),
                 steps: rolls[i].steps.clone(),
                 k: 1,
-                sampling: io.sampling(rolls[i].start, SALT_ROLLOUT + u64::from(rolls[i].added), config.temperature),
+                sampling: io.sampling(
+                    rolls[i].start,
+                    SALT_ROLLOUT + u64::from(rolls[i].added),
+                    config.temperature,
+                ),
             })
             .collect();
         let replies = match io.propose(requests).await? {
@@ -230,7 +266,8 @@ async fn rollouts<P: Policy, S: Scorer>(
             let mut steps = reply.steps.into_iter();
             let step = match (steps.next(), steps.next()) {
                 (Some(step), None)
-                    if step.token_logprobs.is_empty() || step.token_logprobs.len() == step.token_ids.len() =>
+                    if step.token_logprobs.is_empty()
+                        || step.token_logprobs.len() == step.token_ids.len() =>
                 {
                     step
                 }
@@ -240,7 +277,11 @@ async fn rollouts<P: Policy, S: Scorer>(
                 }
             };
             let stop = step.stop;
-            roll.steps.push(Arc::new(Step { text: step.text, token_ids: step.token_ids, token_logprobs: step.token_logprobs }));
+            roll.steps.push(Arc::new(Step {
+                text: step.text,
+                token_ids: step.token_ids,
+                token_logprobs: step.token_logprobs,
+            }));
             roll.added += 1;
             if stop == StepStop::EndOfSequence || roll.steps.len() >= max_depth {
                 roll.finished = true;
@@ -264,22 +305,42 @@ async fn rollouts<P: Policy, S: Scorer>(
     }
     let requests = finished
         .iter()
-        .map(|&i| ScoreRequest { node: rolls[i].start, prompt: Arc::clone(&prompt), steps: rolls[i].steps.clone() })
+        .map(|&i| ScoreRequest {
+            node: rolls[i].start,
+            prompt: Arc::clone(&prompt),
+            steps: rolls[i].steps.clone(),
+        })
         .collect();
-    let Ok(replies) = io.score(requests).await? else { return Ok(values) };
+    let Ok(replies) = io.score(requests).await? else {
+        return Ok(values);
+    };
     let aggregation = io.config.scoring.aggregation;
     for (&i, reply) in finished.iter().zip(replies) {
         let roll = &rolls[i];
         if reply.scores.len() != roll.steps.len() {
             continue;
         }
-        let Some(value) = aggregation.apply(&reply.scores) else { continue };
-        let text = roll.steps.iter().map(|s| s.text.as_str()).collect::<Vec<_>>().join("\n");
+        let Some(value) = aggregation.apply(&reply.scores) else {
+            continue;
+        };
+        let text = roll
+            .steps
+            .iter()
+            .map(|s| s.text.as_str())
+            .collect::<Vec<_>>()
+            .join("\n");
         let answer = extract_answer(&text);
         if let Some(answer) = &answer {
             tally.add(roll.start, answer, Some(value));
         }
-        flight.tree_mut().set_rollout(roll.start, Rollout { steps: roll.added, answer, value });
+        flight.tree_mut().set_rollout(
+            roll.start,
+            Rollout {
+                steps: roll.added,
+                answer,
+                value,
+            },
+        );
         values[i] = Some(value);
     }
     Ok(values)

@@ -132,7 +132,10 @@ mod tests {
     fn check(aggregation: Aggregation, scores: &[f32], expected: Option<f64>) {
         let got = aggregation.apply(scores);
         match (got, expected) {
-            (Some(g), Some(e)) => assert!((g - e).abs() < 1e-6, "{aggregation:?} {scores:?}: {g} != {e}"),
+            (Some(g), Some(e)) => assert!(
+                (g - e).abs() < 1e-6,
+                "{aggregation:?} {scores:?}: {g} != {e}"
+            ),
             _ => assert_eq!(got, expected, "{aggregation:?} {scores:?}"),
         }
     }
@@ -153,7 +156,11 @@ mod tests {
     #[test]
     fn logprob_scorer_scores_each_step_by_confidence() {
         let step = |lps: Vec<f32>| {
-            Arc::new(Step { text: "s".into(), token_ids: vec![1; lps.len()], token_logprobs: lps })
+            Arc::new(Step {
+                text: "s".into(),
+                token_ids: vec![1; lps.len()],
+                token_logprobs: lps,
+            })
         };
         let request = ScoreRequest {
             node: NodeId::ROOT,
@@ -165,7 +172,10 @@ mod tests {
         assert_eq!(got.len(), 3);
         assert!((got[0] - 1.0).abs() < 1e-6);
         assert!((got[1] - (-2.0f32).exp()).abs() < 1e-6);
-        assert!((got[2] - 1.0).abs() < 1e-6, "no log-probs counts as certain");
+        assert!(
+            (got[2] - 1.0).abs() < 1e-6,
+            "no log-probs counts as certain"
+        );
         assert_eq!(scores[0].cost.tokens_computed, 0);
     }
 }

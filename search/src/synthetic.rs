@@ -23,7 +23,7 @@ use rand::{Rng, SeedableRng};
 use crate::control::CancelToken;
 use crate::engine::mix;
 use crate::error::{PolicyError, ScoreError};
-use crate::policy::{Policy, PolicyCost, ProposeRequest, Proposals, ProposedStep, Step, StepStop};
+use crate::policy::{Policy, PolicyCost, Proposals, ProposeRequest, ProposedStep, Step, StepStop};
 use crate::scorer::{ScoreCost, ScoreRequest, Scorer, StepScores};
 
 /// First token of every game step; the next two tokens are `x` and the running total.
@@ -54,8 +54,18 @@ impl PathGame {
         assert!(depth >= 1 && (0.0..=1.0).contains(&p_correct));
         let mut rng = StdRng::seed_from_u64(mix(seed, 0x9a3e));
         let increments: Vec<u64> = (0..depth).map(|_| rng.gen_range(1..=9)).collect();
-        let prompt = format!("Game {seed}: find the sum of {depth} hidden numbers, one step per number.").into();
-        PathGame { seed, depth, p_correct, extra_tokens_max: 6, logprob_gap: 0.0, increments, prompt }
+        let prompt =
+            format!("Game {seed}: find the sum of {depth} hidden numbers, one step per number.")
+                .into();
+        PathGame {
+            seed,
+            depth,
+            p_correct,
+            extra_tokens_max: 6,
+            logprob_gap: 0.0,
+            increments,
+            prompt,
+        }
     }
 
     /// Makes wrong steps look less likely to the policy by `gap` nats per token on average, which
@@ -94,16 +104,24 @@ impl PathGame {
     }
 
     fn total(steps: &[Arc<Step>]) -> u64 {
-        steps.last().and_then(|s| s.token_ids.get(2)).map_or(0, |&t| u64::from(t))
+        steps
+            .last()
+            .and_then(|s| s.token_ids.get(2))
+            .map_or(0, |&t| u64::from(t))
     }
 
     /// Sample `j` of request `request`.
     fn sample(&self, request: &ProposeRequest, j: u32) -> ProposedStep {
-        let mut rng = StdRng::seed_from_u64(mix(mix(self.seed, request.sampling.seed), u64::from(j)));
+        let mut rng =
+            StdRng::seed_from_u64(mix(mix(self.seed, request.sampling.seed), u64::from(j)));
         let i = request.steps.len();
         let target = self.increments.get(i).copied().unwrap_or(0);
         let right = rng.gen_bool(self.p_correct);
-        let x = if right { target } else { target + rng.gen_range(1..=5) };
+        let x = if right {
+            target
+        } else {
+            target + rng.gen_range(1..=5)
+        };
         let total = Self::total(&request.steps) + x;
         let last = i + 1 >= self.depth as usize;
         let mut text = format!("Step {}: add {x} to get {total}.", i + 1);
@@ -114,16 +132,26 @@ impl PathGame {
         let mut token_ids = vec![STEP_TOKEN, x as u32, total as u32];
         token_ids.extend((3..len).map(|t| 100 + t));
         let base = if right { -0.1 } else { -0.1 - self.logprob_gap };
-        let mut token_logprobs: Vec<f32> =
-            (0..len).map(|_| (base + rng.gen_range(-0.08..0.08f32)).min(0.0)).collect();
-        let mut stop = if last { StepStop::EndOfSequence } else { StepStop::Delimiter };
+        let mut token_logprobs: Vec<f32> = (0..len)
+            .map(|_| (base + rng.gen_range(-0.08..0.08f32)).min(0.0))
+            .collect();
+        let mut stop = if last {
+            StepStop::EndOfSequence
+        } else {
+            StepStop::Delimiter
+        };
         let max = request.sampling.max_step_tokens as usize;
         if token_ids.len() > max {
             token_ids.truncate(max);
             token_logprobs.truncate(max);
             stop = StepStop::MaxTokens;
         }
-        ProposedStep { text, token_ids, token_logprobs, stop }
+        ProposedStep {
+            text,
+            token_ids,
+            token_logprobs,
+            stop,
+        }
     }
 }
 
@@ -133,7 +161,12 @@ fn fingerprints(seed: u64, steps: &[Arc<Step>]) -> Vec<u64> {
     let mut out = Vec::with_capacity(steps.len() + 1);
     out.push(fp);
     for s in steps {
-        fp = s.token_ids.iter().fold(mix(fp, s.token_ids.len() as u64), |h, &t| mix(h, u64::from(t)));
+        fp = s
+            .token_ids
+            .iter()
+            .fold(mix(fp, s.token_ids.len() as u64), |h, &t| {
+                mix(h, u64::from(t))
+            });
         out.push(fp);
     }
     out
@@ -219,7 +252,12 @@ impl GamePolicy {
 
     /// A policy for `game` that injects `faults`.
     pub fn with_faults(game: PathGame, faults: PolicyFaults) -> GamePolicy {
-        GamePolicy { game, faults, counters: Counters::default(), cache: Mutex::new(HashSet::new()) }
+        GamePolicy {
+            game,
+            faults,
+            counters: Counters::default(),
+            cache: Mutex::new(HashSet::new()),
+        }
     }
 
     /// What it saw so far.
@@ -267,12 +305,16 @@ impl Policy for GamePolicy {
             panic!("synthetic policy panics on call {call}");
         }
         if self.faults.fail_calls.contains(&call) {
-            return Err(PolicyError::new(format!("synthetic failure on call {call}")));
+            return Err(PolicyError::new(format!(
+                "synthetic failure on call {call}"
+            )));
         }
         let overfill = u32::from(self.faults.overfill_calls.contains(&call));
         let mut replies = Vec::with_capacity(batch.len());
         for request in &batch {
-            let steps: Vec<ProposedStep> = (0..request.k + overfill).map(|j| self.game.sample(request, j)).collect();
+            let steps: Vec<ProposedStep> = (0..request.k + overfill)
+                .map(|j| self.game.sample(request, j))
+                .collect();
             let generated: u64 = steps.iter().map(|s| s.token_ids.len() as u64).sum();
             let (sent, reused) = self.prompt_cost(request);
             let cost = PolicyCost {
@@ -285,7 +327,8 @@ impl Policy for GamePolicy {
             c.requests.fetch_add(1, Ordering::SeqCst);
             c.generated_tokens.fetch_add(generated, Ordering::SeqCst);
             c.prompt_tokens.fetch_add(sent, Ordering::SeqCst);
-            c.prompt_tokens_computed.fetch_add(sent - reused, Ordering::SeqCst);
+            c.prompt_tokens_computed
+                .fetch_add(sent - reused, Ordering::SeqCst);
             c.prompt_tokens_reused.fetch_add(reused, Ordering::SeqCst);
             replies.push(Proposals { steps, cost });
         }
@@ -313,7 +356,14 @@ pub struct GameScorer {
 impl GameScorer {
     /// A scorer for `game` with the given margin and noise.
     pub fn new(game: PathGame, margin: f32, noise: f32) -> GameScorer {
-        GameScorer { game, margin, noise, nan_rate: 0.0, fail_calls: Vec::new(), counters: Counters::default() }
+        GameScorer {
+            game,
+            margin,
+            noise,
+            nan_rate: 0.0,
+            fail_calls: Vec::new(),
+            counters: Counters::default(),
+        }
     }
 
     /// Makes a share `rate` of prefixes score NaN.
@@ -338,10 +388,22 @@ impl GameScorer {
         (0..steps.len())
             .map(|j| {
                 let mut rng = StdRng::seed_from_u64(fps[j + 1]);
-                let sign = if self.game.on_track(&steps[..=j]) { 1.0 } else { -1.0 };
-                let noise = if self.noise > 0.0 { rng.gen_range(-self.noise..=self.noise) } else { 0.0 };
+                let sign = if self.game.on_track(&steps[..=j]) {
+                    1.0
+                } else {
+                    -1.0
+                };
+                let noise = if self.noise > 0.0 {
+                    rng.gen_range(-self.noise..=self.noise)
+                } else {
+                    0.0
+                };
                 let nan = self.nan_rate > 0.0 && rng.gen_bool(self.nan_rate);
-                if nan { f32::NAN } else { (0.5 + sign * self.margin + noise).clamp(0.0, 1.0) }
+                if nan {
+                    f32::NAN
+                } else {
+                    (0.5 + sign * self.margin + noise).clamp(0.0, 1.0)
+                }
             })
             .collect()
     }
@@ -351,14 +413,28 @@ impl Scorer for GameScorer {
     async fn score(&self, batch: Vec<ScoreRequest>) -> Result<Vec<StepScores>, ScoreError> {
         let call = self.counters.calls.fetch_add(1, Ordering::SeqCst);
         if self.fail_calls.contains(&call) {
-            return Err(ScoreError::new(format!("synthetic scorer failure on call {call}")));
+            return Err(ScoreError::new(format!(
+                "synthetic scorer failure on call {call}"
+            )));
         }
         let mut replies = Vec::with_capacity(batch.len());
         for request in &batch {
-            let tokens = self.game.prompt_tokens() + request.steps.iter().map(|s| s.token_ids.len() as u64).sum::<u64>();
+            let tokens = self.game.prompt_tokens()
+                + request
+                    .steps
+                    .iter()
+                    .map(|s| s.token_ids.len() as u64)
+                    .sum::<u64>();
             self.counters.requests.fetch_add(1, Ordering::SeqCst);
-            self.counters.prompt_tokens.fetch_add(tokens, Ordering::SeqCst);
-            replies.push(StepScores { scores: self.score_path(&request.steps), cost: ScoreCost { tokens_computed: tokens } });
+            self.counters
+                .prompt_tokens
+                .fetch_add(tokens, Ordering::SeqCst);
+            replies.push(StepScores {
+                scores: self.score_path(&request.steps),
+                cost: ScoreCost {
+                    tokens_computed: tokens,
+                },
+            });
         }
         Ok(replies)
     }
@@ -376,12 +452,21 @@ mod tests {
             prompt: Arc::clone(game.prompt()),
             steps,
             k,
-            sampling: Sampling { temperature: 1.0, top_p: 1.0, max_step_tokens: 64, seed },
+            sampling: Sampling {
+                temperature: 1.0,
+                top_p: 1.0,
+                max_step_tokens: 64,
+                seed,
+            },
         }
     }
 
     fn to_step(p: &ProposedStep) -> Arc<Step> {
-        Arc::new(Step { text: p.text.clone(), token_ids: p.token_ids.clone(), token_logprobs: p.token_logprobs.clone() })
+        Arc::new(Step {
+            text: p.text.clone(),
+            token_ids: p.token_ids.clone(),
+            token_logprobs: p.token_logprobs.clone(),
+        })
     }
 
     #[test]
@@ -416,13 +501,26 @@ mod tests {
     async fn the_prefix_cache_reports_reuse_on_the_second_visit() {
         let game = PathGame::new(1, 5, 0.5);
         let policy = GamePolicy::new(game.clone());
-        let first = policy.propose(vec![request(&game, vec![], 1, 1)]).await.unwrap();
+        let first = policy
+            .propose(vec![request(&game, vec![], 1, 1)])
+            .await
+            .unwrap();
         assert_eq!(first[0].cost.prompt_tokens_reused, 0);
         let step = to_step(&first[0].steps[0]);
-        let second = policy.propose(vec![request(&game, vec![step.clone()], 1, 2)]).await.unwrap();
+        let second = policy
+            .propose(vec![request(&game, vec![step.clone()], 1, 2)])
+            .await
+            .unwrap();
         let cost = second[0].cost;
-        assert_eq!(cost.prompt_tokens_reused, game.prompt_tokens(), "the prompt was cached, the step not yet");
-        assert_eq!(cost.prompt_tokens, game.prompt_tokens() + step.token_ids.len() as u64);
+        assert_eq!(
+            cost.prompt_tokens_reused,
+            game.prompt_tokens(),
+            "the prompt was cached, the step not yet"
+        );
+        assert_eq!(
+            cost.prompt_tokens,
+            game.prompt_tokens() + step.token_ids.len() as u64
+        );
         let seen = policy.seen();
         assert_eq!(seen.calls, 2);
         assert_eq!(seen.prompt_tokens_reused, cost.prompt_tokens_reused);

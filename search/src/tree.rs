@@ -183,7 +183,12 @@ pub struct Node {
 }
 
 impl Node {
-    fn new(parent: Option<(NodeId, u32)>, depth: u32, step: Option<Arc<Step>>, stop: Option<StepStop>) -> Node {
+    fn new(
+        parent: Option<(NodeId, u32)>,
+        depth: u32,
+        step: Option<Arc<Step>>,
+        stop: Option<StepStop>,
+    ) -> Node {
         Node {
             parent,
             depth,
@@ -295,7 +300,11 @@ pub struct Tree {
 impl Tree {
     /// A tree holding only the root.
     pub fn new(prompt: impl Into<Arc<str>>) -> Tree {
-        Tree { nodes: vec![Node::new(None, 0, None, None)], root_stats: EdgeStats::default(), prompt: prompt.into() }
+        Tree {
+            nodes: vec![Node::new(None, 0, None, None)],
+            root_stats: EdgeStats::default(),
+            prompt: prompt.into(),
+        }
     }
 
     /// Number of nodes, root included.
@@ -320,7 +329,10 @@ impl Tree {
 
     /// Every node with its id, in id order (parents before children).
     pub fn nodes(&self) -> impl Iterator<Item = (NodeId, &Node)> + '_ {
-        self.nodes.iter().enumerate().map(|(i, n)| (NodeId(i as u32), n))
+        self.nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (NodeId(i as u32), n))
     }
 
     /// Statistics of the edge into `id` (for the root, its own counters).
@@ -352,7 +364,9 @@ impl Tree {
         let mut at = id;
         while let Some(step) = &self.nodes[at.index()].step {
             steps.push(Arc::clone(step));
-            at = self.nodes[at.index()].parent().expect("a node with a step has a parent");
+            at = self.nodes[at.index()]
+                .parent()
+                .expect("a node with a step has a parent");
         }
         steps.reverse();
         steps
@@ -360,14 +374,22 @@ impl Tree {
 
     /// The solution text from the root to `id`: its steps' texts joined by newlines.
     pub fn solution_text(&self, id: NodeId) -> String {
-        self.path(id).iter().map(|s| s.text.as_str()).collect::<Vec<_>>().join("\n")
+        self.path(id)
+            .iter()
+            .map(|s| s.text.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     // ---- Mutation, for the search only -------------------------------------------------------
 
     pub(crate) fn begin_expanding(&mut self, id: NodeId) {
         let node = &mut self.nodes[id.index()];
-        assert_eq!(node.state, NodeState::Unexpanded, "{id} claimed for expansion twice");
+        assert_eq!(
+            node.state,
+            NodeState::Unexpanded,
+            "{id} claimed for expansion twice"
+        );
         node.state = NodeState::Expanding;
     }
 
@@ -383,7 +405,11 @@ impl Tree {
     /// Adds the children of an expanding node and marks it expanded (or failed, when no child is
     /// viable). Returns the new ids in order.
     pub(crate) fn expand(&mut self, parent: NodeId, children: Vec<NewChild>) -> Vec<NodeId> {
-        assert_eq!(self.nodes[parent.index()].state, NodeState::Expanding, "{parent} expanded while not expanding");
+        assert_eq!(
+            self.nodes[parent.index()].state,
+            NodeState::Expanding,
+            "{parent} expanded while not expanding"
+        );
         let depth = self.nodes[parent.index()].depth + 1;
         let mut ids = Vec::with_capacity(children.len());
         let (mut open, mut blocked) = (0, 0);
@@ -402,7 +428,13 @@ impl Tree {
             open += u32::from(!node.exhausted);
             self.nodes.push(node);
             let prior = if failed { 0.0 } else { c.prior };
-            let edge = Edge { child: id, prior, value_init: 0.0, blocked: failed, stats: EdgeStats::default() };
+            let edge = Edge {
+                child: id,
+                prior,
+                value_init: 0.0,
+                blocked: failed,
+                stats: EdgeStats::default(),
+            };
             self.nodes[parent.index()].edges.push(edge);
             ids.push(id);
         }
@@ -431,7 +463,9 @@ impl Tree {
             node.state = NodeState::Failed;
             node.failure = Some(reason);
             self.mark_exhausted(at);
-            let Some((parent, edge)) = self.nodes[at.index()].parent else { return };
+            let Some((parent, edge)) = self.nodes[at.index()].parent else {
+                return;
+            };
             let p = &mut self.nodes[parent.index()];
             p.edges[edge as usize].blocked = true;
             p.blocked_children += 1;
@@ -452,7 +486,9 @@ impl Tree {
                 return;
             }
             node.exhausted = true;
-            let Some((parent, _)) = node.parent else { return };
+            let Some((parent, _)) = node.parent else {
+                return;
+            };
             let p = &mut self.nodes[parent.index()];
             p.open_children = p.open_children.saturating_sub(1);
             if p.open_children > 0 || p.state != NodeState::Expanded {
@@ -496,7 +532,8 @@ impl Tree {
                 continue;
             }
             let n_child = f64::from(e.stats.visits + e.stats.virtual_loss);
-            let score = e.stats.q(puct.backup, e.value_init) + explore * f64::from(e.prior) / (1.0 + n_child);
+            let score = e.stats.q(puct.backup, e.value_init)
+                + explore * f64::from(e.prior) / (1.0 + n_child);
             if score > best_score {
                 best_score = score;
                 best = Some(i as u32);
@@ -537,7 +574,11 @@ impl Tree {
             if let Some(v) = value {
                 stats.visits = stats.visits.saturating_add(1);
                 stats.value_sum += v;
-                stats.value_max = if stats.visits == 1 { v } else { stats.value_max.max(v) };
+                stats.value_max = if stats.visits == 1 {
+                    v
+                } else {
+                    stats.value_max.max(v)
+                };
             }
             walked += 1;
             match self.nodes[at.index()].parent {
@@ -554,7 +595,9 @@ impl Tree {
     /// and parent links, depths, states, blocked flags and exhaustion consistent.
     pub fn check_invariants(&self) -> Result<(), SearchError> {
         let mut violations = Vec::new();
-        let structure = |violations: &mut Vec<Violation>, node, what| violations.push(Violation::Structure { node, what });
+        let structure = |violations: &mut Vec<Violation>, node, what| {
+            violations.push(Violation::Structure { node, what })
+        };
         for (id, node) in self.nodes() {
             match (id == NodeId::ROOT, node.parent, &node.step) {
                 (true, None, None) => {}
@@ -583,12 +626,18 @@ impl Tree {
             for edge in &node.edges {
                 let child = &self.nodes[edge.child.index()];
                 if edge.blocked != (child.state == NodeState::Failed) {
-                    structure(&mut violations, edge.child, "blocked flag disagrees with the child's state");
+                    structure(
+                        &mut violations,
+                        edge.child,
+                        "blocked flag disagrees with the child's state",
+                    );
                 }
                 open += u32::from(!child.exhausted);
                 blocked += u32::from(edge.blocked);
             }
-            if node.state == NodeState::Expanded && (open != node.open_children || blocked != node.blocked_children) {
+            if node.state == NodeState::Expanded
+                && (open != node.open_children || blocked != node.blocked_children)
+            {
                 structure(&mut violations, id, "open/blocked child counts are stale");
             }
             let exhausted = match node.state {
@@ -612,7 +661,11 @@ impl Tree {
                 finite(&mut violations, "score", score);
             }
             if let Some((p, i)) = node.parent {
-                finite(&mut violations, "value_init", self.nodes[p.index()].edges[i as usize].value_init);
+                finite(
+                    &mut violations,
+                    "value_init",
+                    self.nodes[p.index()].edges[i as usize].value_init,
+                );
             }
             if let Some(r) = &node.rollout {
                 finite(&mut violations, "rollout.value", r.value);
@@ -621,11 +674,23 @@ impl Tree {
                 violations.push(Violation::LeftExpanding { node: id });
             }
             if incoming.virtual_loss != 0 {
-                violations.push(Violation::VirtualLossLeft { node: id, virtual_loss: incoming.virtual_loss });
+                violations.push(Violation::VirtualLossLeft {
+                    node: id,
+                    virtual_loss: incoming.virtual_loss,
+                });
             }
-            let accounted = u64::from(node.end_visits) + node.edges.iter().map(|e| u64::from(e.stats.visits)).sum::<u64>();
+            let accounted = u64::from(node.end_visits)
+                + node
+                    .edges
+                    .iter()
+                    .map(|e| u64::from(e.stats.visits))
+                    .sum::<u64>();
             if u64::from(incoming.visits) != accounted {
-                violations.push(Violation::VisitsDoNotAddUp { node: id, incoming: incoming.visits, accounted });
+                violations.push(Violation::VisitsDoNotAddUp {
+                    node: id,
+                    incoming: incoming.visits,
+                    accounted,
+                });
             }
         }
         if violations.is_empty() {
@@ -664,20 +729,28 @@ impl Tree {
                 }
             })
             .collect();
-        TreeExport { prompt: self.prompt.to_string(), nodes }
+        TreeExport {
+            prompt: self.prompt.to_string(),
+            nodes,
+        }
     }
 
     /// The tree as a petgraph graph whose node indices equal the node ids; edge weights are the
     /// edge statistics.
     pub fn to_petgraph(&self) -> DiGraph<NodeExport, EdgeStats> {
         let export = self.export();
-        let mut graph = DiGraph::with_capacity(export.nodes.len(), export.nodes.len().saturating_sub(1));
+        let mut graph =
+            DiGraph::with_capacity(export.nodes.len(), export.nodes.len().saturating_sub(1));
         for node in export.nodes {
             graph.add_node(node);
         }
         for (id, node) in self.nodes() {
             for edge in &node.edges {
-                graph.add_edge(petgraph::graph::NodeIndex::new(id.index()), petgraph::graph::NodeIndex::new(edge.child.index()), edge.stats);
+                graph.add_edge(
+                    petgraph::graph::NodeIndex::new(id.index()),
+                    petgraph::graph::NodeIndex::new(edge.child.index()),
+                    edge.stats,
+                );
             }
         }
         graph
@@ -687,11 +760,26 @@ impl Tree {
     pub fn to_dot(&self) -> String {
         let graph = self.to_petgraph().map(
             |_, n| {
-                let text: String = n.text.as_deref().unwrap_or("(prompt)").chars().take(40).collect();
-                let score = n.score.map_or_else(|| "-".to_owned(), |s| format!("{s:.3}"));
+                let text: String = n
+                    .text
+                    .as_deref()
+                    .unwrap_or("(prompt)")
+                    .chars()
+                    .take(40)
+                    .collect();
+                let score = n
+                    .score
+                    .map_or_else(|| "-".to_owned(), |s| format!("{s:.3}"));
                 format!("{} {:?}\n{text}\nscore {score}", n.id, n.state)
             },
-            |_, e| format!("N={} Q={}", e.visits, e.mean().map_or_else(|| "-".to_owned(), |q| format!("{q:.3}"))),
+            |_, e| {
+                format!(
+                    "N={} Q={}",
+                    e.visits,
+                    e.mean()
+                        .map_or_else(|| "-".to_owned(), |q| format!("{q:.3}"))
+                )
+            },
         );
         format!("{}", petgraph::dot::Dot::new(&graph))
     }
@@ -750,14 +838,28 @@ mod tests {
     use super::*;
 
     fn step(text: &str) -> Arc<Step> {
-        Arc::new(Step { text: text.into(), token_ids: vec![1, 2], token_logprobs: vec![-0.1, -0.2] })
+        Arc::new(Step {
+            text: text.into(),
+            token_ids: vec![1, 2],
+            token_logprobs: vec![-0.1, -0.2],
+        })
     }
 
     fn child(text: &str, prior: f32, terminal: bool, failure: Option<&str>) -> NewChild {
-        NewChild { step: step(text), stop: StepStop::Delimiter, prior, terminal, failure: failure.map(str::to_owned) }
+        NewChild {
+            step: step(text),
+            stop: StepStop::Delimiter,
+            prior,
+            terminal,
+            failure: failure.map(str::to_owned),
+        }
     }
 
-    const PUCT: Puct = Puct { c_puct: 1.0, c_base: 19652.0, backup: Backup::Mean };
+    const PUCT: Puct = Puct {
+        c_puct: 1.0,
+        c_base: 19652.0,
+        backup: Backup::Mean,
+    };
 
     /// Root with children a (open), b (terminal), c (failed at birth).
     fn small_tree() -> (Tree, Vec<NodeId>) {
@@ -765,7 +867,11 @@ mod tests {
         tree.begin_expanding(NodeId::ROOT);
         let ids = tree.expand(
             NodeId::ROOT,
-            vec![child("a", 0.5, false, None), child("b", 0.5, true, None), child("c", 0.0, false, Some("bad"))],
+            vec![
+                child("a", 0.5, false, None),
+                child("b", 0.5, true, None),
+                child("c", 0.0, false, Some("bad")),
+            ],
         );
         tree.set_score(ids[0], 0.4);
         tree.set_score(ids[1], 0.9);
@@ -804,8 +910,15 @@ mod tests {
         tree.add_virtual_loss(ids[1]);
         assert_eq!(tree.incoming(ids[1]).virtual_loss, 1);
         assert_eq!(tree.root_stats.virtual_loss, 1);
-        assert_eq!(tree.select_child(NodeId::ROOT, &PUCT), Some(0), "an in-flight edge looks like a loss");
-        assert!(matches!(tree.check_invariants(), Err(SearchError::InvariantsViolated { .. })));
+        assert_eq!(
+            tree.select_child(NodeId::ROOT, &PUCT),
+            Some(0),
+            "an in-flight edge looks like a loss"
+        );
+        assert!(matches!(
+            tree.check_invariants(),
+            Err(SearchError::InvariantsViolated { .. })
+        ));
         assert_eq!(tree.settle(ids[1], None), 2);
         tree.check_invariants().unwrap();
         assert_eq!(tree.incoming(ids[1]).visits, 0);
@@ -856,8 +969,17 @@ mod tests {
     fn invariants_catch_broken_visit_counts() {
         let (mut tree, ids) = small_tree();
         tree.nodes[ids[0].index()].end_visits = 1;
-        let Err(SearchError::InvariantsViolated { violations }) = tree.check_invariants() else { panic!("not caught") };
-        assert_eq!(violations, vec![Violation::VisitsDoNotAddUp { node: ids[0], incoming: 0, accounted: 1 }]);
+        let Err(SearchError::InvariantsViolated { violations }) = tree.check_invariants() else {
+            panic!("not caught")
+        };
+        assert_eq!(
+            violations,
+            vec![Violation::VisitsDoNotAddUp {
+                node: ids[0],
+                incoming: 0,
+                accounted: 1
+            }]
+        );
     }
 
     #[test]

@@ -10,8 +10,12 @@
 use std::sync::{Arc, Mutex};
 
 use arbor_model::generate::{generate, GenStats};
-use arbor_model::{ChatMessage, Engine, GenRequest, Model, SamplingParams, SeqId, StopReason, Tokenizer};
-use arbor_search::{Policy, PolicyCost, PolicyError, ProposeRequest, Proposals, ProposedStep, StepStop};
+use arbor_model::{
+    ChatMessage, Engine, GenRequest, Model, SamplingParams, SeqId, StopReason, Tokenizer,
+};
+use arbor_search::{
+    Policy, PolicyCost, PolicyError, Proposals, ProposeRequest, ProposedStep, StepStop,
+};
 
 /// Settings of a worker.
 #[derive(Debug, Clone)]
@@ -77,12 +81,23 @@ impl PrefixCache {
             engine.free(seq);
             return;
         }
-        self.entries.push(CacheEntry { tokens, seq, last_used: self.clock });
+        self.entries.push(CacheEntry {
+            tokens,
+            seq,
+            last_used: self.clock,
+        });
     }
 
     fn evict(&mut self, engine: &mut Engine, entries_max: usize, blocks_max: usize) {
-        while !self.entries.is_empty() && (self.entries.len() > entries_max || engine.kv_blocks_in_use() > blocks_max) {
-            let (i, _) = self.entries.iter().enumerate().min_by_key(|(_, e)| e.last_used).expect("non-empty");
+        while !self.entries.is_empty()
+            && (self.entries.len() > entries_max || engine.kv_blocks_in_use() > blocks_max)
+        {
+            let (i, _) = self
+                .entries
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, e)| e.last_used)
+                .expect("non-empty");
             let e = self.entries.swap_remove(i);
             engine.free(e.seq);
         }
@@ -126,13 +141,16 @@ pub struct LocalWorker {
 
 impl std::fmt::Debug for LocalWorker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LocalWorker").field("options", &self.inner.options).finish()
+        f.debug_struct("LocalWorker")
+            .field("options", &self.inner.options)
+            .finish()
     }
 }
 
 /// The system prompt Arbor uses for step-by-step maths: one step per paragraph, so the blank
 /// line is a natural step delimiter, and a GSM8K-style final line the answer extractor reads.
-pub const STEP_BY_STEP_SYSTEM_PROMPT: &str = "You are a careful maths tutor. Solve the problem step by step. \
+pub const STEP_BY_STEP_SYSTEM_PROMPT: &str =
+    "You are a careful maths tutor. Solve the problem step by step. \
 Write each step as one short paragraph, separated by a blank line. \
 End with a final line of the form \"The answer is N.\" where N is the number.";
 
@@ -156,8 +174,18 @@ impl LocalWorker {
     }
 
     /// Like [`LocalWorker::format_question`] with another system prompt.
-    pub fn format_question_with(&self, system: &str, question: &str) -> Result<String, arbor_model::ModelError> {
-        self.inner.tokenizer.apply_chat_template(&[ChatMessage::new("system", system), ChatMessage::new("user", question)], true)
+    pub fn format_question_with(
+        &self,
+        system: &str,
+        question: &str,
+    ) -> Result<String, arbor_model::ModelError> {
+        self.inner.tokenizer.apply_chat_template(
+            &[
+                ChatMessage::new("system", system),
+                ChatMessage::new("user", question),
+            ],
+            true,
+        )
     }
 
     /// Counters so far.
@@ -182,14 +210,20 @@ impl LocalWorker {
     fn propose_blocking(&self, batch: &[ProposeRequest]) -> Result<Vec<Proposals>, PolicyError> {
         let inner = &self.inner;
         let caching = inner.options.prefix_cache_entries_max > 0;
-        let mut guard = inner.engine.lock().map_err(|_| PolicyError::new("engine lock poisoned by an earlier panic"))?;
+        let mut guard = inner
+            .engine
+            .lock()
+            .map_err(|_| PolicyError::new("engine lock poisoned by an earlier panic"))?;
         let (engine, cache) = &mut *guard;
         let mut requests = Vec::with_capacity(batch.len());
         let mut reused = Vec::with_capacity(batch.len());
         for r in batch {
             // The prompt is already templated, so its special tokens are parsed; the steps are the
             // model's own tokens, appended as generated.
-            let mut prompt = inner.tokenizer.encode(&r.prompt, true).map_err(|e| PolicyError::new(e.to_string()))?;
+            let mut prompt = inner
+                .tokenizer
+                .encode(&r.prompt, true)
+                .map_err(|e| PolicyError::new(e.to_string()))?;
             for s in &r.steps {
                 prompt.extend_from_slice(&s.token_ids);
             }
@@ -210,33 +244,48 @@ impl LocalWorker {
                 keep_sequences: caching,
             });
         }
-        let (mut outputs, gstats) = match generate(engine, &inner.tokenizer, &requests, |_, _, _| {}) {
-            Ok(done) => done,
-            // The cache's own blocks may be what fills the KV pool: give them all back and try
-            // once more from scratch (a failed generate left the engine as it was).
-            Err(arbor_model::ModelError::KvCacheFull { .. }) if !cache.entries.is_empty() => {
-                tracing::info!(cached = cache.entries.len(), "KV cache full: dropping the prefix cache and retrying");
-                cache.clear(engine);
-                for (r, reused) in requests.iter_mut().zip(reused.iter_mut()) {
-                    r.prefix = None;
-                    *reused = 0;
+        let (mut outputs, gstats) =
+            match generate(engine, &inner.tokenizer, &requests, |_, _, _| {}) {
+                Ok(done) => done,
+                // The cache's own blocks may be what fills the KV pool: give them all back and try
+                // once more from scratch (a failed generate left the engine as it was).
+                Err(arbor_model::ModelError::KvCacheFull { .. }) if !cache.entries.is_empty() => {
+                    tracing::info!(
+                        cached = cache.entries.len(),
+                        "KV cache full: dropping the prefix cache and retrying"
+                    );
+                    cache.clear(engine);
+                    for (r, reused) in requests.iter_mut().zip(reused.iter_mut()) {
+                        r.prefix = None;
+                        *reused = 0;
+                    }
+                    generate(engine, &inner.tokenizer, &requests, |_, _, _| {})
+                        .map_err(|e| PolicyError::new(e.to_string()))?
                 }
-                generate(engine, &inner.tokenizer, &requests, |_, _, _| {}).map_err(|e| PolicyError::new(e.to_string()))?
-            }
-            Err(e) => return Err(PolicyError::new(e.to_string())),
-        };
+                Err(e) => return Err(PolicyError::new(e.to_string())),
+            };
         // Keep every sample's sequence under the tokens it holds: the next expansion of that
         // child forks it instead of recomputing the path.
         for (samples, req) in outputs.iter_mut().zip(&requests) {
             for out in samples.iter_mut() {
                 if let Some(seq) = out.seq.take() {
                     let held = engine.seq_len(seq).unwrap_or(0);
-                    let tokens: Vec<u32> = req.prompt.iter().chain(&out.tokens).copied().take(held).collect();
+                    let tokens: Vec<u32> = req
+                        .prompt
+                        .iter()
+                        .chain(&out.tokens)
+                        .copied()
+                        .take(held)
+                        .collect();
                     cache.insert(tokens, seq, engine);
                 }
             }
         }
-        cache.evict(engine, inner.options.prefix_cache_entries_max, inner.options.prefix_cache_blocks_max);
+        cache.evict(
+            engine,
+            inner.options.prefix_cache_entries_max,
+            inner.options.prefix_cache_blocks_max,
+        );
         drop(guard);
         self.record(batch.len(), &gstats);
         Ok(outputs

@@ -40,7 +40,13 @@ pub struct CpuBackend {
 impl CpuBackend {
     /// Builds a backend over shared weights.
     pub fn new(config: ModelConfig, weights: Arc<DecoderWeights>) -> Self {
-        CpuBackend { config, weights, kv: Vec::new(), kv_blocks: 0, scratch: Scratch::default() }
+        CpuBackend {
+            config,
+            weights,
+            kv: Vec::new(),
+            kv_blocks: 0,
+            scratch: Scratch::default(),
+        }
     }
 
     fn block_stride(&self) -> usize {
@@ -62,9 +68,13 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
         }
     };
     if x.len() / d >= PARALLEL_ROWS_MIN {
-        x.par_chunks_exact(d).zip(out.par_chunks_exact_mut(d)).for_each(norm_row);
+        x.par_chunks_exact(d)
+            .zip(out.par_chunks_exact_mut(d))
+            .for_each(norm_row);
     } else {
-        x.chunks_exact(d).zip(out.chunks_exact_mut(d)).for_each(norm_row);
+        x.chunks_exact(d)
+            .zip(out.chunks_exact_mut(d))
+            .for_each(norm_row);
     }
 }
 
@@ -76,7 +86,9 @@ fn swiglu(gate: &mut [f32], up: &[f32], width: usize) {
         }
     };
     if gate.len() / width >= PARALLEL_ROWS_MIN {
-        gate.par_chunks_mut(width).zip(up.par_chunks(width)).for_each(row);
+        gate.par_chunks_mut(width)
+            .zip(up.par_chunks(width))
+            .for_each(row);
     } else {
         gate.chunks_mut(width).zip(up.chunks(width)).for_each(row);
     }
@@ -132,10 +144,17 @@ impl Backend for CpuBackend {
         if n_blocks > self.kv_blocks {
             // Grow geometrically so a long generation reallocates O(log n) times.
             let target = n_blocks.max(self.kv_blocks * 2).max(16);
-            let len = target.checked_mul(self.block_stride()).ok_or_else(|| ModelError::invalid("kv_blocks", "overflow"))?;
+            let len = target
+                .checked_mul(self.block_stride())
+                .ok_or_else(|| ModelError::invalid("kv_blocks", "overflow"))?;
             self.kv
                 .try_reserve_exact(len - self.kv.len())
-                .map_err(|e| ModelError::invalid("kv_blocks", format!("cannot allocate KV storage for {target} blocks: {e}")))?;
+                .map_err(|e| {
+                    ModelError::invalid(
+                        "kv_blocks",
+                        format!("cannot allocate KV storage for {target} blocks: {e}"),
+                    )
+                })?;
             self.kv.resize(len, 0.0);
             self.kv_blocks = target;
         }
@@ -199,7 +218,8 @@ impl CpuBackend {
         s.up.resize(n * cfg.ffn_dim, 0.0);
 
         for (i, &t) in batch.tokens.iter().enumerate() {
-            w.embed.dequantize_row_into(t as usize, &mut s.x[i * d..(i + 1) * d]);
+            w.embed
+                .dequantize_row_into(t as usize, &mut s.x[i * d..(i + 1) * d]);
         }
         // RoPE angles per token, as llama.cpp computes them: theta_i = pos * base^(-2i/head_dim),
         // the power taken by repeated multiplication in f32.
@@ -220,14 +240,36 @@ impl CpuBackend {
         for (l, lw) in w.layers.iter().enumerate() {
             rms_norm(&s.x, &lw.attn_norm, cfg.rms_eps, &mut s.h);
             s.acts.quantize_from(&s.h, n, d);
-            matmul_many(&mut [(&lw.wq, &mut s.q[..]), (&lw.wk, &mut s.k[..]), (&lw.wv, &mut s.v[..])], &s.acts);
+            matmul_many(
+                &mut [
+                    (&lw.wq, &mut s.q[..]),
+                    (&lw.wk, &mut s.k[..]),
+                    (&lw.wv, &mut s.v[..]),
+                ],
+                &s.acts,
+            );
             add_bias(&mut s.q, lw.bq.as_ref());
             add_bias(&mut s.k, lw.bk.as_ref());
             add_bias(&mut s.v, lw.bv.as_ref());
             for i in 0..n {
-                let (c, sn) = (&s.cos[i * half..(i + 1) * half], &s.sin[i * half..(i + 1) * half]);
-                rope(&mut s.q[i * q_dim..(i + 1) * q_dim], hd, c, sn, cfg.rope_style);
-                rope(&mut s.k[i * kv_dim..(i + 1) * kv_dim], hd, c, sn, cfg.rope_style);
+                let (c, sn) = (
+                    &s.cos[i * half..(i + 1) * half],
+                    &s.sin[i * half..(i + 1) * half],
+                );
+                rope(
+                    &mut s.q[i * q_dim..(i + 1) * q_dim],
+                    hd,
+                    c,
+                    sn,
+                    cfg.rope_style,
+                );
+                rope(
+                    &mut s.k[i * kv_dim..(i + 1) * kv_dim],
+                    hd,
+                    c,
+                    sn,
+                    cfg.rope_style,
+                );
             }
             // Write this batch's keys and values into their slots.
             for i in 0..n {
@@ -245,49 +287,55 @@ impl CpuBackend {
             // are those of a plain one-head loop.
             let kv = &self.kv;
             let q = &s.q;
-            s.att.par_chunks_mut(group * hd).enumerate().for_each(|(idx, out)| {
-                let i = idx / cfg.n_kv_heads;
-                let kvh = idx % cfg.n_kv_heads;
-                let ctx = batch.positions[i] as usize + 1;
-                let table = &batch.block_tables[batch.seq_index[i] as usize];
-                let qs = &q[i * q_dim + kvh * group * hd..i * q_dim + (kvh + 1) * group * hd];
-                let slot = |p: usize, kind: usize| {
-                    let block = table[p / KV_BLOCK_TOKENS] as usize;
-                    block * stride + (2 * l + kind) * slab + (p % KV_BLOCK_TOKENS) * kv_dim + kvh * hd
-                };
-                // scores[g * ctx + p]: query head g of the group against position p.
-                let mut scores = vec![0f32; group * ctx];
-                for p in 0..ctx {
-                    let base = slot(p, 0);
-                    let k = &kv[base..base + hd];
-                    for g in 0..group {
-                        scores[g * ctx + p] = dot(&qs[g * hd..(g + 1) * hd], k) * scale;
-                    }
-                }
-                for row in scores.chunks_exact_mut(ctx) {
-                    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                    let mut sum = 0f32;
-                    for sc in row.iter_mut() {
-                        *sc = (*sc - max).exp();
-                        sum += *sc;
-                    }
-                    let inv = 1.0 / sum;
-                    for sc in row.iter_mut() {
-                        *sc *= inv;
-                    }
-                }
-                out.fill(0.0);
-                for p in 0..ctx {
-                    let base = slot(p, 1);
-                    let v = &kv[base..base + hd];
-                    for g in 0..group {
-                        let wgt = scores[g * ctx + p];
-                        for (o, vv) in out[g * hd..(g + 1) * hd].iter_mut().zip(v) {
-                            *o += wgt * vv;
+            s.att
+                .par_chunks_mut(group * hd)
+                .enumerate()
+                .for_each(|(idx, out)| {
+                    let i = idx / cfg.n_kv_heads;
+                    let kvh = idx % cfg.n_kv_heads;
+                    let ctx = batch.positions[i] as usize + 1;
+                    let table = &batch.block_tables[batch.seq_index[i] as usize];
+                    let qs = &q[i * q_dim + kvh * group * hd..i * q_dim + (kvh + 1) * group * hd];
+                    let slot = |p: usize, kind: usize| {
+                        let block = table[p / KV_BLOCK_TOKENS] as usize;
+                        block * stride
+                            + (2 * l + kind) * slab
+                            + (p % KV_BLOCK_TOKENS) * kv_dim
+                            + kvh * hd
+                    };
+                    // scores[g * ctx + p]: query head g of the group against position p.
+                    let mut scores = vec![0f32; group * ctx];
+                    for p in 0..ctx {
+                        let base = slot(p, 0);
+                        let k = &kv[base..base + hd];
+                        for g in 0..group {
+                            scores[g * ctx + p] = dot(&qs[g * hd..(g + 1) * hd], k) * scale;
                         }
                     }
-                }
-            });
+                    for row in scores.chunks_exact_mut(ctx) {
+                        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                        let mut sum = 0f32;
+                        for sc in row.iter_mut() {
+                            *sc = (*sc - max).exp();
+                            sum += *sc;
+                        }
+                        let inv = 1.0 / sum;
+                        for sc in row.iter_mut() {
+                            *sc *= inv;
+                        }
+                    }
+                    out.fill(0.0);
+                    for p in 0..ctx {
+                        let base = slot(p, 1);
+                        let v = &kv[base..base + hd];
+                        for g in 0..group {
+                            let wgt = scores[g * ctx + p];
+                            for (o, vv) in out[g * hd..(g + 1) * hd].iter_mut().zip(v) {
+                                *o += wgt * vv;
+                            }
+                        }
+                    }
+                });
             s.acts.quantize_from(&s.att, n, q_dim);
             matmul(&lw.wo, &s.acts, &mut s.o);
             for (x, o) in s.x.iter_mut().zip(&s.o) {
@@ -295,7 +343,10 @@ impl CpuBackend {
             }
             rms_norm(&s.x, &lw.ffn_norm, cfg.rms_eps, &mut s.h);
             s.acts.quantize_from(&s.h, n, d);
-            matmul_many(&mut [(&lw.w_gate, &mut s.gate[..]), (&lw.w_up, &mut s.up[..])], &s.acts);
+            matmul_many(
+                &mut [(&lw.w_gate, &mut s.gate[..]), (&lw.w_up, &mut s.up[..])],
+                &s.acts,
+            );
             swiglu(&mut s.gate, &s.up, cfg.ffn_dim);
             s.acts.quantize_from(&s.gate, n, cfg.ffn_dim);
             matmul(&lw.w_down, &s.acts, &mut s.o);
@@ -330,8 +381,10 @@ mod tests {
         let heads = 2;
         let v: Vec<f32> = (0..hd * heads).map(|i| (i as f32 * 0.37).sin()).collect();
         let pos = 5.0f32;
-        let (cos, sin): (Vec<f32>, Vec<f32>) =
-            (0..hd / 2).map(|i| pos * 10_000f32.powf(-2.0 * i as f32 / hd as f32)).map(|t| (t.cos(), t.sin())).unzip();
+        let (cos, sin): (Vec<f32>, Vec<f32>) = (0..hd / 2)
+            .map(|i| pos * 10_000f32.powf(-2.0 * i as f32 / hd as f32))
+            .map(|t| (t.cos(), t.sin()))
+            .unzip();
         let permute = |x: &[f32]| -> Vec<f32> {
             let mut out = vec![0f32; x.len()];
             for (h, head) in x.chunks(hd).enumerate() {

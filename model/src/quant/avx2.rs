@@ -21,7 +21,9 @@ pub(super) struct Group {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn f16_at(p: *const u8) -> f32 {
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(u16::from_le_bytes([*p, *p.add(1)])))))
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(
+        u16::from_le_bytes([*p, *p.add(1)]),
+    ))))
 }
 
 /// Block `b` of weights `w` with scale `dw`, times every token of the group. Pairs of byte
@@ -30,13 +32,23 @@ unsafe fn f16_at(p: *const u8) -> f32 {
 /// tokens), leaving one broadcast load and one FMA per token.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn acc_block_u<const NT: usize, const SIGNED: bool>(w: __m256i, mult: __m256i, dw: f32, b: usize, g: &Group, acc: &mut [__m256; NT]) {
+unsafe fn acc_block_u<const NT: usize, const SIGNED: bool>(
+    w: __m256i,
+    mult: __m256i,
+    dw: f32,
+    b: usize,
+    g: &Group,
+    acc: &mut [__m256; NT],
+) {
     let aw = if SIGNED { _mm256_sign_epi8(w, w) } else { w };
     let xs = g.qs.add(32 * NT * b);
     let ds = g.d.add(NT * b);
     let mut sd = [0f32; NT];
     if NT == 8 {
-        _mm256_storeu_ps(sd.as_mut_ptr(), _mm256_mul_ps(_mm256_set1_ps(dw), _mm256_loadu_ps(ds)));
+        _mm256_storeu_ps(
+            sd.as_mut_ptr(),
+            _mm256_mul_ps(_mm256_set1_ps(dw), _mm256_loadu_ps(ds)),
+        );
     } else {
         for t in 0..NT {
             sd[t] = dw * *ds.add(t);
@@ -63,7 +75,12 @@ unsafe fn nibbles_32(p: *const u8) -> __m256i {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn bits_32(x: u32) -> __m256i {
-    let shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0x0000000000000000);
+    let shuf = _mm256_set_epi64x(
+        0x0303030303030303,
+        0x0202020202020202,
+        0x0101010101010101,
+        0x0000000000000000,
+    );
     let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(x as i32), shuf);
     let bytes = _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
     _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1))
@@ -117,7 +134,12 @@ unsafe fn store_doubled(v: __m256, dst: *mut f32) {
 /// have room for one value per 16 weights, and the group's buffers must hold `NT` tokens
 /// (laid out as [`Group`] says) of the row's width.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn row_dot<const NT: usize>(ty: GgmlType, row: &[u8], g: &Group, mins16: &mut [f32]) -> [f32; NT] {
+pub(super) unsafe fn row_dot<const NT: usize>(
+    ty: GgmlType,
+    row: &[u8],
+    g: &Group,
+    mins16: &mut [f32],
+) -> [f32; NT] {
     // One accumulator per token for every NT, so that a token's result does not depend on the
     // batch it is computed in (the engine relies on batched and single decoding agreeing
     // exactly). With one token the FMA chain is still shorter than a block's memory time.
@@ -135,7 +157,10 @@ pub(super) unsafe fn row_dot<const NT: usize>(ty: GgmlType, row: &[u8], g: &Grou
             signed = true;
             let block = |b: usize| {
                 let blk = p.add(34 * b);
-                (_mm256_loadu_si256(blk.add(2) as *const __m256i), f16_at(blk))
+                (
+                    _mm256_loadu_si256(blk.add(2) as *const __m256i),
+                    f16_at(blk),
+                )
             };
             let nb = row.len() / 34;
             let mut b = 0;
@@ -159,8 +184,12 @@ pub(super) unsafe fn row_dot<const NT: usize>(ty: GgmlType, row: &[u8], g: &Grou
                 let blk = p.add(bytes * b);
                 let d = f16_at(blk);
                 let (w, offset) = if five {
-                    let qh = u32::from_le_bytes([*blk.add(2), *blk.add(3), *blk.add(4), *blk.add(5)]);
-                    (_mm256_or_si256(nibbles_32(blk.add(6)), _mm256_and_si256(bits_32(qh), m10)), 16.0)
+                    let qh =
+                        u32::from_le_bytes([*blk.add(2), *blk.add(3), *blk.add(4), *blk.add(5)]);
+                    (
+                        _mm256_or_si256(nibbles_32(blk.add(6)), _mm256_and_si256(bits_32(qh), m10)),
+                        16.0,
+                    )
                 } else {
                     (nibbles_32(blk.add(2)), 8.0)
                 };
@@ -192,13 +221,23 @@ pub(super) unsafe fn row_dot<const NT: usize>(ty: GgmlType, row: &[u8], g: &Grou
                 let u = q4k_scales_mins(blk.add(4));
                 let sm = _mm_loadu_si128(u.as_ptr() as *const __m128i);
                 let sc = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(sm)));
-                let mn = _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(sm, sm))));
+                let mn = _mm256_mul_ps(
+                    dmin,
+                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(sm, sm))),
+                );
                 _mm256_storeu_ps(scales.as_mut_ptr(), sc);
                 store_doubled(mn, mins16.as_mut_ptr().add(16 * sb));
                 for j in 0..4 {
                     let q = _mm256_loadu_si256(blk.add(16 + 32 * j) as *const __m256i);
                     let b = sb * 8 + 2 * j;
-                    acc_block_u::<NT, false>(_mm256_and_si256(q, m4), ones, scales[2 * j], b, g, &mut acc_a);
+                    acc_block_u::<NT, false>(
+                        _mm256_and_si256(q, m4),
+                        ones,
+                        scales[2 * j],
+                        b,
+                        g,
+                        &mut acc_a,
+                    );
                     let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
                     acc_block_u::<NT, false>(hi, ones, scales[2 * j + 1], b + 1, g, odd!());
                 }
@@ -213,7 +252,10 @@ pub(super) unsafe fn row_dot<const NT: usize>(ty: GgmlType, row: &[u8], g: &Grou
                 let d32 = _mm256_set1_ps(32.0 * d);
                 let sc8 = _mm_loadu_si128(blk.add(192) as *const __m128i);
                 let m_lo = _mm256_mul_ps(d32, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc8)));
-                let m_hi = _mm256_mul_ps(d32, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(sc8, sc8))));
+                let m_hi = _mm256_mul_ps(
+                    d32,
+                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(sc8, sc8))),
+                );
                 _mm256_storeu_ps(mins16.as_mut_ptr().add(16 * sb), m_lo);
                 _mm256_storeu_ps(mins16.as_mut_ptr().add(16 * sb + 8), m_hi);
                 for n in 0..2 {
@@ -225,16 +267,31 @@ pub(super) unsafe fn row_dot<const NT: usize>(ty: GgmlType, row: &[u8], g: &Grou
                     // The two halves' i8 scales, as 16-bit multipliers of their byte products.
                     let sc = |gi: usize| {
                         let lo = _mm_set1_epi16(i16::from(*blk.add(192 + 2 * gi) as i8));
-                        _mm256_set_m128i(_mm_set1_epi16(i16::from(*blk.add(193 + 2 * gi) as i8)), lo)
+                        _mm256_set_m128i(
+                            _mm_set1_epi16(i16::from(*blk.add(193 + 2 * gi) as i8)),
+                            lo,
+                        )
                     };
                     let b0 = sb * 8 + 4 * n;
-                    let w0 = _mm256_or_si256(_mm256_and_si256(ql0, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30));
+                    let w0 = _mm256_or_si256(
+                        _mm256_and_si256(ql0, m4),
+                        _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30),
+                    );
                     acc_block_u::<NT, false>(w0, sc(4 * n), d, b0, g, &mut acc_a);
-                    let w1 = _mm256_or_si256(_mm256_and_si256(ql1, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30));
+                    let w1 = _mm256_or_si256(
+                        _mm256_and_si256(ql1, m4),
+                        _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30),
+                    );
                     acc_block_u::<NT, false>(w1, sc(4 * n + 1), d, b0 + 1, g, odd!());
-                    let w2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), _mm256_and_si256(qh, m30));
+                    let w2 = _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
+                        _mm256_and_si256(qh, m30),
+                    );
                     acc_block_u::<NT, false>(w2, sc(4 * n + 2), d, b0 + 2, g, &mut acc_a);
-                    let w3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4), _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30));
+                    let w3 = _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                        _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30),
+                    );
                     acc_block_u::<NT, false>(w3, sc(4 * n + 3), d, b0 + 3, g, odd!());
                 }
             }

@@ -56,29 +56,30 @@ impl QuantizedActs {
         let nb = cols / 32;
         // Each group of GROUP tokens owns contiguous ranges of `qs`, `d` and `sums16`, so large
         // batches quantize their groups in parallel.
-        let quantize_group = |(gi, ((qs, d), sums16)): (usize, ((&mut [i8], &mut [f32]), &mut [f32]))| {
-            let t0 = gi * GROUP;
-            let g = GROUP.min(n_tokens - t0);
-            for tl in 0..g {
-                let row = &x[(t0 + tl) * cols..(t0 + tl + 1) * cols];
-                for (b, blk) in row.chunks_exact(32).enumerate() {
-                    let i = b * g + tl;
-                    let amax = blk.iter().fold(0f32, |m, v| m.max(v.abs()));
-                    let dv = amax / 127.0;
-                    let id = if dv > 0.0 { 1.0 / dv } else { 0.0 };
-                    let q = &mut qs[i * 32..i * 32 + 32];
-                    let mut s = [0i32; 2];
-                    for (k, (qv, v)) in q.iter_mut().zip(blk).enumerate() {
-                        let r = (v * id).round() as i32;
-                        *qv = r as i8;
-                        s[k / 16] += r;
+        let quantize_group =
+            |(gi, ((qs, d), sums16)): (usize, ((&mut [i8], &mut [f32]), &mut [f32]))| {
+                let t0 = gi * GROUP;
+                let g = GROUP.min(n_tokens - t0);
+                for tl in 0..g {
+                    let row = &x[(t0 + tl) * cols..(t0 + tl + 1) * cols];
+                    for (b, blk) in row.chunks_exact(32).enumerate() {
+                        let i = b * g + tl;
+                        let amax = blk.iter().fold(0f32, |m, v| m.max(v.abs()));
+                        let dv = amax / 127.0;
+                        let id = if dv > 0.0 { 1.0 / dv } else { 0.0 };
+                        let q = &mut qs[i * 32..i * 32 + 32];
+                        let mut s = [0i32; 2];
+                        for (k, (qv, v)) in q.iter_mut().zip(blk).enumerate() {
+                            let r = (v * id).round() as i32;
+                            *qv = r as i8;
+                            s[k / 16] += r;
+                        }
+                        d[i] = dv;
+                        sums16[tl * 2 * nb + 2 * b] = dv * s[0] as f32;
+                        sums16[tl * 2 * nb + 2 * b + 1] = dv * s[1] as f32;
                     }
-                    d[i] = dv;
-                    sums16[tl * 2 * nb + 2 * b] = dv * s[0] as f32;
-                    sums16[tl * 2 * nb + 2 * b + 1] = dv * s[1] as f32;
                 }
-            }
-        };
+            };
         if n_tokens >= 2 * GROUP {
             self.qs
                 .par_chunks_mut(GROUP * cols)
@@ -123,7 +124,13 @@ impl UnpackedRow {
         }
     }
     fn load(&mut self, w: &QMatrix, r: usize) {
-        self.signed = unpack_row(w.ty, w.row_bytes(r), &mut self.u, &mut self.scale16, &mut self.min16);
+        self.signed = unpack_row(
+            w.ty,
+            w.row_bytes(r),
+            &mut self.u,
+            &mut self.scale16,
+            &mut self.min16,
+        );
     }
 }
 
@@ -151,7 +158,11 @@ fn dot_scalar(row: &UnpackedRow, x: &QuantizedActs, t: usize) -> f32 {
             let mut isum = 0i32;
             for k in h * 16..h * 16 + 16 {
                 let i = b * 32 + k;
-                let w = if row.signed { i32::from(row.u[i] as i8) } else { i32::from(row.u[i]) };
+                let w = if row.signed {
+                    i32::from(row.u[i] as i8)
+                } else {
+                    i32::from(row.u[i])
+                };
                 isum += w * i32::from(qs[k]);
             }
             total += row.scale16[2 * b + h] * db * isum as f32;
@@ -164,7 +175,11 @@ fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *DETECTED.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c"))
+        *DETECTED.get_or_init(|| {
+            is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+        })
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -176,7 +191,13 @@ fn has_avx2() -> bool {
 /// (eight accumulators and the decoded block fit in the 16 AVX2 registers, and the block's
 /// decoding is shared by all of them).
 #[cfg(target_arch = "x86_64")]
-fn simd_row(w: &QMatrix, r: usize, x: &QuantizedActs, mins16: &mut [f32], mut put: impl FnMut(usize, f32)) {
+fn simd_row(
+    w: &QMatrix,
+    r: usize,
+    x: &QuantizedActs,
+    mins16: &mut [f32],
+    mut put: impl FnMut(usize, f32),
+) {
     use super::avx2::{row_dot, Group};
     let cols = x.cols;
     let bytes = w.row_bytes(r);
@@ -221,7 +242,13 @@ unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
 /// Computes every job's rows for `range`, writing through the job's output pointer.
-fn run_rows(w: &QMatrix, x: &QuantizedActs, ptr: OutPtr, range: std::ops::Range<usize>, simd: bool) {
+fn run_rows(
+    w: &QMatrix,
+    x: &QuantizedActs,
+    ptr: OutPtr,
+    range: std::ops::Range<usize>,
+    simd: bool,
+) {
     let rows = w.rows;
     let cols = w.cols;
     #[cfg(target_arch = "x86_64")]
@@ -253,10 +280,17 @@ fn run_rows(w: &QMatrix, x: &QuantizedActs, ptr: OutPtr, range: std::ops::Range<
 
 fn matmul_impl(jobs: &mut [(&QMatrix, &mut [f32])], x: &QuantizedActs, simd: bool, parallel: bool) {
     for (w, out) in jobs.iter() {
-        assert_eq!(w.cols, x.cols, "matmul: weight has {} columns, activations {}", w.cols, x.cols);
+        assert_eq!(
+            w.cols, x.cols,
+            "matmul: weight has {} columns, activations {}",
+            w.cols, x.cols
+        );
         assert_eq!(out.len(), x.n_tokens * w.rows, "matmul: output size");
     }
-    let ptrs: Vec<OutPtr> = jobs.iter_mut().map(|(_, out)| OutPtr(out.as_mut_ptr())).collect();
+    let ptrs: Vec<OutPtr> = jobs
+        .iter_mut()
+        .map(|(_, out)| OutPtr(out.as_mut_ptr()))
+        .collect();
     if !parallel {
         for ((w, _), ptr) in jobs.iter().zip(&ptrs) {
             run_rows(w, x, *ptr, 0..w.rows, simd);
@@ -276,7 +310,9 @@ fn matmul_impl(jobs: &mut [(&QMatrix, &mut [f32])], x: &QuantizedActs, simd: boo
         }
     }
     let jobs = &*jobs;
-    tasks.into_par_iter().for_each(|(j, range)| run_rows(jobs[j].0, x, ptrs[j], range, simd));
+    tasks
+        .into_par_iter()
+        .for_each(|(j, range)| run_rows(jobs[j].0, x, ptrs[j], range, simd));
 }
 
 /// `out[t][r] = Σ_c w[r][c] * x[t][c]` for every token `t` and row `r`, on all cores.
@@ -306,7 +342,9 @@ mod tests {
         let mut s = seed;
         let mut bytes: Vec<u8> = (0..n)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 (s >> 33) as u8
             })
             .collect();
@@ -327,7 +365,9 @@ mod tests {
 
     fn check(ty: GgmlType, rows: usize, cols: usize, n_tokens: usize) {
         let w = random_matrix(ty, rows, cols, rows as u64 * 31 + cols as u64);
-        let x: Vec<f32> = (0..n_tokens * cols).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 3.0).collect();
+        let x: Vec<f32> = (0..n_tokens * cols)
+            .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 3.0)
+            .collect();
         let qa = QuantizedActs::quantize(&x, n_tokens, cols);
         let mut fast = vec![0f32; n_tokens * rows];
         let mut reference = vec![0f32; n_tokens * rows];
@@ -342,8 +382,14 @@ mod tests {
                 let got = fast[t * rows + r];
                 let refv = reference[t * rows + r];
                 let norm: f32 = row.iter().map(|v| v.abs()).sum::<f32>() * 3.0;
-                assert!((got - refv).abs() <= 1e-4 * norm.max(1.0), "{ty:?} simd {got} vs scalar {refv}");
-                assert!((got - exact).abs() <= 0.01 * norm.max(1.0), "{ty:?} r{r} t{t}: {got} vs exact {exact}");
+                assert!(
+                    (got - refv).abs() <= 1e-4 * norm.max(1.0),
+                    "{ty:?} simd {got} vs scalar {refv}"
+                );
+                assert!(
+                    (got - exact).abs() <= 0.01 * norm.max(1.0),
+                    "{ty:?} r{r} t{t}: {got} vs exact {exact}"
+                );
             }
         }
     }
@@ -367,16 +413,26 @@ mod tests {
     /// agree exactly), whatever pass width and position the token gets.
     #[test]
     fn results_do_not_depend_on_the_batch() {
-        for (ty, cols) in [(GgmlType::Q8_0, 96), (GgmlType::Q4K, 512), (GgmlType::Q6K, 512)] {
+        for (ty, cols) in [
+            (GgmlType::Q8_0, 96),
+            (GgmlType::Q4K, 512),
+            (GgmlType::Q6K, 512),
+        ] {
             let rows = 5;
             let w = random_matrix(ty, rows, cols, 7);
             let n = 13;
-            let x: Vec<f32> = (0..n * cols).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 3.0).collect();
+            let x: Vec<f32> = (0..n * cols)
+                .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 3.0)
+                .collect();
             let mut all = vec![0f32; n * rows];
             matmul(&w, &QuantizedActs::quantize(&x, n, cols), &mut all);
             for t in 0..n {
                 let mut one = vec![0f32; rows];
-                matmul(&w, &QuantizedActs::quantize(&x[t * cols..(t + 1) * cols], 1, cols), &mut one);
+                matmul(
+                    &w,
+                    &QuantizedActs::quantize(&x[t * cols..(t + 1) * cols], 1, cols),
+                    &mut one,
+                );
                 assert_eq!(one[..], all[t * rows..(t + 1) * rows], "{ty:?} token {t}");
             }
         }
@@ -385,7 +441,13 @@ mod tests {
     #[test]
     fn kernels_agree_with_reference_on_every_type() {
         for ty in [GgmlType::Q4_0, GgmlType::Q5_0, GgmlType::Q8_0] {
-            for (rows, cols, n) in [(1, 32, 1), (7, 96, 3), (5, 64, 6), (33, 896, 5), (3, 32, 17)] {
+            for (rows, cols, n) in [
+                (1, 32, 1),
+                (7, 96, 3),
+                (5, 64, 6),
+                (33, 896, 5),
+                (3, 32, 17),
+            ] {
                 check(ty, rows, cols, n);
             }
         }
@@ -396,7 +458,11 @@ mod tests {
         }
         // Every pass width and remainder: 1..=9 tokens (8 + 1), 12 (8 + 4) and 15 (8 + 4 + 3).
         for ty in [GgmlType::Q8_0, GgmlType::Q4K, GgmlType::Q6K, GgmlType::Q5_0] {
-            let cols = if matches!(ty, GgmlType::Q4K | GgmlType::Q6K) { 512 } else { 96 };
+            let cols = if matches!(ty, GgmlType::Q4K | GgmlType::Q6K) {
+                512
+            } else {
+                96
+            };
             for n in (1..=9).chain([12, 15]) {
                 check(ty, 5, cols, n);
             }

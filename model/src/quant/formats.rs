@@ -70,7 +70,10 @@ impl GgmlType {
 
     /// Whether the integer matmul kernels take this type directly.
     pub fn is_matmul_native(self) -> bool {
-        matches!(self, GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 | GgmlType::Q4K | GgmlType::Q6K)
+        matches!(
+            self,
+            GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 | GgmlType::Q4K | GgmlType::Q6K
+        )
     }
 }
 
@@ -83,14 +86,23 @@ fn q4k_scale_min(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
-        ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+        (
+            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
     }
 }
 
 /// Unpacks a row into one byte per weight plus a scale and offset per 16 weights, so that
 /// `weight[i] = scale16[i / 16] * u[i] - min16[i / 16]`. Returns `true` when `u` holds
 /// *signed* bytes (Q8_0), in which case `min16` is all zero.
-pub(crate) fn unpack_row(ty: GgmlType, bytes: &[u8], u: &mut [u8], scale16: &mut [f32], min16: &mut [f32]) -> bool {
+pub(crate) fn unpack_row(
+    ty: GgmlType,
+    bytes: &[u8],
+    u: &mut [u8],
+    scale16: &mut [f32],
+    min16: &mut [f32],
+) -> bool {
     match ty {
         GgmlType::Q8_0 => {
             for (b, blk) in bytes.chunks_exact(34).enumerate() {
@@ -184,7 +196,9 @@ pub(crate) fn unpack_row(ty: GgmlType, bytes: &[u8], u: &mut [u8], scale16: &mut
             false
         }
         GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {
-            unreachable!("float matrices are converted to Q8_0 at load (QMatrix::into_matmul_ready)")
+            unreachable!(
+                "float matrices are converted to Q8_0 at load (QMatrix::into_matmul_ready)"
+            )
         }
     }
 }
@@ -214,7 +228,11 @@ pub fn dequantize_row(ty: GgmlType, bytes: &[u8], out: &mut [f32]) {
             let mut min16 = vec![0f32; n / 16];
             let signed = unpack_row(ty, bytes, &mut u, &mut scale16, &mut min16);
             for (i, o) in out.iter_mut().enumerate() {
-                let q = if signed { f32::from(u[i] as i8) } else { f32::from(u[i]) };
+                let q = if signed {
+                    f32::from(u[i] as i8)
+                } else {
+                    f32::from(u[i])
+                };
                 *o = scale16[i / 16] * q - min16[i / 16];
             }
         }
@@ -275,7 +293,9 @@ mod tests {
 
     #[test]
     fn q8_0_round_trip() {
-        let x: Vec<f32> = (0..64).map(|i| ((i * 37 % 23) as f32 - 11.0) / 3.0).collect();
+        let x: Vec<f32> = (0..64)
+            .map(|i| ((i * 37 % 23) as f32 - 11.0) / 3.0)
+            .collect();
         let mut q = vec![];
         quantize_row_q8_0(&x, &mut q);
         assert_eq!(q.len(), 68);
@@ -355,7 +375,10 @@ mod tests {
             }
         }
         for (i, (a, b)) in out.iter().zip(&expected).enumerate() {
-            assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "element {i}: {a} vs {b}");
+            assert!(
+                (a - b).abs() <= 1e-6 * b.abs().max(1.0),
+                "element {i}: {a} vs {b}"
+            );
         }
     }
 }

@@ -27,18 +27,33 @@ fn bad_requests_are_rejected_without_changing_state() {
     let too_long = vec![1u32; model().config.context_length];
     check(e.forward(&[(s, &too_long)]), "tokens");
     assert!(e.fork(gone).is_err());
-    let bad = GenRequest { prompt: vec![1], n: 0, max_tokens: 4, sampling: SamplingParams::greedy(), stop: vec![], prefix: None, keep_sequences: false };
-    let err = arbor_model::generate::generate(&mut e, &model().tokenizer, &[bad], |_, _, _| {}).unwrap_err();
+    let bad = GenRequest {
+        prompt: vec![1],
+        n: 0,
+        max_tokens: 4,
+        sampling: SamplingParams::greedy(),
+        stop: vec![],
+        prefix: None,
+        keep_sequences: false,
+    };
+    let err = arbor_model::generate::generate(&mut e, &model().tokenizer, &[bad], |_, _, _| {})
+        .unwrap_err();
     assert!(err.to_string().contains("n:"), "{err}");
 }
 
 #[test]
 fn a_full_kv_cache_fails_cleanly() {
-    let mut e = engine_with(EngineOptions { kv_blocks_max: 2, batch_tokens_max: 512 });
+    let mut e = engine_with(EngineOptions {
+        kv_blocks_max: 2,
+        batch_tokens_max: 512,
+    });
     let s = e.new_sequence();
     e.forward(&[(s, &[1; 20])]).unwrap();
     let err = e.forward(&[(s, &[1; 20])]).unwrap_err();
-    assert!(matches!(err, ModelError::KvCacheFull { limit: 2, .. }), "{err}");
+    assert!(
+        matches!(err, ModelError::KvCacheFull { limit: 2, .. }),
+        "{err}"
+    );
     assert_eq!(e.seq_len(s), Some(20));
     // Still usable within the limit.
     e.forward(&[(s, &[1; 4])]).unwrap();
@@ -58,10 +73,16 @@ fn truncated_and_corrupt_gguf_files_give_errors_not_panics() {
     };
     // Header and metadata intact, tensor data cut off.
     let err = Model::load(&write("truncated.gguf", &bytes[..8 << 20])).unwrap_err();
-    assert!(matches!(err, ModelError::Tensor { .. }) && err.to_string().contains("beyond the end"), "{err}");
+    assert!(
+        matches!(err, ModelError::Tensor { .. }) && err.to_string().contains("beyond the end"),
+        "{err}"
+    );
     // Cut inside the metadata.
     let err = Model::load(&write("short.gguf", &bytes[..1000])).unwrap_err();
-    assert!(matches!(err, ModelError::GgufParse { .. }) && err.to_string().contains("truncated"), "{err}");
+    assert!(
+        matches!(err, ModelError::GgufParse { .. }) && err.to_string().contains("truncated"),
+        "{err}"
+    );
     // Not a GGUF file at all.
     let err = Model::load(&write("text.gguf", b"hello world, this is not a model")).unwrap_err();
     assert!(err.to_string().contains("not a GGUF file"), "{err}");

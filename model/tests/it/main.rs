@@ -13,7 +13,8 @@ use arbor_model::{Engine, EngineOptions, Model};
 pub fn model() -> &'static Model {
     static MODEL: OnceLock<Model> = OnceLock::new();
     MODEL.get_or_init(|| {
-        let path = arbor_model::fetch::ensure_default_model(&mut |ev| eprintln!("{ev:?}")).expect("fetch default model");
+        let path = arbor_model::fetch::ensure_default_model(&mut |ev| eprintln!("{ev:?}"))
+            .expect("fetch default model");
         Model::load(&path).expect("load default model")
     })
 }
@@ -21,7 +22,10 @@ pub fn model() -> &'static Model {
 /// A fresh engine over the shared model.
 pub fn engine_with(options: EngineOptions) -> Engine {
     let m = model();
-    Engine::new(Box::new(CpuBackend::new(m.config.clone(), m.weights.clone())), options)
+    Engine::new(
+        Box::new(CpuBackend::new(m.config.clone(), m.weights.clone())),
+        options,
+    )
 }
 
 /// A fresh engine with default limits.

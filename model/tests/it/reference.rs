@@ -56,9 +56,17 @@ struct ChatCase {
 }
 
 fn fixture() -> Fixture {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/qwen2_reference.json");
-    let f: Fixture = serde_json::from_str(&std::fs::read_to_string(path).expect("read fixture")).expect("parse fixture");
-    assert_eq!(f.model_sha256, arbor_model::fetch::DEFAULT_MODEL.sha256, "fixture was made with another model");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/fixtures/qwen2_reference.json"
+    );
+    let f: Fixture = serde_json::from_str(&std::fs::read_to_string(path).expect("read fixture"))
+        .expect("parse fixture");
+    assert_eq!(
+        f.model_sha256,
+        arbor_model::fetch::DEFAULT_MODEL.sha256,
+        "fixture was made with another model"
+    );
     f
 }
 
@@ -68,11 +76,26 @@ fn tokenization_matches_llama_cpp_on_300_gsm8k_questions_and_the_prompts() {
     let tok = &model().tokenizer;
     assert_eq!(f.tokenization.questions.len(), 300);
     for (i, q) in f.tokenization.questions.iter().enumerate() {
-        assert_eq!(tok.encode(&q.text, false).unwrap(), q.ids, "GSM8K question {i}: {:?}", q.text);
+        assert_eq!(
+            tok.encode(&q.text, false).unwrap(),
+            q.ids,
+            "GSM8K question {i}: {:?}",
+            q.text
+        );
     }
     for p in &f.prompts {
-        assert_eq!(tok.encode(&p.text, true).unwrap(), p.tokens, "prompt {:?}", p.text);
-        assert_eq!(tok.decode(&p.tokens).unwrap(), p.text, "round trip of {:?}", p.text);
+        assert_eq!(
+            tok.encode(&p.text, true).unwrap(),
+            p.tokens,
+            "prompt {:?}",
+            p.text
+        );
+        assert_eq!(
+            tok.decode(&p.tokens).unwrap(),
+            p.text,
+            "round trip of {:?}",
+            p.text
+        );
     }
     // Without special-token parsing, the text of a special token is ordinary characters.
     let plain = tok.encode("<|im_end|>", false).unwrap();
@@ -86,7 +109,10 @@ fn chat_template_renders_like_llama_cpp() {
     let tok = &model().tokenizer;
     assert_eq!(f.chat_template_render.cases.len(), 2);
     for case in &f.chat_template_render.cases {
-        assert_eq!(tok.apply_chat_template(&case.messages, true).unwrap(), case.rendered);
+        assert_eq!(
+            tok.apply_chat_template(&case.messages, true).unwrap(),
+            case.rendered
+        );
     }
 }
 
@@ -105,19 +131,31 @@ fn logits_match_llama_cpp_at_every_position() {
         assert_eq!(p.top_logits.len(), p.tokens.len());
         for (pos, top) in p.top_logits.iter().enumerate() {
             let row = &logits[pos * vocab..(pos + 1) * vocab];
-            assert!(row.iter().all(|v| v.is_finite()), "non-finite logit at {pos}");
+            assert!(
+                row.iter().all(|v| v.is_finite()),
+                "non-finite logit at {pos}"
+            );
             for &(id, reference) in top {
                 let d = (row[id as usize] - reference).abs();
                 worst = worst.max(d);
                 sum += d as f64;
                 count += 1;
-                assert!(d <= LOGIT_TOLERANCE, "{:?} position {pos} token {id}: {} vs llama.cpp {reference}", p.text, row[id as usize]);
+                assert!(
+                    d <= LOGIT_TOLERANCE,
+                    "{:?} position {pos} token {id}: {} vs llama.cpp {reference}",
+                    p.text,
+                    row[id as usize]
+                );
             }
             let (ref_best, ref_best_logit) = top[0];
             let ours = argmax(row);
             if ours != ref_best {
                 // A different argmax is only acceptable at a near-tie in the reference.
-                let ours_ref_logit = top.iter().find(|t| t.0 == ours).map(|t| t.1).unwrap_or(f32::NEG_INFINITY);
+                let ours_ref_logit = top
+                    .iter()
+                    .find(|t| t.0 == ours)
+                    .map(|t| t.1)
+                    .unwrap_or(f32::NEG_INFINITY);
                 assert!(
                     ref_best_logit - ours_ref_logit <= LOGIT_TOLERANCE,
                     "{:?} position {pos}: argmax {ours} vs llama.cpp {ref_best} ({ref_best_logit} vs {ours_ref_logit})",
@@ -128,7 +166,10 @@ fn logits_match_llama_cpp_at_every_position() {
     }
     let mean = sum / count as f64;
     eprintln!("logit difference against llama.cpp: mean {mean:.4}, largest {worst:.4} over {count} values");
-    assert!(mean < 0.1, "mean difference {mean} suggests a systematic error, not rounding");
+    assert!(
+        mean < 0.1,
+        "mean difference {mean} suggests a systematic error, not rounding"
+    );
 }
 
 #[test]
@@ -139,16 +180,38 @@ fn greedy_continuations_equal_llama_cpp() {
     let requests: Vec<GenRequest> = f
         .prompts
         .iter()
-        .map(|p| GenRequest { prompt: p.tokens.clone(), n: 1, max_tokens: 32, sampling: SamplingParams::greedy(), stop: vec![], prefix: None, keep_sequences: false })
+        .map(|p| GenRequest {
+            prompt: p.tokens.clone(),
+            n: 1,
+            max_tokens: 32,
+            sampling: SamplingParams::greedy(),
+            stop: vec![],
+            prefix: None,
+            keep_sequences: false,
+        })
         .collect();
     let (outputs, stats) = generate(&mut e, tok, &requests, |_, _, _| {}).unwrap();
-    assert_eq!(stats.prompt_tokens_computed, f.prompts.iter().map(|p| p.tokens.len() as u64).sum::<u64>());
+    assert_eq!(
+        stats.prompt_tokens_computed,
+        f.prompts.iter().map(|p| p.tokens.len() as u64).sum::<u64>()
+    );
     for (p, out) in f.prompts.iter().zip(&outputs) {
         let ours = &out[0].tokens;
         // Arbor stops at end-of-sequence; llama.cpp's reference ran on through it.
-        let expected: Vec<u32> = p.greedy.iter().copied().take_while(|&t| !tok.is_eos(t)).collect();
-        let agree = ours.iter().zip(&expected).take_while(|(a, b)| a == b).count();
-        if agree < expected.len().min(ours.len()) || (agree < expected.len() && out[0].stop_reason != StopReason::Eos) {
+        let expected: Vec<u32> = p
+            .greedy
+            .iter()
+            .copied()
+            .take_while(|&t| !tok.is_eos(t))
+            .collect();
+        let agree = ours
+            .iter()
+            .zip(&expected)
+            .take_while(|(a, b)| a == b)
+            .count();
+        if agree < expected.len().min(ours.len())
+            || (agree < expected.len() && out[0].stop_reason != StopReason::Eos)
+        {
             // They parted at step `agree`: that must be a near-tie in llama.cpp's own logits.
             let top2 = &p.greedy_top2[agree];
             let gap = top2[0].1 - top2[1].1;
@@ -157,7 +220,10 @@ fn greedy_continuations_equal_llama_cpp() {
                 "{:?}: greedy parts at step {agree} ({ours:?} vs {expected:?}) without a near-tie (gap {gap})",
                 p.text
             );
-            eprintln!("{:?}: parted at step {agree} at a near-tie (llama.cpp gap {gap:.3})", p.text);
+            eprintln!(
+                "{:?}: parted at step {agree} at a near-tie (llama.cpp gap {gap:.3})",
+                p.text
+            );
         } else {
             assert_eq!(ours.len(), expected.len(), "{:?}: length", p.text);
             if expected.len() < p.greedy.len() {
@@ -171,11 +237,25 @@ fn greedy_continuations_equal_llama_cpp() {
 fn forked_children_decode_like_independent_copies_with_fewer_blocks() {
     let m = model();
     let vocab = m.config.vocab_size;
-    let prompt = m.tokenizer.encode("Question: Tom has 3 apples and buys 5 more. How many apples does he have? Answer:", false).unwrap();
-    assert!(prompt.len() % arbor_model::KV_BLOCK_TOKENS != 0, "the test wants a partly filled last block");
+    let prompt = m
+        .tokenizer
+        .encode(
+            "Question: Tom has 3 apples and buys 5 more. How many apples does he have? Answer:",
+            false,
+        )
+        .unwrap();
+    assert!(
+        prompt.len() % arbor_model::KV_BLOCK_TOKENS != 0,
+        "the test wants a partly filled last block"
+    );
     let k = 4;
     let steps = 12;
-    let params = SamplingParams { temperature: 1.0, top_k: 40, top_p: 0.95, seed: 11 };
+    let params = SamplingParams {
+        temperature: 1.0,
+        top_k: 40,
+        top_p: 0.95,
+        seed: 11,
+    };
     let run = |forked: bool| {
         let mut e = engine();
         let mut seqs = Vec::new();
@@ -195,13 +275,21 @@ fn forked_children_decode_like_independent_copies_with_fewer_blocks() {
             let l = e.forward(&entries).unwrap().to_vec();
             l.chunks(vocab).map(|c| c.to_vec()).collect()
         };
-        let mut samplers: Vec<Sampler> = (0..k).map(|i| Sampler::new(params.clone(), i as u64)).collect();
+        let mut samplers: Vec<Sampler> = (0..k)
+            .map(|i| Sampler::new(params.clone(), i as u64))
+            .collect();
         let mut toks: Vec<u32> = (0..k).map(|i| samplers[i].sample(&logits[i])).collect();
-        let mut trace: Vec<Vec<(u32, f32)>> = (0..k).map(|i| vec![(toks[i], log_prob(&logits[i], toks[i]))]).collect();
+        let mut trace: Vec<Vec<(u32, f32)>> = (0..k)
+            .map(|i| vec![(toks[i], log_prob(&logits[i], toks[i]))])
+            .collect();
         let mut peak = e.kv_blocks_in_use();
         for _ in 1..steps {
             let inputs: Vec<[u32; 1]> = toks.iter().map(|&t| [t]).collect();
-            let entries: Vec<_> = seqs.iter().zip(&inputs).map(|(s, t)| (*s, &t[..])).collect();
+            let entries: Vec<_> = seqs
+                .iter()
+                .zip(&inputs)
+                .map(|(s, t)| (*s, &t[..]))
+                .collect();
             let l = e.forward(&entries).unwrap().to_vec();
             peak = peak.max(e.kv_blocks_in_use());
             for i in 0..k {
@@ -218,10 +306,19 @@ fn forked_children_decode_like_independent_copies_with_fewer_blocks() {
     };
     let (forked, forked_blocks) = run(true);
     let (independent, independent_blocks) = run(false);
-    assert_eq!(forked, independent, "forked children must decode exactly like independent copies");
-    let distinct: std::collections::HashSet<_> = forked.iter().map(|t| t.iter().map(|x| x.0).collect::<Vec<_>>()).collect();
+    assert_eq!(
+        forked, independent,
+        "forked children must decode exactly like independent copies"
+    );
+    let distinct: std::collections::HashSet<_> = forked
+        .iter()
+        .map(|t| t.iter().map(|x| x.0).collect::<Vec<_>>())
+        .collect();
     assert!(distinct.len() > 1, "sampled children should differ");
-    assert!(forked_blocks < independent_blocks, "forked {forked_blocks} blocks vs independent {independent_blocks}");
+    assert!(
+        forked_blocks < independent_blocks,
+        "forked {forked_blocks} blocks vs independent {independent_blocks}"
+    );
     eprintln!("KV blocks: forked {forked_blocks}, independent {independent_blocks}");
 }
 
@@ -229,7 +326,11 @@ fn forked_children_decode_like_independent_copies_with_fewer_blocks() {
 fn batched_generation_equals_one_at_a_time_and_stops_on_strings() {
     let m = model();
     let tok = &m.tokenizer;
-    let prompts = ["def add(a, b):\n", "The three primary colours are", "1, 2, 3, 4,"];
+    let prompts = [
+        "def add(a, b):\n",
+        "The three primary colours are",
+        "1, 2, 3, 4,",
+    ];
     let req = |p: &str| GenRequest {
         prompt: tok.encode(p, false).unwrap(),
         n: 1,
@@ -248,11 +349,20 @@ fn batched_generation_equals_one_at_a_time_and_stops_on_strings() {
     }
     for out in together.iter().map(|o| &o[0]) {
         assert!(!out.text.contains('\n'), "{:?}", out.text);
-        assert!(out.stop_reason == StopReason::Stop(0) || out.stop_reason == StopReason::MaxTokens || out.stop_reason == StopReason::Eos);
+        assert!(
+            out.stop_reason == StopReason::Stop(0)
+                || out.stop_reason == StopReason::MaxTokens
+                || out.stop_reason == StopReason::Eos
+        );
         assert_eq!(out.tokens.len(), out.logprobs.len());
         assert!(out.logprobs.iter().all(|l| l.is_finite() && *l <= 0.0));
     }
-    assert!(together.iter().any(|o| o[0].stop_reason == StopReason::Stop(0)), "a newline ends at least one of these prompts");
+    assert!(
+        together
+            .iter()
+            .any(|o| o[0].stop_reason == StopReason::Stop(0)),
+        "a newline ends at least one of these prompts"
+    );
     assert_eq!(e.n_sequences(), 0);
     assert_eq!(e.kv_blocks_in_use(), 0);
 }
@@ -261,13 +371,20 @@ fn batched_generation_equals_one_at_a_time_and_stops_on_strings() {
 fn seeded_sampling_is_reproducible_and_n_samples_share_one_prefill() {
     let m = model();
     let tok = &m.tokenizer;
-    let chat = tok.apply_chat_template(&[ChatMessage::new("user", "Name a fruit.")], true).unwrap();
+    let chat = tok
+        .apply_chat_template(&[ChatMessage::new("user", "Name a fruit.")], true)
+        .unwrap();
     let r = GenRequest {
         prompt: tok.encode(&chat, true).unwrap(),
         // Six samples: wide enough that sampling runs spread over the cores.
         n: 6,
         max_tokens: 8,
-        sampling: SamplingParams { temperature: 0.9, top_k: 0, top_p: 1.0, seed: 5 },
+        sampling: SamplingParams {
+            temperature: 0.9,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 5,
+        },
         stop: vec![],
         prefix: None,
         keep_sequences: false,
@@ -278,34 +395,69 @@ fn seeded_sampling_is_reproducible_and_n_samples_share_one_prefill() {
     let ta: Vec<_> = a[0].iter().map(|o| o.tokens.clone()).collect();
     let tb: Vec<_> = b[0].iter().map(|o| o.tokens.clone()).collect();
     assert_eq!(ta, tb);
-    assert_eq!(sa.prompt_tokens_computed, r.prompt.len() as u64, "six samples, one prefill");
-    assert_eq!(sa.generated_tokens, a[0].iter().map(|o| o.tokens.len() as u64).sum::<u64>());
+    assert_eq!(
+        sa.prompt_tokens_computed,
+        r.prompt.len() as u64,
+        "six samples, one prefill"
+    );
+    assert_eq!(
+        sa.generated_tokens,
+        a[0].iter().map(|o| o.tokens.len() as u64).sum::<u64>()
+    );
 }
 
 #[test]
 fn continuing_from_a_kept_prefix_equals_prefilling_everything() {
     let m = model();
     let tok = &m.tokenizer;
-    let prompt = tok.encode("Step 1: 12 apples cost $3 each, so together they cost", false).unwrap();
+    let prompt = tok
+        .encode(
+            "Step 1: 12 apples cost $3 each, so together they cost",
+            false,
+        )
+        .unwrap();
     let mut e = engine();
-    let full = GenRequest::new(prompt.clone(), 2, 8, SamplingParams { temperature: 0.8, top_k: 0, top_p: 1.0, seed: 9 });
+    let full = GenRequest::new(
+        prompt.clone(),
+        2,
+        8,
+        SamplingParams {
+            temperature: 0.8,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 9,
+        },
+    );
     let (a, sa) = generate(&mut e, tok, std::slice::from_ref(&full), |_, _, _| {}).unwrap();
     let split = 7;
     let prefix = e.new_sequence();
     e.forward(&[(prefix, &prompt[..split])]).unwrap();
-    let cont = GenRequest { prefix: Some(prefix), keep_sequences: true, ..full.clone() };
+    let cont = GenRequest {
+        prefix: Some(prefix),
+        keep_sequences: true,
+        ..full.clone()
+    };
     let (b, sb) = generate(&mut e, tok, std::slice::from_ref(&cont), |_, _, _| {}).unwrap();
     for (x, y) in a[0].iter().zip(&b[0]) {
         assert_eq!(x.tokens, y.tokens);
         assert_eq!(x.logprobs, y.logprobs);
     }
     assert_eq!(sa.prompt_tokens_computed, prompt.len() as u64);
-    assert_eq!(sb.prompt_tokens_computed, (prompt.len() - split) as u64, "only the tokens past the prefix are computed");
-    assert_eq!(e.seq_len(prefix), Some(split), "the prefix sequence is left as it was");
+    assert_eq!(
+        sb.prompt_tokens_computed,
+        (prompt.len() - split) as u64,
+        "only the tokens past the prefix are computed"
+    );
+    assert_eq!(
+        e.seq_len(prefix),
+        Some(split),
+        "the prefix sequence is left as it was"
+    );
     for out in &b[0] {
         let seq = out.seq.expect("kept");
         let held = e.seq_len(seq).unwrap();
-        let expected = prompt.len() + out.tokens.len() - usize::from(out.stop_reason != StopReason::Eos);
+        let expected =
+            prompt.len() + out.tokens.len() - usize::from(out.stop_reason != StopReason::Eos);
         assert_eq!(held, expected);
         e.free(seq);
     }
@@ -314,7 +466,10 @@ fn continuing_from_a_kept_prefix_equals_prefilling_everything() {
     // A prefix that does not leave anything to compute is refused with the field named.
     let s = e.new_sequence();
     e.forward(&[(s, &prompt)]).unwrap();
-    let bad = GenRequest { prefix: Some(s), ..full };
+    let bad = GenRequest {
+        prefix: Some(s),
+        ..full
+    };
     let err = generate(&mut e, tok, &[bad], |_, _, _| {}).unwrap_err();
     assert!(err.to_string().contains("prefix"), "{err}");
 }

@@ -12,7 +12,11 @@ fn check(strategy: &str) {
     let c = play(game(), &fields, 6);
     let json = |p: &crate::Played| serde_json::to_string(&p.tree.export()).unwrap();
     assert_eq!(json(&a), json(&b), "{strategy}: same seed, different trees");
-    assert_ne!(json(&a), json(&c), "{strategy}: the seed does not reach the samples");
+    assert_ne!(
+        json(&a),
+        json(&c),
+        "{strategy}: the seed does not reach the samples"
+    );
     assert_eq!(a.tree.to_dot(), b.tree.to_dot());
     let (mut oa, mut ob) = (a.outcome.clone(), b.outcome.clone());
     oa.costs.wall_us = 0;

@@ -1,7 +1,9 @@
 //! Events, the anytime best answer, exports and the API's contracts.
 
 use arbor_search::synthetic::{GamePolicy, GameScorer, PathGame};
-use arbor_search::{NodeId, NodeState, Search, SearchControl, SearchError, SearchEvent, TreeExport};
+use arbor_search::{
+    NodeId, NodeState, Search, SearchControl, SearchError, SearchEvent, TreeExport,
+};
 use tokio::sync::mpsc;
 
 use crate::{config, play, run, runtime};
@@ -10,7 +12,8 @@ fn game() -> PathGame {
     PathGame::new(17, 5, 0.7)
 }
 
-const FIELDS: &str = r#""strategy": {"kind": "mcts", "rollout": {}}, "budget": {"max_generated_tokens": 1500}"#;
+const FIELDS: &str =
+    r#""strategy": {"kind": "mcts", "rollout": {}}, "budget": {"max_generated_tokens": 1500}"#;
 
 #[test]
 fn events_describe_the_tree_and_end_with_the_outcome() {
@@ -18,23 +21,43 @@ fn events_describe_the_tree_and_end_with_the_outcome() {
     let control = SearchControl::new().with_events(tx);
     let policy = GamePolicy::new(game());
     let scorer = GameScorer::new(game(), 0.25, 0.2);
-    let (outcome, tree) = run(game().prompt(), config(FIELDS, 1), &policy, &scorer, &control);
+    let (outcome, tree) = run(
+        game().prompt(),
+        config(FIELDS, 1),
+        &policy,
+        &scorer,
+        &control,
+    );
     let mut events = Vec::new();
     while let Ok(event) = rx.try_recv() {
         events.push(event);
     }
     assert_eq!(outcome.stats.events_dropped, 0);
-    let expanded = events.iter().filter(|e| matches!(e, SearchEvent::NodeExpanded { .. })).count();
+    let expanded = events
+        .iter()
+        .filter(|e| matches!(e, SearchEvent::NodeExpanded { .. }))
+        .count();
     let nodes_with_children = tree.nodes().filter(|(_, n)| !n.edges().is_empty()).count();
     assert_eq!(expanded, nodes_with_children);
-    let scored = events.iter().filter(|e| matches!(e, SearchEvent::NodeScored { .. })).count();
-    assert_eq!(scored, tree.nodes().filter(|(_, n)| n.score().is_some()).count());
+    let scored = events
+        .iter()
+        .filter(|e| matches!(e, SearchEvent::NodeScored { .. }))
+        .count();
+    assert_eq!(
+        scored,
+        tree.nodes().filter(|(_, n)| n.score().is_some()).count()
+    );
     let last_best = events.iter().rev().find_map(|e| match e {
         SearchEvent::BestAnswer(best) => Some(best.clone()),
         _ => None,
     });
-    let key = |b: &Option<arbor_search::BestAnswer>| b.as_ref().map(|b| (b.node, b.answer.key.clone()));
-    assert_eq!(key(&last_best), key(&outcome.answer), "events announce each new best answer");
+    let key =
+        |b: &Option<arbor_search::BestAnswer>| b.as_ref().map(|b| (b.node, b.answer.key.clone()));
+    assert_eq!(
+        key(&last_best),
+        key(&outcome.answer),
+        "events announce each new best answer"
+    );
     assert_eq!(control.current_best(), outcome.answer);
     match events.last() {
         Some(SearchEvent::Finished { termination, costs }) => {
@@ -53,11 +76,21 @@ fn a_slow_listener_loses_events_but_not_the_search() {
     let policy = GamePolicy::new(game());
     let scorer = GameScorer::new(game(), 0.25, 0.2);
     let control = SearchControl::new().with_events(tx);
-    let (with_events, tree_a) = run(game().prompt(), config(FIELDS, 2), &policy, &scorer, &control);
+    let (with_events, tree_a) = run(
+        game().prompt(),
+        config(FIELDS, 2),
+        &policy,
+        &scorer,
+        &control,
+    );
     let quiet = play(game(), FIELDS, 2);
     assert!(with_events.stats.events_dropped > 0);
     let json = |t: &arbor_search::Tree| serde_json::to_string(&t.export()).unwrap();
-    assert_eq!(json(&tree_a), json(&quiet.tree), "listening must not change the search");
+    assert_eq!(
+        json(&tree_a),
+        json(&quiet.tree),
+        "listening must not change the search"
+    );
 }
 
 #[test]
@@ -70,8 +103,14 @@ fn exports_cover_the_whole_tree() {
     let graph = tree.to_petgraph();
     assert_eq!(graph.node_count(), tree.len());
     assert_eq!(graph.edge_count(), tree.len() - 1);
-    let visits: u32 = graph.edges(petgraph::graph::NodeIndex::new(0)).map(|e| e.weight().visits).sum();
-    assert_eq!(visits + tree.node(NodeId::ROOT).end_visits(), tree.incoming(NodeId::ROOT).visits);
+    let visits: u32 = graph
+        .edges(petgraph::graph::NodeIndex::new(0))
+        .map(|e| e.weight().visits)
+        .sum();
+    assert_eq!(
+        visits + tree.node(NodeId::ROOT).end_visits(),
+        tree.incoming(NodeId::ROOT).visits
+    );
     let dot = tree.to_dot();
     assert_eq!(dot.matches(" -> ").count(), tree.len() - 1);
     assert!(tree.nodes().any(|(_, n)| n.state() == NodeState::Terminal));
@@ -83,7 +122,8 @@ fn a_search_runs_once() {
     let scorer = GameScorer::new(game(), 0.25, 0.2);
     let mut search = Search::new(game().prompt().clone(), config(FIELDS, 4)).unwrap();
     let rt = runtime();
-    rt.block_on(search.run(&policy, &scorer, &SearchControl::new())).unwrap();
+    rt.block_on(search.run(&policy, &scorer, &SearchControl::new()))
+        .unwrap();
     let again = rt.block_on(search.run(&policy, &scorer, &SearchControl::new()));
     assert!(matches!(again, Err(SearchError::AlreadyRun)), "{again:?}");
 }

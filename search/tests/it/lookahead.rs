@@ -21,7 +21,8 @@ struct Rate {
 }
 
 fn rate(strategy: &str) -> Rate {
-    let fields = format!(r#""strategy": {strategy}, "budget": {{"max_generated_tokens": {TOKEN_BUDGET}}}"#);
+    let fields =
+        format!(r#""strategy": {strategy}, "budget": {{"max_generated_tokens": {TOKEN_BUDGET}}}"#);
     let mut solved = 0;
     let mut most_tokens = 0;
     for seed in 0..SEEDS {
@@ -29,7 +30,10 @@ fn rate(strategy: &str) -> Rate {
         solved += u64::from(played.solved());
         most_tokens = most_tokens.max(played.outcome.costs.generated_tokens);
     }
-    Rate { solved: solved as f64 / SEEDS as f64, most_tokens }
+    Rate {
+        solved: solved as f64 / SEEDS as f64,
+        most_tokens,
+    }
 }
 
 #[test]
@@ -38,7 +42,8 @@ fn mcts_and_beam_beat_best_of_n_at_an_equal_token_budget() {
     let best_of_n = rate(r#"{"kind": "best_of_n", "n": 16}"#);
     let weighted = rate(r#"{"kind": "weighted_best_of_n", "n": 16}"#);
     let beam = rate(r#"{"kind": "beam", "beam_width": 4, "proposals_per_beam": 4}"#);
-    let mcts = rate(r#"{"kind": "mcts", "expand_k": 4, "simulations_in_flight": 2, "c_puct": 0.2}"#);
+    let mcts =
+        rate(r#"{"kind": "mcts", "expand_k": 4, "simulations_in_flight": 2, "c_puct": 0.2}"#);
     let report = format!(
         "solved: best-of-N {:.2}, weighted {:.2}, beam {:.2}, MCTS {:.2}",
         best_of_n.solved, weighted.solved, beam.solved, mcts.solved
@@ -46,9 +51,16 @@ fn mcts_and_beam_beat_best_of_n_at_an_equal_token_budget() {
     println!("{report}");
     // One batch may pass the budget: at most 16 proposals of at most 9 tokens.
     for r in [&best_of_n, &weighted, &beam, &mcts] {
-        assert!(r.most_tokens <= TOKEN_BUDGET + 16 * 9, "{report}: {} tokens", r.most_tokens);
+        assert!(
+            r.most_tokens <= TOKEN_BUDGET + 16 * 9,
+            "{report}: {} tokens",
+            r.most_tokens
+        );
     }
-    assert!(best_of_n.solved <= 0.25, "{report}: the task must defeat sampling");
+    assert!(
+        best_of_n.solved <= 0.25,
+        "{report}: the task must defeat sampling"
+    );
     assert!(beam.solved >= best_of_n.solved + 0.4, "{report}");
     assert!(mcts.solved >= best_of_n.solved + 0.4, "{report}");
     assert!(mcts.solved >= weighted.solved + 0.4, "{report}");

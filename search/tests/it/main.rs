@@ -13,7 +13,10 @@ use arbor_search::{Policy, Scorer, Search, SearchConfig, SearchControl, SearchOu
 
 /// A single-threaded runtime with time enabled, as a worker would drive one search.
 pub(crate) fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
 }
 
 /// A config from a JSON fragment of `SearchConfig` fields plus a seed.
@@ -31,7 +34,9 @@ pub(crate) fn run<P: Policy, S: Scorer>(
     control: &SearchControl,
 ) -> (SearchOutcome, Tree) {
     let mut search = Search::new(prompt, config).expect("valid config");
-    let outcome = runtime().block_on(search.run(policy, scorer, control)).expect("search runs");
+    let outcome = runtime()
+        .block_on(search.run(policy, scorer, control))
+        .expect("search runs");
     search.tree().check_invariants().expect("invariants hold");
     (outcome, search.into_tree())
 }
@@ -47,7 +52,10 @@ pub(crate) struct Played {
 
 impl Played {
     pub(crate) fn solved(&self) -> bool {
-        self.outcome.answer.as_ref().is_some_and(|a| a.answer.key == self.game.answer())
+        self.outcome
+            .answer
+            .as_ref()
+            .is_some_and(|a| a.answer.key == self.game.answer())
     }
 }
 
@@ -57,15 +65,34 @@ pub(crate) fn play(game: PathGame, fields: &str, seed: u64) -> Played {
 }
 
 /// As [`play`], with the scorer's `(margin, noise)`.
-pub(crate) fn play_with(game: PathGame, fields: &str, seed: u64, (margin, noise): (f32, f32)) -> Played {
+pub(crate) fn play_with(
+    game: PathGame,
+    fields: &str,
+    seed: u64,
+    (margin, noise): (f32, f32),
+) -> Played {
     let policy = GamePolicy::new(game.clone());
     let scorer = GameScorer::new(game.clone(), margin, noise);
-    let (outcome, tree) = run(game.prompt(), config(fields, seed), &policy, &scorer, &SearchControl::new());
-    Played { game, policy, scorer, outcome, tree }
+    let (outcome, tree) = run(
+        game.prompt(),
+        config(fields, seed),
+        &policy,
+        &scorer,
+        &SearchControl::new(),
+    );
+    Played {
+        game,
+        policy,
+        scorer,
+        outcome,
+        tree,
+    }
 }
 
 /// Share of seeds `0..seeds` on which `fields` solves the game `make(seed)`.
 pub(crate) fn success_rate(seeds: u64, make: impl Fn(u64) -> PathGame, fields: &str) -> f64 {
-    let solved = (0..seeds).filter(|&seed| play(make(seed), fields, seed).solved()).count();
+    let solved = (0..seeds)
+        .filter(|&seed| play(make(seed), fields, seed).solved())
+        .count();
     solved as f64 / seeds as f64
 }
