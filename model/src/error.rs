@@ -92,6 +92,58 @@ pub enum ModelError {
     },
 }
 
+impl Clone for ModelError {
+    /// A copy of the error; an I/O error keeps its kind and message (`std::io::Error` is not
+    /// `Clone`). Continuous batching needs it: one failed forward pass fails every job in it.
+    fn clone(&self) -> Self {
+        use ModelError::*;
+        match self {
+            Io { path, source } => Io {
+                path: path.clone(),
+                source: std::io::Error::new(source.kind(), source.to_string()),
+            },
+            GgufParse { offset, reason } => GgufParse {
+                offset: *offset,
+                reason: reason.clone(),
+            },
+            Tensor { name, reason } => Tensor {
+                name: name.clone(),
+                reason: reason.clone(),
+            },
+            MissingTensor(n) => MissingTensor(n.clone()),
+            Metadata { key, reason } => Metadata {
+                key: key.clone(),
+                reason: reason.clone(),
+            },
+            UnsupportedType { name, ty } => UnsupportedType {
+                name: name.clone(),
+                ty: ty.clone(),
+            },
+            UnsupportedArchitecture(a) => UnsupportedArchitecture(a.clone()),
+            Format { path, reason } => Format {
+                path: path.clone(),
+                reason: reason.clone(),
+            },
+            Tokenizer(m) => Tokenizer(m.clone()),
+            Template(m) => Template(m.clone()),
+            Fetch(m) => Fetch(m.clone()),
+            InvalidRequest { field, reason } => InvalidRequest {
+                field,
+                reason: reason.clone(),
+            },
+            KvCacheFull {
+                needed,
+                limit,
+                block_size,
+            } => KvCacheFull {
+                needed: *needed,
+                limit: *limit,
+                block_size: *block_size,
+            },
+        }
+    }
+}
+
 /// Result alias used throughout the crate.
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;
 

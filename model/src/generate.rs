@@ -1,4 +1,11 @@
 //! Batched sampling: many requests, each with `n` samples that share its prompt's KV blocks.
+//!
+//! [`Batcher`] is continuous batching: jobs (each a list of requests) join and leave between
+//! forward passes, and every pass carries the new jobs' prompts together with one token of every
+//! live sample of the older ones. [`generate`] is the one-job case.
+
+use std::collections::HashMap;
+use std::time::Instant;
 
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -97,7 +104,32 @@ pub struct GenStats {
     pub decode_secs: f64,
 }
 
+/// Identifies a job inside one [`Batcher`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct JobId(pub u64);
+
+/// What a finished job returns: one list of samples per request, in request order, and counters.
+pub type JobResult = Result<(Vec<Vec<GenOutput>>, GenStats)>;
+
+struct Job {
+    requests: Vec<GenRequest>,
+    /// One root per request, forked from its prefix (or empty) at submission; its prefill
+    /// appends the rest of the prompt, and the samples fork it.
+    roots: Vec<SeqId>,
+    /// Tokens each root held at submission.
+    held: Vec<usize>,
+    prefilled: bool,
+    /// Finished samples, by request and sample index.
+    outputs: Vec<Vec<Option<GenOutput>>>,
+    /// Samples still decoding.
+    live: usize,
+    /// Every sequence the job created; those not handed back are freed when it ends.
+    seqs: Vec<SeqId>,
+    stats: GenStats,
+}
+
 struct Live {
+    job: JobId,
     request: usize,
     sample: usize,
     seq: SeqId,
@@ -106,14 +138,372 @@ struct Live {
     done: bool,
 }
 
+/// Continuous batching over one [`Engine`].
+///
+/// [`Batcher::submit`] validates a job and forks its prefixes at once (so a prefix sequence may be
+/// freed right after); each [`Batcher::step`] runs one forward pass holding the prompts of new jobs
+/// and the next token of every live sample, and returns the jobs that finished. A failed pass fails
+/// only the jobs it could concern, and every failed or cancelled job gives its sequences back.
+///
+/// Each sample draws from its own seeded stream and the CPU kernels do not depend on the batch, so
+/// a job's results are the same whatever else shares its passes.
+#[derive(Default)]
+pub struct Batcher {
+    jobs: HashMap<JobId, Job>,
+    live: Vec<Live>,
+    next: u64,
+}
+
+impl std::fmt::Debug for Batcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batcher")
+            .field("jobs", &self.jobs.len())
+            .field("live_samples", &self.live.len())
+            .finish()
+    }
+}
+
+impl Batcher {
+    /// An empty batcher.
+    pub fn new() -> Self {
+        Batcher::default()
+    }
+
+    /// No job is waiting or running.
+    pub fn is_idle(&self) -> bool {
+        self.jobs.is_empty()
+    }
+
+    /// Jobs submitted and not yet finished.
+    pub fn jobs(&self) -> usize {
+        self.jobs.len()
+    }
+
+    /// Samples decoding now.
+    pub fn live_samples(&self) -> usize {
+        self.live.len()
+    }
+
+    /// Validates `requests` and queues them as one job; its prefill runs in the next step.
+    pub fn submit(&mut self, engine: &mut Engine, requests: Vec<GenRequest>) -> Result<JobId> {
+        validate(engine, &requests)?;
+        let mut roots = Vec::with_capacity(requests.len());
+        let mut held = Vec::with_capacity(requests.len());
+        for r in &requests {
+            let root = match r.prefix {
+                Some(p) => match engine.fork(p) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        roots.iter().for_each(|&s| engine.free(s));
+                        return Err(e);
+                    }
+                },
+                None => engine.new_sequence(),
+            };
+            held.push(engine.seq_len(root).expect("just created"));
+            roots.push(root);
+        }
+        let id = JobId(self.next);
+        self.next += 1;
+        let outputs = requests.iter().map(|r| vec![None; r.n]).collect();
+        self.jobs.insert(
+            id,
+            Job {
+                seqs: roots.clone(),
+                requests,
+                roots,
+                held,
+                prefilled: false,
+                outputs,
+                live: 0,
+                stats: GenStats::default(),
+            },
+        );
+        Ok(id)
+    }
+
+    /// Drops a job and frees its sequences; false if it does not exist (finished or unknown).
+    pub fn cancel(&mut self, engine: &mut Engine, job: JobId) -> bool {
+        let Some(j) = self.jobs.remove(&job) else {
+            return false;
+        };
+        self.live.retain(|l| l.job != job);
+        for s in j.seqs {
+            engine.free(s);
+        }
+        true
+    }
+
+    /// Runs one forward pass and returns the jobs that finished (successfully or not).
+    /// `on_token(job, request, sample, token)` sees each accepted token (for streaming).
+    pub fn step(
+        &mut self,
+        engine: &mut Engine,
+        tokenizer: &Tokenizer,
+        mut on_token: impl FnMut(JobId, usize, usize, u32),
+    ) -> Vec<(JobId, JobResult)> {
+        let mut finished = Vec::new();
+        if self.jobs.is_empty() {
+            return finished;
+        }
+        let t0 = Instant::now();
+        let mut new: Vec<JobId> = self
+            .jobs
+            .iter()
+            .filter(|(_, j)| !j.prefilled)
+            .map(|(&id, _)| id)
+            .collect();
+        new.sort();
+        let (prompt_rows, picks) = match self.pass(engine, &new) {
+            Ok(done) => done,
+            Err(e) if !new.is_empty() => {
+                // The new prompts may be what broke the pass (most often: the KV cache is full).
+                // Fail those jobs, which gives their blocks back, and run the live samples alone.
+                for &id in &new {
+                    finished.push((id, Err(e.clone())));
+                    self.cancel(engine, id);
+                }
+                new.clear();
+                match self.pass(engine, &new) {
+                    Ok(done) => done,
+                    Err(e) => {
+                        self.fail_all(engine, &e, &mut finished);
+                        return finished;
+                    }
+                }
+            }
+            Err(e) => {
+                self.fail_all(engine, &e, &mut finished);
+                return finished;
+            }
+        };
+        let vocab = engine.config().vocab_size;
+        let secs = t0.elapsed().as_secs_f64();
+        let blocks = engine.kv_blocks_in_use();
+        for (id, job) in self.jobs.iter_mut() {
+            job.stats.forward_passes += 1;
+            job.stats.kv_blocks_peak = job.stats.kv_blocks_peak.max(blocks);
+            if new.contains(id) {
+                job.stats.prefill_secs += secs;
+            } else {
+                job.stats.decode_secs += secs;
+            }
+        }
+        // The live samples take their tokens (before the new samples join the list).
+        let mut failed: Vec<(JobId, ModelError)> = Vec::new();
+        for (l, (tok, lp)) in self.live.iter_mut().zip(picks) {
+            let job = self.jobs.get_mut(&l.job).expect("live samples have jobs");
+            let r = &job.requests[l.request];
+            if let Err(e) = accept_token(l, tok, lp, r, tokenizer, &mut job.stats, &mut on_token) {
+                failed.push((l.job, e));
+            }
+        }
+        for (id, e) in failed {
+            if self.cancel(engine, id) {
+                finished.push((id, Err(e)));
+            }
+        }
+        // The new jobs' samples: fork each root once per extra sample, take the first token.
+        let mut row = 0;
+        for &id in &new {
+            if let Err(e) = self.start_samples(
+                engine,
+                tokenizer,
+                id,
+                &prompt_rows,
+                &mut row,
+                vocab,
+                &mut on_token,
+            ) {
+                finished.push((id, Err(e)));
+                self.cancel(engine, id);
+            }
+        }
+        // Jobs whose samples all stopped.
+        let mut i = 0;
+        while i < self.live.len() {
+            if self.live[i].done {
+                let l = self.live.swap_remove(i);
+                let job = self.jobs.get_mut(&l.job).expect("live samples have jobs");
+                job.outputs[l.request][l.sample] = Some(l.out);
+                job.live -= 1;
+            } else {
+                i += 1;
+            }
+        }
+        let done: Vec<JobId> = self
+            .jobs
+            .iter()
+            .filter(|(_, j)| j.prefilled && j.live == 0)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in done {
+            let job = self.jobs.remove(&id).expect("listed");
+            let outputs: Vec<Vec<GenOutput>> = job
+                .outputs
+                .into_iter()
+                .map(|samples| {
+                    samples
+                        .into_iter()
+                        .map(|o| o.expect("every sample finished"))
+                        .collect()
+                })
+                .collect();
+            let kept: std::collections::HashSet<SeqId> =
+                outputs.iter().flatten().filter_map(|o| o.seq).collect();
+            for s in job.seqs {
+                if !kept.contains(&s) {
+                    engine.free(s);
+                }
+            }
+            finished.push((id, Ok((outputs, job.stats))));
+        }
+        finished
+    }
+
+    /// One forward pass over the prompts of `new` and the last token of every live sample.
+    /// Returns the logits after each new prompt (request after request) and each live sample's
+    /// next token with its log-probability. On error nothing has changed.
+    #[allow(clippy::type_complexity)]
+    fn pass(&mut self, engine: &mut Engine, new: &[JobId]) -> Result<(Vec<f32>, Vec<(u32, f32)>)> {
+        let last: Vec<[u32; 1]> = self
+            .live
+            .iter()
+            .map(|l| {
+                [*l.out
+                    .tokens
+                    .last()
+                    .expect("a live sample has accepted a token")]
+            })
+            .collect();
+        let mut entries: Vec<(SeqId, &[u32])> = Vec::new();
+        for id in new {
+            let job = &self.jobs[id];
+            for (ri, r) in job.requests.iter().enumerate() {
+                entries.push((job.roots[ri], &r.prompt[job.held[ri]..]));
+            }
+        }
+        let n_prompts = entries.len();
+        entries.extend(self.live.iter().zip(&last).map(|(l, t)| (l.seq, &t[..])));
+        if entries.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let vocab = engine.config().vocab_size;
+        let logits = engine.forward(&entries)?;
+        drop(entries);
+        let prompt_rows = logits[..n_prompts * vocab].to_vec();
+        let decode = &logits[n_prompts * vocab..];
+        // Sampling and log-softmax read all 151,936 logits per sequence: spread them over the
+        // cores for wide batches. Each sample has its own sampler, so the result is the same.
+        let pick = |(j, l): (usize, &mut Live)| {
+            let row = &decode[j * vocab..(j + 1) * vocab];
+            let tok = l.sampler.sample(row);
+            (tok, log_prob(row, tok))
+        };
+        let picks: Vec<(u32, f32)> = if self.live.len() >= 4 {
+            self.live.par_iter_mut().enumerate().map(pick).collect()
+        } else {
+            self.live.iter_mut().enumerate().map(pick).collect()
+        };
+        Ok((prompt_rows, picks))
+    }
+
+    /// Forks the samples of new job `id` from its roots and gives each its first token, read from
+    /// `prompt_rows` starting at row `*row`.
+    #[allow(clippy::too_many_arguments)]
+    fn start_samples(
+        &mut self,
+        engine: &mut Engine,
+        tokenizer: &Tokenizer,
+        id: JobId,
+        prompt_rows: &[f32],
+        row: &mut usize,
+        vocab: usize,
+        on_token: &mut impl FnMut(JobId, usize, usize, u32),
+    ) -> Result<()> {
+        let job = self.jobs.get_mut(&id).expect("new jobs exist");
+        job.prefilled = true;
+        let first_row = *row;
+        *row += job.requests.len();
+        for (ri, r) in job.requests.iter().enumerate() {
+            job.stats.prompt_tokens_computed += (r.prompt.len() - job.held[ri]) as u64;
+            let logits = &prompt_rows[(first_row + ri) * vocab..(first_row + ri + 1) * vocab];
+            for si in 0..r.n {
+                let seq = if si == 0 {
+                    job.roots[ri]
+                } else {
+                    let s = engine.fork(job.roots[ri])?;
+                    job.seqs.push(s);
+                    s
+                };
+                let mut l = Live {
+                    job: id,
+                    request: ri,
+                    sample: si,
+                    seq,
+                    sampler: Sampler::new(r.sampling.clone(), si as u64),
+                    out: GenOutput {
+                        tokens: vec![],
+                        logprobs: vec![],
+                        text: String::new(),
+                        stop_reason: StopReason::MaxTokens,
+                        seq: r.keep_sequences.then_some(seq),
+                    },
+                    done: false,
+                };
+                let tok = l.sampler.sample(logits);
+                accept_token(
+                    &mut l,
+                    tok,
+                    log_prob(logits, tok),
+                    r,
+                    tokenizer,
+                    &mut job.stats,
+                    on_token,
+                )?;
+                job.live += 1;
+                self.live.push(l);
+            }
+        }
+        Ok(())
+    }
+
+    fn fail_all(
+        &mut self,
+        engine: &mut Engine,
+        e: &ModelError,
+        finished: &mut Vec<(JobId, JobResult)>,
+    ) {
+        let mut ids: Vec<JobId> = self.jobs.keys().copied().collect();
+        ids.sort();
+        for id in ids {
+            finished.push((id, Err(e.clone())));
+            self.cancel(engine, id);
+        }
+    }
+}
+
 /// Runs every request to completion, batching all live continuations into each forward pass.
 /// `on_token(request, sample, token)` sees each token as it is accepted (for streaming).
+///
+/// On error every sequence it created is freed, so the engine is left as it was.
 pub fn generate(
     engine: &mut Engine,
     tokenizer: &Tokenizer,
     requests: &[GenRequest],
     mut on_token: impl FnMut(usize, usize, u32),
 ) -> Result<(Vec<Vec<GenOutput>>, GenStats)> {
+    let mut batcher = Batcher::new();
+    let id = batcher.submit(engine, requests.to_vec())?;
+    loop {
+        let mut finished = batcher.step(engine, tokenizer, |_, r, s, t| on_token(r, s, t));
+        if let Some(i) = finished.iter().position(|(j, _)| *j == id) {
+            return finished.swap_remove(i).1;
+        }
+    }
+}
+
+fn validate(engine: &Engine, requests: &[GenRequest]) -> Result<()> {
     for r in requests {
         if r.prompt.is_empty() {
             return Err(ModelError::invalid(
@@ -155,138 +545,7 @@ pub fn generate(
         }
         r.sampling.validate()?;
     }
-    let mut seqs: Vec<SeqId> = Vec::new();
-    let result = run(engine, tokenizer, requests, &mut seqs, &mut on_token);
-    // Free every sequence on every path, so an error leaves the cache as it was; on success
-    // the ones the caller asked to keep survive.
-    let kept: std::collections::HashSet<SeqId> = match &result {
-        Ok((outs, _)) => outs.iter().flatten().filter_map(|o| o.seq).collect(),
-        Err(_) => Default::default(),
-    };
-    for s in seqs {
-        if !kept.contains(&s) {
-            engine.free(s);
-        }
-    }
-    result
-}
-
-fn run(
-    engine: &mut Engine,
-    tokenizer: &Tokenizer,
-    requests: &[GenRequest],
-    seqs: &mut Vec<SeqId>,
-    on_token: &mut impl FnMut(usize, usize, u32),
-) -> Result<(Vec<Vec<GenOutput>>, GenStats)> {
-    let mut stats = GenStats::default();
-    let vocab = engine.config().vocab_size;
-    let t0 = std::time::Instant::now();
-    let mut roots = Vec::with_capacity(requests.len());
-    let mut entries: Vec<(SeqId, &[u32])> = Vec::with_capacity(requests.len());
-    for r in requests {
-        let (root, held) = match r.prefix {
-            Some(p) => (engine.fork(p)?, engine.seq_len(p).expect("validated")),
-            None => (engine.new_sequence(), 0),
-        };
-        seqs.push(root);
-        roots.push(root);
-        entries.push((root, &r.prompt[held..]));
-        stats.prompt_tokens_computed += (r.prompt.len() - held) as u64;
-    }
-    let prompt_logits = engine.forward(&entries)?.to_vec();
-    stats.forward_passes += 1;
-    stats.prefill_secs = t0.elapsed().as_secs_f64();
-
-    let t1 = std::time::Instant::now();
-    let mut live = Vec::new();
-    for (ri, r) in requests.iter().enumerate() {
-        let logits = &prompt_logits[ri * vocab..(ri + 1) * vocab];
-        for si in 0..r.n {
-            let seq = if si == 0 {
-                roots[ri]
-            } else {
-                engine.fork(roots[ri])?
-            };
-            if si > 0 {
-                seqs.push(seq);
-            }
-            let mut l = Live {
-                request: ri,
-                sample: si,
-                seq,
-                sampler: Sampler::new(r.sampling.clone(), si as u64),
-                out: GenOutput {
-                    tokens: vec![],
-                    logprobs: vec![],
-                    text: String::new(),
-                    stop_reason: StopReason::MaxTokens,
-                    seq: r.keep_sequences.then_some(seq),
-                },
-                done: false,
-            };
-            accept(&mut l, logits, r, tokenizer, &mut stats, on_token)?;
-            live.push(l);
-        }
-    }
-    stats.kv_blocks_peak = engine.kv_blocks_in_use();
-    loop {
-        let active: Vec<usize> = (0..live.len()).filter(|&i| !live[i].done).collect();
-        if active.is_empty() {
-            break;
-        }
-        let last: Vec<[u32; 1]> = active
-            .iter()
-            .map(|&i| [*live[i].out.tokens.last().expect("one token accepted")])
-            .collect();
-        let entries: Vec<(SeqId, &[u32])> = active
-            .iter()
-            .zip(&last)
-            .map(|(&i, t)| (live[i].seq, &t[..]))
-            .collect();
-        stats.kv_blocks_peak = stats.kv_blocks_peak.max(engine.kv_blocks_in_use());
-        let logits = engine.forward(&entries)?;
-        stats.forward_passes += 1;
-        // Sampling and log-softmax read all 151,936 logits per sequence: spread them over the
-        // cores for wide batches. Each sequence has its own sampler, so the result is the same.
-        let picks: Vec<(u32, f32)> = {
-            let mut refs: Vec<&mut Live> = live.iter_mut().filter(|l| !l.done).collect();
-            let pick = |(j, l): (usize, &mut &mut Live)| {
-                let row = &logits[j * vocab..(j + 1) * vocab];
-                let tok = l.sampler.sample(row);
-                (tok, log_prob(row, tok))
-            };
-            if refs.len() >= 4 {
-                refs.par_iter_mut().enumerate().map(pick).collect()
-            } else {
-                refs.iter_mut().enumerate().map(pick).collect()
-            }
-        };
-        for (&i, (tok, lp)) in active.iter().zip(picks) {
-            let r = &requests[live[i].request];
-            accept_token(&mut live[i], tok, lp, r, tokenizer, &mut stats, on_token)?;
-        }
-    }
-    stats.decode_secs = t1.elapsed().as_secs_f64();
-    let mut outputs: Vec<Vec<GenOutput>> =
-        requests.iter().map(|r| Vec::with_capacity(r.n)).collect();
-    for l in live {
-        debug_assert_eq!(outputs[l.request].len(), l.sample);
-        outputs[l.request].push(l.out);
-    }
-    Ok((outputs, stats))
-}
-
-/// Samples one token for `l` from `logits` and decides whether it has finished.
-fn accept(
-    l: &mut Live,
-    logits: &[f32],
-    r: &GenRequest,
-    tokenizer: &Tokenizer,
-    stats: &mut GenStats,
-    on_token: &mut impl FnMut(usize, usize, u32),
-) -> Result<()> {
-    let tok = l.sampler.sample(logits);
-    accept_token(l, tok, log_prob(logits, tok), r, tokenizer, stats, on_token)
+    Ok(())
 }
 
 /// Takes `tok` (with log-probability `lp`) as `l`'s next token and decides whether it has finished.
@@ -297,7 +556,7 @@ fn accept_token(
     r: &GenRequest,
     tokenizer: &Tokenizer,
     stats: &mut GenStats,
-    on_token: &mut impl FnMut(usize, usize, u32),
+    on_token: &mut impl FnMut(JobId, usize, usize, u32),
 ) -> Result<()> {
     if tokenizer.is_eos(tok) {
         l.out.stop_reason = StopReason::Eos;
@@ -309,7 +568,7 @@ fn accept_token(
     // (`text` is decoded at every step only when stop strings need it; otherwise at the end.)
     l.out.logprobs.push(lp);
     stats.generated_tokens += 1;
-    on_token(l.request, l.sample, tok);
+    on_token(l.job, l.request, l.sample, tok);
     if r.stop.is_empty() {
         if l.out.tokens.len() >= r.max_tokens {
             l.out.stop_reason = StopReason::MaxTokens;

@@ -1,21 +1,30 @@
 //! A worker: the search crate's [`Policy`] and [`Scorer`] served by the model crate's engine.
 //!
-//! The search asks for the next steps of many nodes at once; the worker turns the whole batch
-//! into one [`generate`] call, so every decoding step of every node shares one forward pass, and
-//! the `k` samples of a node share one prefill of its prefix (forked KV blocks).
+//! One thread owns the engine and runs continuous batching over every call the worker gets
+//! ([`runner`]): the nodes of one call, and of every other call in flight (other searches, other
+//! clients), share each forward pass; the `k` samples of a node share one prefill of its prefix
+//! (forked KV blocks); and a tree-aware prefix cache keeps each generated step's sequence so
+//! expanding that node later computes only what is new. Calls whose caller went away or whose
+//! deadline passed stop decoding at the next pass.
 //!
 //! **Architecture Invariant:** the worker is the only crate that sees both `arbor-search` and
 //! `arbor-model`; neither of them knows the other.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
-use arbor_model::generate::{generate, GenStats};
-use arbor_model::{
-    ChatMessage, Engine, GenRequest, Model, SamplingParams, SeqId, StopReason, Tokenizer,
-};
+use arbor_model::{ChatMessage, Engine, Model, ModelConfig, SamplingParams, StopReason, Tokenizer};
 use arbor_search::{
     Policy, PolicyCost, PolicyError, Proposals, ProposeRequest, ProposedStep, StepStop,
 };
+use tokio::sync::oneshot;
+
+mod cache;
+pub mod runner;
+
+use runner::Command;
+pub use runner::{ExpandItem, ExpandResult};
 
 /// Settings of a worker.
 #[derive(Debug, Clone)]
@@ -29,6 +38,9 @@ pub struct WorkerOptions {
     /// The prefix cache gives back its least recently used sequences while more KV blocks
     /// than this are in use.
     pub prefix_cache_blocks_max: usize,
+    /// Most calls queued or running at once; more are refused with
+    /// [`WorkerError::Overloaded`] instead of queueing without bound.
+    pub calls_in_flight_max: usize,
 }
 
 impl Default for WorkerOptions {
@@ -38,102 +50,94 @@ impl Default for WorkerOptions {
             top_k: 0,
             prefix_cache_entries_max: 512,
             prefix_cache_blocks_max: 4096,
+            calls_in_flight_max: 256,
         }
     }
 }
 
-/// Sequences kept alive after a call, keyed by the tokens they hold: the tree-aware part of the
-/// KV cache. A node's children are generated from forks of its parent's kept sequence, so each
-/// expansion computes only the tokens the cache does not already hold (usually one).
-#[derive(Debug, Default)]
-struct PrefixCache {
-    entries: Vec<CacheEntry>,
-    /// Logical clock for least-recently-used eviction.
-    clock: u64,
-}
-
-#[derive(Debug)]
-struct CacheEntry {
-    tokens: Vec<u32>,
-    seq: SeqId,
-    last_used: u64,
-}
-
-impl PrefixCache {
-    /// The longest cached sequence whose tokens are a proper prefix of `tokens`.
-    fn lookup(&mut self, tokens: &[u32]) -> Option<(SeqId, usize)> {
-        self.clock += 1;
-        let clock = self.clock;
-        let best = self
-            .entries
-            .iter_mut()
-            .filter(|e| e.tokens.len() < tokens.len() && tokens.starts_with(&e.tokens))
-            .max_by_key(|e| e.tokens.len())?;
-        best.last_used = clock;
-        Some((best.seq, best.tokens.len()))
-    }
-
-    fn insert(&mut self, tokens: Vec<u32>, seq: SeqId, engine: &mut Engine) {
-        self.clock += 1;
-        if let Some(e) = self.entries.iter_mut().find(|e| e.tokens == tokens) {
-            // Already cached: keep the old sequence, drop the new duplicate.
-            e.last_used = self.clock;
-            engine.free(seq);
-            return;
-        }
-        self.entries.push(CacheEntry {
-            tokens,
-            seq,
-            last_used: self.clock,
-        });
-    }
-
-    fn evict(&mut self, engine: &mut Engine, entries_max: usize, blocks_max: usize) {
-        while !self.entries.is_empty()
-            && (self.entries.len() > entries_max || engine.kv_blocks_in_use() > blocks_max)
-        {
-            let (i, _) = self
-                .entries
-                .iter()
-                .enumerate()
-                .min_by_key(|(_, e)| e.last_used)
-                .expect("non-empty");
-            let e = self.entries.swap_remove(i);
-            engine.free(e.seq);
-        }
-    }
-
-    fn clear(&mut self, engine: &mut Engine) {
-        for e in self.entries.drain(..) {
-            engine.free(e.seq);
-        }
-    }
+/// Why a worker call failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WorkerError {
+    /// The engine rejected or failed the call (bad token ids, context too long, KV cache full).
+    #[error(transparent)]
+    Model(#[from] arbor_model::ModelError),
+    /// Too many calls are queued or running; try again later or elsewhere.
+    #[error("worker overloaded: {in_flight} calls in flight, limit {limit}")]
+    Overloaded {
+        /// Calls in flight when this one arrived.
+        in_flight: usize,
+        /// [`WorkerOptions::calls_in_flight_max`].
+        limit: usize,
+    },
+    /// The call's deadline passed before it finished; its decoding was stopped.
+    #[error("deadline exceeded")]
+    DeadlineExceeded,
+    /// The call was cancelled.
+    #[error("cancelled")]
+    Cancelled,
+    /// The engine thread has stopped (it panicked).
+    #[error("the worker's engine thread has stopped")]
+    Stopped,
 }
 
 /// Counters over the worker's life, for statistics and tests.
 #[derive(Debug, Clone, Default)]
 pub struct WorkerStats {
-    /// `propose` calls served.
+    /// Expansion calls answered successfully (`propose` or `expand`).
     pub propose_calls: u64,
     /// Requests (nodes) in those calls.
     pub requests: u64,
-    /// Forward passes run.
+    /// Forward passes run (shared by every call in them).
     pub forward_passes: u64,
     /// Prompt tokens computed.
     pub prompt_tokens_computed: u64,
     /// Tokens generated.
     pub generated_tokens: u64,
+    /// Calls cancelled or timed out before they finished.
+    pub cancelled_calls: u64,
+}
+
+/// A snapshot of the engine's state, published after every pass.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Live sequences.
+    pub sequences: usize,
+    /// KV blocks in use.
+    pub kv_blocks: usize,
+    /// Sequences held by the prefix cache.
+    pub cached_sequences: usize,
+    /// Calls queued or decoding.
+    pub running_calls: usize,
+}
+
+/// What a worker runs, for clients and the coordinator.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelInfo {
+    /// Where the model came from (file or folder).
+    pub source: String,
+    /// Its hyper-parameters.
+    pub config: ModelConfig,
+    /// The engine's backend.
+    pub backend: String,
+}
+
+pub(crate) struct Shared {
+    stats: Mutex<WorkerStats>,
+    usage: Mutex<Usage>,
+    /// Calls sent to the engine thread and not yet answered.
+    in_flight: AtomicUsize,
 }
 
 struct Inner {
     tokenizer: Arc<Tokenizer>,
-    /// One engine and its prefix cache, used by one batch at a time; batching happens inside a call.
-    engine: Mutex<(Engine, PrefixCache)>,
+    tx: crossbeam_channel::Sender<Command>,
     options: WorkerOptions,
-    stats: Mutex<WorkerStats>,
+    shared: Arc<Shared>,
+    info: ModelInfo,
 }
 
-/// A policy backed by a local engine. Cheap to clone (shared state).
+/// A policy backed by a local engine, which runs on its own thread. Cheap to clone (shared
+/// state); the thread ends when the last clone is dropped and its calls are done.
 #[derive(Clone)]
 pub struct LocalWorker {
     inner: Arc<Inner>,
@@ -155,16 +159,51 @@ Write each step as one short paragraph, separated by a blank line. \
 End with a final line of the form \"The answer is N.\" where N is the number.";
 
 impl LocalWorker {
-    /// A worker over `engine`, which must run `model`.
+    /// A worker over `engine`, which must run `model`. Starts the engine thread.
     pub fn new(model: &Model, engine: Engine, options: WorkerOptions) -> Self {
+        let shared = Arc::new(Shared {
+            stats: Mutex::new(WorkerStats::default()),
+            usage: Mutex::new(Usage::default()),
+            in_flight: AtomicUsize::new(0),
+        });
+        let info = ModelInfo {
+            source: format!("{:?}", model.source),
+            config: model.config.clone(),
+            backend: engine.backend_name().to_string(),
+        };
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let tokenizer = model.tokenizer.clone();
+        {
+            let (tokenizer, options, shared) = (tokenizer.clone(), options.clone(), shared.clone());
+            std::thread::Builder::new()
+                .name("arbor-engine".into())
+                .spawn(move || runner::run(engine, tokenizer, options, shared, rx))
+                .expect("spawning the engine thread");
+        }
         LocalWorker {
             inner: Arc::new(Inner {
-                tokenizer: model.tokenizer.clone(),
-                engine: Mutex::new((engine, PrefixCache::default())),
+                tokenizer,
+                tx,
                 options,
-                stats: Mutex::new(WorkerStats::default()),
+                shared,
+                info,
             }),
         }
+    }
+
+    /// The tokenizer of the worker's model.
+    pub fn tokenizer(&self) -> &Arc<Tokenizer> {
+        &self.inner.tokenizer
+    }
+
+    /// The worker's settings.
+    pub fn options(&self) -> &WorkerOptions {
+        &self.inner.options
+    }
+
+    /// What the worker runs.
+    pub fn model_info(&self) -> &ModelInfo {
+        &self.inner.info
     }
 
     /// The prompt a search should continue for `question`: the model's chat template with a
@@ -190,155 +229,163 @@ impl LocalWorker {
 
     /// Counters so far.
     pub fn stats(&self) -> WorkerStats {
-        self.inner.stats.lock().expect("stats lock").clone()
+        self.inner.shared.stats.lock().expect("stats lock").clone()
+    }
+
+    /// Calls queued or running now (0 once every call has been answered or dropped).
+    pub fn in_flight(&self) -> usize {
+        self.inner.shared.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// The engine's state after its last pass.
+    pub fn usage(&self) -> Usage {
+        *self.inner.shared.usage.lock().expect("usage lock")
     }
 
     /// Live sequences, KV blocks in use, and sequences held by the prefix cache. Between calls
     /// every live sequence belongs to the cache.
     pub fn engine_usage(&self) -> (usize, usize, usize) {
-        let g = self.inner.engine.lock().expect("engine lock");
-        (g.0.n_sequences(), g.0.kv_blocks_in_use(), g.1.entries.len())
+        let u = self.usage();
+        (u.sequences, u.kv_blocks, u.cached_sequences)
     }
 
-    /// Frees every cached sequence (e.g. between unrelated searches).
+    /// Frees every cached sequence (e.g. between unrelated searches) and waits until it is done.
+    /// Blocks the calling thread: from async code use [`LocalWorker::with_engine`].
     pub fn clear_prefix_cache(&self) {
-        let mut g = self.inner.engine.lock().expect("engine lock");
-        let (engine, cache) = &mut *g;
-        cache.clear(engine);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sent = self
+            .inner
+            .tx
+            .send(Command::Exclusive(Box::new(move |engine, cache| {
+                cache.clear(engine);
+                Box::new(move || {
+                    let _ = tx.send(());
+                })
+            })));
+        if sent.is_ok() {
+            let _ = rx.recv();
+        }
     }
 
-    fn propose_blocking(&self, batch: &[ProposeRequest]) -> Result<Vec<Proposals>, PolicyError> {
-        let inner = &self.inner;
-        let caching = inner.options.prefix_cache_entries_max > 0;
-        let mut guard = inner
-            .engine
-            .lock()
-            .map_err(|_| PolicyError::new("engine lock poisoned by an earlier panic"))?;
-        let (engine, cache) = &mut *guard;
-        let mut requests = Vec::with_capacity(batch.len());
-        let mut reused = Vec::with_capacity(batch.len());
-        for r in batch {
-            // The prompt is already templated, so its special tokens are parsed; the steps are the
-            // model's own tokens, appended as generated.
-            let mut prompt = inner
-                .tokenizer
-                .encode(&r.prompt, true)
-                .map_err(|e| PolicyError::new(e.to_string()))?;
-            for s in &r.steps {
-                prompt.extend_from_slice(&s.token_ids);
-            }
-            let hit = if caching { cache.lookup(&prompt) } else { None };
-            reused.push(hit.map_or(0, |h| h.1) as u64);
-            requests.push(GenRequest {
-                prompt,
-                n: r.k as usize,
-                max_tokens: r.sampling.max_step_tokens as usize,
-                sampling: SamplingParams {
-                    temperature: r.sampling.temperature,
-                    top_k: inner.options.top_k,
-                    top_p: r.sampling.top_p,
-                    seed: r.sampling.seed,
-                },
-                stop: vec![inner.options.step_delimiter.clone()],
-                prefix: hit.map(|h| h.0),
-                keep_sequences: caching,
-            });
+    /// Runs `f` on the engine thread between two forward passes, with the engine to itself:
+    /// for work that is not sampling (scoring a path, reading hidden states). Sequences `f`
+    /// creates must be freed by `f`.
+    pub async fn with_engine<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Engine, &Tokenizer) -> R + Send + 'static,
+    ) -> Result<R, WorkerError> {
+        let (tx, rx) = oneshot::channel();
+        let tokenizer = self.inner.tokenizer.clone();
+        self.inner
+            .tx
+            .send(Command::Exclusive(Box::new(move |engine, _cache| {
+                let r = f(engine, &tokenizer);
+                Box::new(move || {
+                    let _ = tx.send(r);
+                })
+            })))
+            .map_err(|_| WorkerError::Stopped)?;
+        rx.await.map_err(|_| WorkerError::Stopped)
+    }
+
+    /// Samples `k` continuations of each item, sharing forward passes with every other call in
+    /// flight. Dropping the returned future cancels the call: its decoding stops at the next
+    /// pass and its sequences are freed. After `deadline` the call fails with
+    /// [`WorkerError::DeadlineExceeded`], also at the next pass.
+    pub async fn expand(
+        &self,
+        items: Vec<ExpandItem>,
+        deadline: Option<Instant>,
+    ) -> Result<Vec<ExpandResult>, WorkerError> {
+        let shared = &self.inner.shared;
+        let limit = self.inner.options.calls_in_flight_max;
+        let in_flight = shared.in_flight.fetch_add(1, Ordering::SeqCst);
+        if in_flight >= limit {
+            shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+            return Err(WorkerError::Overloaded { in_flight, limit });
         }
-        let (mut outputs, gstats) =
-            match generate(engine, &inner.tokenizer, &requests, |_, _, _| {}) {
-                Ok(done) => done,
-                // The cache's own blocks may be what fills the KV pool: give them all back and try
-                // once more from scratch (a failed generate left the engine as it was).
-                Err(arbor_model::ModelError::KvCacheFull { .. }) if !cache.entries.is_empty() => {
-                    tracing::info!(
-                        cached = cache.entries.len(),
-                        "KV cache full: dropping the prefix cache and retrying"
-                    );
-                    cache.clear(engine);
-                    for (r, reused) in requests.iter_mut().zip(reused.iter_mut()) {
-                        r.prefix = None;
-                        *reused = 0;
-                    }
-                    generate(engine, &inner.tokenizer, &requests, |_, _, _| {})
-                        .map_err(|e| PolicyError::new(e.to_string()))?
-                }
-                Err(e) => return Err(PolicyError::new(e.to_string())),
-            };
-        // Keep every sample's sequence under the tokens it holds: the next expansion of that
-        // child forks it instead of recomputing the path.
-        for (samples, req) in outputs.iter_mut().zip(&requests) {
-            for out in samples.iter_mut() {
-                if let Some(seq) = out.seq.take() {
-                    let held = engine.seq_len(seq).unwrap_or(0);
-                    let tokens: Vec<u32> = req
-                        .prompt
-                        .iter()
-                        .chain(&out.tokens)
-                        .copied()
-                        .take(held)
-                        .collect();
-                    cache.insert(tokens, seq, engine);
-                }
-            }
-        }
-        cache.evict(
-            engine,
-            inner.options.prefix_cache_entries_max,
-            inner.options.prefix_cache_blocks_max,
-        );
-        drop(guard);
-        self.record(batch.len(), &gstats);
-        Ok(outputs
-            .into_iter()
-            .zip(&requests)
-            .zip(reused)
-            .map(|((samples, req), reused)| {
-                let generated: u64 = samples.iter().map(|s| s.tokens.len() as u64).sum();
-                let steps = samples
-                    .into_iter()
-                    .map(|s| ProposedStep {
-                        text: s.text,
-                        token_ids: s.tokens,
-                        token_logprobs: s.logprobs,
-                        stop: match s.stop_reason {
-                            StopReason::Eos => StepStop::EndOfSequence,
-                            StopReason::Stop(_) => StepStop::Delimiter,
-                            StopReason::MaxTokens => StepStop::MaxTokens,
-                        },
-                    })
-                    .collect();
-                let sent = req.prompt.len() as u64;
-                Proposals {
-                    steps,
-                    cost: PolicyCost {
-                        prompt_tokens: sent,
-                        // A request's prefix is computed once for all its samples, minus what the
-                        // prefix cache already held.
-                        prompt_tokens_computed: sent - reused,
-                        prompt_tokens_reused: reused,
-                        generated_tokens: generated,
-                    },
-                }
+        let (tx, rx) = oneshot::channel();
+        if self
+            .inner
+            .tx
+            .send(Command::Expand {
+                items,
+                deadline,
+                reply: tx,
             })
-            .collect())
+            .is_err()
+        {
+            shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+            return Err(WorkerError::Stopped);
+        }
+        rx.await.map_err(|_| WorkerError::Stopped)?
     }
 
-    fn record(&self, requests: usize, g: &GenStats) {
-        let mut s = self.inner.stats.lock().expect("stats lock");
-        s.propose_calls += 1;
-        s.requests += requests as u64;
-        s.forward_passes += g.forward_passes;
-        s.prompt_tokens_computed += g.prompt_tokens_computed;
-        s.generated_tokens += g.generated_tokens;
+    /// The token prefix of a search request: the templated prompt (special tokens parsed),
+    /// then the path's own tokens as generated.
+    pub fn request_tokens(&self, r: &ProposeRequest) -> Result<Vec<u32>, arbor_model::ModelError> {
+        let mut prompt = self.inner.tokenizer.encode(&r.prompt, true)?;
+        for s in &r.steps {
+            prompt.extend_from_slice(&s.token_ids);
+        }
+        Ok(prompt)
     }
 }
 
 impl Policy for LocalWorker {
     async fn propose(&self, batch: Vec<ProposeRequest>) -> Result<Vec<Proposals>, PolicyError> {
-        let worker = self.clone();
-        // Model work is CPU-bound: keep it off the async threads.
-        tokio::task::spawn_blocking(move || worker.propose_blocking(&batch))
+        let o = &self.inner.options;
+        let mut items = Vec::with_capacity(batch.len());
+        for r in &batch {
+            items.push(ExpandItem {
+                prompt: self
+                    .request_tokens(r)
+                    .map_err(|e| PolicyError::new(e.to_string()))?,
+                k: r.k as usize,
+                max_tokens: r.sampling.max_step_tokens as usize,
+                sampling: SamplingParams {
+                    temperature: r.sampling.temperature,
+                    top_k: o.top_k,
+                    top_p: r.sampling.top_p,
+                    seed: r.sampling.seed,
+                },
+                stop: vec![o.step_delimiter.clone()],
+            });
+        }
+        let results = self
+            .expand(items, None)
             .await
-            .map_err(|e| PolicyError::new(format!("worker task failed: {e}")))?
+            .map_err(|e| PolicyError::new(e.to_string()))?;
+        Ok(results.into_iter().map(proposals).collect())
+    }
+}
+
+/// A search's view of one expansion result.
+pub fn proposals(r: ExpandResult) -> Proposals {
+    let generated: u64 = r.samples.iter().map(|s| s.tokens.len() as u64).sum();
+    let steps = r
+        .samples
+        .into_iter()
+        .map(|s| ProposedStep {
+            text: s.text,
+            token_ids: s.tokens,
+            token_logprobs: s.logprobs,
+            stop: match s.stop_reason {
+                StopReason::Eos => StepStop::EndOfSequence,
+                StopReason::Stop(_) => StepStop::Delimiter,
+                StopReason::MaxTokens => StepStop::MaxTokens,
+            },
+        })
+        .collect();
+    Proposals {
+        steps,
+        cost: PolicyCost {
+            prompt_tokens: r.prompt_tokens,
+            // A request's prefix is computed once for all its samples, minus what the prefix
+            // cache already held.
+            prompt_tokens_computed: r.prompt_tokens_computed,
+            prompt_tokens_reused: r.prompt_tokens_reused,
+            generated_tokens: generated,
+        },
     }
 }

@@ -473,3 +473,82 @@ fn continuing_from_a_kept_prefix_equals_prefilling_everything() {
     let err = generate(&mut e, tok, &[bad], |_, _, _| {}).unwrap_err();
     assert!(err.to_string().contains("prefix"), "{err}");
 }
+
+/// Continuous batching: jobs that join while others are decoding, and a job cancelled halfway,
+/// change nothing for the rest: every job's samples equal what it produces alone, and the engine
+/// ends with no sequence left.
+#[test]
+fn jobs_joining_mid_decode_match_running_alone_and_cancel_frees_everything() {
+    use arbor_model::generate::Batcher;
+    let m = model();
+    let tok = &m.tokenizer;
+    let req = |p: &str, n: usize, seed: u64| GenRequest {
+        prompt: tok.encode(p, false).unwrap(),
+        n,
+        max_tokens: 12,
+        sampling: SamplingParams {
+            temperature: 0.8,
+            seed,
+            ..Default::default()
+        },
+        stop: vec![],
+        prefix: None,
+        keep_sequences: false,
+    };
+    let jobs = [
+        vec![req("def fib(n):\n", 3, 1)],
+        vec![req("The capital of France is", 2, 2), req("2 + 2 =", 1, 3)],
+        vec![req("Once upon a time", 4, 4)],
+    ];
+    let mut e = engine();
+    let alone: Vec<_> = jobs
+        .iter()
+        .map(|j| generate(&mut e, tok, j, |_, _, _| {}).unwrap().0)
+        .collect();
+    assert_eq!(e.n_sequences(), 0);
+
+    let mut b = Batcher::new();
+    let first = b.submit(&mut e, jobs[0].clone()).unwrap();
+    let mut results = std::collections::HashMap::new();
+    let mut steps = 0;
+    let (mut second, mut third, mut doomed) = (None, None, None);
+    while !b.is_idle() || second.is_none() {
+        // Jobs join after 3 and 5 passes; one more joins at 4 and is cancelled at 7.
+        match steps {
+            3 => second = Some(b.submit(&mut e, jobs[1].clone()).unwrap()),
+            4 => doomed = Some(b.submit(&mut e, jobs[2].clone()).unwrap()),
+            5 => third = Some(b.submit(&mut e, jobs[2].clone()).unwrap()),
+            7 => assert!(b.cancel(&mut e, doomed.unwrap())),
+            _ => {}
+        }
+        for (id, r) in b.step(&mut e, tok, |_, _, _, _| {}) {
+            results.insert(id, r.unwrap().0);
+        }
+        steps += 1;
+    }
+    assert!(
+        !results.contains_key(&doomed.unwrap()),
+        "a cancelled job reports nothing"
+    );
+    for (id, expected) in [
+        (first, &alone[0]),
+        (second.unwrap(), &alone[1]),
+        (third.unwrap(), &alone[2]),
+    ] {
+        let got = &results[&id];
+        for (g, x) in got.iter().flatten().zip(expected.iter().flatten()) {
+            assert_eq!(g.tokens, x.tokens);
+            assert_eq!(g.logprobs, x.logprobs);
+        }
+        assert_eq!(
+            got.iter().flatten().count(),
+            expected.iter().flatten().count()
+        );
+    }
+    assert_eq!(
+        e.n_sequences(),
+        0,
+        "finished and cancelled jobs free their sequences"
+    );
+    assert_eq!(e.kv_blocks_in_use(), 0);
+}

@@ -1,11 +1,12 @@
 //! End to end: every strategy on a real GSM8K question with the real default model.
 
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use arbor_model::backend::cpu::CpuBackend;
-use arbor_model::{Engine, EngineOptions, Model};
+use arbor_model::{Engine, EngineOptions, Model, SamplingParams};
 use arbor_search::{LogProbScorer, Search, SearchConfig, SearchControl};
-use arbor_worker::{LocalWorker, WorkerOptions};
+use arbor_worker::{ExpandItem, LocalWorker, WorkerError, WorkerOptions};
 
 fn model() -> &'static Model {
     static MODEL: OnceLock<Model> = OnceLock::new();
@@ -165,5 +166,154 @@ fn every_strategy_answers_a_gsm8k_question_with_exact_costs() {
         ),
     ] {
         run(strategy, budget);
+    }
+}
+
+fn item(w: &LocalWorker, text: &str, k: usize, max_tokens: usize, seed: u64) -> ExpandItem {
+    ExpandItem {
+        prompt: w.tokenizer().encode(text, false).unwrap(),
+        k,
+        max_tokens,
+        sampling: SamplingParams {
+            temperature: 0.8,
+            seed,
+            ..Default::default()
+        },
+        stop: vec![],
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Continuous batching across calls: three clients at once share forward passes, and each gets
+/// exactly the samples it gets alone.
+#[test]
+fn concurrent_calls_share_forward_passes_and_match_running_alone() {
+    let rt = runtime();
+    let prompts = [
+        "def fib(n):\n",
+        "The capital of France is",
+        "Once upon a time",
+    ];
+    let alone_worker = worker();
+    let mut alone = Vec::new();
+    for (i, p) in prompts.iter().enumerate() {
+        let items = vec![item(&alone_worker, p, 2, 10, i as u64)];
+        alone.push(rt.block_on(alone_worker.expand(items, None)).unwrap());
+    }
+    let passes_alone = alone_worker.stats().forward_passes;
+
+    let w = worker();
+    let together = rt.block_on(async {
+        let calls = prompts.iter().enumerate().map(|(i, p)| {
+            let w = w.clone();
+            let items = vec![item(&w, p, 2, 10, i as u64)];
+            tokio::spawn(async move { w.expand(items, None).await })
+        });
+        let mut out = Vec::new();
+        for c in calls.collect::<Vec<_>>() {
+            out.push(c.await.unwrap().unwrap());
+        }
+        out
+    });
+    for (a, t) in alone.iter().zip(&together) {
+        for (sa, st) in a[0].samples.iter().zip(&t[0].samples) {
+            assert_eq!(sa.tokens, st.tokens);
+            assert_eq!(sa.logprobs, st.logprobs);
+        }
+    }
+    let passes_together = w.stats().forward_passes;
+    assert!(
+        passes_together < passes_alone,
+        "shared passes: {passes_together} together vs {passes_alone} one after another"
+    );
+    assert_eq!(w.in_flight(), 0);
+}
+
+/// A caller that goes away (a dropped future: a cancelled RPC, a client that hung up) stops its
+/// decoding at the next pass and gives its sequences back.
+#[test]
+fn dropping_a_call_stops_its_decoding_and_frees_its_sequences() {
+    let rt = runtime();
+    let w = worker();
+    let items = vec![item(&w, "Count to one thousand: 1, 2, 3,", 4, 400, 1)];
+    let started = std::time::Instant::now();
+    let r = rt.block_on(async {
+        tokio::time::timeout(Duration::from_millis(500), w.expand(items, None)).await
+    });
+    assert!(r.is_err(), "the call is still running when dropped");
+    wait_until_idle(&w);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let s = w.stats();
+    assert_eq!(s.cancelled_calls, 1);
+    assert!(
+        s.generated_tokens < 4 * 400,
+        "decoding stopped early: {s:?}"
+    );
+    assert_eq!(w.usage().sequences, 0, "a cancelled call keeps nothing");
+    assert_eq!(w.usage().kv_blocks, 0);
+
+    // A deadline does the same, and says so.
+    let items = vec![item(&w, "Count to one thousand: 1, 2, 3,", 4, 400, 1)];
+    let deadline = std::time::Instant::now() + Duration::from_millis(300);
+    let err = rt.block_on(w.expand(items, Some(deadline))).unwrap_err();
+    assert!(matches!(err, WorkerError::DeadlineExceeded), "{err:?}");
+    assert_eq!(w.in_flight(), 0);
+    assert_eq!(w.usage().sequences, 0);
+}
+
+/// Work beyond the in-flight limit is refused at once instead of queueing without bound.
+#[test]
+fn calls_beyond_the_limit_are_refused_as_overloaded() {
+    let rt = runtime();
+    let w = worker_with(
+        EngineOptions::default(),
+        WorkerOptions {
+            calls_in_flight_max: 1,
+            ..WorkerOptions::default()
+        },
+    );
+    rt.block_on(async {
+        let long = {
+            let w = w.clone();
+            let items = vec![item(&w, "Count to one thousand: 1, 2, 3,", 2, 200, 1)];
+            tokio::spawn(async move { w.expand(items, None).await })
+        };
+        while w.in_flight() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let err = w
+            .expand(vec![item(&w, "Hello", 1, 4, 2)], None)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                WorkerError::Overloaded {
+                    in_flight: 1,
+                    limit: 1
+                }
+            ),
+            "{err:?}"
+        );
+        long.abort();
+    });
+    wait_until_idle(&w);
+}
+
+fn wait_until_idle(w: &LocalWorker) {
+    let t = std::time::Instant::now();
+    while w.in_flight() != 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "calls never finished"
+        );
+        std::thread::sleep(Duration::from_millis(10));
     }
 }

@@ -1,0 +1,333 @@
+//! The engine thread: one thread owns the [`Engine`] and its prefix cache and runs continuous
+//! batching over every call the worker receives.
+//!
+//! Calls arrive as [`Command`]s on a channel. Between two forward passes the thread takes new
+//! calls (their prompts join the next pass), drops calls whose caller went away or whose deadline
+//! passed (their sequences are freed at once), runs exclusive work such as scoring, and answers
+//! the calls that finished. Every call's result is the same as if it had run alone.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arbor_model::generate::{Batcher, JobId, JobResult};
+use arbor_model::{Engine, GenOutput, GenRequest, ModelError, SamplingParams, Tokenizer};
+use crossbeam_channel::{Receiver, TryRecvError};
+use tokio::sync::oneshot;
+
+use crate::cache::PrefixCache;
+use crate::{Shared, Usage, WorkerError, WorkerOptions};
+
+/// One node to expand: a token prefix and how to continue it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExpandItem {
+    /// The full token prefix (templated prompt followed by the path's steps).
+    pub prompt: Vec<u32>,
+    /// Samples wanted; they share one prefill of `prompt`.
+    pub k: usize,
+    /// Most tokens per sample.
+    pub max_tokens: usize,
+    /// How tokens are picked; sample `j` draws from stream `j` of the seed.
+    pub sampling: SamplingParams,
+    /// Texts that end a sample (the step delimiter).
+    pub stop: Vec<String>,
+}
+
+/// The samples of one [`ExpandItem`] and what they cost.
+#[derive(Debug, Clone)]
+pub struct ExpandResult {
+    /// `k` samples, in sample order.
+    pub samples: Vec<GenOutput>,
+    /// Prompt tokens sent.
+    pub prompt_tokens: u64,
+    /// Of those, computed by this call (once for all samples).
+    pub prompt_tokens_computed: u64,
+    /// Of those, reused from the prefix cache.
+    pub prompt_tokens_reused: u64,
+}
+
+pub(crate) type Reply<T> = oneshot::Sender<Result<T, WorkerError>>;
+
+/// Sends the result of exclusive work back to its caller.
+pub(crate) type Deliver = Box<dyn FnOnce() + Send>;
+
+pub(crate) enum Command {
+    Expand {
+        items: Vec<ExpandItem>,
+        deadline: Option<Instant>,
+        reply: Reply<Vec<ExpandResult>>,
+    },
+    /// Work that needs the engine to itself (scoring, cache control), run between passes. It
+    /// returns its reply, which runs once the usage snapshot is current.
+    Exclusive(Box<dyn FnOnce(&mut Engine, &mut PrefixCache) -> Deliver + Send>),
+}
+
+struct Running {
+    items: Vec<ExpandItem>,
+    deadline: Option<Instant>,
+    reply: Reply<Vec<ExpandResult>>,
+    /// Prompt tokens each item reused from the cache.
+    reused: Vec<u64>,
+    /// Already retried once after a full KV cache.
+    retried: bool,
+}
+
+struct Runner {
+    engine: Engine,
+    tokenizer: Arc<Tokenizer>,
+    options: WorkerOptions,
+    shared: Arc<Shared>,
+    batcher: Batcher,
+    cache: PrefixCache,
+    running: std::collections::HashMap<JobId, Running>,
+}
+
+/// The engine thread's main loop; returns when every handle to the worker is gone and no call
+/// is left.
+pub(crate) fn run(
+    engine: Engine,
+    tokenizer: Arc<Tokenizer>,
+    options: WorkerOptions,
+    shared: Arc<Shared>,
+    rx: Receiver<Command>,
+) {
+    let mut r = Runner {
+        engine,
+        tokenizer,
+        options,
+        shared,
+        batcher: Batcher::new(),
+        cache: PrefixCache::default(),
+        running: Default::default(),
+    };
+    loop {
+        // Wait for work when idle; otherwise take whatever has arrived and keep decoding.
+        if r.batcher.is_idle() {
+            match rx.recv() {
+                Ok(cmd) => r.command(cmd),
+                Err(_) => return,
+            }
+        }
+        loop {
+            match rx.try_recv() {
+                Ok(cmd) => r.command(cmd),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) if r.batcher.is_idle() => return,
+                Err(TryRecvError::Disconnected) => break,
+            }
+        }
+        r.drop_abandoned();
+        if !r.batcher.is_idle() {
+            r.step();
+        }
+    }
+}
+
+impl Runner {
+    fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Expand {
+                items,
+                deadline,
+                reply,
+            } => self.start(items, deadline, reply, false),
+            Command::Exclusive(f) => {
+                let (engine, cache) = (&mut self.engine, &mut self.cache);
+                match std::panic::catch_unwind(AssertUnwindSafe(|| f(engine, cache))) {
+                    Ok(deliver) => {
+                        self.publish();
+                        deliver();
+                    }
+                    // The caller sees its reply channel closed.
+                    Err(_) => {
+                        tracing::error!("exclusive engine work panicked; the worker carries on")
+                    }
+                }
+            }
+        }
+    }
+
+    /// Looks up each item's longest cached prefix and queues the call in the batcher.
+    fn start(
+        &mut self,
+        items: Vec<ExpandItem>,
+        deadline: Option<Instant>,
+        reply: Reply<Vec<ExpandResult>>,
+        retried: bool,
+    ) {
+        let caching = self.options.prefix_cache_entries_max > 0;
+        let mut reused = Vec::with_capacity(items.len());
+        let requests: Vec<GenRequest> = items
+            .iter()
+            .map(|it| {
+                let hit = if caching {
+                    self.cache.lookup(&it.prompt)
+                } else {
+                    None
+                };
+                reused.push(hit.map_or(0, |h| h.1) as u64);
+                GenRequest {
+                    prompt: it.prompt.clone(),
+                    n: it.k,
+                    max_tokens: it.max_tokens,
+                    sampling: it.sampling.clone(),
+                    stop: it.stop.clone(),
+                    prefix: hit.map(|h| h.0),
+                    keep_sequences: caching,
+                }
+            })
+            .collect();
+        match self.batcher.submit(&mut self.engine, requests) {
+            Ok(id) => {
+                self.running.insert(
+                    id,
+                    Running {
+                        items,
+                        deadline,
+                        reply,
+                        reused,
+                        retried,
+                    },
+                );
+            }
+            Err(e) => self.answer(reply, Err(WorkerError::Model(e))),
+        }
+        self.publish();
+    }
+
+    /// Cancels calls nobody waits for any more and calls past their deadline.
+    fn drop_abandoned(&mut self) {
+        let now = Instant::now();
+        let gone: Vec<(JobId, bool)> = self
+            .running
+            .iter()
+            .filter_map(|(&id, r)| {
+                if r.reply.is_closed() {
+                    Some((id, false))
+                } else if r.deadline.is_some_and(|d| now >= d) {
+                    Some((id, true))
+                } else {
+                    None
+                }
+            })
+            .collect();
+        for (id, late) in gone {
+            self.batcher.cancel(&mut self.engine, id);
+            let r = self.running.remove(&id).expect("listed");
+            self.shared
+                .stats
+                .lock()
+                .expect("stats lock")
+                .cancelled_calls += 1;
+            let err = if late {
+                WorkerError::DeadlineExceeded
+            } else {
+                WorkerError::Cancelled
+            };
+            self.answer(r.reply, Err(err));
+        }
+        self.publish();
+    }
+
+    fn step(&mut self) {
+        let finished = self
+            .batcher
+            .step(&mut self.engine, &self.tokenizer, |_, _, _, _| {});
+        self.shared.stats.lock().expect("stats lock").forward_passes += 1;
+        for (id, result) in finished {
+            let Some(r) = self.running.remove(&id) else {
+                continue;
+            };
+            self.finish(r, result);
+        }
+        self.cache.evict(
+            &mut self.engine,
+            self.options.prefix_cache_entries_max,
+            self.options.prefix_cache_blocks_max,
+        );
+        self.publish();
+    }
+
+    fn finish(&mut self, r: Running, result: JobResult) {
+        let (mut outputs, stats) = match result {
+            Ok(done) => done,
+            // The cache's own blocks may be what fills the KV pool: give them all back and try
+            // once more from scratch (a failed job gave its own sequences back already).
+            Err(ModelError::KvCacheFull { .. }) if self.cache.len() > 0 && !r.retried => {
+                tracing::info!(
+                    cached = self.cache.len(),
+                    "KV cache full: dropping the prefix cache and retrying"
+                );
+                self.cache.clear(&mut self.engine);
+                self.start(r.items, r.deadline, r.reply, true);
+                return;
+            }
+            Err(e) => {
+                self.answer(r.reply, Err(WorkerError::Model(e)));
+                return;
+            }
+        };
+        // Keep every sample's sequence under the tokens it holds: the next expansion of that
+        // child forks it instead of recomputing the path.
+        for (samples, item) in outputs.iter_mut().zip(&r.items) {
+            for out in samples.iter_mut() {
+                if let Some(seq) = out.seq.take() {
+                    let held = self.engine.seq_len(seq).unwrap_or(0);
+                    let tokens: Vec<u32> = item
+                        .prompt
+                        .iter()
+                        .chain(&out.tokens)
+                        .copied()
+                        .take(held)
+                        .collect();
+                    self.cache.insert(tokens, seq, &mut self.engine);
+                }
+            }
+        }
+        {
+            let mut s = self.shared.stats.lock().expect("stats lock");
+            s.propose_calls += 1;
+            s.requests += r.items.len() as u64;
+            s.prompt_tokens_computed += stats.prompt_tokens_computed;
+            s.generated_tokens += stats.generated_tokens;
+        }
+        let results = outputs
+            .into_iter()
+            .zip(&r.items)
+            .zip(&r.reused)
+            .map(|((samples, item), &reused)| {
+                let sent = item.prompt.len() as u64;
+                ExpandResult {
+                    samples,
+                    prompt_tokens: sent,
+                    prompt_tokens_computed: sent - reused,
+                    prompt_tokens_reused: reused,
+                }
+            })
+            .collect();
+        // The usage snapshot must be current before the caller wakes up.
+        self.cache.evict(
+            &mut self.engine,
+            self.options.prefix_cache_entries_max,
+            self.options.prefix_cache_blocks_max,
+        );
+        self.publish();
+        self.answer(r.reply, Ok(results));
+    }
+
+    fn answer<T>(&self, reply: Reply<T>, result: Result<T, WorkerError>) {
+        self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+        let _ = reply.send(result);
+    }
+
+    /// Publishes the engine's usage for [`crate::LocalWorker::engine_usage`].
+    fn publish(&self) {
+        *self.shared.usage.lock().expect("usage lock") = Usage {
+            sequences: self.engine.n_sequences(),
+            kv_blocks: self.engine.kv_blocks_in_use(),
+            cached_sequences: self.cache.len(),
+            running_calls: self.running.len(),
+        };
+    }
+}
