@@ -1,6 +1,7 @@
-//! Records the git revision for `arbor --version`.
+//! Records the git revision for `arbor --version` and compiles `proto/` with protox (a pure-Rust
+//! protobuf compiler, so no system `protoc` is needed) and tonic's code generator.
 
-fn main() {
+fn main() -> Result<(), Box<dyn std::error::Error>> {
     let rev = std::process::Command::new("git")
         .args(["rev-parse", "--short=12", "HEAD"])
         .output()
@@ -10,4 +11,18 @@ fn main() {
         .unwrap_or_else(|| "unknown".into());
     println!("cargo:rustc-env=ARBOR_GIT_REV={rev}");
     println!("cargo:rerun-if-changed=.git/HEAD");
+
+    let protos = ["proto/arbor/v1/arbor.proto"];
+    let fds = protox::compile(protos, ["proto"])?;
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    // The descriptor set also feeds gRPC reflection (`--reflection`).
+    std::fs::write(
+        out.join("arbor_descriptor.bin"),
+        prost::Message::encode_to_vec(&fds),
+    )?;
+    tonic_prost_build::configure().compile_fds(fds)?;
+    for p in protos {
+        println!("cargo:rerun-if-changed={p}");
+    }
+    Ok(())
 }

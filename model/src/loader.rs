@@ -51,6 +51,17 @@ impl Model {
         }
     }
 
+    /// Loads only the tokenizer (and chat template) of a GGUF file or Hugging Face folder: what a
+    /// coordinator needs to build prompts, without the cost of the weights.
+    pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
+        let meta = std::fs::metadata(path).map_err(|e| ModelError::io(path, e))?;
+        if meta.is_dir() {
+            Tokenizer::from_hf_folder(path)
+        } else {
+            Tokenizer::from_gguf(&GgufFile::open(path)?)
+        }
+    }
+
     /// Loads a GGUF file through a memory map; quantized weights stay quantized.
     pub fn load_gguf(path: &Path) -> Result<Self> {
         let g = GgufFile::open(path)?;

@@ -1,0 +1,646 @@
+//! The coordinator: the public `Search` service over a [`WorkerPool`].
+//!
+//! Each request is validated into a search configuration (every violation is INVALID_ARGUMENT
+//! naming the field and the limit), then runs as one [`Search`] whose policy and scorer are a
+//! [`RemotePolicy`] over the pool. Many searches run at once, up to
+//! [`SearchLimits::searches_max`]; finished trees are kept for `GetTree`.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use arbor_model::{ChatMessage, Tokenizer};
+use arbor_search::{CancelToken, Search, SearchConfig, SearchControl, SearchEvent, StrategyConfig};
+use arbor_worker::STEP_BY_STEP_SYSTEM_PROMPT;
+use dashmap::DashMap;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::limits::SearchLimits;
+use super::pb;
+use super::pb::search_server::{Search as SearchRpc, SearchServer};
+use super::pool::{RemotePolicy, WorkerPool};
+use super::worker::{grpc_deadline, invalid};
+use crate::strategy::{strategy_config, termination_name, Strategy};
+
+/// Coordinator settings.
+#[derive(Debug, Clone)]
+pub struct CoordinatorOptions {
+    /// Limits on requests.
+    pub limits: SearchLimits,
+    /// The text that ends a reasoning step (the workers stop sampling there).
+    pub step_delimiter: String,
+    /// Finished trees kept for `GetTree`.
+    pub trees_kept: usize,
+    /// Most prompt tokens (after the chat template).
+    pub prompt_tokens_max: usize,
+}
+
+impl Default for CoordinatorOptions {
+    fn default() -> Self {
+        CoordinatorOptions {
+            limits: SearchLimits::default(),
+            step_delimiter: "\n\n".into(),
+            trees_kept: 64,
+            prompt_tokens_max: 8192,
+        }
+    }
+}
+
+struct TreeDump {
+    request_id: String,
+    json: String,
+    dot: String,
+}
+
+struct Inner {
+    pool: WorkerPool,
+    tokenizer: Arc<Tokenizer>,
+    options: CoordinatorOptions,
+    running: DashMap<String, CancelToken>,
+    trees: Mutex<VecDeque<Arc<TreeDump>>>,
+    permits: Arc<Semaphore>,
+    next_id: AtomicU64,
+}
+
+/// The `Search` service. Cheap to clone.
+#[derive(Clone)]
+pub struct Coordinator {
+    inner: Arc<Inner>,
+}
+
+/// A validated request.
+#[derive(Debug)]
+pub struct SearchSpec {
+    /// The request id (the client's, or one the server made).
+    pub request_id: String,
+    /// The prompt, chat template applied.
+    pub prompt: String,
+    /// Its tokens.
+    pub prompt_tokens: Vec<u32>,
+    /// The search configuration, budgets and deadline included.
+    pub config: SearchConfig,
+}
+
+/// Removes a search from the running set however its call ends (finished, failed or dropped).
+struct Running<'a>(&'a Inner, String);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.running.remove(&self.1);
+    }
+}
+
+impl Coordinator {
+    /// A coordinator over `pool`, building prompts with `tokenizer` (the workers' model's).
+    pub fn new(pool: WorkerPool, tokenizer: Arc<Tokenizer>, options: CoordinatorOptions) -> Self {
+        Coordinator {
+            inner: Arc::new(Inner {
+                permits: Arc::new(Semaphore::new(options.limits.searches_max)),
+                pool,
+                tokenizer,
+                options,
+                running: DashMap::new(),
+                trees: Mutex::new(VecDeque::new()),
+                next_id: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &WorkerPool {
+        &self.inner.pool
+    }
+
+    /// Searches running now.
+    pub fn running(&self) -> usize {
+        self.inner.running.len()
+    }
+
+    /// The tonic server, with the message size limit applied.
+    pub fn into_server(self) -> SearchServer<Coordinator> {
+        let max = self.inner.options.limits.message_bytes_max;
+        SearchServer::new(self)
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(usize::MAX)
+    }
+
+    /// Checks every field of `req` against the limits and builds the search it asks for.
+    pub fn validate(
+        &self,
+        req: &pb::SearchRequest,
+        rpc_deadline: Option<Instant>,
+    ) -> Result<SearchSpec, Status> {
+        let o = &self.inner.options;
+        let l = &o.limits;
+        if req.request_id.len() > l.request_id_bytes_max {
+            return Err(invalid(
+                "request_id",
+                format!(
+                    "{} bytes; at most {}",
+                    req.request_id.len(),
+                    l.request_id_bytes_max
+                ),
+            ));
+        }
+        if req.request_id.chars().any(|c| c.is_control()) {
+            return Err(invalid("request_id", "control characters are not allowed"));
+        }
+        let request_id = if req.request_id.is_empty() {
+            format!("s{}", self.inner.next_id.fetch_add(1, Ordering::Relaxed))
+        } else {
+            req.request_id.clone()
+        };
+        let prompt = match (req.question.is_empty(), req.messages.is_empty()) {
+            (true, true) => return Err(invalid("question", "give a question or messages")),
+            (false, false) => {
+                return Err(invalid(
+                    "messages",
+                    "give either a question or messages, not both",
+                ))
+            }
+            (false, true) => {
+                if req.question.len() > l.question_bytes_max {
+                    return Err(invalid(
+                        "question",
+                        format!(
+                            "{} bytes; at most {}",
+                            req.question.len(),
+                            l.question_bytes_max
+                        ),
+                    ));
+                }
+                self.template(&[
+                    ChatMessage::new("system", STEP_BY_STEP_SYSTEM_PROMPT),
+                    ChatMessage::new("user", &req.question),
+                ])?
+            }
+            (true, false) => {
+                if req.messages.len() > l.messages_max {
+                    return Err(invalid(
+                        "messages",
+                        format!(
+                            "{} messages; at most {}",
+                            req.messages.len(),
+                            l.messages_max
+                        ),
+                    ));
+                }
+                let bytes: usize = req.messages.iter().map(|m| m.content.len()).sum();
+                if bytes > l.question_bytes_max {
+                    return Err(invalid(
+                        "messages",
+                        format!("{bytes} bytes of content; at most {}", l.question_bytes_max),
+                    ));
+                }
+                for (i, m) in req.messages.iter().enumerate() {
+                    if !matches!(m.role.as_str(), "system" | "user" | "assistant") {
+                        return Err(invalid(
+                            &format!("messages[{i}].role"),
+                            format!("`{}`; one of system, user, assistant", m.role),
+                        ));
+                    }
+                }
+                if req.messages.last().map(|m| m.role.as_str()) != Some("user") {
+                    return Err(invalid(
+                        "messages",
+                        "the last message must be the user's question",
+                    ));
+                }
+                let msgs: Vec<ChatMessage> = req
+                    .messages
+                    .iter()
+                    .map(|m| ChatMessage::new(&m.role, &m.content))
+                    .collect();
+                self.template(&msgs)?
+            }
+        };
+        let prompt_tokens = self
+            .inner
+            .tokenizer
+            .encode(&prompt, true)
+            .map_err(|e| invalid("question", e))?;
+        if prompt_tokens.len() > o.prompt_tokens_max {
+            return Err(invalid(
+                "question",
+                format!(
+                    "{} tokens after the chat template; at most {}",
+                    prompt_tokens.len(),
+                    o.prompt_tokens_max
+                ),
+            ));
+        }
+        let mut config = if req.config_json.is_empty() {
+            let strategy = match pb::Strategy::try_from(req.strategy) {
+                Ok(pb::Strategy::Unspecified | pb::Strategy::Mcts) => Strategy::Mcts,
+                Ok(pb::Strategy::BestOfN) => Strategy::BestOfN,
+                Ok(pb::Strategy::WeightedBestOfN) => Strategy::WeightedBestOfN,
+                Ok(pb::Strategy::Majority) => Strategy::Majority,
+                Ok(pb::Strategy::Beam) => Strategy::Beam,
+                Ok(pb::Strategy::Dvts) => Strategy::Dvts,
+                Err(_) => {
+                    return Err(invalid(
+                        "strategy",
+                        format!("unknown value {}", req.strategy),
+                    ))
+                }
+            };
+            let n = if req.n == 0 { 8 } else { req.n };
+            let s = req.sampling.clone().unwrap_or_default();
+            let mut c = strategy_config(
+                strategy,
+                n,
+                s.temperature.unwrap_or(0.7),
+                s.max_step_tokens.unwrap_or(128),
+            );
+            if let Some(p) = s.top_p {
+                c.sampling.top_p = p;
+            }
+            c
+        } else {
+            if req.config_json.len() > l.config_json_bytes_max {
+                return Err(invalid(
+                    "config_json",
+                    format!(
+                        "{} bytes; at most {}",
+                        req.config_json.len(),
+                        l.config_json_bytes_max
+                    ),
+                ));
+            }
+            SearchConfig::from_json(&req.config_json).map_err(|e| invalid("config_json", e))?
+        };
+        config.seed = req.seed;
+        let budget = req.budget.clone().unwrap_or_default();
+        let tokens = match (budget.generated_tokens, config.budget.max_generated_tokens) {
+            (0, Some(t)) => t,
+            (0, None) => l.budget_tokens_default,
+            (t, _) => t,
+        };
+        if tokens > l.budget_tokens_max {
+            return Err(invalid(
+                "budget.generated_tokens",
+                format!("{tokens}; at most {}", l.budget_tokens_max),
+            ));
+        }
+        config.budget.max_generated_tokens = Some(tokens);
+        if budget.policy_calls > 0 {
+            config.budget.max_policy_calls = Some(budget.policy_calls);
+        }
+        if budget.nodes > 0 {
+            if budget.nodes > u64::from(l.nodes_max) {
+                return Err(invalid(
+                    "budget.nodes",
+                    format!("{}; at most {}", budget.nodes, l.nodes_max),
+                ));
+            }
+            config.budget.max_nodes = budget.nodes as u32;
+        }
+        // The earlier of the request's own deadline and the call's gRPC deadline.
+        let rpc_ms =
+            rpc_deadline.map(|d| d.saturating_duration_since(Instant::now()).as_millis() as u64);
+        let asked = (req.deadline_ms > 0).then_some(req.deadline_ms);
+        config.budget.deadline_ms = match (asked, rpc_ms, config.budget.deadline_ms) {
+            (Some(a), Some(r), _) => Some(a.min(r)),
+            (a, r, c) => a.or(r).or(c),
+        };
+        check_limits(&config, l)?;
+        config.validate().map_err(|e| invalid("config", e))?;
+        Ok(SearchSpec {
+            request_id,
+            prompt,
+            prompt_tokens,
+            config,
+        })
+    }
+
+    fn template(&self, messages: &[ChatMessage]) -> Result<String, Status> {
+        self.inner
+            .tokenizer
+            .apply_chat_template(messages, true)
+            .map_err(|e| invalid("messages", e))
+    }
+
+    /// Runs one validated search to its end. `events` receives the tree's events.
+    pub async fn run(
+        &self,
+        spec: SearchSpec,
+        events: Option<mpsc::Sender<SearchEvent>>,
+        cancel: CancelToken,
+    ) -> Result<pb::SearchResult, Status> {
+        let inner = &*self.inner;
+        let _permit = inner.permits.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "{} searches are running, the limit; try again later",
+                inner.options.limits.searches_max
+            ))
+        })?;
+        match inner.running.entry(spec.request_id.clone()) {
+            dashmap::Entry::Occupied(_) => {
+                return Err(Status::already_exists(format!(
+                    "request_id: a search with id `{}` is running",
+                    spec.request_id
+                )))
+            }
+            dashmap::Entry::Vacant(v) => {
+                v.insert(cancel.clone());
+            }
+        }
+        let _running = Running(inner, spec.request_id.clone());
+        let deadline = spec
+            .config
+            .budget
+            .deadline_ms
+            .map(|ms| Instant::now() + std::time::Duration::from_millis(ms));
+        let remote = RemotePolicy::new(
+            inner.pool.clone(),
+            spec.prompt_tokens,
+            spec.request_id.clone(),
+            deadline,
+            inner.options.step_delimiter.clone(),
+        );
+        let mut control = SearchControl::new().with_cancel(cancel);
+        if let Some(tx) = events {
+            control = control.with_events(tx);
+        }
+        let mut search = Search::new(spec.prompt, spec.config).map_err(|e| invalid("config", e))?;
+        let outcome = search
+            .run(&remote, &remote, &control)
+            .await
+            .map_err(|e| Status::internal(format!("search failed: {e}")))?;
+        let tree = search.tree();
+        if let Err(e) = tree.check_invariants() {
+            tracing::error!(request_id = %spec.request_id, "tree invariant violated: {e:?}");
+        }
+        let dump = Arc::new(TreeDump {
+            request_id: spec.request_id.clone(),
+            json: serde_json::to_string(&tree.export()).unwrap_or_default(),
+            dot: tree.to_dot(),
+        });
+        {
+            let mut trees = inner.trees.lock().expect("trees lock");
+            trees.retain(|t| t.request_id != spec.request_id);
+            trees.push_back(dump);
+            while trees.len() > inner.options.trees_kept {
+                trees.pop_front();
+            }
+        }
+        let (hits, wanted) = remote.affinity();
+        tracing::info!(request_id = %spec.request_id, affinity_hits = hits, affinity_wanted = wanted, "search finished");
+        Ok(result_of(&spec.request_id, &outcome, tree))
+    }
+}
+
+fn check_limits(c: &SearchConfig, l: &SearchLimits) -> Result<(), Status> {
+    let n = |field: &str, v: u32| {
+        if v > l.n_max {
+            Err(invalid(field, format!("{v}; at most {}", l.n_max)))
+        } else {
+            Ok(())
+        }
+    };
+    match &c.strategy {
+        StrategyConfig::Mcts(m) => n("strategy.expand_k", m.expand_k)?,
+        StrategyConfig::BestOfN(s)
+        | StrategyConfig::WeightedBestOfN(s)
+        | StrategyConfig::SelfConsistency(s) => n("n", s.n)?,
+        StrategyConfig::Beam(b) => {
+            n("strategy.beam_width", b.beam_width)?;
+            n("strategy.proposals_per_beam", b.proposals_per_beam)?;
+        }
+        StrategyConfig::Dvts(d) => {
+            n("n", d.beams)?;
+            n("strategy.width", d.width)?;
+        }
+    }
+    if c.max_depth > l.depth_max {
+        return Err(invalid(
+            "max_depth",
+            format!("{}; at most {}", c.max_depth, l.depth_max),
+        ));
+    }
+    if c.budget.max_nodes > l.nodes_max {
+        return Err(invalid(
+            "budget.nodes",
+            format!("{}; at most {}", c.budget.max_nodes, l.nodes_max),
+        ));
+    }
+    if c.sampling.max_step_tokens > l.step_tokens_max {
+        return Err(invalid(
+            "sampling.max_step_tokens",
+            format!(
+                "{}; at most {}",
+                c.sampling.max_step_tokens, l.step_tokens_max
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The wire form of a search's outcome.
+pub fn result_of(
+    request_id: &str,
+    outcome: &arbor_search::SearchOutcome,
+    tree: &arbor_search::Tree,
+) -> pb::SearchResult {
+    let c = &outcome.costs;
+    let a = outcome.answer.as_ref();
+    pb::SearchResult {
+        request_id: request_id.to_string(),
+        answer: a.map(|a| a.answer.raw.clone()).unwrap_or_default(),
+        answer_key: a.map(|a| a.answer.key.clone()).unwrap_or_default(),
+        value: a.and_then(|a| a.value),
+        votes: a.map_or(0, |a| a.votes),
+        path: a
+            .map(|a| tree.path(a.node).iter().map(|s| s.text.clone()).collect())
+            .unwrap_or_default(),
+        candidates: outcome
+            .candidates
+            .iter()
+            .map(|t| pb::Candidate {
+                answer: t.answer.raw.clone(),
+                votes: t.votes,
+                weight: t.weight,
+            })
+            .collect(),
+        termination: termination_name(outcome.termination),
+        costs: Some(pb::Costs {
+            generated_tokens: c.generated_tokens,
+            prompt_tokens_sent: c.prompt_tokens_sent,
+            prompt_tokens_computed: c.prompt_tokens_computed,
+            prompt_tokens_reused: c.prompt_tokens_reused,
+            prm_tokens_computed: c.scorer_tokens,
+            policy_calls: c.policy_calls,
+            scorer_calls: c.scorer_calls,
+            nodes: c.nodes,
+            wall_ms: c.wall_us / 1000,
+        }),
+    }
+}
+
+fn event_of(e: SearchEvent) -> Option<pb::SearchEvent> {
+    use pb::search_event::Event;
+    let event = match e {
+        SearchEvent::NodeExpanded { node, children } => Event::Expanded(pb::NodeExpanded {
+            node: node.get(),
+            children: children.into_iter().map(|c| c.get()).collect(),
+        }),
+        SearchEvent::NodeScored { node, value } => Event::Scored(pb::NodeScored {
+            node: node.get(),
+            value,
+        }),
+        SearchEvent::NodeFailed { node, reason } => Event::Failed(pb::NodeFailed {
+            node: node.get(),
+            reason,
+        }),
+        SearchEvent::BestAnswer(b) => Event::BestAnswer(pb::BestAnswer {
+            answer: b.answer.raw,
+            node: b.node.get(),
+            value: b.value,
+            votes: b.votes,
+        }),
+        SearchEvent::Finished { .. } => return None,
+    };
+    Some(pb::SearchEvent { event: Some(event) })
+}
+
+type EventStream = ReceiverStream<Result<pb::SearchEvent, Status>>;
+
+#[tonic::async_trait]
+impl SearchRpc for Coordinator {
+    async fn search(
+        &self,
+        request: Request<pb::SearchRequest>,
+    ) -> Result<Response<pb::SearchResult>, Status> {
+        let deadline = grpc_deadline(&request);
+        let spec = self.validate(request.get_ref(), deadline)?;
+        // A client that goes away drops this future, and with it the search and its calls.
+        let result = self.run(spec, None, CancelToken::new()).await?;
+        Ok(Response::new(result))
+    }
+
+    type SearchStreamStream = EventStream;
+
+    async fn search_stream(
+        &self,
+        request: Request<pb::SearchRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let deadline = grpc_deadline(&request);
+        let spec = self.validate(request.get_ref(), deadline)?;
+        let (out, rx) = mpsc::channel(256);
+        let coordinator = self.clone();
+        let cancel = CancelToken::new();
+        tokio::spawn(async move {
+            let (ev_tx, mut ev_rx) = mpsc::channel(1024);
+            let search = coordinator.run(spec, Some(ev_tx), cancel.clone());
+            tokio::pin!(search);
+            let mut client_gone = false;
+            let result = loop {
+                tokio::select! {
+                    result = &mut search => break result,
+                    Some(ev) = ev_rx.recv() => {
+                        if let Some(ev) = event_of(ev) {
+                            if !client_gone && out.send(Ok(ev)).await.is_err() {
+                                client_gone = true;
+                                cancel.cancel();
+                            }
+                        }
+                    }
+                    _ = out.closed(), if !client_gone => {
+                        // The client hung up: stop the search (and the workers' decoding).
+                        client_gone = true;
+                        cancel.cancel();
+                    }
+                }
+            };
+            while let Ok(ev) = ev_rx.try_recv() {
+                if let Some(ev) = event_of(ev) {
+                    let _ = out.send(Ok(ev)).await;
+                }
+            }
+            let last = result.map(|r| pb::SearchEvent {
+                event: Some(pb::search_event::Event::Result(r)),
+            });
+            let _ = out.send(last).await;
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn cancel(
+        &self,
+        request: Request<pb::CancelRequest>,
+    ) -> Result<Response<pb::CancelResponse>, Status> {
+        let id = &request.get_ref().request_id;
+        let cancelled = match self.inner.running.get(id) {
+            Some(token) => {
+                token.cancel();
+                true
+            }
+            None => false,
+        };
+        Ok(Response::new(pb::CancelResponse { cancelled }))
+    }
+
+    async fn get_tree(
+        &self,
+        request: Request<pb::GetTreeRequest>,
+    ) -> Result<Response<pb::GetTreeResponse>, Status> {
+        let req = request.into_inner();
+        let found = self
+            .inner
+            .trees
+            .lock()
+            .expect("trees lock")
+            .iter()
+            .find(|t| t.request_id == req.request_id)
+            .cloned();
+        let Some(dump) = found else {
+            if self.inner.running.contains_key(&req.request_id) {
+                return Err(Status::failed_precondition(format!(
+                    "search `{}` is still running; its tree is available when it ends",
+                    req.request_id
+                )));
+            }
+            return Err(Status::not_found(format!(
+                "no finished search with request_id `{}` (the coordinator keeps the last {})",
+                req.request_id, self.inner.options.trees_kept
+            )));
+        };
+        let tree = match pb::TreeFormat::try_from(req.format) {
+            Ok(pb::TreeFormat::Json) => dump.json.clone(),
+            Ok(pb::TreeFormat::Dot) => dump.dot.clone(),
+            Err(_) => return Err(invalid("format", format!("unknown value {}", req.format))),
+        };
+        Ok(Response::new(pb::GetTreeResponse { tree }))
+    }
+}
+
+/// Serves the coordinator (with health, and reflection if asked) on `listener` until
+/// `shutdown` completes.
+pub async fn serve(
+    coordinator: Coordinator,
+    listener: tokio::net::TcpListener,
+    reflection: bool,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_serving::<SearchServer<Coordinator>>().await;
+    let reflection_service = reflection.then(super::reflection_service);
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_optional_service(reflection_service)
+        .add_service(coordinator.into_server())
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await
+}
+
+/// The address a listener is bound to.
+pub fn local_addr(listener: &tokio::net::TcpListener) -> std::io::Result<SocketAddr> {
+    listener.local_addr()
+}

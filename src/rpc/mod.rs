@@ -1,0 +1,26 @@
+//! Arbor over gRPC: the generated types, the worker service and the coordinator.
+
+/// Code generated from `proto/arbor/v1/arbor.proto`.
+#[allow(missing_docs, unreachable_pub, clippy::all)]
+pub mod pb {
+    tonic::include_proto!("arbor.v1");
+
+    /// The encoded descriptor set, for gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/arbor_descriptor.bin"));
+}
+
+pub mod coordinator;
+pub mod limits;
+pub mod pool;
+pub mod worker;
+
+/// The gRPC reflection service for Arbor's services (`--reflection`).
+pub(crate) fn reflection_service() -> tonic_reflection::server::v1::ServerReflectionServer<
+    impl tonic_reflection::server::v1::ServerReflection,
+> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("the embedded descriptor set is valid")
+}

@@ -1,0 +1,593 @@
+//! The coordinator's worker pool: membership from a static list or a DNS name, health checks,
+//! least-outstanding routing with subtree affinity, and re-dispatch of failed calls.
+//!
+//! One [`RemotePolicy`] per search implements the search crate's `Policy` and `Scorer` over the
+//! pool. A node's children are sent to the worker that generated the node (it holds the node's
+//! prefix in its cache); a call that fails on one worker (it died, it is overloaded) is sent to
+//! another under the same expansion id. Sampling seeds travel with each node, so a search gives
+//! the same tree whichever workers serve it.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, Instant};
+
+use arbor_search::{
+    Policy, PolicyCost, PolicyError, Proposals, ProposeRequest, ProposedStep, ScoreCost,
+    ScoreError, ScoreRequest, Scorer, StepScores, StepStop,
+};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+use super::pb;
+use super::pb::worker_client::WorkerClient;
+
+/// Where workers are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WorkerSpec {
+    /// One worker at a URL (`http://10.0.0.5:50051`).
+    Url(String),
+    /// Every address a name resolves to, re-resolved at each health check
+    /// (`dns://arbor-workers.default.svc:50051`: a Kubernetes headless service).
+    Dns {
+        /// Host name.
+        host: String,
+        /// Port.
+        port: u16,
+    },
+}
+
+impl std::str::FromStr for WorkerSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(rest) = s.strip_prefix("dns://") {
+            let rest = rest.trim_start_matches('/');
+            let (host, port) = rest
+                .rsplit_once(':')
+                .ok_or_else(|| format!("{s}: a dns:// worker needs a port (dns://NAME:PORT)"))?;
+            let port = port
+                .parse()
+                .map_err(|_| format!("{s}: `{port}` is not a port number"))?;
+            if host.is_empty() {
+                return Err(format!("{s}: empty host name"));
+            }
+            return Ok(WorkerSpec::Dns {
+                host: host.to_string(),
+                port,
+            });
+        }
+        let url = if s.contains("://") {
+            s.to_string()
+        } else {
+            format!("http://{s}")
+        };
+        Endpoint::from_shared(url.clone()).map_err(|e| format!("{s}: not a worker URL: {e}"))?;
+        Ok(WorkerSpec::Url(url))
+    }
+}
+
+/// Pool settings.
+#[derive(Debug, Clone)]
+pub struct PoolOptions {
+    /// How often each worker's health is checked (and DNS names re-resolved).
+    pub health_interval: Duration,
+    /// Most workers one call is tried on before it fails.
+    pub attempts: usize,
+    /// Connection timeout.
+    pub connect_timeout: Duration,
+}
+
+impl Default for PoolOptions {
+    fn default() -> Self {
+        PoolOptions {
+            health_interval: Duration::from_secs(2),
+            attempts: 3,
+            connect_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+/// One worker as the pool sees it.
+#[derive(Debug)]
+pub struct Member {
+    url: String,
+    client: WorkerClient<Channel>,
+    health: HealthClient<Channel>,
+    healthy: AtomicBool,
+    outstanding: AtomicUsize,
+    calls: AtomicU64,
+    failures: AtomicU64,
+}
+
+impl Member {
+    fn new(url: String, options: &PoolOptions) -> Result<Member, String> {
+        let channel = Endpoint::from_shared(url.clone())
+            .map_err(|e| format!("{url}: {e}"))?
+            .connect_timeout(options.connect_timeout)
+            .tcp_nodelay(true)
+            .connect_lazy();
+        Ok(Member {
+            client: WorkerClient::new(channel.clone())
+                .max_decoding_message_size(usize::MAX)
+                .max_encoding_message_size(usize::MAX),
+            health: HealthClient::new(channel),
+            url,
+            healthy: AtomicBool::new(false),
+            outstanding: AtomicUsize::new(0),
+            calls: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+        })
+    }
+
+    /// Its URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Whether its last health check (or call) succeeded.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::SeqCst)
+    }
+
+    /// Calls sent and not yet answered.
+    pub fn outstanding(&self) -> usize {
+        self.outstanding.load(Ordering::SeqCst)
+    }
+
+    async fn check(&self, timeout: Duration) -> bool {
+        let mut h = self.health.clone();
+        let mut req = tonic::Request::new(HealthCheckRequest {
+            service: "arbor.v1.Worker".into(),
+        });
+        req.set_timeout(timeout);
+        let ok = matches!(
+            tokio::time::timeout(timeout, h.check(req)).await,
+            Ok(Ok(r)) if r.get_ref().status == ServingStatus::Serving as i32
+        );
+        self.healthy.store(ok, Ordering::SeqCst);
+        ok
+    }
+}
+
+struct PoolInner {
+    specs: Vec<WorkerSpec>,
+    options: PoolOptions,
+    members: RwLock<Vec<Arc<Member>>>,
+}
+
+/// The workers a coordinator uses. Cheap to clone.
+#[derive(Clone)]
+pub struct WorkerPool {
+    inner: Arc<PoolInner>,
+}
+
+impl std::fmt::Debug for WorkerPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerPool")
+            .field("specs", &self.inner.specs)
+            .finish()
+    }
+}
+
+impl WorkerPool {
+    /// Resolves the members, checks their health once, and starts the health loop (on the
+    /// current tokio runtime; it stops when the last clone of the pool is dropped).
+    pub async fn connect(specs: Vec<WorkerSpec>, options: PoolOptions) -> Result<Self, String> {
+        if specs.is_empty() {
+            return Err("no workers given".into());
+        }
+        let pool = WorkerPool {
+            inner: Arc::new(PoolInner {
+                specs,
+                options,
+                members: RwLock::new(Vec::new()),
+            }),
+        };
+        pool.refresh().await;
+        let weak: Weak<PoolInner> = Arc::downgrade(&pool.inner);
+        let interval = pool.inner.options.health_interval;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(interval).await;
+                let Some(inner) = weak.upgrade() else { return };
+                WorkerPool { inner }.refresh().await;
+            }
+        });
+        Ok(pool)
+    }
+
+    /// Re-resolves DNS names and checks every member's health.
+    pub async fn refresh(&self) {
+        let options = &self.inner.options;
+        let mut urls = Vec::new();
+        for spec in &self.inner.specs {
+            match spec {
+                WorkerSpec::Url(u) => urls.push(u.clone()),
+                WorkerSpec::Dns { host, port } => {
+                    match tokio::net::lookup_host((host.as_str(), *port)).await {
+                        Ok(addrs) => urls.extend(addrs.map(|a| format!("http://{a}"))),
+                        Err(e) => tracing::warn!(%host, "resolving workers failed: {e}"),
+                    }
+                }
+            }
+        }
+        urls.sort();
+        urls.dedup();
+        let members: Vec<Arc<Member>> = {
+            let current = self.inner.members.read().expect("members lock");
+            urls.into_iter()
+                .filter_map(|u| match current.iter().find(|m| m.url == u) {
+                    Some(m) => Some(m.clone()),
+                    None => Member::new(u, options)
+                        .map_err(|e| tracing::warn!("worker {e}"))
+                        .ok()
+                        .map(Arc::new),
+                })
+                .collect()
+        };
+        let timeout = options.health_interval.min(Duration::from_secs(2));
+        let checks = members.iter().map(|m| m.check(timeout));
+        futures_util::future::join_all(checks).await;
+        *self.inner.members.write().expect("members lock") = members;
+    }
+
+    /// The current members.
+    pub fn members(&self) -> Vec<Arc<Member>> {
+        self.inner.members.read().expect("members lock").clone()
+    }
+
+    /// Members whose last check succeeded.
+    pub fn healthy(&self) -> usize {
+        self.members().iter().filter(|m| m.is_healthy()).count()
+    }
+
+    /// The member to send work to: `preferred` if it is healthy and not excluded, else the
+    /// healthy one with the fewest outstanding calls (plus `extra` work already planned for it).
+    fn pick(
+        &self,
+        preferred: Option<&str>,
+        exclude: &[String],
+        extra: &HashMap<String, usize>,
+    ) -> Option<Arc<Member>> {
+        let members = self.members();
+        let usable = |m: &&Arc<Member>| m.is_healthy() && !exclude.contains(&m.url);
+        if let Some(p) = preferred {
+            if let Some(m) = members.iter().filter(usable).find(|m| m.url == p) {
+                return Some(m.clone());
+            }
+        }
+        members
+            .iter()
+            .filter(usable)
+            .min_by_key(|m| m.outstanding() + extra.get(&m.url).copied().unwrap_or(0))
+            .cloned()
+    }
+
+    /// Sends one call, re-dispatching it to other workers when one fails in a way another
+    /// could fix (gone, overloaded, internal error); INVALID_ARGUMENT and cancellation are final.
+    async fn call<T, F, Fut>(
+        &self,
+        first: Arc<Member>,
+        deadline: Option<Instant>,
+        mut send: F,
+    ) -> Result<(T, Arc<Member>), Status>
+    where
+        F: FnMut(WorkerClient<Channel>, Option<Duration>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
+        let mut member = first;
+        let mut tried: Vec<String> = Vec::new();
+        loop {
+            let remaining = match deadline {
+                Some(d) => match d.checked_duration_since(Instant::now()) {
+                    Some(r) if !r.is_zero() => Some(r),
+                    _ => return Err(Status::deadline_exceeded("the search's deadline passed")),
+                },
+                None => None,
+            };
+            member.calls.fetch_add(1, Ordering::Relaxed);
+            member.outstanding.fetch_add(1, Ordering::SeqCst);
+            let guard = Outstanding(&member);
+            let result = send(member.client.clone(), remaining).await;
+            drop(guard);
+            let status = match result {
+                Ok(v) => return Ok((v, member)),
+                Err(s) => s,
+            };
+            member.failures.fetch_add(1, Ordering::Relaxed);
+            let retry = matches!(
+                status.code(),
+                Code::Unavailable
+                    | Code::Unknown
+                    | Code::Internal
+                    | Code::ResourceExhausted
+                    | Code::Aborted
+                    | Code::Cancelled
+            );
+            if matches!(
+                status.code(),
+                Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled
+            ) {
+                // Gone or broken: out of rotation until a health check says otherwise.
+                member.healthy.store(false, Ordering::SeqCst);
+            }
+            tracing::warn!(worker = %member.url, code = ?status.code(), "worker call failed: {}", status.message());
+            tried.push(member.url.clone());
+            if !retry || tried.len() >= self.inner.options.attempts {
+                return Err(status);
+            }
+            member = match self.pick(None, &tried, &HashMap::new()) {
+                Some(m) => m,
+                None => return Err(status),
+            };
+        }
+    }
+}
+
+struct Outstanding<'a>(&'a Member);
+
+impl Drop for Outstanding<'_> {
+    fn drop(&mut self) {
+        self.0.outstanding.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// One search's view of the pool: its `Policy` and `Scorer`.
+pub struct RemotePolicy {
+    pool: WorkerPool,
+    /// The tokens of the search's prompt (its chat template already applied).
+    prompt_tokens: Arc<Vec<u32>>,
+    /// Names this search's expansion ids.
+    search_id: String,
+    calls: AtomicU64,
+    deadline: Option<Instant>,
+    step_delimiter: String,
+    /// Path hash → the worker that generated the path's last step.
+    affinity: Mutex<HashMap<u64, String>>,
+    /// Calls that went to the preferred worker, and calls that had one.
+    affinity_hits: AtomicU64,
+    affinity_wanted: AtomicU64,
+}
+
+impl std::fmt::Debug for RemotePolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemotePolicy")
+            .field("search_id", &self.search_id)
+            .finish()
+    }
+}
+
+/// Hash of a path: the step token ids in order (the prompt is fixed per search).
+fn path_hash<'a>(steps: impl IntoIterator<Item = &'a [u32]>) -> u64 {
+    let mut h = DefaultHasher::new();
+    for s in steps {
+        s.hash(&mut h);
+    }
+    h.finish()
+}
+
+impl RemotePolicy {
+    /// A policy for one search over `pool`.
+    pub fn new(
+        pool: WorkerPool,
+        prompt_tokens: Vec<u32>,
+        search_id: String,
+        deadline: Option<Instant>,
+        step_delimiter: String,
+    ) -> Self {
+        RemotePolicy {
+            pool,
+            prompt_tokens: Arc::new(prompt_tokens),
+            search_id,
+            calls: AtomicU64::new(0),
+            deadline,
+            step_delimiter,
+            affinity: Mutex::new(HashMap::new()),
+            affinity_hits: AtomicU64::new(0),
+            affinity_wanted: AtomicU64::new(0),
+        }
+    }
+
+    /// (calls sent to the worker holding the node's prefix, calls that had such a worker).
+    pub fn affinity(&self) -> (u64, u64) {
+        (
+            self.affinity_hits.load(Ordering::Relaxed),
+            self.affinity_wanted.load(Ordering::Relaxed),
+        )
+    }
+
+    fn no_worker() -> Status {
+        Status::unavailable("no healthy worker")
+    }
+}
+
+impl Policy for RemotePolicy {
+    async fn propose(&self, batch: Vec<ProposeRequest>) -> Result<Vec<Proposals>, PolicyError> {
+        let call = self.calls.fetch_add(1, Ordering::Relaxed);
+        // Plan: each node goes to the worker that made its path, else to the least loaded.
+        let mut groups: Vec<(Arc<Member>, Vec<usize>)> = Vec::new();
+        let mut planned: HashMap<String, usize> = HashMap::new();
+        {
+            let affinity = self.affinity.lock().expect("affinity lock");
+            for (i, r) in batch.iter().enumerate() {
+                let preferred = if r.steps.is_empty() {
+                    None
+                } else {
+                    self.affinity_wanted.fetch_add(1, Ordering::Relaxed);
+                    affinity
+                        .get(&path_hash(r.steps.iter().map(|s| &s.token_ids[..])))
+                        .cloned()
+                };
+                let m = self
+                    .pool
+                    .pick(preferred.as_deref(), &[], &planned)
+                    .ok_or_else(|| PolicyError::new(Self::no_worker().message().to_string()))?;
+                if preferred.as_deref() == Some(m.url()) {
+                    self.affinity_hits.fetch_add(1, Ordering::Relaxed);
+                }
+                *planned.entry(m.url.clone()).or_default() += 1;
+                match groups.iter_mut().find(|(g, _)| Arc::ptr_eq(g, &m)) {
+                    Some((_, idx)) => idx.push(i),
+                    None => groups.push((m, vec![i])),
+                }
+            }
+        }
+        let sends = groups.into_iter().enumerate().map(|(g, (member, idx))| {
+            let nodes: Vec<pb::ExpandNode> = idx
+                .iter()
+                .map(|&i| {
+                    let r = &batch[i];
+                    let mut prefix = (*self.prompt_tokens).clone();
+                    for s in &r.steps {
+                        prefix.extend_from_slice(&s.token_ids);
+                    }
+                    pb::ExpandNode {
+                        prefix_tokens: prefix,
+                        k: r.k,
+                        temperature: r.sampling.temperature,
+                        top_p: r.sampling.top_p,
+                        top_k: 0,
+                        seed: r.sampling.seed,
+                        max_tokens: r.sampling.max_step_tokens,
+                        stop: vec![self.step_delimiter.clone()],
+                    }
+                })
+                .collect();
+            let request = pb::ExpandRequest {
+                expansion_id: format!("{}/{call}/{g}", self.search_id),
+                nodes,
+            };
+            async move {
+                let sent = self
+                    .pool
+                    .call(member, self.deadline, |mut client, timeout| {
+                        let mut req = tonic::Request::new(request.clone());
+                        if let Some(t) = timeout {
+                            req.set_timeout(t);
+                        }
+                        async move { client.expand(req).await.map(|r| r.into_inner()) }
+                    })
+                    .await;
+                (idx, sent)
+            }
+        });
+        let replies = futures_util::future::join_all(sends).await;
+        let mut out: Vec<Option<Proposals>> = vec![None; batch.len()];
+        for (idx, reply) in replies {
+            let (resp, member) = reply.map_err(|s| {
+                PolicyError::new(format!("expansion failed: {}: {}", s.code(), s.message()))
+            })?;
+            if resp.nodes.len() != idx.len() {
+                return Err(PolicyError::new(format!(
+                    "worker {} answered {} nodes for {}",
+                    member.url,
+                    resp.nodes.len(),
+                    idx.len()
+                )));
+            }
+            let mut affinity = self.affinity.lock().expect("affinity lock");
+            for (&i, node) in idx.iter().zip(resp.nodes) {
+                let r = &batch[i];
+                let prompt_tokens = (self.prompt_tokens.len() as u64) + r.path_tokens();
+                let mut generated = 0u64;
+                let steps: Vec<ProposedStep> = node
+                    .samples
+                    .into_iter()
+                    .map(|s| {
+                        generated += s.token_ids.len() as u64;
+                        let key = path_hash(
+                            r.steps
+                                .iter()
+                                .map(|st| &st.token_ids[..])
+                                .chain(std::iter::once(&s.token_ids[..])),
+                        );
+                        affinity.insert(key, member.url.clone());
+                        ProposedStep {
+                            stop: match pb::StopReason::try_from(s.stop_reason) {
+                                Ok(pb::StopReason::EndOfSequence) => StepStop::EndOfSequence,
+                                Ok(pb::StopReason::MaxTokens) => StepStop::MaxTokens,
+                                _ => StepStop::Delimiter,
+                            },
+                            text: s.text,
+                            token_ids: s.token_ids,
+                            token_logprobs: s.logprobs,
+                        }
+                    })
+                    .collect();
+                out[i] = Some(Proposals {
+                    steps,
+                    cost: PolicyCost {
+                        prompt_tokens,
+                        prompt_tokens_computed: node.prompt_tokens_computed,
+                        prompt_tokens_reused: node.prompt_tokens_reused,
+                        generated_tokens: generated,
+                    },
+                });
+            }
+        }
+        Ok(out
+            .into_iter()
+            .map(|p| p.expect("every node was answered"))
+            .collect())
+    }
+}
+
+impl Scorer for RemotePolicy {
+    async fn score(&self, batch: Vec<ScoreRequest>) -> Result<Vec<StepScores>, ScoreError> {
+        let request = pb::ScoreRequest {
+            paths: batch
+                .iter()
+                .map(|r| pb::ScorePath {
+                    prompt_tokens: (*self.prompt_tokens).clone(),
+                    steps: r
+                        .steps
+                        .iter()
+                        .map(|s| pb::StepTokens {
+                            token_ids: s.token_ids.clone(),
+                        })
+                        .collect(),
+                })
+                .collect(),
+        };
+        let member = self
+            .pool
+            .pick(None, &[], &HashMap::new())
+            .ok_or_else(|| ScoreError::new(Self::no_worker().message().to_string()))?;
+        let (resp, _) = self
+            .pool
+            .call(member, self.deadline, |mut client, timeout| {
+                let mut req = tonic::Request::new(request.clone());
+                if let Some(t) = timeout {
+                    req.set_timeout(t);
+                }
+                async move { client.score(req).await.map(|r| r.into_inner()) }
+            })
+            .await
+            .map_err(|s| {
+                ScoreError::new(format!("scoring failed: {}: {}", s.code(), s.message()))
+            })?;
+        if resp.paths.len() != batch.len() {
+            return Err(ScoreError::new(format!(
+                "worker answered {} paths for {}",
+                resp.paths.len(),
+                batch.len()
+            )));
+        }
+        Ok(resp
+            .paths
+            .into_iter()
+            .map(|p| StepScores {
+                scores: p.scores,
+                cost: ScoreCost {
+                    tokens_computed: p.tokens_computed,
+                },
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,428 @@
+//! The worker service: `Expand`, `Score` and `ModelInfo` over a [`LocalWorker`].
+//!
+//! Concurrent calls share forward passes (the worker's engine thread batches them). A call whose
+//! client goes away or whose gRPC deadline passes stops decoding at the next pass. Expansions are
+//! idempotent by `expansion_id`: a coordinator that re-sends one after a lost reply gets the same
+//! answer without a second computation.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arbor_model::{SamplingParams, StopReason};
+use arbor_worker::{ExpandItem, LocalWorker, WorkerError};
+use dashmap::DashMap;
+use tokio::sync::OnceCell;
+use tonic::{Request, Response, Status};
+
+use super::limits::WorkerLimits;
+use super::pb;
+use super::pb::worker_server::{Worker, WorkerServer};
+
+/// Answers kept for repeated expansion ids.
+const REMEMBERED_EXPANSIONS: usize = 1024;
+
+type Shared = Arc<OnceCell<pb::ExpandResponse>>;
+
+/// The gRPC face of a [`LocalWorker`].
+#[derive(Clone)]
+pub struct WorkerService {
+    worker: LocalWorker,
+    limits: WorkerLimits,
+    /// Recent and running expansions by id.
+    expansions: Arc<DashMap<String, Shared>>,
+    order: Arc<Mutex<VecDeque<String>>>,
+}
+
+impl WorkerService {
+    /// A service over `worker`.
+    pub fn new(worker: LocalWorker, limits: WorkerLimits) -> Self {
+        WorkerService {
+            worker,
+            limits,
+            expansions: Arc::default(),
+            order: Arc::default(),
+        }
+    }
+
+    /// The worker behind the service.
+    pub fn worker(&self) -> &LocalWorker {
+        &self.worker
+    }
+
+    /// The tonic server, with the message size limit applied.
+    pub fn into_server(self) -> WorkerServer<WorkerService> {
+        let max = self.limits.message_bytes_max;
+        WorkerServer::new(self)
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(usize::MAX)
+    }
+
+    fn validate(&self, req: &pb::ExpandRequest) -> Result<Vec<ExpandItem>, Status> {
+        let l = &self.limits;
+        let info = self.worker.model_info();
+        let vocab = info.config.vocab_size;
+        let context = info.config.context_length;
+        if req.expansion_id.len() > l.expansion_id_bytes_max {
+            return Err(invalid(
+                "expansion_id",
+                format!(
+                    "{} bytes; at most {}",
+                    req.expansion_id.len(),
+                    l.expansion_id_bytes_max
+                ),
+            ));
+        }
+        if req.nodes.is_empty() || req.nodes.len() > l.nodes_per_call_max {
+            return Err(invalid(
+                "nodes",
+                format!(
+                    "{} nodes; 1 to {} per call",
+                    req.nodes.len(),
+                    l.nodes_per_call_max
+                ),
+            ));
+        }
+        let mut items = Vec::with_capacity(req.nodes.len());
+        for (i, n) in req.nodes.iter().enumerate() {
+            let field = |f: &str| format!("nodes[{i}].{f}");
+            if n.prefix_tokens.is_empty() {
+                return Err(invalid(&field("prefix_tokens"), "empty"));
+            }
+            if let Some((j, t)) = n
+                .prefix_tokens
+                .iter()
+                .enumerate()
+                .find(|(_, &t)| t as usize >= vocab)
+            {
+                return Err(invalid(
+                    &format!("nodes[{i}].prefix_tokens[{j}]"),
+                    format!("token id {t} is outside the vocabulary of {vocab}"),
+                ));
+            }
+            if n.k == 0 || n.k > l.k_max {
+                return Err(invalid(&field("k"), format!("{}; 1 to {}", n.k, l.k_max)));
+            }
+            if n.max_tokens == 0 || n.max_tokens > l.max_tokens_max {
+                return Err(invalid(
+                    &field("max_tokens"),
+                    format!("{}; 1 to {}", n.max_tokens, l.max_tokens_max),
+                ));
+            }
+            let total = n.prefix_tokens.len() + n.max_tokens as usize;
+            if total > context {
+                return Err(invalid(
+                    &field("prefix_tokens"),
+                    format!(
+                        "{} prefix tokens + max_tokens {} exceed the model's context of {context}",
+                        n.prefix_tokens.len(),
+                        n.max_tokens
+                    ),
+                ));
+            }
+            if !n.temperature.is_finite() || n.temperature < 0.0 {
+                return Err(invalid(
+                    &field("temperature"),
+                    format!("{}; a finite number ≥ 0", n.temperature),
+                ));
+            }
+            let top_p = if n.top_p == 0.0 { 1.0 } else { n.top_p };
+            if !(top_p > 0.0 && top_p <= 1.0) {
+                return Err(invalid(&field("top_p"), format!("{}; in (0, 1]", n.top_p)));
+            }
+            if n.stop.len() > l.stop_strings_max {
+                return Err(invalid(
+                    &field("stop"),
+                    format!(
+                        "{} stop strings; at most {}",
+                        n.stop.len(),
+                        l.stop_strings_max
+                    ),
+                ));
+            }
+            if let Some(s) = n
+                .stop
+                .iter()
+                .find(|s| s.is_empty() || s.len() > l.stop_bytes_max)
+            {
+                return Err(invalid(
+                    &field("stop"),
+                    format!(
+                        "stop string of {} bytes; 1 to {} bytes each",
+                        s.len(),
+                        l.stop_bytes_max
+                    ),
+                ));
+            }
+            items.push(ExpandItem {
+                prompt: n.prefix_tokens.clone(),
+                k: n.k as usize,
+                max_tokens: n.max_tokens as usize,
+                sampling: SamplingParams {
+                    temperature: n.temperature,
+                    top_k: n.top_k as usize,
+                    top_p,
+                    seed: n.seed,
+                },
+                stop: n.stop.clone(),
+            });
+        }
+        Ok(items)
+    }
+
+    async fn run_expand(
+        &self,
+        items: Vec<ExpandItem>,
+        deadline: Option<Instant>,
+    ) -> Result<pb::ExpandResponse, Status> {
+        let results = self
+            .worker
+            .expand(items, deadline)
+            .await
+            .map_err(worker_status)?;
+        Ok(pb::ExpandResponse {
+            nodes: results
+                .into_iter()
+                .map(|r| pb::NodeSamples {
+                    samples: r
+                        .samples
+                        .into_iter()
+                        .map(|s| pb::Sample {
+                            token_ids: s.tokens,
+                            logprobs: s.logprobs,
+                            text: s.text,
+                            stop_reason: match s.stop_reason {
+                                StopReason::Eos => pb::StopReason::EndOfSequence,
+                                StopReason::Stop(_) => pb::StopReason::Delimiter,
+                                StopReason::MaxTokens => pb::StopReason::MaxTokens,
+                            } as i32,
+                        })
+                        .collect(),
+                    prompt_tokens_computed: r.prompt_tokens_computed,
+                    prompt_tokens_reused: r.prompt_tokens_reused,
+                })
+                .collect(),
+        })
+    }
+
+    fn remember(&self, id: &str) -> Shared {
+        let cell = self.expansions.entry(id.to_string()).or_default().clone();
+        let mut order = self.order.lock().expect("order lock");
+        if !order.iter().any(|o| o == id) {
+            order.push_back(id.to_string());
+            while order.len() > REMEMBERED_EXPANSIONS {
+                if let Some(old) = order.pop_front() {
+                    self.expansions.remove(&old);
+                }
+            }
+        }
+        cell
+    }
+}
+
+#[tonic::async_trait]
+impl Worker for WorkerService {
+    async fn expand(
+        &self,
+        request: Request<pb::ExpandRequest>,
+    ) -> Result<Response<pb::ExpandResponse>, Status> {
+        let deadline = grpc_deadline(&request);
+        let req = request.into_inner();
+        let items = self.validate(&req)?;
+        if req.expansion_id.is_empty() {
+            return Ok(Response::new(self.run_expand(items, deadline).await?));
+        }
+        // A repeated id joins the first call (or gets its stored answer). A failed or dropped
+        // first call stores nothing, so the repeat computes afresh.
+        let cell = self.remember(&req.expansion_id);
+        let answer = cell
+            .get_or_try_init(|| self.run_expand(items, deadline))
+            .await?;
+        Ok(Response::new(answer.clone()))
+    }
+
+    async fn score(
+        &self,
+        request: Request<pb::ScoreRequest>,
+    ) -> Result<Response<pb::ScoreResponse>, Status> {
+        let req = request.into_inner();
+        let info = self.worker.model_info();
+        let (vocab, context) = (info.config.vocab_size, info.config.context_length);
+        if req.paths.is_empty() || req.paths.len() > self.limits.nodes_per_call_max {
+            return Err(invalid(
+                "paths",
+                format!(
+                    "{} paths; 1 to {} per call",
+                    req.paths.len(),
+                    self.limits.nodes_per_call_max
+                ),
+            ));
+        }
+        let mut paths = Vec::with_capacity(req.paths.len());
+        for (i, p) in req.paths.iter().enumerate() {
+            let steps: Vec<Vec<u32>> = p.steps.iter().map(|s| s.token_ids.clone()).collect();
+            let total = p.prompt_tokens.len() + steps.iter().map(Vec::len).sum::<usize>();
+            if p.prompt_tokens.is_empty() {
+                return Err(invalid(&format!("paths[{i}].prompt_tokens"), "empty"));
+            }
+            if steps.is_empty() || steps.iter().any(Vec::is_empty) {
+                return Err(invalid(
+                    &format!("paths[{i}].steps"),
+                    "at least one step, and no empty step",
+                ));
+            }
+            if total > context {
+                return Err(invalid(
+                    &format!("paths[{i}]"),
+                    format!("{total} tokens exceed the model's context of {context}"),
+                ));
+            }
+            let all = p.prompt_tokens.iter().chain(steps.iter().flatten());
+            if let Some(t) = all.copied().find(|&t| t as usize >= vocab) {
+                return Err(invalid(
+                    &format!("paths[{i}]"),
+                    format!("token id {t} is outside the vocabulary of {vocab}"),
+                ));
+            }
+            paths.push((p.prompt_tokens.clone(), steps));
+        }
+        let scored = self
+            .worker
+            .with_engine(move |engine, _| {
+                paths
+                    .iter()
+                    .map(|(prompt, steps)| score_path(engine, prompt, steps))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .await
+            .map_err(worker_status)?
+            .map_err(|e| worker_status(WorkerError::Model(e)))?;
+        Ok(Response::new(pb::ScoreResponse { paths: scored }))
+    }
+
+    async fn model_info(
+        &self,
+        _request: Request<pb::ModelInfoRequest>,
+    ) -> Result<Response<pb::ModelInfoResponse>, Status> {
+        let info = self.worker.model_info();
+        let c = &info.config;
+        Ok(Response::new(pb::ModelInfoResponse {
+            source: info.source.clone(),
+            architecture: c.architecture.clone(),
+            vocab_size: c.vocab_size as u32,
+            context_length: c.context_length as u32,
+            n_layers: c.n_layers as u32,
+            d_model: c.d_model as u32,
+            backend: info.backend.clone(),
+            in_flight: self.worker.in_flight() as u32,
+            step_delimiter: self.worker.options().step_delimiter.clone(),
+        }))
+    }
+}
+
+/// Scores each step of one path by the model's own confidence in it, `exp(mean token
+/// log-prob)` under teacher forcing: the same value the log-prob scorer gives a step the policy
+/// generated, computed here for any text.
+fn score_path(
+    engine: &mut arbor_model::Engine,
+    prompt: &[u32],
+    steps: &[Vec<u32>],
+) -> arbor_model::Result<pb::PathScores> {
+    let seq = engine.new_sequence();
+    let result = score_steps(engine, seq, prompt, steps);
+    engine.free(seq);
+    result
+}
+
+/// Runs the prompt (keeping only its last logits), then each step (logits at every token, one
+/// step at a time so memory stays at one step's worth of vocabulary rows).
+fn score_steps(
+    engine: &mut arbor_model::Engine,
+    seq: arbor_model::SeqId,
+    prompt: &[u32],
+    steps: &[Vec<u32>],
+) -> arbor_model::Result<pb::PathScores> {
+    use arbor_model::sampling::log_prob;
+    let vocab = engine.config().vocab_size;
+    // `next` holds the logits that predict the step's first token.
+    let mut next = engine.forward(&[(seq, prompt)])?.to_vec();
+    let mut scores = Vec::with_capacity(steps.len());
+    let mut computed = prompt.len() as u64;
+    for step in steps {
+        let mut sum = f64::from(log_prob(&next, step[0]));
+        let logits = engine.forward_all_logits(&[(seq, step)])?;
+        computed += step.len() as u64;
+        for (i, &t) in step.iter().enumerate().skip(1) {
+            sum += f64::from(log_prob(&logits[(i - 1) * vocab..i * vocab], t));
+        }
+        next.copy_from_slice(&logits[(step.len() - 1) * vocab..step.len() * vocab]);
+        scores.push((sum / step.len() as f64).exp() as f32);
+    }
+    Ok(pb::PathScores {
+        scores,
+        tokens_computed: computed,
+    })
+}
+
+/// The deadline a client set with the `grpc-timeout` header.
+pub(crate) fn grpc_deadline<T>(request: &Request<T>) -> Option<Instant> {
+    let v = request.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let (num, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = num.parse().ok()?;
+    let d = match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    };
+    Instant::now().checked_add(d)
+}
+
+pub(crate) fn invalid(field: &str, why: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("{field}: {why}"))
+}
+
+fn worker_status(e: WorkerError) -> Status {
+    match &e {
+        WorkerError::Model(arbor_model::ModelError::InvalidRequest { .. }) => {
+            Status::invalid_argument(e.to_string())
+        }
+        WorkerError::Model(arbor_model::ModelError::KvCacheFull { .. })
+        | WorkerError::Overloaded { .. } => Status::resource_exhausted(e.to_string()),
+        WorkerError::Model(_) => Status::internal(e.to_string()),
+        WorkerError::DeadlineExceeded => Status::deadline_exceeded(e.to_string()),
+        WorkerError::Cancelled => Status::cancelled(e.to_string()),
+        WorkerError::Stopped => Status::unavailable(e.to_string()),
+    }
+}
+
+/// Serves the worker (with health, and reflection if asked) on `listener` until `shutdown`
+/// completes. Returns the address it listens on through `bound` before serving.
+pub async fn serve(
+    service: WorkerService,
+    listener: tokio::net::TcpListener,
+    reflection: bool,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_serving::<WorkerServer<WorkerService>>().await;
+    let reflection_service = reflection.then(super::reflection_service);
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_optional_service(reflection_service)
+        .add_service(service.into_server())
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await
+}
+
+/// Binds `addr` (port 0 picks a free one).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}

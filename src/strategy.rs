@@ -1,0 +1,92 @@
+//! The named strategies of the command line and the gRPC API, and the search configuration each
+//! one means.
+
+use arbor_search::{
+    BeamConfig, DvtsConfig, MctsConfig, SampleConfig, ScorerChoice, SearchConfig, StrategyConfig,
+};
+
+/// Test-time strategies.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Strategy {
+    /// Monte-Carlo tree search (PUCT, batched expansion, virtual loss).
+    Mcts,
+    /// Sample N solutions, keep the best-scored one.
+    BestOfN,
+    /// Sample N solutions, keep the answer with the largest summed score.
+    WeightedBestOfN,
+    /// Sample N solutions, keep the most frequent answer (self-consistency).
+    Majority,
+    /// Beam search guided by step scores.
+    Beam,
+    /// Diverse verifier tree search: independent greedy subtrees.
+    Dvts,
+}
+
+impl Strategy {
+    /// The command-line spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::Mcts => "mcts",
+            Strategy::BestOfN => "best-of-n",
+            Strategy::WeightedBestOfN => "weighted-best-of-n",
+            Strategy::Majority => "majority",
+            Strategy::Beam => "beam",
+            Strategy::Dvts => "dvts",
+        }
+    }
+}
+
+/// The search configuration of `strategy` with `n` samples (best-of-n, weighted, majority) or
+/// beams (beam: at most 4 kept; dvts: all), steps sampled at `temperature` with at most
+/// `max_step_tokens` tokens, valued by the policy's own log-probs. Budgets and seed are the
+/// caller's to set.
+pub fn strategy_config(
+    strategy: Strategy,
+    n: u32,
+    temperature: f32,
+    max_step_tokens: u32,
+) -> SearchConfig {
+    let mut c = SearchConfig::default();
+    c.strategy = match strategy {
+        Strategy::Mcts => StrategyConfig::Mcts(MctsConfig::default()),
+        Strategy::BestOfN => StrategyConfig::BestOfN(SampleConfig { n }),
+        Strategy::WeightedBestOfN => StrategyConfig::WeightedBestOfN(SampleConfig { n }),
+        Strategy::Majority => StrategyConfig::SelfConsistency(SampleConfig { n }),
+        Strategy::Beam => StrategyConfig::Beam(BeamConfig {
+            beam_width: n.min(4),
+            ..BeamConfig::default()
+        }),
+        Strategy::Dvts => StrategyConfig::Dvts(DvtsConfig {
+            beams: n,
+            ..DvtsConfig::default()
+        }),
+    };
+    c.scoring.scorer = ScorerChoice::LogProb;
+    c.sampling.temperature = temperature;
+    c.sampling.max_step_tokens = max_step_tokens;
+    c
+}
+
+/// A short name for why a search stopped: `completed`, `exhausted`, `converged`, `cancelled`,
+/// `budget:generated_tokens`, `budget:deadline`, ..., `too_many_failures`.
+pub fn termination_name(t: arbor_search::Termination) -> String {
+    use arbor_search::{Budget, Termination};
+    match t {
+        Termination::Completed => "completed".into(),
+        Termination::Exhausted => "exhausted".into(),
+        Termination::Converged => "converged".into(),
+        Termination::Cancelled => "cancelled".into(),
+        Termination::TooManyFailures => "too_many_failures".into(),
+        Termination::Budget(b) => format!(
+            "budget:{}",
+            match b {
+                Budget::GeneratedTokens => "generated_tokens",
+                Budget::PolicyCalls => "policy_calls",
+                Budget::ScorerCalls => "scorer_calls",
+                Budget::Nodes => "nodes",
+                Budget::Simulations => "simulations",
+                Budget::Deadline => "deadline",
+            }
+        ),
+    }
+}
