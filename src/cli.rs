@@ -45,6 +45,25 @@ enum Command {
     ///
     /// Example: arbor generate --chat --prompt "What is 17*23?" --max-tokens 64
     Generate(GenerateArgs),
+    /// Serve a model to coordinators over gRPC (the internal Worker service).
+    ///
+    /// Concurrent calls share forward passes; a call whose client goes away or whose deadline
+    /// passes stops decoding at once. Health: grpc.health.v1.
+    ///
+    /// Example: arbor worker --listen 0.0.0.0:50052
+    #[command(verbatim_doc_comment)]
+    Worker(crate::serve_cmd::WorkerArgs),
+    /// Run the coordinator: the public Search service over a pool of workers.
+    ///
+    /// Nodes' children go to the worker holding their prefix; a call lost with a worker is
+    /// re-sent to another; unhealthy workers leave the rotation until they answer again.
+    ///
+    /// Examples:
+    ///   arbor serve --listen 0.0.0.0:50051 --workers 10.0.0.5:50052,10.0.0.6:50052
+    ///   arbor serve --workers dns://arbor-workers.default.svc:50052
+    ///   arbor search --coordinator http://localhost:50051 "What is 15% of 240?"
+    #[command(verbatim_doc_comment)]
+    Serve(crate::serve_cmd::ServeArgs),
     /// Manage cached models.
     Model {
         #[command(subcommand)]
@@ -117,6 +136,8 @@ pub(crate) fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Generate(args) => cmd_generate(args),
         Command::Search(args) => crate::search_cmd::run(args),
+        Command::Worker(args) => crate::serve_cmd::run_worker(args),
+        Command::Serve(args) => crate::serve_cmd::run_serve(args),
         Command::Model {
             action: ModelAction::Fetch,
         } => resolve_model(None).map(|p| println!("{}", p.display())),
@@ -176,6 +197,14 @@ pub(crate) fn resolve_model(path: Option<PathBuf>) -> Result<PathBuf> {
 }
 
 pub(crate) fn load_engine(model: Option<PathBuf>, device: Device) -> Result<(Model, Engine)> {
+    load_engine_with(model, device, EngineOptions::default())
+}
+
+pub(crate) fn load_engine_with(
+    model: Option<PathBuf>,
+    device: Device,
+    options: EngineOptions,
+) -> Result<(Model, Engine)> {
     if device == Device::Gpu {
         bail!("--device gpu: the wgpu backend is not part of this build yet; use --device cpu");
     }
@@ -184,7 +213,7 @@ pub(crate) fn load_engine(model: Option<PathBuf>, device: Device) -> Result<(Mod
     let model = Model::load(&path).with_context(|| format!("loading {}", path.display()))?;
     tracing::info!(secs = t.elapsed().as_secs_f64(), "model loaded");
     let backend = CpuBackend::new(model.config.clone(), model.weights.clone());
-    let engine = Engine::new(Box::new(backend), EngineOptions::default());
+    let engine = Engine::new(Box::new(backend), options);
     Ok((model, engine))
 }
 

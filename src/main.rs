@@ -2,6 +2,7 @@
 
 mod cli;
 mod search_cmd;
+mod serve_cmd;
 
 fn main() -> std::process::ExitCode {
     cli::main()

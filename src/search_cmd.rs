@@ -4,31 +4,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use arbor_search::{
-    BeamConfig, DvtsConfig, LogProbScorer, MctsConfig, SampleConfig, ScorerChoice, Search,
-    SearchConfig, SearchControl, SearchEvent, StrategyConfig,
-};
+use arbor_search::{LogProbScorer, Search, SearchConfig, SearchControl, SearchEvent};
+use arbor::rpc::pb;
+use arbor::strategy::{strategy_config, Strategy};
 use arbor_worker::{LocalWorker, WorkerOptions};
-use clap::ValueEnum;
 
 use crate::cli::{load_engine, Device};
-
-/// Test-time strategies.
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Strategy {
-    /// Monte-Carlo tree search (PUCT, batched expansion, virtual loss).
-    Mcts,
-    /// Sample N solutions, keep the best-scored one.
-    BestOfN,
-    /// Sample N solutions, keep the answer with the largest summed score.
-    WeightedBestOfN,
-    /// Sample N solutions, keep the most frequent answer (self-consistency).
-    Majority,
-    /// Beam search guided by step scores.
-    Beam,
-    /// Diverse verifier tree search: independent greedy subtrees.
-    Dvts,
-}
 
 #[derive(clap::Args, Debug)]
 pub(crate) struct SearchArgs {
@@ -75,7 +56,8 @@ pub(crate) struct SearchArgs {
     /// visits and state).
     #[arg(long)]
     tree_json: Option<PathBuf>,
-    /// A remote coordinator (gRPC service): not part of this build yet.
+    /// Run the search on a coordinator (`arbor serve`) instead of in this process, e.g.
+    /// http://localhost:50051. The options above travel with it as one search configuration.
     #[arg(long)]
     coordinator: Option<String>,
     /// A GGUF file or Hugging Face folder; default: the embedded default model.
@@ -99,28 +81,7 @@ fn build_config(a: &SearchArgs) -> Result<SearchConfig> {
                 .with_context(|| format!("reading {}", path.display()))?;
             SearchConfig::from_json(&text).with_context(|| format!("{}", path.display()))?
         }
-        None => {
-            let mut c = SearchConfig::default();
-            let n = a.n;
-            c.strategy = match a.strategy {
-                Strategy::Mcts => StrategyConfig::Mcts(MctsConfig::default()),
-                Strategy::BestOfN => StrategyConfig::BestOfN(SampleConfig { n }),
-                Strategy::WeightedBestOfN => StrategyConfig::WeightedBestOfN(SampleConfig { n }),
-                Strategy::Majority => StrategyConfig::SelfConsistency(SampleConfig { n }),
-                Strategy::Beam => StrategyConfig::Beam(BeamConfig {
-                    beam_width: n.min(4),
-                    ..BeamConfig::default()
-                }),
-                Strategy::Dvts => StrategyConfig::Dvts(DvtsConfig {
-                    beams: n,
-                    ..DvtsConfig::default()
-                }),
-            };
-            c.scoring.scorer = ScorerChoice::LogProb;
-            c.sampling.temperature = a.temperature;
-            c.sampling.max_step_tokens = a.max_step_tokens;
-            c
-        }
+        None => strategy_config(a.strategy, a.n, a.temperature, a.max_step_tokens),
     };
     config.seed = a.seed;
     config.budget.max_generated_tokens = Some(a.budget_tokens);
@@ -132,13 +93,13 @@ fn build_config(a: &SearchArgs) -> Result<SearchConfig> {
 }
 
 pub(crate) fn run(args: SearchArgs) -> Result<()> {
-    if let Some(url) = &args.coordinator {
-        bail!("--coordinator {url}: the gRPC service is not part of this build yet; run without it (embedded)");
-    }
     let config = build_config(&args)?;
     if args.print_config {
         println!("{}", serde_json::to_string_pretty(&config)?);
         return Ok(());
+    }
+    if let Some(url) = &args.coordinator {
+        return run_remote(&args, url, &config);
     }
     let (model, engine) = load_engine(args.model.clone(), args.device)?;
     let worker = LocalWorker::new(&model, engine, WorkerOptions::default());
@@ -196,68 +157,128 @@ pub(crate) fn run(args: SearchArgs) -> Result<()> {
         let json = serde_json::to_string_pretty(&tree.export())?;
         std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
     }
-    let path: Vec<String> = outcome
-        .answer
-        .as_ref()
-        .map(|a| tree.path(a.node).iter().map(|s| s.text.clone()).collect())
-        .unwrap_or_default();
-    let c = &outcome.costs;
+    print_result(&args, &arbor::rpc::coordinator::result_of("", &outcome, tree))?;
+    Ok(())
+}
+
+/// Prints a search's result: text, or one JSON object with `--json`.
+fn print_result(args: &SearchArgs, r: &pb::SearchResult) -> Result<()> {
+    let c = r.costs.clone().unwrap_or_default();
     if args.json {
         let out = serde_json::json!({
             "question": args.question,
-            "strategy": format!("{:?}", args.strategy),
-            "answer": outcome.answer.as_ref().map(|a| a.answer.raw.clone()),
-            "answer_key": outcome.answer.as_ref().map(|a| a.answer.key.clone()),
-            "value": outcome.answer.as_ref().and_then(|a| a.value),
-            "votes": outcome.answer.as_ref().map(|a| a.votes),
-            "path": path,
-            "candidates": outcome.candidates.iter().map(|t| serde_json::json!({"answer": t.answer.raw, "votes": t.votes, "weight": t.weight})).collect::<Vec<_>>(),
-            "termination": format!("{:?}", outcome.termination),
+            "strategy": args.strategy.name(),
+            "answer": (!r.answer.is_empty()).then_some(&r.answer),
+            "answer_key": (!r.answer.is_empty()).then_some(&r.answer_key),
+            "value": r.value,
+            "votes": (!r.answer.is_empty()).then_some(r.votes),
+            "path": r.path,
+            "candidates": r.candidates.iter().map(|t| serde_json::json!({"answer": t.answer, "votes": t.votes, "weight": t.weight})).collect::<Vec<_>>(),
+            "termination": r.termination,
             "costs": {
                 "generated_tokens": c.generated_tokens,
                 "prompt_tokens_sent": c.prompt_tokens_sent,
                 "prompt_tokens_computed": c.prompt_tokens_computed,
                 "prompt_tokens_reused": c.prompt_tokens_reused,
-                "prm_tokens_computed": c.scorer_tokens,
+                "prm_tokens_computed": c.prm_tokens_computed,
                 "policy_calls": c.policy_calls,
                 "scorer_calls": c.scorer_calls,
                 "nodes": c.nodes,
-                "wall_ms": c.wall_us / 1000,
+                "wall_ms": c.wall_ms,
             },
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
-    } else {
-        match &outcome.answer {
-            Some(a) => {
-                println!("Answer: {}", a.answer.raw);
-                println!("\nReasoning path ({} steps):", path.len());
-                for (i, step) in path.iter().enumerate() {
-                    println!("  {}. {}", i + 1, step.trim().replace('\n', "\n     "));
-                }
-            }
-            None => println!(
-                "No final answer within the budget ({:?}).",
-                outcome.termination
-            ),
-        }
-        if outcome.candidates.len() > 1 {
-            let cands: Vec<String> = outcome
-                .candidates
-                .iter()
-                .map(|t| format!("{} ({} votes)", t.answer.raw, t.votes))
-                .collect();
-            println!("\nCandidates: {}", cands.join(", "));
-        }
-        println!(
-            "\nCost: {} generated tokens, {} prompt tokens computed ({} reused), {} policy calls, {} nodes, {:.1}s; stopped: {:?}",
-            c.generated_tokens,
-            c.prompt_tokens_computed,
-            c.prompt_tokens_reused,
-            c.policy_calls,
-            c.nodes,
-            c.wall_us as f64 / 1e6,
-            outcome.termination
-        );
+        return Ok(());
     }
+    if r.answer.is_empty() {
+        println!("No final answer within the budget ({}).", r.termination);
+    } else {
+        println!("Answer: {}", r.answer);
+        println!("\nReasoning path ({} steps):", r.path.len());
+        for (i, step) in r.path.iter().enumerate() {
+            println!("  {}. {}", i + 1, step.trim().replace('\n', "\n     "));
+        }
+    }
+    if r.candidates.len() > 1 {
+        let cands: Vec<String> = r
+            .candidates
+            .iter()
+            .map(|t| format!("{} ({} votes)", t.answer, t.votes))
+            .collect();
+        println!("\nCandidates: {}", cands.join(", "));
+    }
+    println!(
+        "\nCost: {} generated tokens, {} prompt tokens computed ({} reused), {} policy calls, {} nodes, {:.1}s; stopped: {}",
+        c.generated_tokens,
+        c.prompt_tokens_computed,
+        c.prompt_tokens_reused,
+        c.policy_calls,
+        c.nodes,
+        c.wall_ms as f64 / 1e3,
+        r.termination
+    );
     Ok(())
+}
+
+/// `arbor search --coordinator URL`: the same search on a remote coordinator, streamed.
+fn run_remote(args: &SearchArgs, url: &str, config: &SearchConfig) -> Result<()> {
+    let url = if url.contains("://") {
+        url.to_string()
+    } else {
+        format!("http://{url}")
+    };
+    let request = pb::SearchRequest {
+        request_id: String::new(),
+        question: args.question.clone(),
+        messages: vec![],
+        strategy: pb::Strategy::Unspecified as i32,
+        n: 0,
+        budget: Some(pb::Budget {
+            generated_tokens: args.budget_tokens,
+            ..Default::default()
+        }),
+        sampling: None,
+        seed: args.seed,
+        // The full configuration these options make, so a remote search is the same search.
+        config_json: serde_json::to_string(config)?,
+        deadline_ms: args.deadline_ms.unwrap_or(0),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
+            .expect("static template"),
+    );
+    bar.enable_steady_tick(Duration::from_millis(200));
+    let result = rt.block_on(async {
+        let mut client = pb::search_client::SearchClient::connect(url.clone())
+            .await
+            .with_context(|| format!("--coordinator {url}: cannot connect"))?;
+        let mut stream = client
+            .search_stream(request)
+            .await
+            .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?
+            .into_inner();
+        let (mut expanded, mut best) = (0u64, String::from("-"));
+        while let Some(ev) = stream
+            .message()
+            .await
+            .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?
+        {
+            use pb::search_event::Event;
+            match ev.event {
+                Some(Event::Result(r)) => return Ok(r),
+                Some(Event::Expanded(_)) => expanded += 1,
+                Some(Event::BestAnswer(b)) => best = b.answer,
+                _ => {}
+            }
+            bar.set_message(format!("{expanded} expansions, best answer so far: {best}"));
+        }
+        bail!("the coordinator closed the stream without a result")
+    });
+    bar.finish_and_clear();
+    print_result(args, &result?)
 }

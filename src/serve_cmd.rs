@@ -1,0 +1,158 @@
+//! `arbor worker` and `arbor serve`: the gRPC worker and coordinator processes.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use arbor::rpc::coordinator::{self, Coordinator, CoordinatorOptions};
+use arbor::rpc::limits::{SearchLimits, WorkerLimits};
+use arbor::rpc::pool::{PoolOptions, WorkerPool, WorkerSpec};
+use arbor::rpc::worker::{self, WorkerService};
+use arbor_model::{EngineOptions, Model};
+use arbor_worker::{LocalWorker, WorkerOptions};
+
+use crate::cli::{load_engine_with, resolve_model, Device};
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct WorkerArgs {
+    /// Address to listen on (port 0 picks a free port; the chosen address is printed).
+    #[arg(long, default_value = "127.0.0.1:50052")]
+    listen: SocketAddr,
+    /// A GGUF file or Hugging Face folder; default: the embedded default model.
+    #[arg(long, env = "ARBOR_MODEL")]
+    model: Option<PathBuf>,
+    /// Where to run the model.
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    device: Device,
+    /// KV cache blocks of 16 tokens (memory: about 0.4 MB per block for the default model).
+    #[arg(long, default_value_t = 8192)]
+    kv_blocks: usize,
+    /// Most calls queued or running at once; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 256)]
+    calls_in_flight_max: usize,
+    /// Also serve gRPC reflection (for grpcurl and friends).
+    #[arg(long)]
+    reflection: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct ServeArgs {
+    /// Address to listen on (port 0 picks a free port; the chosen address is printed).
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    listen: SocketAddr,
+    /// Workers, comma-separated: `host:port`, `http://host:port`, or `dns://NAME:PORT` for
+    /// every address a name resolves to (a Kubernetes headless service), re-resolved at each
+    /// health check.
+    #[arg(long, value_delimiter = ',', required = true)]
+    workers: Vec<String>,
+    /// The model the workers run (its tokenizer and chat template build the prompts); default:
+    /// the embedded default model.
+    #[arg(long, env = "ARBOR_MODEL")]
+    model: Option<PathBuf>,
+    /// Searches running at once; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 64)]
+    searches_max: usize,
+    /// Generated-token budget of a search that names none.
+    #[arg(long, default_value_t = 1024)]
+    default_budget_tokens: u64,
+    /// Health-check period in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    health_interval_ms: u64,
+    /// Also serve gRPC reflection (for grpcurl and friends).
+    #[arg(long)]
+    reflection: bool,
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+async fn ctrl_c() {
+    let _ = tokio::signal::ctrl_c().await;
+    eprintln!("arbor: shutting down");
+}
+
+pub(crate) fn run_worker(a: WorkerArgs) -> Result<()> {
+    let (model, engine) = load_engine_with(
+        a.model,
+        a.device,
+        EngineOptions {
+            kv_blocks_max: a.kv_blocks,
+            ..EngineOptions::default()
+        },
+    )?;
+    let local = LocalWorker::new(
+        &model,
+        engine,
+        WorkerOptions {
+            calls_in_flight_max: a.calls_in_flight_max,
+            ..WorkerOptions::default()
+        },
+    );
+    let service = WorkerService::new(local, WorkerLimits::default());
+    runtime()?.block_on(async move {
+        let listener = worker::bind(a.listen)
+            .await
+            .with_context(|| format!("--listen {}", a.listen))?;
+        let addr = listener.local_addr()?;
+        eprintln!("arbor worker listening on {addr}");
+        worker::serve(service, listener, a.reflection, ctrl_c()).await?;
+        Ok(())
+    })
+}
+
+pub(crate) fn run_serve(a: ServeArgs) -> Result<()> {
+    let specs = a
+        .workers
+        .iter()
+        .map(|w| w.parse::<WorkerSpec>().map_err(anyhow::Error::msg))
+        .collect::<Result<Vec<_>>>()
+        .context("--workers")?;
+    if a.searches_max == 0 {
+        bail!("--searches-max must be at least 1");
+    }
+    let path = resolve_model(a.model)?;
+    let tokenizer = Arc::new(
+        Model::load_tokenizer(&path).with_context(|| format!("loading {}", path.display()))?,
+    );
+    runtime()?.block_on(async move {
+        let pool = WorkerPool::connect(
+            specs,
+            PoolOptions {
+                health_interval: Duration::from_millis(a.health_interval_ms.max(50)),
+                ..PoolOptions::default()
+            },
+        )
+        .await
+        .map_err(anyhow::Error::msg)?;
+        let healthy = pool.healthy();
+        let members = pool.members().len();
+        if healthy == 0 {
+            eprintln!("arbor: warning: none of the {members} workers is healthy yet; searches wait for the health checks");
+        }
+        let coordinator = Coordinator::new(
+            pool,
+            tokenizer,
+            CoordinatorOptions {
+                limits: SearchLimits {
+                    searches_max: a.searches_max,
+                    budget_tokens_default: a.default_budget_tokens,
+                    ..SearchLimits::default()
+                },
+                ..CoordinatorOptions::default()
+            },
+        );
+        let listener = worker::bind(a.listen)
+            .await
+            .with_context(|| format!("--listen {}", a.listen))?;
+        let addr = listener.local_addr()?;
+        eprintln!("arbor coordinator listening on {addr} ({healthy}/{members} workers healthy)");
+        coordinator::serve(coordinator, listener, a.reflection, ctrl_c()).await?;
+        Ok(())
+    })
+}
