@@ -4,9 +4,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use arbor_search::{LogProbScorer, Search, SearchConfig, SearchControl, SearchEvent};
 use arbor::rpc::pb;
 use arbor::strategy::{strategy_config, Strategy};
+use arbor_search::{LogProbScorer, Search, SearchConfig, SearchControl, SearchEvent};
 use arbor_worker::{LocalWorker, WorkerOptions};
 
 use crate::cli::{load_engine, Device};
@@ -157,7 +157,10 @@ pub(crate) fn run(args: SearchArgs) -> Result<()> {
         let json = serde_json::to_string_pretty(&tree.export())?;
         std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
     }
-    print_result(&args, &arbor::rpc::coordinator::result_of("", &outcome, tree))?;
+    print_result(
+        &args,
+        &arbor::rpc::coordinator::result_of("", &outcome, tree),
+    )?;
     Ok(())
 }
 

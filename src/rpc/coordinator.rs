@@ -64,6 +64,7 @@ struct Inner {
     trees: Mutex<VecDeque<Arc<TreeDump>>>,
     permits: Arc<Semaphore>,
     next_id: AtomicU64,
+    invariant_violations: AtomicU64,
 }
 
 /// The `Search` service. Cheap to clone.
@@ -106,6 +107,7 @@ impl Coordinator {
                 running: DashMap::new(),
                 trees: Mutex::new(VecDeque::new()),
                 next_id: AtomicU64::new(0),
+                invariant_violations: AtomicU64::new(0),
             }),
         }
     }
@@ -113,6 +115,11 @@ impl Coordinator {
     /// The pool.
     pub fn pool(&self) -> &WorkerPool {
         &self.inner.pool
+    }
+
+    /// Finished searches whose tree broke an invariant (always 0 unless there is a bug).
+    pub fn invariant_violations(&self) -> u64 {
+        self.inner.invariant_violations.load(Ordering::Relaxed)
     }
 
     /// Searches running now.
@@ -373,6 +380,7 @@ impl Coordinator {
             .map_err(|e| Status::internal(format!("search failed: {e}")))?;
         let tree = search.tree();
         if let Err(e) = tree.check_invariants() {
+            inner.invariant_violations.fetch_add(1, Ordering::Relaxed);
             tracing::error!(request_id = %spec.request_id, "tree invariant violated: {e:?}");
         }
         let dump = Arc::new(TreeDump {

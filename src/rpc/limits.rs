@@ -44,7 +44,7 @@ impl Default for SearchLimits {
             config_json_bytes_max: 64 * 1024,
             request_id_bytes_max: 128,
             searches_max: 64,
-            message_bytes_max: 1 << 20,
+            message_bytes_max: 4 << 20,
         }
     }
 }

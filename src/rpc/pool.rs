@@ -135,6 +135,11 @@ impl Member {
         self.healthy.load(Ordering::SeqCst)
     }
 
+    /// Calls that failed on this worker.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
     /// Calls sent and not yet answered.
     pub fn outstanding(&self) -> usize {
         self.outstanding.load(Ordering::SeqCst)

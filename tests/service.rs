@@ -1,0 +1,536 @@
+//! The gRPC service end to end: a coordinator and three `arbor worker` processes on 127.0.0.1
+//! with the real default model.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use arbor::rpc::coordinator::{self, Coordinator, CoordinatorOptions};
+use arbor::rpc::pb;
+use arbor::rpc::pb::search_client::SearchClient;
+use arbor::rpc::pb::worker_client::WorkerClient;
+use arbor::rpc::pool::{PoolOptions, WorkerPool, WorkerSpec};
+use arbor::strategy::{strategy_config, Strategy};
+use arbor_model::backend::cpu::CpuBackend;
+use arbor_model::{Engine, EngineOptions, Model};
+use arbor_search::{LogProbScorer, Search, SearchConfig, SearchControl};
+use arbor_worker::{LocalWorker, WorkerOptions};
+use tonic::transport::Channel;
+use tonic::Code;
+
+/// The tests share the machine's cores: one cluster at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn model() -> &'static Model {
+    static MODEL: OnceLock<Model> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        let path = arbor_model::fetch::ensure_default_model(&mut |_| {}).expect("fetch model");
+        Model::load(&path).expect("load model")
+    })
+}
+
+/// An `arbor worker` process, killed when dropped.
+struct WorkerProcess {
+    child: Child,
+    url: String,
+}
+
+impl WorkerProcess {
+    fn start() -> WorkerProcess {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_arbor"))
+            .args(["worker", "--listen", "127.0.0.1:0"])
+            .env("RAYON_NUM_THREADS", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start arbor worker");
+        let stderr = child.stderr.take().unwrap();
+        let mut lines = BufReader::new(stderr).lines();
+        let addr = loop {
+            let line = lines
+                .next()
+                .expect("worker exited before listening")
+                .unwrap();
+            if let Some(a) = line.strip_prefix("arbor worker listening on ") {
+                break a.trim().to_string();
+            }
+        };
+        // Keep draining stderr so the worker never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        WorkerProcess {
+            child,
+            url: format!("http://{addr}"),
+        }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Three workers and an in-process coordinator.
+struct Cluster {
+    rt: tokio::runtime::Runtime,
+    workers: Vec<WorkerProcess>,
+    coordinator: Coordinator,
+    client: SearchClient<Channel>,
+    _shutdown: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Cluster {
+    fn start(n_workers: usize) -> Cluster {
+        let workers: Vec<WorkerProcess> = (0..n_workers).map(|_| WorkerProcess::start()).collect();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let specs = workers
+            .iter()
+            .map(|w| w.url.parse::<WorkerSpec>().unwrap())
+            .collect();
+        let (coordinator, client, shutdown) = rt.block_on(async {
+            let pool = WorkerPool::connect(
+                specs,
+                PoolOptions {
+                    health_interval: Duration::from_millis(300),
+                    ..PoolOptions::default()
+                },
+            )
+            .await
+            .unwrap();
+            assert_eq!(
+                pool.healthy(),
+                n_workers,
+                "every worker answers its health check"
+            );
+            let coordinator = Coordinator::new(
+                pool,
+                model().tokenizer.clone(),
+                CoordinatorOptions::default(),
+            );
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            let c = coordinator.clone();
+            tokio::spawn(async move {
+                coordinator::serve(c, listener, true, async {
+                    let _ = rx.await;
+                })
+                .await
+                .unwrap()
+            });
+            let client = SearchClient::connect(format!("http://{addr}"))
+                .await
+                .unwrap();
+            (coordinator, client, tx)
+        });
+        Cluster {
+            rt,
+            workers,
+            coordinator,
+            client,
+            _shutdown: shutdown,
+        }
+    }
+
+    /// Calls queued or running on each live worker.
+    fn in_flight(&self) -> Vec<u32> {
+        self.rt.block_on(async {
+            let mut out = Vec::new();
+            for w in &self.workers {
+                if let Ok(mut c) = WorkerClient::connect(w.url.clone()).await {
+                    let info = c.model_info(pb::ModelInfoRequest {}).await.unwrap();
+                    out.push(info.get_ref().in_flight);
+                }
+            }
+            out
+        })
+    }
+}
+
+const QUESTION: &str = "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did Natalia sell altogether in April and May?";
+
+fn request(
+    id: &str,
+    question: &str,
+    strategy: pb::Strategy,
+    budget: u64,
+    seed: u64,
+) -> pb::SearchRequest {
+    pb::SearchRequest {
+        request_id: id.into(),
+        question: question.into(),
+        strategy: strategy as i32,
+        n: 4,
+        budget: Some(pb::Budget {
+            generated_tokens: budget,
+            ..Default::default()
+        }),
+        sampling: Some(pb::SamplingOptions {
+            temperature: Some(0.7),
+            top_p: None,
+            max_step_tokens: Some(48),
+        }),
+        seed,
+        ..Default::default()
+    }
+}
+
+/// The same search run embedded (no network), for comparison.
+fn embedded(question: &str, strategy: Strategy, budget: u64, seed: u64) -> (String, u64, u64) {
+    let m = model();
+    let engine = Engine::new(
+        Box::new(CpuBackend::new(m.config.clone(), m.weights.clone())),
+        EngineOptions::default(),
+    );
+    let w = LocalWorker::new(m, engine, WorkerOptions::default());
+    let mut config: SearchConfig = strategy_config(strategy, 4, 0.7, 48);
+    config.seed = seed;
+    config.budget.max_generated_tokens = Some(budget);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut search = Search::new(w.format_question(question).unwrap(), config).unwrap();
+    let o = rt
+        .block_on(search.run(&w, &LogProbScorer, &SearchControl::new()))
+        .unwrap();
+    (
+        o.answer.map(|a| a.answer.raw).unwrap_or_default(),
+        o.costs.generated_tokens,
+        o.costs.nodes,
+    )
+}
+
+async fn stream(
+    client: &mut SearchClient<Channel>,
+    req: pb::SearchRequest,
+) -> (Vec<pb::search_event::Event>, pb::SearchResult) {
+    let mut s = client.search_stream(req).await.unwrap().into_inner();
+    let mut events = Vec::new();
+    while let Some(ev) = s.message().await.unwrap() {
+        match ev.event.unwrap() {
+            pb::search_event::Event::Result(r) => return (events, r),
+            e => events.push(e),
+        }
+    }
+    panic!("the stream ended without a result");
+}
+
+#[test]
+fn a_streamed_search_over_three_workers_equals_the_embedded_search() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut c = Cluster::start(3);
+    let (events, result) = c.rt.block_on(stream(
+        &mut c.client,
+        request("q0", QUESTION, pb::Strategy::Mcts, 300, 5),
+    ));
+    let expanded = events
+        .iter()
+        .filter(|e| matches!(e, pb::search_event::Event::Expanded(_)))
+        .count();
+    assert!(expanded > 0, "the stream carries tree events");
+    assert_eq!(result.request_id, "q0");
+    let costs = result.costs.clone().unwrap();
+    assert!(costs.generated_tokens >= 250, "{costs:?}");
+    assert!(
+        costs.prompt_tokens_reused > 0,
+        "affinity keeps prefixes warm: {costs:?}"
+    );
+    // Seeds travel with every node, so the workers serving it do not change the search.
+    let (answer, generated, nodes) = embedded(QUESTION, Strategy::Mcts, 300, 5);
+    assert_eq!(result.answer, answer);
+    assert_eq!(costs.generated_tokens, generated);
+    assert_eq!(costs.nodes, nodes);
+    // The finished tree, as JSON and DOT.
+    let tree =
+        c.rt.block_on(c.client.get_tree(pb::GetTreeRequest {
+            request_id: "q0".into(),
+            format: pb::TreeFormat::Json as i32,
+        }))
+        .unwrap()
+        .into_inner()
+        .tree;
+    let tree: serde_json::Value = serde_json::from_str(&tree).unwrap();
+    assert_eq!(tree["nodes"].as_array().unwrap().len() as u64, costs.nodes);
+    let missing =
+        c.rt.block_on(c.client.get_tree(pb::GetTreeRequest {
+            request_id: "nope".into(),
+            format: pb::TreeFormat::Dot as i32,
+        }))
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+    assert_eq!(c.coordinator.invariant_violations(), 0);
+}
+
+#[test]
+fn killing_a_worker_mid_search_still_completes_the_search() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut c = Cluster::start(3);
+    let req = request("kill", QUESTION, pb::Strategy::Beam, 400, 9);
+    let mut client = c.client.clone();
+    let search = c.rt.spawn(async move { stream(&mut client, req).await });
+    // Wait until the search is under way, then kill the busiest worker.
+    let t = Instant::now();
+    loop {
+        let busy: u32 = c.in_flight().iter().sum();
+        if busy > 0 && t.elapsed() > Duration::from_millis(1500) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the search never started"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let loads = c.in_flight();
+    let busiest = (0..loads.len()).max_by_key(|&i| loads[i]).unwrap();
+    c.workers[busiest].kill();
+    c.workers.remove(busiest);
+    let (_, result) = c.rt.block_on(search).unwrap();
+    let costs = result.costs.unwrap();
+    assert!(
+        costs.generated_tokens >= 350,
+        "the search ran to its budget on the survivors: {costs:?}"
+    );
+    assert_eq!(c.coordinator.invariant_violations(), 0);
+    let pool = c.coordinator.pool();
+    c.rt.block_on(pool.refresh());
+    assert_eq!(pool.healthy(), 2, "the dead worker left the rotation");
+    let failed: u64 = pool.members().iter().map(|m| m.failures()).sum();
+    eprintln!("calls that failed and were re-sent: {failed}");
+    // Re-dispatched calls carry the same seeds: the result is the one a healthy run gives.
+    let (answer, generated, _) = embedded(QUESTION, Strategy::Beam, 400, 9);
+    assert_eq!((result.answer, costs.generated_tokens), (answer, generated));
+}
+
+#[test]
+fn bad_requests_get_invalid_argument_naming_the_field_and_the_server_keeps_serving() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut c = Cluster::start(1);
+    let ok = || request("", "What is 2 + 3?", pb::Strategy::BestOfN, 32, 1);
+    let cases: Vec<(pb::SearchRequest, &str)> = vec![
+        (
+            pb::SearchRequest {
+                question: "x".repeat(100_000),
+                ..ok()
+            },
+            "question",
+        ),
+        (pb::SearchRequest { n: 100_000, ..ok() }, "n"),
+        (
+            pb::SearchRequest {
+                strategy: 99,
+                ..ok()
+            },
+            "strategy",
+        ),
+        (
+            pb::SearchRequest {
+                budget: Some(pb::Budget {
+                    generated_tokens: u64::MAX,
+                    ..Default::default()
+                }),
+                ..ok()
+            },
+            "budget.generated_tokens",
+        ),
+        (
+            pb::SearchRequest {
+                sampling: Some(pb::SamplingOptions {
+                    temperature: Some(f32::NAN),
+                    ..Default::default()
+                }),
+                ..ok()
+            },
+            "temperature",
+        ),
+        (
+            pb::SearchRequest {
+                config_json: r#"{"strategy": {"kind": "beam", "beam_wdth": 2}}"#.into(),
+                ..ok()
+            },
+            "config_json",
+        ),
+        (
+            pb::SearchRequest {
+                question: String::new(),
+                messages: vec![pb::ChatMessage {
+                    role: "robot".into(),
+                    content: "hi".into(),
+                }],
+                ..ok()
+            },
+            "messages[0].role",
+        ),
+        (
+            pb::SearchRequest {
+                question: String::new(),
+                ..ok()
+            },
+            "question",
+        ),
+        (
+            pb::SearchRequest {
+                request_id: "r".repeat(1000),
+                ..ok()
+            },
+            "request_id",
+        ),
+    ];
+    for (req, field) in cases {
+        let err = c.rt.block_on(c.client.search(req)).unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
+        assert!(err.message().contains(field), "{field}: {}", err.message());
+    }
+    // The worker validates too, before any model work.
+    let url = c.workers[0].url.clone();
+    let bad_nodes = c.rt.block_on(async move {
+        let mut w = WorkerClient::connect(url).await.unwrap();
+        let node = |tokens: Vec<u32>, k: u32| pb::ExpandNode {
+            prefix_tokens: tokens,
+            k,
+            temperature: 0.5,
+            max_tokens: 4,
+            ..Default::default()
+        };
+        let mut errs = Vec::new();
+        for nodes in [
+            vec![],
+            vec![node(vec![1, 2, 3], 0)],
+            vec![node(vec![1, 4_000_000_000], 1)],
+            vec![node(vec![], 1)],
+        ] {
+            let e = w
+                .expand(pb::ExpandRequest {
+                    expansion_id: "bad".into(),
+                    nodes,
+                })
+                .await
+                .unwrap_err();
+            errs.push((e.code(), e.message().to_string()));
+        }
+        // And still serves a good call.
+        let good = w
+            .expand(pb::ExpandRequest {
+                expansion_id: String::new(),
+                nodes: vec![node(vec![9707, 11, 1879], 2)],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(good.nodes[0].samples.len(), 2);
+        errs
+    });
+    for (code, msg) in &bad_nodes {
+        assert_eq!(*code, Code::InvalidArgument, "{msg}");
+        assert!(msg.starts_with("nodes"), "{msg}");
+    }
+    let fine = c.rt.block_on(c.client.search(ok())).unwrap().into_inner();
+    assert!(fine.costs.unwrap().generated_tokens > 0);
+}
+
+#[test]
+fn cancelling_a_search_stops_the_workers_decoding() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::start(3);
+    // A long search: 16 samples of up to 400 tokens each.
+    let mut req = request(
+        "long",
+        "Write a long story about a dragon.",
+        pb::Strategy::BestOfN,
+        100_000,
+        2,
+    );
+    req.n = 16;
+    req.sampling = Some(pb::SamplingOptions {
+        temperature: Some(1.0),
+        top_p: None,
+        max_step_tokens: Some(400),
+    });
+    let mut client = c.client.clone();
+    let search = c.rt.spawn(async move { stream(&mut client, req).await });
+    let t = Instant::now();
+    while c.in_flight().iter().sum::<u32>() == 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the search never started"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let mut client = c.client.clone();
+    let cancelled =
+        c.rt.block_on(client.cancel(pb::CancelRequest {
+            request_id: "long".into(),
+        }))
+        .unwrap()
+        .into_inner()
+        .cancelled;
+    assert!(cancelled);
+    let cancelled_at = Instant::now();
+    let (_, result) = c.rt.block_on(search).unwrap();
+    assert_eq!(result.termination, "cancelled");
+    loop {
+        let busy = c.in_flight();
+        if busy.iter().all(|&n| n == 0) {
+            break;
+        }
+        assert!(
+            cancelled_at.elapsed() < Duration::from_secs(5),
+            "workers still decoding for a cancelled search: {busy:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let unknown =
+        c.rt.block_on(client.cancel(pb::CancelRequest {
+            request_id: "long".into(),
+        }))
+        .unwrap()
+        .into_inner();
+    assert!(!unknown.cancelled, "a finished search cannot be cancelled");
+}
+
+#[test]
+fn sixteen_concurrent_searches_do_not_mix_results() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::start(3);
+    let questions: Vec<String> = (0..16)
+        .map(|i| format!("What is {} + {}?", 10 + i, 3 * i))
+        .collect();
+    let results = c.rt.block_on(async {
+        let calls: Vec<_> = questions
+            .iter()
+            .enumerate()
+            .map(|(i, q)| {
+                let mut client = c.client.clone();
+                let req = request(&format!("c{i}"), q, pb::Strategy::Majority, 48, i as u64);
+                tokio::spawn(async move { client.search(req).await.map(|r| r.into_inner()) })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for call in calls {
+            out.push(Arc::new(call.await.unwrap().unwrap()));
+        }
+        out
+    });
+    for (i, (q, r)) in questions.iter().zip(&results).enumerate() {
+        assert_eq!(r.request_id, format!("c{i}"));
+        let (answer, generated, nodes) = embedded(q, Strategy::Majority, 48, i as u64);
+        let costs = r.costs.clone().unwrap();
+        assert_eq!(
+            (&r.answer, costs.generated_tokens, costs.nodes),
+            (&answer, generated, nodes),
+            "search {i} ({q})"
+        );
+    }
+}
