@@ -1,0 +1,230 @@
+//! What the network costs: the same work in-process and over loopback gRPC.
+//!
+//! `cargo bench --bench service` measures, with the real default model and `arbor worker`
+//! processes on 127.0.0.1:
+//! 1. a bare gRPC round trip (`ModelInfo`, no model work);
+//! 2. a minimal expansion (1 sample of 1 token after a 3-token prefix): `LocalWorker::expand`
+//!    in-process against `Expand` over gRPC;
+//! 3. a whole search (MCTS, 256 generated tokens, GSM8K question 0): embedded, through a
+//!    coordinator with one worker, and with three; the overhead per expansion call is
+//!    (coordinated wall − embedded wall) / policy calls.
+//! Rounds are interleaved and medians reported, so machine noise hits every variant alike.
+//! Options (env): `ARBOR_BENCH_ROUNDS` (default 3).
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arbor::rpc::coordinator::{self, Coordinator, CoordinatorOptions};
+use arbor::rpc::pb;
+use arbor::rpc::pb::search_client::SearchClient;
+use arbor::rpc::pb::worker_client::WorkerClient;
+use arbor::rpc::pool::{PoolOptions, WorkerPool, WorkerSpec};
+use arbor::strategy::{strategy_config, Strategy};
+use arbor_model::backend::cpu::CpuBackend;
+use arbor_model::{Engine, EngineOptions, Model, SamplingParams};
+use arbor_search::{LogProbScorer, Search, SearchControl};
+use arbor_worker::{ExpandItem, LocalWorker, WorkerOptions};
+
+const QUESTION: &str = "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did Natalia sell altogether in April and May?";
+const BUDGET: u64 = 256;
+
+struct Proc(Child, String);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_worker() -> Proc {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_arbor"))
+        .args(["worker", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start arbor worker");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("worker exited").unwrap();
+        if let Some(a) = line.strip_prefix("arbor worker listening on ") {
+            break a.trim().to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    Proc(child, format!("http://{addr}"))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+async fn coordinator_for(
+    urls: &[String],
+    model: &Model,
+) -> SearchClient<tonic::transport::Channel> {
+    let pool = WorkerPool::connect(
+        urls.iter()
+            .map(|u| u.parse::<WorkerSpec>().unwrap())
+            .collect(),
+        PoolOptions::default(),
+    )
+    .await
+    .unwrap();
+    let c = Coordinator::new(pool, model.tokenizer.clone(), CoordinatorOptions::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(coordinator::serve(
+        c,
+        listener,
+        false,
+        std::future::pending(),
+    ));
+    SearchClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap()
+}
+
+fn main() -> anyhow::Result<()> {
+    let rounds: usize = std::env::var("ARBOR_BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3)
+        .max(1);
+    let path = arbor_model::fetch::ensure_default_model(&mut |_| {})?;
+    let model = Arc::new(Model::load(&path)?);
+    let local = LocalWorker::new(
+        &model,
+        Engine::new(
+            Box::new(CpuBackend::new(model.config.clone(), model.weights.clone())),
+            EngineOptions::default(),
+        ),
+        WorkerOptions {
+            prefix_cache_entries_max: 0,
+            ..WorkerOptions::default()
+        },
+    );
+    let workers: Vec<Proc> = (0..3).map(|_| start_worker()).collect();
+    let urls: Vec<String> = workers.iter().map(|w| w.1.clone()).collect();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let (mut one, mut three) = rt.block_on(async {
+        (
+            coordinator_for(&urls[..1], &model).await,
+            coordinator_for(&urls, &model).await,
+        )
+    });
+    let mut worker = rt.block_on(WorkerClient::connect(urls[0].clone()))?;
+
+    // 1 and 2: round trips.
+    let item = ExpandItem {
+        prompt: vec![9707, 11, 1879],
+        k: 1,
+        max_tokens: 1,
+        sampling: SamplingParams::greedy(),
+        stop: vec![],
+    };
+    let node = pb::ExpandNode {
+        prefix_tokens: item.prompt.clone(),
+        k: 1,
+        max_tokens: 1,
+        ..Default::default()
+    };
+    let calls = 40;
+    let (mut rtt, mut exp_local, mut exp_remote) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        rt.block_on(async {
+            let t = Instant::now();
+            for _ in 0..200 {
+                worker.model_info(pb::ModelInfoRequest {}).await.unwrap();
+            }
+            rtt.push(t.elapsed().as_secs_f64() * 1e6 / 200.0);
+            let t = Instant::now();
+            for _ in 0..calls {
+                local.expand(vec![item.clone()], None).await.unwrap();
+            }
+            exp_local.push(t.elapsed().as_secs_f64() * 1e6 / calls as f64);
+            let t = Instant::now();
+            for _ in 0..calls {
+                worker
+                    .expand(pb::ExpandRequest {
+                        expansion_id: String::new(),
+                        nodes: vec![node.clone()],
+                    })
+                    .await
+                    .unwrap();
+            }
+            exp_remote.push(t.elapsed().as_secs_f64() * 1e6 / calls as f64);
+        });
+    }
+
+    // 3: whole searches.
+    let search_request = || pb::SearchRequest {
+        question: QUESTION.into(),
+        config_json: {
+            let mut c = strategy_config(Strategy::Mcts, 8, 0.7, 128);
+            c.budget.max_generated_tokens = Some(BUDGET);
+            serde_json::to_string(&c).unwrap()
+        },
+        budget: Some(pb::Budget {
+            generated_tokens: BUDGET,
+            ..Default::default()
+        }),
+        seed: 1,
+        ..Default::default()
+    };
+    let (mut emb, mut r1, mut r3) = (Vec::new(), Vec::new(), Vec::new());
+    let mut policy_calls = 0;
+    for _ in 0..rounds {
+        let mut c = strategy_config(Strategy::Mcts, 8, 0.7, 128);
+        c.budget.max_generated_tokens = Some(BUDGET);
+        c.seed = 1;
+        let fresh = LocalWorker::new(
+            &model,
+            Engine::new(
+                Box::new(CpuBackend::new(model.config.clone(), model.weights.clone())),
+                EngineOptions::default(),
+            ),
+            WorkerOptions::default(),
+        );
+        let mut search = Search::new(fresh.format_question(QUESTION)?, c)?;
+        let t = Instant::now();
+        let o = rt.block_on(search.run(&fresh, &LogProbScorer, &SearchControl::new()))?;
+        emb.push(t.elapsed().as_secs_f64());
+        policy_calls = o.costs.policy_calls;
+        for (client, out) in [(&mut one, &mut r1), (&mut three, &mut r3)] {
+            let t = Instant::now();
+            let r = rt.block_on(client.search(search_request()))?.into_inner();
+            out.push(t.elapsed().as_secs_f64());
+            assert_eq!(r.costs.unwrap().policy_calls, policy_calls, "same search");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (emb, r1, r3) = (median(emb), median(r1), median(r3));
+    println!("service overhead, {rounds} interleaved rounds, medians");
+    println!("| measure | in-process | over gRPC | difference |");
+    println!("|---|---|---|---|");
+    println!(
+        "| bare round trip (ModelInfo) | – | {:.0} µs | {:.0} µs |",
+        median(rtt.clone()),
+        median(rtt)
+    );
+    let (el, er) = (median(exp_local), median(exp_remote));
+    println!(
+        "| minimal expansion (1 token) | {el:.0} µs | {er:.0} µs | {:.0} µs |",
+        er - el
+    );
+    for (name, r) in [("search, 1 worker", r1), ("search, 3 workers", r3)] {
+        println!(
+            "| {name} (MCTS, {BUDGET} tokens, {policy_calls} calls) | {emb:.2} s | {r:.2} s | {:+.0} µs per call ({:.2}x) |",
+            (r - emb) * 1e6 / policy_calls as f64,
+            r / emb
+        );
+    }
+    Ok(())
+}
