@@ -121,6 +121,16 @@ fn bad_input_gets_a_precise_error_and_a_failure_status() {
         &["search", "--max-step-tokens", "0", "q"],
         "max_step_tokens",
     );
+    // The service commands.
+    check(
+        &["search", "--coordinator", "http://127.0.0.1:1", "q"],
+        "--coordinator http://127.0.0.1:1: cannot connect",
+    );
+    check(
+        &["serve", "--listen", "127.0.0.1:0", "--workers", "dns://no-port"],
+        "--workers",
+    );
+    check(&["worker", "--listen", "not-an-address"], "--listen");
     let dir = std::env::temp_dir().join(format!("arbor-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let bad = dir.join("not-a-model.gguf");
@@ -200,5 +210,15 @@ fn help_teaches_the_commands() {
         "Examples",
     ] {
         assert!(help.contains(needle), "search --help lacks {needle}");
+    }
+    for (cmd, needles) in [
+        ("serve", &["--workers", "dns://", "Examples"][..]),
+        ("worker", &["--listen", "--calls-in-flight-max"][..]),
+    ] {
+        let out = arbor().args([cmd, "--help"]).output().unwrap();
+        let help = String::from_utf8(out.stdout).unwrap();
+        for needle in needles {
+            assert!(help.contains(needle), "{cmd} --help lacks {needle}");
+        }
     }
 }

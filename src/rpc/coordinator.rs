@@ -645,7 +645,9 @@ pub async fn serve(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             shutdown,
         )
-        .await
+        .await;
+    watcher.abort();
+    served
 }
 
 /// The address a listener is bound to.
