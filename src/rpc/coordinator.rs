@@ -635,9 +635,28 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let (reporter, health) = tonic_health::server::health_reporter();
-    reporter.set_serving::<SearchServer<Coordinator>>().await;
+    // Serving while at least one worker is healthy, so a load balancer in front of several
+    // coordinators routes around one whose workers are all gone.
+    let pool = coordinator.pool().clone();
+    let watcher = tokio::spawn(async move {
+        let mut serving = None;
+        loop {
+            let now = pool.healthy() > 0;
+            if serving != Some(now) {
+                if now {
+                    reporter.set_serving::<SearchServer<Coordinator>>().await;
+                } else {
+                    reporter
+                        .set_not_serving::<SearchServer<Coordinator>>()
+                        .await;
+                }
+                serving = Some(now);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+    });
     let reflection_service = reflection.then(super::reflection_service);
-    tonic::transport::Server::builder()
+    let served = tonic::transport::Server::builder()
         .add_service(health)
         .add_optional_service(reflection_service)
         .add_service(coordinator.into_server())
