@@ -127,7 +127,13 @@ fn bad_input_gets_a_precise_error_and_a_failure_status() {
         "--coordinator http://127.0.0.1:1: cannot connect",
     );
     check(
-        &["serve", "--listen", "127.0.0.1:0", "--workers", "dns://no-port"],
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "dns://no-port",
+        ],
         "--workers",
     );
     check(&["worker", "--listen", "not-an-address"], "--listen");

@@ -429,6 +429,32 @@ fn bad_requests_get_invalid_argument_naming_the_field_and_the_server_keeps_servi
             .unwrap()
             .into_inner();
         assert_eq!(good.nodes[0].samples.len(), 2);
+        // Score recomputes a step's confidence by teacher forcing: it equals what sampling
+        // measured (exp of the mean token log-prob).
+        let sample = &good.nodes[0].samples[0];
+        let scored = w
+            .score(pb::ScoreRequest {
+                paths: vec![pb::ScorePath {
+                    prompt_tokens: vec![9707, 11, 1879],
+                    steps: vec![pb::StepTokens {
+                        token_ids: sample.token_ids.clone(),
+                    }],
+                }],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mean = sample.logprobs.iter().sum::<f32>() / sample.logprobs.len() as f32;
+        let got = scored.paths[0].scores[0];
+        assert!(
+            (got - mean.exp()).abs() < 1e-3,
+            "score {got} vs sampled {}",
+            mean.exp()
+        );
+        assert_eq!(
+            scored.paths[0].tokens_computed,
+            3 + sample.token_ids.len() as u64
+        );
         errs
     });
     for (code, msg) in &bad_nodes {
