@@ -86,6 +86,48 @@ pub(crate) struct SearchArgs {
     device: Device,
 }
 
+/// The knobs `arbor search` and `arbor eval` share; [`SearchKnobs::config`] turns them into a
+/// configuration (budget and seed are the caller's to set).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SearchKnobs {
+    /// Which algorithm.
+    pub(crate) strategy: Strategy,
+    /// Samples for best-of-n / weighted-best-of-n / majority; beams for beam and dvts.
+    pub(crate) n: u32,
+    /// Sampling temperature of reasoning steps.
+    pub(crate) temperature: f32,
+    /// Most tokens in one reasoning step.
+    pub(crate) max_step_tokens: u32,
+    /// Which scorer values nodes.
+    pub(crate) scorer: ScorerChoice,
+}
+
+impl SearchKnobs {
+    /// The configuration these knobs make, everything else at its default.
+    pub(crate) fn config(&self) -> SearchConfig {
+        let mut c = SearchConfig::default();
+        let n = self.n;
+        c.strategy = match self.strategy {
+            Strategy::Mcts => StrategyConfig::Mcts(MctsConfig::default()),
+            Strategy::BestOfN => StrategyConfig::BestOfN(SampleConfig { n }),
+            Strategy::WeightedBestOfN => StrategyConfig::WeightedBestOfN(SampleConfig { n }),
+            Strategy::Majority => StrategyConfig::SelfConsistency(SampleConfig { n }),
+            Strategy::Beam => StrategyConfig::Beam(BeamConfig {
+                beam_width: n.min(4),
+                ..BeamConfig::default()
+            }),
+            Strategy::Dvts => StrategyConfig::Dvts(DvtsConfig {
+                beams: n,
+                ..DvtsConfig::default()
+            }),
+        };
+        c.scoring.scorer = self.scorer;
+        c.sampling.temperature = self.temperature;
+        c.sampling.max_step_tokens = self.max_step_tokens;
+        c
+    }
+}
+
 fn build_config(a: &SearchArgs) -> Result<SearchConfig> {
     if a.budget_tokens == 0 {
         bail!("--budget-tokens must be at least 1");
@@ -99,28 +141,14 @@ fn build_config(a: &SearchArgs) -> Result<SearchConfig> {
                 .with_context(|| format!("reading {}", path.display()))?;
             SearchConfig::from_json(&text).with_context(|| format!("{}", path.display()))?
         }
-        None => {
-            let mut c = SearchConfig::default();
-            let n = a.n;
-            c.strategy = match a.strategy {
-                Strategy::Mcts => StrategyConfig::Mcts(MctsConfig::default()),
-                Strategy::BestOfN => StrategyConfig::BestOfN(SampleConfig { n }),
-                Strategy::WeightedBestOfN => StrategyConfig::WeightedBestOfN(SampleConfig { n }),
-                Strategy::Majority => StrategyConfig::SelfConsistency(SampleConfig { n }),
-                Strategy::Beam => StrategyConfig::Beam(BeamConfig {
-                    beam_width: n.min(4),
-                    ..BeamConfig::default()
-                }),
-                Strategy::Dvts => StrategyConfig::Dvts(DvtsConfig {
-                    beams: n,
-                    ..DvtsConfig::default()
-                }),
-            };
-            c.scoring.scorer = ScorerChoice::LogProb;
-            c.sampling.temperature = a.temperature;
-            c.sampling.max_step_tokens = a.max_step_tokens;
-            c
+        None => SearchKnobs {
+            strategy: a.strategy,
+            n: a.n,
+            temperature: a.temperature,
+            max_step_tokens: a.max_step_tokens,
+            scorer: ScorerChoice::LogProb,
         }
+        .config(),
     };
     config.seed = a.seed;
     config.budget.max_generated_tokens = Some(a.budget_tokens);
