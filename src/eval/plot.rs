@@ -124,6 +124,29 @@ fn lines(rows: &[Row], axis: Axis) -> Vec<Line> {
     lines
 }
 
+/// Round tick values for a log axis over `lo..hi`: the coarsest series of "nice" mantissas
+/// (1-2-5, then finer) that puts at least four ticks in the range.
+fn ticks(lo: f64, hi: f64) -> Vec<f64> {
+    const SERIES: [&[f64]; 3] = [
+        &[1.0, 2.0, 5.0],
+        &[1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0],
+        &[
+            1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 6.0, 7.0, 8.0, 9.0,
+        ],
+    ];
+    let mut best = Vec::new();
+    for mantissas in SERIES {
+        best = (lo.log10().floor() as i32..=hi.log10().ceil() as i32)
+            .flat_map(|e| mantissas.iter().map(move |m| m * 10f64.powi(e)))
+            .filter(|&t| t >= lo && t <= hi)
+            .collect();
+        if best.len() >= 4 {
+            break;
+        }
+    }
+    best
+}
+
 fn draw<DB: DrawingBackend>(
     root: DrawingArea<DB, Shift>,
     rows: &[Row],
@@ -147,13 +170,17 @@ fn draw<DB: DrawingBackend>(
         .margin(20)
         .x_label_area_size(56)
         .y_label_area_size(64)
-        .build_cartesian_2d((lo..hi).log_scale(), 0f64..100f64)?;
+        .build_cartesian_2d(
+            (lo..hi).log_scale().with_key_points(ticks(lo, hi)),
+            0f64..100f64,
+        )?;
     chart
         .configure_mesh()
         .x_desc(axis.label())
         .y_desc("accuracy (%)")
-        .x_label_formatter(&|x| format!("{x:.0}"))
+        .x_label_formatter(&|x| format!("{x}"))
         .y_label_formatter(&|y| format!("{y:.0}"))
+        .light_line_style(RGBColor(242, 242, 242))
         .label_style((FAMILY, 15))
         .axis_desc_style((FAMILY, 17))
         .draw()?;
@@ -173,11 +200,9 @@ fn draw<DB: DrawingBackend>(
                 .iter()
                 .map(|p| Circle::new((p.0, p.1), 4, colour.filled())),
         )?;
-        // Confidence bars, nudged sideways per strategy so equal budgets do not overlap.
-        let nudge = 1.0 + 0.012 * (i as f64 - (lines.len() as f64 - 1.0) / 2.0);
         chart.draw_series(points.iter().map(|p| {
             PathElement::new(
-                vec![(p.0 * nudge, p.2), (p.0 * nudge, p.3)],
+                vec![(p.0, p.2), (p.0, p.3)],
                 colour.mix(0.6).stroke_width(1),
             )
         }))?;
@@ -191,4 +216,21 @@ fn draw<DB: DrawingBackend>(
         .draw()?;
     root.present()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_ticks_are_round_and_inside_the_range() {
+        // 1-2-5 gives four ticks here.
+        assert_eq!(ticks(90.0, 1100.0), vec![100.0, 200.0, 500.0, 1000.0]);
+        // Too few: the next finer series.
+        assert_eq!(
+            ticks(150.0, 1400.0),
+            vec![150.0, 200.0, 300.0, 400.0, 500.0, 600.0, 700.0, 800.0, 1000.0]
+        );
+        assert_eq!(ticks(155.0, 356.0), vec![175.0, 200.0, 250.0, 300.0, 350.0]);
+    }
 }

@@ -11,9 +11,11 @@
 //! A search with a token budget could not produce these samples: it shares what is left of the
 //! budget among all open samples, so a large N cuts every sample short.
 //!
-//! Costs are what the samples in the prefix cost: their generated tokens, the prompt tokens their
-//! requests computed (measured per request by [`Recording`]), plus each chunk's shared prompt
-//! prefill; calls, nodes and wall time count as if each chunk had run only those samples.
+//! Costs are what a sampler that stops at the budget would pay: the samples in the prefix (their
+//! generated tokens, the prompt tokens their requests computed, measured per request by
+//! [`Recording`], and each chunk's shared prompt prefill) plus the share of the next sample that
+//! the budget cuts off, which spends tokens but gives no answer. Calls, nodes and wall time count
+//! as if each chunk had run only those samples (wall time prorated by generated tokens).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -99,75 +101,95 @@ pub(crate) fn selection_rule(strategy: Strategy) -> Option<(AnswerSelection, boo
 /// A cell read off a sampling run.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Derived {
-    /// Samples that fit the budget.
+    /// Whole samples that fit the budget.
     pub(crate) samples: u32,
     /// The chosen sample (chunk, position in chunk), if any answer was chosen.
     pub(crate) chosen: Option<(usize, usize)>,
-    /// What the samples in the prefix cost.
+    /// What the samples in the prefix cost, plus the part of the next one that the budget cut.
     pub(crate) costs: TraceCosts,
 }
 
 /// The cell of `strategy` at `budget` generated tokens, from `chunks` (in chunk order).
 pub(crate) fn derive(chunks: &[SampleChunk], budget: u64, strategy: Strategy) -> Derived {
     let (selection, scored) = selection_rule(strategy).expect("a sample strategy");
-    let mut included: Vec<(usize, usize)> = Vec::new();
+    // (chunk, sample, share of it spent): whole samples while they fit, then the one the budget
+    // cuts, which is paid for but never answers.
+    let mut spent: Vec<(usize, usize, f64)> = Vec::new();
     let mut generated = 0u64;
     'chunks: for (ci, chunk) in chunks.iter().enumerate() {
         for (si, sample) in chunk.samples.iter().enumerate() {
             if generated + sample.generated_tokens > budget {
+                let cut = budget - generated;
+                if cut > 0 {
+                    spent.push((ci, si, cut as f64 / sample.generated_tokens as f64));
+                }
                 break 'chunks;
             }
             generated += sample.generated_tokens;
-            included.push((ci, si));
+            spent.push((ci, si, 1.0));
         }
     }
-    let sample = |&(ci, si): &(usize, usize)| &chunks[ci].samples[si];
+    let sample = |ci: usize, si: usize| &chunks[ci].samples[si];
     // Finals in the order the search reached them, as its tally saw them.
-    let mut finals: Vec<(usize, usize)> = included
+    let mut finals: Vec<(usize, usize)> = spent
         .iter()
-        .copied()
-        .filter(|at| {
-            let s = sample(at);
-            s.complete && s.answer.is_some() && (!scored || s.value.is_some())
+        .filter(|&&(ci, si, share)| {
+            let s = sample(ci, si);
+            share == 1.0 && s.complete && s.answer.is_some() && (!scored || s.value.is_some())
         })
+        .map(|&(ci, si, _)| (ci, si))
         .collect();
-    finals.sort_by_key(|at| (at.0, sample(at).finish));
+    finals.sort_by_key(|&(ci, si)| (ci, sample(ci, si).finish));
     let candidates: Vec<(Answer, Option<f64>)> = finals
         .iter()
-        .map(|at| {
-            let s = sample(at);
+        .map(|&(ci, si)| {
+            let s = sample(ci, si);
             let raw = s.answer.clone().unwrap_or_default();
             (Answer::new(raw), if scored { s.value } else { None })
         })
         .collect();
     let chosen = select_answer(&candidates, selection).map(|i| finals[i]);
 
+    let part = |x: u64, share: f64| (x as f64 * share).round() as u64;
     let mut costs = TraceCosts::default();
     for (ci, chunk) in chunks.iter().enumerate() {
-        let mine: Vec<&Sample> = included
+        let mine: Vec<(&Sample, f64)> = spent
             .iter()
             .filter(|at| at.0 == ci)
-            .map(sample)
+            .map(|&(ci, si, share)| (sample(ci, si), share))
             .collect();
         if mine.is_empty() {
             continue;
         }
-        let chunk_generated: u64 = mine.iter().map(|s| s.generated_tokens).sum();
+        let chunk_generated: u64 = mine
+            .iter()
+            .map(|&(s, share)| part(s.generated_tokens, share))
+            .sum();
         costs.generated_tokens += chunk_generated;
         costs.prompt_tokens_computed += chunk.root_prompt_tokens_computed
-            + mine.iter().map(|s| s.prompt_tokens_computed).sum::<u64>();
+            + mine
+                .iter()
+                .map(|&(s, share)| part(s.prompt_tokens_computed, share))
+                .sum::<u64>();
         costs.prompt_tokens_reused += chunk.root_prompt_tokens_reused
-            + mine.iter().map(|s| s.prompt_tokens_reused).sum::<u64>();
-        costs.prm_tokens_computed += mine.iter().map(|s| s.prm_tokens_computed).sum::<u64>();
+            + mine
+                .iter()
+                .map(|&(s, share)| part(s.prompt_tokens_reused, share))
+                .sum::<u64>();
+        costs.prm_tokens_computed += mine
+            .iter()
+            .map(|&(s, share)| part(s.prm_tokens_computed, share))
+            .sum::<u64>();
+        // Steps started: a cut sample got through its share of its steps, rounded up.
+        let steps = |&(s, share): &(&Sample, f64)| (f64::from(s.depth) * share).ceil() as u64;
         // One call per round; a chunk of these samples needs as many rounds as its deepest one.
-        costs.policy_calls += mine.iter().map(|s| u64::from(s.depth)).max().unwrap_or(0);
-        costs.nodes += 1 + mine.iter().map(|s| u64::from(s.depth)).sum::<u64>();
+        costs.policy_calls += mine.iter().map(steps).max().unwrap_or(0);
+        costs.nodes += 1 + mine.iter().map(steps).sum::<u64>();
         let all = chunk.generated_tokens().max(1);
-        costs.wall_ms +=
-            (chunk.wall_ms as f64 * chunk_generated as f64 / all as f64).round() as u64;
+        costs.wall_ms += part(chunk.wall_ms, chunk_generated as f64 / all as f64);
     }
     Derived {
-        samples: u32::try_from(included.len()).unwrap_or(u32::MAX),
+        samples: spent.iter().filter(|at| at.2 == 1.0).count() as u32,
         chosen,
         costs,
     }
@@ -377,18 +399,33 @@ mod tests {
         // Two votes each for "7" and "8": "7" was reached in an earlier chunk.
         check(&chunks, Strategy::Majority, 500, ("7", 5));
 
+        // Three whole samples and half of the fourth, cut by the budget: paid for, no vote.
         let d = derive(&chunks, 350, Strategy::BestOfN);
         assert_eq!(d.samples, 3);
-        assert_eq!(d.costs.generated_tokens, 300);
-        assert_eq!(d.costs.prompt_tokens_computed, 100 + 3 * 2);
-        assert_eq!(d.costs.prompt_tokens_reused, 3 * 30);
-        assert_eq!(d.costs.policy_calls, 3);
-        assert_eq!(d.costs.nodes, 1 + 9);
-        assert_eq!(d.costs.wall_ms, 1000);
+        assert_eq!(d.costs.generated_tokens, 350);
+        assert_eq!(d.costs.prompt_tokens_computed, (100 + 3 * 2) + (100 + 1));
+        assert_eq!(d.costs.prompt_tokens_reused, 3 * 30 + 15);
+        assert_eq!(d.costs.policy_calls, 3 + 2);
+        assert_eq!(d.costs.nodes, (1 + 9) + (1 + 2));
+        assert_eq!(d.costs.wall_ms, 1000 + 250);
         let d = derive(&chunks, 400, Strategy::BestOfN);
+        assert_eq!(d.samples, 4);
+        assert_eq!(d.costs.generated_tokens, 400);
         assert_eq!(d.costs.prompt_tokens_computed, 100 + 3 * 2 + 100 + 2);
         assert_eq!(d.costs.wall_ms, 1000 + 500);
         assert_eq!(d.costs.nodes, 10 + 4);
+        // Nothing fits: the first sample's cut part is still spent.
+        let d = derive(&chunks, 40, Strategy::Majority);
+        assert_eq!((d.samples, d.chosen), (0, None));
+        assert_eq!(d.costs.generated_tokens, 40);
+        assert_eq!(d.costs.prompt_tokens_computed, 100 + 1);
+        // The budget beyond every sample: all of them, nothing more.
+        assert_eq!(
+            derive(&chunks, 10_000, Strategy::BestOfN)
+                .costs
+                .generated_tokens,
+            500
+        );
     }
 
     #[test]
