@@ -398,12 +398,16 @@ fn run_grid(a: RunArgs) -> Result<()> {
     write_report(&a.out, &records)
 }
 
-/// Stored sampling runs by question, each a contiguous run of chunks from 0.
-fn load_pools(path: &Path) -> Result<(BTreeMap<usize, Vec<SampleChunk>>, Option<u64>)> {
+/// Each question's stored sampling run: its chunks, in order.
+type Pools = BTreeMap<usize, Vec<SampleChunk>>;
+
+/// Stored sampling runs by question, each a contiguous run of chunks from 0, and the length of
+/// the file's complete lines.
+fn load_pools(path: &Path) -> Result<(Pools, Option<u64>)> {
     let Some((chunks, len)) = trace::read_jsonl::<SampleChunk>(path)? else {
         return Ok((BTreeMap::new(), None));
     };
-    let mut pools: BTreeMap<usize, Vec<SampleChunk>> = BTreeMap::new();
+    let mut pools = Pools::new();
     for chunk in chunks {
         pools.entry(chunk.index).or_default().push(chunk);
     }
@@ -427,7 +431,7 @@ fn plan(
     strategies: &[Strategy],
     budgets: &[u64],
     done: &HashSet<(usize, String, u64)>,
-    pools: &mut BTreeMap<usize, Vec<SampleChunk>>,
+    pools: &mut Pools,
     sample_reuse: bool,
 ) -> Vec<Job> {
     let mut jobs = Vec::new();

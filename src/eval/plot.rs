@@ -164,7 +164,7 @@ fn draw<DB: DrawingBackend>(
         (1.0, 10.0)
     };
     let n: u64 = rows.iter().map(|r| r.n).max().unwrap_or(0);
-    let title = format!("GSM8K accuracy against compute ({n} questions; bars: 95% Wilson CI)");
+    let title = format!("Accuracy against compute ({n} questions; bars: 95% Wilson CI)");
     let mut chart = ChartBuilder::on(&root)
         .caption(title, (FAMILY, 24))
         .margin(20)

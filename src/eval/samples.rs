@@ -455,11 +455,10 @@ mod tests {
             let game = PathGame::new(seed, 3, 0.5);
             let policy = GamePolicy::new(game.clone());
             let scorer = GameScorer::new(game.clone(), 0.3, 0.2);
-            let config = |strategy: StrategyConfig| {
-                let mut c = SearchConfig::default();
-                c.strategy = strategy;
-                c.seed = seed;
-                c
+            let config = |strategy: StrategyConfig| SearchConfig {
+                strategy,
+                seed,
+                ..SearchConfig::default()
             };
             let n = SampleConfig { n: 6 };
             let pool = runtime

@@ -157,7 +157,8 @@ pub(crate) fn to_markdown(rows: &[Row]) -> String {
     out.push_str(
         "\nBudget: generated tokens per question. Total computed: generated + prompt tokens the \
          engine computed (prefix-cache hits excluded) + reward-model tokens. 95% CI: Wilson score \
-         interval.\n",
+         interval. Wall time is per cell, measured while other cells ran on the same worker \
+         (`--concurrency`).\n",
     );
     if rows.iter().any(|r| r.derived > 0) {
         out.push_str(
