@@ -243,10 +243,8 @@ struct Shared {
     prm: Prm,
     /// Which reward model it is.
     prm_choice: PrmChoice,
-    /// The run's settings (seed, sampling, sample reuse).
+    /// The run's settings (seed, sampling, sample reuse and chunk size).
     settings: settings::Settings,
-    /// Samples per sampling search.
-    sample_chunk: u32,
 }
 
 fn validate(a: &RunArgs) -> Result<()> {
@@ -375,7 +373,6 @@ fn run_grid(a: RunArgs) -> Result<()> {
             prm,
             prm_choice: a.prm,
             settings,
-            sample_chunk: a.sample_chunk,
         });
         let mut traces = JsonlAppender::open(&traces_path, traces_len)?;
         let mut samples_out = if context.settings.sample_reuse {
@@ -671,7 +668,7 @@ async fn sample_cells(
             );
             break;
         }
-        let mut config = knobs(context, Strategy::BestOfN, context.sample_chunk).config();
+        let mut config = knobs(context, Strategy::BestOfN, context.settings.sample_chunk).config();
         config.seed = chunk_seed(seed, chunk);
         let made = samples::run_chunk(
             &context.worker,
