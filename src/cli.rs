@@ -41,6 +41,31 @@ enum Command {
     ///   arbor search --config my-search.json "..."
     #[command(verbatim_doc_comment)]
     Search(crate::search_cmd::SearchArgs),
+    /// Compare strategies at equal compute on a GSM8K-style dataset: every (question, strategy,
+    /// budget) is searched, checked against the gold answer (never shown to the search), traced,
+    /// summarised with 95% confidence intervals and plotted.
+    ///
+    /// Writes into --out: traces.jsonl (one line per cell: answer, correctness, every cost, the
+    /// chosen path), samples.jsonl, run.json, summary.csv, summary.md, and
+    /// accuracy_vs_generated.{png,svg} / accuracy_vs_computed.{png,svg}. Running the same command
+    /// again resumes: finished cells are skipped; --limit, --offset, --strategies and --budgets
+    /// may grow. best-of-n, weighted-best-of-n and majority are read off one sampling run per
+    /// question (prefixes of its samples that fit each budget) unless --no-sample-reuse.
+    ///
+    /// Examples:
+    ///   arbor eval --dataset gsm8k/train.jsonl --limit 50 --budgets 256,512,1024 --out runs/cmp
+    ///   arbor eval --dataset gsm8k/train.jsonl --limit 100 --out runs/cmp   (resume, 50 more questions)
+    ///   arbor eval --dataset q.jsonl --strategies mcts,best-of-n --budgets 512 --seed 3
+    ///   arbor eval report runs/cmp     (redraw table and plots from the traces alone)
+    #[command(verbatim_doc_comment)]
+    Eval(crate::eval::EvalArgs),
+    /// Turn the correct reasoning paths in `arbor eval` traces into chat-format fine-tuning
+    /// examples (system, user question, assistant reasoning), de-duplicated, with strategy,
+    /// score and costs as metadata.
+    ///
+    /// Example: arbor distill --traces runs/cmp --out sft.jsonl
+    #[command(verbatim_doc_comment)]
+    Distill(crate::distill::DistillArgs),
     /// Generate text with the engine, streaming tokens to stdout (statistics go to stderr).
     ///
     /// Example: arbor generate --chat --prompt "What is 17*23?" --max-tokens 64
@@ -138,6 +163,8 @@ pub(crate) fn main() -> std::process::ExitCode {
         Command::Search(args) => crate::search_cmd::run(args),
         Command::Worker(args) => crate::serve_cmd::run_worker(args),
         Command::Serve(args) => crate::serve_cmd::run_serve(args),
+        Command::Eval(args) => crate::eval::run(args),
+        Command::Distill(args) => crate::distill::run(args),
         Command::Model {
             action: ModelAction::Fetch,
         } => resolve_model(None).map(|p| println!("{}", p.display())),

@@ -1,6 +1,8 @@
 //! `arbor`: test-time search over reasoning steps, on a native transformer engine.
 
 mod cli;
+mod distill;
+mod eval;
 mod search_cmd;
 mod serve_cmd;
 

@@ -5,8 +5,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use arbor::rpc::pb;
-use arbor::strategy::{strategy_config, Strategy};
-use arbor_search::{LogProbScorer, Search, SearchConfig, SearchControl, SearchEvent};
+pub(crate) use arbor::strategy::Strategy;
+use arbor::strategy::strategy_config;
+use arbor_search::{
+    LogProbScorer, ScorerChoice, Search, SearchConfig, SearchControl, SearchEvent,
+};
 use arbor_worker::{LocalWorker, WorkerOptions};
 
 use crate::cli::{load_engine, Device};
@@ -68,6 +71,31 @@ pub(crate) struct SearchArgs {
     device: Device,
 }
 
+/// The knobs `arbor search` and `arbor eval` share; [`SearchKnobs::config`] turns them into a
+/// configuration (budget and seed are the caller's to set).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SearchKnobs {
+    /// Which algorithm.
+    pub(crate) strategy: Strategy,
+    /// Samples for best-of-n / weighted-best-of-n / majority; beams for beam and dvts.
+    pub(crate) n: u32,
+    /// Sampling temperature of reasoning steps.
+    pub(crate) temperature: f32,
+    /// Most tokens in one reasoning step.
+    pub(crate) max_step_tokens: u32,
+    /// Which scorer values nodes.
+    pub(crate) scorer: ScorerChoice,
+}
+
+impl SearchKnobs {
+    /// The configuration these knobs make, everything else at its default.
+    pub(crate) fn config(&self) -> SearchConfig {
+        let mut c = strategy_config(self.strategy, self.n, self.temperature, self.max_step_tokens);
+        c.scoring.scorer = self.scorer;
+        c
+    }
+}
+
 fn build_config(a: &SearchArgs) -> Result<SearchConfig> {
     if a.budget_tokens == 0 {
         bail!("--budget-tokens must be at least 1");
@@ -81,7 +109,14 @@ fn build_config(a: &SearchArgs) -> Result<SearchConfig> {
                 .with_context(|| format!("reading {}", path.display()))?;
             SearchConfig::from_json(&text).with_context(|| format!("{}", path.display()))?
         }
-        None => strategy_config(a.strategy, a.n, a.temperature, a.max_step_tokens),
+        None => SearchKnobs {
+            strategy: a.strategy,
+            n: a.n,
+            temperature: a.temperature,
+            max_step_tokens: a.max_step_tokens,
+            scorer: ScorerChoice::LogProb,
+        }
+        .config(),
     };
     config.seed = a.seed;
     config.budget.max_generated_tokens = Some(a.budget_tokens);

@@ -369,6 +369,26 @@ impl Tally {
     }
 }
 
+/// Chooses among final answers exactly as a search's answer selection does (answers grouped by
+/// their normalised key, the same tie-breaking), for harnesses that re-select among stored
+/// samples, e.g. best-of-N at a smaller N read off one large run.
+///
+/// `finals` are in the order the search reached them (earlier wins ties), each with its value:
+/// `Some` when it was scored, `None` as in self-consistency, which never scores. Returns the
+/// index of the final holding the chosen answer (for a scored answer, its highest-valued final;
+/// otherwise its first), or `None` when there is nothing to choose (for
+/// [`AnswerSelection::BestValue`]: no scored final).
+pub fn select_answer(
+    finals: &[(Answer, Option<f64>)],
+    selection: AnswerSelection,
+) -> Option<usize> {
+    let mut tally = Tally::default();
+    for (i, (answer, value)) in finals.iter().enumerate() {
+        tally.add(NodeId::from_raw(u32::try_from(i).ok()?), answer, *value);
+    }
+    tally.pick(selection).map(|e| e.best_node.index())
+}
+
 /// Follows the most visited child from the root (ties: higher Q, then the earlier child) and
 /// returns the final answer where the walk ends, if there is one there.
 fn most_visited(tree: &Tree, tally: &Tally, backup: Backup) -> Option<BestAnswer> {
@@ -945,6 +965,35 @@ mod tests {
             AnswerSelection::BestValue,
             "3",
         );
+    }
+
+    #[test]
+    fn select_answer_agrees_with_the_tally() {
+        let finals: Vec<(Answer, Option<f64>)> = [
+            ("1/2", Some(0.9)),
+            ("7", Some(0.5)),
+            ("0.5", Some(0.1)),
+            ("7", Some(0.6)),
+            ("$7", Some(0.3)),
+        ]
+        .iter()
+        .map(|&(raw, v)| (answer(raw), v))
+        .collect();
+        assert_eq!(select_answer(&finals, AnswerSelection::BestValue), Some(0));
+        // "7" wins on weight and on votes; its best-valued final is the fourth.
+        assert_eq!(
+            select_answer(&finals, AnswerSelection::WeightedVote),
+            Some(3)
+        );
+        assert_eq!(select_answer(&finals, AnswerSelection::Majority), Some(3));
+        // Unscored (self-consistency): ties go to the answer reached first, held by its first final.
+        let unscored: Vec<(Answer, Option<f64>)> = ["4", "3", "3", "4"]
+            .iter()
+            .map(|&raw| (answer(raw), None))
+            .collect();
+        assert_eq!(select_answer(&unscored, AnswerSelection::Majority), Some(0));
+        assert_eq!(select_answer(&unscored, AnswerSelection::BestValue), None);
+        assert_eq!(select_answer(&[], AnswerSelection::Majority), None);
     }
 
     #[test]

@@ -35,7 +35,6 @@ impl NodeId {
         self.0
     }
 
-    #[cfg(test)]
     pub(crate) const fn from_raw(raw: u32) -> NodeId {
         NodeId(raw)
     }

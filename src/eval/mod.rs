@@ -1,0 +1,790 @@
+//! `arbor eval`: every strategy at every budget on a GSM8K-style dataset, resumable, with a
+//! summary table and plots of accuracy against compute.
+//!
+//! A run is a grid of cells (question × strategy × budget). Cells run concurrently through one
+//! shared worker; each finished cell is appended to `DIR/traces.jsonl` at once, so a run can be
+//! killed and started again and only missing cells run. Best-of-N, weighted best-of-N and majority
+//! are read off one sampling run per question ([`samples`]), kept in `DIR/samples.jsonl`. The gold
+//! answer is used only to mark a finished cell correct; the search never sees it.
+
+mod dataset;
+mod plot;
+pub(crate) mod prm;
+mod samples;
+mod settings;
+mod summary;
+pub(crate) mod trace;
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use arbor_search::{equivalent, Search, SearchControl, K_MAX};
+use arbor_worker::{LocalWorker, WorkerOptions};
+use clap::ValueEnum;
+use tokio::task::JoinSet;
+
+use crate::cli::{load_engine, Device};
+use crate::search_cmd::{SearchKnobs, Strategy};
+use dataset::Question;
+use prm::{Prm, PrmChoice};
+use samples::SampleChunk;
+use trace::{JsonlAppender, TraceCosts, TraceRecord};
+
+/// `arbor eval` and `arbor eval report`.
+#[derive(clap::Args, Debug)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub(crate) struct EvalArgs {
+    #[command(subcommand)]
+    command: Option<EvalCommand>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum EvalCommand {
+    /// Redraw summary.csv, summary.md and the plots of DIR from its traces alone (no model).
+    ///
+    /// Example: arbor eval report eval-out
+    Report {
+        /// The output folder of an earlier `arbor eval`.
+        dir: PathBuf,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// GSM8K-style JSONL: one {"question": ..., "answer": "... #### N"} per line.
+    #[arg(long, required = true)]
+    dataset: Option<PathBuf>,
+    /// Strategies to compare, comma-separated.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "mcts,best-of-n,weighted-best-of-n,majority,beam,dvts"
+    )]
+    strategies: Vec<Strategy>,
+    /// Generated-token budgets per question, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "256,512,1024")]
+    budgets: Vec<u64>,
+    /// Questions to run (default: to the end of the dataset).
+    #[arg(long)]
+    limit: Option<usize>,
+    /// First question (0-based).
+    #[arg(long, default_value_t = 0)]
+    offset: usize,
+    /// Run seed; question i searches with a seed derived from it and i.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Searches in flight at once, all through one shared model worker.
+    #[arg(long, default_value_t = 2)]
+    concurrency: usize,
+    /// The process reward model that values steps.
+    #[arg(long, value_enum, default_value_t = PrmChoice::LogProb)]
+    prm: PrmChoice,
+    /// Output folder: traces, summary, plots. Running again with the same folder resumes.
+    #[arg(long, default_value = "eval-out")]
+    out: PathBuf,
+    /// Search best-of-n, weighted-best-of-n and majority separately at every budget (N = budget
+    /// / --sample-tokens) instead of reading them off one sampling run per question.
+    #[arg(long)]
+    no_sample_reuse: bool,
+    /// Samples per sampling search; more such searches run until the samples cover the largest
+    /// budget.
+    #[arg(long, default_value_t = 8)]
+    sample_chunk: u32,
+    /// Expected tokens of one solution; with --no-sample-reuse, best-of-N at budget B uses
+    /// N = B / this.
+    #[arg(long, default_value_t = 192)]
+    sample_tokens: u32,
+    /// Beams for beam search and DVTS (as `arbor search --n`).
+    #[arg(long, default_value_t = 8)]
+    n: u32,
+    /// Sampling temperature of reasoning steps.
+    #[arg(long, default_value_t = 0.7)]
+    temperature: f32,
+    /// Most tokens in one reasoning step.
+    #[arg(long, default_value_t = 128)]
+    max_step_tokens: u32,
+    /// A GGUF file or Hugging Face folder; default: the embedded default model.
+    #[arg(long, env = "ARBOR_MODEL")]
+    model: Option<PathBuf>,
+    /// Where to run the model.
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    device: Device,
+}
+
+/// A strategy's name as on the command line and in traces.
+pub(crate) fn strategy_name(strategy: Strategy) -> String {
+    strategy
+        .to_possible_value()
+        .expect("no strategy is skipped")
+        .get_name()
+        .to_owned()
+}
+
+/// Runs `arbor eval` or `arbor eval report`.
+pub(crate) fn run(args: EvalArgs) -> Result<()> {
+    match args.command {
+        Some(EvalCommand::Report { dir }) => report(&dir),
+        None => run_grid(args.run),
+    }
+}
+
+/// File names inside the output folder.
+const TRACES: &str = "traces.jsonl";
+const SAMPLES: &str = "samples.jsonl";
+
+/// Reads `DIR/traces.jsonl` and writes the summary table and plots next to it.
+pub(crate) fn report(dir: &Path) -> Result<()> {
+    let path = dir.join(TRACES);
+    let Some((records, _)) = trace::read_jsonl::<TraceRecord>(&path)? else {
+        bail!(
+            "no traces at {} (run `arbor eval --out {}` first)",
+            path.display(),
+            dir.display()
+        );
+    };
+    write_report(dir, &records)
+}
+
+fn write_report(dir: &Path, records: &[TraceRecord]) -> Result<()> {
+    let rows = summary::summarize(records);
+    let markdown = summary::write(dir, &rows)?;
+    plot::write_all(dir, &rows)?;
+    println!("{markdown}");
+    eprintln!(
+        "arbor eval: {} cells; wrote {}/summary.csv, summary.md, {}.png/.svg and {}.png/.svg",
+        records.len(),
+        dir.display(),
+        plot::Axis::Generated.stem(),
+        plot::Axis::Computed.stem()
+    );
+    Ok(())
+}
+
+/// SplitMix64, for seeds derived from the run seed.
+fn mix(a: u64, b: u64) -> u64 {
+    let mut z = a ^ b
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add(0x6A09_E667_F3BC_C909);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The search seed of question `index`: every strategy and budget of a question share it.
+fn question_seed(run_seed: u64, index: usize) -> u64 {
+    mix(run_seed, index as u64)
+}
+
+/// The seed of chunk `chunk` of a question's sampling run.
+fn chunk_seed(question_seed: u64, chunk: u32) -> u64 {
+    mix(question_seed, 0x5A3B_1E00_0000_0000 | u64::from(chunk))
+}
+
+/// One unit of work.
+#[derive(Debug)]
+enum Job {
+    /// One search: one cell.
+    Search {
+        question: Arc<Question>,
+        strategy: Strategy,
+        budget: u64,
+    },
+    /// A question's sampling run (extended as far as needed), then every missing sample cell.
+    Samples {
+        question: Arc<Question>,
+        cells: Vec<(Strategy, u64)>,
+        chunks: Vec<SampleChunk>,
+    },
+}
+
+impl Job {
+    fn cells(&self) -> usize {
+        match self {
+            Job::Search { .. } => 1,
+            Job::Samples { cells, .. } => cells.len(),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Job::Search {
+                question,
+                strategy,
+                budget,
+            } => format!(
+                "question {}, {} at {budget} tokens",
+                question.index,
+                strategy_name(*strategy)
+            ),
+            Job::Samples { question, .. } => {
+                format!("question {}, sampling run", question.index)
+            }
+        }
+    }
+}
+
+/// What a finished job hands back to be written.
+struct JobDone {
+    records: Vec<TraceRecord>,
+    new_chunks: Vec<SampleChunk>,
+}
+
+/// What every job needs; shared by all tasks.
+struct Shared {
+    /// The one worker every search goes through.
+    worker: LocalWorker,
+    /// The reward model, built.
+    prm: Prm,
+    /// Which reward model it is.
+    prm_choice: PrmChoice,
+    /// The run's settings (seed, sampling, sample reuse and chunk size).
+    settings: settings::Settings,
+}
+
+fn validate(a: &RunArgs) -> Result<()> {
+    if a.strategies.is_empty() {
+        bail!("--strategies: name at least one");
+    }
+    if a.budgets.is_empty() || a.budgets.contains(&0) {
+        bail!("--budgets: give one or more budgets of at least 1 token");
+    }
+    if a.concurrency == 0 {
+        bail!("--concurrency must be at least 1");
+    }
+    if a.n == 0 || a.sample_tokens == 0 {
+        bail!("--n and --sample-tokens must be at least 1");
+    }
+    if a.sample_chunk == 0 || a.sample_chunk > K_MAX {
+        bail!("--sample-chunk must be in 1..={K_MAX}");
+    }
+    if a.limit == Some(0) {
+        bail!("--limit must be at least 1");
+    }
+    Ok(())
+}
+
+fn run_grid(a: RunArgs) -> Result<()> {
+    validate(&a)?;
+    let dataset_path = a.dataset.clone().expect("clap requires --dataset");
+    let mut strategies = Vec::new();
+    for s in &a.strategies {
+        if !strategies.contains(s) {
+            strategies.push(*s);
+        }
+    }
+    let mut budgets = a.budgets.clone();
+    budgets.sort_unstable();
+    budgets.dedup();
+    let all_questions = dataset::load(&dataset_path)?;
+    let questions = dataset::select(all_questions.clone(), a.offset, a.limit)?;
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let model = match &a.model {
+        Some(p) => Some(
+            std::fs::canonicalize(p)
+                .with_context(|| format!("--model {}", p.display()))?
+                .display()
+                .to_string(),
+        ),
+        None => None,
+    };
+    let settings = settings::Settings {
+        seed: a.seed,
+        prm: a.prm.name(),
+        model,
+        temperature: a.temperature,
+        max_step_tokens: a.max_step_tokens,
+        n: a.n,
+        sample_tokens: a.sample_tokens,
+        sample_chunk: a.sample_chunk,
+        sample_reuse: !a.no_sample_reuse,
+    };
+
+    // What is already done, and whether it was made from this dataset.
+    let traces_path = a.out.join(TRACES);
+    let (done_records, traces_len) = match trace::read_jsonl::<TraceRecord>(&traces_path)? {
+        Some((records, len)) => (records, Some(len)),
+        None => (Vec::new(), None),
+    };
+    for r in &done_records {
+        if all_questions
+            .get(r.index)
+            .is_none_or(|q| q.question != r.question)
+        {
+            bail!(
+                "{}: question {} there is not question {} of {}; the folder was made from \
+                 another dataset (use another --out)",
+                traces_path.display(),
+                r.index,
+                r.index,
+                dataset_path.display()
+            );
+        }
+    }
+    settings::record(
+        &a.out,
+        &settings,
+        settings::Invocation {
+            dataset: dataset_path.display().to_string(),
+            offset: a.offset,
+            limit: a.limit,
+            strategies: strategies.iter().map(|s| strategy_name(*s)).collect(),
+            budgets: budgets.clone(),
+            arbor: concat!(env!("CARGO_PKG_VERSION"), " (", env!("ARBOR_GIT_REV"), ")").into(),
+        },
+    )?;
+    let done: HashSet<(usize, String, u64)> = done_records.iter().map(TraceRecord::key).collect();
+    let samples_path = a.out.join(SAMPLES);
+    let (mut pools, samples_len) = if settings.sample_reuse {
+        load_pools(&samples_path)?
+    } else {
+        (BTreeMap::new(), None)
+    };
+
+    let jobs = plan(
+        &questions,
+        &strategies,
+        &budgets,
+        &done,
+        &mut pools,
+        settings.sample_reuse,
+    );
+    let todo: usize = jobs.iter().map(Job::cells).sum();
+    let grid = questions.len() * strategies.len() * budgets.len();
+    eprintln!(
+        "arbor eval: {todo} cells to run of {grid} ({} questions × {} strategies × {} budgets; {} already in {})",
+        questions.len(),
+        strategies.len(),
+        budgets.len(),
+        grid - todo,
+        traces_path.display()
+    );
+    if todo > 0 {
+        let (model, engine) = load_engine(a.model.clone(), a.device)?;
+        let worker = LocalWorker::new(&model, engine, WorkerOptions::default());
+        let prm = a.prm.build(&worker)?;
+        let context = Arc::new(Shared {
+            worker,
+            prm,
+            prm_choice: a.prm,
+            settings,
+        });
+        let mut traces = JsonlAppender::open(&traces_path, traces_len)?;
+        let mut samples_out = if context.settings.sample_reuse {
+            Some(JsonlAppender::open(&samples_path, samples_len)?)
+        } else {
+            None
+        };
+        execute(
+            context,
+            jobs,
+            todo,
+            a.concurrency,
+            &mut traces,
+            samples_out.as_mut(),
+        )?;
+    }
+    let Some((records, _)) = trace::read_jsonl::<TraceRecord>(&traces_path)? else {
+        bail!("{} vanished during the run", traces_path.display());
+    };
+    write_report(&a.out, &records)
+}
+
+/// Each question's stored sampling run: its chunks, in order.
+type Pools = BTreeMap<usize, Vec<SampleChunk>>;
+
+/// Stored sampling runs by question, each a contiguous run of chunks from 0, and the length of
+/// the file's complete lines.
+fn load_pools(path: &Path) -> Result<(Pools, Option<u64>)> {
+    let Some((chunks, len)) = trace::read_jsonl::<SampleChunk>(path)? else {
+        return Ok((BTreeMap::new(), None));
+    };
+    let mut pools = Pools::new();
+    for chunk in chunks {
+        pools.entry(chunk.index).or_default().push(chunk);
+    }
+    for pool in pools.values_mut() {
+        pool.sort_by_key(|c| c.chunk);
+        pool.dedup_by_key(|c| c.chunk);
+        // A gap (never written by this program) would break the sampling order: keep the prefix.
+        let contiguous = pool
+            .iter()
+            .enumerate()
+            .take_while(|(i, c)| c.chunk as usize == *i)
+            .count();
+        pool.truncate(contiguous);
+    }
+    Ok((pools, Some(len)))
+}
+
+/// The jobs for every missing cell, question by question, in the order of `strategies`.
+fn plan(
+    questions: &[Question],
+    strategies: &[Strategy],
+    budgets: &[u64],
+    done: &HashSet<(usize, String, u64)>,
+    pools: &mut Pools,
+    sample_reuse: bool,
+) -> Vec<Job> {
+    let mut jobs = Vec::new();
+    for q in questions {
+        let question = Arc::new(q.clone());
+        let missing = |s: Strategy, b: u64| !done.contains(&(q.index, strategy_name(s), b));
+        let sample_cells: Vec<(Strategy, u64)> = if sample_reuse {
+            strategies
+                .iter()
+                .filter(|s| samples::selection_rule(**s).is_some())
+                .flat_map(|&s| budgets.iter().map(move |&b| (s, b)))
+                .filter(|&(s, b)| missing(s, b))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let mut sampled = sample_cells.is_empty();
+        for &strategy in strategies {
+            if sample_reuse && samples::selection_rule(strategy).is_some() {
+                if !sampled {
+                    sampled = true;
+                    jobs.push(Job::Samples {
+                        question: Arc::clone(&question),
+                        cells: sample_cells.clone(),
+                        chunks: pools.remove(&q.index).unwrap_or_default(),
+                    });
+                }
+                continue;
+            }
+            for &budget in budgets {
+                if missing(strategy, budget) {
+                    jobs.push(Job::Search {
+                        question: Arc::clone(&question),
+                        strategy,
+                        budget,
+                    });
+                }
+            }
+        }
+    }
+    jobs
+}
+
+/// Runs `jobs`, `concurrency` at a time on one runtime, writing each result as it comes.
+fn execute(
+    context: Arc<Shared>,
+    jobs: Vec<Job>,
+    todo: usize,
+    concurrency: usize,
+    traces: &mut JsonlAppender,
+    mut samples_out: Option<&mut JsonlAppender>,
+) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let bar = indicatif::ProgressBar::new(todo as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:30}] {pos}/{len} cells, {eta} left; {msg}",
+        )
+        .expect("static template")
+        .progress_chars("=> "),
+    );
+    bar.set_message("accuracy so far: -");
+    bar.enable_steady_tick(Duration::from_millis(500));
+    let (mut finished, mut correct) = (0u64, 0u64);
+    let result = runtime.block_on(async {
+        let mut pending = jobs.into_iter();
+        let mut running = JoinSet::new();
+        loop {
+            while running.len() < concurrency {
+                let Some(job) = pending.next() else { break };
+                let context = Arc::clone(&context);
+                running.spawn(async move {
+                    let what = job.describe();
+                    run_job(&context, job).await.with_context(|| what)
+                });
+            }
+            let Some(joined) = running.join_next().await else {
+                return Ok(());
+            };
+            let done = match joined {
+                Ok(Ok(done)) => done,
+                Ok(Err(e)) => return Err(e),
+                Err(e) => return Err(anyhow::anyhow!("a search task failed: {e}")),
+            };
+            if let Some(out) = samples_out.as_deref_mut() {
+                for chunk in &done.new_chunks {
+                    out.append(chunk)?;
+                }
+            }
+            for record in &done.records {
+                traces.append(record)?;
+                finished += 1;
+                correct += u64::from(record.correct);
+            }
+            bar.inc(done.records.len() as u64);
+            bar.set_message(format!(
+                "accuracy so far: {correct}/{finished} = {:.1}%",
+                100.0 * correct as f64 / finished.max(1) as f64
+            ));
+        }
+    });
+    bar.finish_and_clear();
+    // Abandoned tasks (after an error) are dropped with the runtime; their cells run next time.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result?;
+    eprintln!(
+        "arbor eval: ran {finished} cells, {correct} correct ({:.1}%)",
+        100.0 * correct as f64 / finished.max(1) as f64
+    );
+    Ok(())
+}
+
+async fn run_job(context: &Shared, job: Job) -> Result<JobDone> {
+    match job {
+        Job::Search {
+            question,
+            strategy,
+            budget,
+        } => Ok(JobDone {
+            records: vec![search_cell(context, &question, strategy, budget).await?],
+            new_chunks: Vec::new(),
+        }),
+        Job::Samples {
+            question,
+            cells,
+            chunks,
+        } => sample_cells(context, &question, &cells, chunks).await,
+    }
+}
+
+/// The knobs of `strategy` for this run.
+fn knobs(context: &Shared, strategy: Strategy, n: u32) -> SearchKnobs {
+    SearchKnobs {
+        strategy,
+        n,
+        temperature: context.settings.temperature,
+        max_step_tokens: context.settings.max_step_tokens,
+        scorer: context.prm_choice.scorer_choice(),
+    }
+}
+
+/// One cell by one search at its budget.
+async fn search_cell(
+    context: &Shared,
+    question: &Question,
+    strategy: Strategy,
+    budget: u64,
+) -> Result<TraceRecord> {
+    let prompt = context.worker.format_question(&question.question)?;
+    let seed = question_seed(context.settings.seed, question.index);
+    // Without sample reuse, best-of-N at a budget samples as many solutions as the budget pays for.
+    let n = if samples::selection_rule(strategy).is_some() {
+        u32::try_from(budget / u64::from(context.settings.sample_tokens))
+            .unwrap_or(K_MAX)
+            .clamp(1, K_MAX)
+    } else {
+        context.settings.n
+    };
+    let mut config = knobs(context, strategy, n).config();
+    config.seed = seed;
+    config.budget.max_generated_tokens = Some(budget);
+    let mut search = Search::new(prompt, config)?;
+    let outcome = search
+        .run(&context.worker, &context.prm, &SearchControl::new())
+        .await?;
+    let tree = search.tree();
+    let path = outcome
+        .answer
+        .as_ref()
+        .map(|a| tree.path(a.node).iter().map(|s| s.text.clone()).collect())
+        .unwrap_or_default();
+    let c = &outcome.costs;
+    let answer = outcome.answer.as_ref();
+    Ok(TraceRecord {
+        index: question.index,
+        question: question.question.clone(),
+        gold: question.gold.clone(),
+        strategy: strategy_name(strategy),
+        budget,
+        seed,
+        answer: answer.map(|a| a.answer.raw.clone()),
+        answer_key: answer.map(|a| a.answer.key.clone()),
+        value: answer.and_then(|a| a.value),
+        correct: answer.is_some_and(|a| equivalent(&a.answer.raw, &question.gold)),
+        costs: TraceCosts {
+            generated_tokens: c.generated_tokens,
+            prompt_tokens_computed: c.prompt_tokens_computed,
+            prompt_tokens_reused: c.prompt_tokens_reused,
+            prm_tokens_computed: c.scorer_tokens,
+            policy_calls: c.policy_calls,
+            nodes: c.nodes,
+            wall_ms: c.wall_us / 1000,
+        },
+        termination: termination_name(&outcome.termination),
+        derived_from_samples: false,
+        samples: None,
+        path,
+    })
+}
+
+/// `Budget(GeneratedTokens)` → `budget_generated_tokens`, as the search crate serialises it.
+fn termination_name(t: &arbor_search::Termination) -> String {
+    match serde_json::to_value(t) {
+        Ok(serde_json::Value::String(s)) => s,
+        Ok(serde_json::Value::Object(m)) => m
+            .iter()
+            .map(|(k, v)| format!("{k}_{}", v.as_str().unwrap_or("?")))
+            .collect(),
+        _ => format!("{t:?}"),
+    }
+}
+
+/// Extends the question's sampling run until it covers the largest missing budget, then reads
+/// every missing cell off it.
+async fn sample_cells(
+    context: &Shared,
+    question: &Question,
+    cells: &[(Strategy, u64)],
+    mut chunks: Vec<SampleChunk>,
+) -> Result<JobDone> {
+    let need = cells.iter().map(|c| c.1).max().unwrap_or(0);
+    let seed = question_seed(context.settings.seed, question.index);
+    let prompt = context.worker.format_question(&question.question)?;
+    let mut new_chunks = Vec::new();
+    let covered =
+        |chunks: &[SampleChunk]| -> u64 { chunks.iter().map(SampleChunk::generated_tokens).sum() };
+    while covered(&chunks) < need {
+        let chunk = u32::try_from(chunks.len()).unwrap_or(u32::MAX);
+        if chunk >= samples::CHUNKS_MAX {
+            tracing::warn!(
+                question = question.index,
+                "sampling run stopped at {} chunks without covering {need} tokens",
+                samples::CHUNKS_MAX
+            );
+            break;
+        }
+        let mut config = knobs(context, Strategy::BestOfN, context.settings.sample_chunk).config();
+        config.seed = chunk_seed(seed, chunk);
+        let made = samples::run_chunk(
+            &context.worker,
+            &context.prm,
+            &prompt,
+            config,
+            question.index,
+            chunk,
+        )
+        .await?;
+        let produced = made.generated_tokens();
+        chunks.push(made.clone());
+        new_chunks.push(made);
+        if produced == 0 {
+            break;
+        }
+    }
+    let records = cells
+        .iter()
+        .map(|&(strategy, budget)| {
+            let derived = samples::derive(&chunks, budget, strategy);
+            let chosen = derived.chosen.map(|(c, s)| &chunks[c].samples[s]);
+            let answer = chosen.and_then(|s| s.answer.clone());
+            TraceRecord {
+                index: question.index,
+                question: question.question.clone(),
+                gold: question.gold.clone(),
+                strategy: strategy_name(strategy),
+                budget,
+                seed,
+                answer_key: answer.as_deref().map(arbor_search::normalize),
+                correct: answer
+                    .as_deref()
+                    .is_some_and(|a| equivalent(a, &question.gold)),
+                answer,
+                value: chosen.and_then(|s| s.value),
+                costs: derived.costs,
+                termination: "derived".into(),
+                derived_from_samples: true,
+                samples: Some(derived.samples),
+                path: chosen.map(|s| s.path.clone()).unwrap_or_default(),
+            }
+        })
+        .collect();
+    Ok(JobDone {
+        records,
+        new_chunks,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seeds_are_stable_and_distinct() {
+        assert_eq!(question_seed(7, 3), question_seed(7, 3));
+        let seeds = [
+            question_seed(7, 3),
+            question_seed(7, 4),
+            question_seed(8, 3),
+            chunk_seed(question_seed(7, 3), 0),
+            chunk_seed(question_seed(7, 3), 1),
+        ];
+        for (i, a) in seeds.iter().enumerate() {
+            for b in &seeds[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
+    }
+
+    #[test]
+    fn the_plan_skips_done_cells_and_groups_sample_strategies() {
+        let questions: Vec<Question> = (0..2)
+            .map(|i| Question {
+                index: i,
+                question: format!("q{i}"),
+                gold: "1".into(),
+            })
+            .collect();
+        let strategies = [Strategy::Mcts, Strategy::BestOfN, Strategy::Majority];
+        let mut done = HashSet::new();
+        done.insert((0, "mcts".to_owned(), 256));
+        done.insert((1, "best-of-n".to_owned(), 256));
+        done.insert((1, "best-of-n".to_owned(), 512));
+        done.insert((1, "majority".to_owned(), 256));
+        done.insert((1, "majority".to_owned(), 512));
+        let jobs = plan(
+            &questions,
+            &strategies,
+            &[256, 512],
+            &done,
+            &mut BTreeMap::new(),
+            true,
+        );
+        let described: Vec<String> = jobs.iter().map(Job::describe).collect();
+        assert_eq!(
+            described,
+            vec![
+                "question 0, mcts at 512 tokens",
+                "question 0, sampling run",
+                "question 1, mcts at 256 tokens",
+                "question 1, mcts at 512 tokens",
+            ]
+        );
+        assert_eq!(jobs[1].cells(), 4);
+        // Without reuse every sample cell is its own search.
+        let jobs = plan(
+            &questions,
+            &strategies,
+            &[256, 512],
+            &done,
+            &mut BTreeMap::new(),
+            false,
+        );
+        assert_eq!(jobs.iter().map(Job::cells).sum::<usize>(), 12 - 5);
+        assert!(jobs.iter().all(|j| matches!(j, Job::Search { .. })));
+    }
+}
