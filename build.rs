@@ -11,6 +11,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or_else(|| "unknown".into());
     println!("cargo:rustc-env=ARBOR_GIT_REV={rev}");
     println!("cargo:rerun-if-changed=.git/HEAD");
+    // HEAD names a branch; the revision changes when that branch's ref does.
+    if let Ok(head) = std::fs::read_to_string(".git/HEAD") {
+        if let Some(r) = head.trim().strip_prefix("ref: ") {
+            println!("cargo:rerun-if-changed=.git/{r}");
+            println!("cargo:rerun-if-changed=.git/packed-refs");
+        }
+    }
 
     let protos = ["proto/arbor/v1/arbor.proto"];
     let fds = protox::compile(protos, ["proto"])?;
