@@ -14,8 +14,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // HEAD names a branch; the revision changes when that branch's ref does.
     if let Ok(head) = std::fs::read_to_string(".git/HEAD") {
         if let Some(r) = head.trim().strip_prefix("ref: ") {
-            println!("cargo:rerun-if-changed=.git/{r}");
-            println!("cargo:rerun-if-changed=.git/packed-refs");
+            // (A path that does not exist would make every build rerun this script.)
+            for path in [format!(".git/{r}"), ".git/packed-refs".to_string()] {
+                if std::path::Path::new(&path).exists() {
+                    println!("cargo:rerun-if-changed={path}");
+                }
+            }
         }
     }
 
