@@ -5,11 +5,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use arbor::rpc::pb;
-pub(crate) use arbor::strategy::Strategy;
 use arbor::strategy::strategy_config;
-use arbor_search::{
-    LogProbScorer, ScorerChoice, Search, SearchConfig, SearchControl, SearchEvent,
-};
+pub(crate) use arbor::strategy::Strategy;
+use arbor_search::{LogProbScorer, ScorerChoice, Search, SearchConfig, SearchControl, SearchEvent};
 use arbor_worker::{LocalWorker, WorkerOptions};
 
 use crate::cli::{load_engine, Device};
@@ -90,7 +88,12 @@ pub(crate) struct SearchKnobs {
 impl SearchKnobs {
     /// The configuration these knobs make, everything else at its default.
     pub(crate) fn config(&self) -> SearchConfig {
-        let mut c = strategy_config(self.strategy, self.n, self.temperature, self.max_step_tokens);
+        let mut c = strategy_config(
+            self.strategy,
+            self.n,
+            self.temperature,
+            self.max_step_tokens,
+        );
         c.scoring.scorer = self.scorer;
         c
     }

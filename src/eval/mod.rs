@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use arbor_search::{equivalent, Search, SearchControl, K_MAX};
+use arbor_search::{equivalent, Search, SearchControl, StrategyConfig, K_MAX};
 use arbor_worker::{LocalWorker, WorkerOptions};
 use clap::ValueEnum;
 use tokio::task::JoinSet;
@@ -100,9 +100,18 @@ struct RunArgs {
     /// N = B / this.
     #[arg(long, default_value_t = 192)]
     sample_tokens: u32,
-    /// Beams for beam search and DVTS (as `arbor search --n`).
+    /// Beams for beam search and DVTS (as `arbor search --n`), with --fixed-tree-widths.
     #[arg(long, default_value_t = 8)]
     n: u32,
+    /// Give MCTS, beam and DVTS the widths of `arbor search` (--n beams; MCTS expanding 4
+    /// children, 8 simulations in flight) at every budget. By default their widths follow the
+    /// budget: P = budget / --sample-tokens is how many whole solutions the budget pays for, and
+    /// each tree search spends about P solutions' worth of tokens per level (MCTS: 2 children
+    /// per expansion, max(1, P/2) simulations in flight; beam: width ⌊√P⌋, P/width proposals
+    /// each; DVTS: P beams in subtrees of 2). Fixed widths at small budgets spread the budget
+    /// over so many nodes that no path reaches an answer.
+    #[arg(long)]
+    fixed_tree_widths: bool,
     /// Sampling temperature of reasoning steps.
     #[arg(long, default_value_t = 0.7)]
     temperature: f32,
@@ -303,6 +312,7 @@ fn run_grid(a: RunArgs) -> Result<()> {
         sample_tokens: a.sample_tokens,
         sample_chunk: a.sample_chunk,
         sample_reuse: !a.no_sample_reuse,
+        scaled_trees: !a.fixed_tree_widths,
     };
 
     // What is already done, and whether it was made from this dataset.
@@ -573,6 +583,33 @@ fn knobs(context: &Shared, strategy: Strategy, n: u32) -> SearchKnobs {
     }
 }
 
+/// Sets a tree search's widths to what `budget` pays for: P = budget / `solution_tokens` whole
+/// solutions (at least 1), spent about once per tree level, so a path can reach an answer
+/// within the budget. Sampling strategies are left alone (their N follows the budget already).
+pub(crate) fn tree_widths(strategy: &mut StrategyConfig, budget: u64, solution_tokens: u32) {
+    let p = u32::try_from(budget / u64::from(solution_tokens.max(1)))
+        .unwrap_or(u32::MAX)
+        .clamp(1, 16);
+    match strategy {
+        StrategyConfig::Mcts(m) => {
+            m.expand_k = 2;
+            m.simulations_in_flight = (p / 2).max(1);
+        }
+        StrategyConfig::Beam(b) => {
+            let width = ((p as f64).sqrt().floor() as u32).max(1);
+            b.beam_width = width;
+            b.proposals_per_beam = (p / width).max(1);
+        }
+        StrategyConfig::Dvts(d) => {
+            d.width = p.min(2);
+            d.beams = p - p % d.width;
+        }
+        StrategyConfig::BestOfN(_)
+        | StrategyConfig::WeightedBestOfN(_)
+        | StrategyConfig::SelfConsistency(_) => {}
+    }
+}
+
 /// One cell by one search at its budget.
 async fn search_cell(
     context: &Shared,
@@ -591,6 +628,9 @@ async fn search_cell(
         context.settings.n
     };
     let mut config = knobs(context, strategy, n).config();
+    if context.settings.scaled_trees {
+        tree_widths(&mut config.strategy, budget, context.settings.sample_tokens);
+    }
     config.seed = seed;
     config.budget.max_generated_tokens = Some(budget);
     let mut search = Search::new(prompt, config)?;
@@ -722,6 +762,36 @@ async fn sample_cells(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each level of a scaled tree costs about as many samples as the budget has solutions,
+    /// and every configuration it makes is valid.
+    #[test]
+    fn tree_widths_follow_the_budget() {
+        for (budget, per_level) in [(100u64, 1u32), (256, 1), (512, 2), (1024, 5), (4096, 16)] {
+            for strategy in [Strategy::Mcts, Strategy::Beam, Strategy::Dvts] {
+                let mut c = crate::search_cmd::SearchKnobs {
+                    strategy,
+                    n: 8,
+                    temperature: 0.7,
+                    max_step_tokens: 128,
+                    scorer: arbor_search::ScorerChoice::LogProb,
+                }
+                .config();
+                tree_widths(&mut c.strategy, budget, 192);
+                c.validate().unwrap();
+                let samples_per_level = match &c.strategy {
+                    StrategyConfig::Mcts(m) => m.expand_k * m.simulations_in_flight,
+                    StrategyConfig::Beam(b) => b.beam_width * b.proposals_per_beam,
+                    StrategyConfig::Dvts(d) => d.beams,
+                    _ => unreachable!(),
+                };
+                assert!(
+                    samples_per_level <= per_level.max(2) && samples_per_level + 1 >= per_level,
+                    "{strategy:?} at {budget}: {samples_per_level} samples per level for {per_level}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn seeds_are_stable_and_distinct() {

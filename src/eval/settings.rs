@@ -32,6 +32,10 @@ pub(crate) struct Settings {
     pub(crate) sample_chunk: u32,
     /// Whether sample strategies are read off one sampling run per question.
     pub(crate) sample_reuse: bool,
+    /// Whether tree searches get widths the budget pays for ([`super::tree_widths`]) instead of
+    /// `n` and the strategies' defaults. Runs made before the setting existed used fixed widths.
+    #[serde(default)]
+    pub(crate) scaled_trees: bool,
 }
 
 /// One invocation that wrote into the folder.
@@ -135,6 +139,7 @@ mod tests {
             sample_tokens: 192,
             sample_chunk: 8,
             sample_reuse: true,
+            scaled_trees: true,
         }
     }
 
