@@ -108,11 +108,18 @@ fn hidden_states_match_the_plain_reference_at_chosen_offsets() {
     let tiny = TinyModel::new("qwen2");
     let model = Model::load(&dir).unwrap();
     let a = model.tokenizer.encode("abc ab! step one", false).unwrap();
-    let mut b = model.tokenizer.encode("x<extra_0>yz<extra_0>", true).unwrap();
+    let mut b = model
+        .tokenizer
+        .encode("x<extra_0>yz<extra_0>", true)
+        .unwrap();
     assert_eq!(b.iter().filter(|&&t| t == EXTRA_0).count(), 2, "{b:?}");
     b.insert(0, 7);
     let (ref_a, ref_b) = (tiny.reference_hidden(&a), tiny.reference_hidden(&b));
-    let scale = ref_a.iter().chain(&ref_b).flatten().fold(0f32, |m, v| m.max(v.abs()));
+    let scale = ref_a
+        .iter()
+        .chain(&ref_b)
+        .flatten()
+        .fold(0f32, |m, v| m.max(v.abs()));
     let check = |what: &str, got: &[f32], want: &[f32]| {
         assert_eq!(got.len(), D);
         for (i, (g, w)) in got.iter().zip(want).enumerate() {
@@ -133,7 +140,9 @@ fn hidden_states_match_the_plain_reference_at_chosen_offsets() {
             },
         );
         let (sa, sb) = (e.new_sequence(), e.new_sequence());
-        let sep: Vec<u32> = (0..b.len() as u32).filter(|&i| b[i as usize] == EXTRA_0).collect();
+        let sep: Vec<u32> = (0..b.len() as u32)
+            .filter(|&i| b[i as usize] == EXTRA_0)
+            .collect();
         let hidden_a = [0u32, 3, a.len() as u32 - 1];
         let logits_a = [a.len() as u32 - 1, 2];
         let out = e
@@ -174,7 +183,11 @@ fn hidden_states_match_the_plain_reference_at_chosen_offsets() {
         let s3 = e.new_sequence();
         let every = e.forward_hidden(&[(s3, &a)]).unwrap().to_vec();
         for (o, want) in ref_a.iter().enumerate() {
-            check(&format!("forward_hidden offset {o}"), &every[o * D..(o + 1) * D], want);
+            check(
+                &format!("forward_hidden offset {o}"),
+                &every[o * D..(o + 1) * D],
+                want,
+            );
         }
         // An offset outside the entry's tokens is refused and changes nothing.
         let s4 = e.new_sequence();

@@ -95,14 +95,14 @@ impl ClassifierHead {
                 return Err(tensor_error(w, format!("shape {shape:?}, expected 2-D")).into());
             };
             if c != cols {
-                return Err(tensor_error(w, format!("shape {shape:?}, expected [_, {cols}]"))
-                    .into());
+                return Err(
+                    tensor_error(w, format!("shape {shape:?}, expected [_, {cols}]")).into(),
+                );
             }
             let bias = if folder.has_tensor(b) {
                 let (bs, bias) = folder.tensor_f32(b)?;
                 if bs != [rows] {
-                    return Err(tensor_error(b, format!("shape {bs:?}, expected [{rows}]"))
-                        .into());
+                    return Err(tensor_error(b, format!("shape {bs:?}, expected [{rows}]")).into());
                 }
                 bias
             } else {
@@ -167,7 +167,10 @@ impl ClassifierScorer {
     /// Loads the reward model and its head.
     pub fn new(config: &ClassifierConfig, policy: &LocalWorker) -> Result<Self, PrmError> {
         if config.model.as_os_str().is_empty() {
-            return Err(invalid("model", "required: the reward model's Hugging Face folder"));
+            return Err(invalid(
+                "model",
+                "required: the reward model's Hugging Face folder",
+            ));
         }
         if !config.model.is_dir() {
             return Err(PrmError::File {
@@ -189,7 +192,10 @@ impl ClassifierScorer {
             return Err(invalid("separator", "must not be empty"));
         }
         let finder = QuestionFinder::new(policy.tokenizer());
-        let needs_question = config.prefix.as_deref().is_none_or(|p| p.contains("{question}"));
+        let needs_question = config
+            .prefix
+            .as_deref()
+            .is_none_or(|p| p.contains("{question}"));
         if needs_question && finder.is_none() {
             return Err(invalid(
                 "prefix",

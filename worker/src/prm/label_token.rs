@@ -121,7 +121,10 @@ impl LabelTokenScorer {
         }
         let tag = tok.encode(&config.tag, true)?;
         if tag.is_empty() {
-            return Err(invalid("tag", "must not be empty: scores are read at its last token"));
+            return Err(invalid(
+                "tag",
+                "must not be empty: scores are read at its last token",
+            ));
         }
         let finder = QuestionFinder::new(policy.tokenizer());
         if config.prefix.contains("{question}") && finder.is_none() {

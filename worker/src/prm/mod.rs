@@ -185,7 +185,10 @@ pub(crate) fn single_token(
         [id] => Ok(id),
         _ => Err(invalid(
             field,
-            format!("{text:?} is {} tokens for this model's tokenizer, not one", ids.len()),
+            format!(
+                "{text:?} is {} tokens for this model's tokenizer, not one",
+                ids.len()
+            ),
         )),
     }
 }
@@ -339,7 +342,10 @@ mod tests {
         );
         check(r#"{"kind": "label_token", "tagg": "x"}"#, false);
         check(r#"{"kind": "classifier", "model": "/m"}"#, true);
-        check(r#"{"kind": "rollout", "rollouts": 3, "temperature": 0.5}"#, true);
+        check(
+            r#"{"kind": "rollout", "rollouts": 3, "temperature": 0.5}"#,
+            true,
+        );
         check(r#"{"kind": "value_head", "path": "h.safetensors"}"#, true);
         check(r#"{"kind": "value_head", "file": "h.safetensors"}"#, false);
         check(r#"{"kind": "oracle"}"#, false);

@@ -103,11 +103,11 @@ fn read_with(
             let Some(&end) = p.step_ends.get(round) else {
                 continue;
             };
-            // The position that must be computed in this round: the read (inline) or the
-            // stream's end (fork). The cache may supply everything before it.
-            let needed = match probe {
-                Probe::Inline => p.read_at[round],
-                Probe::Fork(_) => end.saturating_sub(1),
+            // The longest prefix the cache may supply: everything before the inline read
+            // (which must be computed), or the whole stream up to the fork.
+            let (needed, cached_max) = match probe {
+                Probe::Inline => (p.read_at[round], p.read_at[round]),
+                Probe::Fork(_) => (end.saturating_sub(1), end),
             };
             let c = &mut cursors[i];
             if matches!(probe, Probe::Inline) && needed < c.len {
@@ -121,8 +121,8 @@ fn read_with(
                     reason: format!("step {round} reads position {needed}, already passed"),
                 });
             }
-            if let (Some(cache), true) = (cache.as_deref_mut(), end > 0) {
-                if let Some((seq, len)) = cache.lookup(&p.tokens[..=needed.min(end - 1)]) {
+            if let Some(cache) = cache.as_deref_mut() {
+                if let Some((seq, len)) = cache.lookup_within(&p.tokens[..end], cached_max) {
                     if len > c.len {
                         let fork = engine.fork(seq)?;
                         if let Some(old) = c.seq.replace(fork) {
@@ -161,13 +161,24 @@ fn read_with(
                 out[i].tokens_computed += (end - cursors[i].len) as u64;
                 cursors[i].len = end;
                 if read.is_some() {
-                    out[i].rows.push(take_row(outputs.logits, outputs.hidden, row, what, vocab, width));
+                    out[i].rows.push(take_row(
+                        outputs.logits,
+                        outputs.hidden,
+                        row,
+                        what,
+                        vocab,
+                        width,
+                    ));
                     row += 1;
                 }
             }
         }
         for i in repeats {
-            let last = out[i].rows.last().cloned().expect("a previous step was read");
+            let last = out[i]
+                .rows
+                .last()
+                .cloned()
+                .expect("a previous step was read");
             out[i].rows.push(last);
         }
         // Phase 2 (fork probes): fork each main sequence, append the probe, read, free.

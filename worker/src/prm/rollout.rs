@@ -157,7 +157,10 @@ impl RolloutScorer {
         let results = if items.is_empty() {
             Vec::new()
         } else {
-            self.worker.expand(items, None).await.map_err(worker_error)?
+            self.worker
+                .expand(items, None)
+                .await
+                .map_err(worker_error)?
         };
         // Per job: answers, value and what it cost.
         let mut computed: Vec<(StepRollouts, f32, u64)> = Vec::with_capacity(jobs.len());

@@ -81,11 +81,13 @@ impl HeadMeta {
     }
 
     fn from_map(m: &HashMap<String, String>) -> Result<Self, String> {
-        let get = |k: &str| m.get(k).cloned().ok_or_else(|| format!("metadata `{k}` missing"));
+        let get = |k: &str| {
+            m.get(k)
+                .cloned()
+                .ok_or_else(|| format!("metadata `{k}` missing"))
+        };
         let num = |k: &str| -> Result<usize, String> {
-            get(k)?
-                .parse()
-                .map_err(|e| format!("metadata `{k}`: {e}"))
+            get(k)?.parse().map_err(|e| format!("metadata `{k}`: {e}"))
         };
         if get("format")? != FORMAT {
             return Err(format!("metadata `format` is not {FORMAT}"));
@@ -226,14 +228,22 @@ impl ValueHead {
         let h = o.hidden_units;
         let width = if h == 0 { d } else { h };
         let mut hidden = (h > 0).then(|| Linear {
-            w: (0..h * d).map(|_| uniform(1.0 / (d as f32).sqrt())).collect(),
+            w: (0..h * d)
+                .map(|_| uniform(1.0 / (d as f32).sqrt()))
+                .collect(),
             b: vec![0.0; h],
             rows: h,
             cols: d,
         });
         let mut out = Linear {
             w: (0..width)
-                .map(|_| if h == 0 { 0.0 } else { uniform(1.0 / (h as f32).sqrt()) })
+                .map(|_| {
+                    if h == 0 {
+                        0.0
+                    } else {
+                        uniform(1.0 / (h as f32).sqrt())
+                    }
+                })
                 .collect(),
             b: vec![0.0],
             rows: 1,
@@ -267,7 +277,9 @@ impl ValueHead {
                     debug_assert_eq!(l.cols, d);
                 }
             }
-            g_w2.iter_mut().zip(&out.w).for_each(|(g, w)| *g += o.l2 * w);
+            g_w2.iter_mut()
+                .zip(&out.w)
+                .for_each(|(g, w)| *g += o.l2 * w);
             let t = epoch as i32;
             adam_w2.step(&mut out.w, &g_w2, o.learning_rate, t);
             adam_b2.step(&mut out.b, &[g_b2], o.learning_rate, t);
@@ -293,8 +305,10 @@ impl ValueHead {
             reason,
         };
         let d = self.meta.d_model;
-        let mut tensors: Vec<(&str, Vec<usize>, &[f32])> =
-            vec![("mean", vec![d], &self.mean), ("inv_std", vec![d], &self.inv_std)];
+        let mut tensors: Vec<(&str, Vec<usize>, &[f32])> = vec![
+            ("mean", vec![d], &self.mean),
+            ("inv_std", vec![d], &self.inv_std),
+        ];
         if let Some(l) = &self.hidden {
             tensors.push(("w1", vec![l.rows, l.cols], &l.w));
             tensors.push(("b1", vec![l.rows], &l.b));
@@ -431,7 +445,10 @@ impl ValueHeadScorer {
     /// Loads the head and checks that it was trained on this policy's hidden states.
     pub fn new(config: &ValueHeadConfig, policy: &LocalWorker) -> Result<Self, PrmError> {
         if config.path.as_os_str().is_empty() {
-            return Err(invalid("path", "required: a head written by `arbor prm train`"));
+            return Err(invalid(
+                "path",
+                "required: a head written by `arbor prm train`",
+            ));
         }
         let head = ValueHead::load(&config.path)?;
         Self::with_head(head, policy).map_err(|reason| PrmError::File {
@@ -444,15 +461,17 @@ impl ValueHeadScorer {
     pub fn with_head(head: ValueHead, policy: &LocalWorker) -> Result<Self, String> {
         let c = &policy.model_info().config;
         let m = &head.meta;
-        if m.d_model != c.d_model || m.n_layers != c.n_layers || m.architecture != c.architecture
-        {
+        if m.d_model != c.d_model || m.n_layers != c.n_layers || m.architecture != c.architecture {
             return Err(format!(
                 "trained on {} ({} {} layers, width {}), but the policy is {} layers of width {}",
                 m.model_name, m.architecture, m.n_layers, m.d_model, c.n_layers, c.d_model
             ));
         }
         if m.layer != LAYER_FINAL_NORM {
-            return Err(format!("reads layer {:?}; only {LAYER_FINAL_NORM} is supported", m.layer));
+            return Err(format!(
+                "reads layer {:?}; only {LAYER_FINAL_NORM} is supported",
+                m.layer
+            ));
         }
         if !policy.model_info().source.contains(&m.model_name) {
             tracing::warn!(
@@ -525,7 +544,12 @@ pub fn auc(predictions: &[f32], labels: &[bool]) -> f64 {
     if pos == 0.0 || neg == 0.0 {
         return f64::NAN;
     }
-    let rank_sum: f64 = ranks.iter().zip(labels).filter(|(_, &l)| l).map(|(r, _)| r).sum();
+    let rank_sum: f64 = ranks
+        .iter()
+        .zip(labels)
+        .filter(|(_, &l)| l)
+        .map(|(r, _)| r)
+        .sum();
     (rank_sum - pos * (pos + 1.0) / 2.0) / (pos * neg)
 }
 
@@ -550,7 +574,9 @@ mod tests {
     fn synthetic(n: usize, d: usize, seed: u64) -> (Vec<Vec<f32>>, Vec<f32>) {
         let mut s = seed;
         let mut next = || {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
         };
         let mut xs = Vec::new();
@@ -592,7 +618,10 @@ mod tests {
             let head = ValueHead::fit(meta(d, hidden), &xs, &ys, &o);
             let p: Vec<f32> = test_x.iter().map(|x| head.predict(x)).collect();
             let (acc, area) = (accuracy(&p, &labels), auc(&p, &labels));
-            assert!(acc > 0.9 && area > 0.97, "hidden {hidden}: acc {acc}, auc {area}");
+            assert!(
+                acc > 0.9 && area > 0.97,
+                "hidden {hidden}: acc {acc}, auc {area}"
+            );
             let path = std::env::temp_dir().join(format!(
                 "arbor-head-{hidden}-{}.safetensors",
                 std::process::id()
