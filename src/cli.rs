@@ -39,12 +39,20 @@ enum Command {
     ///   arbor search --strategy best-of-n --budget-tokens 1024 --json "What is 15% of 240?"
     ///   arbor search --strategy beam --print-config q > my-search.json   (every knob, as JSON)
     ///   arbor search --config my-search.json "..."
+    ///   arbor search --prm judge --strategy beam "..."          (the policy judges its own steps)
+    ///   arbor search --prm head.safetensors "..."               (a head from `arbor prm train`)
+    ///   arbor search --prm prm.json "..."                       (any PRM: {"kind": "rollout", ...})
     #[command(verbatim_doc_comment)]
     Search(crate::search_cmd::SearchArgs),
     /// Generate text with the engine, streaming tokens to stdout (statistics go to stderr).
     ///
     /// Example: arbor generate --chat --prompt "What is 17*23?" --max-tokens 64
     Generate(GenerateArgs),
+    /// Process reward models: train a value head for the policy.
+    Prm {
+        #[command(subcommand)]
+        action: crate::prm_cmd::PrmAction,
+    },
     /// Manage cached models.
     Model {
         #[command(subcommand)]
@@ -117,6 +125,7 @@ pub(crate) fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Generate(args) => cmd_generate(args),
         Command::Search(args) => crate::search_cmd::run(args),
+        Command::Prm { action } => crate::prm_cmd::run(action),
         Command::Model {
             action: ModelAction::Fetch,
         } => resolve_model(None).map(|p| println!("{}", p.display())),

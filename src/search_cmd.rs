@@ -8,6 +8,7 @@ use arbor_search::{
     BeamConfig, DvtsConfig, LogProbScorer, MctsConfig, SampleConfig, ScorerChoice, Search,
     SearchConfig, SearchControl, SearchEvent, StrategyConfig,
 };
+use arbor_worker::prm::AnyScorer;
 use arbor_worker::{LocalWorker, WorkerOptions};
 use clap::ValueEnum;
 
@@ -59,6 +60,14 @@ pub(crate) struct SearchArgs {
     /// Seed: the same seed gives the same tree.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Score steps with a process reward model: `judge` (the policy asked whether each step
+    /// is right), `rollout` (agreement of cheap rollouts), a value head from `arbor prm train`
+    /// (FILE.safetensors), or a JSON file with any PRM configuration, e.g.
+    /// {"kind": "classifier", "model": "Qwen2.5-Math-PRM-7B/"} (see README). Without it, steps
+    /// are valued by the policy's own confidence. Path values aggregate step scores as the
+    /// configuration's `scoring.aggregation` says (default `last`; see --print-config).
+    #[arg(long)]
+    prm: Option<String>,
     /// A JSON file with a full search configuration (overrides the options above except the budget and seed when they are given explicitly).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -122,6 +131,9 @@ fn build_config(a: &SearchArgs) -> Result<SearchConfig> {
             c
         }
     };
+    if a.prm.is_some() {
+        config.scoring.scorer = ScorerChoice::Provided;
+    }
     config.seed = a.seed;
     config.budget.max_generated_tokens = Some(a.budget_tokens);
     if a.deadline_ms.is_some() {
@@ -142,6 +154,13 @@ pub(crate) fn run(args: SearchArgs) -> Result<()> {
     }
     let (model, engine) = load_engine(args.model.clone(), args.device)?;
     let worker = LocalWorker::new(&model, engine, WorkerOptions::default());
+    let scorer = match &args.prm {
+        Some(spec) => {
+            let prm = crate::prm_cmd::parse_prm(spec)?;
+            arbor_worker::prm::build(&prm, &worker).with_context(|| format!("--prm {spec}"))?
+        }
+        None => AnyScorer::LogProb(LogProbScorer),
+    };
     let prompt = match &args.system {
         Some(system) => worker.format_question_with(system, &args.question)?,
         None => worker.format_question(&args.question)?,
@@ -179,7 +198,7 @@ pub(crate) fn run(args: SearchArgs) -> Result<()> {
             }
         })
     };
-    let outcome = rt.block_on(search.run(&worker, &LogProbScorer, &control));
+    let outcome = rt.block_on(search.run(&worker, &scorer, &control));
     drop(control);
     let _ = rt.block_on(progress);
     bar.finish_and_clear();
