@@ -14,8 +14,7 @@ use arbor_model::{SamplingParams, StopReason};
 use arbor_search::{equivalent, extract_answer, ScoreRequest, Step};
 use arbor_worker::prm::value_head::{accuracy, auc, step_hidden_states, FitOptions, HeadMeta};
 use arbor_worker::prm::{
-    split_into_steps, LabelTokenConfig, PrmConfig, RolloutValueConfig, ValueHead,
-    ValueHeadConfig,
+    split_into_steps, LabelTokenConfig, PrmConfig, RolloutValueConfig, ValueHead, ValueHeadConfig,
 };
 use arbor_worker::{ExpandItem, LocalWorker, WorkerOptions};
 use clap::ValueEnum;
@@ -141,7 +140,9 @@ pub(crate) fn parse_prm(spec: &str) -> Result<PrmConfig> {
         "rollout" => PrmConfig::Rollout(RolloutValueConfig::default()),
         "log_prob" => PrmConfig::LogProb,
         "value_head" | "classifier" => {
-            bail!("--prm {spec} needs a file: a head (*.safetensors) or a JSON config with its path")
+            bail!(
+                "--prm {spec} needs a file: a head (*.safetensors) or a JSON config with its path"
+            )
         }
         _ => bail!(
             "--prm {spec}: no such file, and not a PRM kind (judge, rollout, log_prob); \
@@ -177,7 +178,8 @@ struct Example {
 }
 
 fn read_questions(path: &Path, offset: usize, n: usize) -> Result<Vec<Question>> {
-    let file = std::fs::File::open(path).with_context(|| format!("--dataset {}", path.display()))?;
+    let file =
+        std::fs::File::open(path).with_context(|| format!("--dataset {}", path.display()))?;
     let mut out = Vec::with_capacity(n);
     for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
         if i < offset {
@@ -190,10 +192,18 @@ fn read_questions(path: &Path, offset: usize, n: usize) -> Result<Vec<Question>>
         let v: serde_json::Value = serde_json::from_str(&line)
             .with_context(|| format!("{} line {}", path.display(), i + 1))?;
         let (Some(q), Some(a)) = (v["question"].as_str(), v["answer"].as_str()) else {
-            bail!("{} line {}: needs `question` and `answer`", path.display(), i + 1);
+            bail!(
+                "{} line {}: needs `question` and `answer`",
+                path.display(),
+                i + 1
+            );
         };
         let Some((_, gold)) = a.rsplit_once("####") else {
-            bail!("{} line {}: the answer has no `#### N`", path.display(), i + 1);
+            bail!(
+                "{} line {}: the answer has no `#### N`",
+                path.display(),
+                i + 1
+            );
         };
         out.push(Question {
             index: i,
@@ -244,8 +254,7 @@ async fn label_question(
         let mut steps = split_into_steps(&tok, &s.tokens, &s.logprobs, delimiter)?;
         steps.truncate(args.max_steps);
         let ended = s.stop_reason == StopReason::Eos;
-        let right = ended
-            && extract_answer(&s.text).is_some_and(|a| equivalent(&a.raw, &q.gold));
+        let right = ended && extract_answer(&s.text).is_some_and(|a| equivalent(&a.raw, &q.gold));
         if !steps.is_empty() {
             paths.push((steps, ended, right));
         }
@@ -301,7 +310,10 @@ async fn label_question(
                         .is_some_and(|a| equivalent(&a.raw, &q.gold))
             })
             .count();
-        share.insert((*p, *i), reached as f32 / result.samples.len().max(1) as f32);
+        share.insert(
+            (*p, *i),
+            reached as f32 / result.samples.len().max(1) as f32,
+        );
     }
     let requests: Vec<ScoreRequest> = paths
         .iter()
@@ -434,8 +446,10 @@ fn train(args: TrainArgs) -> Result<()> {
     let mut ids: Vec<usize> = examples.iter().map(|e| e.question).collect();
     ids.sort_unstable();
     ids.dedup();
-    let held_n = ((ids.len() as f64 * args.holdout).round() as usize)
-        .clamp(usize::from(ids.len() > 1 && args.holdout > 0.0), ids.len() - 1);
+    let held_n = ((ids.len() as f64 * args.holdout).round() as usize).clamp(
+        usize::from(ids.len() > 1 && args.holdout > 0.0),
+        ids.len() - 1,
+    );
     let held: Vec<usize> = shuffled(ids.clone(), args.seed)[..held_n].to_vec();
     let (test, train): (Vec<&Example>, Vec<&Example>) =
         examples.iter().partition(|e| held.contains(&e.question));
@@ -508,7 +522,8 @@ fn train(args: TrainArgs) -> Result<()> {
     let show = |name: &str, m: &serde_json::Value| {
         println!(
             "{name}: {} steps from {} questions, accuracy {:.3} (majority class {:.3}), AUC {:.3}",
-            m["steps"], m["questions"],
+            m["steps"],
+            m["questions"],
             m["accuracy"].as_f64().unwrap_or(f64::NAN),
             m["majority_class_accuracy"].as_f64().unwrap_or(f64::NAN),
             m["auc"].as_f64().unwrap_or(f64::NAN),
@@ -533,10 +548,22 @@ mod tests {
 
     #[test]
     fn prm_specs_parse_to_configs() {
-        assert!(matches!(parse_prm("judge").unwrap(), PrmConfig::LabelToken(_)));
-        assert!(matches!(parse_prm("rollout").unwrap(), PrmConfig::Rollout(_)));
-        assert!(parse_prm("value_head").unwrap_err().to_string().contains("needs a file"));
-        assert!(parse_prm("oracle").unwrap_err().to_string().contains("not a PRM kind"));
+        assert!(matches!(
+            parse_prm("judge").unwrap(),
+            PrmConfig::LabelToken(_)
+        ));
+        assert!(matches!(
+            parse_prm("rollout").unwrap(),
+            PrmConfig::Rollout(_)
+        ));
+        assert!(parse_prm("value_head")
+            .unwrap_err()
+            .to_string()
+            .contains("needs a file"));
+        assert!(parse_prm("oracle")
+            .unwrap_err()
+            .to_string()
+            .contains("not a PRM kind"));
         let dir = std::env::temp_dir().join(format!("arbor-prm-spec-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let json = dir.join("prm.json");
@@ -548,7 +575,10 @@ mod tests {
         assert!(err.contains("rolouts"), "{err}");
         let head = dir.join("h.safetensors");
         std::fs::write(&head, b"").unwrap();
-        assert!(matches!(parse_prm(head.to_str().unwrap()).unwrap(), PrmConfig::ValueHead(_)));
+        assert!(matches!(
+            parse_prm(head.to_str().unwrap()).unwrap(),
+            PrmConfig::ValueHead(_)
+        ));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
