@@ -152,14 +152,15 @@ pub(crate) fn run(args: SearchArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&config)?);
         return Ok(());
     }
+    // A bad --prm is reported before the model loads.
+    let prm = args.prm.as_deref().map(crate::prm_cmd::parse_prm).transpose()?;
     let (model, engine) = load_engine(args.model.clone(), args.device)?;
     let worker = LocalWorker::new(&model, engine, WorkerOptions::default());
-    let scorer = match &args.prm {
-        Some(spec) => {
-            let prm = crate::prm_cmd::parse_prm(spec)?;
+    let scorer = match (&args.prm, prm) {
+        (Some(spec), Some(prm)) => {
             arbor_worker::prm::build(&prm, &worker).with_context(|| format!("--prm {spec}"))?
         }
-        None => AnyScorer::LogProb(LogProbScorer),
+        _ => AnyScorer::LogProb(LogProbScorer),
     };
     let prompt = match &args.system {
         Some(system) => worker.format_question_with(system, &args.question)?,
