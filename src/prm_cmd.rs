@@ -174,6 +174,9 @@ struct Example {
     share: f32,
     /// The solution's last step, labelled by its own answer.
     is_final: bool,
+    /// The policy's own confidence in the step, `exp(mean token log-prob)` (the baseline
+    /// the head must beat: the `log_prob` scorer).
+    confidence: f32,
     feature: Vec<f32>,
 }
 
@@ -343,6 +346,7 @@ async fn label_question(
                 text: step.text.clone(),
                 share,
                 is_final,
+                confidence: step.mean_logprob().exp() as f32,
                 feature,
             });
         }
@@ -474,13 +478,30 @@ fn train(args: TrainArgs) -> Result<()> {
         let p: Vec<f32> = set.iter().map(|e| head.predict(&e.feature)).collect();
         let labels: Vec<bool> = set.iter().map(|e| e.share > 0.0).collect();
         let positive = labels.iter().filter(|&&l| l).count() as f64 / labels.len().max(1) as f64;
+        let confidence: Vec<f32> = set.iter().map(|e| e.confidence).collect();
+        // The same AUC over final steps only (is the answer right?) and the others.
+        let auc_where = |keep: bool| {
+            let (p, l): (Vec<f32>, Vec<bool>) = set
+                .iter()
+                .zip(&p)
+                .zip(&labels)
+                .filter(|((e, _), _)| e.is_final == keep)
+                .map(|((_, &p), &l)| (p, l))
+                .unzip();
+            auc(&p, &l)
+        };
+        let questions: std::collections::BTreeSet<usize> = set.iter().map(|e| e.question).collect();
         serde_json::json!({
             "steps": set.len(),
-            "questions": set.iter().map(|e| e.question).collect::<std::collections::BTreeSet<_>>().len(),
+            "final_steps": set.iter().filter(|e| e.is_final).count(),
+            "questions": questions.len(),
             "positive_share": positive,
             "majority_class_accuracy": positive.max(1.0 - positive),
             "accuracy": accuracy(&p, &labels),
             "auc": auc(&p, &labels),
+            "auc_final_steps": auc_where(true),
+            "auc_other_steps": auc_where(false),
+            "log_prob_confidence_auc": auc(&confidence, &labels),
         })
     };
     let (train_m, test_m) = (metrics(&train), metrics(&test));
@@ -514,19 +535,26 @@ fn train(args: TrainArgs) -> Result<()> {
     for e in &examples {
         let line = serde_json::json!({
             "question": e.question, "sample": e.sample, "step": e.step, "final": e.is_final,
-            "share": e.share, "held_out": held.contains(&e.question), "text": e.text,
+            "share": e.share, "held_out": held.contains(&e.question),
+            "value": head.predict(&e.feature), "log_prob_confidence": e.confidence,
+            "text": e.text,
         });
         writeln!(labels, "{line}")?;
     }
     labels.flush()?;
     let show = |name: &str, m: &serde_json::Value| {
+        let f = |k: &str| m[k].as_f64().unwrap_or(f64::NAN);
         println!(
-            "{name}: {} steps from {} questions, accuracy {:.3} (majority class {:.3}), AUC {:.3}",
+            "{name}: {} steps from {} questions, accuracy {:.3} (majority class {:.3}), \
+             AUC {:.3} (final steps {:.3}, others {:.3}; log-prob confidence {:.3})",
             m["steps"],
             m["questions"],
-            m["accuracy"].as_f64().unwrap_or(f64::NAN),
-            m["majority_class_accuracy"].as_f64().unwrap_or(f64::NAN),
-            m["auc"].as_f64().unwrap_or(f64::NAN),
+            f("accuracy"),
+            f("majority_class_accuracy"),
+            f("auc"),
+            f("auc_final_steps"),
+            f("auc_other_steps"),
+            f("log_prob_confidence_auc"),
         )
     };
     show("train", &train_m);

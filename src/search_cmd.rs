@@ -153,7 +153,11 @@ pub(crate) fn run(args: SearchArgs) -> Result<()> {
         return Ok(());
     }
     // A bad --prm is reported before the model loads.
-    let prm = args.prm.as_deref().map(crate::prm_cmd::parse_prm).transpose()?;
+    let prm = args
+        .prm
+        .as_deref()
+        .map(crate::prm_cmd::parse_prm)
+        .transpose()?;
     let (model, engine) = load_engine(args.model.clone(), args.device)?;
     let worker = LocalWorker::new(&model, engine, WorkerOptions::default());
     let scorer = match (&args.prm, prm) {

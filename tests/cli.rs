@@ -211,10 +211,19 @@ fn prm_options_explain_themselves() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("not a PRM kind (judge, rollout, log_prob)"), "{err}");
+    assert!(
+        err.contains("not a PRM kind (judge, rollout, log_prob)"),
+        "{err}"
+    );
     let out = arbor().args(["prm", "train", "--help"]).output().unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
-    for flag in ["--rollouts", "--samples", "--questions", "--budget-tokens", "held out"] {
+    for flag in [
+        "--rollouts",
+        "--samples",
+        "--questions",
+        "--budget-tokens",
+        "held out",
+    ] {
         assert!(help.contains(flag), "{flag} missing from:\n{help}");
     }
     let out = arbor().args(["search", "--help"]).output().unwrap();
