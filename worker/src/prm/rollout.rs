@@ -34,6 +34,10 @@ pub struct RolloutValueConfig {
     pub max_tokens: u32,
     /// Seed of the rollouts (each step's rollouts draw from a stream keyed by its path).
     pub seed: u64,
+    /// Roll out from the path's last step only: earlier steps keep a memoised value or are
+    /// NaN (unread by `aggregation: last`), so scoring a whole solution costs `k` rollouts
+    /// instead of `k` per step.
+    pub last_step_only: bool,
 }
 
 impl Default for RolloutValueConfig {
@@ -43,6 +47,7 @@ impl Default for RolloutValueConfig {
             temperature: 0.7,
             max_tokens: 256,
             seed: 0,
+            last_step_only: false,
         }
     }
 }
@@ -119,12 +124,13 @@ impl RolloutScorer {
                     .map_err(model_error)?;
                 let mut path_text = String::new();
                 let mut row = Vec::with_capacity(r.steps.len());
-                for step in &r.steps {
+                for (i, step) in r.steps.iter().enumerate() {
                     prompt.extend_from_slice(&step.token_ids);
                     path_text.push_str(&step.text);
                     path_text.push_str("\n\n");
                     let key = path_key(&prompt);
-                    let known = memo.get(&key).copied();
+                    let skipped = self.config.last_step_only && i + 1 < r.steps.len();
+                    let known = memo.get(&key).copied().or(skipped.then_some(f32::NAN));
                     if known.is_none() && !job_of.contains_key(&key) {
                         job_of.insert(key, jobs.len());
                         jobs.push(Job {

@@ -362,6 +362,7 @@ fn prm_rollout_value_is_the_majority_share_of_k_rollouts() {
         temperature: 0.7,
         max_tokens: 64,
         seed: 5,
+        last_step_only: false,
     };
     let scorer = RolloutScorer::new(&config, &w).unwrap();
     let before = w.stats();
@@ -389,9 +390,25 @@ fn prm_rollout_value_is_the_majority_share_of_k_rollouts() {
         + (after.prompt_tokens_computed - before.prompt_tokens_computed);
     assert_eq!(scores.cost.tokens_computed, spent);
     // Scored again (its parent and itself, as a search scores a child): memoised.
-    let again = rt.block_on(scorer.score(vec![request])).unwrap();
+    let again = rt.block_on(scorer.score(vec![request.clone()])).unwrap();
     assert_eq!(again[0].scores, scores.scores);
     assert_eq!(again[0].cost.tokens_computed, 0);
+    // Only the last step, for an outcome-style `aggregation: last`: the same rollouts
+    // (same seed, same path) for the last step, none for the first.
+    let last_only = RolloutScorer::new(
+        &RolloutValueConfig {
+            last_step_only: true,
+            ..config
+        },
+        &w,
+    )
+    .unwrap();
+    let got = rt
+        .block_on(last_only.score_with_rollouts(vec![request]))
+        .unwrap();
+    assert!(got[0].0.scores[0].is_nan() && got[0].1[0].is_empty());
+    assert_eq!(got[0].0.scores[1], scores.scores[1]);
+    assert_eq!(got[0].1[1], rollouts[1]);
 }
 
 /// A value head fitted in the test on the policy's hidden states of real paths: the scorer's
