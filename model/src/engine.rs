@@ -182,6 +182,25 @@ impl Engine {
         }
     }
 
+    /// Shortens a sequence to its first `len` tokens and gives back the blocks it no longer
+    /// needs. The next append overwrites the rest, copying a block first if another sequence
+    /// shares it: so a fork of a longer sequence, truncated, reads outputs at a position the
+    /// longer one already passed (a hidden state at its last token) for one token of compute.
+    pub fn truncate(&mut self, seq: SeqId, len: usize) -> Result<()> {
+        let state = self.seqs.get_mut(&seq).ok_or_else(|| unknown(seq))?;
+        if len > state.len {
+            return Err(ModelError::invalid(
+                "len",
+                format!("sequence {} holds {} tokens, not {len}", seq.0, state.len),
+            ));
+        }
+        for b in state.blocks.drain(len.div_ceil(KV_BLOCK_TOKENS)..) {
+            self.alloc.release(b);
+        }
+        state.len = len;
+        Ok(())
+    }
+
     /// Number of tokens in a sequence.
     pub fn seq_len(&self, seq: SeqId) -> Option<usize> {
         self.seqs.get(&seq).map(|s| s.len)

@@ -199,3 +199,49 @@ fn hidden_states_match_the_plain_reference_at_chosen_offsets() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A fork of a longer sequence, truncated and extended, computes what a fresh sequence with the
+/// same tokens computes, and leaves the sequence it was forked from as it was.
+#[test]
+fn a_truncated_fork_recomputes_exactly_and_leaves_its_parent_alone() {
+    let dir = std::env::temp_dir().join(format!("arbor-hf-truncate-{}", std::process::id()));
+    write_folder(&dir);
+    let model = Model::load(&dir).unwrap();
+    let mut e = engine_for(&model);
+    let a = model
+        .tokenizer
+        .encode("abc ab! a longer text than one block", false)
+        .unwrap();
+    assert!(a.len() > 20, "spans two KV blocks");
+    let parent = e.new_sequence();
+    e.forward(&[(parent, &a)]).unwrap();
+    let blocks = e.kv_blocks_in_use();
+    for cut in [a.len() - 1, 16, 5] {
+        let f = e.fork(parent).unwrap();
+        e.truncate(f, cut).unwrap();
+        assert_eq!(e.seq_len(f), Some(cut));
+        let x = [a[cut], 9];
+        let got = e.forward_all_logits(&[(f, &x)]).unwrap().to_vec();
+        let fresh = e.new_sequence();
+        let mut tokens = a[..cut].to_vec();
+        tokens.extend_from_slice(&x);
+        let all = e.forward_all_logits(&[(fresh, &tokens)]).unwrap().to_vec();
+        assert_eq!(&got[..], &all[cut * VOCAB..], "cut at {cut}");
+        e.free(f);
+        e.free(fresh);
+        assert_eq!(
+            e.kv_blocks_in_use(),
+            blocks,
+            "cut at {cut}: only the parent's blocks left"
+        );
+    }
+    // The parent still continues as if nothing happened.
+    let next = e.forward(&[(parent, &[7])]).unwrap().to_vec();
+    let fresh = e.new_sequence();
+    let mut tokens = a.clone();
+    tokens.push(7);
+    let all = e.forward_all_logits(&[(fresh, &tokens)]).unwrap().to_vec();
+    assert_eq!(&next[..], &all[a.len() * VOCAB..]);
+    assert!(e.truncate(parent, a.len() + 5).is_err());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

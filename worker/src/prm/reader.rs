@@ -105,7 +105,7 @@ fn read_with(
             };
             // The longest prefix the cache may supply: everything before the inline read
             // (which must be computed), or the whole stream up to the fork.
-            let (needed, cached_max) = match probe {
+            let (needed, usable_max) = match probe {
                 Probe::Inline => (p.read_at[round], p.read_at[round]),
                 Probe::Fork(_) => (end.saturating_sub(1), end),
             };
@@ -122,13 +122,17 @@ fn read_with(
                 });
             }
             if let Some(cache) = cache.as_deref_mut() {
-                if let Some((seq, len)) = cache.lookup_within(&p.tokens[..end], cached_max) {
-                    if len > c.len {
+                // A cached sequence that holds more (a finished solution, whole) is forked and
+                // truncated back to what is usable.
+                if let Some((seq, len)) = cache.lookup_within(&p.tokens[..end], end) {
+                    let usable = len.min(usable_max);
+                    if usable > c.len {
                         let fork = engine.fork(seq)?;
                         if let Some(old) = c.seq.replace(fork) {
                             engine.free(old);
                         }
-                        c.len = len;
+                        engine.truncate(fork, usable)?;
+                        c.len = usable;
                     }
                 }
             }

@@ -492,6 +492,42 @@ fn prm_value_head_scores_real_paths_with_a_head_fitted_here() {
         got[0].scores[2] > 0.5 && got[1].scores[2] < 0.5,
         "the head fits its own training steps: {got:?}"
     );
+    // Solutions the policy just wrote are read from its prefix cache for one token each,
+    // also when a finished one is held whole (forked and truncated back one token).
+    let item = ExpandItem {
+        prompt: w.tokenizer().encode(&prompt, true).unwrap(),
+        k: 2,
+        max_tokens: 160,
+        sampling: SamplingParams {
+            temperature: 0.7,
+            seed: 3,
+            ..SamplingParams::default()
+        },
+        stop: Vec::new(),
+    };
+    let out = rt.block_on(w.expand(vec![item], None)).unwrap();
+    let written: Vec<ScoreRequest> = out[0]
+        .samples
+        .iter()
+        .map(|s| ScoreRequest {
+            steps: vec![Arc::new(Step {
+                text: s.text.clone(),
+                token_ids: s.tokens.clone(),
+                token_logprobs: s.logprobs.clone(),
+            })],
+            ..requests[0].clone()
+        })
+        .collect();
+    let stops: Vec<_> = out[0]
+        .samples
+        .iter()
+        .map(|s| s.stop_reason.clone())
+        .collect();
+    let got = rt.block_on(scorer.score(written)).unwrap();
+    for reply in &got {
+        check_scores("value head on a written path", &reply.scores, 1);
+        assert_eq!(reply.cost.tokens_computed, 1, "{stops:?}");
+    }
     assert_eq!(w.usage().sequences, w.usage().cached_sequences);
 }
 
