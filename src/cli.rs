@@ -39,6 +39,9 @@ enum Command {
     ///   arbor search --strategy best-of-n --budget-tokens 1024 --json "What is 15% of 240?"
     ///   arbor search --strategy beam --print-config q > my-search.json   (every knob, as JSON)
     ///   arbor search --config my-search.json "..."
+    ///   arbor search --prm judge --strategy beam "..."          (the policy judges its own steps)
+    ///   arbor search --prm head.safetensors "..."               (a head from `arbor prm train`)
+    ///   arbor search --prm prm.json "..."                       (any PRM: {"kind": "rollout", ...})
     #[command(verbatim_doc_comment)]
     Search(crate::search_cmd::SearchArgs),
     /// Compare strategies at equal compute on a GSM8K-style dataset: every (question, strategy,
@@ -89,6 +92,11 @@ enum Command {
     ///   arbor search --coordinator http://localhost:50051 "What is 15% of 240?"
     #[command(verbatim_doc_comment)]
     Serve(crate::serve_cmd::ServeArgs),
+    /// Process reward models: train a value head for the policy.
+    Prm {
+        #[command(subcommand)]
+        action: crate::prm_cmd::PrmAction,
+    },
     /// Manage cached models.
     Model {
         #[command(subcommand)]
@@ -165,6 +173,7 @@ pub(crate) fn main() -> std::process::ExitCode {
         Command::Serve(args) => crate::serve_cmd::run_serve(args),
         Command::Eval(args) => crate::eval::run(args),
         Command::Distill(args) => crate::distill::run(args),
+        Command::Prm { action } => crate::prm_cmd::run(action),
         Command::Model {
             action: ModelAction::Fetch,
         } => resolve_model(None).map(|p| println!("{}", p.display())),

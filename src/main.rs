@@ -3,6 +3,7 @@
 mod cli;
 mod distill;
 mod eval;
+mod prm_cmd;
 mod search_cmd;
 mod serve_cmd;
 

@@ -8,6 +8,7 @@ use arbor::rpc::pb;
 use arbor::strategy::strategy_config;
 pub(crate) use arbor::strategy::Strategy;
 use arbor_search::{LogProbScorer, ScorerChoice, Search, SearchConfig, SearchControl, SearchEvent};
+use arbor_worker::prm::AnyScorer;
 use arbor_worker::{LocalWorker, WorkerOptions};
 
 use crate::cli::{load_engine, Device};
@@ -41,6 +42,14 @@ pub(crate) struct SearchArgs {
     /// Seed: the same seed gives the same tree.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Score steps with a process reward model: `judge` (the policy asked whether each step
+    /// is right), `rollout` (agreement of cheap rollouts), a value head from `arbor prm train`
+    /// (FILE.safetensors), or a JSON file with any PRM configuration, e.g.
+    /// {"kind": "classifier", "model": "Qwen2.5-Math-PRM-7B/"} (see README). Without it, steps
+    /// are valued by the policy's own confidence. Path values aggregate step scores as the
+    /// configuration's `scoring.aggregation` says (default `last`; see --print-config).
+    #[arg(long)]
+    prm: Option<String>,
     /// A JSON file with a full search configuration (overrides the options above except the budget and seed when they are given explicitly).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -121,6 +130,9 @@ fn build_config(a: &SearchArgs) -> Result<SearchConfig> {
         }
         .config(),
     };
+    if a.prm.is_some() {
+        config.scoring.scorer = ScorerChoice::Provided;
+    }
     config.seed = a.seed;
     config.budget.max_generated_tokens = Some(a.budget_tokens);
     if a.deadline_ms.is_some() {
@@ -137,10 +149,25 @@ pub(crate) fn run(args: SearchArgs) -> Result<()> {
         return Ok(());
     }
     if let Some(url) = &args.coordinator {
+        if let Some(spec) = &args.prm {
+            bail!("--prm {spec} with --coordinator: a coordinator scores steps with its workers' Score service; run the PRM embedded (without --coordinator)");
+        }
         return run_remote(&args, url, &config);
     }
+    // A bad --prm is reported before the model loads.
+    let prm = args
+        .prm
+        .as_deref()
+        .map(crate::prm_cmd::parse_prm)
+        .transpose()?;
     let (model, engine) = load_engine(args.model.clone(), args.device)?;
     let worker = LocalWorker::new(&model, engine, WorkerOptions::default());
+    let scorer = match (&args.prm, prm) {
+        (Some(spec), Some(prm)) => {
+            arbor_worker::prm::build(&prm, &worker).with_context(|| format!("--prm {spec}"))?
+        }
+        _ => AnyScorer::LogProb(LogProbScorer),
+    };
     let prompt = match &args.system {
         Some(system) => worker.format_question_with(system, &args.question)?,
         None => worker.format_question(&args.question)?,
@@ -178,7 +205,7 @@ pub(crate) fn run(args: SearchArgs) -> Result<()> {
             }
         })
     };
-    let outcome = rt.block_on(search.run(&worker, &LogProbScorer, &control));
+    let outcome = rt.block_on(search.run(&worker, &scorer, &control));
     drop(control);
     let _ = rt.block_on(progress);
     bar.finish_and_clear();

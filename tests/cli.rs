@@ -228,3 +228,31 @@ fn help_teaches_the_commands() {
         }
     }
 }
+
+#[test]
+fn prm_options_explain_themselves() {
+    let out = arbor()
+        .args(["search", "--prm", "oracle", "What is 2 + 2?"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not a PRM kind (judge, rollout, log_prob)"),
+        "{err}"
+    );
+    let out = arbor().args(["prm", "train", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--rollouts",
+        "--samples",
+        "--questions",
+        "--budget-tokens",
+        "held out",
+    ] {
+        assert!(help.contains(flag), "{flag} missing from:\n{help}");
+    }
+    let out = arbor().args(["search", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("--prm head.safetensors"), "{help}");
+}

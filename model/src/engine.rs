@@ -51,6 +51,66 @@ pub struct Engine {
     logits: Vec<f32>,
     /// Logits of one pass, reused between calls.
     pass_logits: Vec<f32>,
+    /// Output buffer of hidden states, reused between calls.
+    hidden: Vec<f32>,
+    /// Hidden states of one pass, reused between calls.
+    pass_hidden: Vec<f32>,
+}
+
+/// One entry of [`Engine::forward_at`]: tokens to append to a sequence, and the offsets into
+/// them after which outputs are wanted.
+#[derive(Debug, Clone, Copy)]
+pub struct ForwardEntry<'a> {
+    /// The sequence the tokens extend.
+    pub seq: SeqId,
+    /// The tokens; never empty.
+    pub tokens: &'a [u32],
+    /// Offsets into `tokens` whose next-token logits are wanted, in output order.
+    pub logits_at: &'a [u32],
+    /// Offsets into `tokens` whose final hidden states are wanted, in output order.
+    pub hidden_at: &'a [u32],
+}
+
+impl<'a> ForwardEntry<'a> {
+    /// An entry that wants logits at `at` and no hidden states.
+    pub fn logits_at(seq: SeqId, tokens: &'a [u32], at: &'a [u32]) -> Self {
+        ForwardEntry {
+            seq,
+            tokens,
+            logits_at: at,
+            hidden_at: &[],
+        }
+    }
+
+    /// An entry that wants hidden states at `at` and no logits.
+    pub fn hidden_at(seq: SeqId, tokens: &'a [u32], at: &'a [u32]) -> Self {
+        ForwardEntry {
+            seq,
+            tokens,
+            logits_at: &[],
+            hidden_at: at,
+        }
+    }
+}
+
+/// What [`Engine::forward_at`] returns: buffers the engine reuses on its next call.
+#[derive(Debug, Clone, Copy)]
+pub struct ForwardOutputs<'a> {
+    /// `vocab_size` logits per requested offset, entry after entry.
+    pub logits: &'a [f32],
+    /// `d_model` values per requested hidden state, entry after entry.
+    pub hidden: &'a [f32],
+}
+
+/// Pairs each offset with the next output row, counting rows in `next`.
+fn numbered(offsets: &[u32], next: &mut usize) -> Vec<(usize, usize)> {
+    offsets
+        .iter()
+        .map(|&o| {
+            *next += 1;
+            (o as usize, *next - 1)
+        })
+        .collect()
 }
 
 impl std::fmt::Debug for Engine {
@@ -74,6 +134,8 @@ impl Engine {
             options,
             logits: Vec::new(),
             pass_logits: Vec::new(),
+            hidden: Vec::new(),
+            pass_hidden: Vec::new(),
         }
     }
 
@@ -120,6 +182,25 @@ impl Engine {
         }
     }
 
+    /// Shortens a sequence to its first `len` tokens and gives back the blocks it no longer
+    /// needs. The next append overwrites the rest, copying a block first if another sequence
+    /// shares it: so a fork of a longer sequence, truncated, reads outputs at a position the
+    /// longer one already passed (a hidden state at its last token) for one token of compute.
+    pub fn truncate(&mut self, seq: SeqId, len: usize) -> Result<()> {
+        let state = self.seqs.get_mut(&seq).ok_or_else(|| unknown(seq))?;
+        if len > state.len {
+            return Err(ModelError::invalid(
+                "len",
+                format!("sequence {} holds {} tokens, not {len}", seq.0, state.len),
+            ));
+        }
+        for b in state.blocks.drain(len.div_ceil(KV_BLOCK_TOKENS)..) {
+            self.alloc.release(b);
+        }
+        state.len = len;
+        Ok(())
+    }
+
     /// Number of tokens in a sequence.
     pub fn seq_len(&self, seq: SeqId) -> Option<usize> {
         self.seqs.get(&seq).map(|s| s.len)
@@ -143,81 +224,141 @@ impl Engine {
     ///
     /// The returned slice is a buffer the engine reuses on the next call.
     pub fn forward(&mut self, entries: &[(SeqId, &[u32])]) -> Result<&[f32]> {
-        self.forward_impl(entries, false)
+        let last: Vec<[u32; 1]> = entries
+            .iter()
+            .map(|(_, t)| [t.len().saturating_sub(1) as u32])
+            .collect();
+        let at: Vec<ForwardEntry<'_>> = entries
+            .iter()
+            .zip(&last)
+            .map(|(&(seq, tokens), l)| ForwardEntry::logits_at(seq, tokens, l))
+            .collect();
+        Ok(self.forward_at(&at)?.logits)
     }
 
     /// Like [`Engine::forward`], but returns the logits after *every* appended token, entry
     /// after entry (`Σ tokens * vocab_size`): what scoring a path token by token needs.
     pub fn forward_all_logits(&mut self, entries: &[(SeqId, &[u32])]) -> Result<&[f32]> {
-        self.forward_impl(entries, true)
+        let all: Vec<Vec<u32>> = entries
+            .iter()
+            .map(|(_, t)| (0..t.len() as u32).collect())
+            .collect();
+        let at: Vec<ForwardEntry<'_>> = entries
+            .iter()
+            .zip(&all)
+            .map(|(&(seq, tokens), a)| ForwardEntry::logits_at(seq, tokens, a))
+            .collect();
+        Ok(self.forward_at(&at)?.logits)
     }
 
-    fn forward_impl(&mut self, entries: &[(SeqId, &[u32])], all: bool) -> Result<&[f32]> {
+    /// Like [`Engine::forward`], but returns the final hidden state (after the last block and
+    /// the final norm) at *every* appended token, entry after entry (`Σ tokens * d_model`),
+    /// and computes no logits: what a reward or value head reads.
+    pub fn forward_hidden(&mut self, entries: &[(SeqId, &[u32])]) -> Result<&[f32]> {
+        let all: Vec<Vec<u32>> = entries
+            .iter()
+            .map(|(_, t)| (0..t.len() as u32).collect())
+            .collect();
+        let at: Vec<ForwardEntry<'_>> = entries
+            .iter()
+            .zip(&all)
+            .map(|(&(seq, tokens), a)| ForwardEntry::hidden_at(seq, tokens, a))
+            .collect();
+        Ok(self.forward_at(&at)?.hidden)
+    }
+
+    /// The general pass: appends each entry's tokens to its sequence and returns the
+    /// next-token logits and the final hidden states at the offsets each entry asks for
+    /// (offsets index the entry's `tokens`). Rows come entry after entry, and within an
+    /// entry in the order of its offsets. A pass that asks for no logits skips the output
+    /// projection, so extending sequences or reading hidden states costs less than decoding.
+    ///
+    /// Atomic like [`Engine::forward`]; an offset outside its entry's tokens is rejected.
+    pub fn forward_at(&mut self, entries: &[ForwardEntry<'_>]) -> Result<ForwardOutputs<'_>> {
         self.validate(entries)?;
         let vocab = self.config().vocab_size;
-        // Where each entry's logits start in the output.
-        let mut out_start = Vec::with_capacity(entries.len());
-        let mut total = 0;
-        for (_, toks) in entries {
-            out_start.push(total);
-            total += if all { toks.len() } else { 1 };
+        let d = self.config().d_model;
+        // Output rows per entry: (token offset, row), for logits and for hidden states.
+        let mut logit_rows: Vec<Vec<(usize, usize)>> = Vec::with_capacity(entries.len());
+        let mut hidden_rows: Vec<Vec<(usize, usize)>> = Vec::with_capacity(entries.len());
+        let (mut n_logits, mut n_hidden) = (0, 0);
+        for e in entries {
+            logit_rows.push(numbered(e.logits_at, &mut n_logits));
+            hidden_rows.push(numbered(e.hidden_at, &mut n_hidden));
         }
         // Reused buffers: a fresh 600 kB vector per step would be a fresh mmap and page faults.
         let mut logits = std::mem::take(&mut self.logits);
-        logits.resize(total * vocab, 0.0);
+        logits.resize(n_logits * vocab, 0.0);
+        let mut hidden = std::mem::take(&mut self.hidden);
+        hidden.resize(n_hidden * d, 0.0);
         // Split long inputs into passes of at most `batch_tokens_max` tokens; every entry's
         // tokens go in order, and later passes attend to what earlier ones wrote.
         let mut offsets = vec![0usize; entries.len()];
         let mut pass_logits = std::mem::take(&mut self.pass_logits);
+        let mut pass_hidden = std::mem::take(&mut self.pass_hidden);
         let result = loop {
             let mut budget = self.options.batch_tokens_max;
             let mut pass: Vec<(usize, SeqId, &[u32])> = Vec::new();
-            for (e, (seq, toks)) in entries.iter().enumerate() {
-                if offsets[e] < toks.len() && budget > 0 {
-                    let take = (toks.len() - offsets[e]).min(budget);
-                    pass.push((e, *seq, &toks[offsets[e]..offsets[e] + take]));
-                    offsets[e] += take;
+            for (i, e) in entries.iter().enumerate() {
+                if offsets[i] < e.tokens.len() && budget > 0 {
+                    let take = (e.tokens.len() - offsets[i]).min(budget);
+                    pass.push((i, e.seq, &e.tokens[offsets[i]..offsets[i] + take]));
+                    offsets[i] += take;
                     budget -= take;
                 }
             }
             if pass.is_empty() {
                 break Ok(());
             }
-            // For each entry in the pass: which of its tokens need logits, and where they go.
-            let mut want: Vec<(usize, usize)> = Vec::new(); // (token index in pass, output row)
+            // For each entry in the pass: which of its tokens need outputs, and where they go
+            // (token index in the pass, output row).
+            let (mut want_logits, mut want_hidden) = (Vec::new(), Vec::new());
             let mut idx = 0;
-            for (e, _, toks) in &pass {
-                let end = offsets[*e];
+            for (i, _, toks) in &pass {
+                let end = offsets[*i];
                 let start = end - toks.len();
-                if all {
-                    for k in 0..toks.len() {
-                        want.push((idx + k, out_start[*e] + start + k));
+                let in_pass = |rows: &[(usize, usize)], want: &mut Vec<(u32, usize)>| {
+                    for &(off, row) in rows {
+                        if (start..end).contains(&off) {
+                            want.push(((idx + off - start) as u32, row));
+                        }
                     }
-                } else if end == entries[*e].1.len() {
-                    want.push((idx + toks.len() - 1, out_start[*e]));
-                }
+                };
+                in_pass(&logit_rows[*i], &mut want_logits);
+                in_pass(&hidden_rows[*i], &mut want_hidden);
                 idx += toks.len();
             }
-            let logits_for: Vec<u32> = want.iter().map(|w| w.0 as u32).collect();
-            if let Err(e) = self.run_pass(&pass, &logits_for, &mut pass_logits) {
+            let logits_for: Vec<u32> = want_logits.iter().map(|w| w.0).collect();
+            let hidden_for: Vec<u32> = want_hidden.iter().map(|w| w.0).collect();
+            let outputs = (&mut pass_logits, &mut pass_hidden);
+            if let Err(e) = self.run_pass(&pass, &logits_for, &hidden_for, outputs) {
                 break Err(e);
             }
-            for (j, (_, row)) in want.iter().enumerate() {
+            for (j, (_, row)) in want_logits.iter().enumerate() {
                 logits[row * vocab..(row + 1) * vocab]
                     .copy_from_slice(&pass_logits[j * vocab..(j + 1) * vocab]);
             }
+            for (j, (_, row)) in want_hidden.iter().enumerate() {
+                hidden[row * d..(row + 1) * d].copy_from_slice(&pass_hidden[j * d..(j + 1) * d]);
+            }
         };
         self.pass_logits = pass_logits;
+        self.pass_hidden = pass_hidden;
         self.logits = logits;
+        self.hidden = hidden;
         result?;
-        Ok(&self.logits[..total * vocab])
+        Ok(ForwardOutputs {
+            logits: &self.logits[..n_logits * vocab],
+            hidden: &self.hidden[..n_hidden * d],
+        })
     }
 
-    fn validate(&self, entries: &[(SeqId, &[u32])]) -> Result<()> {
+    fn validate(&self, entries: &[ForwardEntry<'_>]) -> Result<()> {
         let cfg = self.config();
         let mut seen = std::collections::HashSet::new();
         let mut blocks_needed = 0usize;
-        for (seq, toks) in entries {
+        for e in entries {
+            let (seq, toks) = (&e.seq, e.tokens);
             let state = self.seqs.get(seq).ok_or_else(|| unknown(*seq))?;
             if !seen.insert(*seq) {
                 return Err(ModelError::invalid(
@@ -229,6 +370,21 @@ impl Engine {
                 return Err(ModelError::invalid(
                     "tokens",
                     format!("no tokens given for sequence {}", seq.0),
+                ));
+            }
+            if let Some(&off) = e
+                .logits_at
+                .iter()
+                .chain(e.hidden_at)
+                .find(|&&o| o as usize >= toks.len())
+            {
+                return Err(ModelError::invalid(
+                    "offsets",
+                    format!(
+                        "output offset {off} is outside the {} tokens given for sequence {}",
+                        toks.len(),
+                        seq.0
+                    ),
                 ));
             }
             if let Some(&t) = toks.iter().find(|&&t| t as usize >= cfg.vocab_size) {
@@ -273,7 +429,8 @@ impl Engine {
         &mut self,
         pass: &[(usize, SeqId, &[u32])],
         logits_for: &[u32],
-        logits: &mut Vec<f32>,
+        hidden_for: &[u32],
+        (logits, hidden): (&mut Vec<f32>, &mut Vec<f32>),
     ) -> Result<()> {
         let mut tokens = Vec::new();
         let mut positions = Vec::new();
@@ -296,8 +453,9 @@ impl Engine {
             seq_index: &seq_index,
             block_tables: &tables,
             logits_for,
+            hidden_for,
         };
-        self.backend.forward(&batch, logits)?;
+        self.backend.forward(&batch, logits, hidden)?;
         for (_, seq, toks) in pass {
             self.seqs.get_mut(seq).expect("validated").len += toks.len();
         }

@@ -22,11 +22,12 @@ mod loader;
 pub mod quant;
 pub mod safetensors_folder;
 pub mod sampling;
+pub mod tiny;
 mod tokenizer;
 
 pub use arch::{ModelConfig, RopeStyle};
 pub use backend::{Backend, ForwardBatch};
-pub use engine::{Engine, EngineOptions, SeqId};
+pub use engine::{Engine, EngineOptions, ForwardEntry, ForwardOutputs, SeqId};
 pub use error::{ModelError, Result};
 pub use generate::{GenOutput, GenRequest, StopReason};
 pub use kv::KV_BLOCK_TOKENS;

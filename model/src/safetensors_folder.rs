@@ -138,6 +138,38 @@ impl SafetensorsFolder {
         })
     }
 
+    /// Whether the folder holds a tensor of this (Hugging Face) name.
+    pub fn has_tensor(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// A tensor by its Hugging Face name, as f32 (from f32, f16 or bf16), with its shape: for
+    /// tensors outside the decoder, such as a reward model's head.
+    pub fn tensor_f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
+        let e = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
+        let n: usize = e.shape.iter().product();
+        let mut out = vec![0f32; n];
+        let storage = self.storage(e);
+        let bytes = storage.bytes();
+        if bytes.len() != e.dtype.row_bytes(n) {
+            return Err(ModelError::tensor(
+                name,
+                format!("{} bytes for shape {:?}", bytes.len(), e.shape),
+            ));
+        }
+        dequantize_row(e.dtype, bytes, &mut out);
+        if let Some(i) = out.iter().position(|v| !v.is_finite()) {
+            return Err(ModelError::tensor(
+                name,
+                format!("element {i} is not finite ({})", out[i]),
+            ));
+        }
+        Ok((e.shape.clone(), out))
+    }
+
     fn entry(&self, gguf_name: &str) -> Result<(&Entry, String)> {
         let name = hf_name(gguf_name);
         let e = self

@@ -27,12 +27,21 @@ impl PrefixCache {
 
     /// The longest cached sequence whose tokens are a proper prefix of `tokens`.
     pub(crate) fn lookup(&mut self, tokens: &[u32]) -> Option<(SeqId, usize)> {
+        self.lookup_within(tokens, tokens.len().saturating_sub(1))
+    }
+
+    /// The longest cached sequence of at most `len_max` tokens that are a prefix of `tokens`.
+    pub(crate) fn lookup_within(
+        &mut self,
+        tokens: &[u32],
+        len_max: usize,
+    ) -> Option<(SeqId, usize)> {
         self.clock += 1;
         let clock = self.clock;
         let best = self
             .entries
             .iter_mut()
-            .filter(|e| e.tokens.len() < tokens.len() && tokens.starts_with(&e.tokens))
+            .filter(|e| e.tokens.len() <= len_max && tokens.starts_with(&e.tokens))
             .max_by_key(|e| e.tokens.len())?;
         best.last_used = clock;
         Some((best.seq, best.tokens.len()))

@@ -21,6 +21,7 @@ use arbor_search::{
 use tokio::sync::oneshot;
 
 mod cache;
+pub mod prm;
 pub mod runner;
 
 use runner::Command;
@@ -274,12 +275,22 @@ impl LocalWorker {
         &self,
         f: impl FnOnce(&mut Engine, &Tokenizer) -> R + Send + 'static,
     ) -> Result<R, WorkerError> {
+        self.with_engine_and_cache(move |engine, tokenizer, _cache| f(engine, tokenizer))
+            .await
+    }
+
+    /// Like [`LocalWorker::with_engine`], with the prefix cache too: a reward model reading
+    /// the policy's own paths forks the sequences the cache keeps instead of recomputing them.
+    pub(crate) async fn with_engine_and_cache<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Engine, &Tokenizer, &mut cache::PrefixCache) -> R + Send + 'static,
+    ) -> Result<R, WorkerError> {
         let (tx, rx) = oneshot::channel();
         let tokenizer = self.inner.tokenizer.clone();
         self.inner
             .tx
-            .send(Command::Exclusive(Box::new(move |engine, _cache| {
-                let r = f(engine, &tokenizer);
+            .send(Command::Exclusive(Box::new(move |engine, cache| {
+                let r = f(engine, &tokenizer, cache);
                 Box::new(move || {
                     let _ = tx.send(r);
                 })

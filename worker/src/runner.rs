@@ -212,6 +212,7 @@ impl Runner {
                 }
             })
             .collect();
+        let mut replies = Vec::with_capacity(gone.len());
         for (id, late) in gone {
             self.batcher.cancel(&mut self.engine, id);
             let r = self.running.remove(&id).expect("listed");
@@ -225,9 +226,13 @@ impl Runner {
             } else {
                 WorkerError::Cancelled
             };
-            self.answer(r.reply, Err(err));
+            replies.push((r.reply, err));
         }
+        // The usage snapshot must show the freed sequences before a caller wakes up.
         self.publish();
+        for (reply, err) in replies {
+            self.answer(reply, Err(err));
+        }
     }
 
     fn step(&mut self) {

@@ -172,12 +172,17 @@ impl Backend for CpuBackend {
         }
     }
 
-    fn forward(&mut self, batch: &ForwardBatch<'_>, logits: &mut Vec<f32>) -> Result<()> {
+    fn forward(
+        &mut self,
+        batch: &ForwardBatch<'_>,
+        logits: &mut Vec<f32>,
+        hidden: &mut Vec<f32>,
+    ) -> Result<()> {
         // Run the whole pass on a worker of the pool: the ~100 parallel regions of a pass then
         // split work by stealing, instead of each one parking the caller on a futex and waking
         // it (tens of microseconds each, several milliseconds per decoded token).
         let pool = compute_pool();
-        pool.install(|| self.forward_on_pool(batch, logits))
+        pool.install(|| self.forward_on_pool(batch, logits, hidden))
     }
 }
 
@@ -195,7 +200,12 @@ fn compute_pool() -> &'static rayon::ThreadPool {
 }
 
 impl CpuBackend {
-    fn forward_on_pool(&mut self, batch: &ForwardBatch<'_>, logits: &mut Vec<f32>) -> Result<()> {
+    fn forward_on_pool(
+        &mut self,
+        batch: &ForwardBatch<'_>,
+        logits: &mut Vec<f32>,
+        hidden: &mut Vec<f32>,
+    ) -> Result<()> {
         let cfg = self.config.clone();
         let w = self.weights.clone();
         let n = batch.tokens.len();
@@ -355,13 +365,25 @@ impl CpuBackend {
             }
         }
 
+        // Final hidden states: the selected rows, normalised in f32 (never quantized).
+        let mh = batch.hidden_for.len();
+        hidden.resize(mh * d, 0.0);
+        for (j, &i) in batch.hidden_for.iter().enumerate() {
+            let (i, row) = (i as usize, &mut hidden[j * d..(j + 1) * d]);
+            rms_norm(&s.x[i * d..(i + 1) * d], &w.out_norm, cfg.rms_eps, row);
+        }
         let m = batch.logits_for.len();
+        logits.resize(m * cfg.vocab_size, 0.0);
+        if m == 0 {
+            // Nothing reads logits (a pass that only extends sequences or reads hidden
+            // states): skip the output projection, the largest matrix of the model.
+            return Ok(());
+        }
         for (j, &i) in batch.logits_for.iter().enumerate() {
             s.o[j * d..(j + 1) * d].copy_from_slice(&s.x[i as usize * d..(i as usize + 1) * d]);
         }
         rms_norm(&s.o[..m * d], &w.out_norm, cfg.rms_eps, &mut s.h[..m * d]);
         s.acts.quantize_from(&s.h[..m * d], m, d);
-        logits.resize(m * cfg.vocab_size, 0.0);
         matmul(&w.output, &s.acts, logits);
         Ok(())
     }

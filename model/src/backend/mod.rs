@@ -28,6 +28,10 @@ pub struct ForwardBatch<'a> {
     pub block_tables: &'a [Vec<u32>],
     /// Indices of the tokens whose next-token logits are wanted, in output order.
     pub logits_for: &'a [u32],
+    /// Indices of the tokens whose final hidden state is wanted, in output order: the residual
+    /// stream after the last block and the final norm, the vector the output projection (or a
+    /// reward model's head) reads. Empty for plain decoding.
+    pub hidden_for: &'a [u32],
 }
 
 /// Runs the transformer. Implementations: [`cpu::CpuBackend`].
@@ -41,7 +45,14 @@ pub trait Backend: Send {
     /// Copies the first `n_tokens` slots of every layer of block `src` into block `dst`
     /// (copy-on-write of a shared, partly filled block).
     fn copy_kv_block(&mut self, src: u32, dst: u32, n_tokens: usize);
-    /// Runs the batch, writing its keys and values into the KV storage and
-    /// `logits_for.len() * vocab_size` logits into `logits`.
-    fn forward(&mut self, batch: &ForwardBatch<'_>, logits: &mut Vec<f32>) -> Result<()>;
+    /// Runs the batch, writing its keys and values into the KV storage,
+    /// `logits_for.len() * vocab_size` logits into `logits` and `hidden_for.len() * d_model`
+    /// final hidden states into `hidden`. A backend skips the output projection when
+    /// `logits_for` is empty.
+    fn forward(
+        &mut self,
+        batch: &ForwardBatch<'_>,
+        logits: &mut Vec<f32>,
+        hidden: &mut Vec<f32>,
+    ) -> Result<()>;
 }

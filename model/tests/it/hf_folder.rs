@@ -1,270 +1,27 @@
-//! A Hugging Face folder (config.json, safetensors, tokenizer.json) made here with a tiny qwen2
-//! model, checked against a plain f32 reference implementation written out below.
-
-use std::collections::HashMap;
+//! A Hugging Face folder (config.json, safetensors, tokenizer.json) made here with the tiny
+//! qwen2/llama model of [`arbor_model::tiny`], checked against its plain f32 reference.
 
 use arbor_model::backend::cpu::CpuBackend;
-use arbor_model::{Engine, EngineOptions, Model, ModelError};
-use safetensors::tensor::{Dtype, TensorView};
+use arbor_model::tiny::{TinyModel, D, EXTRA_0, KV_HEADS, VOCAB};
+use arbor_model::{Engine, EngineOptions, ForwardEntry, Model, ModelError};
 
-const D: usize = 64;
-const HEADS: usize = 4;
-const KV_HEADS: usize = 2;
-const HD: usize = D / HEADS;
-const FFN: usize = 128;
-const LAYERS: usize = 2;
-const VOCAB: usize = 288;
-const THETA: f32 = 10_000.0;
-const EPS: f32 = 1e-6;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> f32 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((self.0 >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.5
-    }
-    fn vec(&mut self, n: usize) -> Vec<f32> {
-        (0..n).map(|_| self.next()).collect()
-    }
-}
-
-fn weights_all() -> Vec<(String, Vec<usize>, Vec<f32>)> {
-    let mut r = Rng(42);
-    let mut w = vec![(
-        "model.embed_tokens.weight".to_string(),
-        vec![VOCAB, D],
-        r.vec(VOCAB * D),
-    )];
-    for l in 0..LAYERS {
-        let p = |s: &str| format!("model.layers.{l}.{s}");
-        let ones_ish: Vec<f32> = (0..D).map(|i| 1.0 + 0.01 * i as f32).collect();
-        w.push((p("input_layernorm.weight"), vec![D], ones_ish.clone()));
-        w.push((p("post_attention_layernorm.weight"), vec![D], ones_ish));
-        w.push((p("self_attn.q_proj.weight"), vec![D, D], r.vec(D * D)));
-        w.push((p("self_attn.q_proj.bias"), vec![D], r.vec(D)));
-        w.push((
-            p("self_attn.k_proj.weight"),
-            vec![KV_HEADS * HD, D],
-            r.vec(KV_HEADS * HD * D),
-        ));
-        w.push((
-            p("self_attn.k_proj.bias"),
-            vec![KV_HEADS * HD],
-            r.vec(KV_HEADS * HD),
-        ));
-        w.push((
-            p("self_attn.v_proj.weight"),
-            vec![KV_HEADS * HD, D],
-            r.vec(KV_HEADS * HD * D),
-        ));
-        w.push((
-            p("self_attn.v_proj.bias"),
-            vec![KV_HEADS * HD],
-            r.vec(KV_HEADS * HD),
-        ));
-        w.push((p("self_attn.o_proj.weight"), vec![D, D], r.vec(D * D)));
-        w.push((p("mlp.gate_proj.weight"), vec![FFN, D], r.vec(FFN * D)));
-        w.push((p("mlp.up_proj.weight"), vec![FFN, D], r.vec(FFN * D)));
-        w.push((p("mlp.down_proj.weight"), vec![D, FFN], r.vec(D * FFN)));
-    }
-    w.push(("model.norm.weight".to_string(), vec![D], vec![1.0; D]));
-    w.push((
-        "lm_head.weight".to_string(),
-        vec![VOCAB, D],
-        r.vec(VOCAB * D),
-    ));
-    w
-}
-
-/// The tiny model's tensors; llama has no Q/K/V biases.
-fn weights_for(arch: &str) -> Vec<(String, Vec<usize>, Vec<f32>)> {
-    weights_all()
-        .into_iter()
-        .filter(|(n, _, _)| arch == "qwen2" || !n.ends_with(".bias"))
-        .collect()
-}
-
-fn weights() -> Vec<(String, Vec<usize>, Vec<f32>)> {
-    weights_for("qwen2")
+fn write_folder_for(dir: &std::path::Path, arch: &str) {
+    TinyModel::new(arch).write(dir).unwrap();
 }
 
 fn write_folder(dir: &std::path::Path) {
     write_folder_for(dir, "qwen2");
 }
 
-fn write_folder_for(dir: &std::path::Path, arch: &str) {
-    std::fs::create_dir_all(dir).unwrap();
-    let w = weights_for(arch);
-    let bytes: Vec<Vec<u8>> = w
-        .iter()
-        .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
-        .collect();
-    let views: Vec<(String, TensorView)> = w
-        .iter()
-        .zip(&bytes)
-        .map(|((n, shape, _), b)| {
-            (
-                n.clone(),
-                TensorView::new(Dtype::F32, shape.clone(), b).unwrap(),
-            )
-        })
-        .collect();
-    std::fs::write(
-        dir.join("model.safetensors"),
-        safetensors::serialize(views, None).unwrap(),
-    )
-    .unwrap();
-    let config = serde_json::json!({
-        "architectures": ["Qwen2ForCausalLM"], "model_type": arch, "hidden_size": D, "intermediate_size": FFN,
-        "num_hidden_layers": LAYERS, "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS,
-        "vocab_size": VOCAB, "rope_theta": THETA, "rms_norm_eps": EPS, "max_position_embeddings": 256,
-        "tie_word_embeddings": false
-    });
-    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-    // A byte-level BPE over the 256 byte symbols and one merge, plus an end-of-text token.
-    let mut alphabet: Vec<char> = tokenizers::pre_tokenizers::byte_level::ByteLevel::alphabet()
-        .into_iter()
-        .collect();
-    alphabet.sort();
-    let mut vocab: HashMap<String, u32> = alphabet
-        .iter()
-        .enumerate()
-        .map(|(i, c)| (c.to_string(), i as u32))
-        .collect();
-    vocab.insert("ab".into(), 256);
-    let tokenizer_json = serde_json::json!({
-        "version": "1.0",
-        "added_tokens": [{"id": 257, "content": "<|endoftext|>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}],
-        "normalizer": null,
-        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
-        "post_processor": null,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
-        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "vocab": vocab, "merges": ["a b"]}
-    });
-    std::fs::write(dir.join("tokenizer.json"), tokenizer_json.to_string()).unwrap();
-    std::fs::write(
-        dir.join("tokenizer_config.json"),
-        r#"{"eos_token": "<|endoftext|>"}"#,
-    )
-    .unwrap();
-}
-
-/// y = W x for a row-major `[rows, cols]` W.
-fn matvec(w: &[f32], x: &[f32], rows: usize) -> Vec<f32> {
-    let cols = x.len();
-    (0..rows)
-        .map(|r| {
-            w[r * cols..(r + 1) * cols]
-                .iter()
-                .zip(x)
-                .map(|(a, b)| a * b)
-                .sum()
-        })
-        .collect()
-}
-
-fn rms(x: &[f32], w: &[f32]) -> Vec<f32> {
-    let s = (x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32 + EPS).sqrt();
-    x.iter().zip(w).map(|(v, g)| v / s * g).collect()
-}
-
-/// Rotates each head's halves (Hugging Face's `rotate_half`).
-fn rope(v: &mut [f32], pos: usize) {
-    for head in v.chunks_mut(HD) {
-        for i in 0..HD / 2 {
-            let theta = pos as f32 * THETA.powf(-2.0 * i as f32 / HD as f32);
-            let (c, s) = (theta.cos(), theta.sin());
-            let (a, b) = (head[i], head[i + HD / 2]);
-            head[i] = a * c - b * s;
-            head[i + HD / 2] = a * s + b * c;
-        }
-    }
-}
-
-/// Logits after every token, computed the plain way.
 fn reference_logits(tokens: &[u32], arch: &str) -> Vec<Vec<f32>> {
-    let w: HashMap<String, Vec<f32>> = weights_for(arch)
-        .into_iter()
-        .map(|(n, _, v)| (n, v))
-        .collect();
-    let zeros = vec![0f32; D];
-    // A missing bias (llama) is a zero bias.
-    let g = |n: &str| w.get(n).unwrap_or(&zeros);
-    let mut xs: Vec<Vec<f32>> = tokens
-        .iter()
-        .map(|&t| g("model.embed_tokens.weight")[t as usize * D..(t as usize + 1) * D].to_vec())
-        .collect();
-    for l in 0..LAYERS {
-        let p = |s: &str| format!("model.layers.{l}.{s}");
-        let add = |mut v: Vec<f32>, b: &[f32]| {
-            v.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-            v
-        };
-        let (mut qs, mut ks, mut vs) = (vec![], vec![], vec![]);
-        for (pos, x) in xs.iter().enumerate() {
-            let h = rms(x, g(&p("input_layernorm.weight")));
-            let mut q = add(
-                matvec(g(&p("self_attn.q_proj.weight")), &h, D),
-                g(&p("self_attn.q_proj.bias")),
-            );
-            let mut k = add(
-                matvec(g(&p("self_attn.k_proj.weight")), &h, KV_HEADS * HD),
-                g(&p("self_attn.k_proj.bias")),
-            );
-            let v = add(
-                matvec(g(&p("self_attn.v_proj.weight")), &h, KV_HEADS * HD),
-                g(&p("self_attn.v_proj.bias")),
-            );
-            rope(&mut q, pos);
-            rope(&mut k, pos);
-            qs.push(q);
-            ks.push(k);
-            vs.push(v);
-        }
-        for (pos, x) in xs.iter_mut().enumerate() {
-            let mut att = vec![0f32; D];
-            for h in 0..HEADS {
-                let kvh = h / (HEADS / KV_HEADS);
-                let q = &qs[pos][h * HD..(h + 1) * HD];
-                let scores: Vec<f32> = (0..=pos)
-                    .map(|j| {
-                        q.iter()
-                            .zip(&ks[j][kvh * HD..(kvh + 1) * HD])
-                            .map(|(a, b)| a * b)
-                            .sum::<f32>()
-                            / (HD as f32).sqrt()
-                    })
-                    .collect();
-                let m = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                let e: Vec<f32> = scores.iter().map(|s| (s - m).exp()).collect();
-                let z: f32 = e.iter().sum();
-                for (j, ej) in e.iter().enumerate() {
-                    for d in 0..HD {
-                        att[h * HD + d] += ej / z * vs[j][kvh * HD + d];
-                    }
-                }
-            }
-            let o = matvec(g(&p("self_attn.o_proj.weight")), &att, D);
-            x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
-            let h = rms(x, g(&p("post_attention_layernorm.weight")));
-            let gate = matvec(g(&p("mlp.gate_proj.weight")), &h, FFN);
-            let up = matvec(g(&p("mlp.up_proj.weight")), &h, FFN);
-            let act: Vec<f32> = gate
-                .iter()
-                .zip(&up)
-                .map(|(a, b)| a / (1.0 + (-a).exp()) * b)
-                .collect();
-            let down = matvec(g(&p("mlp.down_proj.weight")), &act, D);
-            x.iter_mut().zip(&down).for_each(|(a, b)| *a += b);
-        }
-    }
-    xs.iter()
-        .map(|x| matvec(g("lm_head.weight"), &rms(x, g("model.norm.weight")), VOCAB))
-        .collect()
+    TinyModel::new(arch).reference_logits(tokens)
+}
+
+fn engine_for(model: &Model) -> Engine {
+    Engine::new(
+        Box::new(CpuBackend::new(model.config.clone(), model.weights.clone())),
+        EngineOptions::default(),
+    )
 }
 
 #[test]
@@ -284,10 +41,7 @@ fn check_folder(arch: &str) {
     assert!(tokens.contains(&256), "the merge `a b` applies: {tokens:?}");
     assert_eq!(model.tokenizer.decode(&tokens).unwrap(), "abc ab!");
     assert!(model.tokenizer.is_eos(257));
-    let mut e = Engine::new(
-        Box::new(CpuBackend::new(model.config.clone(), model.weights.clone())),
-        EngineOptions::default(),
-    );
+    let mut e = engine_for(&model);
     let s = e.new_sequence();
     let ours = e.forward_all_logits(&[(s, &tokens)]).unwrap().to_vec();
     let reference = reference_logits(&tokens, arch);
@@ -320,27 +74,10 @@ fn broken_hugging_face_folders_name_the_problem() {
     let dir = std::env::temp_dir().join(format!("arbor-hf-broken-{}", std::process::id()));
     write_folder(&dir);
     // A missing tensor is named.
-    let w = weights();
-    let bytes: Vec<Vec<u8>> = w
-        .iter()
-        .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
-        .collect();
-    let views: Vec<(String, TensorView)> = w
-        .iter()
-        .zip(&bytes)
-        .filter(|((n, _, _), _)| n != "model.layers.1.mlp.up_proj.weight")
-        .map(|((n, shape, _), b)| {
-            (
-                n.clone(),
-                TensorView::new(Dtype::F32, shape.clone(), b).unwrap(),
-            )
-        })
-        .collect();
-    std::fs::write(
-        dir.join("model.safetensors"),
-        safetensors::serialize(views, None).unwrap(),
-    )
-    .unwrap();
+    let mut tiny = TinyModel::new("qwen2");
+    tiny.remove("model.layers.1.mlp.up_proj.weight");
+    tiny.write_safetensors(&dir.join("model.safetensors"))
+        .unwrap();
     let err = Model::load(&dir).unwrap_err();
     assert!(
         matches!(&err, ModelError::MissingTensor(n) if n == "model.layers.1.mlp.up_proj.weight"),
@@ -358,5 +95,153 @@ fn broken_hugging_face_folders_name_the_problem() {
         matches!(&err, ModelError::UnsupportedArchitecture(a) if a == "mamba"),
         "{err}"
     );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Final hidden states (after the final norm) match the plain reference, at any offsets of
+/// any entry, in passes split by `batch_tokens_max`, with or without logits in the same pass;
+/// and the logits `forward_at` returns are those of `forward_all_logits`.
+#[test]
+fn hidden_states_match_the_plain_reference_at_chosen_offsets() {
+    let dir = std::env::temp_dir().join(format!("arbor-hf-hidden-{}", std::process::id()));
+    write_folder(&dir);
+    let tiny = TinyModel::new("qwen2");
+    let model = Model::load(&dir).unwrap();
+    let a = model.tokenizer.encode("abc ab! step one", false).unwrap();
+    let mut b = model
+        .tokenizer
+        .encode("x<extra_0>yz<extra_0>", true)
+        .unwrap();
+    assert_eq!(b.iter().filter(|&&t| t == EXTRA_0).count(), 2, "{b:?}");
+    b.insert(0, 7);
+    let (ref_a, ref_b) = (tiny.reference_hidden(&a), tiny.reference_hidden(&b));
+    let scale = ref_a
+        .iter()
+        .chain(&ref_b)
+        .flatten()
+        .fold(0f32, |m, v| m.max(v.abs()));
+    let check = |what: &str, got: &[f32], want: &[f32]| {
+        assert_eq!(got.len(), D);
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            // Weights and activations are quantized to 8 bits inside the blocks; reading a
+            // hidden state before the final norm, or at the wrong token, is off by the scale.
+            assert!(
+                (g - w).abs() <= 0.05 * scale,
+                "{what} element {i}: {g} vs reference {w} (scale {scale})"
+            );
+        }
+    };
+    for batch_tokens_max in [512, 5] {
+        let mut e = Engine::new(
+            Box::new(CpuBackend::new(model.config.clone(), model.weights.clone())),
+            EngineOptions {
+                batch_tokens_max,
+                ..EngineOptions::default()
+            },
+        );
+        let (sa, sb) = (e.new_sequence(), e.new_sequence());
+        let sep: Vec<u32> = (0..b.len() as u32)
+            .filter(|&i| b[i as usize] == EXTRA_0)
+            .collect();
+        let hidden_a = [0u32, 3, a.len() as u32 - 1];
+        let logits_a = [a.len() as u32 - 1, 2];
+        let out = e
+            .forward_at(&[
+                ForwardEntry {
+                    seq: sa,
+                    tokens: &a,
+                    logits_at: &logits_a,
+                    hidden_at: &hidden_a,
+                },
+                ForwardEntry::hidden_at(sb, &b, &sep),
+            ])
+            .unwrap();
+        let (logits, hidden) = (out.logits.to_vec(), out.hidden.to_vec());
+        assert_eq!(hidden.len(), (hidden_a.len() + sep.len()) * D);
+        assert_eq!(logits.len(), logits_a.len() * VOCAB);
+        let rows: Vec<(&str, usize, &Vec<f32>)> = hidden_a
+            .iter()
+            .map(|&o| ("a", o as usize, &ref_a[o as usize]))
+            .chain(sep.iter().map(|&o| ("b", o as usize, &ref_b[o as usize])))
+            .collect();
+        for (j, (which, off, want)) in rows.iter().enumerate() {
+            let what = format!("batch {batch_tokens_max}, entry {which}, offset {off}");
+            check(&what, &hidden[j * D..(j + 1) * D], want);
+        }
+        // The same tokens again, all logits: the rows forward_at returned are among them.
+        let s2 = e.new_sequence();
+        let all = e.forward_all_logits(&[(s2, &a)]).unwrap().to_vec();
+        for (j, &o) in logits_a.iter().enumerate() {
+            let o = o as usize;
+            assert_eq!(
+                &logits[j * VOCAB..(j + 1) * VOCAB],
+                &all[o * VOCAB..(o + 1) * VOCAB],
+                "logits at offset {o}"
+            );
+        }
+        // forward_hidden: every position.
+        let s3 = e.new_sequence();
+        let every = e.forward_hidden(&[(s3, &a)]).unwrap().to_vec();
+        for (o, want) in ref_a.iter().enumerate() {
+            check(
+                &format!("forward_hidden offset {o}"),
+                &every[o * D..(o + 1) * D],
+                want,
+            );
+        }
+        // An offset outside the entry's tokens is refused and changes nothing.
+        let s4 = e.new_sequence();
+        let err = e
+            .forward_at(&[ForwardEntry::hidden_at(s4, &a, &[a.len() as u32])])
+            .unwrap_err();
+        assert!(err.to_string().contains("offset"), "{err}");
+        assert_eq!(e.seq_len(s4), Some(0));
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A fork of a longer sequence, truncated and extended, computes what a fresh sequence with the
+/// same tokens computes, and leaves the sequence it was forked from as it was.
+#[test]
+fn a_truncated_fork_recomputes_exactly_and_leaves_its_parent_alone() {
+    let dir = std::env::temp_dir().join(format!("arbor-hf-truncate-{}", std::process::id()));
+    write_folder(&dir);
+    let model = Model::load(&dir).unwrap();
+    let mut e = engine_for(&model);
+    let a = model
+        .tokenizer
+        .encode("abc ab! a longer text than one block", false)
+        .unwrap();
+    assert!(a.len() > 20, "spans two KV blocks");
+    let parent = e.new_sequence();
+    e.forward(&[(parent, &a)]).unwrap();
+    let blocks = e.kv_blocks_in_use();
+    for cut in [a.len() - 1, 16, 5] {
+        let f = e.fork(parent).unwrap();
+        e.truncate(f, cut).unwrap();
+        assert_eq!(e.seq_len(f), Some(cut));
+        let x = [a[cut], 9];
+        let got = e.forward_all_logits(&[(f, &x)]).unwrap().to_vec();
+        let fresh = e.new_sequence();
+        let mut tokens = a[..cut].to_vec();
+        tokens.extend_from_slice(&x);
+        let all = e.forward_all_logits(&[(fresh, &tokens)]).unwrap().to_vec();
+        assert_eq!(&got[..], &all[cut * VOCAB..], "cut at {cut}");
+        e.free(f);
+        e.free(fresh);
+        assert_eq!(
+            e.kv_blocks_in_use(),
+            blocks,
+            "cut at {cut}: only the parent's blocks left"
+        );
+    }
+    // The parent still continues as if nothing happened.
+    let next = e.forward(&[(parent, &[7])]).unwrap().to_vec();
+    let fresh = e.new_sequence();
+    let mut tokens = a.clone();
+    tokens.push(7);
+    let all = e.forward_all_logits(&[(fresh, &tokens)]).unwrap().to_vec();
+    assert_eq!(&next[..], &all[a.len() * VOCAB..]);
+    assert!(e.truncate(parent, a.len() + 5).is_err());
     std::fs::remove_dir_all(&dir).unwrap();
 }

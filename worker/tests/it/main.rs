@@ -1,5 +1,7 @@
 //! End to end: every strategy on a real GSM8K question with the real default model.
 
+mod prm;
+
 use std::sync::OnceLock;
 use std::time::Duration;
 

@@ -1,0 +1,622 @@
+//! `arbor prm train`: a value head for the policy, learned from its own solutions to GSM8K
+//! training questions labelled by Monte-Carlo completion (Math-Shepherd's recipe); and the
+//! `--prm` option's parser shared with `arbor search`.
+
+use std::collections::HashMap;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use arbor_model::fetch::{sha256_file, DEFAULT_MODEL};
+use arbor_model::{SamplingParams, StopReason};
+use arbor_search::{equivalent, extract_answer, ScoreRequest, Step};
+use arbor_worker::prm::value_head::{accuracy, auc, step_hidden_states, FitOptions, HeadMeta};
+use arbor_worker::prm::{
+    split_into_steps, LabelTokenConfig, PrmConfig, RolloutValueConfig, ValueHead, ValueHeadConfig,
+};
+use arbor_worker::{ExpandItem, LocalWorker, WorkerOptions};
+use clap::ValueEnum;
+
+use crate::cli::{load_engine, Device};
+
+/// `arbor prm` subcommands.
+#[derive(clap::Subcommand, Debug)]
+pub(crate) enum PrmAction {
+    /// Train a value head on the policy's hidden states (Math-Shepherd labels).
+    ///
+    /// For each GSM8K training question (from --offset on) the policy samples --samples
+    /// solutions, split into steps at blank lines. Each step is labelled by Monte-Carlo
+    /// completion: --rollouts continuations from the end of the step, and the share of them
+    /// that reach the gold answer (a final step is labelled by its own answer). A head
+    /// (logistic regression, or --hidden units of one ReLU layer) is fitted on the policy's
+    /// final hidden state at each step's last token; 20% of the questions are held out and
+    /// the held-out step accuracy and AUC printed and saved as JSON next to the head
+    /// (FILE.json), with every labelled step in FILE.labels.jsonl.
+    ///
+    /// Then search with it: arbor search --prm head.safetensors "..."
+    ///
+    /// Example (the token budget stops it after 20-40 minutes on 2 busy cores):
+    ///   arbor prm train --dataset data/gsm8k/train.jsonl --questions 40 --samples 4 --rollouts 4 \
+    ///     --steps-per-solution 2 --budget-tokens 60000 --out head.safetensors
+    #[command(verbatim_doc_comment)]
+    Train(TrainArgs),
+}
+
+/// How a step's Monte-Carlo share becomes the training target.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Target {
+    /// 1 when any completion reaches the gold answer (Math-Shepherd's hard estimate).
+    Hard,
+    /// The share itself (soft estimate).
+    Soft,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub(crate) struct TrainArgs {
+    /// GSM8K-style JSONL: `question`, and `answer` ending in `#### N`.
+    #[arg(long)]
+    dataset: PathBuf,
+    /// Questions to use.
+    #[arg(long, default_value_t = 40)]
+    questions: usize,
+    /// First question (0-based line). The default keeps clear of the first thousand, which
+    /// evaluations use.
+    #[arg(long, default_value_t = 5000)]
+    offset: usize,
+    /// Solutions sampled per question.
+    #[arg(long, default_value_t = 4)]
+    samples: u32,
+    /// Completions per step for its label.
+    #[arg(long, default_value_t = 4)]
+    rollouts: u32,
+    /// Where to write the head (safetensors); the report goes next to it.
+    #[arg(long)]
+    out: PathBuf,
+    /// Sampling temperature of solutions and completions.
+    #[arg(long, default_value_t = 0.7)]
+    temperature: f32,
+    /// Most tokens of one solution.
+    #[arg(long, default_value_t = 320)]
+    max_tokens: u32,
+    /// Most tokens of one completion.
+    #[arg(long, default_value_t = 256)]
+    rollout_max_tokens: u32,
+    /// Most steps per solution (later steps are dropped).
+    #[arg(long, default_value_t = 10)]
+    max_steps: usize,
+    /// Steps per solution labelled by completions, chosen at random (0: all). A finished
+    /// solution's last step is always labelled, by its own answer, at no cost.
+    #[arg(long, default_value_t = 0)]
+    steps_per_solution: usize,
+    /// Stop starting new questions once this many tokens were generated.
+    #[arg(long)]
+    budget_tokens: Option<u64>,
+    /// Questions labelled at once (their sequences share forward passes).
+    #[arg(long, default_value_t = 2)]
+    in_flight: usize,
+    /// Hidden units of the head (0: logistic regression).
+    #[arg(long, default_value_t = 0)]
+    hidden: usize,
+    /// Training target.
+    #[arg(long, value_enum, default_value_t = Target::Hard)]
+    target: Target,
+    /// Full-batch training steps.
+    #[arg(long, default_value_t = 300)]
+    epochs: usize,
+    /// Learning rate (Adam).
+    #[arg(long, default_value_t = 0.01)]
+    learning_rate: f32,
+    /// L2 penalty on the head's weights.
+    #[arg(long, default_value_t = 0.01)]
+    l2: f32,
+    /// Share of questions held out for evaluation.
+    #[arg(long, default_value_t = 0.2)]
+    holdout: f64,
+    /// Seed of sampling, the split and the head's initial weights.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// A GGUF file or Hugging Face folder; default: the embedded default model.
+    #[arg(long, env = "ARBOR_MODEL")]
+    model: Option<PathBuf>,
+    /// Where to run the model.
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    device: Device,
+}
+
+/// `--prm`: a JSON file with a PRM configuration, a value head file, or a kind's name.
+pub(crate) fn parse_prm(spec: &str) -> Result<PrmConfig> {
+    let path = Path::new(spec);
+    if path.is_file() {
+        if path.extension().is_some_and(|e| e == "safetensors") {
+            return Ok(PrmConfig::ValueHead(ValueHeadConfig { path: path.into() }));
+        }
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {spec}"))?;
+        return PrmConfig::from_json(&text).with_context(|| format!("--prm {spec}"));
+    }
+    Ok(match spec {
+        "judge" | "label_token" => PrmConfig::LabelToken(LabelTokenConfig::default()),
+        "rollout" => PrmConfig::Rollout(RolloutValueConfig::default()),
+        "log_prob" => PrmConfig::LogProb,
+        "value_head" | "classifier" => {
+            bail!(
+                "--prm {spec} needs a file: a head (*.safetensors) or a JSON config with its path"
+            )
+        }
+        _ => bail!(
+            "--prm {spec}: no such file, and not a PRM kind (judge, rollout, log_prob); \
+             give a JSON config such as {{\"kind\": \"rollout\", \"rollouts\": 4}} in a file"
+        ),
+    })
+}
+
+pub(crate) fn run(action: PrmAction) -> Result<()> {
+    match action {
+        PrmAction::Train(args) => train(args),
+    }
+}
+
+struct Question {
+    index: usize,
+    text: String,
+    gold: String,
+}
+
+/// One labelled step.
+#[derive(Clone)]
+struct Example {
+    question: usize,
+    sample: usize,
+    step: usize,
+    text: String,
+    /// Share of completions from here that reached the gold answer.
+    share: f32,
+    /// The solution's last step, labelled by its own answer.
+    is_final: bool,
+    /// The policy's own confidence in the step, `exp(mean token log-prob)` (the baseline
+    /// the head must beat: the `log_prob` scorer).
+    confidence: f32,
+    feature: Vec<f32>,
+}
+
+fn read_questions(path: &Path, offset: usize, n: usize) -> Result<Vec<Question>> {
+    let file =
+        std::fs::File::open(path).with_context(|| format!("--dataset {}", path.display()))?;
+    let mut out = Vec::with_capacity(n);
+    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+        if i < offset {
+            continue;
+        }
+        if out.len() == n {
+            break;
+        }
+        let line = line?;
+        let v: serde_json::Value = serde_json::from_str(&line)
+            .with_context(|| format!("{} line {}", path.display(), i + 1))?;
+        let (Some(q), Some(a)) = (v["question"].as_str(), v["answer"].as_str()) else {
+            bail!(
+                "{} line {}: needs `question` and `answer`",
+                path.display(),
+                i + 1
+            );
+        };
+        let Some((_, gold)) = a.rsplit_once("####") else {
+            bail!(
+                "{} line {}: the answer has no `#### N`",
+                path.display(),
+                i + 1
+            );
+        };
+        out.push(Question {
+            index: i,
+            text: q.to_string(),
+            gold: gold.trim().to_string(),
+        });
+    }
+    if out.is_empty() {
+        bail!("{}: no question from line {offset} on", path.display());
+    }
+    Ok(out)
+}
+
+fn sampling(args: &TrainArgs, seed: u64) -> SamplingParams {
+    SamplingParams {
+        temperature: args.temperature,
+        top_k: 0,
+        top_p: 1.0,
+        seed,
+    }
+}
+
+/// Samples solutions to one question, labels their steps and reads their hidden states.
+async fn label_question(
+    worker: LocalWorker,
+    args: Arc<TrainArgs>,
+    q: Question,
+) -> Result<Vec<Example>> {
+    let tok = worker.tokenizer().clone();
+    let prompt = worker.format_question(&q.text)?;
+    let prompt_ids = tok.encode(&prompt, true)?;
+    let solutions = worker
+        .expand(
+            vec![ExpandItem {
+                prompt: prompt_ids.clone(),
+                k: args.samples as usize,
+                max_tokens: args.max_tokens as usize,
+                sampling: sampling(&args, args.seed ^ (q.index as u64) << 16),
+                stop: Vec::new(),
+            }],
+            None,
+        )
+        .await?;
+    let delimiter = &worker.options().step_delimiter;
+    // Per solution: its steps, and whether it ended with the right answer.
+    let mut paths: Vec<(Vec<Step>, bool, bool)> = Vec::new();
+    for s in &solutions[0].samples {
+        let mut steps = split_into_steps(&tok, &s.tokens, &s.logprobs, delimiter)?;
+        steps.truncate(args.max_steps);
+        let ended = s.stop_reason == StopReason::Eos;
+        let right = ended && extract_answer(&s.text).is_some_and(|a| equivalent(&a.raw, &q.gold));
+        if !steps.is_empty() {
+            paths.push((steps, ended, right));
+        }
+    }
+    // Completions from the chosen steps (never a finished solution's last).
+    let mut items = Vec::new();
+    let mut owner = Vec::new();
+    let mut labelled: Vec<Vec<usize>> = Vec::new();
+    for (p, (steps, ended, _)) in paths.iter().enumerate() {
+        let open = steps.len() - usize::from(*ended);
+        let seed = args.seed ^ ((q.index * 1000 + p) as u64);
+        let mut chosen = shuffled((0..open).collect(), seed);
+        if args.steps_per_solution > 0 {
+            chosen.truncate(args.steps_per_solution);
+        }
+        if *ended {
+            chosen.push(steps.len() - 1);
+        }
+        chosen.sort_unstable();
+        labelled.push(chosen);
+        let mut tokens = prompt_ids.clone();
+        let mut text = String::new();
+        for (i, step) in steps.iter().enumerate() {
+            tokens.extend_from_slice(&step.token_ids);
+            text.push_str(&step.text);
+            text.push_str(delimiter);
+            if i >= open || !labelled[p].contains(&i) {
+                continue;
+            }
+            items.push(ExpandItem {
+                prompt: tokens.clone(),
+                k: args.rollouts as usize,
+                max_tokens: args.rollout_max_tokens as usize,
+                sampling: sampling(&args, args.seed ^ ((q.index * 1000 + p * 100 + i) as u64)),
+                stop: Vec::new(),
+            });
+            owner.push((p, i, text.clone()));
+        }
+    }
+    let completions = if items.is_empty() {
+        Vec::new()
+    } else {
+        worker.expand(items, None).await?
+    };
+    let mut share: HashMap<(usize, usize), f32> = HashMap::new();
+    for ((p, i, text), result) in owner.iter().zip(&completions) {
+        let reached = result
+            .samples
+            .iter()
+            .filter(|c| {
+                c.stop_reason == StopReason::Eos
+                    && extract_answer(&format!("{text}{}", c.text))
+                        .is_some_and(|a| equivalent(&a.raw, &q.gold))
+            })
+            .count();
+        share.insert(
+            (*p, *i),
+            reached as f32 / result.samples.len().max(1) as f32,
+        );
+    }
+    let requests: Vec<ScoreRequest> = paths
+        .iter()
+        .map(|(steps, _, _)| ScoreRequest {
+            node: arbor_search::NodeId::ROOT,
+            prompt: Arc::from(prompt.as_str()),
+            steps: steps.iter().cloned().map(Arc::new).collect(),
+        })
+        .collect();
+    let features = step_hidden_states(&worker, &requests)
+        .await
+        .map_err(|e| anyhow::anyhow!(e.message))?;
+    let mut out = Vec::new();
+    for (p, ((steps, _, right), (rows, _))) in paths.iter().zip(features).enumerate() {
+        for (i, (step, feature)) in steps.iter().zip(rows).enumerate() {
+            if !labelled[p].contains(&i) {
+                continue;
+            }
+            let (share, is_final) = match share.get(&(p, i)) {
+                Some(&s) => (s, false),
+                None => (if *right { 1.0 } else { 0.0 }, true),
+            };
+            out.push(Example {
+                question: q.index,
+                sample: p,
+                step: i,
+                text: step.text.clone(),
+                share,
+                is_final,
+                confidence: step.mean_logprob().exp() as f32,
+                feature,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// A seeded shuffle (xorshift), so the split does not depend on a random-number crate.
+fn shuffled(mut items: Vec<usize>, seed: u64) -> Vec<usize> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for i in (1..items.len()).rev() {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        items.swap(i, (s % (i as u64 + 1)) as usize);
+    }
+    items
+}
+
+/// The model file's name and SHA-256 (the default model's is known; a folder has none).
+fn model_identity(path: &Path) -> Result<(String, String)> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if name == DEFAULT_MODEL.file_name {
+        return Ok((name, DEFAULT_MODEL.sha256.into()));
+    }
+    if path.is_file() {
+        return Ok((name, sha256_file(path)?));
+    }
+    Ok((name, String::new()))
+}
+
+fn train(args: TrainArgs) -> Result<()> {
+    if args.samples == 0 || args.rollouts == 0 || args.questions == 0 {
+        bail!("--questions, --samples and --rollouts must be at least 1");
+    }
+    if !(0.0..1.0).contains(&args.holdout) {
+        bail!("--holdout must be in [0, 1)");
+    }
+    let questions = read_questions(&args.dataset, args.offset, args.questions)?;
+    let model_path = crate::cli::resolve_model(args.model.clone())?;
+    let (model_name, model_sha256) = model_identity(&model_path)?;
+    let (model, engine) = load_engine(Some(model_path), args.device)?;
+    let worker = LocalWorker::new(&model, engine, WorkerOptions::default());
+    let started = Instant::now();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let bar = indicatif::ProgressBar::new(questions.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:30}] {pos}/{len} questions, {msg} (eta {eta})",
+        )
+        .expect("static template")
+        .progress_chars("=> "),
+    );
+    let args = Arc::new(args);
+    let n_questions = questions.len();
+    let examples: Vec<Example> = rt.block_on(async {
+        let mut pending = questions.into_iter();
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut examples = Vec::new();
+        let mut started_questions = 0;
+        loop {
+            let over_budget = args
+                .budget_tokens
+                .is_some_and(|b| worker.stats().generated_tokens >= b);
+            while tasks.len() < args.in_flight.max(1) && !over_budget {
+                let Some(q) = pending.next() else { break };
+                started_questions += 1;
+                tasks.spawn(label_question(worker.clone(), args.clone(), q));
+            }
+            let Some(done) = tasks.join_next().await else {
+                break;
+            };
+            examples.extend(done??);
+            bar.inc(1);
+            bar.set_message(format!(
+                "{} steps labelled, {} tokens generated",
+                examples.len(),
+                worker.stats().generated_tokens
+            ));
+        }
+        if started_questions < n_questions {
+            bar.println(format!(
+                "token budget reached after {started_questions} of {n_questions} questions"
+            ));
+        }
+        anyhow::Ok(examples)
+    })?;
+    bar.finish_and_clear();
+    let label_secs = started.elapsed().as_secs_f64();
+    if examples.is_empty() {
+        bail!("no step was labelled");
+    }
+
+    // Hold out whole questions.
+    let mut ids: Vec<usize> = examples.iter().map(|e| e.question).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let held_n = ((ids.len() as f64 * args.holdout).round() as usize).clamp(
+        usize::from(ids.len() > 1 && args.holdout > 0.0),
+        ids.len() - 1,
+    );
+    let held: Vec<usize> = shuffled(ids.clone(), args.seed)[..held_n].to_vec();
+    let (test, train): (Vec<&Example>, Vec<&Example>) =
+        examples.iter().partition(|e| held.contains(&e.question));
+    let target = |e: &Example| match args.target {
+        Target::Hard => f32::from(e.share > 0.0),
+        Target::Soft => e.share,
+    };
+    let meta = HeadMeta::new(&model_name, &model_sha256, &model.config, args.hidden);
+    let options = FitOptions {
+        hidden_units: args.hidden,
+        epochs: args.epochs,
+        learning_rate: args.learning_rate,
+        l2: args.l2,
+        seed: args.seed,
+    };
+    let xs: Vec<Vec<f32>> = train.iter().map(|e| e.feature.clone()).collect();
+    let ys: Vec<f32> = train.iter().map(|e| target(e)).collect();
+    let head = ValueHead::fit(meta, &xs, &ys, &options);
+    head.save(&args.out)?;
+
+    let metrics = |set: &[&Example]| {
+        let p: Vec<f32> = set.iter().map(|e| head.predict(&e.feature)).collect();
+        let labels: Vec<bool> = set.iter().map(|e| e.share > 0.0).collect();
+        let positive = labels.iter().filter(|&&l| l).count() as f64 / labels.len().max(1) as f64;
+        let confidence: Vec<f32> = set.iter().map(|e| e.confidence).collect();
+        // The same AUC over final steps only (is the answer right?) and the others.
+        let auc_where = |keep: bool| {
+            let (p, l): (Vec<f32>, Vec<bool>) = set
+                .iter()
+                .zip(&p)
+                .zip(&labels)
+                .filter(|((e, _), _)| e.is_final == keep)
+                .map(|((_, &p), &l)| (p, l))
+                .unzip();
+            auc(&p, &l)
+        };
+        let questions: std::collections::BTreeSet<usize> = set.iter().map(|e| e.question).collect();
+        serde_json::json!({
+            "steps": set.len(),
+            "final_steps": set.iter().filter(|e| e.is_final).count(),
+            "questions": questions.len(),
+            "positive_share": positive,
+            "majority_class_accuracy": positive.max(1.0 - positive),
+            "accuracy": accuracy(&p, &labels),
+            "auc": auc(&p, &labels),
+            "auc_final_steps": auc_where(true),
+            "auc_other_steps": auc_where(false),
+            "log_prob_confidence_auc": auc(&confidence, &labels),
+        })
+    };
+    let (train_m, test_m) = (metrics(&train), metrics(&test));
+    let s = worker.stats();
+    let report = serde_json::json!({
+        "command": std::env::args().collect::<Vec<_>>().join(" "),
+        "head": args.out.display().to_string(),
+        "model": model_name,
+        "model_sha256": model_sha256,
+        "questions": {"offset": args.offset, "labelled": ids.len(), "held_out": held},
+        "samples": args.samples,
+        "rollouts": args.rollouts,
+        "target": format!("{:?}", args.target).to_lowercase(),
+        "hidden_units": args.hidden,
+        "labels": "1 when any completion from the step reaches the gold answer (a final step: its own answer)",
+        "train": train_m,
+        "held_out": test_m,
+        "generated_tokens": s.generated_tokens,
+        "prompt_tokens_computed": s.prompt_tokens_computed,
+        "labelling_secs": label_secs,
+        "total_secs": started.elapsed().as_secs_f64(),
+    });
+    let report_path = args.out.with_extension("json");
+    std::fs::write(&report_path, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("writing {}", report_path.display()))?;
+    let labels_path = args.out.with_extension("labels.jsonl");
+    let mut labels = std::io::BufWriter::new(
+        std::fs::File::create(&labels_path)
+            .with_context(|| format!("writing {}", labels_path.display()))?,
+    );
+    for e in &examples {
+        let line = serde_json::json!({
+            "question": e.question, "sample": e.sample, "step": e.step, "final": e.is_final,
+            "share": e.share, "held_out": held.contains(&e.question),
+            "value": head.predict(&e.feature), "log_prob_confidence": e.confidence,
+            "text": e.text,
+        });
+        writeln!(labels, "{line}")?;
+    }
+    labels.flush()?;
+    let show = |name: &str, m: &serde_json::Value| {
+        let f = |k: &str| m[k].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "{name}: {} steps from {} questions, accuracy {:.3} (majority class {:.3}), \
+             AUC {:.3} (final steps {:.3}, others {:.3}; log-prob confidence {:.3})",
+            m["steps"],
+            m["questions"],
+            f("accuracy"),
+            f("majority_class_accuracy"),
+            f("auc"),
+            f("auc_final_steps"),
+            f("auc_other_steps"),
+            f("log_prob_confidence_auc"),
+        )
+    };
+    show("train", &train_m);
+    show("held out", &test_m);
+    println!(
+        "head: {}  report: {}  labels: {}  ({} tokens generated, {:.0}s)",
+        args.out.display(),
+        report_path.display(),
+        labels_path.display(),
+        s.generated_tokens,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prm_specs_parse_to_configs() {
+        assert!(matches!(
+            parse_prm("judge").unwrap(),
+            PrmConfig::LabelToken(_)
+        ));
+        assert!(matches!(
+            parse_prm("rollout").unwrap(),
+            PrmConfig::Rollout(_)
+        ));
+        assert!(parse_prm("value_head")
+            .unwrap_err()
+            .to_string()
+            .contains("needs a file"));
+        assert!(parse_prm("oracle")
+            .unwrap_err()
+            .to_string()
+            .contains("not a PRM kind"));
+        let dir = std::env::temp_dir().join(format!("arbor-prm-spec-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let json = dir.join("prm.json");
+        std::fs::write(&json, r#"{"kind": "rollout", "rollouts": 2}"#).unwrap();
+        let c = parse_prm(json.to_str().unwrap()).unwrap();
+        assert!(matches!(c, PrmConfig::Rollout(r) if r.rollouts == 2));
+        std::fs::write(&json, r#"{"kind": "rollout", "rolouts": 2}"#).unwrap();
+        let err = format!("{:#}", parse_prm(json.to_str().unwrap()).unwrap_err());
+        assert!(err.contains("rolouts"), "{err}");
+        let head = dir.join("h.safetensors");
+        std::fs::write(&head, b"").unwrap();
+        assert!(matches!(
+            parse_prm(head.to_str().unwrap()).unwrap(),
+            PrmConfig::ValueHead(_)
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn shuffles_are_seeded_permutations() {
+        let a = shuffled((0..10).collect(), 3);
+        let mut sorted = a.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..10).collect::<Vec<_>>());
+        assert_eq!(a, shuffled((0..10).collect(), 3));
+        assert_ne!(a, shuffled((0..10).collect(), 4));
+    }
+}

@@ -1,0 +1,241 @@
+//! Reading a model's outputs at chosen token offsets of many paths at once: the one engine
+//! routine every model-based PRM shares.
+//!
+//! A path is laid out as one token stream (the question, then each step's segment); after
+//! step `i` the reader takes either the logits of some vocabulary ids or the final hidden state
+//! at a position inside the stream (`inline`), or forks the sequence there, appends a probe
+//! (a judge's question) and reads at the probe's last token (`fork`), so later steps never see
+//! the probe. Paths are advanced step by step, all paths of a call in the same passes, and the
+//! longest prefix the worker's prefix cache holds is forked instead of recomputed.
+
+use arbor_model::{Engine, ForwardEntry, ModelError, SeqId};
+
+use crate::cache::PrefixCache;
+
+/// One path: its token stream and where to read after each step.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct PathLayout {
+    /// The whole stream: question, then every step's segment.
+    pub(crate) tokens: Vec<u32>,
+    /// Per step: the stream length after its segment (non-decreasing).
+    pub(crate) step_ends: Vec<usize>,
+    /// Per step, inline reads only: the stream position read (before `step_ends[i]`).
+    pub(crate) read_at: Vec<usize>,
+}
+
+/// What to read after each step.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Read {
+    /// The next-token logits of these vocabulary ids.
+    Logits(Vec<u32>),
+    /// The final hidden state (`d_model` values).
+    Hidden,
+}
+
+/// Where to read.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Probe {
+    /// At [`PathLayout::read_at`], inside the stream.
+    Inline,
+    /// At the last token of these tokens, appended to a fork of the stream after each step.
+    Fork(Vec<u32>),
+}
+
+/// The values read for one path (one row per step) and the tokens computed for it.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct PathReadout {
+    /// Per step: the selected logits, or the hidden state.
+    pub(crate) rows: Vec<Vec<f32>>,
+    /// Tokens this path made the engine compute (cache hits excluded).
+    pub(crate) tokens_computed: u64,
+}
+
+/// Per path: the sequence that holds a prefix of its stream, and how much of it.
+struct Cursor {
+    seq: Option<SeqId>,
+    len: usize,
+}
+
+/// Reads `what` after every step of every path. Every sequence it creates is freed before it
+/// returns, on success and on error.
+pub(crate) fn read_paths(
+    engine: &mut Engine,
+    mut cache: Option<&mut PrefixCache>,
+    paths: &[PathLayout],
+    probe: &Probe,
+    what: &Read,
+) -> Result<Vec<PathReadout>, ModelError> {
+    let mut cursors: Vec<Cursor> = paths.iter().map(|_| Cursor { seq: None, len: 0 }).collect();
+    let result = read_with(engine, &mut cache, paths, probe, what, &mut cursors);
+    for c in cursors {
+        if let Some(seq) = c.seq {
+            engine.free(seq);
+        }
+    }
+    result
+}
+
+fn read_with(
+    engine: &mut Engine,
+    cache: &mut Option<&mut PrefixCache>,
+    paths: &[PathLayout],
+    probe: &Probe,
+    what: &Read,
+    cursors: &mut [Cursor],
+) -> Result<Vec<PathReadout>, ModelError> {
+    let mut out: Vec<PathReadout> = paths
+        .iter()
+        .map(|p| PathReadout {
+            rows: Vec::with_capacity(p.step_ends.len()),
+            tokens_computed: 0,
+        })
+        .collect();
+    let rounds = paths.iter().map(|p| p.step_ends.len()).max().unwrap_or(0);
+    let width = engine.config().d_model;
+    let vocab = engine.config().vocab_size;
+    for round in 0..rounds {
+        // Phase 1: bring every path's main sequence to the end of this step, reading inline.
+        // (path, read offset into the appended tokens, or None)
+        let mut appends: Vec<(usize, usize, Option<u32>)> = Vec::new();
+        // Paths whose inline read repeats the previous position (an empty step).
+        let mut repeats: Vec<usize> = Vec::new();
+        for (i, p) in paths.iter().enumerate() {
+            let Some(&end) = p.step_ends.get(round) else {
+                continue;
+            };
+            // The longest prefix the cache may supply: everything before the inline read
+            // (which must be computed), or the whole stream up to the fork.
+            let (needed, usable_max) = match probe {
+                Probe::Inline => (p.read_at[round], p.read_at[round]),
+                Probe::Fork(_) => (end.saturating_sub(1), end),
+            };
+            let c = &mut cursors[i];
+            if matches!(probe, Probe::Inline) && needed < c.len {
+                // Only an empty step reads where the previous one did.
+                if round > 0 && p.read_at[round - 1] == needed {
+                    repeats.push(i);
+                    continue;
+                }
+                return Err(ModelError::InvalidRequest {
+                    field: "read_at",
+                    reason: format!("step {round} reads position {needed}, already passed"),
+                });
+            }
+            if let Some(cache) = cache.as_deref_mut() {
+                // A cached sequence that holds more (a finished solution, whole) is forked and
+                // truncated back to what is usable.
+                if let Some((seq, len)) = cache.lookup_within(&p.tokens[..end], end) {
+                    let usable = len.min(usable_max);
+                    if usable > c.len {
+                        let fork = engine.fork(seq)?;
+                        if let Some(old) = c.seq.replace(fork) {
+                            engine.free(old);
+                        }
+                        engine.truncate(fork, usable)?;
+                        c.len = usable;
+                    }
+                }
+            }
+            if c.seq.is_none() {
+                c.seq = Some(engine.new_sequence());
+            }
+            if c.len < end {
+                let read = matches!(probe, Probe::Inline).then(|| (needed - c.len) as u32);
+                appends.push((i, end, read));
+            }
+        }
+        if !appends.is_empty() {
+            let reads: Vec<[u32; 1]> = appends.iter().map(|a| [a.2.unwrap_or(0)]).collect();
+            let entries: Vec<ForwardEntry<'_>> = appends
+                .iter()
+                .zip(&reads)
+                .map(|(&(i, end, read), at)| {
+                    let c = &cursors[i];
+                    let tokens = &paths[i].tokens[c.len..end];
+                    let at: &[u32] = if read.is_some() { at } else { &[] };
+                    match what {
+                        Read::Logits(_) => ForwardEntry::logits_at(c.seq.expect("set"), tokens, at),
+                        Read::Hidden => ForwardEntry::hidden_at(c.seq.expect("set"), tokens, at),
+                    }
+                })
+                .collect();
+            let outputs = engine.forward_at(&entries)?;
+            let mut row = 0;
+            for &(i, end, read) in &appends {
+                out[i].tokens_computed += (end - cursors[i].len) as u64;
+                cursors[i].len = end;
+                if read.is_some() {
+                    out[i].rows.push(take_row(
+                        outputs.logits,
+                        outputs.hidden,
+                        row,
+                        what,
+                        vocab,
+                        width,
+                    ));
+                    row += 1;
+                }
+            }
+        }
+        for i in repeats {
+            let last = out[i]
+                .rows
+                .last()
+                .cloned()
+                .expect("a previous step was read");
+            out[i].rows.push(last);
+        }
+        // Phase 2 (fork probes): fork each main sequence, append the probe, read, free.
+        if let Probe::Fork(probe_tokens) = probe {
+            let live: Vec<usize> = (0..paths.len())
+                .filter(|&i| round < paths[i].step_ends.len())
+                .collect();
+            let mut forks = Vec::with_capacity(live.len());
+            for &i in &live {
+                match engine.fork(cursors[i].seq.expect("advanced in phase 1")) {
+                    Ok(f) => forks.push(f),
+                    Err(e) => {
+                        forks.into_iter().for_each(|f| engine.free(f));
+                        return Err(e);
+                    }
+                }
+            }
+            let last = [probe_tokens.len() as u32 - 1];
+            let entries: Vec<ForwardEntry<'_>> = forks
+                .iter()
+                .map(|&f| match what {
+                    Read::Logits(_) => ForwardEntry::logits_at(f, probe_tokens, &last),
+                    Read::Hidden => ForwardEntry::hidden_at(f, probe_tokens, &last),
+                })
+                .collect();
+            let result = engine.forward_at(&entries).map(|o| {
+                (0..live.len())
+                    .map(|j| take_row(o.logits, o.hidden, j, what, vocab, width))
+                    .collect::<Vec<_>>()
+            });
+            forks.into_iter().for_each(|f| engine.free(f));
+            for (&i, row) in live.iter().zip(result?) {
+                out[i].rows.push(row);
+                out[i].tokens_computed += probe_tokens.len() as u64;
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn take_row(
+    logits: &[f32],
+    hidden: &[f32],
+    row: usize,
+    what: &Read,
+    vocab: usize,
+    width: usize,
+) -> Vec<f32> {
+    match what {
+        Read::Logits(ids) => {
+            let r = &logits[row * vocab..(row + 1) * vocab];
+            ids.iter().map(|&id| r[id as usize]).collect()
+        }
+        Read::Hidden => hidden[row * width..(row + 1) * width].to_vec(),
+    }
+}

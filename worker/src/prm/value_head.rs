@@ -1,0 +1,656 @@
+//! The learned value head: a small model (logistic regression, or one hidden ReLU layer) on the
+//! policy's own final hidden state at the last token of each step, trained by `arbor prm train`
+//! on Monte-Carlo labels and stored as safetensors with its metadata.
+//!
+//! File format (`*.safetensors`, f32): `mean` and `inv_std` `[d_model]` standardise the hidden
+//! state; then either `w1` `[h, d_model]`, `b1` `[h]`, ReLU, `w2` `[1, h]`, `b2` `[1]`, or (no
+//! hidden layer) `w2` `[1, d_model]`, `b2` `[1]`; the value is `sigmoid(...)`. The metadata
+//! (string pairs) name the format, the model (file name, SHA-256, architecture, widths) and the
+//! layer read (`final_norm`: after the last block and the final norm, the only one supported).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use arbor_model::ModelConfig;
+use arbor_search::{ScoreCost, ScoreError, ScoreRequest, Scorer, StepScores};
+use safetensors::tensor::{Dtype, TensorView};
+use serde::{Deserialize, Serialize};
+
+use super::classifier::Linear;
+use super::reader::{read_paths, PathLayout, Probe, Read};
+use super::{invalid, model_error, worker_error, PrmError};
+use crate::LocalWorker;
+
+/// The `format` metadata value of a value head file.
+pub const FORMAT: &str = "arbor-value-head/1";
+/// The only layer read so far: the final hidden state after the final norm.
+pub const LAYER_FINAL_NORM: &str = "final_norm";
+
+/// Settings of the value-head PRM.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ValueHeadConfig {
+    /// The head file written by `arbor prm train` (required).
+    pub path: PathBuf,
+}
+
+/// What a head was trained on, kept in its file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeadMeta {
+    /// The policy model's file name.
+    pub model_name: String,
+    /// SHA-256 of the policy model's file (hex), or empty when unknown.
+    pub model_sha256: String,
+    /// The policy's architecture.
+    pub architecture: String,
+    /// Width of the hidden state the head reads.
+    pub d_model: usize,
+    /// Blocks of the policy.
+    pub n_layers: usize,
+    /// Where the hidden state is read ([`LAYER_FINAL_NORM`]).
+    pub layer: String,
+    /// Hidden units of the head (0: logistic regression).
+    pub hidden_units: usize,
+}
+
+impl HeadMeta {
+    /// Metadata for a head on `config`'s hidden states.
+    pub fn new(model_name: &str, model_sha256: &str, config: &ModelConfig, hidden: usize) -> Self {
+        HeadMeta {
+            model_name: model_name.into(),
+            model_sha256: model_sha256.into(),
+            architecture: config.architecture.clone(),
+            d_model: config.d_model,
+            n_layers: config.n_layers,
+            layer: LAYER_FINAL_NORM.into(),
+            hidden_units: hidden,
+        }
+    }
+
+    fn to_map(&self) -> HashMap<String, String> {
+        let mut m = HashMap::new();
+        m.insert("format".into(), FORMAT.into());
+        m.insert("model_name".into(), self.model_name.clone());
+        m.insert("model_sha256".into(), self.model_sha256.clone());
+        m.insert("architecture".into(), self.architecture.clone());
+        m.insert("d_model".into(), self.d_model.to_string());
+        m.insert("n_layers".into(), self.n_layers.to_string());
+        m.insert("layer".into(), self.layer.clone());
+        m.insert("hidden_units".into(), self.hidden_units.to_string());
+        m
+    }
+
+    fn from_map(m: &HashMap<String, String>) -> Result<Self, String> {
+        let get = |k: &str| {
+            m.get(k)
+                .cloned()
+                .ok_or_else(|| format!("metadata `{k}` missing"))
+        };
+        let num = |k: &str| -> Result<usize, String> {
+            get(k)?.parse().map_err(|e| format!("metadata `{k}`: {e}"))
+        };
+        if get("format")? != FORMAT {
+            return Err(format!("metadata `format` is not {FORMAT}"));
+        }
+        Ok(HeadMeta {
+            model_name: get("model_name")?,
+            model_sha256: get("model_sha256")?,
+            architecture: get("architecture")?,
+            d_model: num("d_model")?,
+            n_layers: num("n_layers")?,
+            layer: get("layer")?,
+            hidden_units: num("hidden_units")?,
+        })
+    }
+}
+
+/// A value head: standardisation, then logistic regression or a one-hidden-layer MLP.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValueHead {
+    /// What it was trained on.
+    pub meta: HeadMeta,
+    mean: Vec<f32>,
+    inv_std: Vec<f32>,
+    /// The hidden layer, if any.
+    hidden: Option<Linear>,
+    /// The output layer (one row).
+    out: Linear,
+}
+
+/// Settings of [`ValueHead::fit`].
+#[derive(Debug, Clone)]
+pub struct FitOptions {
+    /// Hidden units (0: logistic regression).
+    pub hidden_units: usize,
+    /// Full-batch Adam steps.
+    pub epochs: usize,
+    /// Adam's step size.
+    pub learning_rate: f32,
+    /// L2 penalty on the weights (not the biases).
+    pub l2: f32,
+    /// Seed of the initial weights.
+    pub seed: u64,
+}
+
+impl Default for FitOptions {
+    fn default() -> Self {
+        FitOptions {
+            hidden_units: 0,
+            epochs: 300,
+            learning_rate: 0.01,
+            l2: 1e-2,
+            seed: 0,
+        }
+    }
+}
+
+fn sigmoid(z: f32) -> f32 {
+    1.0 / (1.0 + (-z).exp())
+}
+
+/// Adam state of one parameter vector.
+struct Adam {
+    m: Vec<f32>,
+    v: Vec<f32>,
+}
+
+impl Adam {
+    fn new(n: usize) -> Self {
+        Adam {
+            m: vec![0.0; n],
+            v: vec![0.0; n],
+        }
+    }
+
+    fn step(&mut self, p: &mut [f32], g: &[f32], lr: f32, t: i32) {
+        let (b1, b2, eps) = (0.9f32, 0.999f32, 1e-8f32);
+        let (c1, c2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
+        for i in 0..p.len() {
+            self.m[i] = b1 * self.m[i] + (1.0 - b1) * g[i];
+            self.v[i] = b2 * self.v[i] + (1.0 - b2) * g[i] * g[i];
+            p[i] -= lr * (self.m[i] / c1) / ((self.v[i] / c2).sqrt() + eps);
+        }
+    }
+}
+
+impl ValueHead {
+    /// The value of one hidden state, in (0, 1).
+    pub fn predict(&self, hidden: &[f32]) -> f32 {
+        let x: Vec<f32> = hidden
+            .iter()
+            .zip(&self.mean)
+            .zip(&self.inv_std)
+            .map(|((v, m), s)| (v - m) * s)
+            .collect();
+        let h = match &self.hidden {
+            Some(layer) => layer.apply(&x).into_iter().map(|v| v.max(0.0)).collect(),
+            None => x,
+        };
+        sigmoid(self.out.apply(&h)[0])
+    }
+
+    /// Fits a head to hidden states `xs` and targets `ys` in [0, 1] (hard or soft labels) by
+    /// full-batch Adam on the cross-entropy plus an L2 penalty. Features are standardised
+    /// with the training set's mean and deviation.
+    pub fn fit(meta: HeadMeta, xs: &[Vec<f32>], ys: &[f32], o: &FitOptions) -> ValueHead {
+        assert_eq!(xs.len(), ys.len(), "one target per example");
+        assert!(!xs.is_empty(), "no examples");
+        let d = xs[0].len();
+        let n = xs.len() as f32;
+        let mut mean = vec![0f32; d];
+        for x in xs {
+            mean.iter_mut().zip(x).for_each(|(m, v)| *m += v / n);
+        }
+        let mut var = vec![0f32; d];
+        for x in xs {
+            for ((s, v), m) in var.iter_mut().zip(x).zip(&mean) {
+                *s += (v - m) * (v - m) / n;
+            }
+        }
+        let inv_std: Vec<f32> = var.iter().map(|v| 1.0 / (v.sqrt() + 1e-4)).collect();
+        let zs: Vec<Vec<f32>> = xs
+            .iter()
+            .map(|x| {
+                x.iter()
+                    .zip(&mean)
+                    .zip(&inv_std)
+                    .map(|((v, m), s)| (v - m) * s)
+                    .collect()
+            })
+            .collect();
+        let mut rng = o.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut uniform = |scale: f32| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            ((rng >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+        };
+        let h = o.hidden_units;
+        let width = if h == 0 { d } else { h };
+        let mut hidden = (h > 0).then(|| Linear {
+            w: (0..h * d)
+                .map(|_| uniform(1.0 / (d as f32).sqrt()))
+                .collect(),
+            b: vec![0.0; h],
+            rows: h,
+            cols: d,
+        });
+        let mut out = Linear {
+            w: (0..width)
+                .map(|_| {
+                    if h == 0 {
+                        0.0
+                    } else {
+                        uniform(1.0 / (h as f32).sqrt())
+                    }
+                })
+                .collect(),
+            b: vec![0.0],
+            rows: 1,
+            cols: width,
+        };
+        let (mut adam_w1, mut adam_b1) = (Adam::new(h * d), Adam::new(h));
+        let (mut adam_w2, mut adam_b2) = (Adam::new(width), Adam::new(1));
+        for epoch in 1..=o.epochs {
+            let mut g_w2 = vec![0f32; width];
+            let mut g_b2 = 0f32;
+            let mut g_w1 = vec![0f32; h * d];
+            let mut g_b1 = vec![0f32; h];
+            for (z, &y) in zs.iter().zip(ys) {
+                let act: Vec<f32> = match &hidden {
+                    Some(l) => l.apply(z).into_iter().map(|v| v.max(0.0)).collect(),
+                    None => z.clone(),
+                };
+                let p = sigmoid(out.apply(&act)[0]);
+                let dz = (p - y) / n;
+                g_w2.iter_mut().zip(&act).for_each(|(g, a)| *g += dz * a);
+                g_b2 += dz;
+                if let Some(l) = &hidden {
+                    for j in 0..h {
+                        if act[j] > 0.0 {
+                            let dh = dz * out.w[j];
+                            g_b1[j] += dh;
+                            let row = &mut g_w1[j * d..(j + 1) * d];
+                            row.iter_mut().zip(z).for_each(|(g, x)| *g += dh * x);
+                        }
+                    }
+                    debug_assert_eq!(l.cols, d);
+                }
+            }
+            g_w2.iter_mut()
+                .zip(&out.w)
+                .for_each(|(g, w)| *g += o.l2 * w);
+            let t = epoch as i32;
+            adam_w2.step(&mut out.w, &g_w2, o.learning_rate, t);
+            adam_b2.step(&mut out.b, &[g_b2], o.learning_rate, t);
+            if let Some(l) = &mut hidden {
+                g_w1.iter_mut().zip(&l.w).for_each(|(g, w)| *g += o.l2 * w);
+                adam_w1.step(&mut l.w, &g_w1, o.learning_rate, t);
+                adam_b1.step(&mut l.b, &g_b1, o.learning_rate, t);
+            }
+        }
+        ValueHead {
+            meta,
+            mean,
+            inv_std,
+            hidden,
+            out,
+        }
+    }
+
+    /// Writes the head as safetensors with its metadata.
+    pub fn save(&self, path: &Path) -> Result<(), PrmError> {
+        let file_err = |reason: String| PrmError::File {
+            path: path.into(),
+            reason,
+        };
+        let d = self.meta.d_model;
+        let mut tensors: Vec<(&str, Vec<usize>, &[f32])> = vec![
+            ("mean", vec![d], &self.mean),
+            ("inv_std", vec![d], &self.inv_std),
+        ];
+        if let Some(l) = &self.hidden {
+            tensors.push(("w1", vec![l.rows, l.cols], &l.w));
+            tensors.push(("b1", vec![l.rows], &l.b));
+        }
+        tensors.push(("w2", vec![1, self.out.cols], &self.out.w));
+        tensors.push(("b2", vec![1], &self.out.b));
+        let bytes: Vec<Vec<u8>> = tensors
+            .iter()
+            .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+            .collect();
+        let views = tensors
+            .iter()
+            .zip(&bytes)
+            .map(|((name, shape, _), b)| {
+                TensorView::new(Dtype::F32, shape.clone(), b)
+                    .map(|v| (name.to_string(), v))
+                    .map_err(|e| file_err(e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let data = safetensors::serialize(views, Some(self.meta.to_map()))
+            .map_err(|e| file_err(e.to_string()))?;
+        std::fs::write(path, data).map_err(|e| file_err(e.to_string()))
+    }
+
+    /// Reads a head written by [`ValueHead::save`], checking every shape.
+    pub fn load(path: &Path) -> Result<ValueHead, PrmError> {
+        let file_err = |reason: String| PrmError::File {
+            path: path.into(),
+            reason,
+        };
+        let data = std::fs::read(path).map_err(|e| file_err(format!("{e} (field `path`)")))?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(&data)
+            .map_err(|e| file_err(format!("not a safetensors file: {e}")))?;
+        let meta = header
+            .metadata()
+            .as_ref()
+            .ok_or_else(|| file_err("no metadata: not an Arbor value head".into()))
+            .and_then(|m| HeadMeta::from_map(m).map_err(file_err))?;
+        let st = safetensors::SafeTensors::deserialize(&data)
+            .map_err(|e| file_err(format!("not a safetensors file: {e}")))?;
+        let tensor = |name: &str, shape: &[usize]| -> Result<Vec<f32>, PrmError> {
+            let t = st
+                .tensor(name)
+                .map_err(|_| file_err(format!("tensor `{name}` missing")))?;
+            if t.dtype() != Dtype::F32 || t.shape() != shape {
+                return Err(file_err(format!(
+                    "tensor `{name}`: {:?} {:?}, expected F32 {shape:?}",
+                    t.dtype(),
+                    t.shape()
+                )));
+            }
+            let v: Vec<f32> = t
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            if v.iter().any(|x| !x.is_finite()) {
+                return Err(file_err(format!("tensor `{name}` is not finite")));
+            }
+            Ok(v)
+        };
+        let (d, h) = (meta.d_model, meta.hidden_units);
+        let hidden = if h > 0 {
+            Some(Linear {
+                w: tensor("w1", &[h, d])?,
+                b: tensor("b1", &[h])?,
+                rows: h,
+                cols: d,
+            })
+        } else {
+            None
+        };
+        let width = if h > 0 { h } else { d };
+        Ok(ValueHead {
+            mean: tensor("mean", &[d])?,
+            inv_std: tensor("inv_std", &[d])?,
+            hidden,
+            out: Linear {
+                w: tensor("w2", &[1, width])?,
+                b: tensor("b2", &[1])?,
+                rows: 1,
+                cols: width,
+            },
+            meta,
+        })
+    }
+}
+
+/// The policy's final hidden state at the last token of every step of every request (the
+/// features a value head reads), and the tokens computed for each request. Runs on the
+/// policy's engine and forks its prefix cache, so a path the policy just wrote costs about one
+/// token per step.
+pub async fn step_hidden_states(
+    worker: &LocalWorker,
+    batch: &[ScoreRequest],
+) -> Result<Vec<(Vec<Vec<f32>>, u64)>, ScoreError> {
+    let tok = worker.tokenizer();
+    let mut layouts = Vec::with_capacity(batch.len());
+    for r in batch {
+        let mut tokens = tok.encode(&r.prompt, true).map_err(model_error)?;
+        let (mut step_ends, mut read_at) = (Vec::new(), Vec::new());
+        for step in &r.steps {
+            tokens.extend_from_slice(&step.token_ids);
+            step_ends.push(tokens.len());
+            read_at.push(tokens.len() - 1);
+        }
+        layouts.push(PathLayout {
+            tokens,
+            step_ends,
+            read_at,
+        });
+    }
+    let readouts = worker
+        .with_engine_and_cache(move |engine, _, cache| {
+            read_paths(engine, Some(cache), &layouts, &Probe::Inline, &Read::Hidden)
+        })
+        .await
+        .map_err(worker_error)?
+        .map_err(model_error)?;
+    Ok(readouts
+        .into_iter()
+        .map(|r| (r.rows, r.tokens_computed))
+        .collect())
+}
+
+/// Scores steps with a trained value head; see the module docs.
+#[derive(Debug)]
+pub struct ValueHeadScorer {
+    head: ValueHead,
+    worker: LocalWorker,
+}
+
+impl ValueHeadScorer {
+    /// Loads the head and checks that it was trained on this policy's hidden states.
+    pub fn new(config: &ValueHeadConfig, policy: &LocalWorker) -> Result<Self, PrmError> {
+        if config.path.as_os_str().is_empty() {
+            return Err(invalid(
+                "path",
+                "required: a head written by `arbor prm train`",
+            ));
+        }
+        let head = ValueHead::load(&config.path)?;
+        Self::with_head(head, policy).map_err(|reason| PrmError::File {
+            path: config.path.clone(),
+            reason,
+        })
+    }
+
+    /// A scorer over a head already in memory.
+    pub fn with_head(head: ValueHead, policy: &LocalWorker) -> Result<Self, String> {
+        let c = &policy.model_info().config;
+        let m = &head.meta;
+        if m.d_model != c.d_model || m.n_layers != c.n_layers || m.architecture != c.architecture {
+            return Err(format!(
+                "trained on {} ({} {} layers, width {}), but the policy is {} layers of width {}",
+                m.model_name, m.architecture, m.n_layers, m.d_model, c.n_layers, c.d_model
+            ));
+        }
+        if m.layer != LAYER_FINAL_NORM {
+            return Err(format!(
+                "reads layer {:?}; only {LAYER_FINAL_NORM} is supported",
+                m.layer
+            ));
+        }
+        if !policy.model_info().source.contains(&m.model_name) {
+            tracing::warn!(
+                trained_on = %m.model_name,
+                policy = %policy.model_info().source,
+                "the value head was trained on another model file of the same shape"
+            );
+        }
+        Ok(ValueHeadScorer {
+            head,
+            worker: policy.clone(),
+        })
+    }
+
+    /// The head.
+    pub fn head(&self) -> &ValueHead {
+        &self.head
+    }
+}
+
+impl Scorer for ValueHeadScorer {
+    async fn score(&self, batch: Vec<ScoreRequest>) -> Result<Vec<StepScores>, ScoreError> {
+        let features = step_hidden_states(&self.worker, &batch).await?;
+        Ok(features
+            .into_iter()
+            .map(|(rows, tokens)| StepScores {
+                scores: rows.iter().map(|h| self.head.predict(h)).collect(),
+                cost: ScoreCost {
+                    tokens_computed: tokens,
+                },
+            })
+            .collect())
+    }
+}
+
+/// Share of predictions on the right side of 0.5 for binary labels.
+pub fn accuracy(predictions: &[f32], labels: &[bool]) -> f64 {
+    if predictions.is_empty() {
+        return f64::NAN;
+    }
+    let right = predictions
+        .iter()
+        .zip(labels)
+        .filter(|(&p, &l)| (p >= 0.5) == l)
+        .count();
+    right as f64 / predictions.len() as f64
+}
+
+/// Area under the ROC curve: the chance that a random positive scores above a random negative
+/// (ties count half). `NaN` when one class is absent.
+pub fn auc(predictions: &[f32], labels: &[bool]) -> f64 {
+    let mut order: Vec<usize> = (0..predictions.len()).collect();
+    order.sort_by(|&a, &b| predictions[a].total_cmp(&predictions[b]));
+    // Average ranks (1-based) over runs of equal predictions.
+    let mut ranks = vec![0f64; predictions.len()];
+    let mut i = 0;
+    while i < order.len() {
+        let mut j = i;
+        while j + 1 < order.len() && predictions[order[j + 1]] == predictions[order[i]] {
+            j += 1;
+        }
+        let rank = (i + j) as f64 / 2.0 + 1.0;
+        for &k in &order[i..=j] {
+            ranks[k] = rank;
+        }
+        i = j + 1;
+    }
+    let pos = labels.iter().filter(|&&l| l).count() as f64;
+    let neg = labels.len() as f64 - pos;
+    if pos == 0.0 || neg == 0.0 {
+        return f64::NAN;
+    }
+    let rank_sum: f64 = ranks
+        .iter()
+        .zip(labels)
+        .filter(|(_, &l)| l)
+        .map(|(r, _)| r)
+        .sum();
+    (rank_sum - pos * (pos + 1.0) / 2.0) / (pos * neg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(d: usize, hidden: usize) -> HeadMeta {
+        HeadMeta {
+            model_name: "tiny.gguf".into(),
+            model_sha256: "00".into(),
+            architecture: "qwen2".into(),
+            d_model: d,
+            n_layers: 2,
+            layer: LAYER_FINAL_NORM.into(),
+            hidden_units: hidden,
+        }
+    }
+
+    /// Points whose label is the sign of a fixed direction, with a large offset and uneven
+    /// scales, as hidden states have.
+    fn synthetic(n: usize, d: usize, seed: u64) -> (Vec<Vec<f32>>, Vec<f32>) {
+        let mut s = seed;
+        let mut next = || {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        let mut xs = Vec::new();
+        let mut ys = Vec::new();
+        for _ in 0..n {
+            let x: Vec<f32> = (0..d).map(|i| 5.0 + next() * (1.0 + i as f32)).collect();
+            let margin = x[0] - 5.0 - (x[3] - 5.0) / 4.0;
+            ys.push(if margin > 0.0 { 1.0 } else { 0.0 });
+            xs.push(x);
+        }
+        (xs, ys)
+    }
+
+    #[test]
+    fn auc_and_accuracy_by_hand() {
+        let labels = [true, false, true, false];
+        assert_eq!(auc(&[0.9, 0.1, 0.8, 0.2], &labels), 1.0);
+        assert_eq!(auc(&[0.1, 0.9, 0.2, 0.8], &labels), 0.0);
+        // One positive above both negatives, one tied with a negative: (2 + 1.5) / 4.
+        assert_eq!(auc(&[0.9, 0.5, 0.5, 0.1], &labels), 0.875);
+        assert!(auc(&[0.3, 0.4], &[true, true]).is_nan());
+        assert_eq!(accuracy(&[0.9, 0.4, 0.4, 0.6], &labels), 0.5);
+    }
+
+    #[test]
+    fn heads_learn_a_separable_rule_and_round_trip_through_a_file() {
+        let d = 8;
+        let (xs, ys) = synthetic(400, d, 1);
+        let (test_x, test_y) = synthetic(200, d, 2);
+        let labels: Vec<bool> = test_y.iter().map(|&y| y > 0.5).collect();
+        for hidden in [0, 16] {
+            let o = FitOptions {
+                hidden_units: hidden,
+                epochs: 400,
+                learning_rate: 0.05,
+                l2: 1e-4,
+                seed: 3,
+            };
+            let head = ValueHead::fit(meta(d, hidden), &xs, &ys, &o);
+            let p: Vec<f32> = test_x.iter().map(|x| head.predict(x)).collect();
+            let (acc, area) = (accuracy(&p, &labels), auc(&p, &labels));
+            assert!(
+                acc > 0.9 && area > 0.97,
+                "hidden {hidden}: acc {acc}, auc {area}"
+            );
+            let path = std::env::temp_dir().join(format!(
+                "arbor-head-{hidden}-{}.safetensors",
+                std::process::id()
+            ));
+            head.save(&path).unwrap();
+            let back = ValueHead::load(&path).unwrap();
+            std::fs::remove_file(&path).unwrap();
+            assert_eq!(back, head);
+            for x in &test_x {
+                assert_eq!(back.predict(x), head.predict(x));
+            }
+        }
+    }
+
+    #[test]
+    fn broken_head_files_name_the_problem() {
+        let path = std::env::temp_dir().join(format!("arbor-head-bad-{}", std::process::id()));
+        std::fs::write(&path, b"not a head").unwrap();
+        let err = ValueHead::load(&path).unwrap_err().to_string();
+        assert!(err.contains("not a safetensors file"), "{err}");
+        let (xs, ys) = synthetic(20, 4, 1);
+        let mut head = ValueHead::fit(meta(4, 0), &xs, &ys, &FitOptions::default());
+        // Metadata that promise a hidden layer the file does not hold.
+        head.meta.hidden_units = 3;
+        head.save(&path).unwrap();
+        let err = ValueHead::load(&path).unwrap_err().to_string();
+        assert!(err.contains("tensor `w1` missing"), "{err}");
+        std::fs::remove_file(&path).unwrap();
+        let err = ValueHead::load(&path).unwrap_err().to_string();
+        assert!(err.contains("field `path`"), "{err}");
+    }
+}
