@@ -239,22 +239,22 @@ impl Engine {
     /// Like [`Engine::forward`], but returns the logits after *every* appended token, entry
     /// after entry (`Σ tokens * vocab_size`): what scoring a path token by token needs.
     pub fn forward_all_logits(&mut self, entries: &[(SeqId, &[u32])]) -> Result<&[f32]> {
-        let all: Vec<Vec<u32>> = entries
-            .iter()
-            .map(|(_, t)| (0..t.len() as u32).collect())
-            .collect();
-        let at: Vec<ForwardEntry<'_>> = entries
-            .iter()
-            .zip(&all)
-            .map(|(&(seq, tokens), a)| ForwardEntry::logits_at(seq, tokens, a))
-            .collect();
-        Ok(self.forward_at(&at)?.logits)
+        Ok(self.forward_every(entries, false)?.logits)
     }
 
     /// Like [`Engine::forward`], but returns the final hidden state (after the last block and
     /// the final norm) at *every* appended token, entry after entry (`Σ tokens * d_model`),
     /// and computes no logits: what a reward or value head reads.
     pub fn forward_hidden(&mut self, entries: &[(SeqId, &[u32])]) -> Result<&[f32]> {
+        Ok(self.forward_every(entries, true)?.hidden)
+    }
+
+    /// [`Engine::forward_at`] at every appended token: hidden states if `hidden`, else logits.
+    fn forward_every(
+        &mut self,
+        entries: &[(SeqId, &[u32])],
+        hidden: bool,
+    ) -> Result<ForwardOutputs<'_>> {
         let all: Vec<Vec<u32>> = entries
             .iter()
             .map(|(_, t)| (0..t.len() as u32).collect())
@@ -262,9 +262,15 @@ impl Engine {
         let at: Vec<ForwardEntry<'_>> = entries
             .iter()
             .zip(&all)
-            .map(|(&(seq, tokens), a)| ForwardEntry::hidden_at(seq, tokens, a))
+            .map(|(&(seq, tokens), a)| {
+                if hidden {
+                    ForwardEntry::hidden_at(seq, tokens, a)
+                } else {
+                    ForwardEntry::logits_at(seq, tokens, a)
+                }
+            })
             .collect();
-        Ok(self.forward_at(&at)?.hidden)
+        self.forward_at(&at)
     }
 
     /// The general pass: appends each entry's tokens to its sequence and returns the

@@ -441,7 +441,7 @@ fn best_answer(tree: &Tree, tally: &Tally, rule: AnswerRule) -> Option<BestAnswe
 }
 
 /// SplitMix64: a cheap, well-mixed, portable hash for deriving seeds.
-pub(crate) fn mix(a: u64, b: u64) -> u64 {
+pub fn mix(a: u64, b: u64) -> u64 {
     let mut z = a ^ b
         .wrapping_mul(0x9E37_79B9_7F4A_7C15)
         .wrapping_add(0x6A09_E667_F3BC_C909);

@@ -51,8 +51,8 @@ pub use config::{
 };
 pub use control::{BestAnswer, CancelToken, SearchControl, SearchEvent};
 pub use engine::{
-    search, select_answer, AnswerTally, Budget, Costs, Search, SearchOutcome, SearchStats,
-    Termination,
+    mix as mix_seed, search, select_answer, AnswerTally, Budget, Costs, Search, SearchOutcome,
+    SearchStats, Termination,
 };
 pub use error::{PolicyError, ScoreError, SearchError, Violation};
 pub use policy::{

@@ -23,7 +23,6 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use arbor_search::{equivalent, Search, SearchControl, StrategyConfig, K_MAX};
 use arbor_worker::{LocalWorker, WorkerOptions};
-use clap::ValueEnum;
 use tokio::task::JoinSet;
 
 use crate::cli::{load_engine, Device};
@@ -128,11 +127,7 @@ struct RunArgs {
 
 /// A strategy's name as on the command line and in traces.
 pub(crate) fn strategy_name(strategy: Strategy) -> String {
-    strategy
-        .to_possible_value()
-        .expect("no strategy is skipped")
-        .get_name()
-        .to_owned()
+    strategy.name().to_owned()
 }
 
 /// Runs `arbor eval` or `arbor eval report`.
@@ -175,24 +170,14 @@ fn write_report(dir: &Path, records: &[TraceRecord]) -> Result<()> {
     Ok(())
 }
 
-/// SplitMix64, for seeds derived from the run seed.
-fn mix(a: u64, b: u64) -> u64 {
-    let mut z = a ^ b
-        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        .wrapping_add(0x6A09_E667_F3BC_C909);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 /// The search seed of question `index`: every strategy and budget of a question share it.
 fn question_seed(run_seed: u64, index: usize) -> u64 {
-    mix(run_seed, index as u64)
+    arbor_search::mix_seed(run_seed, index as u64)
 }
 
 /// The seed of chunk `chunk` of a question's sampling run.
 fn chunk_seed(question_seed: u64, chunk: u32) -> u64 {
-    mix(question_seed, 0x5A3B_1E00_0000_0000 | u64::from(chunk))
+    arbor_search::mix_seed(question_seed, 0x5A3B_1E00_0000_0000 | u64::from(chunk))
 }
 
 /// One unit of work.
