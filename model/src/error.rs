@@ -90,6 +90,9 @@ pub enum ModelError {
         /// Tokens per block.
         block_size: usize,
     },
+    /// The GPU backend failed: no adapter, a device limit, an allocation, or a lost device.
+    #[error("GPU backend: {0}")]
+    Device(String),
 }
 
 impl Clone for ModelError {
@@ -127,6 +130,7 @@ impl Clone for ModelError {
             Tokenizer(m) => Tokenizer(m.clone()),
             Template(m) => Template(m.clone()),
             Fetch(m) => Fetch(m.clone()),
+            Device(m) => Device(m.clone()),
             InvalidRequest { field, reason } => InvalidRequest {
                 field,
                 reason: reason.clone(),

@@ -5,6 +5,7 @@
 //! interface as the CPU backend.
 
 pub mod cpu;
+pub mod wgpu;
 
 use crate::arch::ModelConfig;
 use crate::error::Result;
@@ -34,7 +35,7 @@ pub struct ForwardBatch<'a> {
     pub hidden_for: &'a [u32],
 }
 
-/// Runs the transformer. Implementations: [`cpu::CpuBackend`].
+/// Runs the transformer. Implementations: [`cpu::CpuBackend`], [`wgpu::WgpuBackend`].
 pub trait Backend: Send {
     /// Short name for logs and statistics (`cpu`, `wgpu`).
     fn name(&self) -> &'static str;

@@ -162,3 +162,27 @@ impl QMatrix {
         dequantize_row(self.ty, self.row_bytes(r), out);
     }
 }
+
+impl QMatrix {
+    /// Row `r` as one *unsigned* byte per weight plus a `(scale, min)` pair per 16 weights, so
+    /// that `weight = scale * u - min` for every storage type (Q8_0's signed bytes are shifted
+    /// by 128, with `min = 128 * scale`). The wgpu backend keeps weights in this form: one kernel
+    /// then serves every GGUF type, exactly.
+    pub(crate) fn unpack_row_unsigned(&self, r: usize, u: &mut [u8], sm: &mut [[f32; 2]]) {
+        let groups = self.cols / 16;
+        let mut scale16 = vec![0f32; groups];
+        let mut min16 = vec![0f32; groups];
+        let signed = formats::unpack_row(self.ty, self.row_bytes(r), u, &mut scale16, &mut min16);
+        if signed {
+            for b in u.iter_mut() {
+                *b = (*b as i8 as i16 + 128) as u8;
+            }
+            for m in min16.iter_mut().zip(&scale16) {
+                *m.0 = 128.0 * m.1;
+            }
+        }
+        for (g, o) in sm.iter_mut().enumerate() {
+            *o = [scale16[g], min16[g]];
+        }
+    }
+}

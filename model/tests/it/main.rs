@@ -3,6 +3,7 @@
 mod errors;
 mod hf_folder;
 mod reference;
+mod wgpu;
 
 use std::sync::OnceLock;
 

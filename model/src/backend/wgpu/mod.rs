@@ -1,0 +1,933 @@
+//! The wgpu backend: the same decoder as [`super::cpu`], with every step of the forward pass a
+//! WGSL compute shader (Vulkan, Metal or DX12 through wgpu).
+//!
+//! - **Weights** are uploaded once, in one form for every GGUF type: an unsigned byte per weight
+//!   plus a `(scale, min)` pair per 16 weights ([`QMatrix::unpack_row_unsigned`]), so one matrix
+//!   kernel serves Q8_0, Q4_K, Q6_K and the types converted to Q8_0 at load, exactly. Q, K and V
+//!   are fused into one matrix, and so are the MLP's gate and up projections. A matrix larger
+//!   than the device's largest storage binding is split into row chunks.
+//! - **KV cache**: one buffer per layer, `[block][K, V][slot][kv_dim]` in f32, addressed through
+//!   the block tables the engine hands over, exactly as the CPU backend's. Forking and
+//!   copy-on-write stay in the engine; `copy_kv_block` is a buffer-to-buffer copy.
+//! - **A pass** is one command buffer: per layer RMSNorm, fused QKV product (+bias), RoPE with
+//!   the KV write, paged attention with an online softmax, output product added into the
+//!   residual, RMSNorm, fused gate|up product, SwiGLU, down product added into the residual.
+//!   Only the rows whose logits or hidden states are wanted are normalised and projected, and
+//!   only those are read back.
+//! - Activations stay in f32 (the CPU backend quantizes them to 8 bits for its integer dot
+//!   products), so the two backends agree to a tolerance, not bit for bit.
+
+use std::sync::Arc;
+
+use bytemuck::{Pod, Zeroable};
+use wgpu::util::DeviceExt;
+
+use super::{Backend, ForwardBatch};
+use crate::arch::{DecoderWeights, ModelConfig, RopeStyle};
+use crate::error::{ModelError, Result};
+use crate::kv::KV_BLOCK_TOKENS;
+use crate::quant::QMatrix;
+
+/// Tokens per matrix-kernel workgroup in batched passes (one weight read serves this many).
+const TOKENS_PER_TILE: u32 = 8;
+/// Rows per matrix-kernel workgroup.
+const ROWS_PER_WG: u32 = 4;
+/// Slot size of the per-dispatch parameters (the uniform-offset alignment every device meets).
+const PARAM_SLOT: u64 = 256;
+/// Largest head dimension the attention kernel holds in workgroup memory.
+const HEAD_DIM_MAX: usize = 256;
+
+/// Which GPU to use.
+#[derive(Debug, Clone, Default)]
+pub struct WgpuOptions {
+    /// Accept a software adapter (Mesa's lavapipe, WARP): correct but slow; for tests and for
+    /// machines without a GPU.
+    pub allow_software: bool,
+}
+
+/// Describes the adapter a backend runs on.
+#[derive(Debug, Clone)]
+pub struct AdapterSummary {
+    /// Adapter name as the driver reports it.
+    pub name: String,
+    /// Graphics API (Vulkan, Metal, Dx12).
+    pub backend: String,
+    /// Discrete, integrated, virtual, CPU (software) or other.
+    pub device_type: String,
+    /// Whether it is a software rasterizer.
+    pub software: bool,
+}
+
+/// Lists the compute adapters wgpu can see.
+pub fn adapters() -> Vec<AdapterSummary> {
+    let instance = instance();
+    pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()))
+        .iter()
+        .map(|a| summary(&a.get_info()))
+        .collect()
+}
+
+fn instance() -> wgpu::Instance {
+    // `WGPU_BACKEND` and the other wgpu variables override these defaults.
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+    desc.backends = wgpu::Backends::PRIMARY;
+    wgpu::Instance::new(desc.with_env())
+}
+
+fn summary(info: &wgpu::AdapterInfo) -> AdapterSummary {
+    AdapterSummary {
+        name: info.name.clone(),
+        backend: format!("{:?}", info.backend),
+        device_type: format!("{:?}", info.device_type),
+        software: info.device_type == wgpu::DeviceType::Cpu,
+    }
+}
+
+/// One weight matrix on the device, possibly in row chunks.
+struct GpuMatrix {
+    cols: usize,
+    /// `(first row, rows, bytes, (scale, min) pairs)` per chunk.
+    chunks: Vec<(usize, usize, wgpu::Buffer, wgpu::Buffer)>,
+}
+
+struct GpuLayer {
+    attn_norm: wgpu::Buffer,
+    qkv: GpuMatrix,
+    qkv_bias: Option<wgpu::Buffer>,
+    wo: GpuMatrix,
+    ffn_norm: wgpu::Buffer,
+    gate_up: GpuMatrix,
+    down: GpuMatrix,
+}
+
+struct Pipelines {
+    matmul_1: wgpu::ComputePipeline,
+    matmul_t: wgpu::ComputePipeline,
+    rms_norm: wgpu::ComputePipeline,
+    rope_kv: wgpu::ComputePipeline,
+    attention: wgpu::ComputePipeline,
+    swiglu: wgpu::ComputePipeline,
+}
+
+/// Per-pass buffers, sized for up to `tokens` tokens and `rows_out` selected rows.
+struct Scratch {
+    tokens: usize,
+    rows_out: usize,
+    table_len: usize,
+    x: wgpu::Buffer,
+    h: wgpu::Buffer,
+    qkv: wgpu::Buffer,
+    att: wgpu::Buffer,
+    gu: wgpu::Buffer,
+    act: wgpu::Buffer,
+    cs: wgpu::Buffer,
+    tok: wgpu::Buffer,
+    tables: wgpu::Buffer,
+    sel: wgpu::Buffer,
+    fin: wgpu::Buffer,
+    logits: wgpu::Buffer,
+    readback: wgpu::Buffer,
+}
+
+/// Runs a llama-style decoder with WGSL compute shaders.
+pub struct WgpuBackend {
+    config: ModelConfig,
+    weights: Arc<DecoderWeights>,
+    adapter: AdapterSummary,
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    pipelines: Pipelines,
+    layers: Vec<GpuLayer>,
+    out_norm: wgpu::Buffer,
+    output: GpuMatrix,
+    /// One buffer per layer.
+    kv: Vec<wgpu::Buffer>,
+    kv_blocks: usize,
+    params: wgpu::Buffer,
+    params_slots: usize,
+    scratch: Option<Scratch>,
+    /// An empty-ish buffer bound where a kernel's optional input is absent.
+    dummy: wgpu::Buffer,
+    max_binding: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct MatParams {
+    rows: u32,
+    cols: u32,
+    n_tok: u32,
+    y_stride: u32,
+    row_offset: u32,
+    accumulate: u32,
+    has_bias: u32,
+    _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct NormParams {
+    n_rows: u32,
+    d: u32,
+    eps: f32,
+    use_sel: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct HeadParams {
+    n_heads: u32,
+    n_kv_heads: u32,
+    head_dim: u32,
+    qkv_stride: u32,
+    kv_dim: u32,
+    /// `interleaved` for RoPE, `scale` (as f32 bits) for attention.
+    word5: u32,
+    block_tokens: u32,
+    _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct SwigluParams {
+    n: u32,
+    ffn: u32,
+    _pad: [u32; 2],
+}
+
+fn device_err(what: &str, e: impl std::fmt::Display) -> ModelError {
+    ModelError::Device(format!("{what}: {e}"))
+}
+
+impl WgpuBackend {
+    /// Opens the first suitable adapter and uploads the weights.
+    pub fn new(
+        config: ModelConfig,
+        weights: Arc<DecoderWeights>,
+        options: &WgpuOptions,
+    ) -> Result<Self> {
+        if config.head_dim > HEAD_DIM_MAX {
+            return Err(ModelError::Device(format!(
+                "head_dim {} is larger than the attention kernel's {HEAD_DIM_MAX}",
+                config.head_dim
+            )));
+        }
+        let instance = instance();
+        let adapter = pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
+            power_preference: wgpu::PowerPreference::HighPerformance,
+            force_fallback_adapter: false,
+            compatible_surface: None,
+            apply_limit_buckets: false,
+        }))
+        .map_err(|e| {
+            device_err(
+                "no GPU adapter (install a Vulkan driver, e.g. mesa-vulkan-drivers, or use --device cpu)",
+                e,
+            )
+        })?;
+        let info = summary(&adapter.get_info());
+        if info.software && !options.allow_software {
+            return Err(ModelError::Device(format!(
+                "the only adapter is the software renderer `{}` ({}); it is far slower than \
+                 the CPU backend (use --device cpu, or set ARBOR_WGPU_ALLOW_SOFTWARE=1 to run on it anyway)",
+                info.name, info.backend
+            )));
+        }
+        let limits = adapter.limits();
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("arbor"),
+            required_features: wgpu::Features::empty(),
+            required_limits: limits.clone(),
+            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        }))
+        .map_err(|e| device_err("opening the GPU device", e))?;
+        let max_binding =
+            (limits.max_storage_buffer_binding_size as u64).min(limits.max_buffer_size) & !255;
+        tracing::info!(adapter = %info.name, backend = %info.backend, max_binding, "wgpu device open");
+
+        device.on_uncaptured_error(Arc::new(|e: wgpu::Error| {
+            tracing::error!("wgpu: {e}");
+        }));
+        let pipelines = Pipelines::new(&device);
+        let up = Uploader {
+            device: &device,
+            max_binding,
+        };
+        let scope = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let out_norm = up.f32("output_norm", &weights.out_norm);
+        let output = up.matrix("output", &[&weights.output])?;
+        let mut layers = Vec::with_capacity(config.n_layers);
+        for (l, lw) in weights.layers.iter().enumerate() {
+            let qkv_bias = if lw.bq.is_some() || lw.bk.is_some() || lw.bv.is_some() {
+                let mut b =
+                    Vec::with_capacity(config.n_heads * config.head_dim + 2 * config.kv_dim());
+                for (bias, len) in [
+                    (&lw.bq, config.n_heads * config.head_dim),
+                    (&lw.bk, config.kv_dim()),
+                    (&lw.bv, config.kv_dim()),
+                ] {
+                    match bias {
+                        Some(v) => b.extend_from_slice(v),
+                        None => b.extend(std::iter::repeat_n(0.0, len)),
+                    }
+                }
+                Some(up.f32("qkv_bias", &b))
+            } else {
+                None
+            };
+            layers.push(GpuLayer {
+                attn_norm: up.f32("attn_norm", &lw.attn_norm),
+                qkv: up.matrix(&format!("blk.{l}.attn_qkv"), &[&lw.wq, &lw.wk, &lw.wv])?,
+                qkv_bias,
+                wo: up.matrix(&format!("blk.{l}.attn_output"), &[&lw.wo])?,
+                ffn_norm: up.f32("ffn_norm", &lw.ffn_norm),
+                gate_up: up.matrix(&format!("blk.{l}.ffn_gate_up"), &[&lw.w_gate, &lw.w_up])?,
+                down: up.matrix(&format!("blk.{l}.ffn_down"), &[&lw.w_down])?,
+            });
+        }
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(device_err("uploading the weights", e));
+        }
+        let dummy = up.f32("dummy", &[0.0; 4]);
+        let params = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("params"),
+            size: PARAM_SLOT,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        Ok(WgpuBackend {
+            config,
+            weights,
+            adapter: info,
+            device,
+            queue,
+            pipelines,
+            layers,
+            out_norm,
+            output,
+            kv: Vec::new(),
+            kv_blocks: 0,
+            params,
+            params_slots: 1,
+            scratch: None,
+            dummy,
+            max_binding,
+        })
+    }
+
+    /// The adapter this backend runs on.
+    pub fn adapter(&self) -> &AdapterSummary {
+        &self.adapter
+    }
+
+    fn kv_layer_bytes(&self, blocks: usize) -> u64 {
+        (blocks * 2 * KV_BLOCK_TOKENS * self.config.kv_dim() * 4) as u64
+    }
+
+    fn storage(&self, label: &str, bytes: u64) -> Result<wgpu::Buffer> {
+        let size = bytes.max(16).next_multiple_of(16);
+        if size > self.max_binding {
+            return Err(ModelError::Device(format!(
+                "{label}: {size} bytes exceeds the device's largest storage binding ({} bytes); \
+                 use smaller batches",
+                self.max_binding
+            )));
+        }
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let buf = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size,
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(device_err(&format!("allocating {label} ({size} bytes)"), e));
+        }
+        Ok(buf)
+    }
+
+    fn ensure_scratch(&mut self, tokens: usize, rows_out: usize, table_len: usize) -> Result<()> {
+        if let Some(s) = &self.scratch {
+            if s.tokens >= tokens && s.rows_out >= rows_out && s.table_len >= table_len {
+                return Ok(());
+            }
+        }
+        let old = self.scratch.as_ref();
+        let tokens = tokens
+            .max(old.map_or(0, |s| s.tokens))
+            .next_power_of_two()
+            .max(16);
+        let rows_out = rows_out
+            .max(old.map_or(0, |s| s.rows_out))
+            .next_power_of_two()
+            .max(1);
+        let table_len = table_len
+            .max(old.map_or(0, |s| s.table_len))
+            .next_power_of_two()
+            .max(64);
+        let c = &self.config;
+        let f = 4u64;
+        let (n, d) = (tokens as u64, c.d_model as u64);
+        let q_dim = (c.n_heads * c.head_dim) as u64;
+        let qkv = q_dim + 2 * c.kv_dim() as u64;
+        let ffn = c.ffn_dim as u64;
+        let logits_bytes = rows_out as u64 * c.vocab_size as u64 * f;
+        let fin_bytes = rows_out as u64 * d * f;
+        let readback = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size: (logits_bytes + fin_bytes).max(16),
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        self.scratch = Some(Scratch {
+            tokens,
+            rows_out,
+            table_len,
+            x: self.storage("x", n * d * f)?,
+            h: self.storage("h", n * d * f)?,
+            qkv: self.storage("qkv", n * qkv * f)?,
+            att: self.storage("att", n * q_dim * f)?,
+            gu: self.storage("gate_up", n * 2 * ffn * f)?,
+            act: self.storage("act", n * ffn * f)?,
+            cs: self.storage("rope", n * (c.head_dim as u64 / 2) * 8)?,
+            tok: self.storage("tok", n * 16)?,
+            tables: self.storage("tables", table_len as u64 * 4)?,
+            sel: self.storage("sel", 2 * rows_out as u64 * 4)?,
+            fin: self.storage("fin", fin_bytes)?,
+            logits: self.storage("logits", logits_bytes)?,
+            readback,
+        });
+        Ok(())
+    }
+
+    fn ensure_params(&mut self, slots: usize) {
+        if slots > self.params_slots {
+            let slots = slots.next_power_of_two();
+            self.params = self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("params"),
+                size: slots as u64 * PARAM_SLOT,
+                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            self.params_slots = slots;
+        }
+    }
+}
+
+impl Pipelines {
+    fn new(device: &wgpu::Device) -> Self {
+        let make = |label: &str, src: String| {
+            let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(label),
+                source: wgpu::ShaderSource::Wgsl(src.into()),
+            });
+            device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(label),
+                layout: None,
+                module: &module,
+                entry_point: Some("main"),
+                compilation_options: Default::default(),
+                cache: None,
+            })
+        };
+        let matmul = |tt: u32| {
+            include_str!("matmul.wgsl")
+                .replace("__TT__", &tt.to_string())
+                .replace("__RED__", &(256 * tt).to_string())
+        };
+        Pipelines {
+            matmul_1: make("matmul_1", matmul(1)),
+            matmul_t: make("matmul_t", matmul(TOKENS_PER_TILE)),
+            rms_norm: make("rms_norm", include_str!("rms_norm.wgsl").into()),
+            rope_kv: make("rope_kv", include_str!("rope_kv.wgsl").into()),
+            attention: make("attention", include_str!("attention.wgsl").into()),
+            swiglu: make("swiglu", include_str!("swiglu.wgsl").into()),
+        }
+    }
+}
+
+/// A recorded dispatch: pipeline, bind group, workgroup counts.
+struct Dispatch<'p> {
+    pipeline: &'p wgpu::ComputePipeline,
+    group: wgpu::BindGroup,
+    size: (u32, u32, u32),
+}
+
+/// Collects a pass's dispatches and their parameter blocks.
+struct Recorder<'a> {
+    device: &'a wgpu::Device,
+    params: &'a wgpu::Buffer,
+    blob: Vec<u8>,
+    dispatches: Vec<Dispatch<'a>>,
+}
+
+impl<'a> Recorder<'a> {
+    fn add<P: Pod>(
+        &mut self,
+        pipeline: &'a wgpu::ComputePipeline,
+        params: P,
+        buffers: &[&wgpu::Buffer],
+        size: (u32, u32, u32),
+    ) {
+        let offset = self.blob.len() as u64;
+        self.blob.extend_from_slice(bytemuck::bytes_of(&params));
+        self.blob.resize((offset + PARAM_SLOT) as usize, 0);
+        let mut entries = vec![wgpu::BindGroupEntry {
+            binding: 0,
+            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: self.params,
+                offset,
+                size: wgpu::BufferSize::new(std::mem::size_of::<P>() as u64),
+            }),
+        }];
+        for (i, b) in buffers.iter().enumerate() {
+            entries.push(wgpu::BindGroupEntry {
+                binding: i as u32 + 1,
+                resource: b.as_entire_binding(),
+            });
+        }
+        let group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &entries,
+        });
+        self.dispatches.push(Dispatch {
+            pipeline,
+            group,
+            size,
+        });
+    }
+
+    /// `y[.., row_offset..] (+)= W x (+ bias)` for `n` tokens.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul(
+        &mut self,
+        pipes: &'a Pipelines,
+        w: &GpuMatrix,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        y_stride: usize,
+        n: usize,
+        accumulate: bool,
+        bias: Option<&wgpu::Buffer>,
+        dummy: &wgpu::Buffer,
+    ) {
+        let (pipe, tt) = if n == 1 {
+            (&pipes.matmul_1, 1)
+        } else {
+            (&pipes.matmul_t, TOKENS_PER_TILE)
+        };
+        for (start, rows, q, sm) in &w.chunks {
+            let params = MatParams {
+                rows: *rows as u32,
+                cols: w.cols as u32,
+                n_tok: n as u32,
+                y_stride: y_stride as u32,
+                row_offset: *start as u32,
+                accumulate: accumulate as u32,
+                has_bias: bias.is_some() as u32,
+                _pad: 0,
+            };
+            self.add(
+                pipe,
+                params,
+                &[q, sm, x, y, bias.unwrap_or(dummy)],
+                (
+                    (*rows as u32).div_ceil(ROWS_PER_WG),
+                    (n as u32).div_ceil(tt),
+                    1,
+                ),
+            );
+        }
+    }
+}
+
+impl Backend for WgpuBackend {
+    fn name(&self) -> &'static str {
+        "wgpu"
+    }
+
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn ensure_kv_blocks(&mut self, n_blocks: usize) -> Result<()> {
+        if n_blocks <= self.kv_blocks {
+            return Ok(());
+        }
+        let target = n_blocks.max(self.kv_blocks * 2).max(16);
+        let mut fresh = Vec::with_capacity(self.config.n_layers);
+        for l in 0..self.config.n_layers {
+            fresh.push(self.storage(&format!("kv.{l}"), self.kv_layer_bytes(target))?);
+        }
+        if self.kv_blocks > 0 {
+            let mut enc = self
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+            let bytes = self.kv_layer_bytes(self.kv_blocks);
+            for (old, new) in self.kv.iter().zip(&fresh) {
+                enc.copy_buffer_to_buffer(old, 0, new, 0, bytes);
+            }
+            self.queue.submit([enc.finish()]);
+        }
+        self.kv = fresh;
+        self.kv_blocks = target;
+        Ok(())
+    }
+
+    fn copy_kv_block(&mut self, src: u32, dst: u32, n_tokens: usize) {
+        let kv_dim = self.config.kv_dim() as u64;
+        let block = 2 * KV_BLOCK_TOKENS as u64 * kv_dim * 4;
+        let slab = KV_BLOCK_TOKENS as u64 * kv_dim * 4;
+        let len = n_tokens as u64 * kv_dim * 4;
+        if len == 0 || src == dst {
+            return;
+        }
+        // WebGPU forbids a copy within one buffer, so the block goes through a staging buffer:
+        // every layer's K and V slabs in, then out.
+        let layers = self.kv.len() as u64;
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("kv_copy"),
+            size: layers * 2 * slab,
+            usage: wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+        for (l, buf) in self.kv.iter().enumerate() {
+            for kind in 0..2u64 {
+                let at = (l as u64 * 2 + kind) * slab;
+                enc.copy_buffer_to_buffer(buf, src as u64 * block + kind * slab, &staging, at, len);
+            }
+        }
+        for (l, buf) in self.kv.iter().enumerate() {
+            for kind in 0..2u64 {
+                let at = (l as u64 * 2 + kind) * slab;
+                enc.copy_buffer_to_buffer(&staging, at, buf, dst as u64 * block + kind * slab, len);
+            }
+        }
+        self.queue.submit([enc.finish()]);
+    }
+
+    fn forward(
+        &mut self,
+        batch: &ForwardBatch<'_>,
+        logits: &mut Vec<f32>,
+        hidden: &mut Vec<f32>,
+    ) -> Result<()> {
+        let cfg = self.config.clone();
+        let n = batch.tokens.len();
+        let (m, mh) = (batch.logits_for.len(), batch.hidden_for.len());
+        logits.resize(m * cfg.vocab_size, 0.0);
+        hidden.resize(mh * cfg.d_model, 0.0);
+        if n == 0 {
+            return Ok(());
+        }
+        let d = cfg.d_model;
+        let hd = cfg.head_dim;
+        let half = hd / 2;
+        let q_dim = cfg.n_heads * hd;
+        let kv_dim = cfg.kv_dim();
+        let qkv_dim = q_dim + 2 * kv_dim;
+
+        // Host-side inputs: embeddings, RoPE angles, per-token KV addresses, block tables.
+        let mut x = vec![0f32; n * d];
+        for (i, &t) in batch.tokens.iter().enumerate() {
+            self.weights
+                .embed
+                .dequantize_row_into(t as usize, &mut x[i * d..(i + 1) * d]);
+        }
+        let theta_scale = cfg.rope_theta.powf(-2.0 / hd as f32);
+        let mut cs = Vec::with_capacity(n * half * 2);
+        for &p in batch.positions {
+            let mut theta = p as f32;
+            for _ in 0..half {
+                cs.push(theta.cos());
+                cs.push(theta.sin());
+                theta *= theta_scale;
+            }
+        }
+        let mut table_off = Vec::with_capacity(batch.block_tables.len());
+        let mut tables: Vec<u32> = Vec::new();
+        for t in batch.block_tables {
+            table_off.push(tables.len() as u32);
+            tables.extend_from_slice(t);
+        }
+        let mut tok = Vec::with_capacity(n * 4);
+        for i in 0..n {
+            let pos = batch.positions[i] as usize;
+            let s = batch.seq_index[i] as usize;
+            tok.extend_from_slice(&[
+                pos as u32,
+                table_off[s],
+                batch.block_tables[s][pos / KV_BLOCK_TOKENS],
+                (pos % KV_BLOCK_TOKENS) as u32,
+            ]);
+        }
+        let mut sel: Vec<u32> = batch.logits_for.to_vec();
+        sel.extend_from_slice(batch.hidden_for);
+
+        self.ensure_scratch(n, m.max(mh), tables.len().max(1))?;
+        let per_layer = 8
+            + self.layers[0].qkv.chunks.len()
+            + self.layers[0].gate_up.chunks.len()
+            + self.layers[0].wo.chunks.len()
+            + self.layers[0].down.chunks.len();
+        self.ensure_params(per_layer * cfg.n_layers + 2 + self.output.chunks.len());
+        let s = self.scratch.as_ref().expect("scratch allocated above");
+        self.queue.write_buffer(&s.x, 0, bytemuck::cast_slice(&x));
+        self.queue.write_buffer(&s.cs, 0, bytemuck::cast_slice(&cs));
+        self.queue
+            .write_buffer(&s.tok, 0, bytemuck::cast_slice(&tok));
+        self.queue
+            .write_buffer(&s.tables, 0, bytemuck::cast_slice(&tables));
+        if !sel.is_empty() {
+            self.queue
+                .write_buffer(&s.sel, 0, bytemuck::cast_slice(&sel));
+        }
+
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let p = &self.pipelines;
+        let mut rec = Recorder {
+            device: &self.device,
+            params: &self.params,
+            blob: Vec::new(),
+            dispatches: Vec::new(),
+        };
+        let norm = |rows: usize, use_sel: bool| NormParams {
+            n_rows: rows as u32,
+            d: d as u32,
+            eps: cfg.rms_eps,
+            use_sel: use_sel as u32,
+        };
+        let heads = |word5: u32| HeadParams {
+            n_heads: cfg.n_heads as u32,
+            n_kv_heads: cfg.n_kv_heads as u32,
+            head_dim: hd as u32,
+            qkv_stride: qkv_dim as u32,
+            kv_dim: kv_dim as u32,
+            word5,
+            block_tokens: KV_BLOCK_TOKENS as u32,
+            _pad: 0,
+        };
+        let scale = 1.0 / (hd as f32).sqrt();
+        let nt = n as u32;
+        for (l, lw) in self.layers.iter().enumerate() {
+            rec.add(
+                &p.rms_norm,
+                norm(n, false),
+                &[&s.x, &lw.attn_norm, &s.h, &self.dummy],
+                (nt, 1, 1),
+            );
+            rec.matmul(
+                p,
+                &lw.qkv,
+                &s.h,
+                &s.qkv,
+                qkv_dim,
+                n,
+                false,
+                lw.qkv_bias.as_ref(),
+                &self.dummy,
+            );
+            let interleaved = (cfg.rope_style == RopeStyle::Interleaved) as u32;
+            rec.add(
+                &p.rope_kv,
+                heads(interleaved),
+                &[&s.qkv, &s.cs, &s.tok, &self.kv[l]],
+                (nt, 1, 1),
+            );
+            rec.add(
+                &p.attention,
+                heads(scale.to_bits()),
+                &[&s.qkv, &s.tok, &s.tables, &self.kv[l], &s.att],
+                (nt, cfg.n_heads as u32, 1),
+            );
+            rec.matmul(p, &lw.wo, &s.att, &s.x, d, n, true, None, &self.dummy);
+            rec.add(
+                &p.rms_norm,
+                norm(n, false),
+                &[&s.x, &lw.ffn_norm, &s.h, &self.dummy],
+                (nt, 1, 1),
+            );
+            rec.matmul(
+                p,
+                &lw.gate_up,
+                &s.h,
+                &s.gu,
+                2 * cfg.ffn_dim,
+                n,
+                false,
+                None,
+                &self.dummy,
+            );
+            let total = (n * cfg.ffn_dim) as u32;
+            rec.add(
+                &p.swiglu,
+                SwigluParams {
+                    n: nt,
+                    ffn: cfg.ffn_dim as u32,
+                    _pad: [0; 2],
+                },
+                &[&s.gu, &s.act],
+                (total.div_ceil(256).min(4096), 1, 1),
+            );
+            rec.matmul(p, &lw.down, &s.act, &s.x, d, n, true, None, &self.dummy);
+        }
+        // Final norm of the selected rows (logits rows, then hidden rows), then the output
+        // projection of the logits rows.
+        let rows_out = m + mh;
+        if rows_out > 0 {
+            rec.add(
+                &p.rms_norm,
+                norm(rows_out, true),
+                &[&s.x, &self.out_norm, &s.fin, &s.sel],
+                (rows_out as u32, 1, 1),
+            );
+        }
+        if m > 0 {
+            rec.matmul(
+                p,
+                &self.output,
+                &s.fin,
+                &s.logits,
+                cfg.vocab_size,
+                m,
+                false,
+                None,
+                &self.dummy,
+            );
+        }
+        self.queue.write_buffer(&self.params, 0, &rec.blob);
+        let mut enc = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("forward"),
+            });
+        {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("forward"),
+                timestamp_writes: None,
+            });
+            for dsp in &rec.dispatches {
+                pass.set_pipeline(dsp.pipeline);
+                pass.set_bind_group(0, &dsp.group, &[]);
+                pass.dispatch_workgroups(dsp.size.0, dsp.size.1, dsp.size.2);
+            }
+        }
+        let logits_bytes = (m * cfg.vocab_size * 4) as u64;
+        let hidden_bytes = (mh * d * 4) as u64;
+        if logits_bytes > 0 {
+            enc.copy_buffer_to_buffer(&s.logits, 0, &s.readback, 0, logits_bytes);
+        }
+        if hidden_bytes > 0 {
+            enc.copy_buffer_to_buffer(
+                &s.fin,
+                (m * d * 4) as u64,
+                &s.readback,
+                logits_bytes,
+                hidden_bytes,
+            );
+        }
+        self.queue.submit([enc.finish()]);
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(device_err("forward pass", e));
+        }
+        if logits_bytes + hidden_bytes == 0 {
+            // Nothing to read: the pass only extends the KV cache. The queue orders it before
+            // the next pass, so there is no need to wait.
+            return Ok(());
+        }
+        let slice = s.readback.slice(..logits_bytes + hidden_bytes);
+        let (tx, rx) = std::sync::mpsc::channel();
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| device_err("waiting for the forward pass", e))?;
+        rx.recv()
+            .map_err(|e| device_err("reading results back", e))?
+            .map_err(|e| device_err("reading results back", e))?;
+        {
+            let view = slice
+                .get_mapped_range()
+                .map_err(|e| device_err("reading results back", e))?;
+            let floats: &[f32] = bytemuck::cast_slice(&view);
+            logits.copy_from_slice(&floats[..m * cfg.vocab_size]);
+            hidden.copy_from_slice(&floats[m * cfg.vocab_size..]);
+        }
+        s.readback.unmap();
+        Ok(())
+    }
+}
+
+/// Uploads weights into device buffers.
+struct Uploader<'a> {
+    device: &'a wgpu::Device,
+    max_binding: u64,
+}
+
+impl Uploader<'_> {
+    fn f32(&self, label: &str, v: &[f32]) -> wgpu::Buffer {
+        self.device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(label),
+                contents: bytemuck::cast_slice(v),
+                usage: wgpu::BufferUsages::STORAGE,
+            })
+    }
+
+    /// Uploads the row-wise concatenation of `parts` (same column count) in the unsigned-byte
+    /// form, split into chunks that each fit one storage binding.
+    fn matrix(&self, name: &str, parts: &[&QMatrix]) -> Result<GpuMatrix> {
+        let cols = parts[0].cols;
+        if parts.iter().any(|m| m.cols != cols) || cols % 16 != 0 {
+            return Err(ModelError::tensor(
+                name,
+                "fused matrices must share a column count that is a multiple of 16",
+            ));
+        }
+        let rows: usize = parts.iter().map(|m| m.rows).sum();
+        // Rows per chunk: the byte array is the larger of the two buffers (`cols` bytes a row).
+        let wg = ROWS_PER_WG as usize;
+        let per_chunk = (self.max_binding as usize / cols / wg * wg).max(wg);
+        let mut all_rows = parts.iter().flat_map(|m| (0..m.rows).map(move |r| (*m, r)));
+        let mut chunks = Vec::new();
+        let mut start = 0;
+        let mut u = vec![0u8; cols];
+        let mut sm = vec![[0f32; 2]; cols / 16];
+        while start < rows {
+            let n = per_chunk.min(rows - start);
+            let mut q = Vec::with_capacity(n * cols);
+            let mut s = Vec::with_capacity(n * cols / 16);
+            for (m, r) in all_rows.by_ref().take(n) {
+                m.unpack_row_unsigned(r, &mut u, &mut sm);
+                q.extend_from_slice(&u);
+                s.extend_from_slice(&sm);
+            }
+            let qb = self
+                .device
+                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some(name),
+                    contents: &q,
+                    usage: wgpu::BufferUsages::STORAGE,
+                });
+            let sb = self
+                .device
+                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some(name),
+                    contents: bytemuck::cast_slice(&s),
+                    usage: wgpu::BufferUsages::STORAGE,
+                });
+            chunks.push((start, n, qb, sb));
+            start += n;
+        }
+        Ok(GpuMatrix { cols, chunks })
+    }
+}

@@ -1,0 +1,190 @@
+//! The wgpu backend against the CPU backend (real model) and against the plain f32 reference
+//! (tiny model). Without a GPU these run on Mesa's lavapipe, a software Vulkan driver, which
+//! `.ci/run` installs; set `ARBOR_SKIP_WGPU=1` to skip them on a machine with no Vulkan driver at
+//! all (they fail otherwise, so a broken driver setup is never mistaken for a pass).
+
+use arbor_model::backend::cpu::CpuBackend;
+use arbor_model::backend::wgpu::{WgpuBackend, WgpuOptions};
+use arbor_model::tiny::{TinyModel, VOCAB};
+use arbor_model::{Engine, EngineOptions, ForwardEntry, Model};
+
+fn skip() -> bool {
+    let skip = std::env::var_os("ARBOR_SKIP_WGPU").is_some_and(|v| v != "0");
+    if skip {
+        eprintln!("ARBOR_SKIP_WGPU is set: skipping the wgpu backend test");
+    }
+    skip
+}
+
+fn gpu_engine(model: &Model) -> Engine {
+    let backend = WgpuBackend::new(
+        model.config.clone(),
+        model.weights.clone(),
+        &WgpuOptions {
+            allow_software: true,
+        },
+    )
+    .expect("a wgpu adapter (install mesa-vulkan-drivers, or set ARBOR_SKIP_WGPU=1)");
+    eprintln!("wgpu adapter: {:?}", backend.adapter());
+    Engine::new(Box::new(backend), EngineOptions::default())
+}
+
+fn cpu_engine(model: &Model) -> Engine {
+    Engine::new(
+        Box::new(CpuBackend::new(model.config.clone(), model.weights.clone())),
+        EngineOptions::default(),
+    )
+}
+
+#[test]
+fn wgpu_backend_matches_the_f32_reference_on_the_tiny_model() {
+    if skip() {
+        return;
+    }
+    for arch in ["qwen2", "llama"] {
+        let dir =
+            std::env::temp_dir().join(format!("arbor-wgpu-tiny-{arch}-{}", std::process::id()));
+        let tiny = TinyModel::new(arch);
+        tiny.write(&dir).unwrap();
+        let model = Model::load(&dir).unwrap();
+        // Long enough to span several KV blocks and two attention tiles.
+        let tokens: Vec<u32> = (0..150u32).map(|i| (i * 37 + 11) % 256).collect();
+        let mut e = gpu_engine(&model);
+        let s = e.new_sequence();
+        let ours = e.forward_all_logits(&[(s, &tokens)]).unwrap().to_vec();
+        let reference = tiny.reference_logits(&tokens);
+        let scale = reference.iter().flatten().fold(0f32, |m, v| m.max(v.abs()));
+        let mut ce = cpu_engine(&model);
+        let cs = ce.new_sequence();
+        let cpu = ce.forward_all_logits(&[(cs, &tokens)]).unwrap().to_vec();
+        let mut worst = 0f32;
+        for (pos, row) in reference.iter().enumerate() {
+            for (t, r) in row.iter().enumerate() {
+                let o = ours[pos * VOCAB + t];
+                assert!(o.is_finite(), "{arch} position {pos} token {t}: {o}");
+                worst = worst.max((o - r).abs());
+            }
+        }
+        let cpu_worst = reference.iter().enumerate().fold(0f32, |m, (pos, row)| {
+            row.iter()
+                .enumerate()
+                .fold(m, |m, (t, r)| m.max((cpu[pos * VOCAB + t] - r).abs()))
+        });
+        // Both backends hold the same 8-bit weights; the GPU keeps activations in f32 where
+        // the CPU rounds them to 8 bits, so its error must be no larger than the CPU's (which
+        // the CPU's own test bounds by 5% of the logit scale).
+        eprintln!("{arch}: worst logit error {worst}, CPU backend {cpu_worst} (scale {scale})");
+        assert!(
+            worst <= 0.05 * scale && worst <= 1.1 * cpu_worst,
+            "{arch}: worst logit error {worst} against the f32 reference (CPU backend {cpu_worst}, scale {scale})"
+        );
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
+
+/// Largest |a - b| and the positions where the argmax differs beyond a near-tie.
+fn compare(cpu: &[f32], gpu: &[f32], vocab: usize, tol: f32, what: &str) -> f32 {
+    assert_eq!(cpu.len(), gpu.len(), "{what}: output sizes differ");
+    let mut worst = 0f32;
+    for (row, (c, g)) in cpu.chunks(vocab).zip(gpu.chunks(vocab)).enumerate() {
+        let argmax = |v: &[f32]| {
+            v.iter()
+                .enumerate()
+                .fold((0, f32::MIN), |b, (i, &x)| if x > b.1 { (i, x) } else { b })
+        };
+        let (ci, _) = argmax(c);
+        let (gi, gv) = argmax(g);
+        if ci != gi {
+            // A near-tie may break either way: the GPU's logit for the CPU's choice must then
+            // be within the tolerance of its own best.
+            assert!(
+                gv - g[ci] <= tol,
+                "{what} row {row}: argmax {gi} on the GPU, {ci} on the CPU, gap {}",
+                gv - g[ci]
+            );
+        }
+        for (a, b) in c.iter().zip(g) {
+            assert!(b.is_finite(), "{what} row {row}: non-finite logit");
+            worst = worst.max((a - b).abs());
+        }
+    }
+    assert!(
+        worst <= tol,
+        "{what}: worst logit difference {worst} > {tol}"
+    );
+    worst
+}
+
+#[test]
+fn wgpu_backend_agrees_with_the_cpu_backend_on_the_real_model() {
+    if skip() {
+        return;
+    }
+    let model = super::model();
+    let vocab = model.config.vocab_size;
+    // The same tolerance the CPU backend meets against llama.cpp: both quantize differently
+    // (the CPU backend rounds activations to 8 bits, the GPU keeps them in f32).
+    const TOL: f32 = 0.75;
+    let prompt = model
+        .tokenizer
+        .encode(
+            "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
+            false,
+        )
+        .unwrap();
+    let mut cpu = cpu_engine(model);
+    let mut gpu = gpu_engine(model);
+    let (sc, sg) = (cpu.new_sequence(), gpu.new_sequence());
+    let a = cpu.forward_all_logits(&[(sc, &prompt)]).unwrap().to_vec();
+    let b = gpu.forward_all_logits(&[(sg, &prompt)]).unwrap().to_vec();
+    let worst = compare(&a, &b, vocab, TOL, "prefill");
+    eprintln!(
+        "prefill of {} tokens: worst difference {worst}",
+        prompt.len()
+    );
+
+    // Fork three children off the prompt (they share its KV blocks, and the partly filled last
+    // block is copied on write) and decode them together, each with its own tokens.
+    let kids_c: Vec<_> = (0..3).map(|_| cpu.fork(sc).unwrap()).collect();
+    let kids_g: Vec<_> = (0..3).map(|_| gpu.fork(sg).unwrap()).collect();
+    let steps: [[u32; 3]; 3] = [[576, 1156, 220], [16, 17, 18], [13, 11, 198]];
+    for (k, step) in steps.iter().enumerate() {
+        let ec: Vec<(_, &[u32])> = kids_c
+            .iter()
+            .zip(step)
+            .map(|(s, t)| (*s, std::slice::from_ref(t)))
+            .collect();
+        let eg: Vec<(_, &[u32])> = kids_g
+            .iter()
+            .zip(step)
+            .map(|(s, t)| (*s, std::slice::from_ref(t)))
+            .collect();
+        let a = cpu.forward(&ec).unwrap().to_vec();
+        let b = gpu.forward(&eg).unwrap().to_vec();
+        let worst = compare(&a, &b, vocab, TOL, &format!("forked decode step {k}"));
+        eprintln!("forked decode step {k}: worst difference {worst}");
+    }
+    // Hidden states at chosen offsets (the reward heads read these).
+    let tail = [30u32, 31, 32];
+    let at = [0u32, 2];
+    let hc = cpu
+        .forward_at(&[ForwardEntry::hidden_at(kids_c[0], &tail, &at)])
+        .unwrap()
+        .hidden
+        .to_vec();
+    let hg = gpu
+        .forward_at(&[ForwardEntry::hidden_at(kids_g[0], &tail, &at)])
+        .unwrap()
+        .hidden
+        .to_vec();
+    assert_eq!(hc.len(), 2 * model.config.d_model);
+    let scale = hc.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let worst = hc
+        .iter()
+        .zip(&hg)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        worst <= 0.05 * scale,
+        "hidden states: worst difference {worst}, scale {scale}"
+    );
+}
