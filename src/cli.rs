@@ -6,6 +6,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use arbor_model::backend::cpu::CpuBackend;
+use arbor_model::backend::wgpu::{WgpuBackend, WgpuOptions};
+use arbor_model::Backend;
 use arbor_model::fetch::{ensure_default_model, models_dir, FetchEvent, DEFAULT_MODEL};
 use arbor_model::generate::generate;
 use arbor_model::{ChatMessage, Engine, EngineOptions, GenRequest, Model, SamplingParams};
@@ -117,9 +119,10 @@ enum ModelAction {
 pub(crate) enum Device {
     /// Native CPU backend (SIMD, all cores).
     Cpu,
-    /// wgpu compute shaders (not built yet: falls back with an error).
+    /// wgpu compute shaders (Vulkan, Metal or DX12) on the first hardware GPU. A software
+    /// adapter (Mesa's lavapipe) is used only with ARBOR_WGPU_ALLOW_SOFTWARE=1.
     Gpu,
-    /// GPU when available, else CPU.
+    /// A hardware GPU when wgpu finds one, else the CPU.
     Auto,
 }
 
@@ -241,16 +244,42 @@ pub(crate) fn load_engine_with(
     device: Device,
     options: EngineOptions,
 ) -> Result<(Model, Engine)> {
-    if device == Device::Gpu {
-        bail!("--device gpu: the wgpu backend is not part of this build yet; use --device cpu");
-    }
     let path = resolve_model(model)?;
     let t = Instant::now();
     let model = Model::load(&path).with_context(|| format!("loading {}", path.display()))?;
     tracing::info!(secs = t.elapsed().as_secs_f64(), "model loaded");
-    let backend = CpuBackend::new(model.config.clone(), model.weights.clone());
-    let engine = Engine::new(Box::new(backend), options);
+    let backend = backend_for(&model, device)?;
+    let engine = Engine::new(backend, options);
     Ok((model, engine))
+}
+
+/// The backend `--device` asks for: `gpu` fails with the reason when there is no usable GPU;
+/// `auto` falls back to the CPU, saying why at info level.
+pub(crate) fn backend_for(model: &Model, device: Device) -> Result<Box<dyn Backend>> {
+    let cpu = || Box::new(CpuBackend::new(model.config.clone(), model.weights.clone()));
+    if device == Device::Cpu {
+        return Ok(cpu());
+    }
+    let options = WgpuOptions {
+        allow_software: std::env::var_os("ARBOR_WGPU_ALLOW_SOFTWARE").is_some_and(|v| v != "0"),
+    };
+    let t = Instant::now();
+    match WgpuBackend::new(model.config.clone(), model.weights.clone(), &options) {
+        Ok(gpu) => {
+            tracing::info!(
+                adapter = %gpu.adapter().name,
+                api = %gpu.adapter().backend,
+                secs = t.elapsed().as_secs_f64(),
+                "wgpu backend ready"
+            );
+            Ok(Box::new(gpu))
+        }
+        Err(e) if device == Device::Auto => {
+            tracing::info!("no GPU backend ({e}); using the CPU backend");
+            Ok(cpu())
+        }
+        Err(e) => Err(anyhow::anyhow!("--device gpu: {e}")),
+    }
 }
 
 fn cmd_generate(args: GenerateArgs) -> Result<()> {

@@ -277,3 +277,101 @@ impl DecoderWeights {
         })
     }
 }
+
+/// Shapes of published models, for [`DecoderWeights::synthetic`] and speed measurements.
+pub fn preset(name: &str) -> Option<ModelConfig> {
+    let (n_layers, d_model, n_heads, n_kv_heads, head_dim, ffn_dim, vocab_size) = match name {
+        "qwen2.5-0.5b" => (24, 896, 14, 2, 64, 4864, 151_936),
+        "qwen2.5-1.5b" => (28, 1536, 12, 2, 128, 8960, 151_936),
+        "qwen2.5-7b" => (28, 3584, 28, 4, 128, 18_944, 152_064),
+        _ => return None,
+    };
+    Some(ModelConfig {
+        architecture: "qwen2".into(),
+        n_layers,
+        d_model,
+        n_heads,
+        n_kv_heads,
+        head_dim,
+        ffn_dim,
+        vocab_size,
+        rope_theta: 1_000_000.0,
+        rope_style: RopeStyle::Neox,
+        rms_eps: 1e-6,
+        context_length: 32_768,
+    })
+}
+
+impl DecoderWeights {
+    /// Weights in the shapes of `cfg` and the storage types of a Q4_K_M file (Q8_0 matrices,
+    /// Q4_K `ffn_down` where its width allows), filled with deterministic pseudo-random values.
+    ///
+    /// For speed measurements where the real file cannot go: a kernel takes the same time
+    /// whatever the weights' values. The values are kept small so activations stay finite.
+    pub fn synthetic(cfg: &ModelConfig, seed: u64) -> Result<Self> {
+        use crate::quant::{GgmlType, Storage};
+        cfg.validate()?;
+        let mut state = seed | 1;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut matrix = |name: &str, ty: GgmlType, rows: usize, cols: usize| -> Result<QMatrix> {
+            let row_bytes = ty.row_bytes(cols);
+            let mut bytes = vec![0u8; rows * row_bytes];
+            for chunk in bytes.chunks_mut(8) {
+                let v = next().to_le_bytes();
+                chunk.copy_from_slice(&v[..chunk.len()]);
+            }
+            // A small positive f16 scale (and min) at each block's head: 2^-10 to 2^-9.
+            let scale = half::f16::from_f32(0.0015).to_le_bytes();
+            for blk in bytes.chunks_mut(ty.block_bytes()) {
+                match ty {
+                    GgmlType::Q8_0 => blk[0..2].copy_from_slice(&scale),
+                    GgmlType::Q4K => {
+                        blk[0..2].copy_from_slice(&scale);
+                        blk[2..4].copy_from_slice(&scale);
+                    }
+                    _ => unreachable!("synthetic weights use Q8_0 and Q4_K"),
+                }
+            }
+            QMatrix::new(name, ty, rows, cols, Storage::Owned(bytes.into()))
+        };
+        let d = cfg.d_model;
+        let q_dim = cfg.n_heads * cfg.head_dim;
+        let kv = cfg.kv_dim();
+        let down_ty = if cfg.ffn_dim % 256 == 0 {
+            GgmlType::Q4K
+        } else {
+            GgmlType::Q8_0
+        };
+        let q8 = GgmlType::Q8_0;
+        let ones = |n: usize| vec![1.0f32; n];
+        let small = |n: usize| vec![0.01f32; n];
+        let mut layers = Vec::with_capacity(cfg.n_layers);
+        for _ in 0..cfg.n_layers {
+            layers.push(LayerWeights {
+                attn_norm: ones(d),
+                wq: matrix("attn_q", q8, q_dim, d)?,
+                wk: matrix("attn_k", q8, kv, d)?,
+                wv: matrix("attn_v", q8, kv, d)?,
+                bq: Some(small(q_dim)),
+                bk: Some(small(kv)),
+                bv: Some(small(kv)),
+                wo: matrix("attn_output", q8, d, q_dim)?,
+                ffn_norm: ones(d),
+                w_gate: matrix("ffn_gate", q8, cfg.ffn_dim, d)?,
+                w_up: matrix("ffn_up", q8, cfg.ffn_dim, d)?,
+                w_down: matrix("ffn_down", down_ty, d, cfg.ffn_dim)?,
+            });
+        }
+        Ok(DecoderWeights {
+            embed: matrix("token_embd", q8, cfg.vocab_size, d)?,
+            layers,
+            out_norm: ones(d),
+            output: matrix("output", q8, cfg.vocab_size, d)?,
+        })
+    }
+}

@@ -100,13 +100,21 @@ struct GpuLayer {
     down: GpuMatrix,
 }
 
+/// A compiled kernel and the layout of its bind group.
+struct Kernel {
+    /// Distinguishes kernels in the bind-group cache.
+    id: u8,
+    pipeline: wgpu::ComputePipeline,
+    layout: wgpu::BindGroupLayout,
+}
+
 struct Pipelines {
-    matmul_1: wgpu::ComputePipeline,
-    matmul_t: wgpu::ComputePipeline,
-    rms_norm: wgpu::ComputePipeline,
-    rope_kv: wgpu::ComputePipeline,
-    attention: wgpu::ComputePipeline,
-    swiglu: wgpu::ComputePipeline,
+    matmul_1: Kernel,
+    matmul_t: Kernel,
+    rms_norm: Kernel,
+    rope_kv: Kernel,
+    attention: Kernel,
+    swiglu: Kernel,
 }
 
 /// Per-pass buffers, sized for up to `tokens` tokens and `rows_out` selected rows.
@@ -146,6 +154,8 @@ pub struct WgpuBackend {
     params: wgpu::Buffer,
     params_slots: usize,
     scratch: Option<Scratch>,
+    /// Bind groups by dispatch slot; cleared whenever a bound buffer is reallocated.
+    bind_cache: Vec<Option<(u8, wgpu::BindGroup)>>,
     /// An empty-ish buffer bound where a kernel's optional input is absent.
     dummy: wgpu::Buffer,
     max_binding: u64,
@@ -206,9 +216,9 @@ impl WgpuBackend {
         weights: Arc<DecoderWeights>,
         options: &WgpuOptions,
     ) -> Result<Self> {
-        if config.head_dim > HEAD_DIM_MAX {
+        if config.head_dim > HEAD_DIM_MAX || config.head_dim % 4 != 0 {
             return Err(ModelError::Device(format!(
-                "head_dim {} is larger than the attention kernel's {HEAD_DIM_MAX}",
+                "head_dim {}: the attention kernel needs a multiple of 4, at most {HEAD_DIM_MAX}",
                 config.head_dim
             )));
         }
@@ -312,6 +322,7 @@ impl WgpuBackend {
             params,
             params_slots: 1,
             scratch: None,
+            bind_cache: Vec::new(),
             dummy,
             max_binding,
         })
@@ -383,6 +394,7 @@ impl WgpuBackend {
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
+        self.bind_cache.clear();
         self.scratch = Some(Scratch {
             tokens,
             rows_out,
@@ -414,25 +426,31 @@ impl WgpuBackend {
                 mapped_at_creation: false,
             });
             self.params_slots = slots;
+            self.bind_cache.clear();
         }
     }
 }
 
 impl Pipelines {
     fn new(device: &wgpu::Device) -> Self {
-        let make = |label: &str, src: String| {
+        let make = |id: u8, label: &str, src: String| {
             let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
                 label: Some(label),
                 source: wgpu::ShaderSource::Wgsl(src.into()),
             });
-            device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                 label: Some(label),
                 layout: None,
                 module: &module,
                 entry_point: Some("main"),
                 compilation_options: Default::default(),
                 cache: None,
-            })
+            });
+            Kernel {
+                id,
+                layout: pipeline.get_bind_group_layout(0),
+                pipeline,
+            }
         };
         let matmul = |tt: u32| {
             include_str!("matmul.wgsl")
@@ -440,12 +458,12 @@ impl Pipelines {
                 .replace("__RED__", &(256 * tt).to_string())
         };
         Pipelines {
-            matmul_1: make("matmul_1", matmul(1)),
-            matmul_t: make("matmul_t", matmul(TOKENS_PER_TILE)),
-            rms_norm: make("rms_norm", include_str!("rms_norm.wgsl").into()),
-            rope_kv: make("rope_kv", include_str!("rope_kv.wgsl").into()),
-            attention: make("attention", include_str!("attention.wgsl").into()),
-            swiglu: make("swiglu", include_str!("swiglu.wgsl").into()),
+            matmul_1: make(0, "matmul_1", matmul(1)),
+            matmul_t: make(1, "matmul_t", matmul(TOKENS_PER_TILE)),
+            rms_norm: make(2, "rms_norm", include_str!("rms_norm.wgsl").into()),
+            rope_kv: make(3, "rope_kv", include_str!("rope_kv.wgsl").into()),
+            attention: make(4, "attention", include_str!("attention.wgsl").into()),
+            swiglu: make(5, "swiglu", include_str!("swiglu.wgsl").into()),
         }
     }
 }
@@ -458,24 +476,43 @@ struct Dispatch<'p> {
 }
 
 /// Collects a pass's dispatches and their parameter blocks.
+///
+/// Dispatch `k` of a pass always has parameter slot `k` and, for a given kernel, the same
+/// buffers (the sequence of dispatches is fixed by the model; only sizes change), so its bind
+/// group is made once and reused until a buffer is reallocated, which clears `cache`.
 struct Recorder<'a> {
     device: &'a wgpu::Device,
     params: &'a wgpu::Buffer,
     blob: Vec<u8>,
     dispatches: Vec<Dispatch<'a>>,
+    cache: &'a mut Vec<Option<(u8, wgpu::BindGroup)>>,
 }
 
 impl<'a> Recorder<'a> {
     fn add<P: Pod>(
         &mut self,
-        pipeline: &'a wgpu::ComputePipeline,
+        kernel: &'a Kernel,
         params: P,
         buffers: &[&wgpu::Buffer],
         size: (u32, u32, u32),
     ) {
+        let slot = self.dispatches.len();
         let offset = self.blob.len() as u64;
         self.blob.extend_from_slice(bytemuck::bytes_of(&params));
         self.blob.resize((offset + PARAM_SLOT) as usize, 0);
+        if self.cache.len() <= slot {
+            self.cache.resize(slot + 1, None);
+        }
+        if let Some((id, group)) = &self.cache[slot] {
+            if *id == kernel.id {
+                self.dispatches.push(Dispatch {
+                    pipeline: &kernel.pipeline,
+                    group: group.clone(),
+                    size,
+                });
+                return;
+            }
+        }
         let mut entries = vec![wgpu::BindGroupEntry {
             binding: 0,
             resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
@@ -492,11 +529,12 @@ impl<'a> Recorder<'a> {
         }
         let group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: None,
-            layout: &pipeline.get_bind_group_layout(0),
+            layout: &kernel.layout,
             entries: &entries,
         });
+        self.cache[slot] = Some((kernel.id, group.clone()));
         self.dispatches.push(Dispatch {
-            pipeline,
+            pipeline: &kernel.pipeline,
             group,
             size,
         });
@@ -576,6 +614,7 @@ impl Backend for WgpuBackend {
         }
         self.kv = fresh;
         self.kv_blocks = target;
+        self.bind_cache.clear();
         Ok(())
     }
 
@@ -698,6 +737,7 @@ impl Backend for WgpuBackend {
             params: &self.params,
             blob: Vec::new(),
             dispatches: Vec::new(),
+            cache: &mut self.bind_cache,
         };
         let norm = |rows: usize, use_sel: bool| NormParams {
             n_rows: rows as u32,
