@@ -71,7 +71,11 @@ fn measure(mut engine: Engine, cfg: &ModelConfig, steps: usize) -> anyhow::Resul
         let mut toks: Vec<u32> = (0..n as u32).map(|i| (i * 31 + 7) % vocab).collect();
         let step = |engine: &mut Engine, toks: &mut Vec<u32>| -> anyhow::Result<()> {
             let inputs: Vec<[u32; 1]> = toks.iter().map(|&t| [t]).collect();
-            let entries: Vec<_> = seqs.iter().zip(&inputs).map(|(s, t)| (*s, &t[..])).collect();
+            let entries: Vec<_> = seqs
+                .iter()
+                .zip(&inputs)
+                .map(|(s, t)| (*s, &t[..]))
+                .collect();
             let logits = engine.forward(&entries)?;
             for (i, t) in toks.iter_mut().enumerate() {
                 *t = argmax(&logits[i * vocab as usize..(i + 1) * vocab as usize]);
@@ -120,18 +124,30 @@ fn main() -> anyhow::Result<()> {
         let cfg = preset(name).ok_or_else(|| anyhow::anyhow!("unknown shape preset `{name}`"))?;
         let t = Instant::now();
         let weights = Arc::new(DecoderWeights::synthetic(&cfg, 42)?);
-        eprintln!("{name}: synthetic weights in {:.1}s", t.elapsed().as_secs_f64());
+        eprintln!(
+            "{name}: synthetic weights in {:.1}s",
+            t.elapsed().as_secs_f64()
+        );
         let t = Instant::now();
         let gpu = WgpuBackend::new(
             cfg.clone(),
             weights.clone(),
-            &WgpuOptions { allow_software },
+            &WgpuOptions {
+                allow_software,
+                max_chunk_bytes: None,
+            },
         )?;
         let adapter = gpu.adapter().clone();
-        eprintln!("{name}: uploaded to {} in {:.1}s", adapter.name, t.elapsed().as_secs_f64());
+        eprintln!(
+            "{name}: uploaded to {} in {:.1}s",
+            adapter.name,
+            t.elapsed().as_secs_f64()
+        );
         // The two backends must agree before their speeds mean anything: the logits of the
         // prompt's last token, relative to their scale.
-        let prompt: Vec<u32> = (0..128u32).map(|i| (i * 7919 + 13) % cfg.vocab_size as u32).collect();
+        let prompt: Vec<u32> = (0..128u32)
+            .map(|i| (i * 7919 + 13) % cfg.vocab_size as u32)
+            .collect();
         let mut ge = Engine::new(Box::new(gpu), EngineOptions::default());
         let gs = ge.new_sequence();
         let gl = ge.forward(&[(gs, &prompt)])?.to_vec();
@@ -143,7 +159,10 @@ fn main() -> anyhow::Result<()> {
         let cl = ce.forward(&[(cs, &prompt)])?.to_vec();
         drop(ce);
         let scale = cl.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let worst = gl.iter().zip(&cl).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        let worst = gl
+            .iter()
+            .zip(&cl)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
         eprintln!(
             "{name}: wgpu vs cpu logits: worst difference {:.3}% of the scale {scale:.2}; argmax {} vs {}",
             100.0 * worst / scale,
@@ -169,16 +188,25 @@ fn main() -> anyhow::Result<()> {
         };
         rows.push((name.to_string(), cfg, adapter, g, c));
     }
-    println!("\nTokens/s (higher is better); CPU backend on {threads} threads; ratio = wgpu / cpu.\n");
+    println!(
+        "\nTokens/s (higher is better); CPU backend on {threads} threads; ratio = wgpu / cpu.\n"
+    );
     for (name, cfg, adapter, g, c) in &rows {
-        println!("### {name} shapes on {} ({}, {})\n", adapter.name, adapter.backend, adapter.device_type);
+        println!(
+            "### {name} shapes on {} ({}, {})\n",
+            adapter.name, adapter.backend, adapter.device_type
+        );
         println!("| measurement | wgpu | cpu | wgpu / cpu |");
         println!("|---|---|---|---|");
         let row = |label: String, gv: f64, cv: Option<f64>| match cv {
             Some(cv) => println!("| {label} | {gv:.1} | {cv:.1} | {:.2}x |", gv / cv),
             None => println!("| {label} | {gv:.1} | n/a | n/a |"),
         };
-        row("prefill, 128-token prompt".into(), g.prefill, c.map(|c| c.prefill));
+        row(
+            "prefill, 128-token prompt".into(),
+            g.prefill,
+            c.map(|c| c.prefill),
+        );
         row("decode, 1 sequence".into(), g.decode1, c.map(|c| c.decode1));
         for (i, n) in BATCHES.iter().enumerate() {
             row(

@@ -7,9 +7,9 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use arbor_model::backend::cpu::CpuBackend;
 use arbor_model::backend::wgpu::{WgpuBackend, WgpuOptions};
-use arbor_model::Backend;
 use arbor_model::fetch::{ensure_default_model, models_dir, FetchEvent, DEFAULT_MODEL};
 use arbor_model::generate::generate;
+use arbor_model::Backend;
 use arbor_model::{ChatMessage, Engine, EngineOptions, GenRequest, Model, SamplingParams};
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -262,6 +262,7 @@ pub(crate) fn backend_for(model: &Model, device: Device) -> Result<Box<dyn Backe
     }
     let options = WgpuOptions {
         allow_software: std::env::var_os("ARBOR_WGPU_ALLOW_SOFTWARE").is_some_and(|v| v != "0"),
+        max_chunk_bytes: None,
     };
     let t = Instant::now();
     match WgpuBackend::new(model.config.clone(), model.weights.clone(), &options) {

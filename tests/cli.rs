@@ -88,6 +88,39 @@ fn generate_streams_text_to_stdout_and_statistics_to_stderr() {
 }
 
 #[test]
+fn device_gpu_runs_on_a_gpu_or_says_why_not() {
+    let out = arbor()
+        .args([
+            "generate",
+            "--prompt",
+            "1, 2, 3,",
+            "--max-tokens",
+            "3",
+            "--device",
+            "gpu",
+        ])
+        .env_remove("ARBOR_WGPU_ALLOW_SOFTWARE")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    if out.status.success() {
+        // A hardware GPU: the statistics line names the backend.
+        assert!(err.contains("backend wgpu"), "{err}");
+    } else {
+        // No hardware GPU (CI has only Mesa's software driver): the error says why and what
+        // to do instead.
+        assert!(err.contains("--device gpu"), "{err}");
+        assert!(
+            (err.contains("software renderer") && err.contains("ARBOR_WGPU_ALLOW_SOFTWARE"))
+                || err.contains("no GPU adapter"),
+            "{err}"
+        );
+        assert!(err.contains("--device cpu"), "{err}");
+    }
+}
+
+#[test]
 fn bad_input_gets_a_precise_error_and_a_failure_status() {
     let check = |args: &[&str], needle: &str| {
         let out = arbor().args(args).output().unwrap();
@@ -111,7 +144,6 @@ fn bad_input_gets_a_precise_error_and_a_failure_status() {
     );
     check(&["generate", "--prompt", "hi", "--top-p", "0"], "top_p");
     check(&["search", "--strategy", "sideways", "q"], "sideways");
-    check(&["search", "--device", "gpu", "q"], "wgpu");
     check(&["search", "--budget-tokens", "0", "q"], "--budget-tokens");
     check(
         &["search", "--strategy", "best-of-n", "--n", "0", "q"],

@@ -1,7 +1,8 @@
 //! The wgpu backend against the CPU backend (real model) and against the plain f32 reference
 //! (tiny model). Without a GPU these run on Mesa's lavapipe, a software Vulkan driver, which
-//! `.ci/run` installs; set `ARBOR_SKIP_WGPU=1` to skip them on a machine with no Vulkan driver at
-//! all (they fail otherwise, so a broken driver setup is never mistaken for a pass).
+//! `.ci/run` installs. On a machine with no Vulkan driver at all they skip and say so, except
+//! under `CI=true`, where a missing adapter fails them: CI never mistakes a broken driver setup
+//! for a pass.
 
 use arbor_model::backend::cpu::CpuBackend;
 use arbor_model::backend::wgpu::{WgpuBackend, WgpuOptions};
@@ -9,22 +10,35 @@ use arbor_model::tiny::{TinyModel, VOCAB};
 use arbor_model::{Engine, EngineOptions, ForwardEntry, Model};
 
 fn skip() -> bool {
-    let skip = std::env::var_os("ARBOR_SKIP_WGPU").is_some_and(|v| v != "0");
-    if skip {
-        eprintln!("ARBOR_SKIP_WGPU is set: skipping the wgpu backend test");
+    if !arbor_model::backend::wgpu::adapters().is_empty() {
+        return false;
     }
-    skip
+    let ci = std::env::var_os("CI").is_some_and(|v| v != "0" && v != "false");
+    assert!(
+        !ci,
+        "CI: no wgpu adapter; .ci/run installs mesa-vulkan-drivers for a software Vulkan driver"
+    );
+    eprintln!(
+        "SKIPPED: no wgpu adapter on this machine (apt-get install mesa-vulkan-drivers gives a \
+         software Vulkan driver); the wgpu backend tests did not run"
+    );
+    true
 }
 
 fn gpu_engine(model: &Model) -> Engine {
+    gpu_engine_chunked(model, None)
+}
+
+fn gpu_engine_chunked(model: &Model, max_chunk_bytes: Option<u64>) -> Engine {
     let backend = WgpuBackend::new(
         model.config.clone(),
         model.weights.clone(),
         &WgpuOptions {
             allow_software: true,
+            max_chunk_bytes,
         },
     )
-    .expect("a wgpu adapter (install mesa-vulkan-drivers, or set ARBOR_SKIP_WGPU=1)");
+    .expect("opening the wgpu adapter");
     eprintln!("wgpu adapter: {:?}", backend.adapter());
     Engine::new(Box::new(backend), EngineOptions::default())
 }
@@ -74,6 +88,16 @@ fn wgpu_backend_matches_the_f32_reference_on_the_tiny_model() {
         // the CPU rounds them to 8 bits, so its error must be no larger than the CPU's (which
         // the CPU's own test bounds by 5% of the logit scale).
         eprintln!("{arch}: worst logit error {worst}, CPU backend {cpu_worst} (scale {scale})");
+        // Weight matrices split into chunks of at most 8 KiB and the logits of a pass into
+        // slices of 7 rows (as on a device with a small storage binding): the same logits.
+        let mut small = gpu_engine_chunked(&model, Some((7 * VOCAB * 4) as u64));
+        let s2 = small.new_sequence();
+        let split = small.forward_all_logits(&[(s2, &tokens)]).unwrap().to_vec();
+        let diff = split
+            .iter()
+            .zip(&ours)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(diff <= 1e-4, "{arch}: split pass differs by {diff}");
         assert!(
             worst <= 0.05 * scale && worst <= 1.1 * cpu_worst,
             "{arch}: worst logit error {worst} against the f32 reference (CPU backend {cpu_worst}, scale {scale})"
@@ -147,7 +171,7 @@ fn wgpu_backend_agrees_with_the_cpu_backend_on_the_real_model() {
     // block is copied on write) and decode them together, each with its own tokens.
     let kids_c: Vec<_> = (0..3).map(|_| cpu.fork(sc).unwrap()).collect();
     let kids_g: Vec<_> = (0..3).map(|_| gpu.fork(sg).unwrap()).collect();
-    let steps: [[u32; 3]; 3] = [[576, 1156, 220], [16, 17, 18], [13, 11, 198]];
+    let steps: [[u32; 3]; 2] = [[576, 1156, 220], [16, 17, 18]];
     for (k, step) in steps.iter().enumerate() {
         let ec: Vec<(_, &[u32])> = kids_c
             .iter()

@@ -43,6 +43,10 @@ pub struct WgpuOptions {
     /// Accept a software adapter (Mesa's lavapipe, WARP): correct but slow; for tests and for
     /// machines without a GPU.
     pub allow_software: bool,
+    /// Largest weight chunk and logits buffer, in bytes (default and upper bound: the device's
+    /// largest storage binding). Smaller values split more; tests use them to exercise the
+    /// splitting on small models.
+    pub max_chunk_bytes: Option<u64>,
 }
 
 /// Describes the adapter a backend runs on.
@@ -117,9 +121,11 @@ struct Pipelines {
     swiglu: Kernel,
 }
 
-/// Per-pass buffers, sized for up to `tokens` tokens and `rows_out` selected rows.
+/// Per-pass buffers, sized for up to `tokens` tokens, `logit_rows` rows of logits and
+/// `rows_out` selected rows in all (logits rows, then hidden-state rows).
 struct Scratch {
     tokens: usize,
+    logit_rows: usize,
     rows_out: usize,
     table_len: usize,
     x: wgpu::Buffer,
@@ -159,6 +165,8 @@ pub struct WgpuBackend {
     /// An empty-ish buffer bound where a kernel's optional input is absent.
     dummy: wgpu::Buffer,
     max_binding: u64,
+    /// Largest weight chunk and logits buffer ([`WgpuOptions::max_chunk_bytes`]).
+    max_chunk: u64,
 }
 
 #[repr(C)]
@@ -261,9 +269,12 @@ impl WgpuBackend {
             tracing::error!("wgpu: {e}");
         }));
         let pipelines = Pipelines::new(&device);
+        let max_chunk = options
+            .max_chunk_bytes
+            .map_or(max_binding, |c| c.min(max_binding));
         let up = Uploader {
             device: &device,
-            max_binding,
+            max_chunk,
         };
         let scope = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let out_norm = up.f32("output_norm", &weights.out_norm);
@@ -325,6 +336,7 @@ impl WgpuBackend {
             bind_cache: Vec::new(),
             dummy,
             max_binding,
+            max_chunk,
         })
     }
 
@@ -361,9 +373,19 @@ impl WgpuBackend {
         Ok(buf)
     }
 
-    fn ensure_scratch(&mut self, tokens: usize, rows_out: usize, table_len: usize) -> Result<()> {
+    fn ensure_scratch(
+        &mut self,
+        tokens: usize,
+        logit_rows: usize,
+        rows_out: usize,
+        table_len: usize,
+    ) -> Result<()> {
         if let Some(s) = &self.scratch {
-            if s.tokens >= tokens && s.rows_out >= rows_out && s.table_len >= table_len {
+            if s.tokens >= tokens
+                && s.logit_rows >= logit_rows
+                && s.rows_out >= rows_out
+                && s.table_len >= table_len
+            {
                 return Ok(());
             }
         }
@@ -372,6 +394,9 @@ impl WgpuBackend {
             .max(old.map_or(0, |s| s.tokens))
             .next_power_of_two()
             .max(16);
+        // Logits rows grow to what is asked, not a power of two: they can be the largest
+        // buffer, bounded by the device's largest binding.
+        let logit_rows = logit_rows.max(old.map_or(0, |s| s.logit_rows)).max(1);
         let rows_out = rows_out
             .max(old.map_or(0, |s| s.rows_out))
             .next_power_of_two()
@@ -386,7 +411,7 @@ impl WgpuBackend {
         let q_dim = (c.n_heads * c.head_dim) as u64;
         let qkv = q_dim + 2 * c.kv_dim() as u64;
         let ffn = c.ffn_dim as u64;
-        let logits_bytes = rows_out as u64 * c.vocab_size as u64 * f;
+        let logits_bytes = logit_rows as u64 * c.vocab_size as u64 * f;
         let fin_bytes = rows_out as u64 * d * f;
         let readback = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("readback"),
@@ -397,6 +422,7 @@ impl WgpuBackend {
         self.bind_cache.clear();
         self.scratch = Some(Scratch {
             tokens,
+            logit_rows,
             rows_out,
             table_len,
             x: self.storage("x", n * d * f)?,
@@ -408,7 +434,7 @@ impl WgpuBackend {
             cs: self.storage("rope", n * (c.head_dim as u64 / 2) * 8)?,
             tok: self.storage("tok", n * 16)?,
             tables: self.storage("tables", table_len as u64 * 4)?,
-            sel: self.storage("sel", 2 * rows_out as u64 * 4)?,
+            sel: self.storage("sel", rows_out as u64 * 4)?,
             fin: self.storage("fin", fin_bytes)?,
             logits: self.storage("logits", logits_bytes)?,
             readback,
@@ -659,6 +685,74 @@ impl Backend for WgpuBackend {
         logits: &mut Vec<f32>,
         hidden: &mut Vec<f32>,
     ) -> Result<()> {
+        // The logits of one pass must fit one storage binding (128 MiB on some devices: 220
+        // rows of a 151,936-token vocabulary; or `max_chunk_bytes`). A batch that wants more runs as consecutive
+        // slices of its tokens; attention is causal and each slice's keys and values are in
+        // the cache before the next slice runs, so the result is the same.
+        let rows_max = (self.max_chunk as usize / (self.config.vocab_size * 4)).max(1);
+        if batch.logits_for.len() <= rows_max {
+            return self.forward_pass(batch, logits, hidden);
+        }
+        let (vocab, d) = (self.config.vocab_size, self.config.d_model);
+        logits.resize(batch.logits_for.len() * vocab, 0.0);
+        hidden.resize(batch.hidden_for.len() * d, 0.0);
+        let (mut part_logits, mut part_hidden) = (Vec::new(), Vec::new());
+        let mut start = 0;
+        while start < batch.tokens.len() {
+            // Extend the slice until it holds `rows_max` logits rows.
+            let mut end = start;
+            let mut rows = 0;
+            while end < batch.tokens.len() {
+                let wanted = batch
+                    .logits_for
+                    .iter()
+                    .filter(|&&i| i as usize == end)
+                    .count();
+                if rows + wanted > rows_max && end > start {
+                    break;
+                }
+                rows += wanted;
+                end += 1;
+            }
+            let local = |list: &[u32]| -> (Vec<usize>, Vec<u32>) {
+                list.iter()
+                    .enumerate()
+                    .filter(|(_, &i)| (start..end).contains(&(i as usize)))
+                    .map(|(j, &i)| (j, i - start as u32))
+                    .unzip()
+            };
+            let (lj, lf) = local(batch.logits_for);
+            let (hj, hf) = local(batch.hidden_for);
+            let part = ForwardBatch {
+                tokens: &batch.tokens[start..end],
+                positions: &batch.positions[start..end],
+                seq_index: &batch.seq_index[start..end],
+                block_tables: batch.block_tables,
+                logits_for: &lf,
+                hidden_for: &hf,
+            };
+            self.forward_pass(&part, &mut part_logits, &mut part_hidden)?;
+            for (k, j) in lj.into_iter().enumerate() {
+                logits[j * vocab..(j + 1) * vocab]
+                    .copy_from_slice(&part_logits[k * vocab..(k + 1) * vocab]);
+            }
+            for (k, j) in hj.into_iter().enumerate() {
+                hidden[j * d..(j + 1) * d].copy_from_slice(&part_hidden[k * d..(k + 1) * d]);
+            }
+            start = end;
+        }
+        Ok(())
+    }
+}
+
+impl WgpuBackend {
+    /// One forward pass whose logits fit one storage binding.
+    fn forward_pass(
+        &mut self,
+        batch: &ForwardBatch<'_>,
+        logits: &mut Vec<f32>,
+        hidden: &mut Vec<f32>,
+    ) -> Result<()> {
         let cfg = self.config.clone();
         let n = batch.tokens.len();
         let (m, mh) = (batch.logits_for.len(), batch.hidden_for.len());
@@ -711,7 +805,7 @@ impl Backend for WgpuBackend {
         let mut sel: Vec<u32> = batch.logits_for.to_vec();
         sel.extend_from_slice(batch.hidden_for);
 
-        self.ensure_scratch(n, m.max(mh), tables.len().max(1))?;
+        self.ensure_scratch(n, m, m + mh, tables.len().max(1))?;
         let per_layer = 8
             + self.layers[0].qkv.chunks.len()
             + self.layers[0].gate_up.chunks.len()
@@ -910,7 +1004,7 @@ impl Backend for WgpuBackend {
 /// Uploads weights into device buffers.
 struct Uploader<'a> {
     device: &'a wgpu::Device,
-    max_binding: u64,
+    max_chunk: u64,
 }
 
 impl Uploader<'_> {
@@ -936,7 +1030,7 @@ impl Uploader<'_> {
         let rows: usize = parts.iter().map(|m| m.rows).sum();
         // Rows per chunk: the byte array is the larger of the two buffers (`cols` bytes a row).
         let wg = ROWS_PER_WG as usize;
-        let per_chunk = (self.max_binding as usize / cols / wg * wg).max(wg);
+        let per_chunk = (self.max_chunk as usize / cols / wg * wg).max(wg);
         let mut all_rows = parts.iter().flat_map(|m| (0..m.rows).map(move |r| (*m, r)));
         let mut chunks = Vec::new();
         let mut start = 0;
