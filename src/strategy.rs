@@ -68,7 +68,8 @@ pub fn strategy_config(
 }
 
 /// A short name for why a search stopped: `completed`, `exhausted`, `converged`, `cancelled`,
-/// `budget:generated_tokens`, `budget:deadline`, ..., `too_many_failures`.
+/// `budget_generated_tokens`, `budget_deadline`, ..., `too_many_failures`. One spelling
+/// everywhere: the RPC result, `arbor search --json` and `arbor eval`'s traces.
 pub fn termination_name(t: arbor_search::Termination) -> String {
     use arbor_search::{Budget, Termination};
     match t {
@@ -78,7 +79,7 @@ pub fn termination_name(t: arbor_search::Termination) -> String {
         Termination::Cancelled => "cancelled".into(),
         Termination::TooManyFailures => "too_many_failures".into(),
         Termination::Budget(b) => format!(
-            "budget:{}",
+            "budget_{}",
             match b {
                 Budget::GeneratedTokens => "generated_tokens",
                 Budget::PolicyCalls => "policy_calls",

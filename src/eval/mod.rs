@@ -650,23 +650,11 @@ async fn search_cell(
             nodes: c.nodes,
             wall_ms: c.wall_us / 1000,
         },
-        termination: termination_name(&outcome.termination),
+        termination: arbor::strategy::termination_name(outcome.termination),
         derived_from_samples: false,
         samples: None,
         path,
     })
-}
-
-/// `Budget(GeneratedTokens)` → `budget_generated_tokens`, as the search crate serialises it.
-fn termination_name(t: &arbor_search::Termination) -> String {
-    match serde_json::to_value(t) {
-        Ok(serde_json::Value::String(s)) => s,
-        Ok(serde_json::Value::Object(m)) => m
-            .iter()
-            .map(|(k, v)| format!("{k}_{}", v.as_str().unwrap_or("?")))
-            .collect(),
-        _ => format!("{t:?}"),
-    }
 }
 
 /// Extends the question's sampling run until it covers the largest missing budget, then reads
