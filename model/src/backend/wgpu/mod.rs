@@ -354,7 +354,7 @@ impl WgpuBackend {
         if size > self.max_binding {
             return Err(ModelError::Device(format!(
                 "{label}: {size} bytes exceeds the device's largest storage binding ({} bytes); \
-                 use smaller batches",
+                 use fewer tokens per pass",
                 self.max_binding
             )));
         }
@@ -623,7 +623,16 @@ impl Backend for WgpuBackend {
         if n_blocks <= self.kv_blocks {
             return Ok(());
         }
-        let target = n_blocks.max(self.kv_blocks * 2).max(16);
+        // Each layer's KV buffer is one storage binding, which bounds the blocks a device holds.
+        let blocks_cap = (self.max_binding / self.kv_layer_bytes(1)) as usize;
+        if n_blocks > blocks_cap {
+            return Err(ModelError::KvCacheFull {
+                needed: n_blocks - self.kv_blocks,
+                limit: blocks_cap,
+                block_size: KV_BLOCK_TOKENS,
+            });
+        }
+        let target = n_blocks.max(self.kv_blocks * 2).max(16).min(blocks_cap);
         let mut fresh = Vec::with_capacity(self.config.n_layers);
         for l in 0..self.config.n_layers {
             fresh.push(self.storage(&format!("kv.{l}"), self.kv_layer_bytes(target))?);
