@@ -35,6 +35,12 @@ pub(crate) struct SearchArgs {
     /// Most tokens in one reasoning step.
     #[arg(long, default_value_t = 128)]
     max_step_tokens: u32,
+    /// Fewest reasoning steps before a final answer counts: an answer-first step ("The answer
+    /// is 144.") at a smaller depth fails and the search looks elsewhere. 1 accepts an answer
+    /// at any depth; 2 rejects answer-first guesses, which the default model often makes and
+    /// which were never right in docs/eval.
+    #[arg(long, default_value_t = 1)]
+    min_answer_depth: u32,
     /// System prompt; the default asks for one step per paragraph and a final "The answer is N."
     /// (the step delimiter is a blank line, so a custom prompt should keep steps as paragraphs).
     #[arg(long)]
@@ -90,6 +96,8 @@ pub(crate) struct SearchKnobs {
     pub(crate) temperature: f32,
     /// Most tokens in one reasoning step.
     pub(crate) max_step_tokens: u32,
+    /// Fewest steps before a final answer counts (`SearchConfig::min_answer_depth`).
+    pub(crate) min_answer_depth: u32,
     /// Which scorer values nodes.
     pub(crate) scorer: ScorerChoice,
 }
@@ -104,6 +112,7 @@ impl SearchKnobs {
             self.max_step_tokens,
         );
         c.scoring.scorer = self.scorer;
+        c.min_answer_depth = self.min_answer_depth;
         c
     }
 }
@@ -126,6 +135,7 @@ fn build_config(a: &SearchArgs) -> Result<SearchConfig> {
             n: a.n,
             temperature: a.temperature,
             max_step_tokens: a.max_step_tokens,
+            min_answer_depth: a.min_answer_depth,
             scorer: ScorerChoice::LogProb,
         }
         .config(),

@@ -34,6 +34,13 @@ pub struct SearchConfig {
     pub seed: u64,
     /// Paths end here even without an end-of-sequence; the last step is then treated as final.
     pub max_depth: u32,
+    /// Fewest reasoning steps before a final answer counts, in tree searches (MCTS, beam,
+    /// DVTS): a step that ends the solution at a smaller depth fails ("final answer at step
+    /// 1, before min_answer_depth 2") and the search spends its budget elsewhere. 1 accepts an
+    /// answer at any depth. Small models often open with an answer-first guess ("The answer is
+    /// 144."); in the GSM8K comparison (docs/eval) none of 179 such one-step answers returned
+    /// by the tree searches was right.
+    pub min_answer_depth: u32,
     /// Stop early once the answer has converged.
     pub convergence: Option<ConvergenceConfig>,
     /// Stop after this many policy or scorer calls fail in a row (each failure already marks its
@@ -50,6 +57,7 @@ impl Default for SearchConfig {
             budget: BudgetConfig::default(),
             seed: 0,
             max_depth: 32,
+            min_answer_depth: 1,
             convergence: None,
             max_failed_calls: 8,
         }
@@ -355,6 +363,7 @@ impl SearchConfig {
     /// Checks every value against its range.
     pub fn validate(&self) -> Result<(), SearchError> {
         in_range("max_depth", self.max_depth, 1, DEPTH_MAX)?;
+        in_range("min_answer_depth", self.min_answer_depth, 1, self.max_depth)?;
         in_range("budget.max_nodes", self.budget.max_nodes, 2, NODES_MAX)?;
         let s = &self.sampling;
         if !(s.temperature.is_finite() && s.temperature >= 0.0) {

@@ -784,7 +784,20 @@ pub(crate) async fn expand<P: Policy, S: Scorer>(
             continue;
         }
         let depth = flight.tree().node(leaf).depth() + 1;
-        let failures: Vec<Option<String>> = reply.steps.iter().map(malformed).collect();
+        let min_answer_depth = io.config.min_answer_depth;
+        let failures: Vec<Option<String>> = reply
+            .steps
+            .iter()
+            .map(|s| {
+                malformed(s).or_else(|| {
+                    (s.stop == StepStop::EndOfSequence && depth < min_answer_depth).then(|| {
+                        format!(
+                            "final answer at step {depth}, before min_answer_depth {min_answer_depth}"
+                        )
+                    })
+                })
+            })
+            .collect();
         // Priors: exp(mean log-prob) normalised among siblings, computed as a softmax of the
         // means so long steps cannot underflow to zero.
         let means: Vec<f64> = reply

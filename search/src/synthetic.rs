@@ -28,6 +28,8 @@ use crate::scorer::{ScoreCost, ScoreRequest, Scorer, StepScores};
 
 /// First token of every game step; the next two tokens are `x` and the running total.
 const STEP_TOKEN: u32 = 7;
+/// First token of an answer-first guess.
+const GUESS_TOKEN: u32 = 8;
 
 /// The game: hidden increments and how the policy plays them.
 #[derive(Debug, Clone)]
@@ -42,6 +44,8 @@ pub struct PathGame {
     extra_tokens_max: u32,
     /// How much lower a wrong step's mean token log-prob is than a right step's.
     logprob_gap: f32,
+    /// Chance that a step before the last is an answer-first guess (a wrong final answer).
+    p_guess: f64,
     /// The hidden numbers.
     increments: Vec<u64>,
     /// The question text.
@@ -63,6 +67,7 @@ impl PathGame {
             p_correct,
             extra_tokens_max: 6,
             logprob_gap: 0.0,
+            p_guess: 0.0,
             increments,
             prompt,
         }
@@ -72,6 +77,15 @@ impl PathGame {
     /// gives [`crate::LogProbScorer`] and the priors something to go on.
     pub fn with_logprob_gap(mut self, gap: f32) -> PathGame {
         self.logprob_gap = gap;
+        self
+    }
+
+    /// Makes each step before the last, with probability `p`, a confident answer-first guess
+    /// ("The answer is G. #### G", ending the solution) whose answer is always wrong: what small
+    /// models do on GSM8K (docs/eval), and what `min_answer_depth` guards against.
+    pub fn with_early_guesses(mut self, p: f64) -> PathGame {
+        assert!((0.0..=1.0).contains(&p));
+        self.p_guess = p;
         self
     }
 
@@ -115,6 +129,17 @@ impl PathGame {
         let mut rng =
             StdRng::seed_from_u64(mix(mix(self.seed, request.sampling.seed), u64::from(j)));
         let i = request.steps.len();
+        let last = i + 1 >= self.depth as usize;
+        // Drawn only when guesses are on, so other games keep their random streams.
+        if self.p_guess > 0.0 && !last && rng.gen_bool(self.p_guess) {
+            let guess = self.increments.iter().sum::<u64>() + rng.gen_range(1..=5);
+            return ProposedStep {
+                text: format!("The answer is {guess}.\n#### {guess}"),
+                token_ids: vec![GUESS_TOKEN, guess as u32],
+                token_logprobs: vec![-0.05, -0.05],
+                stop: StepStop::EndOfSequence,
+            };
+        }
         let target = self.increments.get(i).copied().unwrap_or(0);
         let right = rng.gen_bool(self.p_correct);
         let x = if right {
@@ -123,7 +148,6 @@ impl PathGame {
             target + rng.gen_range(1..=5)
         };
         let total = Self::total(&request.steps) + x;
-        let last = i + 1 >= self.depth as usize;
         let mut text = format!("Step {}: add {x} to get {total}.", i + 1);
         if last {
             text.push_str(&format!("\n#### {total}"));

@@ -117,6 +117,12 @@ struct RunArgs {
     /// Most tokens in one reasoning step.
     #[arg(long, default_value_t = 128)]
     max_step_tokens: u32,
+    /// Fewest reasoning steps before a final answer counts: an answer-first step ("The answer
+    /// is 144.") at a smaller depth fails and the search looks elsewhere. 1 accepts an answer
+    /// at any depth; 2 rejects answer-first guesses, which the default model often makes and
+    /// which were never right in docs/eval.
+    #[arg(long, default_value_t = 1)]
+    min_answer_depth: u32,
     /// A GGUF file or Hugging Face folder; default: the embedded default model.
     #[arg(long, env = "ARBOR_MODEL")]
     model: Option<PathBuf>,
@@ -298,6 +304,7 @@ fn run_grid(a: RunArgs) -> Result<()> {
         sample_chunk: a.sample_chunk,
         sample_reuse: !a.no_sample_reuse,
         scaled_trees: !a.fixed_tree_widths,
+        min_answer_depth: a.min_answer_depth,
     };
 
     // What is already done, and whether it was made from this dataset.
@@ -564,6 +571,7 @@ fn knobs(context: &Shared, strategy: Strategy, n: u32) -> SearchKnobs {
         n,
         temperature: context.settings.temperature,
         max_step_tokens: context.settings.max_step_tokens,
+        min_answer_depth: context.settings.min_answer_depth,
         scorer: context.prm_choice.scorer_choice(),
     }
 }
@@ -747,6 +755,7 @@ mod tests {
                     n: 8,
                     temperature: 0.7,
                     max_step_tokens: 128,
+                    min_answer_depth: 1,
                     scorer: arbor_search::ScorerChoice::LogProb,
                 }
                 .config();

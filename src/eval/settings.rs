@@ -36,6 +36,14 @@ pub(crate) struct Settings {
     /// `n` and the strategies' defaults. Runs made before the setting existed used fixed widths.
     #[serde(default)]
     pub(crate) scaled_trees: bool,
+    /// Fewest steps before a final answer counts (`--min-answer-depth`); runs made before the
+    /// setting existed accepted answers at any depth.
+    #[serde(default = "one")]
+    pub(crate) min_answer_depth: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// One invocation that wrote into the folder.
@@ -140,6 +148,7 @@ mod tests {
             sample_chunk: 8,
             sample_reuse: true,
             scaled_trees: true,
+            min_answer_depth: 1,
         }
     }
 

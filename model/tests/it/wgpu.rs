@@ -6,7 +6,7 @@
 
 use arbor_model::backend::cpu::CpuBackend;
 use arbor_model::backend::wgpu::{WgpuBackend, WgpuOptions};
-use arbor_model::tiny::{TinyModel, VOCAB};
+use arbor_model::tiny::{TinyModel, D, VOCAB};
 use arbor_model::{Engine, EngineOptions, ForwardEntry, Model};
 
 fn skip() -> bool {
@@ -106,6 +106,54 @@ fn wgpu_backend_matches_the_f32_reference_on_the_tiny_model() {
     }
 }
 
+#[test]
+fn wgpu_hidden_states_match_the_f32_reference_on_the_tiny_model() {
+    if skip() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("arbor-wgpu-hidden-{}", std::process::id()));
+    let tiny = TinyModel::new("qwen2");
+    tiny.write(&dir).unwrap();
+    let model = Model::load(&dir).unwrap();
+    let tokens: Vec<u32> = (0..40u32).map(|i| (i * 53 + 5) % 256).collect();
+    let reference = tiny.reference_hidden(&tokens);
+    let at = [0u32, 17, 39];
+    let rel = |e: &mut Engine| -> Vec<f32> {
+        let s = e.new_sequence();
+        let out = e
+            .forward_at(&[ForwardEntry::hidden_at(s, &tokens, &at)])
+            .unwrap()
+            .hidden
+            .to_vec();
+        at.iter()
+            .zip(out.chunks(D))
+            .map(|(&p, got)| {
+                let want = &reference[p as usize];
+                let norm = want.iter().map(|v| v * v).sum::<f32>().sqrt();
+                let err = got
+                    .iter()
+                    .zip(want)
+                    .map(|(a, b)| (a - b) * (a - b))
+                    .sum::<f32>()
+                    .sqrt();
+                err / norm
+            })
+            .collect()
+    };
+    let gpu = rel(&mut gpu_engine(&model));
+    let cpu = rel(&mut cpu_engine(&model));
+    eprintln!("relative L2 error of hidden states: gpu {gpu:?}, cpu {cpu:?}");
+    for (g, c) in gpu.iter().zip(&cpu) {
+        // Only the weights are quantized on the GPU (2-3% here); the CPU also rounds its
+        // activations, so the GPU is no further from the reference than the CPU.
+        assert!(
+            *g <= 0.05 && *g <= c * 1.1 + 1e-4,
+            "gpu {gpu:?} cpu {cpu:?}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// Largest |a - b| and the positions where the argmax differs beyond a near-tie.
 fn compare(cpu: &[f32], gpu: &[f32], vocab: usize, tol: f32, what: &str) -> f32 {
     assert_eq!(cpu.len(), gpu.len(), "{what}: output sizes differ");
@@ -202,13 +250,27 @@ fn wgpu_backend_agrees_with_the_cpu_backend_on_the_real_model() {
         .hidden
         .to_vec();
     assert_eq!(hc.len(), 2 * model.config.d_model);
-    let scale = hc.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let worst = hc
-        .iter()
-        .zip(&hg)
-        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-    assert!(
-        worst <= 0.05 * scale,
-        "hidden states: worst difference {worst}, scale {scale}"
-    );
+    // Per row, the relative L2 error between the backends. Each is a few percent from exact
+    // f32 (the tiny-model test above: GPU up to 2.9%, CPU up to 4.8%, the CPU rounding its
+    // activations to 8 bits), in different directions, so the two differ by up to the sum
+    // (7.7% measured here); a wrong row or a missing norm would differ by ~100%.
+    for (row, (c, g)) in hc
+        .chunks(model.config.d_model)
+        .zip(hg.chunks(model.config.d_model))
+        .enumerate()
+    {
+        let norm = c.iter().map(|v| v * v).sum::<f32>().sqrt();
+        let err = c
+            .iter()
+            .zip(g)
+            .map(|(a, b)| (a - b) * (a - b))
+            .sum::<f32>()
+            .sqrt();
+        eprintln!("hidden row {row}: relative L2 error {}", err / norm);
+        assert!(
+            err <= 0.15 * norm,
+            "hidden row {row}: relative L2 error {} (|cpu| {norm})",
+            err / norm
+        );
+    }
 }

@@ -3,6 +3,7 @@
 
 mod budgets;
 mod determinism;
+mod early_answers;
 mod events;
 mod faults;
 mod lookahead;
