@@ -18,49 +18,48 @@ fn game(seed: u64) -> PathGame {
 
 #[test]
 fn min_answer_depth_keeps_searches_from_returning_early_guesses() {
-    for strategy in [r#"{"kind": "mcts"}"#] {
-        for tokens in [200, 300] {
-            let mut guesses_without = 0;
-            let (mut solved_without, mut solved_with) = (0, 0);
-            for seed in 0..SEEDS {
-                let budget = format!(r#""budget": {{"max_generated_tokens": {tokens}}}"#);
-                let free = play(
-                    game(seed),
-                    &format!(r#""strategy": {strategy}, {budget}"#),
-                    seed,
-                );
-                let strict = play(
-                    game(seed),
-                    &format!(r#""strategy": {strategy}, {budget}, "min_answer_depth": {DEPTH}"#),
-                    seed,
-                );
-                if let Some(a) = &free.outcome.answer {
-                    guesses_without += u32::from(free.tree.node(a.node).depth() < DEPTH);
-                }
-                if let Some(a) = &strict.outcome.answer {
-                    assert_eq!(
-                        strict.tree.node(a.node).depth(),
-                        DEPTH,
-                        "{strategy} seed {seed}: an answer before step {DEPTH} was returned"
-                    );
-                }
-                solved_without += u32::from(free.solved());
-                solved_with += u32::from(strict.solved());
+    let strategy = r#"{"kind": "mcts"}"#;
+    for tokens in [200, 300] {
+        let mut guesses_without = 0;
+        let (mut solved_without, mut solved_with) = (0, 0);
+        for seed in 0..SEEDS {
+            let budget = format!(r#""budget": {{"max_generated_tokens": {tokens}}}"#);
+            let free = play(
+                game(seed),
+                &format!(r#""strategy": {strategy}, {budget}"#),
+                seed,
+            );
+            let strict = play(
+                game(seed),
+                &format!(r#""strategy": {strategy}, {budget}, "min_answer_depth": {DEPTH}"#),
+                seed,
+            );
+            if let Some(a) = &free.outcome.answer {
+                guesses_without += u32::from(free.tree.node(a.node).depth() < DEPTH);
             }
-            eprintln!(
-            "{strategy} {tokens}: solved {solved_without}/{SEEDS} without, {solved_with}/{SEEDS} with \
-             min_answer_depth; {guesses_without} guesses returned without"
-        );
-            // The game must actually tempt the search, or the comparison says nothing.
-            assert!(
-                guesses_without > 0,
-                "{strategy}: no guess was ever returned"
-            );
-            assert!(
-                solved_with >= solved_without,
-                "{strategy}: {solved_with} solved with min_answer_depth, {solved_without} without"
-            );
+            if let Some(a) = &strict.outcome.answer {
+                assert_eq!(
+                    strict.tree.node(a.node).depth(),
+                    DEPTH,
+                    "{strategy} seed {seed}: an answer before step {DEPTH} was returned"
+                );
+            }
+            solved_without += u32::from(free.solved());
+            solved_with += u32::from(strict.solved());
         }
+        eprintln!(
+        "{strategy} {tokens}: solved {solved_without}/{SEEDS} without, {solved_with}/{SEEDS} with \
+         min_answer_depth; {guesses_without} guesses returned without"
+    );
+        // The game must actually tempt the search, or the comparison says nothing.
+        assert!(
+            guesses_without > 0,
+            "{strategy}: no guess was ever returned"
+        );
+        assert!(
+            solved_with >= solved_without,
+            "{strategy}: {solved_with} solved with min_answer_depth, {solved_without} without"
+        );
     }
 }
 
