@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
-use super::{Backend, ForwardBatch};
+use super::{rope_angles, Backend, ForwardBatch};
 use crate::arch::{DecoderWeights, ModelConfig, RopeStyle};
 use crate::error::{ModelError, Result};
 use crate::kv::KV_BLOCK_TOKENS;
@@ -231,18 +231,13 @@ impl CpuBackend {
             w.embed
                 .dequantize_row_into(t as usize, &mut s.x[i * d..(i + 1) * d]);
         }
-        // RoPE angles per token, as llama.cpp computes them: theta_i = pos * base^(-2i/head_dim),
-        // the power taken by repeated multiplication in f32.
         let half = hd / 2;
         s.cos.resize(n * half, 0.0);
         s.sin.resize(n * half, 0.0);
-        let theta_scale = cfg.rope_theta.powf(-2.0 / hd as f32);
         for (i, &p) in batch.positions.iter().enumerate() {
-            let mut theta = p as f32;
-            for j in 0..half {
+            for (j, theta) in rope_angles(&cfg, p).enumerate() {
                 s.cos[i * half + j] = theta.cos();
                 s.sin[i * half + j] = theta.sin();
-                theta *= theta_scale;
             }
         }
         let scale = 1.0 / (hd as f32).sqrt();

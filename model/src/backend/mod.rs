@@ -35,6 +35,18 @@ pub struct ForwardBatch<'a> {
     pub hidden_for: &'a [u32],
 }
 
+/// RoPE angles of the `head_dim / 2` dimension pairs at `position`, as llama.cpp computes them:
+/// `theta_i = position * base^(-2i/head_dim)`, the power taken by repeated multiplication in
+/// f32. Every backend rotates with these, so they rotate identically.
+pub(crate) fn rope_angles(cfg: &ModelConfig, position: u32) -> impl Iterator<Item = f32> {
+    let theta_scale = cfg.rope_theta.powf(-2.0 / cfg.head_dim as f32);
+    (0..cfg.head_dim / 2).scan(position as f32, move |theta, _| {
+        let t = *theta;
+        *theta *= theta_scale;
+        Some(t)
+    })
+}
+
 /// Runs the transformer. Implementations: [`cpu::CpuBackend`], [`wgpu::WgpuBackend`].
 pub trait Backend: Send {
     /// Short name for logs and statistics (`cpu`, `wgpu`).

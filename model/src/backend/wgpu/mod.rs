@@ -22,7 +22,7 @@ use std::sync::Arc;
 use bytemuck::{Pod, Zeroable};
 use wgpu::util::DeviceExt;
 
-use super::{Backend, ForwardBatch};
+use super::{rope_angles, Backend, ForwardBatch};
 use crate::arch::{DecoderWeights, ModelConfig, RopeStyle};
 use crate::error::{ModelError, Result};
 use crate::kv::KV_BLOCK_TOKENS;
@@ -784,14 +784,10 @@ impl WgpuBackend {
                 .embed
                 .dequantize_row_into(t as usize, &mut x[i * d..(i + 1) * d]);
         }
-        let theta_scale = cfg.rope_theta.powf(-2.0 / hd as f32);
         let mut cs = Vec::with_capacity(n * half * 2);
         for &p in batch.positions {
-            let mut theta = p as f32;
-            for _ in 0..half {
-                cs.push(theta.cos());
-                cs.push(theta.sin());
-                theta *= theta_scale;
+            for theta in rope_angles(&cfg, p) {
+                cs.extend([theta.cos(), theta.sin()]);
             }
         }
         let mut table_off = Vec::with_capacity(batch.block_tables.len());
