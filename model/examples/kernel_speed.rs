@@ -21,6 +21,9 @@ fn main() {
         (GgmlType::Q8_0, 896, 896),
         (GgmlType::Q8_0, 4864, 896),
         (GgmlType::Q5_0, 4864, 896),
+        (GgmlType::Q5x4, 896, 896),
+        (GgmlType::Q5x4, 4864, 896),
+        (GgmlType::Q5x4, 151936, 896),
         (GgmlType::Q8_0, 151936, 896),
         (GgmlType::Q4K, 896, 4864),
         (GgmlType::Q6K, 896, 4864),
@@ -46,6 +49,11 @@ fn main() {
             blk[o..o + 2].copy_from_slice(&scale);
             if ty == GgmlType::Q4K {
                 blk[2..4].copy_from_slice(&scale);
+            }
+            if ty == GgmlType::Q5x4 {
+                for k in 1..4 {
+                    blk[2 * k..2 * k + 2].copy_from_slice(&scale);
+                }
             }
         }
         let w = QMatrix::new("w", ty, rows, cols, Storage::Owned(bytes.into())).unwrap();

@@ -26,39 +26,33 @@ unsafe fn f16_at(p: *const u8) -> f32 {
     ))))
 }
 
-/// Block `b` of weights `w` with scale `dw`, times every token of the group. Pairs of byte
-/// products are summed with weights `mult` (ones, or Q6_K's integer sub-block scales); the
-/// group's combined scales `dw * d[t]` are formed together (one vector product for eight
-/// tokens), leaving one broadcast load and one FMA per token.
+/// Block `b` of weights `w` times every token of the group. Pairs of byte products are summed
+/// with weights `mult` (ones, or Q6_K's integer sub-block scales) and scaled by the block's
+/// combined scales `sd[b * NT + t] = dw[b] * d[t]`, which [`row_dot`] works out for the whole
+/// row before this loop: one broadcast load and one FMA per token, and no scale arithmetic
+/// (nor registers held for it) among the products.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn acc_block_u<const NT: usize, const SIGNED: bool>(
     w: __m256i,
     mult: __m256i,
-    dw: f32,
+    sd: *const f32,
     b: usize,
     g: &Group,
     acc: &mut [__m256; NT],
 ) {
     let aw = if SIGNED { _mm256_sign_epi8(w, w) } else { w };
     let xs = g.qs.add(32 * NT * b);
-    let ds = g.d.add(NT * b);
-    let mut sd = [0f32; NT];
-    if NT == 8 {
-        _mm256_storeu_ps(
-            sd.as_mut_ptr(),
-            _mm256_mul_ps(_mm256_set1_ps(dw), _mm256_loadu_ps(ds)),
-        );
-    } else {
-        for t in 0..NT {
-            sd[t] = dw * *ds.add(t);
-        }
-    }
+    let sd = sd.add(NT * b);
     for t in 0..NT {
         let x = _mm256_loadu_si256(xs.add(32 * t) as *const __m256i);
         let xs = if SIGNED { _mm256_sign_epi8(x, w) } else { x };
         let p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, xs), mult);
-        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(sd[t]), acc[t]);
+        acc[t] = _mm256_fmadd_ps(
+            _mm256_cvtepi32_ps(p),
+            _mm256_broadcast_ss(&*sd.add(t)),
+            acc[t],
+        );
     }
 }
 
@@ -122,33 +116,265 @@ unsafe fn store_doubled(v: __m256, dst: *mut f32) {
     _mm256_storeu_ps(dst.add(8), _mm256_permute2f128_ps(lo, hi, 0x31));
 }
 
-/// Dot products of one weight row with `NT` tokens.
-///
-/// Offsets (the `min` of unsigned formats) are gathered per 16 weights into `mins16` while the
-/// row is decoded and applied once at the end with one vector dot per token, which keeps them
-/// out of the inner loop's dependency chains. Every token has one accumulator, so that eight
-/// tokens fit in registers and results are identical whatever the batch.
+/// One weight row decoded by [`decode_row`] for [`row_dot`]: sized once for rows of `cols`
+/// weights and reused row after row.
+pub(super) struct Scratch {
+    /// One byte per weight: unsigned (`weight = dw * mult * u - min`) or, for Q8_0, signed.
+    u: Vec<u8>,
+    /// Weight scale per 32 weights.
+    dw32: Vec<f32>,
+    /// Offset (`min`) per 16 weights of unsigned formats.
+    mins16: Vec<f32>,
+    /// Q6_K's integer scale per 16 weights (the `mult` of the byte products).
+    sc16: Vec<i8>,
+    /// Combined scales, `dw32[b] * d[b][t]`, per block and token of a group.
+    sd: Vec<f32>,
+    /// Blocks of 32 in the decoded row.
+    n32: usize,
+    signed: bool,
+    q6k: bool,
+}
+
+impl Scratch {
+    pub(super) fn new(cols: usize) -> Self {
+        Scratch {
+            u: vec![0; cols],
+            dw32: vec![0.0; cols / 32],
+            mins16: vec![0.0; cols / 16],
+            sc16: vec![0; cols / 16],
+            sd: vec![0.0; cols / 32 * super::dot::GROUP],
+            n32: 0,
+            signed: false,
+            q6k: false,
+        }
+    }
+}
+
+/// Decodes one weight row into `s`: a byte per weight, the weight scale of every 32, and for
+/// unsigned formats the offset of every 16 (applied once per token at the end, with one vector
+/// dot, which keeps it out of the products). A row is decoded once and then multiplied with
+/// every group of tokens by [`row_dot`], whose inner loop then holds no decoding masks or
+/// temporaries: its registers stay free for the eight accumulators.
 ///
 /// # Safety
-/// AVX2, FMA and F16C must be available; `row` must hold whole blocks of `ty`, `mins16` must
-/// have room for one value per 16 weights, and the group's buffers must hold `NT` tokens
-/// (laid out as [`Group`] says) of the row's width.
+/// AVX2, FMA and F16C must be available; `row` must hold whole blocks of `ty`, and `s` must
+/// have been made for at least the row's width.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn row_dot<const NT: usize>(
-    ty: GgmlType,
-    row: &[u8],
-    g: &Group,
-    mins16: &mut [f32],
-) -> [f32; NT] {
-    // One accumulator per token for every NT, so that a token's result does not depend on the
-    // batch it is computed in (the engine relies on batched and single decoding agreeing
-    // exactly). With one token the FMA chain is still shorter than a block's memory time.
-    let mut acc_a = [_mm256_setzero_ps(); NT];
-    macro_rules! odd {
-        () => {
-            &mut acc_a
-        };
+pub(super) unsafe fn decode_row(ty: GgmlType, row: &[u8], s: &mut Scratch) {
+    let p = row.as_ptr();
+    let n32 = row.len() / ty.block_bytes() * ty.block_elems() / 32;
+    assert!(s.dw32.len() >= n32, "scratch made for a narrower row");
+    s.n32 = n32;
+    s.signed = ty == GgmlType::Q8_0;
+    s.q6k = ty == GgmlType::Q6K;
+    let dw = s.dw32.as_mut_ptr();
+    let mins16 = s.mins16.as_mut_ptr();
+    let u = s.u.as_mut_ptr();
+    let put = |b: usize, w: __m256i| _mm256_storeu_si256(u.add(32 * b) as *mut __m256i, w);
+    match ty {
+        GgmlType::Q8_0 => {
+            for b in 0..n32 {
+                *dw.add(b) = f16_at(p.add(34 * b));
+                put(b, _mm256_loadu_si256(p.add(34 * b + 2) as *const __m256i));
+            }
+        }
+        GgmlType::Q4_0 | GgmlType::Q5_0 => {
+            let bytes = ty.block_bytes();
+            let offset = if ty == GgmlType::Q5_0 { 16.0 } else { 8.0 };
+            let m10 = _mm256_set1_epi8(0x10);
+            for b in 0..n32 {
+                let blk = p.add(bytes * b);
+                let d = f16_at(blk);
+                *dw.add(b) = d;
+                *mins16.add(2 * b) = offset * d;
+                *mins16.add(2 * b + 1) = offset * d;
+                let w = if ty == GgmlType::Q5_0 {
+                    let qh =
+                        u32::from_le_bytes([*blk.add(2), *blk.add(3), *blk.add(4), *blk.add(5)]);
+                    _mm256_or_si256(nibbles_32(blk.add(6)), _mm256_and_si256(bits_32(qh), m10))
+                } else {
+                    nibbles_32(blk.add(2))
+                };
+                put(b, w);
+            }
+        }
+        GgmlType::Q5x4 => {
+            // One load of fifth bits serves four blocks (block k's bit moves to bit 4 with one
+            // shift), one 32-byte load of nibbles serves two.
+            let m4 = _mm256_set1_epi8(0x0F);
+            let m10 = _mm256_set1_epi8(0x10);
+            let sixteen = _mm_set1_ps(16.0);
+            for gi in 0..n32 / 4 {
+                let grp = p.add(88 * gi);
+                let d4 = _mm_cvtph_ps(_mm_loadl_epi64(grp as *const __m128i));
+                _mm_storeu_ps(dw.add(4 * gi), d4);
+                let m = _mm_mul_ps(d4, sixteen);
+                _mm_storeu_ps(mins16.add(8 * gi), _mm_unpacklo_ps(m, m));
+                _mm_storeu_ps(mins16.add(8 * gi + 4), _mm_unpackhi_ps(m, m));
+                let h = _mm_loadu_si128(grp.add(8) as *const __m128i);
+                // Bit k of byte j: block k's weight j (j < 16) or weight j (j >= 16).
+                let hv = _mm256_set_m128i(_mm_srli_epi16(h, 4), h);
+                let n0 = _mm256_loadu_si256(grp.add(24) as *const __m256i);
+                let n1 = _mm256_loadu_si256(grp.add(56) as *const __m256i);
+                let hb = |k: i32| match k {
+                    0 => _mm256_and_si256(_mm256_slli_epi16(hv, 4), m10),
+                    1 => _mm256_and_si256(_mm256_slli_epi16(hv, 3), m10),
+                    2 => _mm256_and_si256(_mm256_slli_epi16(hv, 2), m10),
+                    _ => _mm256_and_si256(_mm256_slli_epi16(hv, 1), m10),
+                };
+                let b = 4 * gi;
+                put(b, _mm256_or_si256(_mm256_and_si256(n0, m4), hb(0)));
+                let hi0 = _mm256_and_si256(_mm256_srli_epi16(n0, 4), m4);
+                put(b + 1, _mm256_or_si256(hi0, hb(1)));
+                put(b + 2, _mm256_or_si256(_mm256_and_si256(n1, m4), hb(2)));
+                let hi1 = _mm256_and_si256(_mm256_srli_epi16(n1, 4), m4);
+                put(b + 3, _mm256_or_si256(hi1, hb(3)));
+            }
+        }
+        GgmlType::Q4K => {
+            let m4 = _mm256_set1_epi8(0x0F);
+            for sb in 0..n32 / 8 {
+                let blk = p.add(144 * sb);
+                let d = _mm256_set1_ps(f16_at(blk));
+                let dmin = _mm256_set1_ps(f16_at(blk.add(2)));
+                let sm = q4k_scales_mins(blk.add(4));
+                let sm = _mm_loadu_si128(sm.as_ptr() as *const __m128i);
+                let sc = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(sm)));
+                let mn = _mm256_mul_ps(
+                    dmin,
+                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(sm, sm))),
+                );
+                _mm256_storeu_ps(dw.add(8 * sb), sc);
+                store_doubled(mn, mins16.add(16 * sb));
+                for j in 0..4 {
+                    let q = _mm256_loadu_si256(blk.add(16 + 32 * j) as *const __m256i);
+                    put(sb * 8 + 2 * j, _mm256_and_si256(q, m4));
+                    put(
+                        sb * 8 + 2 * j + 1,
+                        _mm256_and_si256(_mm256_srli_epi16(q, 4), m4),
+                    );
+                }
+            }
+        }
+        GgmlType::Q6K => {
+            // The i8 sub-block scales multiply the byte products as integers, so a block's
+            // float scale is the super-block's `d`.
+            let m4 = _mm256_set1_epi8(0x0F);
+            let m30 = _mm256_set1_epi8(0x30);
+            for sb in 0..n32 / 8 {
+                let blk = p.add(210 * sb);
+                let d = f16_at(blk.add(208));
+                _mm256_storeu_ps(dw.add(8 * sb), _mm256_set1_ps(d));
+                let d32 = _mm256_set1_ps(32.0 * d);
+                let sc8 = _mm_loadu_si128(blk.add(192) as *const __m128i);
+                _mm_storeu_si128(s.sc16.as_mut_ptr().add(16 * sb) as *mut __m128i, sc8);
+                let m_lo = _mm256_mul_ps(d32, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc8)));
+                let m_hi = _mm256_mul_ps(
+                    d32,
+                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(sc8, sc8))),
+                );
+                _mm256_storeu_ps(mins16.add(16 * sb), m_lo);
+                _mm256_storeu_ps(mins16.add(16 * sb + 8), m_hi);
+                for n in 0..2 {
+                    let ql0 = _mm256_loadu_si256(blk.add(64 * n) as *const __m256i);
+                    let ql1 = _mm256_loadu_si256(blk.add(64 * n + 32) as *const __m256i);
+                    let qh = _mm256_loadu_si256(blk.add(128 + 32 * n) as *const __m256i);
+                    // Block `kind` of this half: low nibbles of ql0/ql1 (kinds 0, 1) or their
+                    // high nibbles (2, 3), with bits 2*kind.. of qh as bits 4 and 5.
+                    let b0 = sb * 8 + 4 * n;
+                    let lo0 = _mm256_and_si256(ql0, m4);
+                    put(
+                        b0,
+                        _mm256_or_si256(lo0, _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30)),
+                    );
+                    let lo1 = _mm256_and_si256(ql1, m4);
+                    let h1 = _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30);
+                    put(b0 + 1, _mm256_or_si256(lo1, h1));
+                    let hi0 = _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4);
+                    put(b0 + 2, _mm256_or_si256(hi0, _mm256_and_si256(qh, m30)));
+                    let hi1 = _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4);
+                    let h3 = _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30);
+                    put(b0 + 3, _mm256_or_si256(hi1, h3));
+                }
+            }
+        }
+        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => unreachable!("converted to Q8_0 at load"),
     }
+}
+
+/// Dot products of the row decoded in `s` with `NT` tokens: every block's combined scale for
+/// every token first (one vector product per block for eight tokens), then the integer
+/// products, each weight block multiplied with every token before the next is read. Each
+/// token's sums run in the same order whatever `NT` is, so a token's result does not depend on
+/// the batch it is computed in (the engine relies on batched and single decoding agreeing
+/// exactly).
+///
+/// # Safety
+/// AVX2, FMA and F16C must be available; `s` must hold a row decoded by [`decode_row`], and
+/// the group's buffers must hold `NT` tokens (laid out as [`Group`] says) of the row's width.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn row_dot<const NT: usize>(s: &mut Scratch, g: &Group) -> [f32; NT] {
+    let n32 = s.n32;
+    let dw = s.dw32.as_ptr();
+    let sd = s.sd.as_mut_ptr();
+    for b in 0..n32 {
+        let w = *dw.add(b);
+        if NT == 8 {
+            _mm256_storeu_ps(
+                sd.add(8 * b),
+                _mm256_mul_ps(_mm256_set1_ps(w), _mm256_loadu_ps(g.d.add(8 * b))),
+            );
+        } else {
+            for t in 0..NT {
+                *sd.add(NT * b + t) = w * *g.d.add(NT * b + t);
+            }
+        }
+    }
+    let sd = sd as *const f32;
+    let u = s.u.as_ptr();
+    let mut acc = [_mm256_setzero_ps(); NT];
+    let ones = _mm256_set1_epi16(1);
+    let load = |b: usize| _mm256_loadu_si256(u.add(32 * b) as *const __m256i);
+    if s.signed {
+        for b in 0..n32 {
+            acc_block_u::<NT, true>(load(b), ones, sd, b, g, &mut acc);
+        }
+    } else if s.q6k {
+        let sc = s.sc16.as_ptr();
+        for b in 0..n32 {
+            let mult = _mm256_set_m128i(
+                _mm_set1_epi16(i16::from(*sc.add(2 * b + 1))),
+                _mm_set1_epi16(i16::from(*sc.add(2 * b))),
+            );
+            acc_block_u::<NT, false>(load(b), mult, sd, b, g, &mut acc);
+        }
+    } else {
+        for b in 0..n32 {
+            acc_block_u::<NT, false>(load(b), ones, sd, b, g, &mut acc);
+        }
+    }
+    let mut out = [0f32; NT];
+    for t in 0..NT {
+        out[t] = hsum(acc[t]);
+        if !s.signed {
+            out[t] -= dot_f32(s.mins16.as_ptr(), g.s16.add(t * g.s16_stride), 2 * n32);
+        }
+    }
+    out
+}
+
+/// The dot product of one weight row with a single token, decoding each block in registers
+/// and multiplying it at once (for one token, writing the decoded row out as [`decode_row`]
+/// does costs more than it saves). The products, scales and sums are exactly those of
+/// [`row_dot`] in the same order, so single and batched decoding agree bit for bit.
+///
+/// # Safety
+/// AVX2, FMA and F16C must be available; `row` must hold whole blocks of `ty`, `s` must have
+/// been made for at least the row's width, and the group must hold one token of that width.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn row_dot1(ty: GgmlType, row: &[u8], g: &Group, s: &mut Scratch) -> f32 {
+    let mins16 = &mut s.mins16[..];
+    let mut acc = _mm256_setzero_ps();
     let p = row.as_ptr();
     let ones = _mm256_set1_epi16(1);
     let mut signed = false;
@@ -166,14 +392,14 @@ pub(super) unsafe fn row_dot<const NT: usize>(
             let mut b = 0;
             while b + 2 <= nb {
                 let (w0, s0) = block(b);
-                acc_block_u::<NT, true>(w0, ones, s0, b, g, &mut acc_a);
+                acc_block_1::<true>(w0, ones, s0, b, g, &mut acc);
                 let (w1, s1) = block(b + 1);
-                acc_block_u::<NT, true>(w1, ones, s1, b + 1, g, odd!());
+                acc_block_1::<true>(w1, ones, s1, b + 1, g, &mut acc);
                 b += 2;
             }
             if b < nb {
                 let (w0, s0) = block(b);
-                acc_block_u::<NT, true>(w0, ones, s0, b, g, &mut acc_a);
+                acc_block_1::<true>(w0, ones, s0, b, g, &mut acc);
             }
         }
         GgmlType::Q4_0 | GgmlType::Q5_0 => {
@@ -201,14 +427,56 @@ pub(super) unsafe fn row_dot<const NT: usize>(
             let mut b = 0;
             while b + 2 <= nb {
                 let (w0, s0) = block(b);
-                acc_block_u::<NT, false>(w0, ones, s0, b, g, &mut acc_a);
+                acc_block_1::<false>(w0, ones, s0, b, g, &mut acc);
                 let (w1, s1) = block(b + 1);
-                acc_block_u::<NT, false>(w1, ones, s1, b + 1, g, odd!());
+                acc_block_1::<false>(w1, ones, s1, b + 1, g, &mut acc);
                 b += 2;
             }
             if b < nb {
                 let (w0, s0) = block(b);
-                acc_block_u::<NT, false>(w0, ones, s0, b, g, &mut acc_a);
+                acc_block_1::<false>(w0, ones, s0, b, g, &mut acc);
+            }
+        }
+        GgmlType::Q5x4 => {
+            // Four blocks per group: one load of fifth bits serves all four (block k's bit moves
+            // to bit 4 with one shift), one 32-byte load of nibbles serves two.
+            let m4 = _mm256_set1_epi8(0x0F);
+            let m10 = _mm256_set1_epi8(0x10);
+            let sixteen = _mm_set1_ps(16.0);
+            let mut ds = [0f32; 4];
+            for gi in 0..row.len() / 88 {
+                let grp = p.add(88 * gi);
+                let d4 = _mm_cvtph_ps(_mm_loadl_epi64(grp as *const __m128i));
+                _mm_storeu_ps(ds.as_mut_ptr(), d4);
+                let m = _mm_mul_ps(d4, sixteen);
+                _mm_storeu_ps(mins16.as_mut_ptr().add(8 * gi), _mm_unpacklo_ps(m, m));
+                _mm_storeu_ps(mins16.as_mut_ptr().add(8 * gi + 4), _mm_unpackhi_ps(m, m));
+                let h = _mm_loadu_si128(grp.add(8) as *const __m128i);
+                // Bit k of byte j: block k's weight j (j < 16) or weight j (j >= 16).
+                let hv = _mm256_set_m128i(_mm_srli_epi16(h, 4), h);
+                let n0 = _mm256_loadu_si256(grp.add(24) as *const __m256i);
+                let n1 = _mm256_loadu_si256(grp.add(56) as *const __m256i);
+                let b = 4 * gi;
+                let w0 = _mm256_or_si256(
+                    _mm256_and_si256(n0, m4),
+                    _mm256_and_si256(_mm256_slli_epi16(hv, 4), m10),
+                );
+                acc_block_1::<false>(w0, ones, ds[0], b, g, &mut acc);
+                let w1 = _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16(n0, 4), m4),
+                    _mm256_and_si256(_mm256_slli_epi16(hv, 3), m10),
+                );
+                acc_block_1::<false>(w1, ones, ds[1], b + 1, g, &mut acc);
+                let w2 = _mm256_or_si256(
+                    _mm256_and_si256(n1, m4),
+                    _mm256_and_si256(_mm256_slli_epi16(hv, 2), m10),
+                );
+                acc_block_1::<false>(w2, ones, ds[2], b + 2, g, &mut acc);
+                let w3 = _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16(n1, 4), m4),
+                    _mm256_and_si256(_mm256_slli_epi16(hv, 1), m10),
+                );
+                acc_block_1::<false>(w3, ones, ds[3], b + 3, g, &mut acc);
             }
         }
         GgmlType::Q4K => {
@@ -230,16 +498,16 @@ pub(super) unsafe fn row_dot<const NT: usize>(
                 for j in 0..4 {
                     let q = _mm256_loadu_si256(blk.add(16 + 32 * j) as *const __m256i);
                     let b = sb * 8 + 2 * j;
-                    acc_block_u::<NT, false>(
+                    acc_block_1::<false>(
                         _mm256_and_si256(q, m4),
                         ones,
                         scales[2 * j],
                         b,
                         g,
-                        &mut acc_a,
+                        &mut acc,
                     );
                     let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-                    acc_block_u::<NT, false>(hi, ones, scales[2 * j + 1], b + 1, g, odd!());
+                    acc_block_1::<false>(hi, ones, scales[2 * j + 1], b + 1, g, &mut acc);
                 }
             }
         }
@@ -277,36 +545,56 @@ pub(super) unsafe fn row_dot<const NT: usize>(
                         _mm256_and_si256(ql0, m4),
                         _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30),
                     );
-                    acc_block_u::<NT, false>(w0, sc(4 * n), d, b0, g, &mut acc_a);
+                    acc_block_1::<false>(w0, sc(4 * n), d, b0, g, &mut acc);
                     let w1 = _mm256_or_si256(
                         _mm256_and_si256(ql1, m4),
                         _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30),
                     );
-                    acc_block_u::<NT, false>(w1, sc(4 * n + 1), d, b0 + 1, g, odd!());
+                    acc_block_1::<false>(w1, sc(4 * n + 1), d, b0 + 1, g, &mut acc);
                     let w2 = _mm256_or_si256(
                         _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
                         _mm256_and_si256(qh, m30),
                     );
-                    acc_block_u::<NT, false>(w2, sc(4 * n + 2), d, b0 + 2, g, &mut acc_a);
+                    acc_block_1::<false>(w2, sc(4 * n + 2), d, b0 + 2, g, &mut acc);
                     let w3 = _mm256_or_si256(
                         _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
                         _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30),
                     );
-                    acc_block_u::<NT, false>(w3, sc(4 * n + 3), d, b0 + 3, g, odd!());
+                    acc_block_1::<false>(w3, sc(4 * n + 3), d, b0 + 3, g, &mut acc);
                 }
             }
         }
         GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => unreachable!("converted to Q8_0 at load"),
     }
-    let mut out = [0f32; NT];
     let n16 = row.len() / ty.block_bytes() * ty.block_elems() / 16;
-    for t in 0..NT {
-        out[t] = hsum(acc_a[t]);
-        if !signed {
-            out[t] -= dot_f32(mins16.as_ptr(), g.s16.add(t * g.s16_stride), n16);
-        }
+    let mut out = hsum(acc);
+    if !signed {
+        out -= dot_f32(mins16.as_ptr(), g.s16, n16);
     }
     out
+}
+
+/// One token's products with block `b` of weights `w` (see [`acc_block_u`]), its combined
+/// scale `dw * d` formed here.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn acc_block_1<const SIGNED: bool>(
+    w: __m256i,
+    mult: __m256i,
+    dw: f32,
+    b: usize,
+    g: &Group,
+    acc: &mut __m256,
+) {
+    let aw = if SIGNED { _mm256_sign_epi8(w, w) } else { w };
+    let x = _mm256_loadu_si256(g.qs.add(32 * b) as *const __m256i);
+    let xs = if SIGNED { _mm256_sign_epi8(x, w) } else { x };
+    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, xs), mult);
+    *acc = _mm256_fmadd_ps(
+        _mm256_cvtepi32_ps(p),
+        _mm256_set1_ps(dw * *g.d.add(b)),
+        *acc,
+    );
 }
 
 /// `Σ a[i] * b[i]` over `n` floats.

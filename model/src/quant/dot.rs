@@ -195,13 +195,26 @@ fn simd_row(
     w: &QMatrix,
     r: usize,
     x: &QuantizedActs,
-    mins16: &mut [f32],
+    scratch: &mut super::avx2::Scratch,
     mut put: impl FnMut(usize, f32),
 ) {
-    use super::avx2::{row_dot, Group};
+    use super::avx2::{decode_row, row_dot, row_dot1, Group};
     let cols = x.cols;
-    let bytes = w.row_bytes(r);
-    let ty = w.ty;
+    if x.n_tokens == 1 {
+        let grp = Group {
+            qs: x.qs.as_ptr(),
+            d: x.d.as_ptr(),
+            s16: x.sums16.as_ptr(),
+            s16_stride: cols / 16,
+        };
+        // SAFETY: only called when AVX2/FMA/F16C were detected; the bytes are a whole row of
+        // `w.ty`, `scratch` was made for `cols`, and the group is the one token of `x`.
+        put(0, unsafe { row_dot1(w.ty, w.row_bytes(r), &grp, scratch) });
+        return;
+    }
+    // SAFETY: only called when AVX2/FMA/F16C were detected; the bytes are a whole row of
+    // `w.ty` and `scratch` was made for `cols`.
+    unsafe { decode_row(w.ty, w.row_bytes(r), scratch) };
     let mut t0 = 0;
     while t0 < x.n_tokens {
         let g = GROUP.min(x.n_tokens - t0);
@@ -213,10 +226,9 @@ fn simd_row(
         };
         macro_rules! pass {
             ($n:literal) => {{
-                // SAFETY: only called when AVX2/FMA/F16C were detected; `bytes` is a whole row
-                // of `ty`, `mins16` holds cols/16 values, and tokens t0..t0 + g (g == $n) form
-                // one interleaved group of `cols` columns, as `Group` describes.
-                let v = unsafe { row_dot::<$n>(ty, bytes, &grp, mins16) };
+                // SAFETY: as above, `scratch` holds the decoded row, and tokens t0..t0 + g
+                // (g == $n) form one interleaved group of `cols` columns, as `Group` describes.
+                let v = unsafe { row_dot::<$n>(scratch, &grp) };
                 v.into_iter().enumerate().for_each(|(i, v)| put(t0 + i, v));
             }};
         }
@@ -253,9 +265,9 @@ fn run_rows(
     let cols = w.cols;
     #[cfg(target_arch = "x86_64")]
     if simd {
-        let mut mins16 = vec![0f32; cols / 16];
+        let mut scratch = super::avx2::Scratch::new(cols);
         for r in range {
-            simd_row(w, r, x, &mut mins16, |t, v| {
+            simd_row(w, r, x, &mut scratch, |t, v| {
                 // SAFETY: (t, r) is written by exactly one task, since row ranges are
                 // disjoint, and t * rows + r < n_tokens * rows == the output's length.
                 unsafe { *ptr.0.add(t * rows + r) = v };
@@ -357,6 +369,11 @@ mod tests {
                     blk[0..2].copy_from_slice(&scale);
                     blk[2..4].copy_from_slice(&scale);
                 }
+                GgmlType::Q5x4 => {
+                    for k in 0..4 {
+                        blk[2 * k..2 * k + 2].copy_from_slice(&scale);
+                    }
+                }
                 _ => blk[0..2].copy_from_slice(&scale),
             }
         }
@@ -395,15 +412,22 @@ mod tests {
     }
 
     #[test]
-    fn q4_0_and_q5_0_convert_to_q8_0_losslessly() {
-        for ty in [GgmlType::Q4_0, GgmlType::Q5_0] {
-            let w = random_matrix(ty, 3, 64, 9);
-            let q8 = w.clone().into_matmul_ready("w").unwrap();
-            assert_eq!(q8.ty, GgmlType::Q8_0);
-            let (mut a, mut b) = (vec![0f32; 64], vec![0f32; 64]);
+    fn q4_0_and_q5_0_repack_losslessly() {
+        // Rows of whole 128-weight groups become Q5x4, other widths Q8_0; both exactly.
+        for (ty, cols, into) in [
+            (GgmlType::Q4_0, 64, GgmlType::Q8_0),
+            (GgmlType::Q5_0, 96, GgmlType::Q8_0),
+            (GgmlType::Q4_0, 256, GgmlType::Q5x4),
+            (GgmlType::Q5_0, 896, GgmlType::Q5x4),
+        ] {
+            let w = random_matrix(ty, 3, cols, 9);
+            let packed = w.clone().into_matmul_ready("w").unwrap();
+            assert_eq!(packed.ty, into, "{ty:?} with {cols} columns");
+            assert_eq!(packed.row_bytes(0).len(), into.row_bytes(cols));
+            let (mut a, mut b) = (vec![0f32; cols], vec![0f32; cols]);
             for r in 0..3 {
                 w.dequantize_row_into(r, &mut a);
-                q8.dequantize_row_into(r, &mut b);
+                packed.dequantize_row_into(r, &mut b);
                 assert_eq!(a, b, "{ty:?} row {r}");
             }
         }
@@ -417,6 +441,7 @@ mod tests {
             (GgmlType::Q8_0, 96),
             (GgmlType::Q4K, 512),
             (GgmlType::Q6K, 512),
+            (GgmlType::Q5x4, 384),
         ] {
             let rows = 5;
             let w = random_matrix(ty, rows, cols, 7);
@@ -440,6 +465,9 @@ mod tests {
 
     #[test]
     fn kernels_agree_with_reference_on_every_type() {
+        for (rows, cols, n) in [(1, 128, 1), (7, 896, 3), (3, 256, 17), (5, 4864, 9)] {
+            check(GgmlType::Q5x4, rows, cols, n);
+        }
         for ty in [GgmlType::Q4_0, GgmlType::Q5_0, GgmlType::Q8_0] {
             for (rows, cols, n) in [
                 (1, 32, 1),
@@ -457,8 +485,14 @@ mod tests {
             }
         }
         // Every pass width and remainder: 1..=9 tokens (8 + 1), 12 (8 + 4) and 15 (8 + 4 + 3).
-        for ty in [GgmlType::Q8_0, GgmlType::Q4K, GgmlType::Q6K, GgmlType::Q5_0] {
-            let cols = if matches!(ty, GgmlType::Q4K | GgmlType::Q6K) {
+        for ty in [
+            GgmlType::Q8_0,
+            GgmlType::Q4K,
+            GgmlType::Q6K,
+            GgmlType::Q5_0,
+            GgmlType::Q5x4,
+        ] {
+            let cols = if matches!(ty, GgmlType::Q4K | GgmlType::Q6K | GgmlType::Q5x4) {
                 512
             } else {
                 96

@@ -23,6 +23,14 @@ pub enum GgmlType {
     Q4K,
     /// 6-bit k-quant, super-blocks of 256 with 8-bit sub-block scales.
     Q6K,
+    /// Arbor's own in-memory layout for Q5_0 and Q4_0 matrices, never read from a file: four
+    /// 32-weight blocks (128 weights, 88 bytes, the size of four Q5_0 blocks) stored so that AVX2
+    /// decodes them with a few shifts and masks. Bytes 0..8: the four f16 scales. Bytes 8..24:
+    /// the fifth bits, byte `j` holding block `k`'s weight `j` in bit `k` and its weight `16 + j`
+    /// in bit `4 + k`. Bytes 24..88: two 32-byte halves, half `h` holding block `2h`'s weight `j`
+    /// in the low nibble of byte `j` and block `2h + 1`'s in the high nibble. A weight is
+    /// `d * (q - 16)` with `q` in 0..32, exactly as in Q5_0 (Q4_0's `q - 8` is `(q + 8) - 16`).
+    Q5x4,
 }
 
 impl GgmlType {
@@ -47,6 +55,7 @@ impl GgmlType {
             GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => 1,
             GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => 32,
             GgmlType::Q4K | GgmlType::Q6K => 256,
+            GgmlType::Q5x4 => 128,
         }
     }
 
@@ -60,6 +69,7 @@ impl GgmlType {
             GgmlType::Q8_0 => 34,
             GgmlType::Q4K => 144,
             GgmlType::Q6K => 210,
+            GgmlType::Q5x4 => 88,
         }
     }
 
@@ -72,7 +82,12 @@ impl GgmlType {
     pub fn is_matmul_native(self) -> bool {
         matches!(
             self,
-            GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 | GgmlType::Q4K | GgmlType::Q6K
+            GgmlType::Q4_0
+                | GgmlType::Q5_0
+                | GgmlType::Q8_0
+                | GgmlType::Q4K
+                | GgmlType::Q6K
+                | GgmlType::Q5x4
         )
     }
 }
@@ -144,6 +159,30 @@ pub(crate) fn unpack_row(
                 scale16[2 * b + 1] = d;
                 min16[2 * b] = 16.0 * d;
                 min16[2 * b + 1] = 16.0 * d;
+            }
+            false
+        }
+        GgmlType::Q5x4 => {
+            for (g, grp) in bytes.chunks_exact(88).enumerate() {
+                for k in 0..4 {
+                    let d = f16_at(grp, 2 * k);
+                    let b = 4 * g + k;
+                    let out = &mut u[b * 32..b * 32 + 32];
+                    let nib = &grp[24 + 32 * (k / 2)..24 + 32 * (k / 2) + 32];
+                    for (j, o) in out.iter_mut().enumerate() {
+                        let lo = if k % 2 == 0 {
+                            nib[j] & 0xF
+                        } else {
+                            nib[j] >> 4
+                        };
+                        let hi = (grp[8 + j % 16] >> (k + 4 * (j / 16))) & 1;
+                        *o = lo | (hi << 4);
+                    }
+                    scale16[2 * b] = d;
+                    scale16[2 * b + 1] = d;
+                    min16[2 * b] = 16.0 * d;
+                    min16[2 * b + 1] = 16.0 * d;
+                }
             }
             false
         }
@@ -234,6 +273,42 @@ pub fn dequantize_row(ty: GgmlType, bytes: &[u8], out: &mut [f32]) {
                     f32::from(u[i])
                 };
                 *o = scale16[i / 16] * q - min16[i / 16];
+            }
+        }
+    }
+}
+
+/// Appends a Q5_0 or Q4_0 row (`bytes`, a multiple of four blocks) to `out` as [`GgmlType::Q5x4`]
+/// groups, losslessly: the same scales and the same `q - offset` values.
+pub(crate) fn repack_q5x4(ty: GgmlType, bytes: &[u8], out: &mut Vec<u8>) {
+    let bb = ty.block_bytes();
+    assert!(matches!(ty, GgmlType::Q4_0 | GgmlType::Q5_0));
+    assert_eq!(
+        bytes.len() % (4 * bb),
+        0,
+        "a Q5x4 row is whole groups of four blocks"
+    );
+    let mut u = [0u8; 128];
+    let (mut scale16, mut min16) = ([0f32; 8], [0f32; 8]);
+    for grp in bytes.chunks_exact(4 * bb) {
+        unpack_row(ty, grp, &mut u, &mut scale16, &mut min16);
+        if ty == GgmlType::Q4_0 {
+            u.iter_mut().for_each(|q| *q += 8);
+        }
+        for k in 0..4 {
+            out.extend_from_slice(&grp[k * bb..k * bb + 2]);
+        }
+        for j in 0..16 {
+            let mut h = 0u8;
+            for k in 0..4 {
+                h |= ((u[32 * k + j] >> 4) & 1) << k;
+                h |= ((u[32 * k + 16 + j] >> 4) & 1) << (4 + k);
+            }
+            out.push(h);
+        }
+        for half in 0..2 {
+            for j in 0..32 {
+                out.push((u[64 * half + j] & 0xF) | ((u[64 * half + 32 + j] & 0xF) << 4));
             }
         }
     }

@@ -101,12 +101,27 @@ impl QMatrix {
     /// Re-stores a matrix in the form the matmul kernels run fastest on.
     ///
     /// F32/F16/BF16 become Q8_0 (as llama.cpp quantizes activations' partners). Q4_0 and Q5_0
-    /// also become Q8_0, *losslessly*: their values are `d * (q - offset)` with `q - offset` in
-    /// -16..=15, which Q8_0 holds exactly with the same scale. Q8_0 costs 55% more memory than
-    /// Q5_0 but needs no bit unpacking, and on AVX2 its product runs ~1.4x faster.
+    /// become [`GgmlType::Q5x4`] when a row is whole groups of 128 weights, *losslessly* (same
+    /// scales, same `q - offset` values) and in the same bytes as Q5_0: single-token decoding is
+    /// bound by memory bandwidth, and Q5x4's fifth bits and nibbles decode in a few vector
+    /// operations instead of Q5_0's bit gathering. Other widths become Q8_0, also losslessly:
+    /// their values `q - offset` lie in -16..=15, which Q8_0 holds exactly with the same scale.
     pub fn into_matmul_ready(self, name: &str) -> Result<Self> {
         match self.ty {
-            GgmlType::Q8_0 | GgmlType::Q4K | GgmlType::Q6K => return Ok(self),
+            GgmlType::Q8_0 | GgmlType::Q4K | GgmlType::Q6K | GgmlType::Q5x4 => return Ok(self),
+            GgmlType::Q4_0 | GgmlType::Q5_0 if self.cols % 128 == 0 => {
+                let mut out = Vec::with_capacity(self.rows * GgmlType::Q5x4.row_bytes(self.cols));
+                for r in 0..self.rows {
+                    formats::repack_q5x4(self.ty, self.row_bytes(r), &mut out);
+                }
+                return QMatrix::new(
+                    name,
+                    GgmlType::Q5x4,
+                    self.rows,
+                    self.cols,
+                    Storage::Owned(out.into()),
+                );
+            }
             GgmlType::Q4_0 | GgmlType::Q5_0 => {
                 let mut out = Vec::with_capacity(self.rows * GgmlType::Q8_0.row_bytes(self.cols));
                 let mut u = vec![0u8; self.cols];
