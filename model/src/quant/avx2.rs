@@ -597,6 +597,60 @@ unsafe fn acc_block_1<const SIGNED: bool>(
     );
 }
 
+/// Quantizes 32 floats at `x` to bytes at `q` with one scale, as `dot::quantize_block`'s
+/// scalar path does, bit for bit: the same `amax / 127`, the same products `v * (1 / d)`, and
+/// rounding half away from zero (`trunc(v + copysign(0.5 - ulp, v))` equals `round(v)` for
+/// every float). Returns the scale and the sums of the first and second 16 bytes.
+///
+/// # Safety
+/// AVX2, FMA and F16C must be available; `x` and `q` must hold 32 values.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn quantize_block(x: *const f32, q: *mut i8) -> (f32, [i32; 2]) {
+    let sign = _mm256_set1_ps(-0.0);
+    let v = [
+        _mm256_loadu_ps(x),
+        _mm256_loadu_ps(x.add(8)),
+        _mm256_loadu_ps(x.add(16)),
+        _mm256_loadu_ps(x.add(24)),
+    ];
+    let abs = |v: __m256| _mm256_andnot_ps(sign, v);
+    let m = _mm256_max_ps(
+        _mm256_max_ps(abs(v[0]), abs(v[1])),
+        _mm256_max_ps(abs(v[2]), abs(v[3])),
+    );
+    let m = _mm_max_ps(_mm256_extractf128_ps(m, 1), _mm256_castps256_ps128(m));
+    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    let m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+    let amax = _mm_cvtss_f32(m);
+    let dv = amax / 127.0;
+    let id = _mm256_set1_ps(if dv > 0.0 { 1.0 / dv } else { 0.0 });
+    let half = _mm256_set1_ps(f32::from_bits(0x3EFF_FFFF)); // the float just below 0.5
+    let round = |v: __m256| {
+        let s = _mm256_mul_ps(v, id);
+        let r = _mm256_add_ps(s, _mm256_or_ps(_mm256_and_ps(s, sign), half));
+        _mm256_cvttps_epi32(_mm256_round_ps(r, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC))
+    };
+    let i = [round(v[0]), round(v[1]), round(v[2]), round(v[3])];
+    let hsum_i = |a: __m256i| {
+        let s = _mm_add_epi32(_mm256_extracti128_si256(a, 1), _mm256_castsi256_si128(a));
+        let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 1));
+        _mm_cvtsi128_si32(s)
+    };
+    let sums = [
+        hsum_i(_mm256_add_epi32(i[0], i[1])),
+        hsum_i(_mm256_add_epi32(i[2], i[3])),
+    ];
+    // Pack to bytes; the packs interleave 128-bit lanes, which the permute undoes.
+    let p = _mm256_packs_epi16(
+        _mm256_packs_epi32(i[0], i[1]),
+        _mm256_packs_epi32(i[2], i[3]),
+    );
+    let p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(q as *mut __m256i, p);
+    (dv, sums)
+}
+
 /// `Σ a[i] * b[i]` over `n` floats.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]

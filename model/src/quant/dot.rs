@@ -54,6 +54,7 @@ impl QuantizedActs {
         self.d.resize(n_tokens * cols / 32, 0.0);
         self.sums16.resize(n_tokens * cols / 16, 0.0);
         let nb = cols / 32;
+        let simd = has_avx2();
         // Each group of GROUP tokens owns contiguous ranges of `qs`, `d` and `sums16`, so large
         // batches quantize their groups in parallel.
         let quantize_group =
@@ -64,16 +65,8 @@ impl QuantizedActs {
                     let row = &x[(t0 + tl) * cols..(t0 + tl + 1) * cols];
                     for (b, blk) in row.chunks_exact(32).enumerate() {
                         let i = b * g + tl;
-                        let amax = blk.iter().fold(0f32, |m, v| m.max(v.abs()));
-                        let dv = amax / 127.0;
-                        let id = if dv > 0.0 { 1.0 / dv } else { 0.0 };
                         let q = &mut qs[i * 32..i * 32 + 32];
-                        let mut s = [0i32; 2];
-                        for (k, (qv, v)) in q.iter_mut().zip(blk).enumerate() {
-                            let r = (v * id).round() as i32;
-                            *qv = r as i8;
-                            s[k / 16] += r;
-                        }
+                        let (dv, s) = quantize_block(blk, q, simd);
                         d[i] = dv;
                         sums16[tl * 2 * nb + 2 * b] = dv * s[0] as f32;
                         sums16[tl * 2 * nb + 2 * b + 1] = dv * s[1] as f32;
@@ -103,6 +96,29 @@ impl QuantizedActs {
         a.quantize_from(x, n_tokens, cols);
         a
     }
+}
+
+/// Quantizes 32 activations to `q` (`x ≈ d * q`, rounding half away from zero as ggml's
+/// `quantize_row_q8_0` does) and returns `d` with the sums of `q` over each half. The AVX2 path
+/// gives exactly the scalar path's bytes and scale.
+fn quantize_block(x: &[f32], q: &mut [i8], simd: bool) -> (f32, [i32; 2]) {
+    assert!(x.len() == 32 && q.len() == 32);
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: `simd` is only set when AVX2/FMA/F16C were detected; both slices hold 32.
+        return unsafe { super::avx2::quantize_block(x.as_ptr(), q.as_mut_ptr()) };
+    }
+    let _ = simd;
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let dv = amax / 127.0;
+    let id = if dv > 0.0 { 1.0 / dv } else { 0.0 };
+    let mut s = [0i32; 2];
+    for (k, (qv, v)) in q.iter_mut().zip(x).enumerate() {
+        let r = (v * id).round() as i32;
+        *qv = r as i8;
+        s[k / 16] += r;
+    }
+    (dv, s)
 }
 
 /// A weight row unpacked for the dot kernels.
@@ -408,6 +424,46 @@ mod tests {
                     "{ty:?} r{r} t{t}: {got} vs exact {exact}"
                 );
             }
+        }
+    }
+
+    /// The AVX2 quantizer must give the scalar one's bytes, scale and sums exactly, including
+    /// values that land exactly on a half after scaling and blocks of zeros.
+    #[test]
+    fn simd_quantization_equals_scalar() {
+        let mut blocks: Vec<[f32; 32]> = Vec::new();
+        for seed in 0..200u32 {
+            blocks.push(std::array::from_fn(|k| {
+                let i = seed * 32 + k as u32;
+                ((i.wrapping_mul(2654435761) >> 8) as f32 / (1 << 24) as f32 - 0.5) * 7.0
+            }));
+        }
+        // Scaled values land exactly on n + 0.5 in these (scales 1 and 1/2).
+        blocks.push(std::array::from_fn(|k| {
+            if k == 0 {
+                127.0
+            } else {
+                k as f32 - 15.5
+            }
+        }));
+        blocks.push(std::array::from_fn(|k| {
+            if k == 0 {
+                254.0
+            } else {
+                2.0 * k as f32 - 31.0
+            }
+        }));
+        blocks.push([0.0; 32]);
+        blocks.push(std::array::from_fn(|k| if k == 7 { -3.0 } else { 0.0 }));
+        for (n, blk) in blocks.iter().enumerate() {
+            let (mut a, mut b) = ([0i8; 32], [0i8; 32]);
+            let ra = quantize_block(blk, &mut a, false);
+            let rb = quantize_block(blk, &mut b, has_avx2());
+            assert_eq!(
+                (ra.0.to_bits(), ra.1, a),
+                (rb.0.to_bits(), rb.1, b),
+                "block {n}"
+            );
         }
     }
 
