@@ -58,14 +58,39 @@ impl CpuBackend {
 /// splitting exceeds the work).
 const PARALLEL_ROWS_MIN: usize = 16;
 
+/// Runs `f` compiled for AVX2 when `avx2` is set (from [`simd_f32`]). The operations and their
+/// order are unchanged (Rust never fuses or reorders float arithmetic), so both builds agree
+/// exactly; AVX2 only makes the loops twice as wide.
+#[inline(always)]
+fn with_simd<R>(avx2: bool, f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    if avx2 {
+        #[target_feature(enable = "avx2")]
+        unsafe fn go<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        // SAFETY: `avx2` is only set when the CPU has AVX2.
+        return unsafe { go(f) };
+    }
+    let _ = avx2;
+    f()
+}
+
 fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let d = w.len();
+    let avx2 = simd_f32();
     let norm_row = |(xr, or): (&[f32], &mut [f32])| {
-        let ss: f32 = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
-        let scale = 1.0 / (ss + eps).sqrt();
-        for ((o, xv), wv) in or.iter_mut().zip(xr).zip(w) {
-            *o = xv * scale * wv;
-        }
+        with_simd(
+            avx2,
+            #[inline(always)]
+            || {
+                let ss: f32 = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+                let scale = 1.0 / (ss + eps).sqrt();
+                for ((o, xv), wv) in or.iter_mut().zip(xr).zip(w) {
+                    *o = xv * scale * wv;
+                }
+            },
+        )
     };
     if x.len() / d >= PARALLEL_ROWS_MIN {
         x.par_chunks_exact(d)
@@ -80,10 +105,17 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 
 /// `gate = silu(gate) * up`, row by row.
 fn swiglu(gate: &mut [f32], up: &[f32], width: usize) {
+    let avx2 = simd_f32();
     let row = |(g, u): (&mut [f32], &[f32])| {
-        for (gv, uv) in g.iter_mut().zip(u) {
-            *gv = *gv / (1.0 + (-*gv).exp()) * uv;
-        }
+        with_simd(
+            avx2,
+            #[inline(always)]
+            || {
+                for (gv, uv) in g.iter_mut().zip(u) {
+                    *gv = *gv / (1.0 + (-*gv).exp()) * uv;
+                }
+            },
+        )
     };
     if gate.len() / width >= PARALLEL_ROWS_MIN {
         gate.par_chunks_mut(width)
@@ -128,6 +160,107 @@ fn rope(v: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32], style: RopeSty
             head[a] = x0 * cos[i] - x1 * sin[i];
             head[b] = x0 * sin[i] + x1 * cos[i];
         }
+    }
+}
+
+/// One attention task: query token `i`'s heads that share KV head `kvh`, against every cached
+/// position of its sequence. The `group` query heads read each cached key and value once; per
+/// head, the arithmetic and its order are those of a plain one-head loop.
+struct AttentionTask<'a> {
+    kv: &'a [f32],
+    q: &'a [f32],
+    batch: &'a ForwardBatch<'a>,
+    layer: usize,
+    n_kv_heads: usize,
+    group: usize,
+    hd: usize,
+    q_dim: usize,
+    kv_dim: usize,
+    stride: usize,
+    slab: usize,
+    scale: f32,
+}
+
+impl AttentionTask<'_> {
+    /// Runs task `idx` (token `idx / n_kv_heads`, KV head `idx % n_kv_heads`) into `out`.
+    fn run_best(&self, idx: usize, out: &mut [f32], avx2: bool) {
+        with_simd(
+            avx2,
+            #[inline(always)]
+            || self.run(idx, out),
+        )
+    }
+
+    #[inline(always)]
+    fn run(&self, idx: usize, out: &mut [f32]) {
+        let AttentionTask {
+            kv,
+            q,
+            batch,
+            layer: l,
+            group,
+            hd,
+            q_dim,
+            kv_dim,
+            stride,
+            slab,
+            scale,
+            ..
+        } = *self;
+        let i = idx / self.n_kv_heads;
+        let kvh = idx % self.n_kv_heads;
+        let ctx = batch.positions[i] as usize + 1;
+        let table = &batch.block_tables[batch.seq_index[i] as usize];
+        let qs = &q[i * q_dim + kvh * group * hd..i * q_dim + (kvh + 1) * group * hd];
+        let slot = |p: usize, kind: usize| {
+            let block = table[p / KV_BLOCK_TOKENS] as usize;
+            block * stride + (2 * l + kind) * slab + (p % KV_BLOCK_TOKENS) * kv_dim + kvh * hd
+        };
+        // scores[g * ctx + p]: query head g of the group against position p.
+        let mut scores = vec![0f32; group * ctx];
+        for p in 0..ctx {
+            let base = slot(p, 0);
+            let k = &kv[base..base + hd];
+            for g in 0..group {
+                scores[g * ctx + p] = dot(&qs[g * hd..(g + 1) * hd], k) * scale;
+            }
+        }
+        for row in scores.chunks_exact_mut(ctx) {
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            let mut sum = 0f32;
+            for sc in row.iter_mut() {
+                *sc = (*sc - max).exp();
+                sum += *sc;
+            }
+            let inv = 1.0 / sum;
+            for sc in row.iter_mut() {
+                *sc *= inv;
+            }
+        }
+        out.fill(0.0);
+        for p in 0..ctx {
+            let base = slot(p, 1);
+            let v = &kv[base..base + hd];
+            for g in 0..group {
+                let wgt = scores[g * ctx + p];
+                for (o, vv) in out[g * hd..(g + 1) * hd].iter_mut().zip(v) {
+                    *o += wgt * vv;
+                }
+            }
+        }
+    }
+}
+
+/// Whether the element-wise loops may be compiled for AVX2 (checked once).
+fn simd_f32() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *DETECTED.get_or_init(|| is_x86_feature_detected!("avx2"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
     }
 }
 
@@ -290,57 +423,25 @@ impl CpuBackend {
             // Attention, one task per (token, KV head): the `group` query heads that share a KV
             // head read each cached key and value once. Per head, the arithmetic and its order
             // are those of a plain one-head loop.
-            let kv = &self.kv;
-            let q = &s.q;
+            let task = AttentionTask {
+                kv: &self.kv,
+                q: &s.q,
+                batch,
+                layer: l,
+                n_kv_heads: cfg.n_kv_heads,
+                group,
+                hd,
+                q_dim,
+                kv_dim,
+                stride,
+                slab,
+                scale,
+            };
+            let avx2 = simd_f32();
             s.att
                 .par_chunks_mut(group * hd)
                 .enumerate()
-                .for_each(|(idx, out)| {
-                    let i = idx / cfg.n_kv_heads;
-                    let kvh = idx % cfg.n_kv_heads;
-                    let ctx = batch.positions[i] as usize + 1;
-                    let table = &batch.block_tables[batch.seq_index[i] as usize];
-                    let qs = &q[i * q_dim + kvh * group * hd..i * q_dim + (kvh + 1) * group * hd];
-                    let slot = |p: usize, kind: usize| {
-                        let block = table[p / KV_BLOCK_TOKENS] as usize;
-                        block * stride
-                            + (2 * l + kind) * slab
-                            + (p % KV_BLOCK_TOKENS) * kv_dim
-                            + kvh * hd
-                    };
-                    // scores[g * ctx + p]: query head g of the group against position p.
-                    let mut scores = vec![0f32; group * ctx];
-                    for p in 0..ctx {
-                        let base = slot(p, 0);
-                        let k = &kv[base..base + hd];
-                        for g in 0..group {
-                            scores[g * ctx + p] = dot(&qs[g * hd..(g + 1) * hd], k) * scale;
-                        }
-                    }
-                    for row in scores.chunks_exact_mut(ctx) {
-                        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                        let mut sum = 0f32;
-                        for sc in row.iter_mut() {
-                            *sc = (*sc - max).exp();
-                            sum += *sc;
-                        }
-                        let inv = 1.0 / sum;
-                        for sc in row.iter_mut() {
-                            *sc *= inv;
-                        }
-                    }
-                    out.fill(0.0);
-                    for p in 0..ctx {
-                        let base = slot(p, 1);
-                        let v = &kv[base..base + hd];
-                        for g in 0..group {
-                            let wgt = scores[g * ctx + p];
-                            for (o, vv) in out[g * hd..(g + 1) * hd].iter_mut().zip(v) {
-                                *o += wgt * vv;
-                            }
-                        }
-                    }
-                });
+                .for_each(|(idx, out)| task.run_best(idx, out, avx2));
             s.acts.quantize_from(&s.att, n, q_dim);
             matmul(&lw.wo, &s.acts, &mut s.o);
             for (x, o) in s.x.iter_mut().zip(&s.o) {
