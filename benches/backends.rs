@@ -135,6 +135,7 @@ fn main() -> anyhow::Result<()> {
             &WgpuOptions {
                 allow_software,
                 max_chunk_bytes: None,
+                tiled_min_workgroups: None,
             },
         )?;
         let adapter = gpu.adapter().clone();

@@ -26,16 +26,21 @@ fn skip() -> bool {
 }
 
 fn gpu_engine(model: &Model) -> Engine {
-    gpu_engine_chunked(model, None)
+    gpu_engine_with(model, None, None)
 }
 
-fn gpu_engine_chunked(model: &Model, max_chunk_bytes: Option<u64>) -> Engine {
+fn gpu_engine_with(
+    model: &Model,
+    max_chunk_bytes: Option<u64>,
+    tiled_min_workgroups: Option<u32>,
+) -> Engine {
     let backend = WgpuBackend::new(
         model.config.clone(),
         model.weights.clone(),
         &WgpuOptions {
             allow_software: true,
             max_chunk_bytes,
+            tiled_min_workgroups,
         },
     )
     .expect("opening the wgpu adapter");
@@ -90,7 +95,7 @@ fn wgpu_backend_matches_the_f32_reference_on_the_tiny_model() {
         eprintln!("{arch}: worst logit error {worst}, CPU backend {cpu_worst} (scale {scale})");
         // Weight matrices split into chunks of at most 8 KiB and the logits of a pass into
         // slices of 7 rows (as on a device with a small storage binding): the same logits.
-        let mut small = gpu_engine_chunked(&model, Some((7 * VOCAB * 4) as u64));
+        let mut small = gpu_engine_with(&model, Some((7 * VOCAB * 4) as u64), None);
         let s2 = small.new_sequence();
         let split = small.forward_all_logits(&[(s2, &tokens)]).unwrap().to_vec();
         let diff = split
@@ -98,6 +103,20 @@ fn wgpu_backend_matches_the_f32_reference_on_the_tiny_model() {
             .zip(&ours)
             .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
         assert!(diff <= 1e-4, "{arch}: split pass differs by {diff}");
+        // Every batched product on the kernel with several rows a thread (which a model this
+        // small never gets by default); with the same small chunks, whose row counts (124, 60)
+        // end mid-workgroup.
+        let mut tiled = gpu_engine_with(&model, Some((7 * VOCAB * 4) as u64), Some(0));
+        let s3 = tiled.new_sequence();
+        let rows = tiled.forward_all_logits(&[(s3, &tokens)]).unwrap().to_vec();
+        let diff = rows
+            .iter()
+            .zip(&ours)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            diff <= 1e-4,
+            "{arch}: tiled matrix kernel differs by {diff}"
+        );
         assert!(
             worst <= 0.05 * scale && worst <= 1.1 * cpu_worst,
             "{arch}: worst logit error {worst} against the f32 reference (CPU backend {cpu_worst}, scale {scale})"

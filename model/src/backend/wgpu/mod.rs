@@ -30,8 +30,14 @@ use crate::quant::QMatrix;
 
 /// Tokens per matrix-kernel workgroup in batched passes (one weight read serves this many).
 const TOKENS_PER_TILE: u32 = 8;
-/// Rows per matrix-kernel workgroup.
+/// Rows per thread of the tiled batched matrix kernel (`matmul_rows.wgsl`): a token's
+/// activations are read once for this many rows.
+const ROWS_PER_THREAD: u32 = 4;
+/// Rows per workgroup of the matrix kernels with one row a thread (four sets of 64 threads).
 const ROWS_PER_WG: u32 = 4;
+/// Default of [`WgpuOptions::tiled_min_workgroups`]: about two workgroups per streaming
+/// multiprocessor of a large GPU (an H200 has 132); with fewer the GPU would idle.
+const MIN_TILED_WORKGROUPS: u32 = 256;
 /// Slot size of the per-dispatch parameters (the uniform-offset alignment every device meets).
 const PARAM_SLOT: u64 = 256;
 /// Largest head dimension the attention kernel holds in workgroup memory.
@@ -47,6 +53,10 @@ pub struct WgpuOptions {
     /// largest storage binding). Smaller values split more; tests use them to exercise the
     /// splitting on small models.
     pub max_chunk_bytes: Option<u64>,
+    /// Fewest workgroups for which a batched matrix product uses the kernel with several rows
+    /// a thread (default 256, enough to fill a large GPU). Tests set 0 to run that kernel on
+    /// small models.
+    pub tiled_min_workgroups: Option<u32>,
 }
 
 /// Describes the adapter a backend runs on.
@@ -115,6 +125,9 @@ struct Kernel {
 struct Pipelines {
     matmul_1: Kernel,
     matmul_t: Kernel,
+    matmul_tr: Kernel,
+    /// See [`WgpuOptions::tiled_min_workgroups`].
+    min_tiled_workgroups: u32,
     rms_norm: Kernel,
     rope_kv: Kernel,
     attention: Kernel,
@@ -268,7 +281,10 @@ impl WgpuBackend {
         device.on_uncaptured_error(Arc::new(|e: wgpu::Error| {
             tracing::error!("wgpu: {e}");
         }));
-        let pipelines = Pipelines::new(&device);
+        let pipelines = Pipelines::new(
+            &device,
+            options.tiled_min_workgroups.unwrap_or(MIN_TILED_WORKGROUPS),
+        );
         let max_chunk = options
             .max_chunk_bytes
             .map_or(max_binding, |c| c.min(max_binding));
@@ -458,7 +474,7 @@ impl WgpuBackend {
 }
 
 impl Pipelines {
-    fn new(device: &wgpu::Device) -> Self {
+    fn new(device: &wgpu::Device, min_tiled_workgroups: u32) -> Self {
         let make = |id: u8, label: &str, src: String| {
             let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
                 label: Some(label),
@@ -483,13 +499,26 @@ impl Pipelines {
                 .replace("__TT__", &tt.to_string())
                 .replace("__RED__", &(256 * tt).to_string())
         };
+        let matmul_rows = |tt: u32, rt: u32| {
+            include_str!("matmul_rows.wgsl")
+                .replace("__TT__", &tt.to_string())
+                .replace("__RT__", &rt.to_string())
+                .replace("__ACC__", &(tt * rt).to_string())
+                .replace("__RED__", &(256 * tt).to_string())
+        };
         Pipelines {
             matmul_1: make(0, "matmul_1", matmul(1)),
             matmul_t: make(1, "matmul_t", matmul(TOKENS_PER_TILE)),
+            matmul_tr: make(
+                6,
+                "matmul_tr",
+                matmul_rows(TOKENS_PER_TILE, ROWS_PER_THREAD),
+            ),
             rms_norm: make(2, "rms_norm", include_str!("rms_norm.wgsl").into()),
             rope_kv: make(3, "rope_kv", include_str!("rope_kv.wgsl").into()),
             attention: make(4, "attention", include_str!("attention.wgsl").into()),
             swiglu: make(5, "swiglu", include_str!("swiglu.wgsl").into()),
+            min_tiled_workgroups,
         }
     }
 }
@@ -580,12 +609,22 @@ impl<'a> Recorder<'a> {
         bias: Option<&wgpu::Buffer>,
         dummy: &wgpu::Buffer,
     ) {
-        let (pipe, tt) = if n == 1 {
-            (&pipes.matmul_1, 1)
-        } else {
-            (&pipes.matmul_t, TOKENS_PER_TILE)
-        };
         for (start, rows, q, sm) in &w.chunks {
+            // Several rows a thread read each token's activations fewer times, but make fewer
+            // workgroups: take them only when there are still enough to fill the GPU.
+            let tiles = (n as u32).div_ceil(TOKENS_PER_TILE);
+            let tiled_wgs = (*rows as u32).div_ceil(ROWS_PER_WG * ROWS_PER_THREAD) * tiles;
+            let (pipe, tt, rows_per_wg) = if n == 1 {
+                (&pipes.matmul_1, 1, ROWS_PER_WG)
+            } else if tiled_wgs >= pipes.min_tiled_workgroups {
+                (
+                    &pipes.matmul_tr,
+                    TOKENS_PER_TILE,
+                    ROWS_PER_WG * ROWS_PER_THREAD,
+                )
+            } else {
+                (&pipes.matmul_t, TOKENS_PER_TILE, ROWS_PER_WG)
+            };
             let params = MatParams {
                 rows: *rows as u32,
                 cols: w.cols as u32,
@@ -601,7 +640,7 @@ impl<'a> Recorder<'a> {
                 params,
                 &[q, sm, x, y, bias.unwrap_or(dummy)],
                 (
-                    (*rows as u32).div_ceil(ROWS_PER_WG),
+                    (*rows as u32).div_ceil(rows_per_wg),
                     (n as u32).div_ceil(tt),
                     1,
                 ),

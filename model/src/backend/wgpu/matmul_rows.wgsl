@@ -1,0 +1,117 @@
+// y[t, row_offset + r] (+)= sum_c W[r, c] * x[t, c] (+ bias[row_offset + r]), several rows per
+// thread: matmul.wgsl's batched kernel with register tiling over rows, for batches with enough
+// rows to fill the GPU (the backend picks it by workgroup count).
+//
+// W is stored as one unsigned byte per weight (`wq`, four to a word) and a (scale, min) pair per
+// 16 weights (`wsm`), so that W[r, c] = scale * u - min; every GGUF block format unpacks to this
+// exactly. A workgroup computes 4 * RT rows for TT tokens: four sets of LANES threads, each set
+// on RT rows, split the rows' 16-weight groups; every thread keeps RT * TT partial sums, and a
+// tree reduction in workgroup memory adds them, row by row. Reading a weight group once for TT
+// tokens is what makes batched decoding cheaper per token than one token at a time; reading a
+// token's activations once for RT rows keeps the loads of activations (TT of them per weight
+// group) from dominating the batched kernel.
+
+struct Params {
+    rows: u32,
+    cols: u32,
+    n_tok: u32,
+    y_stride: u32,
+    row_offset: u32,
+    accumulate: u32,
+    has_bias: u32,
+    _pad: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> wq: array<vec4<u32>>;
+@group(0) @binding(2) var<storage, read> wsm: array<vec2<f32>>;
+@group(0) @binding(3) var<storage, read> x: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> y: array<f32>;
+@group(0) @binding(5) var<storage, read> bias: array<f32>;
+
+const TT: u32 = __TT__u;
+const RT: u32 = __RT__u;
+const LANES: u32 = 64u;
+const ROWS_PER_WG: u32 = 4u * RT;
+const WG: u32 = 256u;
+
+var<workgroup> red: array<f32, __RED__>;
+
+fn bytes(w: u32) -> vec4<f32> {
+    return vec4<f32>(vec4<u32>(w, w >> 8u, w >> 16u, w >> 24u) & vec4<u32>(0xffu));
+}
+
+@compute @workgroup_size(256)
+fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+    let lane = lid % LANES;
+    let rsub = lid / LANES;
+    let r0 = wid.x * ROWS_PER_WG + rsub * RT;
+    let t0 = wid.y * TT;
+    var acc: array<f32, __ACC__>;
+    for (var i = 0u; i < RT * TT; i++) {
+        acc[i] = 0.0;
+    }
+    let groups = p.cols / 16u;
+    let xrow = p.cols / 4u;
+    // Rows past the end (in the last workgroup) read the last row and are never written, which
+    // keeps every loop's bounds constant, so they unroll and the sums stay in registers.
+    let last = p.rows - 1u;
+    for (var g = lane; g < groups; g += LANES) {
+        var sm: array<vec2<f32>, RT>;
+        var w: array<vec4<u32>, RT>;
+        for (var i = 0u; i < RT; i++) {
+            let row = min(r0 + i, last);
+            sm[i] = wsm[row * groups + g];
+            w[i] = wq[row * groups + g];
+        }
+        for (var t = 0u; t < TT; t++) {
+            if (t0 + t < p.n_tok) {
+                let xb = (t0 + t) * xrow + g * 4u;
+                let x0 = x[xb];
+                let x1 = x[xb + 1u];
+                let x2 = x[xb + 2u];
+                let x3 = x[xb + 3u];
+                let s = dot(x0 + x1 + x2 + x3, vec4<f32>(1.0));
+                for (var i = 0u; i < RT; i++) {
+                    let wi = w[i];
+                    let d = dot(bytes(wi.x), x0) + dot(bytes(wi.y), x1) + dot(bytes(wi.z), x2)
+                        + dot(bytes(wi.w), x3);
+                    acc[i * TT + t] += sm[i].x * d - sm[i].y * s;
+                }
+            }
+        }
+    }
+    for (var i = 0u; i < RT; i++) {
+        for (var t = 0u; t < TT; t++) {
+            red[t * WG + lid] = acc[i * TT + t];
+        }
+        workgroupBarrier();
+        for (var s = LANES / 2u; s > 0u; s >>= 1u) {
+            if (lane < s) {
+                for (var t = 0u; t < TT; t++) {
+                    red[t * WG + lid] += red[t * WG + lid + s];
+                }
+            }
+            workgroupBarrier();
+        }
+        if (lane == 0u && r0 + i < p.rows) {
+            let row = p.row_offset + r0 + i;
+            var b = 0.0;
+            if (p.has_bias != 0u) {
+                b = bias[row];
+            }
+            for (var t = 0u; t < TT; t++) {
+                if (t0 + t < p.n_tok) {
+                    let idx = (t0 + t) * p.y_stride + row;
+                    let v = red[t * WG + lid] + b;
+                    if (p.accumulate != 0u) {
+                        y[idx] = y[idx] + v;
+                    } else {
+                        y[idx] = v;
+                    }
+                }
+            }
+        }
+        workgroupBarrier();
+    }
+}
