@@ -349,7 +349,7 @@ pub(super) unsafe fn decode_row(ty: GgmlType, row: &[u8], s: &mut Scratch) {
     if s.q6k {
         for sb in 0..n32 / 8 {
             s.sc16[16 * sb..16 * sb + 16]
-                .copy_from_slice(&bytemuck::cast_slice(&row[210 * sb + 192..210 * sb + 208]));
+                .copy_from_slice(bytemuck::cast_slice(&row[210 * sb + 192..210 * sb + 208]));
         }
     }
     let dw = s.dw32.as_mut_ptr();
