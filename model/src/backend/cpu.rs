@@ -8,7 +8,7 @@ use super::{rope_angles, Backend, ForwardBatch};
 use crate::arch::{DecoderWeights, ModelConfig, RopeStyle};
 use crate::error::{ModelError, Result};
 use crate::kv::KV_BLOCK_TOKENS;
-use crate::quant::{matmul, matmul_many, QuantizedActs};
+use crate::quant::{has_avx2, matmul, matmul_many, QuantizedActs};
 
 /// Scratch buffers reused between forward passes, so steady-state decoding allocates nothing.
 #[derive(Default)]
@@ -58,7 +58,7 @@ impl CpuBackend {
 /// splitting exceeds the work).
 const PARALLEL_ROWS_MIN: usize = 16;
 
-/// Runs `f` compiled for AVX2 when `avx2` is set (from [`simd_f32`]). The operations and their
+/// Runs `f` compiled for AVX2 when `avx2` is set (from [`has_avx2`]). The operations and their
 /// order are unchanged (Rust never fuses or reorders float arithmetic), so both builds agree
 /// exactly; AVX2 only makes the loops twice as wide.
 #[inline(always)]
@@ -78,7 +78,7 @@ fn with_simd<R>(avx2: bool, f: impl FnOnce() -> R) -> R {
 
 fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let d = w.len();
-    let avx2 = simd_f32();
+    let avx2 = has_avx2();
     let norm_row = |(xr, or): (&[f32], &mut [f32])| {
         with_simd(
             avx2,
@@ -105,7 +105,7 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 
 /// `gate = silu(gate) * up`, row by row.
 fn swiglu(gate: &mut [f32], up: &[f32], width: usize) {
-    let avx2 = simd_f32();
+    let avx2 = has_avx2();
     let row = |(g, u): (&mut [f32], &[f32])| {
         with_simd(
             avx2,
@@ -183,14 +183,6 @@ struct AttentionTask<'a> {
 
 impl AttentionTask<'_> {
     /// Runs task `idx` (token `idx / n_kv_heads`, KV head `idx % n_kv_heads`) into `out`.
-    fn run_best(&self, idx: usize, out: &mut [f32], avx2: bool) {
-        with_simd(
-            avx2,
-            #[inline(always)]
-            || self.run(idx, out),
-        )
-    }
-
     #[inline(always)]
     fn run(&self, idx: usize, out: &mut [f32]) {
         let AttentionTask {
@@ -248,19 +240,6 @@ impl AttentionTask<'_> {
                 }
             }
         }
-    }
-}
-
-/// Whether the element-wise loops may be compiled for AVX2 (checked once).
-fn simd_f32() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *DETECTED.get_or_init(|| is_x86_feature_detected!("avx2"))
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
     }
 }
 
@@ -437,11 +416,17 @@ impl CpuBackend {
                 slab,
                 scale,
             };
-            let avx2 = simd_f32();
+            let avx2 = has_avx2();
             s.att
                 .par_chunks_mut(group * hd)
                 .enumerate()
-                .for_each(|(idx, out)| task.run_best(idx, out, avx2));
+                .for_each(|(idx, out)| {
+                    with_simd(
+                        avx2,
+                        #[inline(always)]
+                        || task.run(idx, out),
+                    )
+                });
             s.acts.quantize_from(&s.att, n, q_dim);
             matmul(&lw.wo, &s.acts, &mut s.o);
             for (x, o) in s.x.iter_mut().zip(&s.o) {

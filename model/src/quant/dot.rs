@@ -187,7 +187,9 @@ fn dot_scalar(row: &UnpackedRow, x: &QuantizedActs, t: usize) -> f32 {
     total
 }
 
-fn has_avx2() -> bool {
+/// Whether the CPU has AVX2, FMA and F16C (checked once): the kernels here need all three, and
+/// the CPU backend compiles its element-wise loops for AVX2 under the same check.
+pub(crate) fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();

@@ -11,6 +11,7 @@ mod avx2;
 mod dot;
 mod formats;
 
+pub(crate) use dot::has_avx2;
 pub use dot::{matmul, matmul_into_scalar, matmul_many, QuantizedActs};
 pub use formats::{dequantize_row, quantize_row_q8_0, GgmlType};
 
