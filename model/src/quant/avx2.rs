@@ -116,8 +116,9 @@ unsafe fn store_doubled(v: __m256, dst: *mut f32) {
     _mm256_storeu_ps(dst.add(8), _mm256_permute2f128_ps(lo, hi, 0x31));
 }
 
-/// One weight row decoded by [`decode_row`] for [`row_dot`]: sized once for rows of `cols`
-/// weights and reused row after row.
+/// One weight row decoded by [`decode_row`] for [`row_dot`] (and [`row_dot1`]'s offsets): each
+/// pool thread keeps one, grown to the widest row it has met and reused row after row.
+#[derive(Default)]
 pub(super) struct Scratch {
     /// One byte per weight: unsigned (`weight = dw * mult * u - min`) or, for Q8_0, signed.
     u: Vec<u8>,
@@ -131,22 +132,23 @@ pub(super) struct Scratch {
     sd: Vec<f32>,
     /// Blocks of 32 in the decoded row.
     n32: usize,
-    signed: bool,
-    q6k: bool,
+    /// Storage type of the decoded row.
+    ty: Option<GgmlType>,
 }
 
 impl Scratch {
-    pub(super) fn new(cols: usize) -> Self {
-        Scratch {
-            u: vec![0; cols],
-            dw32: vec![0.0; cols / 32],
-            mins16: vec![0.0; cols / 16],
-            sc16: vec![0; cols / 16],
-            sd: vec![0.0; cols / 32 * super::dot::GROUP],
-            n32: 0,
-            signed: false,
-            q6k: false,
+    /// Grows the buffers to hold rows of `cols` weights (they never shrink).
+    pub(super) fn fit(&mut self, cols: usize) {
+        fn grow<T: Default + Clone>(v: &mut Vec<T>, n: usize) {
+            if v.len() < n {
+                v.resize(n, T::default());
+            }
         }
+        grow(&mut self.u, cols);
+        grow(&mut self.dw32, cols / 32);
+        grow(&mut self.mins16, cols / 16);
+        grow(&mut self.sc16, cols / 16);
+        grow(&mut self.sd, cols / 32 * super::dot::GROUP);
     }
 }
 
@@ -345,8 +347,8 @@ pub(super) unsafe fn decode_row(ty: GgmlType, row: &[u8], s: &mut Scratch) {
     let n32 = row.len() / ty.block_bytes() * ty.block_elems() / 32;
     assert!(s.dw32.len() >= n32, "scratch made for a narrower row");
     s.n32 = n32;
-    s.q6k = ty == GgmlType::Q6K;
-    if s.q6k {
+    s.ty = Some(ty);
+    if ty == GgmlType::Q6K {
         for sb in 0..n32 / 8 {
             s.sc16[16 * sb..16 * sb + 16]
                 .copy_from_slice(bytemuck::cast_slice(&row[210 * sb + 192..210 * sb + 208]));
@@ -354,7 +356,7 @@ pub(super) unsafe fn decode_row(ty: GgmlType, row: &[u8], s: &mut Scratch) {
     }
     let dw = s.dw32.as_mut_ptr();
     let u = s.u.as_mut_ptr();
-    s.signed = for_each_block(ty, row, s.mins16.as_mut_ptr(), |b, w, _, d| {
+    for_each_block(ty, row, s.mins16.as_mut_ptr(), |b, w, _, d| {
         *dw.add(b) = d;
         _mm256_storeu_si256(u.add(32 * b) as *mut __m256i, w);
     });
@@ -373,6 +375,7 @@ pub(super) unsafe fn decode_row(ty: GgmlType, row: &[u8], s: &mut Scratch) {
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn row_dot<const NT: usize>(s: &mut Scratch, g: &Group) -> [f32; NT] {
     let n32 = s.n32;
+    let signed = s.ty == Some(GgmlType::Q8_0);
     let dw = s.dw32.as_ptr();
     let sd = s.sd.as_mut_ptr();
     for b in 0..n32 {
@@ -393,11 +396,11 @@ pub(super) unsafe fn row_dot<const NT: usize>(s: &mut Scratch, g: &Group) -> [f3
     let mut acc = [_mm256_setzero_ps(); NT];
     let ones = _mm256_set1_epi16(1);
     let load = |b: usize| _mm256_loadu_si256(u.add(32 * b) as *const __m256i);
-    if s.signed {
+    if signed {
         for b in 0..n32 {
             acc_block_u::<NT, true>(load(b), ones, sd, b, g, &mut acc);
         }
-    } else if s.q6k {
+    } else if s.ty == Some(GgmlType::Q6K) {
         let sc = s.sc16.as_ptr();
         for b in 0..n32 {
             let mult = q6k_mult(sc.add(2 * b) as *const u8);
@@ -409,14 +412,14 @@ pub(super) unsafe fn row_dot<const NT: usize>(s: &mut Scratch, g: &Group) -> [f3
         }
     }
     let mut out = [0f32; NT];
-    let mins = if s.signed {
+    let mins = if signed {
         [0f32; NT]
     } else {
         dots_f32::<NT>(s.mins16.as_ptr(), g.s16, g.s16_stride, 2 * n32)
     };
     for t in 0..NT {
         out[t] = hsum(acc[t]);
-        if !s.signed {
+        if !signed {
             out[t] -= mins[t];
         }
     }

@@ -283,14 +283,19 @@ fn run_rows(
     let cols = w.cols;
     #[cfg(target_arch = "x86_64")]
     if simd {
-        let mut scratch = super::avx2::Scratch::new(cols);
-        for r in range {
-            simd_row(w, r, x, &mut scratch, |t, v| {
-                // SAFETY: (t, r) is written by exactly one task, since row ranges are
-                // disjoint, and t * rows + r < n_tokens * rows == the output's length.
-                unsafe { *ptr.0.add(t * rows + r) = v };
-            });
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<super::avx2::Scratch> = Default::default();
         }
+        SCRATCH.with_borrow_mut(|scratch| {
+            scratch.fit(cols);
+            for r in range {
+                simd_row(w, r, x, scratch, |t, v| {
+                    // SAFETY: (t, r) is written by exactly one task, since row ranges are
+                    // disjoint, and t * rows + r < n_tokens * rows == the output's length.
+                    unsafe { *ptr.0.add(t * rows + r) = v };
+                });
+            }
+        });
         return;
     }
     let _ = simd;
