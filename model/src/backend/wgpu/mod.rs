@@ -494,25 +494,27 @@ impl Pipelines {
                 pipeline,
             }
         };
-        let matmul = |tt: u32| {
-            include_str!("matmul.wgsl")
-                .replace("__TT__", &tt.to_string())
-                .replace("__RED__", &(256 * tt).to_string())
-        };
-        let matmul_rows = |tt: u32, rt: u32| {
-            include_str!("matmul_rows.wgsl")
+        // A matrix kernel: the shared declarations, then the kernel, for `tt` tokens a tile
+        // and `rt` rows a thread (`matmul_rows.wgsl` only).
+        let matmul = |kernel: &str, tt: u32, rt: u32| {
+            [include_str!("matmul_common.wgsl"), kernel]
+                .concat()
                 .replace("__TT__", &tt.to_string())
                 .replace("__RT__", &rt.to_string())
                 .replace("__ACC__", &(tt * rt).to_string())
                 .replace("__RED__", &(256 * tt).to_string())
         };
+        let (one_row, rows) = (
+            include_str!("matmul.wgsl"),
+            include_str!("matmul_rows.wgsl"),
+        );
         Pipelines {
-            matmul_1: make(0, "matmul_1", matmul(1)),
-            matmul_t: make(1, "matmul_t", matmul(TOKENS_PER_TILE)),
+            matmul_1: make(0, "matmul_1", matmul(one_row, 1, 1)),
+            matmul_t: make(1, "matmul_t", matmul(one_row, TOKENS_PER_TILE, 1)),
             matmul_tr: make(
                 6,
                 "matmul_tr",
-                matmul_rows(TOKENS_PER_TILE, ROWS_PER_THREAD),
+                matmul(rows, TOKENS_PER_TILE, ROWS_PER_THREAD),
             ),
             rms_norm: make(2, "rms_norm", include_str!("rms_norm.wgsl").into()),
             rope_kv: make(3, "rope_kv", include_str!("rope_kv.wgsl").into()),
