@@ -8,6 +8,7 @@
 //! 3. a whole search (MCTS, 256 generated tokens, GSM8K question 0): embedded, through a
 //!    coordinator with one worker, and with three; the overhead per expansion call is
 //!    (coordinated wall − embedded wall) / policy calls.
+//!
 //! Rounds are interleaved and medians reported, so machine noise hits every variant alike.
 //! Options (env): `ARBOR_BENCH_ROUNDS` (default 3).
 

@@ -241,7 +241,7 @@ pub(crate) fn run(args: SearchArgs) -> Result<()> {
 
 /// Prints a search's result: text, or one JSON object with `--json`.
 fn print_result(args: &SearchArgs, r: &pb::SearchResult) -> Result<()> {
-    let c = r.costs.clone().unwrap_or_default();
+    let c = r.costs.unwrap_or_default();
     if args.json {
         let out = serde_json::json!({
             "question": args.question,

@@ -46,8 +46,7 @@ pub fn strategy_config(
     temperature: f32,
     max_step_tokens: u32,
 ) -> SearchConfig {
-    let mut c = SearchConfig::default();
-    c.strategy = match strategy {
+    let strategy = match strategy {
         Strategy::Mcts => StrategyConfig::Mcts(MctsConfig::default()),
         Strategy::BestOfN => StrategyConfig::BestOfN(SampleConfig { n }),
         Strategy::WeightedBestOfN => StrategyConfig::WeightedBestOfN(SampleConfig { n }),
@@ -60,6 +59,10 @@ pub fn strategy_config(
             beams: n,
             ..DvtsConfig::default()
         }),
+    };
+    let mut c = SearchConfig {
+        strategy,
+        ..SearchConfig::default()
     };
     c.scoring.scorer = ScorerChoice::LogProb;
     c.sampling.temperature = temperature;

@@ -240,7 +240,7 @@ fn a_streamed_search_over_three_workers_equals_the_embedded_search() {
         .count();
     assert!(expanded > 0, "the stream carries tree events");
     assert_eq!(result.request_id, "q0");
-    let costs = result.costs.clone().unwrap();
+    let costs = result.costs.unwrap();
     assert!(costs.generated_tokens >= 250, "{costs:?}");
     assert!(
         costs.prompt_tokens_reused > 0,
@@ -552,7 +552,7 @@ fn sixteen_concurrent_searches_do_not_mix_results() {
     for (i, (q, r)) in questions.iter().zip(&results).enumerate() {
         assert_eq!(r.request_id, format!("c{i}"));
         let (answer, generated, nodes) = embedded(q, Strategy::Majority, 48, i as u64);
-        let costs = r.costs.clone().unwrap();
+        let costs = r.costs.unwrap();
         assert_eq!(
             (&r.answer, costs.generated_tokens, costs.nodes),
             (&answer, generated, nodes),

@@ -256,7 +256,7 @@ impl Coordinator {
                 }
             };
             let n = if req.n == 0 { 8 } else { req.n };
-            let s = req.sampling.clone().unwrap_or_default();
+            let s = req.sampling.unwrap_or_default();
             let mut c = strategy_config(
                 strategy,
                 n,
@@ -281,7 +281,7 @@ impl Coordinator {
             SearchConfig::from_json(&req.config_json).map_err(|e| invalid("config_json", e))?
         };
         config.seed = req.seed;
-        let budget = req.budget.clone().unwrap_or_default();
+        let budget = req.budget.unwrap_or_default();
         let tokens = match (budget.generated_tokens, config.budget.max_generated_tokens) {
             (0, Some(t)) => t,
             (0, None) => l.budget_tokens_default,

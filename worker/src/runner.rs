@@ -60,8 +60,11 @@ pub(crate) enum Command {
     },
     /// Work that needs the engine to itself (scoring, cache control), run between passes. It
     /// returns its reply, which runs once the usage snapshot is current.
-    Exclusive(Box<dyn FnOnce(&mut Engine, &mut PrefixCache) -> Deliver + Send>),
+    Exclusive(ExclusiveWork),
 }
+
+/// Work run with the engine and prefix cache to itself; see [`Command::Exclusive`].
+pub(crate) type ExclusiveWork = Box<dyn FnOnce(&mut Engine, &mut PrefixCache) -> Deliver + Send>;
 
 struct Running {
     items: Vec<ExpandItem>,

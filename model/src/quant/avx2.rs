@@ -44,14 +44,14 @@ unsafe fn acc_block_u<const NT: usize, const SIGNED: bool>(
     let aw = if SIGNED { _mm256_sign_epi8(w, w) } else { w };
     let xs = g.qs.add(32 * NT * b);
     let sd = sd.add(NT * b);
-    for t in 0..NT {
+    for (t, acc) in acc.iter_mut().enumerate() {
         let x = _mm256_loadu_si256(xs.add(32 * t) as *const __m256i);
         let xs = if SIGNED { _mm256_sign_epi8(x, w) } else { x };
         let p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, xs), mult);
-        acc[t] = _mm256_fmadd_ps(
+        *acc = _mm256_fmadd_ps(
             _mm256_cvtepi32_ps(p),
             _mm256_broadcast_ss(&*sd.add(t)),
-            acc[t],
+            *acc,
         );
     }
 }
@@ -548,8 +548,8 @@ unsafe fn dots_f32<const NT: usize>(
     let mut i = 0;
     while i + 8 <= n {
         let av = _mm256_loadu_ps(a.add(i));
-        for t in 0..NT {
-            acc[t] = _mm256_fmadd_ps(av, _mm256_loadu_ps(b.add(t * stride + i)), acc[t]);
+        for (t, acc) in acc.iter_mut().enumerate() {
+            *acc = _mm256_fmadd_ps(av, _mm256_loadu_ps(b.add(t * stride + i)), *acc);
         }
         i += 8;
     }

@@ -57,22 +57,21 @@ impl QuantizedActs {
         let simd = has_avx2();
         // Each group of GROUP tokens owns contiguous ranges of `qs`, `d` and `sums16`, so large
         // batches quantize their groups in parallel.
-        let quantize_group =
-            |(gi, ((qs, d), sums16)): (usize, ((&mut [i8], &mut [f32]), &mut [f32]))| {
-                let t0 = gi * GROUP;
-                let g = GROUP.min(n_tokens - t0);
-                for tl in 0..g {
-                    let row = &x[(t0 + tl) * cols..(t0 + tl + 1) * cols];
-                    for (b, blk) in row.chunks_exact(32).enumerate() {
-                        let i = b * g + tl;
-                        let q = &mut qs[i * 32..i * 32 + 32];
-                        let (dv, s) = quantize_block(blk, q, simd);
-                        d[i] = dv;
-                        sums16[tl * 2 * nb + 2 * b] = dv * s[0] as f32;
-                        sums16[tl * 2 * nb + 2 * b + 1] = dv * s[1] as f32;
-                    }
+        let quantize_group = |(gi, ((qs, d), sums16)): (usize, GroupBuffers)| {
+            let t0 = gi * GROUP;
+            let g = GROUP.min(n_tokens - t0);
+            for tl in 0..g {
+                let row = &x[(t0 + tl) * cols..(t0 + tl + 1) * cols];
+                for (b, blk) in row.chunks_exact(32).enumerate() {
+                    let i = b * g + tl;
+                    let q = &mut qs[i * 32..i * 32 + 32];
+                    let (dv, s) = quantize_block(blk, q, simd);
+                    d[i] = dv;
+                    sums16[tl * 2 * nb + 2 * b] = dv * s[0] as f32;
+                    sums16[tl * 2 * nb + 2 * b + 1] = dv * s[1] as f32;
                 }
-            };
+            }
+        };
         if n_tokens >= 2 * GROUP {
             self.qs
                 .par_chunks_mut(GROUP * cols)
@@ -97,6 +96,9 @@ impl QuantizedActs {
         a
     }
 }
+
+/// One group's slices of [`QuantizedActs`]' buffers: bytes, scales and half-block sums.
+type GroupBuffers<'a> = ((&'a mut [i8], &'a mut [f32]), &'a mut [f32]);
 
 /// Quantizes 32 activations to `q` (`x ≈ d * q`, rounding half away from zero as ggml's
 /// `quantize_row_q8_0` does) and returns `d` with the sums of `q` over each half. The AVX2 path
@@ -172,14 +174,14 @@ fn dot_scalar(row: &UnpackedRow, x: &QuantizedActs, t: usize) -> f32 {
         let (qs, db) = x.block(t, b);
         for h in 0..2 {
             let mut isum = 0i32;
-            for k in h * 16..h * 16 + 16 {
-                let i = b * 32 + k;
+            let u = &row.u[b * 32 + h * 16..b * 32 + h * 16 + 16];
+            for (&u, &q) in u.iter().zip(&qs[h * 16..h * 16 + 16]) {
                 let w = if row.signed {
-                    i32::from(row.u[i] as i8)
+                    i32::from(u as i8)
                 } else {
-                    i32::from(row.u[i])
+                    i32::from(u)
                 };
-                isum += w * i32::from(qs[k]);
+                isum += w * i32::from(q);
             }
             total += row.scale16[2 * b + h] * db * isum as f32;
         }

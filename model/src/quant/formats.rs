@@ -359,10 +359,10 @@ mod tests {
         }
         let mut out = [0f32; 32];
         dequantize_row(GgmlType::Q5_0, &blk, &mut out);
-        for j in 0..32 {
+        for (j, &v) in out.iter().enumerate() {
             let hi = (qh >> j) & 1;
             let q = (j % 16) as u32 | (hi << 4);
-            assert_eq!(out[j], 0.25 * (q as f32 - 16.0), "element {j}");
+            assert_eq!(v, 0.25 * (q as f32 - 16.0), "element {j}");
         }
     }
 
