@@ -48,7 +48,8 @@ pub(crate) struct ServeArgs {
     #[arg(long, value_delimiter = ',', required = true)]
     workers: Vec<String>,
     /// The model the workers run (its tokenizer and chat template build the prompts); default:
-    /// the embedded default model.
+    /// the embedded default model. Workers whose tokenizer differs from this model's get no
+    /// work (each is named on stderr, and checked again when it restarts).
     #[arg(long, env = "ARBOR_MODEL")]
     model: Option<PathBuf>,
     /// Searches running at once; more are refused with RESOURCE_EXHAUSTED.
@@ -125,6 +126,7 @@ pub(crate) fn run_serve(a: ServeArgs) -> Result<()> {
             specs,
             PoolOptions {
                 health_interval: Duration::from_millis(a.health_interval_ms.max(50)),
+                tokenizer_fingerprint: Some(tokenizer.fingerprint()),
                 ..PoolOptions::default()
             },
         )
@@ -132,6 +134,11 @@ pub(crate) fn run_serve(a: ServeArgs) -> Result<()> {
         .map_err(anyhow::Error::msg)?;
         let healthy = pool.healthy();
         let members = pool.members().len();
+        for m in pool.members() {
+            if let Some(why) = m.incompatible() {
+                eprintln!("arbor: error: worker {} {why}", m.url());
+            }
+        }
         if healthy == 0 {
             eprintln!("arbor: warning: none of the {members} workers is healthy yet; searches wait for the health checks");
         }

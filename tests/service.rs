@@ -38,8 +38,14 @@ struct WorkerProcess {
 
 impl WorkerProcess {
     fn start() -> WorkerProcess {
+        WorkerProcess::start_with(&[])
+    }
+
+    /// A worker with extra command-line arguments (`--model DIR`).
+    fn start_with(args: &[&str]) -> WorkerProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_arbor"))
             .args(["worker", "--listen", "127.0.0.1:0"])
+            .args(args)
             .env("RAYON_NUM_THREADS", "1")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -82,12 +88,19 @@ struct Cluster {
     workers: Vec<WorkerProcess>,
     coordinator: Coordinator,
     client: SearchClient<Channel>,
+    pool: WorkerPool,
     _shutdown: tokio::sync::oneshot::Sender<()>,
 }
 
 impl Cluster {
     fn start(n_workers: usize) -> Cluster {
         let workers: Vec<WorkerProcess> = (0..n_workers).map(|_| WorkerProcess::start()).collect();
+        Cluster::over(workers, n_workers)
+    }
+
+    /// A coordinator over `workers`, of which `usable` run the default model (the pool checks
+    /// every worker's tokenizer against the coordinator's).
+    fn over(workers: Vec<WorkerProcess>, usable: usize) -> Cluster {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -97,11 +110,12 @@ impl Cluster {
             .iter()
             .map(|w| w.url.parse::<WorkerSpec>().unwrap())
             .collect();
-        let (coordinator, client, shutdown) = rt.block_on(async {
+        let (coordinator, client, shutdown, pool) = rt.block_on(async {
             let pool = WorkerPool::connect(
                 specs,
                 PoolOptions {
                     health_interval: Duration::from_millis(300),
+                    tokenizer_fingerprint: Some(model().tokenizer.fingerprint()),
                     ..PoolOptions::default()
                 },
             )
@@ -109,11 +123,11 @@ impl Cluster {
             .unwrap();
             assert_eq!(
                 pool.healthy(),
-                n_workers,
-                "every worker answers its health check"
+                usable,
+                "every worker with the coordinator's tokenizer answers its checks"
             );
             let coordinator = Coordinator::new(
-                pool,
+                pool.clone(),
                 model().tokenizer.clone(),
                 CoordinatorOptions::default(),
             );
@@ -131,13 +145,14 @@ impl Cluster {
             let client = SearchClient::connect(format!("http://{addr}"))
                 .await
                 .unwrap();
-            (coordinator, client, tx)
+            (coordinator, client, tx, pool)
         });
         Cluster {
             rt,
             workers,
             coordinator,
             client,
+            pool,
             _shutdown: shutdown,
         }
     }
@@ -270,6 +285,46 @@ fn a_streamed_search_over_three_workers_equals_the_embedded_search() {
         .unwrap_err();
     assert_eq!(missing.code(), Code::NotFound);
     assert_eq!(c.coordinator.invariant_violations(), 0);
+}
+
+/// A worker started with another model (another tokenizer: its token ids mean other text) gets
+/// no work: the pool names it and why, and a search runs on the worker that shares the
+/// coordinator's tokenizer, with the same result as embedded.
+#[test]
+fn a_worker_with_another_tokenizer_gets_no_work() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = std::env::temp_dir().join(format!("arbor-tiny-worker-{}", std::process::id()));
+    arbor_model::tiny::TinyModel::new("qwen2")
+        .write(&dir)
+        .unwrap();
+    let good = WorkerProcess::start();
+    let odd = WorkerProcess::start_with(&["--model", dir.to_str().unwrap()]);
+    let odd_url = odd.url.clone();
+    let mut c = Cluster::over(vec![good, odd], 1);
+    let members = c.pool.members();
+    let odd_member = members.iter().find(|m| m.url() == odd_url).unwrap();
+    assert!(!odd_member.is_healthy());
+    let why = odd_member.incompatible().expect("the odd worker is named");
+    assert!(
+        why.contains("another tokenizer") && why.contains("vocabulary 288"),
+        "{why}"
+    );
+    let good_member = members.iter().find(|m| m.url() != odd_url).unwrap();
+    assert!(good_member.is_healthy() && good_member.incompatible().is_none());
+    // Later health checks keep it out.
+    std::thread::sleep(Duration::from_millis(700));
+    assert_eq!(c.pool.healthy(), 1);
+    let (_, result) = c.rt.block_on(stream(
+        &mut c.client,
+        request("odd", QUESTION, pb::Strategy::Mcts, 96, 3),
+    ));
+    let (answer, generated, nodes) = embedded(QUESTION, Strategy::Mcts, 96, 3);
+    let costs = result.costs.unwrap();
+    assert_eq!(result.answer, answer);
+    assert_eq!((costs.generated_tokens, costs.nodes), (generated, nodes));
+    assert_eq!(c.coordinator.invariant_violations(), 0);
+    drop(c);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

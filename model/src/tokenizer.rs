@@ -266,6 +266,37 @@ impl Tokenizer {
         self.eos.contains(&id)
     }
 
+    /// A digest of what the token ids mean: every token's text, in id order, and the
+    /// end-of-sequence ids (SHA-256, first 16 bytes as hex). Tokenizers with equal fingerprints
+    /// turn the same ids into the same text, so a coordinator can check that its workers speak
+    /// its own ids before it sends them any.
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut vocab: Vec<(u32, String)> = self
+            .with_special
+            .get_vocab(true)
+            .into_iter()
+            .map(|(text, id)| (id, text))
+            .collect();
+        vocab.sort_unstable();
+        let mut h = Sha256::new();
+        for (id, text) in &vocab {
+            h.update(id.to_le_bytes());
+            h.update((text.len() as u64).to_le_bytes());
+            h.update(text.as_bytes());
+        }
+        let mut eos: Vec<u32> = self.eos.iter().copied().collect();
+        eos.sort_unstable();
+        for id in eos {
+            h.update(b"eos");
+            h.update(id.to_le_bytes());
+        }
+        h.finalize()[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
     /// Vocabulary size including special tokens.
     pub fn vocab_size(&self) -> usize {
         self.with_special.get_vocab_size(true)

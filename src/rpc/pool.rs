@@ -81,6 +81,12 @@ pub struct PoolOptions {
     pub attempts: usize,
     /// Connection timeout.
     pub connect_timeout: Duration,
+    /// The coordinator's tokenizer (`Tokenizer::fingerprint`). When set, a worker gets work only
+    /// once its `ModelInfo` reports the same fingerprint: token ids from a worker with another
+    /// tokenizer would mean other text, and a search mixing them would be garbage. A worker
+    /// that reports another is left out (logged, and named by [`Member::incompatible`]) and
+    /// checked again after it restarts.
+    pub tokenizer_fingerprint: Option<String>,
 }
 
 impl Default for PoolOptions {
@@ -89,8 +95,20 @@ impl Default for PoolOptions {
             health_interval: Duration::from_secs(2),
             attempts: 3,
             connect_timeout: Duration::from_secs(3),
+            tokenizer_fingerprint: None,
         }
     }
+}
+
+/// Whether a worker's tokenizer matches the coordinator's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Compat {
+    /// Not asked yet (or asked before the worker last went down).
+    Unknown,
+    /// Same fingerprint (or no fingerprint expected).
+    Same,
+    /// Another tokenizer: why, for the log and [`Member::incompatible`].
+    Different(String),
 }
 
 /// One worker as the pool sees it.
@@ -103,6 +121,7 @@ pub struct Member {
     outstanding: AtomicUsize,
     calls: AtomicU64,
     failures: AtomicU64,
+    compat: Mutex<Compat>,
 }
 
 impl Member {
@@ -122,6 +141,7 @@ impl Member {
             outstanding: AtomicUsize::new(0),
             calls: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            compat: Mutex::new(Compat::Unknown),
         })
     }
 
@@ -145,16 +165,65 @@ impl Member {
         self.outstanding.load(Ordering::SeqCst)
     }
 
-    async fn check(&self, timeout: Duration) -> bool {
+    /// Why this worker gets no work although it answers: it runs another tokenizer than the
+    /// coordinator's (see [`PoolOptions::tokenizer_fingerprint`]).
+    pub fn incompatible(&self) -> Option<String> {
+        match &*self.compat.lock().expect("compat lock") {
+            Compat::Different(why) => Some(why.clone()),
+            _ => None,
+        }
+    }
+
+    /// Checks health and, once per time the worker comes up, that it runs the expected
+    /// tokenizer. A worker is healthy only when both hold.
+    async fn check(&self, timeout: Duration, expected: Option<&str>) -> bool {
         let mut h = self.health.clone();
         let mut req = tonic::Request::new(HealthCheckRequest {
             service: "arbor.v1.Worker".into(),
         });
         req.set_timeout(timeout);
-        let ok = matches!(
+        let serving = matches!(
             tokio::time::timeout(timeout, h.check(req)).await,
             Ok(Ok(r)) if r.get_ref().status == ServingStatus::Serving as i32
         );
+        if !serving {
+            // It may come back running another model.
+            *self.compat.lock().expect("compat lock") = Compat::Unknown;
+            self.healthy.store(false, Ordering::SeqCst);
+            return false;
+        }
+        let known = self.compat.lock().expect("compat lock").clone();
+        let compat = match (expected, known) {
+            (None, _) => Compat::Same,
+            (Some(_), Compat::Same) => Compat::Same,
+            (Some(_), Compat::Different(why)) => Compat::Different(why),
+            (Some(expected), Compat::Unknown) => {
+                let mut c = self.client.clone();
+                let mut req = tonic::Request::new(pb::ModelInfoRequest {});
+                req.set_timeout(timeout);
+                match tokio::time::timeout(timeout, c.model_info(req)).await {
+                    Ok(Ok(info)) => {
+                        let info = info.into_inner();
+                        if info.tokenizer_fingerprint == expected {
+                            Compat::Same
+                        } else {
+                            let why = format!(
+                                "runs another tokenizer than the coordinator's (its model: {}, \
+                                 vocabulary {}; tokenizer fingerprint {:?}, expected {expected:?}), \
+                                 so it gets no work: start it with the coordinator's model",
+                                info.source, info.vocab_size, info.tokenizer_fingerprint
+                            );
+                            tracing::error!(worker = %self.url, "{why}");
+                            Compat::Different(why)
+                        }
+                    }
+                    // Not verified yet: no work until a later check verifies it.
+                    _ => Compat::Unknown,
+                }
+            }
+        };
+        let ok = compat == Compat::Same;
+        *self.compat.lock().expect("compat lock") = compat;
         self.healthy.store(ok, Ordering::SeqCst);
         ok
     }
@@ -237,7 +306,8 @@ impl WorkerPool {
                 .collect()
         };
         let timeout = options.health_interval.min(Duration::from_secs(2));
-        let checks = members.iter().map(|m| m.check(timeout));
+        let expected = options.tokenizer_fingerprint.as_deref();
+        let checks = members.iter().map(|m| m.check(timeout, expected));
         futures_util::future::join_all(checks).await;
         *self.inner.members.write().expect("members lock") = members;
     }
@@ -319,8 +389,10 @@ impl WorkerPool {
                 status.code(),
                 Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled
             ) {
-                // Gone or broken: out of rotation until a health check says otherwise.
+                // Gone or broken: out of rotation until a health check says otherwise (and,
+                // as it may have restarted with another model, checks its tokenizer again).
                 member.healthy.store(false, Ordering::SeqCst);
+                *member.compat.lock().expect("compat lock") = Compat::Unknown;
             }
             tracing::warn!(worker = %member.url, code = ?status.code(), "worker call failed: {}", status.message());
             tried.push(member.url.clone());

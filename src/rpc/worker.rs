@@ -317,6 +317,7 @@ impl Worker for WorkerService {
             backend: info.backend.clone(),
             in_flight: self.worker.in_flight() as u32,
             step_delimiter: self.worker.options().step_delimiter.clone(),
+            tokenizer_fingerprint: info.tokenizer_fingerprint.clone(),
         }))
     }
 }

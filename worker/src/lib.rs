@@ -120,6 +120,8 @@ pub struct ModelInfo {
     pub config: ModelConfig,
     /// The engine's backend.
     pub backend: String,
+    /// Its tokenizer's [`Tokenizer::fingerprint`].
+    pub tokenizer_fingerprint: String,
 }
 
 pub(crate) struct Shared {
@@ -171,6 +173,7 @@ impl LocalWorker {
             source: format!("{:?}", model.source),
             config: model.config.clone(),
             backend: engine.backend_name().to_string(),
+            tokenizer_fingerprint: model.tokenizer.fingerprint(),
         };
         let (tx, rx) = crossbeam_channel::unbounded();
         let tokenizer = model.tokenizer.clone();
