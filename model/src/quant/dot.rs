@@ -581,6 +581,10 @@ mod tests {
                 check(ty, rows, cols, n);
             }
         }
+        // Enough rows per task for full blocks of ROW_BLOCK rows, and three groups of tokens.
+        for ty in [GgmlType::Q8_0, GgmlType::Q5x4] {
+            check(ty, 256, 128, 17);
+        }
         // Every pass width and remainder: 1..=9 tokens (8 + 1), 12 (8 + 4) and 15 (8 + 4 + 3).
         for ty in [
             GgmlType::Q8_0,
