@@ -134,12 +134,16 @@ pub(crate) fn run_serve(a: ServeArgs) -> Result<()> {
         .map_err(anyhow::Error::msg)?;
         let healthy = pool.healthy();
         let members = pool.members().len();
+        let mut incompatible = 0;
         for m in pool.members() {
             if let Some(why) = m.incompatible() {
                 eprintln!("arbor: error: worker {} {why}", m.url());
+                incompatible += 1;
             }
         }
-        if healthy == 0 {
+        if healthy == 0 && incompatible == members && members > 0 {
+            eprintln!("arbor: warning: none of the {members} workers runs the tokenizer of --model; searches wait until one does");
+        } else if healthy == 0 {
             eprintln!("arbor: warning: none of the {members} workers is healthy yet; searches wait for the health checks");
         }
         let coordinator = Coordinator::new(
