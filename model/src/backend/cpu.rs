@@ -108,7 +108,7 @@ fn exp_in_place(v: &mut [f32], avx2: bool) {
 }
 
 /// `e^x` for eight floats (Cephes' `expf`: `x = n ln 2 + r`, a degree-5 polynomial in `r`,
-/// times `2^n`). Inputs are clamped to [-87.34, 88.3], inside the normal range of the result (`2^n` must have a normal exponent), so
+/// times `2^n`). Inputs are clamped to [-87.34, 88.3], where `2^n` keeps a normal exponent, so
 /// very negative inputs give about 1.2e-38 rather than 0; NaN stays NaN.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
@@ -257,6 +257,8 @@ struct AttentionTask<'a> {
     stride: usize,
     slab: usize,
     scale: f32,
+    /// Whether the CPU has AVX2 ([`has_avx2`], read once per layer rather than per task).
+    avx2: bool,
 }
 
 impl AttentionTask<'_> {
@@ -275,6 +277,7 @@ impl AttentionTask<'_> {
             stride,
             slab,
             scale,
+            avx2,
             ..
         } = *self;
         let i = idx / self.n_kv_heads;
@@ -295,7 +298,6 @@ impl AttentionTask<'_> {
                 scores[g * ctx + p] = dot(&qs[g * hd..(g + 1) * hd], k) * scale;
             }
         }
-        let avx2 = has_avx2();
         for row in scores.chunks_exact_mut(ctx) {
             let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
             for sc in row.iter_mut() {
@@ -497,14 +499,14 @@ impl CpuBackend {
                 stride,
                 slab,
                 scale,
+                avx2: has_avx2(),
             };
-            let avx2 = has_avx2();
             s.att
                 .par_chunks_mut(group * hd)
                 .enumerate()
                 .for_each(|(idx, out)| {
                     with_simd(
-                        avx2,
+                        task.avx2,
                         #[inline(always)]
                         || task.run(idx, out),
                     )

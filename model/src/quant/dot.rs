@@ -212,6 +212,10 @@ pub(crate) fn has_avx2() -> bool {
 /// 896-wide rows is 7 KB, and 8 such rows decoded another 7 KB).
 const ROW_BLOCK: usize = 8;
 
+/// Bytes of decoded rows a block may hold ([`ROW_BLOCK`] rows at most): half of a 32 KB L1,
+/// the other half for a group's activations.
+const ROW_BLOCK_BYTES: usize = 16 * 1024;
+
 /// Rows `rows` (at most [`ROW_BLOCK`]) against every token, `put(t, r, value)` receiving each
 /// product. One token decodes each row in registers; a batch decodes the rows once into
 /// `scratch` and passes each group of up to [`GROUP`] tokens over all of them (eight
@@ -312,10 +316,10 @@ fn run_rows(
             for s in scratch.iter_mut() {
                 s.fit(cols);
             }
-            // Several groups of tokens: block rows so a group's pass over them stays in L1
-            // (up to 16 KB of decoded rows). One group passes over each row once anyway.
+            // Several groups of tokens: block rows so a group's pass over them stays in L1.
+            // One group passes over each row once anyway.
             let block = if x.n_tokens > GROUP {
-                (16384 / cols).clamp(1, ROW_BLOCK)
+                (ROW_BLOCK_BYTES / cols).clamp(1, ROW_BLOCK)
             } else {
                 1
             };
