@@ -59,7 +59,7 @@ fn main() {
         let w = QMatrix::new("w", ty, rows, cols, Storage::Owned(bytes.into())).unwrap();
         for &nt in &tokens {
             let x: Vec<f32> = (0..nt * cols).map(|i| (i as f32 * 0.01).sin()).collect();
-            let a = QuantizedActs::quantize(&x, nt, cols);
+            let a = QuantizedActs::quantize_for_type(ty, &x, nt, cols);
             let mut out = vec![0f32; nt * rows];
             matmul(&w, &a, &mut out);
             // Calibrate on one run, then take the best of several batches.

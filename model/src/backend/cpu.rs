@@ -8,7 +8,7 @@ use super::{rope_angles, Backend, ForwardBatch};
 use crate::arch::{DecoderWeights, ModelConfig, RopeStyle};
 use crate::error::{ModelError, Result};
 use crate::kv::KV_BLOCK_TOKENS;
-use crate::quant::{has_avx2, matmul, matmul_many, QuantizedActs};
+use crate::quant::{has_avx2, matmul_many, QMatrix, QuantizedActs};
 
 /// Scratch buffers reused between forward passes, so steady-state decoding allocates nothing.
 #[derive(Default)]
@@ -201,6 +201,38 @@ fn swiglu(gate: &mut [f32], up: &[f32], width: usize) {
             .for_each(row);
     } else {
         gate.chunks_mut(width).zip(up.chunks(width)).for_each(row);
+    }
+}
+
+/// The products of `n` rows of activations `x` with every job's matrix, the activations
+/// quantized as each matrix's type takes them (one scale per 32 values, or per 256 for the
+/// K-quants): once when all jobs agree, as they do in the models seen so far, else once per
+/// kind.
+fn matmul_quantized(
+    acts: &mut QuantizedActs,
+    x: &[f32],
+    n: usize,
+    jobs: &mut [(&QMatrix, &mut [f32])],
+) {
+    let (first, cols) = (jobs[0].0.ty, jobs[0].0.cols);
+    if jobs
+        .iter()
+        .all(|(w, _)| w.ty.act_scale_block() == first.act_scale_block())
+    {
+        acts.quantize_for(first, x, n, cols);
+        matmul_many(jobs, acts);
+        return;
+    }
+    for block in [32, 256] {
+        let mut some: Vec<(&QMatrix, &mut [f32])> = jobs
+            .iter_mut()
+            .filter(|(w, _)| w.ty.act_scale_block() == block)
+            .map(|(w, out)| (*w, &mut **out))
+            .collect();
+        if let Some((w, _)) = some.first() {
+            acts.quantize_for(w.ty, x, n, cols);
+            matmul_many(&mut some, acts);
+        }
     }
 }
 
@@ -440,14 +472,15 @@ impl CpuBackend {
 
         for (l, lw) in w.layers.iter().enumerate() {
             rms_norm(&s.x, &lw.attn_norm, cfg.rms_eps, &mut s.h);
-            s.acts.quantize_from(&s.h, n, d);
-            matmul_many(
+            matmul_quantized(
+                &mut s.acts,
+                &s.h,
+                n,
                 &mut [
                     (&lw.wq, &mut s.q[..]),
                     (&lw.wk, &mut s.k[..]),
                     (&lw.wv, &mut s.v[..]),
                 ],
-                &s.acts,
             );
             add_bias(&mut s.q, lw.bq.as_ref());
             add_bias(&mut s.k, lw.bk.as_ref());
@@ -511,20 +544,19 @@ impl CpuBackend {
                         || task.run(idx, out),
                     )
                 });
-            s.acts.quantize_from(&s.att, n, q_dim);
-            matmul(&lw.wo, &s.acts, &mut s.o);
+            matmul_quantized(&mut s.acts, &s.att, n, &mut [(&lw.wo, &mut s.o[..])]);
             for (x, o) in s.x.iter_mut().zip(&s.o) {
                 *x += o;
             }
             rms_norm(&s.x, &lw.ffn_norm, cfg.rms_eps, &mut s.h);
-            s.acts.quantize_from(&s.h, n, d);
-            matmul_many(
+            matmul_quantized(
+                &mut s.acts,
+                &s.h,
+                n,
                 &mut [(&lw.w_gate, &mut s.gate[..]), (&lw.w_up, &mut s.up[..])],
-                &s.acts,
             );
             swiglu(&mut s.gate, &s.up, cfg.ffn_dim);
-            s.acts.quantize_from(&s.gate, n, cfg.ffn_dim);
-            matmul(&lw.w_down, &s.acts, &mut s.o);
+            matmul_quantized(&mut s.acts, &s.gate, n, &mut [(&lw.w_down, &mut s.o[..])]);
             for (x, o) in s.x.iter_mut().zip(&s.o) {
                 *x += o;
             }
@@ -548,8 +580,12 @@ impl CpuBackend {
             s.o[j * d..(j + 1) * d].copy_from_slice(&s.x[i as usize * d..(i as usize + 1) * d]);
         }
         rms_norm(&s.o[..m * d], &w.out_norm, cfg.rms_eps, &mut s.h[..m * d]);
-        s.acts.quantize_from(&s.h[..m * d], m, d);
-        matmul(&w.output, &s.acts, logits);
+        matmul_quantized(
+            &mut s.acts,
+            &s.h[..m * d],
+            m,
+            &mut [(&w.output, &mut logits[..])],
+        );
         Ok(())
     }
 }

@@ -252,27 +252,28 @@ unsafe fn for_each_block(
             }
         }
         GgmlType::Q4K => {
+            // The 6-bit sub-block scales multiply the byte products as integers (`mult`), so
+            // a block's float scale is the super-block's `d`.
             let m4 = _mm256_set1_epi8(0x0F);
-            let mut scales = [0f32; 8];
             for sb in 0..n32 / 8 {
                 let blk = p.add(144 * sb);
-                let d = _mm256_set1_ps(f16_at(blk));
+                let d = f16_at(blk);
                 let dmin = _mm256_set1_ps(f16_at(blk.add(2)));
                 let sm = q4k_scales_mins(blk.add(4));
-                let sm = _mm_loadu_si128(sm.as_ptr() as *const __m128i);
-                let sc = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(sm)));
+                let smv = _mm_loadu_si128(sm.as_ptr() as *const __m128i);
                 let mn = _mm256_mul_ps(
                     dmin,
-                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(sm, sm))),
+                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(smv, smv))),
                 );
-                _mm256_storeu_ps(scales.as_mut_ptr(), sc);
                 store_doubled(mn, mins16.add(16 * sb));
+                let sc: [u8; 8] = std::mem::transmute([sm[0], sm[1]]);
                 for j in 0..4 {
                     let q = _mm256_loadu_si256(blk.add(16 + 32 * j) as *const __m256i);
                     let b = sb * 8 + 2 * j;
-                    f(b, _mm256_and_si256(q, m4), ones, scales[2 * j]);
+                    let mult = |k: usize| _mm256_set1_epi16(i16::from(sc[k]));
+                    f(b, _mm256_and_si256(q, m4), mult(2 * j), d);
                     let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-                    f(b + 1, hi, ones, scales[2 * j + 1]);
+                    f(b + 1, hi, mult(2 * j + 1), d);
                 }
             }
         }
@@ -294,7 +295,7 @@ unsafe fn for_each_block(
                 _mm256_storeu_ps(mins16.add(16 * sb), m_lo);
                 _mm256_storeu_ps(mins16.add(16 * sb + 8), m_hi);
                 // Block `gi`'s two halves' i8 scales, as 16-bit multipliers of their products.
-                let sc = |gi: usize| q6k_mult(blk.add(192 + 2 * gi));
+                let sc = |gi: usize| mult_pair(blk.add(192 + 2 * gi));
                 for n in 0..2 {
                     let ql0 = _mm256_loadu_si256(blk.add(64 * n) as *const __m256i);
                     let ql1 = _mm256_loadu_si256(blk.add(64 * n + 32) as *const __m256i);
@@ -322,11 +323,11 @@ unsafe fn for_each_block(
     false
 }
 
-/// The 16-bit multipliers of a Q6_K block's pair products: its first half's i8 scale `*sc` in
-/// the low 128 bits, its second half's `*sc.add(1)` in the high.
+/// The 16-bit multipliers of a K-quant block's pair products: its first half's i8 scale `*sc`
+/// in the low 128 bits, its second half's `*sc.add(1)` in the high.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q6k_mult(sc: *const u8) -> __m256i {
+unsafe fn mult_pair(sc: *const u8) -> __m256i {
     _mm256_set_m128i(
         _mm_set1_epi16(i16::from(*sc.add(1) as i8)),
         _mm_set1_epi16(i16::from(*sc as i8)),
@@ -353,6 +354,16 @@ pub(super) unsafe fn decode_row(ty: GgmlType, row: &[u8], s: &mut Scratch) {
             s.sc16[16 * sb..16 * sb + 16]
                 .copy_from_slice(bytemuck::cast_slice(&row[210 * sb + 192..210 * sb + 208]));
         }
+    } else if ty == GgmlType::Q4K {
+        for sb in 0..n32 / 8 {
+            let sm = q4k_scales_mins(row.as_ptr().add(144 * sb + 4));
+            let sc: [u8; 8] = std::mem::transmute([sm[0], sm[1]]);
+            for (j, &v) in sc.iter().enumerate() {
+                // Six bits: the same value as an i8.
+                s.sc16[16 * sb + 2 * j] = v as i8;
+                s.sc16[16 * sb + 2 * j + 1] = v as i8;
+            }
+        }
     }
     let dw = s.dw32.as_mut_ptr();
     let u = s.u.as_mut_ptr();
@@ -374,6 +385,9 @@ pub(super) unsafe fn decode_row(ty: GgmlType, row: &[u8], s: &mut Scratch) {
 /// the group's buffers must hold `NT` tokens (laid out as [`Group`] says) of the row's width.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn row_dot<const NT: usize>(s: &mut Scratch, g: &Group) -> [f32; NT] {
+    if matches!(s.ty, Some(GgmlType::Q4K | GgmlType::Q6K)) {
+        return row_dot_k::<NT>(s, g);
+    }
     let n32 = s.n32;
     let signed = s.ty == Some(GgmlType::Q8_0);
     let dw = s.dw32.as_ptr();
@@ -400,12 +414,6 @@ pub(super) unsafe fn row_dot<const NT: usize>(s: &mut Scratch, g: &Group) -> [f3
         for b in 0..n32 {
             acc_block_u::<NT, true>(load(b), ones, sd, b, g, &mut acc);
         }
-    } else if s.ty == Some(GgmlType::Q6K) {
-        let sc = s.sc16.as_ptr();
-        for b in 0..n32 {
-            let mult = q6k_mult(sc.add(2 * b) as *const u8);
-            acc_block_u::<NT, false>(load(b), mult, sd, b, g, &mut acc);
-        }
     } else {
         for b in 0..n32 {
             acc_block_u::<NT, false>(load(b), ones, sd, b, g, &mut acc);
@@ -426,6 +434,76 @@ pub(super) unsafe fn row_dot<const NT: usize>(s: &mut Scratch, g: &Group) -> [f3
     out
 }
 
+/// [`row_dot`] for the K-quants, whose activations have one scale per super-block of 256
+/// (see [`GgmlType::act_scale_block`]): a super-block's eight blocks' byte products, each
+/// weighted by its integer sub-block scales (`mult`), are summed as integers, then converted
+/// and scaled once. Per block and token that is two of the multiply pipes' operations
+/// (`maddubs`, `madd`) and an integer add, against four for the per-block float scales of
+/// the other formats.
+///
+/// # Safety
+/// As for [`row_dot`]; the group's activations must have been quantized with one scale per
+/// 256 values.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn row_dot_k<const NT: usize>(s: &mut Scratch, g: &Group) -> [f32; NT] {
+    let n32 = s.n32;
+    let dw = s.dw32.as_ptr();
+    let sd = s.sd.as_mut_ptr();
+    // Combined scales per super-block and token (every block of a super-block carries the
+    // same weight and activation scales).
+    for sb in 0..n32 / 8 {
+        let w = *dw.add(8 * sb);
+        let d = g.d.add(NT * 8 * sb);
+        if NT == 8 {
+            _mm256_storeu_ps(
+                sd.add(8 * sb),
+                _mm256_mul_ps(_mm256_set1_ps(w), _mm256_loadu_ps(d)),
+            );
+        } else {
+            for t in 0..NT {
+                *sd.add(NT * sb + t) = w * *d.add(t);
+            }
+        }
+    }
+    let sd = sd as *const f32;
+    let u = s.u.as_ptr();
+    let sc = s.sc16.as_ptr();
+    // The float sums are touched once per super-block: they live in memory, leaving the
+    // registers to the eight integer sums and the block.
+    let mut facc = [_mm256_setzero_ps(); NT];
+    let fp = std::hint::black_box(facc.as_mut_ptr());
+    for sb in 0..n32 / 8 {
+        let mut iacc = [_mm256_setzero_si256(); NT];
+        for b in 8 * sb..8 * sb + 8 {
+            let w = _mm256_loadu_si256(u.add(32 * b) as *const __m256i);
+            let mult = mult_pair(sc.add(2 * b) as *const u8);
+            let xs = g.qs.add(32 * NT * b);
+            for (t, acc) in iacc.iter_mut().enumerate() {
+                let x = _mm256_loadu_si256(xs.add(32 * t) as *const __m256i);
+                let p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), mult);
+                *acc = _mm256_add_epi32(*acc, p);
+            }
+        }
+        for (t, acc) in iacc.iter().enumerate() {
+            let f = fp.add(t);
+            *f = _mm256_fmadd_ps(
+                _mm256_cvtepi32_ps(*acc),
+                _mm256_broadcast_ss(&*sd.add(NT * sb + t)),
+                *f,
+            );
+        }
+    }
+    let mut out: [f32; NT] = std::array::from_fn(|t| hsum(*fp.add(t)));
+    // Through memory, as the float sums: beside the offsets' eight accumulators, the sums
+    // held in registers would push one of those onto the stack inside the loop.
+    let out = std::hint::black_box(&mut out);
+    let mins = dots_f32::<NT>(s.mins16.as_ptr(), g.s16, g.s16_stride, 2 * n32);
+    for t in 0..NT {
+        out[t] -= mins[t];
+    }
+    *out
+}
+
 /// The dot product of one weight row with a single token, decoding each block in registers
 /// and multiplying it at once (for one token, writing the decoded row out as [`decode_row`]
 /// does costs more than it saves). The products, scales and sums are exactly those of
@@ -442,6 +520,18 @@ pub(super) unsafe fn row_dot1(ty: GgmlType, row: &[u8], g: &Group, s: &mut Scrat
     let signed = if ty == GgmlType::Q8_0 {
         for_each_block(ty, row, mins16, |b, w, mult, dw| {
             acc_block_1::<true>(w, mult, dw, b, g, &mut acc)
+        })
+    } else if matches!(ty, GgmlType::Q4K | GgmlType::Q6K) {
+        // As `row_dot_k`: integer sums over each super-block, then one conversion and scale.
+        let mut iacc = _mm256_setzero_si256();
+        for_each_block(ty, row, mins16, |b, w, mult, dw| {
+            let x = _mm256_loadu_si256(g.qs.add(32 * b) as *const __m256i);
+            iacc = _mm256_add_epi32(iacc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), mult));
+            if b % 8 == 7 {
+                let scale = _mm256_set1_ps(dw * *g.d.add(b));
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc), scale, acc);
+                iacc = _mm256_setzero_si256();
+            }
         })
     } else {
         for_each_block(ty, row, mins16, |b, w, mult, dw| {
@@ -479,15 +569,30 @@ unsafe fn acc_block_1<const SIGNED: bool>(
     );
 }
 
-/// Quantizes 32 floats at `x` to bytes at `q` with one scale, as `dot::quantize_block`'s
-/// scalar path does, bit for bit: the same `amax / 127`, the same products `v * (1 / d)`, and
-/// rounding half away from zero (`trunc(v + copysign(0.5 - ulp, v))` equals `round(v)` for
-/// every float). Returns the scale and the sums of the first and second 16 bytes.
+/// The largest magnitude among the 32 floats at `x`, as `dot::amax32`'s scalar path.
+///
+/// # Safety
+/// AVX2, FMA and F16C must be available; `x` must hold 32 values.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn amax32(x: *const f32) -> f32 {
+    let sign = _mm256_set1_ps(-0.0);
+    let abs = |i: usize| _mm256_andnot_ps(sign, _mm256_loadu_ps(x.add(8 * i)));
+    let m = _mm256_max_ps(_mm256_max_ps(abs(0), abs(1)), _mm256_max_ps(abs(2), abs(3)));
+    let m = _mm_max_ps(_mm256_extractf128_ps(m, 1), _mm256_castps256_ps128(m));
+    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    let m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+    _mm_cvtss_f32(m)
+}
+
+/// Quantizes 32 floats at `x` to bytes at `q` with scale `dv`, as `dot::quantize_block`'s
+/// scalar path does, bit for bit: the same products `v * (1 / dv)`, and rounding half away
+/// from zero (`trunc(v + copysign(0.5 - ulp, v))` equals `round(v)` for every float). Returns
+/// the sums of the first and second 16 bytes.
 ///
 /// # Safety
 /// AVX2, FMA and F16C must be available; `x` and `q` must hold 32 values.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn quantize_block(x: *const f32, q: *mut i8) -> (f32, [i32; 2]) {
+pub(super) unsafe fn quantize_block(x: *const f32, dv: f32, q: *mut i8) -> [i32; 2] {
     let sign = _mm256_set1_ps(-0.0);
     let v = [
         _mm256_loadu_ps(x),
@@ -495,16 +600,6 @@ pub(super) unsafe fn quantize_block(x: *const f32, q: *mut i8) -> (f32, [i32; 2]
         _mm256_loadu_ps(x.add(16)),
         _mm256_loadu_ps(x.add(24)),
     ];
-    let abs = |v: __m256| _mm256_andnot_ps(sign, v);
-    let m = _mm256_max_ps(
-        _mm256_max_ps(abs(v[0]), abs(v[1])),
-        _mm256_max_ps(abs(v[2]), abs(v[3])),
-    );
-    let m = _mm_max_ps(_mm256_extractf128_ps(m, 1), _mm256_castps256_ps128(m));
-    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    let m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
-    let amax = _mm_cvtss_f32(m);
-    let dv = amax / 127.0;
     let id = _mm256_set1_ps(if dv > 0.0 { 1.0 / dv } else { 0.0 });
     let half = _mm256_set1_ps(f32::from_bits(0x3EFF_FFFF)); // the float just below 0.5
     let round = |v: __m256| {
@@ -530,7 +625,7 @@ pub(super) unsafe fn quantize_block(x: *const f32, q: *mut i8) -> (f32, [i32; 2]
     );
     let p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
     _mm256_storeu_si256(q as *mut __m256i, p);
-    (dv, sums)
+    sums
 }
 
 /// [`dot_f32`] of `a` with each of `NT` vectors (`b + t * stride`), with the same operations in

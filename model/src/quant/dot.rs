@@ -9,7 +9,10 @@ use super::QMatrix;
 pub(super) const GROUP: usize = 8;
 
 /// Activations of a batch of tokens quantized to 8 bits in blocks of 32, the form every
-/// matmul kernel takes. Scales are symmetric (`x ≈ d * q`, `q` in -127..=127).
+/// matmul kernel takes. Scales are symmetric (`x ≈ d * q`, `q` in -127..=127), one per
+/// `scale_block` values: 32, or 256 for the K-quants' products
+/// ([`GgmlType::act_scale_block`](super::GgmlType::act_scale_block); each block of 32 then
+/// carries its super-block's scale).
 ///
 /// Tokens are stored in groups of [`GROUP`] (the last group may be smaller) and, within a
 /// group, block-interleaved: block 0 of every token of the group, then block 1, and so on, so
@@ -18,8 +21,10 @@ pub(super) const GROUP: usize = 8;
 pub struct QuantizedActs {
     /// Number of token rows.
     pub n_tokens: usize,
-    /// Elements per row (a multiple of 32).
+    /// Elements per row (a multiple of 32, or of 256 when `scale_block` is 256).
     pub cols: usize,
+    /// Values sharing one scale: 32 or 256.
+    pub scale_block: usize,
     /// Quantized values, `n_tokens * cols`, group-interleaved.
     qs: Vec<i8>,
     /// One scale per block of 32, group-interleaved like `qs`.
@@ -44,12 +49,33 @@ impl QuantizedActs {
         (&self.qs[32 * i..32 * i + 32], self.d[i])
     }
 
-    /// Quantizes `x` (`n_tokens` rows of `cols`) into `self`, reusing its buffers.
+    /// Quantizes `x` (`n_tokens` rows of `cols`) into `self` for products with `ty` weights
+    /// (one scale per [`GgmlType::act_scale_block`](super::GgmlType::act_scale_block)
+    /// values), reusing its buffers.
+    pub fn quantize_for(&mut self, ty: super::GgmlType, x: &[f32], n_tokens: usize, cols: usize) {
+        self.quantize_blocks(x, n_tokens, cols, ty.act_scale_block());
+    }
+
+    /// Quantizes `x` (`n_tokens` rows of `cols`) into `self` with one scale per 32 values,
+    /// reusing its buffers.
     pub fn quantize_from(&mut self, x: &[f32], n_tokens: usize, cols: usize) {
+        self.quantize_blocks(x, n_tokens, cols, 32);
+    }
+
+    fn quantize_blocks(&mut self, x: &[f32], n_tokens: usize, cols: usize, scale_block: usize) {
         assert_eq!(x.len(), n_tokens * cols, "activation shape");
-        assert_eq!(cols % 32, 0, "activation width must be a multiple of 32");
+        assert!(
+            scale_block == 32 || scale_block == 256,
+            "activation scale block {scale_block} (32 or 256)"
+        );
+        assert_eq!(
+            cols % scale_block,
+            0,
+            "activation width must be a multiple of {scale_block}"
+        );
         self.n_tokens = n_tokens;
         self.cols = cols;
+        self.scale_block = scale_block;
         self.qs.resize(n_tokens * cols, 0);
         self.d.resize(n_tokens * cols / 32, 0.0);
         self.sums16.resize(n_tokens * cols / 16, 0.0);
@@ -62,13 +88,20 @@ impl QuantizedActs {
             let g = GROUP.min(n_tokens - t0);
             for tl in 0..g {
                 let row = &x[(t0 + tl) * cols..(t0 + tl + 1) * cols];
-                for (b, blk) in row.chunks_exact(32).enumerate() {
-                    let i = b * g + tl;
-                    let q = &mut qs[i * 32..i * 32 + 32];
-                    let (dv, s) = quantize_block(blk, q, simd);
-                    d[i] = dv;
-                    sums16[tl * 2 * nb + 2 * b] = dv * s[0] as f32;
-                    sums16[tl * 2 * nb + 2 * b + 1] = dv * s[1] as f32;
+                for (sb, sblk) in row.chunks_exact(scale_block).enumerate() {
+                    let amax = sblk
+                        .chunks_exact(32)
+                        .fold(0f32, |m, blk| m.max(amax32(blk, simd)));
+                    let dv = amax / 127.0;
+                    for (j, blk) in sblk.chunks_exact(32).enumerate() {
+                        let b = sb * (scale_block / 32) + j;
+                        let i = b * g + tl;
+                        let q = &mut qs[i * 32..i * 32 + 32];
+                        let s = quantize_block(blk, dv, q, simd);
+                        d[i] = dv;
+                        sums16[tl * 2 * nb + 2 * b] = dv * s[0] as f32;
+                        sums16[tl * 2 * nb + 2 * b + 1] = dv * s[1] as f32;
+                    }
                 }
             }
         };
@@ -89,10 +122,17 @@ impl QuantizedActs {
         }
     }
 
-    /// Quantizes `x` into a new value.
+    /// Quantizes `x` into a new value, with one scale per 32 values.
     pub fn quantize(x: &[f32], n_tokens: usize, cols: usize) -> Self {
         let mut a = QuantizedActs::default();
         a.quantize_from(x, n_tokens, cols);
+        a
+    }
+
+    /// Quantizes `x` into a new value for products with `ty` weights.
+    pub fn quantize_for_type(ty: super::GgmlType, x: &[f32], n_tokens: usize, cols: usize) -> Self {
+        let mut a = QuantizedActs::default();
+        a.quantize_for(ty, x, n_tokens, cols);
         a
     }
 }
@@ -100,19 +140,29 @@ impl QuantizedActs {
 /// One group's slices of [`QuantizedActs`]' buffers: bytes, scales and half-block sums.
 type GroupBuffers<'a> = ((&'a mut [i8], &'a mut [f32]), &'a mut [f32]);
 
-/// Quantizes 32 activations to `q` (`x ≈ d * q`, rounding half away from zero as ggml's
-/// `quantize_row_q8_0` does) and returns `d` with the sums of `q` over each half. The AVX2 path
-/// gives exactly the scalar path's bytes and scale.
-fn quantize_block(x: &[f32], q: &mut [i8], simd: bool) -> (f32, [i32; 2]) {
+/// The largest magnitude among 32 activations (the AVX2 path gives the scalar path's value).
+fn amax32(x: &[f32], simd: bool) -> f32 {
+    assert!(x.len() == 32);
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: `simd` is only set when AVX2/FMA/F16C were detected; `x` holds 32.
+        return unsafe { super::avx2::amax32(x.as_ptr()) };
+    }
+    let _ = simd;
+    x.iter().fold(0f32, |m, v| m.max(v.abs()))
+}
+
+/// Quantizes 32 activations to `q` with scale `dv` (`x ≈ dv * q`, rounding half away from
+/// zero as ggml's `quantize_row_q8_0` does) and returns the sums of `q` over each half. The
+/// AVX2 path gives exactly the scalar path's bytes.
+fn quantize_block(x: &[f32], dv: f32, q: &mut [i8], simd: bool) -> [i32; 2] {
     assert!(x.len() == 32 && q.len() == 32);
     #[cfg(target_arch = "x86_64")]
     if simd {
         // SAFETY: `simd` is only set when AVX2/FMA/F16C were detected; both slices hold 32.
-        return unsafe { super::avx2::quantize_block(x.as_ptr(), q.as_mut_ptr()) };
+        return unsafe { super::avx2::quantize_block(x.as_ptr(), dv, q.as_mut_ptr()) };
     }
     let _ = simd;
-    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let dv = amax / 127.0;
     let id = if dv > 0.0 { 1.0 / dv } else { 0.0 };
     let mut s = [0i32; 2];
     for (k, (qv, v)) in q.iter_mut().zip(x).enumerate() {
@@ -120,7 +170,7 @@ fn quantize_block(x: &[f32], q: &mut [i8], simd: bool) -> (f32, [i32; 2]) {
         *qv = r as i8;
         s[k / 16] += r;
     }
-    (dv, s)
+    s
 }
 
 /// A weight row unpacked for the dot kernels.
@@ -326,6 +376,22 @@ fn run_rows(
             let mut r0 = range.start;
             while r0 < range.end {
                 let r1 = (r0 + block).min(range.end);
+                if x.n_tokens > 1 && r1 < range.end {
+                    let r2 = (r1 + block).min(range.end);
+                    let n = w.ty.row_bytes(cols);
+                    let bytes = &w.storage.bytes()[r1 * n..r2 * n];
+                    let mut o = 0;
+                    while o < bytes.len() {
+                        // SAFETY: a prefetch of an address inside `bytes`.
+                        unsafe {
+                            std::arch::x86_64::_mm_prefetch(
+                                bytes.as_ptr().add(o) as *const i8,
+                                std::arch::x86_64::_MM_HINT_T0,
+                            )
+                        };
+                        o += 64;
+                    }
+                }
                 simd_rows(w, r0..r1, x, scratch, |t, r, v| {
                     // SAFETY: (t, r) is written by exactly one task, since row ranges are
                     // disjoint, and t * rows + r < n_tokens * rows == the output's length.
@@ -359,6 +425,14 @@ fn matmul_impl(jobs: &mut [(&QMatrix, &mut [f32])], x: &QuantizedActs, simd: boo
             w.cols, x.cols
         );
         assert_eq!(out.len(), x.n_tokens * w.rows, "matmul: output size");
+        assert_eq!(
+            x.scale_block,
+            w.ty.act_scale_block(),
+            "matmul: {:?} weights take activations with one scale per {} values \
+             (QuantizedActs::quantize_for)",
+            w.ty,
+            w.ty.act_scale_block()
+        );
     }
     let ptrs: Vec<OutPtr> = jobs
         .iter_mut()
@@ -446,7 +520,7 @@ mod tests {
         let x: Vec<f32> = (0..n_tokens * cols)
             .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 3.0)
             .collect();
-        let qa = QuantizedActs::quantize(&x, n_tokens, cols);
+        let qa = QuantizedActs::quantize_for_type(ty, &x, n_tokens, cols);
         let mut fast = vec![0f32; n_tokens * rows];
         let mut reference = vec![0f32; n_tokens * rows];
         matmul(&w, &qa, &mut fast);
@@ -501,14 +575,15 @@ mod tests {
         blocks.push([0.0; 32]);
         blocks.push(std::array::from_fn(|k| if k == 7 { -3.0 } else { 0.0 }));
         for (n, blk) in blocks.iter().enumerate() {
-            let (mut a, mut b) = ([0i8; 32], [0i8; 32]);
-            let ra = quantize_block(blk, &mut a, false);
-            let rb = quantize_block(blk, &mut b, has_avx2());
-            assert_eq!(
-                (ra.0.to_bits(), ra.1, a),
-                (rb.0.to_bits(), rb.1, b),
-                "block {n}"
-            );
+            let (ma, mb) = (amax32(blk, false), amax32(blk, has_avx2()));
+            assert_eq!(ma.to_bits(), mb.to_bits(), "block {n}: amax");
+            // The block's own scale, and a larger one as a super-block of 256 may give it.
+            for dv in [ma / 127.0, ma / 127.0 * 2.7] {
+                let (mut a, mut b) = ([0i8; 32], [0i8; 32]);
+                let ra = quantize_block(blk, dv, &mut a, false);
+                let rb = quantize_block(blk, dv, &mut b, has_avx2());
+                assert_eq!((ra, a), (rb, b), "block {n}, scale {dv}");
+            }
         }
     }
 
@@ -551,12 +626,16 @@ mod tests {
                 .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 3.0)
                 .collect();
             let mut all = vec![0f32; n * rows];
-            matmul(&w, &QuantizedActs::quantize(&x, n, cols), &mut all);
+            matmul(
+                &w,
+                &QuantizedActs::quantize_for_type(ty, &x, n, cols),
+                &mut all,
+            );
             for t in 0..n {
                 let mut one = vec![0f32; rows];
                 matmul(
                     &w,
-                    &QuantizedActs::quantize(&x[t * cols..(t + 1) * cols], 1, cols),
+                    &QuantizedActs::quantize_for_type(ty, &x[t * cols..(t + 1) * cols], 1, cols),
                     &mut one,
                 );
                 assert_eq!(one[..], all[t * rows..(t + 1) * rows], "{ty:?} token {t}");

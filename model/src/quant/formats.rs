@@ -78,6 +78,16 @@ impl GgmlType {
         cols / self.block_elems() * self.block_bytes()
     }
 
+    /// Activations this type's matrix products take have one scale per this many values: 256
+    /// for the K-quants (as llama.cpp's Q8_K), whose integer sub-block scales then multiply
+    /// integer products summed over a whole super-block; 32 for the others.
+    pub fn act_scale_block(self) -> usize {
+        match self {
+            GgmlType::Q4K | GgmlType::Q6K => 256,
+            _ => 32,
+        }
+    }
+
     /// Whether the integer matmul kernels take this type directly.
     pub fn is_matmul_native(self) -> bool {
         matches!(
