@@ -16,6 +16,8 @@ pub(super) struct Group {
     pub(super) d: *const f32,
     pub(super) s16: *const f32,
     pub(super) s16_stride: usize,
+    /// Offset terms `16 * d * Σq` per block, interleaved like `d`.
+    pub(super) s32: *const f32,
 }
 
 #[inline]
@@ -200,13 +202,10 @@ unsafe fn for_each_block(
         }
         GgmlType::Q4_0 | GgmlType::Q5_0 => {
             let bytes = ty.block_bytes();
-            let offset = if ty == GgmlType::Q5_0 { 16.0 } else { 8.0 };
             let m10 = _mm256_set1_epi8(0x10);
             for b in 0..n32 {
                 let blk = p.add(bytes * b);
                 let d = f16_at(blk);
-                *mins16.add(2 * b) = offset * d;
-                *mins16.add(2 * b + 1) = offset * d;
                 let w = if ty == GgmlType::Q5_0 {
                     let qh =
                         u32::from_le_bytes([*blk.add(2), *blk.add(3), *blk.add(4), *blk.add(5)]);
@@ -222,15 +221,11 @@ unsafe fn for_each_block(
             // shift), one 32-byte load of nibbles serves two.
             let m4 = _mm256_set1_epi8(0x0F);
             let m10 = _mm256_set1_epi8(0x10);
-            let sixteen = _mm_set1_ps(16.0);
             let mut ds = [0f32; 4];
             for gi in 0..n32 / 4 {
                 let grp = p.add(88 * gi);
                 let d4 = _mm_cvtph_ps(_mm_loadl_epi64(grp as *const __m128i));
                 _mm_storeu_ps(ds.as_mut_ptr(), d4);
-                let m = _mm_mul_ps(d4, sixteen);
-                _mm_storeu_ps(mins16.add(8 * gi), _mm_unpacklo_ps(m, m));
-                _mm_storeu_ps(mins16.add(8 * gi + 4), _mm_unpackhi_ps(m, m));
                 let h = _mm_loadu_si128(grp.add(8) as *const __m128i);
                 // Bit k of byte j: block k's weight j (j < 16) or weight j (j >= 16).
                 let hv = _mm256_set_m128i(_mm_srli_epi16(h, 4), h);
@@ -392,16 +387,48 @@ pub(super) unsafe fn row_dot<const NT: usize>(s: &mut Scratch, g: &Group) -> [f3
     let signed = s.ty == Some(GgmlType::Q8_0);
     let dw = s.dw32.as_ptr();
     let sd = s.sd.as_mut_ptr();
-    for b in 0..n32 {
-        let w = *dw.add(b);
-        if NT == 8 {
+    // The combined scales, and for the unsigned formats (weights `dw * (u - 16)`) each
+    // token's offset term `Σ dw * 16 * d * Σq` over the blocks, in four FMA chains (blocks
+    // `b % 4`; one chain's latency cost a fifth of the kernel) as [`Offsets`] sums them.
+    let mut offsets = [[0f32; NT]; 4];
+    if NT == 8 {
+        // Block b's scales for the eight tokens; returns the broadcast weight scale.
+        let scales = |b: usize| {
+            let wv = _mm256_set1_ps(*dw.add(b));
             _mm256_storeu_ps(
                 sd.add(8 * b),
-                _mm256_mul_ps(_mm256_set1_ps(w), _mm256_loadu_ps(g.d.add(8 * b))),
+                _mm256_mul_ps(wv, _mm256_loadu_ps(g.d.add(8 * b))),
             );
+            wv
+        };
+        if signed {
+            for b in 0..n32 {
+                scales(b);
+            }
         } else {
+            // Unrolled by four so that the four chains stay in registers.
+            let mut ov = [_mm256_setzero_ps(); 4];
+            let mut b = 0;
+            while b < n32 {
+                for (k, ov) in ov.iter_mut().enumerate().take(n32 - b) {
+                    let wv = scales(b + k);
+                    *ov = _mm256_fmadd_ps(wv, _mm256_loadu_ps(g.s32.add(8 * (b + k))), *ov);
+                }
+                b += 4;
+            }
+            for (o, v) in offsets.iter_mut().zip(&ov) {
+                _mm256_storeu_ps(o.as_mut_ptr(), *v);
+            }
+        }
+    } else {
+        for b in 0..n32 {
+            let w = *dw.add(b);
             for t in 0..NT {
                 *sd.add(NT * b + t) = w * *g.d.add(NT * b + t);
+                if !signed {
+                    let m = &mut offsets[b % 4][t];
+                    *m = w.mul_add(*g.s32.add(NT * b + t), *m);
+                }
             }
         }
     }
@@ -414,24 +441,39 @@ pub(super) unsafe fn row_dot<const NT: usize>(s: &mut Scratch, g: &Group) -> [f3
         for b in 0..n32 {
             acc_block_u::<NT, true>(load(b), ones, sd, b, g, &mut acc);
         }
-    } else {
-        for b in 0..n32 {
-            acc_block_u::<NT, false>(load(b), ones, sd, b, g, &mut acc);
+        return std::array::from_fn(|t| hsum(acc[t]));
+    }
+    for b in 0..n32 {
+        acc_block_u::<NT, false>(load(b), ones, sd, b, g, &mut acc);
+    }
+    let half = s.ty == Some(GgmlType::Q4_0);
+    std::array::from_fn(|t| {
+        let m = Offsets([offsets[0][t], offsets[1][t], offsets[2][t], offsets[3][t]]);
+        hsum(acc[t]) - m.term(half)
+    })
+}
+
+/// The four partial sums of an unsigned format's offset term `Σ dw * 16 * d * Σq` (blocks
+/// `b % 4`), which [`row_dot`] and [`row_dot1`] add in the same order.
+struct Offsets([f32; 4]);
+
+impl Offsets {
+    /// Adds block `b`'s `dw * s32`.
+    #[inline]
+    fn add(&mut self, b: usize, dw: f32, s32: f32) {
+        self.0[b % 4] = dw.mul_add(s32, self.0[b % 4]);
+    }
+
+    /// The term to subtract: halved for Q4_0, whose offset is 8 (exact, a power of two).
+    #[inline]
+    fn term(&self, half: bool) -> f32 {
+        let m = (self.0[0] + self.0[1]) + (self.0[2] + self.0[3]);
+        if half {
+            0.5 * m
+        } else {
+            m
         }
     }
-    let mut out = [0f32; NT];
-    let mins = if signed {
-        [0f32; NT]
-    } else {
-        dots_f32::<NT>(s.mins16.as_ptr(), g.s16, g.s16_stride, 2 * n32)
-    };
-    for t in 0..NT {
-        out[t] = hsum(acc[t]);
-        if !signed {
-            out[t] -= mins[t];
-        }
-    }
-    out
 }
 
 /// [`row_dot`] for the K-quants, whose activations have one scale per super-block of 256
@@ -517,12 +559,23 @@ pub(super) unsafe fn row_dot1(ty: GgmlType, row: &[u8], g: &Group, s: &mut Scrat
     let mins16 = s.mins16.as_mut_ptr();
     let mut acc = _mm256_setzero_ps();
     // One instantiation per signedness, so the product loop holds no branch.
-    let signed = if ty == GgmlType::Q8_0 {
+    if ty == GgmlType::Q8_0 {
         for_each_block(ty, row, mins16, |b, w, mult, dw| {
             acc_block_1::<true>(w, mult, dw, b, g, &mut acc)
-        })
-    } else if matches!(ty, GgmlType::Q4K | GgmlType::Q6K) {
-        // As `row_dot_k`: integer sums over each super-block, then one conversion and scale.
+        });
+        return hsum(acc);
+    } else if matches!(ty, GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q5x4) {
+        // The offset term as `row_dot` forms it: one FMA per block, in block order.
+        let mut m = Offsets([0.0; 4]);
+        for_each_block(ty, row, mins16, |b, w, mult, dw| {
+            acc_block_1::<false>(w, mult, dw, b, g, &mut acc);
+            m.add(b, dw, *g.s32.add(b));
+        });
+        return hsum(acc) - m.term(ty == GgmlType::Q4_0);
+    }
+    // The K-quants, as `row_dot_k`: integer sums over each super-block, then one conversion
+    // and scale, and the offsets (`mins16`, `sums16`) last.
+    {
         let mut iacc = _mm256_setzero_si256();
         for_each_block(ty, row, mins16, |b, w, mult, dw| {
             let x = _mm256_loadu_si256(g.qs.add(32 * b) as *const __m256i);
@@ -532,18 +585,10 @@ pub(super) unsafe fn row_dot1(ty: GgmlType, row: &[u8], g: &Group, s: &mut Scrat
                 acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc), scale, acc);
                 iacc = _mm256_setzero_si256();
             }
-        })
-    } else {
-        for_each_block(ty, row, mins16, |b, w, mult, dw| {
-            acc_block_1::<false>(w, mult, dw, b, g, &mut acc)
-        })
-    };
-    let n16 = row.len() / ty.block_bytes() * ty.block_elems() / 16;
-    let mut out = hsum(acc);
-    if !signed {
-        out -= dot_f32(mins16, g.s16, n16);
+        });
     }
-    out
+    let n16 = row.len() / ty.block_bytes() * ty.block_elems() / 16;
+    hsum(acc) - dot_f32(mins16, g.s16, n16)
 }
 
 /// One token's products with block `b` of weights `w` (see [`acc_block_u`]), its combined

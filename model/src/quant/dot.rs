@@ -29,9 +29,12 @@ pub struct QuantizedActs {
     qs: Vec<i8>,
     /// One scale per block of 32, group-interleaved like `qs`.
     d: Vec<f32>,
-    /// `d * Σq` over each half block of 16, for the weight offsets (`min16`) of unsigned
-    /// formats; per token (not interleaved).
+    /// `d * Σq` over each half block of 16, for the weight offsets (`min16`) of the K-quants;
+    /// per token (not interleaved).
     sums16: Vec<f32>,
+    /// `16 * d * Σq` over each block, interleaved like `d`: for the offset term of the
+    /// formats whose weights are `dw * (u - 16)` (`dw * (u - 8)` for Q4_0, which halves it).
+    s32: Vec<f32>,
 }
 
 impl QuantizedActs {
@@ -79,11 +82,12 @@ impl QuantizedActs {
         self.qs.resize(n_tokens * cols, 0);
         self.d.resize(n_tokens * cols / 32, 0.0);
         self.sums16.resize(n_tokens * cols / 16, 0.0);
+        self.s32.resize(n_tokens * cols / 32, 0.0);
         let nb = cols / 32;
         let simd = has_avx2();
         // Each group of GROUP tokens owns contiguous ranges of `qs`, `d` and `sums16`, so large
         // batches quantize their groups in parallel.
-        let quantize_group = |(gi, ((qs, d), sums16)): (usize, GroupBuffers)| {
+        let quantize_group = |(gi, (((qs, d), sums16), s32)): (usize, GroupBuffers)| {
             let t0 = gi * GROUP;
             let g = GROUP.min(n_tokens - t0);
             for tl in 0..g {
@@ -99,6 +103,7 @@ impl QuantizedActs {
                         let q = &mut qs[i * 32..i * 32 + 32];
                         let s = quantize_block(blk, dv, q, simd);
                         d[i] = dv;
+                        s32[i] = 16.0 * dv * (s[0] + s[1]) as f32;
                         sums16[tl * 2 * nb + 2 * b] = dv * s[0] as f32;
                         sums16[tl * 2 * nb + 2 * b + 1] = dv * s[1] as f32;
                     }
@@ -110,6 +115,7 @@ impl QuantizedActs {
                 .par_chunks_mut(GROUP * cols)
                 .zip(self.d.par_chunks_mut(GROUP * nb))
                 .zip(self.sums16.par_chunks_mut(GROUP * 2 * nb))
+                .zip(self.s32.par_chunks_mut(GROUP * nb))
                 .enumerate()
                 .for_each(quantize_group);
         } else {
@@ -117,6 +123,7 @@ impl QuantizedActs {
                 .chunks_mut(GROUP * cols)
                 .zip(self.d.chunks_mut(GROUP * nb))
                 .zip(self.sums16.chunks_mut(GROUP * 2 * nb))
+                .zip(self.s32.chunks_mut(GROUP * nb))
                 .enumerate()
                 .for_each(quantize_group);
         }
@@ -137,8 +144,12 @@ impl QuantizedActs {
     }
 }
 
-/// One group's slices of [`QuantizedActs`]' buffers: bytes, scales and half-block sums.
-type GroupBuffers<'a> = ((&'a mut [i8], &'a mut [f32]), &'a mut [f32]);
+/// One group's slices of [`QuantizedActs`]' buffers: bytes, scales, half-block sums and offset
+/// terms.
+type GroupBuffers<'a> = (
+    ((&'a mut [i8], &'a mut [f32]), &'a mut [f32]),
+    &'a mut [f32],
+);
 
 /// The largest magnitude among 32 activations (the AVX2 path gives the scalar path's value).
 fn amax32(x: &[f32], simd: bool) -> f32 {
@@ -285,6 +296,7 @@ fn simd_rows(
             qs: x.qs.as_ptr(),
             d: x.d.as_ptr(),
             s16: x.sums16.as_ptr(),
+            s32: x.s32.as_ptr(),
             s16_stride: cols / 16,
         };
         for r in rows {
@@ -310,6 +322,7 @@ fn simd_rows(
             qs: x.qs[t0 * cols..].as_ptr(),
             d: x.d[t0 * cols / 32..].as_ptr(),
             s16: x.sums16[t0 * cols / 16..].as_ptr(),
+            s32: x.s32[t0 * cols / 32..].as_ptr(),
             s16_stride: cols / 16,
         };
         for (r, s) in rows.clone().zip(scratch.iter_mut()) {
