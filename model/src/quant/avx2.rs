@@ -423,10 +423,9 @@ pub(super) unsafe fn row_dot<const NT: usize>(s: &mut Scratch, g: &Group) -> [f3
     } else {
         for b in 0..n32 {
             let w = *dw.add(b);
-            for t in 0..NT {
+            for (t, m) in offsets[b % 4].iter_mut().enumerate() {
                 *sd.add(NT * b + t) = w * *g.d.add(NT * b + t);
                 if !signed {
-                    let m = &mut offsets[b % 4][t];
                     *m = w.mul_add(*g.s32.add(NT * b + t), *m);
                 }
             }
