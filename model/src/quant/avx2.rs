@@ -203,7 +203,7 @@ unsafe fn for_each_block(
         GgmlType::Q4_0 | GgmlType::Q5_0 => {
             let bytes = ty.block_bytes();
             let m10 = _mm256_set1_epi8(0x10);
-            for b in 0..n32 {
+            let mut block = |b: usize| {
                 let blk = p.add(bytes * b);
                 let d = f16_at(blk);
                 let w = if ty == GgmlType::Q5_0 {
@@ -214,6 +214,16 @@ unsafe fn for_each_block(
                     nibbles_32(blk.add(2))
                 };
                 f(b, w, ones, d);
+            };
+            // Four blocks a step, so that a caller's per-`b % 4` state is known at compile time
+            // (the offset chains of `row_dot1`).
+            for gi in 0..n32 / 4 {
+                for k in 0..4 {
+                    block(4 * gi + k);
+                }
+            }
+            for b in n32 / 4 * 4..n32 {
+                block(b);
             }
         }
         GgmlType::Q5x4 => {

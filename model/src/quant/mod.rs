@@ -3,7 +3,8 @@
 //! Weights stay in their GGUF block formats in memory. A matrix product first *unpacks* one
 //! weight row into a uniform form (one unsigned byte per weight, a scale and an offset per
 //! 16 weights), then takes integer dot products of that row with activations quantized to
-//! 8 bits in blocks of 32 ([`QuantizedActs`]). Unpacking once per row and reusing it for every
+//! 8 bits with one scale per 32 values, or per 256 for the K-quants ([`QuantizedActs`]).
+//! Unpacking once per row and reusing it for every
 //! token in the batch is what makes batched decoding cheaper per token than single decoding.
 
 #[cfg(target_arch = "x86_64")]
