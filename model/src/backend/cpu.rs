@@ -593,6 +593,70 @@ impl CpuBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::quant::{matmul, GgmlType, Storage};
+
+    /// A matrix of pseudo-random blocks of `ty` (Q8_0 or Q4_K) with small finite scales.
+    fn matrix(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> QMatrix {
+        let mut s = seed;
+        let mut bytes: Vec<u8> = (0..rows * ty.row_bytes(cols))
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (s >> 56) as u8
+            })
+            .collect();
+        let scale = half::f16::from_f32(0.01).to_le_bytes();
+        for blk in bytes.chunks_exact_mut(ty.block_bytes()) {
+            blk[0..2].copy_from_slice(&scale);
+            if ty == GgmlType::Q4K {
+                blk[2..4].copy_from_slice(&scale);
+            }
+        }
+        QMatrix::new("m", ty, rows, cols, Storage::Owned(bytes.into())).unwrap()
+    }
+
+    /// Matrices sharing an input but taking differently quantized activations (one scale per
+    /// 32 values for Q8_0, per 256 for Q4_K) each get their own quantization, and the same
+    /// products as one matrix at a time.
+    #[test]
+    fn mixed_activation_kinds_in_one_call_match_separate_products() {
+        let (cols, n) = (512, 11);
+        let x: Vec<f32> = (0..n * cols)
+            .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 2.0)
+            .collect();
+        let a = matrix(GgmlType::Q8_0, 7, cols, 1);
+        let b = matrix(GgmlType::Q4K, 5, cols, 2);
+        let c = matrix(GgmlType::Q8_0, 3, cols, 3);
+        let (mut ya, mut yb, mut yc) = (vec![0f32; n * 7], vec![0f32; n * 5], vec![0f32; n * 3]);
+        let mut acts = QuantizedActs::default();
+        matmul_quantized(
+            &mut acts,
+            &x,
+            n,
+            &mut [(&a, &mut ya[..]), (&b, &mut yb[..]), (&c, &mut yc[..])],
+        );
+        for (w, got) in [(&a, &ya), (&b, &yb), (&c, &yc)] {
+            let mut want = vec![0f32; n * w.rows];
+            matmul(
+                w,
+                &QuantizedActs::quantize_for_type(w.ty, &x, n, cols),
+                &mut want,
+            );
+            assert_eq!(got, &want, "{:?}", w.ty);
+        }
+    }
+
+    /// A product whose activations were quantized for another type is refused, naming the
+    /// quantization it needs, instead of giving wrong numbers.
+    #[test]
+    #[should_panic(expected = "one scale per 256 values")]
+    fn activations_quantized_for_another_type_are_refused() {
+        let w = matrix(GgmlType::Q4K, 2, 256, 4);
+        let x = vec![0.5f32; 256];
+        let mut out = vec![0f32; 2];
+        matmul(&w, &QuantizedActs::quantize(&x, 1, 256), &mut out);
+    }
 
     /// The AVX2 exponential stays within 2 units in the last place of `f32::exp` over the whole
     /// range that softmax and SiLU use, is exact at 0, and keeps NaN.
