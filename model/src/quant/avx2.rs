@@ -126,7 +126,7 @@ pub(super) struct Scratch {
     u: Vec<u8>,
     /// Weight scale per 32 weights.
     dw32: Vec<f32>,
-    /// Offset (`min`) per 16 weights of unsigned formats.
+    /// Offset (`min`) per 16 weights of the K-quants.
     mins16: Vec<f32>,
     /// Q6_K's integer scale per 16 weights (the `mult` of the byte products).
     sc16: Vec<i8>,
@@ -157,9 +157,9 @@ impl Scratch {
 /// Decodes every 32-weight block of a row, in order, for [`decode_row`] and [`row_dot1`], which
 /// do the same decoding and differ only in what they do with a block: `f(b, w, mult, dw)` gets
 /// block `b`'s 32 weight bytes `w` (unsigned, or signed for Q8_0), the 16-bit multipliers of
-/// their pair products `mult` (ones, or Q6_K's integer sub-block scales) and its float scale
-/// `dw`. The offsets (`min`) of every 16 weights go to `mins16` on the way. Returns whether the
-/// bytes are signed.
+/// their pair products `mult` (ones, or the K-quants' integer sub-block scales) and its float
+/// scale `dw` (the super-block's `d` for the K-quants). The K-quants' offsets (`min`) of every
+/// 16 weights go to `mins16` on the way. Returns whether the bytes are signed.
 ///
 /// # Safety
 /// AVX2, FMA and F16C must be available; `row` must hold whole blocks of `ty`, and `mins16`
@@ -339,9 +339,9 @@ unsafe fn mult_pair(sc: *const u8) -> __m256i {
     )
 }
 
-/// Decodes one weight row into `s`: a byte per weight, the weight scale of every 32, Q6_K's
-/// integer sub-block scales, and for unsigned formats the offset of every 16 (applied once per
-/// token at the end, with one vector dot, which keeps it out of the products). A row is decoded
+/// Decodes one weight row into `s`: a byte per weight, the weight scale of every 32, the
+/// K-quants' integer sub-block scales and their offsets (`min`) of every 16 (applied once per
+/// token at the end, with one vector dot, which keeps them out of the products). A row is decoded
 /// once and then multiplied with every group of tokens by [`row_dot`], whose inner loop then
 /// holds no decoding masks or temporaries: its registers stay free for the eight accumulators.
 ///
@@ -379,8 +379,9 @@ pub(super) unsafe fn decode_row(ty: GgmlType, row: &[u8], s: &mut Scratch) {
 }
 
 /// Dot products of the row decoded in `s` with `NT` tokens: every block's combined scale for
-/// every token first (one vector product per block for eight tokens), then the integer
-/// products, each weight block multiplied with every token before the next is read. Each
+/// every token first (one vector product per block for eight tokens, with one FMA for the
+/// offset terms of the unsigned formats), then the integer products, each weight block
+/// multiplied with every token before the next is read. The K-quants go to [`row_dot_k`]. Each
 /// token's sums run in the same order whatever `NT` is, so a token's result does not depend on
 /// the batch it is computed in (the engine relies on batched and single decoding agreeing
 /// exactly).

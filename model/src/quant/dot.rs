@@ -389,22 +389,6 @@ fn run_rows(
             let mut r0 = range.start;
             while r0 < range.end {
                 let r1 = (r0 + block).min(range.end);
-                if x.n_tokens > 1 && r1 < range.end {
-                    let r2 = (r1 + block).min(range.end);
-                    let n = w.ty.row_bytes(cols);
-                    let bytes = &w.storage.bytes()[r1 * n..r2 * n];
-                    let mut o = 0;
-                    while o < bytes.len() {
-                        // SAFETY: a prefetch of an address inside `bytes`.
-                        unsafe {
-                            std::arch::x86_64::_mm_prefetch(
-                                bytes.as_ptr().add(o) as *const i8,
-                                std::arch::x86_64::_MM_HINT_T0,
-                            )
-                        };
-                        o += 64;
-                    }
-                }
                 simd_rows(w, r0..r1, x, scratch, |t, r, v| {
                     // SAFETY: (t, r) is written by exactly one task, since row ranges are
                     // disjoint, and t * rows + r < n_tokens * rows == the output's length.
