@@ -156,6 +156,7 @@ fn main() -> anyhow::Result<()> {
                     .expand(pb::ExpandRequest {
                         expansion_id: String::new(),
                         nodes: vec![node.clone()],
+                        ..Default::default()
                     })
                     .await
                     .unwrap();

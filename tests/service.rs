@@ -43,8 +43,13 @@ impl WorkerProcess {
 
     /// A worker with extra command-line arguments (`--model DIR`).
     fn start_with(args: &[&str]) -> WorkerProcess {
+        WorkerProcess::start_at("127.0.0.1:0", args)
+    }
+
+    /// A worker listening on `listen` (`host:port`).
+    fn start_at(listen: &str, args: &[&str]) -> WorkerProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_arbor"))
-            .args(["worker", "--listen", "127.0.0.1:0"])
+            .args(["worker", "--listen", listen])
             .args(args)
             .env("RAYON_NUM_THREADS", "1")
             .stdout(Stdio::null())
@@ -101,6 +106,15 @@ impl Cluster {
     /// A coordinator over `workers`, of which `usable` run the default model (the pool checks
     /// every worker's tokenizer against the coordinator's).
     fn over(workers: Vec<WorkerProcess>, usable: usize) -> Cluster {
+        Cluster::over_checked_every(workers, usable, Duration::from_millis(300))
+    }
+
+    /// As [`Cluster::over`], with health checks every `health_interval`.
+    fn over_checked_every(
+        workers: Vec<WorkerProcess>,
+        usable: usize,
+        health_interval: Duration,
+    ) -> Cluster {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -114,7 +128,7 @@ impl Cluster {
             let pool = WorkerPool::connect(
                 specs,
                 PoolOptions {
-                    health_interval: Duration::from_millis(300),
+                    health_interval,
                     tokenizer_fingerprint: Some(model().tokenizer.fingerprint()),
                     ..PoolOptions::default()
                 },
@@ -327,6 +341,59 @@ fn a_worker_with_another_tokenizer_gets_no_work() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A worker restarted with another model between two health checks refuses the calls made for
+/// the coordinator's tokenizer (every call carries its fingerprint), and the pool takes it out
+/// of rotation, naming it and why.
+#[test]
+fn a_worker_restarted_with_another_model_between_checks_refuses_calls_and_is_named() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = std::env::temp_dir().join(format!("arbor-tiny-restart-{}", std::process::id()));
+    arbor_model::tiny::TinyModel::new("qwen2")
+        .write(&dir)
+        .unwrap();
+    // Checked once at start, then not for an hour: only the calls can notice the restart.
+    let mut c =
+        Cluster::over_checked_every(vec![WorkerProcess::start()], 1, Duration::from_secs(3600));
+    let url = c.workers[0].url.clone();
+    c.workers[0].kill();
+    let addr = url.strip_prefix("http://").unwrap().to_string();
+    let t = Instant::now();
+    let odd = loop {
+        // The port frees once the killed process is gone.
+        match std::panic::catch_unwind(|| {
+            WorkerProcess::start_at(&addr, &["--model", dir.to_str().unwrap()])
+        }) {
+            Ok(w) => break w,
+            Err(_) if t.elapsed() < Duration::from_secs(20) => {
+                std::thread::sleep(Duration::from_millis(200))
+            }
+            Err(e) => std::panic::resume_unwind(e),
+        }
+    };
+    c.workers[0] = odd;
+    assert_eq!(c.pool.healthy(), 1, "no health check has run since");
+    // The search's calls reach the tiny-model worker, which refuses them; with no other
+    // worker the search cannot make progress, whatever it then reports.
+    let _ =
+        c.rt.block_on(
+            c.client
+                .search(request("restart", QUESTION, pb::Strategy::BestOfN, 64, 5)),
+        );
+    let members = c.pool.members();
+    let why = members[0]
+        .incompatible()
+        .expect("the restarted worker is named");
+    assert!(
+        why.contains("refused a call made for the coordinator's tokenizer")
+            && why.contains("vocabulary 288")
+            && why.contains(&model().tokenizer.fingerprint()),
+        "{why}"
+    );
+    assert_eq!(c.pool.healthy(), 0, "it left the rotation");
+    drop(c);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn killing_a_worker_mid_search_still_completes_the_search() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -469,16 +536,51 @@ fn bad_requests_get_invalid_argument_naming_the_field_and_the_server_keeps_servi
                 .expand(pb::ExpandRequest {
                     expansion_id: "bad".into(),
                     nodes,
+                    ..Default::default()
                 })
                 .await
                 .unwrap_err();
             errs.push((e.code(), e.message().to_string()));
         }
-        // And still serves a good call.
+        // A call made for another tokenizer is refused before any model work, naming both
+        // fingerprints; Score too.
+        let other = "0123456789abcdef0123456789abcdef".to_string();
+        let refused = w
+            .expand(pb::ExpandRequest {
+                expansion_id: "other".into(),
+                nodes: vec![node(vec![9707, 11, 1879], 1)],
+                tokenizer_fingerprint: other.clone(),
+            })
+            .await
+            .unwrap_err();
+        let ours = model().tokenizer.fingerprint();
+        assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+        assert!(
+            refused.message().starts_with("tokenizer_fingerprint")
+                && refused.message().contains(&other)
+                && refused.message().contains(&ours),
+            "{}",
+            refused.message()
+        );
+        let refused = w
+            .score(pb::ScoreRequest {
+                paths: vec![pb::ScorePath {
+                    prompt_tokens: vec![9707, 11, 1879],
+                    steps: vec![pb::StepTokens {
+                        token_ids: vec![11],
+                    }],
+                }],
+                tokenizer_fingerprint: other,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+        // And still serves a good call, made for its own tokenizer.
         let good = w
             .expand(pb::ExpandRequest {
                 expansion_id: String::new(),
                 nodes: vec![node(vec![9707, 11, 1879], 2)],
+                tokenizer_fingerprint: ours,
             })
             .await
             .unwrap()
@@ -495,6 +597,7 @@ fn bad_requests_get_invalid_argument_naming_the_field_and_the_server_keeps_servi
                         token_ids: sample.token_ids.clone(),
                     }],
                 }],
+                ..Default::default()
             })
             .await
             .unwrap()

@@ -26,6 +26,7 @@ use tonic_health::pb::HealthCheckRequest;
 
 use super::pb;
 use super::pb::worker_client::WorkerClient;
+use super::worker::TOKENIZER_MISMATCH;
 
 /// Where workers are.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -250,6 +251,15 @@ impl std::fmt::Debug for WorkerPool {
 }
 
 impl WorkerPool {
+    /// The fingerprint every call carries ([`PoolOptions::tokenizer_fingerprint`]; empty: none).
+    fn tokenizer_fingerprint(&self) -> String {
+        self.inner
+            .options
+            .tokenizer_fingerprint
+            .clone()
+            .unwrap_or_default()
+    }
+
     /// Resolves the members, checks their health once, and starts the health loop (on the
     /// current tokio runtime; it stops when the last clone of the pool is dropped).
     pub async fn connect(specs: Vec<WorkerSpec>, options: PoolOptions) -> Result<Self, String> {
@@ -376,15 +386,30 @@ impl WorkerPool {
                 Err(s) => s,
             };
             member.failures.fetch_add(1, Ordering::Relaxed);
-            let retry = matches!(
-                status.code(),
-                Code::Unavailable
-                    | Code::Unknown
-                    | Code::Internal
-                    | Code::ResourceExhausted
-                    | Code::Aborted
-                    | Code::Cancelled
-            );
+            // A worker that now runs another tokenizer (restarted with another model since its
+            // last check) refuses the call: out of rotation, named, and the call goes elsewhere.
+            let other_tokenizer = status.code() == Code::FailedPrecondition
+                && status.message().starts_with(TOKENIZER_MISMATCH);
+            if other_tokenizer {
+                let why = format!(
+                    "refused a call made for the coordinator's tokenizer ({}), so it gets no \
+                     work: start it with the coordinator's model",
+                    status.message()
+                );
+                tracing::error!(worker = %member.url, "{why}");
+                *member.compat.lock().expect("compat lock") = Compat::Different(why);
+                member.healthy.store(false, Ordering::SeqCst);
+            }
+            let retry = other_tokenizer
+                || matches!(
+                    status.code(),
+                    Code::Unavailable
+                        | Code::Unknown
+                        | Code::Internal
+                        | Code::ResourceExhausted
+                        | Code::Aborted
+                        | Code::Cancelled
+                );
             if matches!(
                 status.code(),
                 Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled
@@ -539,6 +564,7 @@ impl Policy for RemotePolicy {
             let request = pb::ExpandRequest {
                 expansion_id: format!("{}/{call}/{g}", self.search_id),
                 nodes,
+                tokenizer_fingerprint: self.pool.tokenizer_fingerprint(),
             };
             async move {
                 let sent = self
@@ -631,6 +657,7 @@ impl Scorer for RemotePolicy {
                         .collect(),
                 })
                 .collect(),
+            tokenizer_fingerprint: self.pool.tokenizer_fingerprint(),
         };
         let member = self
             .pool

@@ -25,6 +25,10 @@ const REMEMBERED_EXPANSIONS: usize = 1024;
 
 type Shared = Arc<OnceCell<pb::ExpandResponse>>;
 
+/// How a worker's refusal of a call made for another tokenizer begins (the field's name), so
+/// that a coordinator tells it from other failed preconditions.
+pub const TOKENIZER_MISMATCH: &str = "tokenizer_fingerprint";
+
 /// The gRPC face of a [`LocalWorker`].
 #[derive(Clone)]
 pub struct WorkerService {
@@ -57,6 +61,20 @@ impl WorkerService {
         WorkerServer::new(self)
             .max_decoding_message_size(max)
             .max_encoding_message_size(usize::MAX)
+    }
+
+    /// Refuses a call made for another tokenizer: its token ids would mean other text here.
+    fn check_tokenizer(&self, fingerprint: &str) -> Result<(), Status> {
+        let info = self.worker.model_info();
+        if fingerprint.is_empty() || fingerprint == info.tokenizer_fingerprint {
+            return Ok(());
+        }
+        Err(Status::failed_precondition(format!(
+            "{TOKENIZER_MISMATCH}: the request was made for tokenizer {fingerprint:?}, this \
+             worker runs {:?} (model {}, vocabulary {}); its token ids would mean other text \
+             here",
+            info.tokenizer_fingerprint, info.source, info.config.vocab_size
+        )))
     }
 
     fn validate(&self, req: &pb::ExpandRequest) -> Result<Vec<ExpandItem>, Status> {
@@ -229,6 +247,7 @@ impl Worker for WorkerService {
     ) -> Result<Response<pb::ExpandResponse>, Status> {
         let deadline = grpc_deadline(&request);
         let req = request.into_inner();
+        self.check_tokenizer(&req.tokenizer_fingerprint)?;
         let items = self.validate(&req)?;
         if req.expansion_id.is_empty() {
             return Ok(Response::new(self.run_expand(items, deadline).await?));
@@ -247,6 +266,7 @@ impl Worker for WorkerService {
         request: Request<pb::ScoreRequest>,
     ) -> Result<Response<pb::ScoreResponse>, Status> {
         let req = request.into_inner();
+        self.check_tokenizer(&req.tokenizer_fingerprint)?;
         let info = self.worker.model_info();
         let (vocab, context) = (info.config.vocab_size, info.config.context_length);
         if req.paths.is_empty() || req.paths.len() > self.limits.nodes_per_call_max {
