@@ -575,6 +575,21 @@ fn bad_requests_get_invalid_argument_naming_the_field_and_the_server_keeps_servi
             .await
             .unwrap_err();
         assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+        // Something too long to be a fingerprint is bad input, and is not echoed back.
+        let long = w
+            .expand(pb::ExpandRequest {
+                nodes: vec![node(vec![9707, 11, 1879], 1)],
+                tokenizer_fingerprint: "x".repeat(100_000),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(long.code(), Code::InvalidArgument, "{long:?}");
+        assert!(
+            long.message().starts_with("tokenizer_fingerprint") && long.message().len() < 200,
+            "{}",
+            long.message()
+        );
         // And still serves a good call, made for its own tokenizer.
         let good = w
             .expand(pb::ExpandRequest {

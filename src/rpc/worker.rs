@@ -69,6 +69,16 @@ impl WorkerService {
         if fingerprint.is_empty() || fingerprint == info.tokenizer_fingerprint {
             return Ok(());
         }
+        // A fingerprint is 32 hex digits; anything much longer is not one (and is not echoed).
+        if fingerprint.len() > 64 {
+            return Err(invalid(
+                TOKENIZER_MISMATCH,
+                format!(
+                    "{} bytes; a fingerprint (ModelInfo.tokenizer_fingerprint) has 32",
+                    fingerprint.len()
+                ),
+            ));
+        }
         Err(Status::failed_precondition(format!(
             "{TOKENIZER_MISMATCH}: the request was made for tokenizer {fingerprint:?}, this \
              worker runs {:?} (model {}, vocabulary {}); its token ids would mean other text \
