@@ -159,7 +159,7 @@ impl Scratch {
 /// block `b`'s 32 weight bytes `w` (unsigned, or signed for Q8_0), the 16-bit multipliers of
 /// their pair products `mult` (ones, or the K-quants' integer sub-block scales) and its float
 /// scale `dw` (the super-block's `d` for the K-quants). The K-quants' offsets (`min`) of every
-/// 16 weights go to `mins16` on the way. Returns whether the bytes are signed.
+/// 16 weights go to `mins16` on the way.
 ///
 /// # Safety
 /// AVX2, FMA and F16C must be available; `row` must hold whole blocks of `ty`, and `mins16`
@@ -171,7 +171,7 @@ unsafe fn for_each_block(
     row: &[u8],
     mins16: *mut f32,
     mut f: impl FnMut(usize, __m256i, __m256i, f32),
-) -> bool {
+) {
     let p = row.as_ptr();
     let n32 = row.len() / ty.block_bytes() * ty.block_elems() / 32;
     let ones = _mm256_set1_epi16(1);
@@ -198,7 +198,6 @@ unsafe fn for_each_block(
                 let (w0, d0) = block(b);
                 f(b, w0, ones, d0);
             }
-            return true;
         }
         GgmlType::Q4_0 | GgmlType::Q5_0 => {
             let bytes = ty.block_bytes();
@@ -325,7 +324,6 @@ unsafe fn for_each_block(
         }
         GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => unreachable!("converted to Q8_0 at load"),
     }
-    false
 }
 
 /// The 16-bit multipliers of a K-quant block's pair products: its first half's i8 scale `*sc`
