@@ -593,28 +593,7 @@ impl CpuBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::{matmul, GgmlType, Storage};
-
-    /// A matrix of pseudo-random blocks of `ty` (Q8_0 or Q4_K) with small finite scales.
-    fn matrix(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> QMatrix {
-        let mut s = seed;
-        let mut bytes: Vec<u8> = (0..rows * ty.row_bytes(cols))
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                (s >> 56) as u8
-            })
-            .collect();
-        let scale = half::f16::from_f32(0.01).to_le_bytes();
-        for blk in bytes.chunks_exact_mut(ty.block_bytes()) {
-            blk[0..2].copy_from_slice(&scale);
-            if ty == GgmlType::Q4K {
-                blk[2..4].copy_from_slice(&scale);
-            }
-        }
-        QMatrix::new("m", ty, rows, cols, Storage::Owned(bytes.into())).unwrap()
-    }
+    use crate::quant::{matmul, random_matrix, GgmlType};
 
     /// Matrices sharing an input but taking differently quantized activations (one scale per
     /// 32 values for Q8_0, per 256 for Q4_K) each get their own quantization, and the same
@@ -625,9 +604,9 @@ mod tests {
         let x: Vec<f32> = (0..n * cols)
             .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 2.0)
             .collect();
-        let a = matrix(GgmlType::Q8_0, 7, cols, 1);
-        let b = matrix(GgmlType::Q4K, 5, cols, 2);
-        let c = matrix(GgmlType::Q8_0, 3, cols, 3);
+        let a = random_matrix(GgmlType::Q8_0, 7, cols, 1);
+        let b = random_matrix(GgmlType::Q4K, 5, cols, 2);
+        let c = random_matrix(GgmlType::Q8_0, 3, cols, 3);
         let (mut ya, mut yb, mut yc) = (vec![0f32; n * 7], vec![0f32; n * 5], vec![0f32; n * 3]);
         let mut acts = QuantizedActs::default();
         matmul_quantized(
@@ -652,7 +631,7 @@ mod tests {
     #[test]
     #[should_panic(expected = "one scale per 256 values")]
     fn activations_quantized_for_another_type_are_refused() {
-        let w = matrix(GgmlType::Q4K, 2, 256, 4);
+        let w = random_matrix(GgmlType::Q4K, 2, 256, 4);
         let x = vec![0.5f32; 256];
         let mut out = vec![0f32; 2];
         matmul(&w, &QuantizedActs::quantize(&x, 1, 256), &mut out);

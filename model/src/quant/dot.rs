@@ -477,41 +477,10 @@ pub fn matmul_into_scalar(w: &QMatrix, x: &QuantizedActs, out: &mut [f32]) {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{GgmlType, Storage};
+    use super::super::{random_matrix, GgmlType};
     use super::*;
 
     /// Random-looking bytes that form valid blocks of `ty` (scales kept finite and small).
-    fn random_matrix(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> QMatrix {
-        let n = rows * ty.row_bytes(cols);
-        let mut s = seed;
-        let mut bytes: Vec<u8> = (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                (s >> 33) as u8
-            })
-            .collect();
-        let bb = ty.block_bytes();
-        let scale = half::f16::from_f32(0.01).to_le_bytes();
-        for blk in bytes.chunks_exact_mut(bb) {
-            match ty {
-                GgmlType::Q6K => blk[208..210].copy_from_slice(&scale),
-                GgmlType::Q4K => {
-                    blk[0..2].copy_from_slice(&scale);
-                    blk[2..4].copy_from_slice(&scale);
-                }
-                GgmlType::Q5x4 => {
-                    for k in 0..4 {
-                        blk[2 * k..2 * k + 2].copy_from_slice(&scale);
-                    }
-                }
-                _ => blk[0..2].copy_from_slice(&scale),
-            }
-        }
-        QMatrix::new("test", ty, rows, cols, Storage::Owned(bytes.into())).unwrap()
-    }
-
     fn check(ty: GgmlType, rows: usize, cols: usize, n_tokens: usize) {
         let w = random_matrix(ty, rows, cols, rows as u64 * 31 + cols as u64);
         let x: Vec<f32> = (0..n_tokens * cols)
