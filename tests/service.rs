@@ -87,6 +87,16 @@ impl Drop for WorkerProcess {
     }
 }
 
+/// A tiny random `qwen2` model (another tokenizer than the default model's) written to a
+/// fresh temporary folder named after `tag`.
+fn tiny_model_dir(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("{tag}-{}", std::process::id()));
+    arbor_model::tiny::TinyModel::new("qwen2")
+        .write(&dir)
+        .unwrap();
+    dir
+}
+
 /// Three workers and an in-process coordinator.
 struct Cluster {
     rt: tokio::runtime::Runtime,
@@ -307,10 +317,7 @@ fn a_streamed_search_over_three_workers_equals_the_embedded_search() {
 #[test]
 fn a_worker_with_another_tokenizer_gets_no_work() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = std::env::temp_dir().join(format!("arbor-tiny-worker-{}", std::process::id()));
-    arbor_model::tiny::TinyModel::new("qwen2")
-        .write(&dir)
-        .unwrap();
+    let dir = tiny_model_dir("arbor-tiny-worker");
     let good = WorkerProcess::start();
     let odd = WorkerProcess::start_with(&["--model", dir.to_str().unwrap()]);
     let odd_url = odd.url.clone();
@@ -347,10 +354,7 @@ fn a_worker_with_another_tokenizer_gets_no_work() {
 #[test]
 fn a_worker_restarted_with_another_model_between_checks_refuses_calls_and_is_named() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = std::env::temp_dir().join(format!("arbor-tiny-restart-{}", std::process::id()));
-    arbor_model::tiny::TinyModel::new("qwen2")
-        .write(&dir)
-        .unwrap();
+    let dir = tiny_model_dir("arbor-tiny-restart");
     // Checked once at start, then not for an hour: only the calls can notice the restart.
     let mut c =
         Cluster::over_checked_every(vec![WorkerProcess::start()], 1, Duration::from_secs(3600));
