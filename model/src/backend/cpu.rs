@@ -297,66 +297,234 @@ impl AttentionTask<'_> {
     /// Runs task `idx` (token `idx / n_kv_heads`, KV head `idx % n_kv_heads`) into `out`.
     #[inline(always)]
     fn run(&self, idx: usize, out: &mut [f32]) {
-        let AttentionTask {
-            kv,
-            q,
-            batch,
-            layer: l,
-            group,
-            hd,
-            q_dim,
-            kv_dim,
-            stride,
-            slab,
-            scale,
-            avx2,
-            ..
-        } = *self;
+        self.run_as(idx, out, self.avx2 && self.hd % 8 == 0)
+    }
+
+    /// [`Self::run`], with the AVX2 loops when `vector` is set (the CPU must have AVX2 and `hd`
+    /// be a multiple of 8), else the plain loops: both give the same bits.
+    #[inline(always)]
+    fn run_as(&self, idx: usize, out: &mut [f32], vector: bool) {
         let i = idx / self.n_kv_heads;
         let kvh = idx % self.n_kv_heads;
-        let ctx = batch.positions[i] as usize + 1;
-        let table = &batch.block_tables[batch.seq_index[i] as usize];
-        let qs = &q[i * q_dim + kvh * group * hd..i * q_dim + (kvh + 1) * group * hd];
+        let ctx = self.batch.positions[i] as usize + 1;
+        let (group, hd) = (self.group, self.hd);
+        let qs = &self.q[i * self.q_dim + kvh * group * hd..][..group * hd];
+        let table = &self.batch.block_tables[self.batch.seq_index[i] as usize];
+        let (l, stride, slab, kv_dim) = (self.layer, self.stride, self.slab, self.kv_dim);
+        // Where position p's key (kind 0) or value (kind 1) for this KV head starts.
         let slot = |p: usize, kind: usize| {
             let block = table[p / KV_BLOCK_TOKENS] as usize;
             block * stride + (2 * l + kind) * slab + (p % KV_BLOCK_TOKENS) * kv_dim + kvh * hd
         };
-        // scores[g * ctx + p]: query head g of the group against position p.
-        let mut scores = vec![0f32; group * ctx];
-        for p in 0..ctx {
-            let base = slot(p, 0);
-            let k = &kv[base..base + hd];
-            for g in 0..group {
-                scores[g * ctx + p] = dot(&qs[g * hd..(g + 1) * hd], k) * scale;
-            }
-        }
-        for row in scores.chunks_exact_mut(ctx) {
-            let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-            for sc in row.iter_mut() {
-                *sc -= max;
-            }
-            exp_in_place(row, avx2);
-            let mut sum = 0f32;
-            for sc in row.iter() {
-                sum += *sc;
-            }
-            let inv = 1.0 / sum;
-            for sc in row.iter_mut() {
-                *sc *= inv;
-            }
-        }
-        out.fill(0.0);
-        for p in 0..ctx {
-            let base = slot(p, 1);
-            let v = &kv[base..base + hd];
-            for g in 0..group {
-                let wgt = scores[g * ctx + p];
-                for (o, vv) in out[g * hd..(g + 1) * hd].iter_mut().zip(v) {
-                    *o += wgt * vv;
+        ATTENTION_SCRATCH.with_borrow_mut(|(scores, part)| {
+            // scores[g * ctx + p]: query head g of the group against position p.
+            scores.clear();
+            scores.resize(group * ctx, 0.0);
+            #[cfg(target_arch = "x86_64")]
+            if vector {
+                assert!(self.avx2 && hd % 8 == 0);
+                // SAFETY: AVX2 is present (`avx2` is only set when it is); every key and value
+                // slot holds `hd` floats of `kv`, and `qs`, `scores` and `out` have the lengths
+                // `scores_avx2` and `values_avx2` read and write.
+                unsafe {
+                    self.scores_avx2(qs, &slot, ctx, scores, part);
+                    softmax_rows(scores, ctx, true);
+                    self.values_avx2(scores, &slot, ctx, out);
                 }
+                return;
+            }
+            let _ = vector;
+            for p in 0..ctx {
+                let k = &self.kv[slot(p, 0)..][..hd];
+                for g in 0..group {
+                    scores[g * ctx + p] = dot(&qs[g * hd..(g + 1) * hd], k) * self.scale;
+                }
+            }
+            softmax_rows(scores, ctx, self.avx2);
+            out.fill(0.0);
+            for p in 0..ctx {
+                let v = &self.kv[slot(p, 1)..][..hd];
+                for g in 0..group {
+                    let wgt = scores[g * ctx + p];
+                    for (o, vv) in out[g * hd..(g + 1) * hd].iter_mut().zip(v) {
+                        *o += wgt * vv;
+                    }
+                }
+            }
+        })
+    }
+
+    /// The scores of [`Self::run`], with AVX2: each score's eight lane sums of [`dot`] are
+    /// formed as a vector and kept in `part`, then eight scores at a time are transposed so
+    /// that their lanes add in [`dot`]'s order with eight scores to a vector.
+    ///
+    /// # Safety
+    /// AVX2 must be available; `hd` must be a multiple of 8; `slot(p, 0)` must start `hd`
+    /// floats of `kv` for every `p < ctx`; `qs` holds `group * hd` floats and `scores`
+    /// `group * ctx`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn scores_avx2(
+        &self,
+        qs: &[f32],
+        slot: &impl Fn(usize, usize) -> usize,
+        ctx: usize,
+        scores: &mut [f32],
+        part: &mut Vec<f32>,
+    ) {
+        use std::arch::x86_64::*;
+        let (group, hd) = (self.group, self.hd);
+        let n = group * ctx;
+        part.clear();
+        part.resize(8 * n, 0.0);
+        let pp = part.as_mut_ptr();
+        for p in 0..ctx {
+            let k = self.kv[slot(p, 0)..][..hd].as_ptr();
+            for g in 0..group {
+                let q = qs[g * hd..][..hd].as_ptr();
+                let mut acc = _mm256_setzero_ps();
+                for c in (0..hd).step_by(8) {
+                    let m = _mm256_mul_ps(_mm256_loadu_ps(q.add(c)), _mm256_loadu_ps(k.add(c)));
+                    acc = _mm256_add_ps(acc, m);
+                }
+                _mm256_storeu_ps(pp.add(8 * (g * ctx + p)), acc);
+            }
+        }
+        // [`dot`] sums the lanes in order from the empty sum, then adds the (empty) sum of
+        // its remainder.
+        let zero: f32 = [0f32; 0].iter().sum();
+        let (zv, scale) = (_mm256_set1_ps(zero), _mm256_set1_ps(self.scale));
+        let mut j = 0;
+        while j + 8 <= n {
+            let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(pp.add(8 * (j + i))));
+            let lanes = transpose8(r);
+            let mut s = zv;
+            for l in lanes {
+                s = _mm256_add_ps(s, l);
+            }
+            s = _mm256_add_ps(s, zv);
+            _mm256_storeu_ps(scores.as_mut_ptr().add(j), _mm256_mul_ps(s, scale));
+            j += 8;
+        }
+        for (j, sc) in scores.iter_mut().enumerate().skip(j) {
+            let lanes = &part[8 * j..8 * j + 8];
+            *sc = (lanes.iter().sum::<f32>() + zero) * self.scale;
+        }
+    }
+
+    /// The weighted values of [`Self::run`], with AVX2: each query head's output kept in
+    /// registers, 64 values at a time, while the positions pass (each element gets the same
+    /// products and sums in the same order as the plain loop).
+    ///
+    /// # Safety
+    /// As for [`Self::scores_avx2`], for values (`slot(p, 1)`); `out` holds `group * hd`
+    /// floats.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn values_avx2(
+        &self,
+        scores: &[f32],
+        slot: &impl Fn(usize, usize) -> usize,
+        ctx: usize,
+        out: &mut [f32],
+    ) {
+        use std::arch::x86_64::*;
+        #[inline(always)]
+        unsafe fn chunk<const M: usize>(
+            kv: *const f32,
+            weights: &[f32],
+            slot: &impl Fn(usize, usize) -> usize,
+            at: usize,
+            out: *mut f32,
+        ) {
+            let mut o = [_mm256_setzero_ps(); M];
+            for (p, &w) in weights.iter().enumerate() {
+                let v = kv.add(slot(p, 1) + at);
+                let w = _mm256_set1_ps(w);
+                for (j, o) in o.iter_mut().enumerate() {
+                    *o = _mm256_add_ps(*o, _mm256_mul_ps(w, _mm256_loadu_ps(v.add(8 * j))));
+                }
+            }
+            for (j, o) in o.iter().enumerate() {
+                _mm256_storeu_ps(out.add(8 * j), *o);
+            }
+        }
+        let hd = self.hd;
+        let kv = self.kv.as_ptr();
+        for g in 0..self.group {
+            let weights = &scores[g * ctx..(g + 1) * ctx];
+            let o = out[g * hd..(g + 1) * hd].as_mut_ptr();
+            let mut c = 0;
+            while c + 64 <= hd {
+                chunk::<8>(kv, weights, slot, c, o.add(c));
+                c += 64;
+            }
+            while c < hd {
+                chunk::<1>(kv, weights, slot, c, o.add(c));
+                c += 8;
             }
         }
     }
+}
+
+thread_local! {
+    /// Per-thread buffers of the attention tasks: scores, and their lane sums.
+    static ATTENTION_SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Softmax of every `ctx`-long row of `scores`, in place.
+#[inline(always)]
+fn softmax_rows(scores: &mut [f32], ctx: usize, avx2: bool) {
+    for row in scores.chunks_exact_mut(ctx) {
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        for sc in row.iter_mut() {
+            *sc -= max;
+        }
+        exp_in_place(row, avx2);
+        let mut sum = 0f32;
+        for sc in row.iter() {
+            sum += *sc;
+        }
+        let inv = 1.0 / sum;
+        for sc in row.iter_mut() {
+            *sc *= inv;
+        }
+    }
+}
+
+/// Transposes eight vectors of eight floats: lane `l` of the result `i` is lane `i` of `r[l]`.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn transpose8(r: [std::arch::x86_64::__m256; 8]) -> [std::arch::x86_64::__m256; 8] {
+    use std::arch::x86_64::*;
+    let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+    let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+    let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+    let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+    let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+    let s1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+    let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+    let s3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+    let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+    let s5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+    let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+    let s7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+    [
+        _mm256_permute2f128_ps::<0x20>(s0, s4),
+        _mm256_permute2f128_ps::<0x20>(s1, s5),
+        _mm256_permute2f128_ps::<0x20>(s2, s6),
+        _mm256_permute2f128_ps::<0x20>(s3, s7),
+        _mm256_permute2f128_ps::<0x31>(s0, s4),
+        _mm256_permute2f128_ps::<0x31>(s1, s5),
+        _mm256_permute2f128_ps::<0x31>(s2, s6),
+        _mm256_permute2f128_ps::<0x31>(s3, s7),
+    ]
 }
 
 impl Backend for CpuBackend {
@@ -635,6 +803,75 @@ mod tests {
         let x = vec![0.5f32; 256];
         let mut out = vec![0f32; 2];
         matmul(&w, &QuantizedActs::quantize(&x, 1, 256), &mut out);
+    }
+
+    /// The AVX2 attention gives the same bits as the plain loops, for head widths with and
+    /// without a remainder past 64, contexts with and without a remainder of eight scores, and
+    /// positions spread over several KV blocks.
+    #[test]
+    fn vector_attention_matches_the_plain_loops_exactly() {
+        if !has_avx2() {
+            return;
+        }
+        for (hd, group, ctx) in [
+            (64usize, 7usize, 37usize),
+            (64, 2, 1),
+            (128, 3, 40),
+            (72, 1, 17),
+            (8, 4, 5),
+        ] {
+            let (n_kv_heads, layers) = (2, 2);
+            let kv_dim = n_kv_heads * hd;
+            let q_dim = group * kv_dim;
+            let slab = KV_BLOCK_TOKENS * kv_dim;
+            let stride = layers * 2 * slab;
+            let blocks = ctx.div_ceil(KV_BLOCK_TOKENS) + 3;
+            let wave = |i: usize, f: f32| ((i as f32 * f).sin() * 3.0).round() / 3.0 + 0.01;
+            let kv: Vec<f32> = (0..blocks * stride).map(|i| wave(i, 0.37)).collect();
+            let q: Vec<f32> = (0..2 * q_dim).map(|i| wave(i, 0.91)).collect();
+            // Token 1 of the batch: its sequence's blocks out of order in the store.
+            let table: Vec<u32> = (0..blocks as u32).rev().collect();
+            let tables = [table];
+            let positions = [0, ctx as u32 - 1];
+            let batch = ForwardBatch {
+                tokens: &[0, 0],
+                positions: &positions,
+                seq_index: &[0, 0],
+                block_tables: &tables,
+                logits_for: &[],
+                hidden_for: &[],
+            };
+            let run = |vector: bool| {
+                let task = AttentionTask {
+                    kv: &kv,
+                    q: &q,
+                    batch: &batch,
+                    layer: 1,
+                    n_kv_heads,
+                    group,
+                    hd,
+                    q_dim,
+                    kv_dim,
+                    stride,
+                    slab,
+                    scale: 1.0 / (hd as f32).sqrt(),
+                    avx2: true,
+                };
+                let mut out = vec![f32::NAN; 2 * q_dim];
+                for (idx, o) in out.chunks_mut(group * hd).enumerate() {
+                    with_simd(true, || task.run_as(idx, o, vector));
+                }
+                out
+            };
+            let (plain, vector) = (run(false), run(true));
+            assert!(plain.iter().all(|v| v.is_finite()));
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(&plain),
+                bits(&vector),
+                "hd {hd}, group {group}, ctx {ctx}"
+            );
+        }
     }
 
     /// The AVX2 exponential stays within 2 units in the last place of `f32::exp` over the whole

@@ -581,6 +581,8 @@ mod tests {
     fn results_do_not_depend_on_the_batch() {
         for (ty, cols) in [
             (GgmlType::Q8_0, 96),
+            (GgmlType::Q4_0, 96),
+            (GgmlType::Q5_0, 96),
             (GgmlType::Q4K, 512),
             (GgmlType::Q6K, 512),
             (GgmlType::Q5x4, 384),
