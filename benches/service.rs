@@ -82,6 +82,7 @@ async fn coordinator_for(
         c,
         listener,
         false,
+        None,
         std::future::pending(),
     ));
     SearchClient::connect(format!("http://{addr}"))

@@ -76,6 +76,17 @@ pub(crate) struct SearchArgs {
     /// http://localhost:50051. The options above travel with it as one search configuration.
     #[arg(long)]
     coordinator: Option<String>,
+    /// With an `https://` --coordinator: the CA (PEM) that signed its certificate (default:
+    /// the public web's roots).
+    #[arg(long, value_name = "PEM", requires = "coordinator")]
+    tls_ca: Option<PathBuf>,
+    /// With an `https://` --coordinator that requires client certificates: this client's
+    /// certificate (PEM; with --tls-key).
+    #[arg(long, value_name = "PEM", requires = "coordinator")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "PEM", requires = "coordinator")]
+    tls_key: Option<PathBuf>,
     /// A GGUF file or Hugging Face folder; default: the embedded default model.
     #[arg(long, env = "ARBOR_MODEL")]
     model: Option<PathBuf>,
@@ -305,6 +316,18 @@ fn run_remote(args: &SearchArgs, url: &str, config: &SearchConfig) -> Result<()>
     } else {
         format!("http://{url}")
     };
+    let tls = arbor::rpc::tls::ClientTls::load(
+        &arbor::rpc::tls::ClientTlsFiles {
+            ca: args.tls_ca.clone(),
+            cert: args.tls_cert.clone(),
+            key: args.tls_key.clone(),
+        },
+        "tls-",
+    )
+    .map_err(anyhow::Error::msg)?;
+    if tls.is_some() && !url.starts_with("https://") {
+        bail!("--tls-ca/--tls-cert need an https:// --coordinator (got {url})");
+    }
     let request = pb::SearchRequest {
         request_id: String::new(),
         question: args.question.clone(),
@@ -332,9 +355,15 @@ fn run_remote(args: &SearchArgs, url: &str, config: &SearchConfig) -> Result<()>
     );
     bar.enable_steady_tick(Duration::from_millis(200));
     let result = rt.block_on(async {
-        let mut client = pb::search_client::SearchClient::connect(url.clone())
+        let channel = arbor::rpc::tls::connect(&url, tls.as_ref())
             .await
-            .with_context(|| format!("--coordinator {url}: cannot connect"))?;
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "--coordinator {url}: cannot connect: {}",
+                    arbor::rpc::tls::error_chain(&e)
+                )
+            })?;
+        let mut client = pb::search_client::SearchClient::new(channel);
         let mut stream = client
             .search_stream(request)
             .await

@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use arbor::rpc::coordinator::{self, Coordinator, CoordinatorOptions};
 use arbor::rpc::limits::{SearchLimits, WorkerLimits};
 use arbor::rpc::pool::{PoolOptions, WorkerPool, WorkerSpec};
+use arbor::rpc::tls::{ClientTls, ClientTlsFiles, ServerTls, ServerTlsFiles};
 use arbor::rpc::worker::{self, WorkerService};
 use arbor_model::{EngineOptions, Model};
 use arbor_worker::{LocalWorker, WorkerOptions};
@@ -35,6 +36,16 @@ pub(crate) struct WorkerArgs {
     /// Also serve gRPC reflection (for grpcurl and friends).
     #[arg(long)]
     reflection: bool,
+    /// Serve over TLS with this certificate chain (PEM; with --tls-key). Clients then connect
+    /// with `https://`.
+    #[arg(long, value_name = "PEM")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "PEM")]
+    tls_key: Option<PathBuf>,
+    /// Mutual TLS: accept only clients presenting a certificate signed by this CA (PEM).
+    #[arg(long, value_name = "PEM")]
+    tls_client_ca: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -42,9 +53,10 @@ pub(crate) struct ServeArgs {
     /// Address to listen on (port 0 picks a free port; the chosen address is printed).
     #[arg(long, default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
-    /// Workers, comma-separated: `host:port`, `http://host:port`, or `dns://NAME:PORT` for
-    /// every address a name resolves to (a Kubernetes headless service), re-resolved at each
-    /// health check.
+    /// Workers, comma-separated: `host:port`, `http://host:port`, `https://host:port` (TLS),
+    /// or `dns://NAME:PORT` for every address a name resolves to (a Kubernetes headless
+    /// service), re-resolved at each health check (over TLS when a --workers-tls-* flag is
+    /// given, the certificates then checked against NAME).
     #[arg(long, value_delimiter = ',', required = true)]
     workers: Vec<String>,
     /// The model the workers run (its tokenizer and chat template build the prompts); default:
@@ -64,6 +76,27 @@ pub(crate) struct ServeArgs {
     /// Also serve gRPC reflection (for grpcurl and friends).
     #[arg(long)]
     reflection: bool,
+    /// Serve over TLS with this certificate chain (PEM; with --tls-key). Clients then connect
+    /// with `https://`.
+    #[arg(long, value_name = "PEM")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "PEM")]
+    tls_key: Option<PathBuf>,
+    /// Mutual TLS: accept only clients presenting a certificate signed by this CA (PEM).
+    #[arg(long, value_name = "PEM")]
+    tls_client_ca: Option<PathBuf>,
+    /// The CA (PEM) that signed the `https://` workers' certificates; without it they are
+    /// checked against the public web's roots.
+    #[arg(long, value_name = "PEM")]
+    workers_tls_ca: Option<PathBuf>,
+    /// This coordinator's certificate (PEM) for workers that require one (their
+    /// --tls-client-ca); with --workers-tls-key.
+    #[arg(long, value_name = "PEM")]
+    workers_tls_cert: Option<PathBuf>,
+    /// The private key of --workers-tls-cert (PEM).
+    #[arg(long, value_name = "PEM")]
+    workers_tls_key: Option<PathBuf>,
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -78,7 +111,35 @@ async fn ctrl_c() {
     eprintln!("arbor: shutting down");
 }
 
+/// The server TLS settings of `--tls-cert`, `--tls-key` and `--tls-client-ca`.
+fn server_tls(
+    cert: &Option<PathBuf>,
+    key: &Option<PathBuf>,
+    client_ca: &Option<PathBuf>,
+) -> Result<Option<ServerTls>> {
+    ServerTls::load(
+        &ServerTlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: client_ca.clone(),
+        },
+        "tls-",
+    )
+    .map_err(anyhow::Error::msg)
+}
+
+/// How clients reach the server: `http`, `https`, or `https` with client certificates.
+fn scheme_note(tls: &Option<ServerTls>) -> &'static str {
+    match tls {
+        None => "",
+        Some(t) if t.requires_client_certificates() => " (TLS, client certificates required)",
+        Some(_) => " (TLS)",
+    }
+}
+
 pub(crate) fn run_worker(a: WorkerArgs) -> Result<()> {
+    // Checked before the model loads, so a wrong path fails at once.
+    let tls = server_tls(&a.tls_cert, &a.tls_key, &a.tls_client_ca)?;
     let (model, engine) = load_engine_with(
         a.model,
         a.device,
@@ -101,8 +162,8 @@ pub(crate) fn run_worker(a: WorkerArgs) -> Result<()> {
             .await
             .with_context(|| format!("--listen {}", a.listen))?;
         let addr = listener.local_addr()?;
-        eprintln!("arbor worker listening on {addr}");
-        worker::serve(service, listener, a.reflection, ctrl_c()).await?;
+        eprintln!("arbor worker listening on {addr}{}", scheme_note(&tls));
+        worker::serve(service, listener, a.reflection, tls.as_ref(), ctrl_c()).await?;
         Ok(())
     })
 }
@@ -117,6 +178,16 @@ pub(crate) fn run_serve(a: ServeArgs) -> Result<()> {
     if a.searches_max == 0 {
         bail!("--searches-max must be at least 1");
     }
+    let tls = server_tls(&a.tls_cert, &a.tls_key, &a.tls_client_ca)?;
+    let workers_tls = ClientTls::load(
+        &ClientTlsFiles {
+            ca: a.workers_tls_ca.clone(),
+            cert: a.workers_tls_cert.clone(),
+            key: a.workers_tls_key.clone(),
+        },
+        "workers-tls-",
+    )
+    .map_err(anyhow::Error::msg)?;
     let path = resolve_model(a.model)?;
     let tokenizer = Arc::new(
         Model::load_tokenizer(&path).with_context(|| format!("loading {}", path.display()))?,
@@ -127,6 +198,7 @@ pub(crate) fn run_serve(a: ServeArgs) -> Result<()> {
             PoolOptions {
                 health_interval: Duration::from_millis(a.health_interval_ms.max(50)),
                 tokenizer_fingerprint: Some(tokenizer.fingerprint()),
+                tls: workers_tls,
                 ..PoolOptions::default()
             },
         )
@@ -139,6 +211,8 @@ pub(crate) fn run_serve(a: ServeArgs) -> Result<()> {
             if let Some(why) = m.incompatible() {
                 eprintln!("arbor: error: worker {} {why}", m.url());
                 incompatible += 1;
+            } else if let Some(why) = m.last_error() {
+                eprintln!("arbor: warning: worker {} is not reachable yet: {why}", m.url());
             }
         }
         if healthy == 0 && incompatible == members && members > 0 {
@@ -162,8 +236,11 @@ pub(crate) fn run_serve(a: ServeArgs) -> Result<()> {
             .await
             .with_context(|| format!("--listen {}", a.listen))?;
         let addr = listener.local_addr()?;
-        eprintln!("arbor coordinator listening on {addr} ({healthy}/{members} workers healthy)");
-        coordinator::serve(coordinator, listener, a.reflection, ctrl_c()).await?;
+        eprintln!(
+            "arbor coordinator listening on {addr}{} ({healthy}/{members} workers healthy)",
+            scheme_note(&tls)
+        );
+        coordinator::serve(coordinator, listener, a.reflection, tls.as_ref(), ctrl_c()).await?;
         Ok(())
     })
 }

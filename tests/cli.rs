@@ -169,6 +169,42 @@ fn bad_input_gets_a_precise_error_and_a_failure_status() {
         "--workers",
     );
     check(&["worker", "--listen", "not-an-address"], "--listen");
+    // TLS files are checked before any model loads or any port opens.
+    check(
+        &[
+            "worker",
+            "--tls-cert",
+            "/nonexistent/cert.pem",
+            "--tls-key",
+            "/nonexistent/key.pem",
+        ],
+        "--tls-cert /nonexistent/cert.pem",
+    );
+    check(
+        &["worker", "--tls-cert", "/nonexistent/cert.pem"],
+        "--tls-cert needs --tls-key",
+    );
+    check(
+        &[
+            "serve",
+            "--workers",
+            "https://127.0.0.1:1",
+            "--workers-tls-ca",
+            "/nonexistent/ca.pem",
+        ],
+        "--workers-tls-ca /nonexistent/ca.pem",
+    );
+    check(
+        &[
+            "search",
+            "--coordinator",
+            "http://127.0.0.1:1",
+            "--tls-ca",
+            "/dev/null",
+            "q",
+        ],
+        "--tls-ca /dev/null: no PEM block",
+    );
     let dir = std::env::temp_dir().join(format!("arbor-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let bad = dir.join("not-a-model.gguf");

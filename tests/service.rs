@@ -64,14 +64,17 @@ impl WorkerProcess {
                 .expect("worker exited before listening")
                 .unwrap();
             if let Some(a) = line.strip_prefix("arbor worker listening on ") {
-                break a.trim().to_string();
+                // "ADDR" or "ADDR (TLS...)".
+                let tls = a.contains("(TLS");
+                break (a.split_whitespace().next().unwrap().to_string(), tls);
             }
         };
         // Keep draining stderr so the worker never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
+        let (addr, tls) = addr;
         WorkerProcess {
             child,
-            url: format!("http://{addr}"),
+            url: format!("{}://{addr}", if tls { "https" } else { "http" }),
         }
     }
 
@@ -95,6 +98,64 @@ fn tiny_model_dir(tag: &str) -> std::path::PathBuf {
         .write(&dir)
         .unwrap();
     dir
+}
+
+/// A CA, a server certificate from it for 127.0.0.1 and localhost, a client certificate from
+/// it, and a second CA that signed neither, as PEM files in a fresh temporary folder.
+struct Pki {
+    dir: std::path::PathBuf,
+}
+
+impl Pki {
+    fn new(tag: &str) -> Pki {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+        let dir = std::env::temp_dir().join(format!("{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = |name: &str| {
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, name);
+            CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
+        };
+        let (ca1, ca2) = (ca("arbor test CA"), ca("another CA"));
+        let leaf = |sans: Vec<String>| {
+            let key = KeyPair::generate().unwrap();
+            let cert = CertificateParams::new(sans)
+                .unwrap()
+                .signed_by(&key, &ca1)
+                .unwrap();
+            (cert.pem(), key.serialize_pem())
+        };
+        let (server, server_key) = leaf(vec!["127.0.0.1".into(), "localhost".into()]);
+        let (client, client_key) = leaf(vec!["coordinator".into()]);
+        for (name, text) in [
+            ("ca.pem", ca1.pem()),
+            ("other-ca.pem", ca2.pem()),
+            ("server.pem", server),
+            ("server-key.pem", server_key),
+            ("client.pem", client),
+            ("client-key.pem", client_key),
+        ] {
+            std::fs::write(dir.join(name), text).unwrap();
+        }
+        Pki { dir }
+    }
+
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.join(name)
+    }
+
+    fn arg(&self, name: &str) -> String {
+        self.path(name).to_str().unwrap().to_string()
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// Three workers and an in-process coordinator.
@@ -160,7 +221,7 @@ impl Cluster {
             let (tx, rx) = tokio::sync::oneshot::channel::<()>();
             let c = coordinator.clone();
             tokio::spawn(async move {
-                coordinator::serve(c, listener, true, async {
+                coordinator::serve(c, listener, true, None, async {
                     let _ = rx.await;
                 })
                 .await
@@ -736,4 +797,161 @@ fn sixteen_concurrent_searches_do_not_mix_results() {
             "search {i} ({q})"
         );
     }
+}
+
+/// TLS end to end, with client certificates: a worker started with `--tls-cert`, `--tls-key`
+/// and `--tls-client-ca` serves a coordinator that trusts its CA and presents a certificate
+/// from it, and a search runs through both over TLS. The worker turns away a coordinator
+/// without a client certificate, one that trusts another CA, and plain `http://`, each named
+/// with why; the coordinator's own TLS server turns away a plaintext client.
+#[test]
+fn workers_and_the_coordinator_serve_over_tls_with_client_certificates() {
+    use arbor::rpc::tls::{self, ClientTls, ClientTlsFiles, ServerTls, ServerTlsFiles};
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let pki = Pki::new("arbor-tls");
+    let worker = WorkerProcess::start_with(&[
+        "--tls-cert",
+        &pki.arg("server.pem"),
+        "--tls-key",
+        &pki.arg("server-key.pem"),
+        "--tls-client-ca",
+        &pki.arg("ca.pem"),
+    ]);
+    assert!(
+        worker.url.starts_with("https://127.0.0.1:"),
+        "{}",
+        worker.url
+    );
+    let client_tls = |ca: &str, with_cert: bool| {
+        ClientTls::load(
+            &ClientTlsFiles {
+                ca: Some(pki.path(ca)),
+                cert: with_cert.then(|| pki.path("client.pem")),
+                key: with_cert.then(|| pki.path("client-key.pem")),
+            },
+            "workers-tls-",
+        )
+        .unwrap()
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let pool_with = |url: String, tls: Option<ClientTls>| async move {
+            WorkerPool::connect(
+                vec![url.parse::<WorkerSpec>().unwrap()],
+                PoolOptions {
+                    health_interval: Duration::from_secs(3600),
+                    tokenizer_fingerprint: Some(model().tokenizer.fingerprint()),
+                    tls,
+                    ..PoolOptions::default()
+                },
+            )
+            .await
+            .unwrap()
+        };
+        // Turned away, each with its reason (under TLS 1.3 a client without a certificate may
+        // learn only that the server closed the connection).
+        for (tls, url, needles) in [
+            (
+                client_tls("ca.pem", false),
+                worker.url.clone(),
+                &["transport error"][..],
+            ),
+            (
+                client_tls("other-ca.pem", true),
+                worker.url.clone(),
+                &["UnknownIssuer", "--workers-tls-ca"][..],
+            ),
+            (None, worker.url.replace("https://", "http://"), &[][..]),
+        ] {
+            let pool = pool_with(url.clone(), tls).await;
+            assert_eq!(pool.healthy(), 0, "{url} {needles:?}");
+            let error = pool.members()[0]
+                .last_error()
+                .expect("the failure is named");
+            for n in needles {
+                assert!(error.contains(n), "{url}: expected {n:?} in {error}");
+            }
+        }
+
+        // `dns://` workers under a pool with TLS settings: reached by address over TLS, the
+        // certificate checked against the name (`localhost` may also give ::1, not listened on).
+        let port = worker.url.rsplit(':').next().unwrap();
+        let pool = pool_with(
+            format!("dns://localhost:{port}"),
+            client_tls("ca.pem", true),
+        )
+        .await;
+        let up: Vec<String> = pool
+            .members()
+            .iter()
+            .filter(|m| m.is_healthy())
+            .map(|m| m.url().to_string())
+            .collect();
+        assert_eq!(up, [format!("https://127.0.0.1:{port}")]);
+
+        // Trusted both ways: the coordinator serves over TLS too.
+        let pool = pool_with(worker.url.clone(), client_tls("ca.pem", true)).await;
+        assert_eq!(pool.healthy(), 1, "{:?}", pool.members()[0].last_error());
+        assert!(pool.members()[0].last_error().is_none());
+        let server_tls = ServerTls::load(
+            &ServerTlsFiles {
+                cert: Some(pki.path("server.pem")),
+                key: Some(pki.path("server-key.pem")),
+                client_ca: None,
+            },
+            "tls-",
+        )
+        .unwrap()
+        .unwrap();
+        let c = Coordinator::new(
+            pool,
+            model().tokenizer.clone(),
+            CoordinatorOptions::default(),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            coordinator::serve(
+                c,
+                listener,
+                false,
+                Some(&server_tls),
+                std::future::pending(),
+            )
+            .await
+            .unwrap()
+        });
+        let https = format!("https://127.0.0.1:{}", addr.port());
+        let channel = tls::connect(&https, client_tls("ca.pem", false).as_ref())
+            .await
+            .unwrap();
+        let result = SearchClient::new(channel)
+            .search(request("tls", QUESTION, pb::Strategy::BestOfN, 48, 1))
+            .await
+            .unwrap()
+            .into_inner();
+        let costs = result.costs.unwrap();
+        assert!(
+            costs.generated_tokens > 0 && costs.policy_calls > 0,
+            "{costs:?}"
+        );
+
+        // A plaintext client cannot talk to the TLS coordinator.
+        let plain = SearchClient::connect(format!("http://127.0.0.1:{}", addr.port())).await;
+        let refused = match plain {
+            Err(_) => true,
+            Ok(mut client) => client
+                .search(request("plain", QUESTION, pb::Strategy::BestOfN, 48, 1))
+                .await
+                .is_err(),
+        };
+        assert!(
+            refused,
+            "a plaintext client got an answer from the TLS coordinator"
+        );
+    });
 }

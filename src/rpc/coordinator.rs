@@ -627,13 +627,15 @@ impl SearchRpc for Coordinator {
 }
 
 /// Serves the coordinator (with health, and reflection if asked) on `listener` until
-/// `shutdown` completes.
+/// `shutdown` completes, over TLS when `tls` is given.
 pub async fn serve(
     coordinator: Coordinator,
     listener: tokio::net::TcpListener,
     reflection: bool,
+    tls: Option<&super::tls::ServerTls>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
+    let mut builder = super::worker::server_builder(tls)?;
     let (reporter, health) = tonic_health::server::health_reporter();
     // Serving while at least one worker is healthy, so a load balancer in front of several
     // coordinators routes around one whose workers are all gone.
@@ -656,7 +658,7 @@ pub async fn serve(
         }
     });
     let reflection_service = reflection.then(super::reflection_service);
-    let served = tonic::transport::Server::builder()
+    let served = builder
         .add_service(health)
         .add_optional_service(reflection_service)
         .add_service(coordinator.into_server())

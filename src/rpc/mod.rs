@@ -13,6 +13,7 @@ pub mod pb {
 pub mod coordinator;
 pub mod limits;
 pub mod pool;
+pub mod tls;
 pub mod worker;
 
 /// The gRPC reflection service for Arbor's services (`--reflection`).

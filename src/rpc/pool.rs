@@ -88,6 +88,10 @@ pub struct PoolOptions {
     /// that reports another is left out (logged, and named by [`Member::incompatible`]) and
     /// checked again after it restarts.
     pub tokenizer_fingerprint: Option<String>,
+    /// TLS for `https://` workers (and for `dns://` ones, which are then reached over TLS and
+    /// must present a certificate for the DNS name). `https://` workers without it are checked
+    /// against the public web's roots.
+    pub tls: Option<super::tls::ClientTls>,
 }
 
 impl Default for PoolOptions {
@@ -97,6 +101,7 @@ impl Default for PoolOptions {
             attempts: 3,
             connect_timeout: Duration::from_secs(3),
             tokenizer_fingerprint: None,
+            tls: None,
         }
     }
 }
@@ -123,15 +128,27 @@ pub struct Member {
     calls: AtomicU64,
     failures: AtomicU64,
     compat: Mutex<Compat>,
+    /// Why the last health check failed (empty when it passed).
+    last_error: Mutex<String>,
+    /// Whether it is reached with a client certificate.
+    client_certificate: bool,
 }
 
 impl Member {
-    fn new(url: String, options: &PoolOptions) -> Result<Member, String> {
-        let channel = Endpoint::from_shared(url.clone())
+    /// A member at `url`; `domain` is the name its TLS certificate must carry when that is not
+    /// the URL's host (a `dns://` worker reached by address).
+    fn new(url: String, options: &PoolOptions, domain: Option<&str>) -> Result<Member, String> {
+        let mut endpoint = Endpoint::from_shared(url.clone())
             .map_err(|e| format!("{url}: {e}"))?
             .connect_timeout(options.connect_timeout)
-            .tcp_nodelay(true)
-            .connect_lazy();
+            .tcp_nodelay(true);
+        if url.starts_with("https://") {
+            let tls = options.tls.clone().unwrap_or_default();
+            endpoint = endpoint
+                .tls_config(tls.config(domain))
+                .map_err(|e| format!("{url}: {}", super::tls::error_chain(&e)))?;
+        }
+        let channel = endpoint.connect_lazy();
         Ok(Member {
             client: WorkerClient::new(channel.clone())
                 .max_decoding_message_size(usize::MAX)
@@ -143,7 +160,16 @@ impl Member {
             calls: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             compat: Mutex::new(Compat::Unknown),
+            last_error: Mutex::new(String::new()),
+            client_certificate: options.tls.as_ref().is_some_and(|t| t.has_identity()),
         })
+    }
+
+    /// Why its last health check failed (a refused connection, a TLS handshake the
+    /// certificates did not pass, a worker not serving); `None` when it passed.
+    pub fn last_error(&self) -> Option<String> {
+        let e = self.last_error.lock().expect("last_error lock");
+        (!e.is_empty()).then(|| e.clone())
     }
 
     /// Its URL.
@@ -183,10 +209,19 @@ impl Member {
             service: "arbor.v1.Worker".into(),
         });
         req.set_timeout(timeout);
-        let serving = matches!(
-            tokio::time::timeout(timeout, h.check(req)).await,
-            Ok(Ok(r)) if r.get_ref().status == ServingStatus::Serving as i32
-        );
+        let error = match tokio::time::timeout(timeout, h.check(req)).await {
+            Ok(Ok(r)) if r.get_ref().status == ServingStatus::Serving as i32 => String::new(),
+            Ok(Ok(r)) => format!("health status {}", r.get_ref().status),
+            Ok(Err(status)) => {
+                let why = super::tls::status_reason(&status);
+                let https = self.url.starts_with("https://");
+                let hint = super::tls::worker_hint(&why, https, self.client_certificate);
+                format!("{why}{hint}")
+            }
+            Err(_) => format!("no health answer within {timeout:?}"),
+        };
+        let serving = error.is_empty();
+        *self.last_error.lock().expect("last_error lock") = error;
         if !serving {
             // It may come back running another model.
             *self.compat.lock().expect("compat lock") = Compat::Unknown;
@@ -289,13 +324,22 @@ impl WorkerPool {
     /// Re-resolves DNS names and checks every member's health.
     pub async fn refresh(&self) {
         let options = &self.inner.options;
-        let mut urls = Vec::new();
+        // (URL, the name its certificate must carry when not the URL's host).
+        let mut urls: Vec<(String, Option<String>)> = Vec::new();
+        // `dns://` workers are reached by address: over TLS when the pool has TLS settings,
+        // their certificates checked against the DNS name.
+        let scheme = if options.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         for spec in &self.inner.specs {
             match spec {
-                WorkerSpec::Url(u) => urls.push(u.clone()),
+                WorkerSpec::Url(u) => urls.push((u.clone(), None)),
                 WorkerSpec::Dns { host, port } => {
                     match tokio::net::lookup_host((host.as_str(), *port)).await {
-                        Ok(addrs) => urls.extend(addrs.map(|a| format!("http://{a}"))),
+                        Ok(addrs) => urls
+                            .extend(addrs.map(|a| (format!("{scheme}://{a}"), Some(host.clone())))),
                         Err(e) => tracing::warn!(%host, "resolving workers failed: {e}"),
                     }
                 }
@@ -306,9 +350,9 @@ impl WorkerPool {
         let members: Vec<Arc<Member>> = {
             let current = self.inner.members.read().expect("members lock");
             urls.into_iter()
-                .filter_map(|u| match current.iter().find(|m| m.url == u) {
+                .filter_map(|(u, domain)| match current.iter().find(|m| m.url == u) {
                     Some(m) => Some(m.clone()),
-                    None => Member::new(u, options)
+                    None => Member::new(u, options, domain.as_deref())
                         .map_err(|e| tracing::warn!("worker {e}"))
                         .ok()
                         .map(Arc::new),

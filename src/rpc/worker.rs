@@ -432,17 +432,19 @@ fn worker_status(e: WorkerError) -> Status {
 }
 
 /// Serves the worker (with health, and reflection if asked) on `listener` until `shutdown`
-/// completes. Returns the address it listens on through `bound` before serving.
+/// completes, over TLS when `tls` is given.
 pub async fn serve(
     service: WorkerService,
     listener: tokio::net::TcpListener,
     reflection: bool,
+    tls: Option<&super::tls::ServerTls>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<WorkerServer<WorkerService>>().await;
     let reflection_service = reflection.then(super::reflection_service);
-    tonic::transport::Server::builder()
+    let mut builder = server_builder(tls)?;
+    builder
         .add_service(health)
         .add_optional_service(reflection_service)
         .add_service(service.into_server())
@@ -451,6 +453,17 @@ pub async fn serve(
             shutdown,
         )
         .await
+}
+
+/// A server builder, with `tls` when given (its configuration was checked when it was loaded).
+pub(crate) fn server_builder(
+    tls: Option<&super::tls::ServerTls>,
+) -> Result<tonic::transport::Server, tonic::transport::Error> {
+    let builder = tonic::transport::Server::builder();
+    match tls {
+        Some(tls) => builder.tls_config(tls.config()),
+        None => Ok(builder),
+    }
 }
 
 /// Binds `addr` (port 0 picks a free one).
