@@ -2,9 +2,10 @@
 //!
 //! `cargo bench --bench service` measures, with the real default model and `arbor worker`
 //! processes on 127.0.0.1:
-//! 1. a bare gRPC round trip (`ModelInfo`, no model work);
+//! 1. a bare gRPC round trip (`ModelInfo`, no model work), in plain text and over TLS (a worker
+//!    started with `--tls-cert`, a certificate made here);
 //! 2. a minimal expansion (1 sample of 1 token after a 3-token prefix): `LocalWorker::expand`
-//!    in-process against `Expand` over gRPC;
+//!    in-process against `Expand` over gRPC, in plain text and over TLS;
 //! 3. a whole search (MCTS, 256 generated tokens, GSM8K question 0): embedded, through a
 //!    coordinator with one worker, and with three; the overhead per expansion call is
 //!    (coordinated wall − embedded wall) / policy calls.
@@ -40,9 +41,32 @@ impl Drop for Proc {
     }
 }
 
-fn start_worker() -> Proc {
+/// A CA and a certificate from it for 127.0.0.1, as PEM files in `dir`: `ca.pem`, `cert.pem`,
+/// `key.pem`.
+fn make_certificates(dir: &std::path::Path) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    std::fs::create_dir_all(dir).unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    for (name, text) in [
+        ("ca.pem", ca.pem()),
+        ("cert.pem", cert.pem()),
+        ("key.pem", key.serialize_pem()),
+    ] {
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+}
+
+fn start_worker(args: &[&str]) -> Proc {
     let mut child = Command::new(env!("CARGO_BIN_EXE_arbor"))
         .args(["worker", "--listen", "127.0.0.1:0"])
+        .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -51,11 +75,13 @@ fn start_worker() -> Proc {
     let addr = loop {
         let line = lines.next().expect("worker exited").unwrap();
         if let Some(a) = line.strip_prefix("arbor worker listening on ") {
-            break a.trim().to_string();
+            // "ADDR" or "ADDR (TLS)".
+            let scheme = if a.contains("(TLS") { "https" } else { "http" };
+            break format!("{scheme}://{}", a.split_whitespace().next().unwrap());
         }
     };
     std::thread::spawn(move || for _ in lines {});
-    Proc(child, format!("http://{addr}"))
+    Proc(child, addr)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -109,8 +135,20 @@ fn main() -> anyhow::Result<()> {
             ..WorkerOptions::default()
         },
     );
-    let workers: Vec<Proc> = (0..3).map(|_| start_worker()).collect();
+    let workers: Vec<Proc> = (0..3).map(|_| start_worker(&[])).collect();
     let urls: Vec<String> = workers.iter().map(|w| w.1.clone()).collect();
+    let pki = std::env::temp_dir().join(format!("arbor-bench-tls-{}", std::process::id()));
+    make_certificates(&pki);
+    let arg = |name: &str| pki.join(name).to_str().unwrap().to_string();
+    let tls_worker = start_worker(&["--tls-cert", &arg("cert.pem"), "--tls-key", &arg("key.pem")]);
+    let client_tls = arbor::rpc::tls::ClientTls::load(
+        &arbor::rpc::tls::ClientTlsFiles {
+            ca: Some(pki.join("ca.pem")),
+            ..Default::default()
+        },
+        "tls-",
+    )
+    .map_err(anyhow::Error::msg)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -122,6 +160,9 @@ fn main() -> anyhow::Result<()> {
         )
     });
     let mut worker = rt.block_on(WorkerClient::connect(urls[0].clone()))?;
+    let mut tls = WorkerClient::new(
+        rt.block_on(arbor::rpc::tls::connect(&tls_worker.1, client_tls.as_ref()))?,
+    );
 
     // 1 and 2: round trips.
     let item = ExpandItem {
@@ -138,7 +179,13 @@ fn main() -> anyhow::Result<()> {
         ..Default::default()
     };
     let calls = 40;
+    let expand = || pb::ExpandRequest {
+        expansion_id: String::new(),
+        nodes: vec![node.clone()],
+        ..Default::default()
+    };
     let (mut rtt, mut exp_local, mut exp_remote) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut rtt_tls, mut exp_tls) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
         rt.block_on(async {
             let t = Instant::now();
@@ -147,20 +194,23 @@ fn main() -> anyhow::Result<()> {
             }
             rtt.push(t.elapsed().as_secs_f64() * 1e6 / 200.0);
             let t = Instant::now();
+            for _ in 0..200 {
+                tls.model_info(pb::ModelInfoRequest {}).await.unwrap();
+            }
+            rtt_tls.push(t.elapsed().as_secs_f64() * 1e6 / 200.0);
+            let t = Instant::now();
+            for _ in 0..calls {
+                tls.expand(expand()).await.unwrap();
+            }
+            exp_tls.push(t.elapsed().as_secs_f64() * 1e6 / calls as f64);
+            let t = Instant::now();
             for _ in 0..calls {
                 local.expand(vec![item.clone()], None).await.unwrap();
             }
             exp_local.push(t.elapsed().as_secs_f64() * 1e6 / calls as f64);
             let t = Instant::now();
             for _ in 0..calls {
-                worker
-                    .expand(pb::ExpandRequest {
-                        expansion_id: String::new(),
-                        nodes: vec![node.clone()],
-                        ..Default::default()
-                    })
-                    .await
-                    .unwrap();
+                worker.expand(expand()).await.unwrap();
             }
             exp_remote.push(t.elapsed().as_secs_f64() * 1e6 / calls as f64);
         });
@@ -209,18 +259,28 @@ fn main() -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(200));
     }
     let (emb, r1, r3) = (median(emb), median(r1), median(r3));
+    drop(tls_worker);
+    let _ = std::fs::remove_dir_all(&pki);
     println!("service overhead, {rounds} interleaved rounds, medians");
     println!("| measure | in-process | over gRPC | difference |");
     println!("|---|---|---|---|");
-    println!(
-        "| bare round trip (ModelInfo) | – | {:.0} µs | {:.0} µs |",
-        median(rtt.clone()),
-        median(rtt)
-    );
+    let rp = median(rtt);
+    println!("| bare round trip (ModelInfo) | – | {rp:.0} µs | {rp:.0} µs |");
     let (el, er) = (median(exp_local), median(exp_remote));
     println!(
         "| minimal expansion (1 token) | {el:.0} µs | {er:.0} µs | {:.0} µs |",
         er - el
+    );
+    let (rt_tls, et) = (median(rtt_tls), median(exp_tls));
+    println!(
+        "| bare round trip over TLS | – | {rt_tls:.0} µs | {:+.0} µs against plain text ({:.2}x) |",
+        rt_tls - rp,
+        rt_tls / rp
+    );
+    println!(
+        "| minimal expansion over TLS | {el:.0} µs | {et:.0} µs | {:+.0} µs against plain text ({:.2}x) |",
+        et - er,
+        et / er
     );
     for (name, r) in [("search, 1 worker", r1), ("search, 3 workers", r3)] {
         println!(

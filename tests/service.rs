@@ -666,6 +666,24 @@ fn bad_requests_get_invalid_argument_naming_the_field_and_the_server_keeps_servi
             .unwrap()
             .into_inner();
         assert_eq!(good.nodes[0].samples.len(), 2);
+        // An expansion id names one request: a retry with the same nodes gets the first answer,
+        // the same id with other nodes is refused rather than answered with the first one's
+        // samples.
+        let once = |tokens: Vec<u32>| pb::ExpandRequest {
+            expansion_id: "once".into(),
+            nodes: vec![node(tokens, 1)],
+            ..Default::default()
+        };
+        let first = w.expand(once(vec![9707, 11])).await.unwrap().into_inner();
+        let retry = w.expand(once(vec![9707, 11])).await.unwrap().into_inner();
+        assert_eq!(first, retry);
+        let reused = w.expand(once(vec![9707, 12])).await.unwrap_err();
+        assert_eq!(reused.code(), Code::InvalidArgument, "{reused:?}");
+        assert!(
+            reused.message().starts_with("expansion_id") && reused.message().contains("`once`"),
+            "{}",
+            reused.message()
+        );
         // Score recomputes a step's confidence by teacher forcing: it equals what sampling
         // measured (exp of the mean token log-prob).
         let sample = &good.nodes[0].samples[0];
@@ -954,4 +972,44 @@ fn workers_and_the_coordinator_serve_over_tls_with_client_certificates() {
             "a plaintext client got an answer from the TLS coordinator"
         );
     });
+}
+
+/// Expansion ids are unique to a search run: a second coordinator over the same worker (as
+/// after a restart, which numbers its searches from the start again) that reuses a request id
+/// for another question gets that question's own search, not answers the worker remembered
+/// from the first.
+#[test]
+fn two_coordinators_reusing_a_request_id_over_one_worker_get_their_own_answers() {
+    use arbor::rpc::pb::search_server::Search as _;
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut c = Cluster::start(1);
+    let other = "Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting. How much did she earn?";
+    let (_, first) = c.rt.block_on(stream(
+        &mut c.client,
+        request("same", QUESTION, pb::Strategy::Mcts, 96, 3),
+    ));
+    let second = Coordinator::new(
+        c.pool.clone(),
+        model().tokenizer.clone(),
+        CoordinatorOptions::default(),
+    );
+    let result =
+        c.rt.block_on(second.search(tonic::Request::new(request(
+            "same",
+            other,
+            pb::Strategy::Mcts,
+            96,
+            3,
+        ))))
+        .unwrap()
+        .into_inner();
+    let (answer, generated, nodes) = embedded(other, Strategy::Mcts, 96, 3);
+    let costs = result.costs.unwrap();
+    assert_eq!(
+        (result.answer.as_str(), costs.generated_tokens, costs.nodes),
+        (answer.as_str(), generated, nodes),
+        "the second search is its question's own (the first answered {:?})",
+        first.answer
+    );
+    assert_eq!(second.invariant_violations(), 0);
 }

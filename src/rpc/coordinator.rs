@@ -365,7 +365,6 @@ impl Coordinator {
         let remote = RemotePolicy::new(
             inner.pool.clone(),
             spec.prompt_tokens,
-            spec.request_id.clone(),
             deadline,
             inner.options.step_delimiter.clone(),
         );

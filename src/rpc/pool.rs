@@ -489,7 +489,8 @@ pub struct RemotePolicy {
     pool: WorkerPool,
     /// The tokens of the search's prompt (its chat template already applied).
     prompt_tokens: Arc<Vec<u32>>,
-    /// Names this search's expansion ids.
+    /// Names this search's expansion ids: unique to this run of a search (see
+    /// [`unique_search_id`]), so a worker's remembered answers are only ever this search's.
     search_id: String,
     calls: AtomicU64,
     deadline: Option<Instant>,
@@ -509,6 +510,25 @@ impl std::fmt::Debug for RemotePolicy {
     }
 }
 
+/// An id no other search run gets, in this process or another: a random 64-bit number drawn
+/// once per process, then a counter. Workers answer a repeated expansion id from memory (so a
+/// call re-sent after a lost reply gets the same samples), so ids made from request ids alone
+/// would collide: two coordinators, or one restarted, both number their searches from `s0`,
+/// and clients may reuse request ids.
+fn unique_search_id() -> String {
+    use std::hash::BuildHasher;
+    static PROCESS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let process = *PROCESS.get_or_init(|| {
+        // std seeds each `RandomState` from the operating system's randomness.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        std::collections::hash_map::RandomState::new().hash_one((nanos, std::process::id()))
+    });
+    format!("{process:016x}.{}", NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
 /// Hash of a path: the step token ids in order (the prompt is fixed per search).
 fn path_hash<'a>(steps: impl IntoIterator<Item = &'a [u32]>) -> u64 {
     let mut h = DefaultHasher::new();
@@ -523,14 +543,13 @@ impl RemotePolicy {
     pub fn new(
         pool: WorkerPool,
         prompt_tokens: Vec<u32>,
-        search_id: String,
         deadline: Option<Instant>,
         step_delimiter: String,
     ) -> Self {
         RemotePolicy {
             pool,
             prompt_tokens: Arc::new(prompt_tokens),
-            search_id,
+            search_id: unique_search_id(),
             calls: AtomicU64::new(0),
             deadline,
             step_delimiter,

@@ -34,8 +34,8 @@ pub const TOKENIZER_MISMATCH: &str = "tokenizer_fingerprint";
 pub struct WorkerService {
     worker: LocalWorker,
     limits: WorkerLimits,
-    /// Recent and running expansions by id.
-    expansions: Arc<DashMap<String, Shared>>,
+    /// Recent and running expansions by id, with a digest of the request each id was made for.
+    expansions: Arc<DashMap<String, (u64, Shared)>>,
     order: Arc<Mutex<VecDeque<String>>>,
 }
 
@@ -234,8 +234,24 @@ impl WorkerService {
         })
     }
 
-    fn remember(&self, id: &str) -> Shared {
-        let cell = self.expansions.entry(id.to_string()).or_default().clone();
+    /// The answer cell of expansion `id`, made for a request with `digest`. An id already used
+    /// for another request is refused: answering it from memory would hand this caller another
+    /// request's samples.
+    fn remember(&self, id: &str, digest: u64) -> Result<Shared, Status> {
+        let (first, cell) = self
+            .expansions
+            .entry(id.to_string())
+            .or_insert_with(|| (digest, Shared::default()))
+            .clone();
+        if first != digest {
+            return Err(invalid(
+                "expansion_id",
+                format!(
+                    "`{id}` was already used for a different request; an id names one request \
+                     (a retry of it, with the same nodes, gets its answer)"
+                ),
+            ));
+        }
         let mut order = self.order.lock().expect("order lock");
         if !order.iter().any(|o| o == id) {
             order.push_back(id.to_string());
@@ -245,7 +261,7 @@ impl WorkerService {
                 }
             }
         }
-        cell
+        Ok(cell)
     }
 }
 
@@ -264,7 +280,7 @@ impl Worker for WorkerService {
         }
         // A repeated id joins the first call (or gets its stored answer). A failed or dropped
         // first call stores nothing, so the repeat computes afresh.
-        let cell = self.remember(&req.expansion_id);
+        let cell = self.remember(&req.expansion_id, request_digest(&req))?;
         let answer = cell
             .get_or_try_init(|| self.run_expand(items, deadline))
             .await?;
@@ -464,6 +480,28 @@ pub(crate) fn server_builder(
         Some(tls) => builder.tls_config(tls.config()),
         None => Ok(builder),
     }
+}
+
+/// A digest of what an `Expand` request asks for (its nodes, in order, and the tokenizer it
+/// was made for), to tell a retry from another request under the same id.
+fn request_digest(req: &pb::ExpandRequest) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    req.tokenizer_fingerprint.hash(&mut h);
+    req.nodes.len().hash(&mut h);
+    for n in &req.nodes {
+        n.prefix_tokens.hash(&mut h);
+        (
+            n.k,
+            n.temperature.to_bits(),
+            n.top_p.to_bits(),
+            n.top_k,
+            n.seed,
+        )
+            .hash(&mut h);
+        (n.max_tokens, &n.stop).hash(&mut h);
+    }
+    h.finish()
 }
 
 /// Binds `addr` (port 0 picks a free one).
