@@ -16,6 +16,36 @@ use arbor_worker::{LocalWorker, WorkerOptions};
 
 use crate::cli::{load_engine_with, resolve_model, Device};
 
+/// TLS on a server's own port (the worker's and the coordinator's flags).
+#[derive(clap::Args, Debug)]
+pub(crate) struct ServerTlsArgs {
+    /// Serve over TLS with this certificate chain (PEM; with --tls-key). Clients then connect
+    /// with `https://`.
+    #[arg(long, value_name = "PEM")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "PEM")]
+    tls_key: Option<PathBuf>,
+    /// Mutual TLS: accept only clients presenting a certificate signed by this CA (PEM).
+    #[arg(long, value_name = "PEM")]
+    tls_client_ca: Option<PathBuf>,
+}
+
+impl ServerTlsArgs {
+    /// The files read and checked; `None` without --tls-cert/--tls-key.
+    fn load(&self) -> Result<Option<ServerTls>> {
+        ServerTls::load(
+            &ServerTlsFiles {
+                cert: self.tls_cert.clone(),
+                key: self.tls_key.clone(),
+                client_ca: self.tls_client_ca.clone(),
+            },
+            "tls-",
+        )
+        .map_err(anyhow::Error::msg)
+    }
+}
+
 #[derive(clap::Args, Debug)]
 pub(crate) struct WorkerArgs {
     /// Address to listen on (port 0 picks a free port; the chosen address is printed).
@@ -36,16 +66,8 @@ pub(crate) struct WorkerArgs {
     /// Also serve gRPC reflection (for grpcurl and friends).
     #[arg(long)]
     reflection: bool,
-    /// Serve over TLS with this certificate chain (PEM; with --tls-key). Clients then connect
-    /// with `https://`.
-    #[arg(long, value_name = "PEM")]
-    tls_cert: Option<PathBuf>,
-    /// The private key of --tls-cert (PEM).
-    #[arg(long, value_name = "PEM")]
-    tls_key: Option<PathBuf>,
-    /// Mutual TLS: accept only clients presenting a certificate signed by this CA (PEM).
-    #[arg(long, value_name = "PEM")]
-    tls_client_ca: Option<PathBuf>,
+    #[command(flatten)]
+    tls: ServerTlsArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -76,16 +98,8 @@ pub(crate) struct ServeArgs {
     /// Also serve gRPC reflection (for grpcurl and friends).
     #[arg(long)]
     reflection: bool,
-    /// Serve over TLS with this certificate chain (PEM; with --tls-key). Clients then connect
-    /// with `https://`.
-    #[arg(long, value_name = "PEM")]
-    tls_cert: Option<PathBuf>,
-    /// The private key of --tls-cert (PEM).
-    #[arg(long, value_name = "PEM")]
-    tls_key: Option<PathBuf>,
-    /// Mutual TLS: accept only clients presenting a certificate signed by this CA (PEM).
-    #[arg(long, value_name = "PEM")]
-    tls_client_ca: Option<PathBuf>,
+    #[command(flatten)]
+    tls: ServerTlsArgs,
     /// The CA (PEM) that signed the `https://` workers' certificates; without it they are
     /// checked against the public web's roots.
     #[arg(long, value_name = "PEM")]
@@ -111,23 +125,6 @@ async fn ctrl_c() {
     eprintln!("arbor: shutting down");
 }
 
-/// The server TLS settings of `--tls-cert`, `--tls-key` and `--tls-client-ca`.
-fn server_tls(
-    cert: &Option<PathBuf>,
-    key: &Option<PathBuf>,
-    client_ca: &Option<PathBuf>,
-) -> Result<Option<ServerTls>> {
-    ServerTls::load(
-        &ServerTlsFiles {
-            cert: cert.clone(),
-            key: key.clone(),
-            client_ca: client_ca.clone(),
-        },
-        "tls-",
-    )
-    .map_err(anyhow::Error::msg)
-}
-
 /// How clients reach the server: `http`, `https`, or `https` with client certificates.
 fn scheme_note(tls: &Option<ServerTls>) -> &'static str {
     match tls {
@@ -139,7 +136,7 @@ fn scheme_note(tls: &Option<ServerTls>) -> &'static str {
 
 pub(crate) fn run_worker(a: WorkerArgs) -> Result<()> {
     // Checked before the model loads, so a wrong path fails at once.
-    let tls = server_tls(&a.tls_cert, &a.tls_key, &a.tls_client_ca)?;
+    let tls = a.tls.load()?;
     let (model, engine) = load_engine_with(
         a.model,
         a.device,
@@ -178,7 +175,7 @@ pub(crate) fn run_serve(a: ServeArgs) -> Result<()> {
     if a.searches_max == 0 {
         bail!("--searches-max must be at least 1");
     }
-    let tls = server_tls(&a.tls_cert, &a.tls_key, &a.tls_client_ca)?;
+    let tls = a.tls.load()?;
     let workers_tls = ClientTls::load(
         &ClientTlsFiles {
             ca: a.workers_tls_ca.clone(),
