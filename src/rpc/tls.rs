@@ -243,7 +243,8 @@ mod tests {
     }
 
     /// Each misuse names its flag and file: a missing file, a key given as a certificate, a
-    /// certificate without its key, client certificates without TLS, a key that is not one.
+    /// certificate without its key, client certificates without TLS, a key that is not one, a
+    /// key for another certificate.
     #[test]
     fn bad_files_are_named_with_their_flags() {
         let dir = std::env::temp_dir().join(format!("arbor-tls-{}", std::process::id()));
@@ -301,6 +302,13 @@ mod tests {
         );
         let e = err(server(Some(&cert), Some(&junk), None));
         assert!(e.starts_with("--tls-cert/--tls-key: "), "{e}");
+        let other = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let other_key = write(&dir, "other-key.pem", &other.signing_key.serialize_pem());
+        let e = err(server(Some(&cert), Some(&other_key), None));
+        assert!(
+            e.contains("KeyMismatch"),
+            "a key for another certificate: {e}"
+        );
 
         let client = |ca: Option<&PathBuf>, cert: Option<&PathBuf>, key: Option<&PathBuf>| {
             ClientTls::load(
