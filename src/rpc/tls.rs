@@ -188,17 +188,10 @@ fn read_pem(path: &Path, flag: &str, labels: &[&str]) -> Result<Vec<u8>, String>
 /// A failed call's reason: the status message, then its sources (the transport's, the TLS
 /// library's), joined by ": ".
 pub fn status_reason(status: &tonic::Status) -> String {
-    let mut out = status.message().to_string();
-    let mut source = std::error::Error::source(status);
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
+    with_sources(
+        status.message().to_string(),
+        std::error::Error::source(status),
+    )
 }
 
 /// What to try when a worker's health check failed with `why`, for the coordinator's flags:
@@ -219,8 +212,12 @@ pub(crate) fn worker_hint(why: &str, https: bool, client_certificate: bool) -> &
 
 /// An error with its sources, joined by ": ".
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
+    with_sources(e.to_string(), e.source())
+}
+
+/// `out`, then `source` and each of its sources, joined by ": " (one already in the text,
+/// as some errors repeat their source's message, is left out).
+fn with_sources(mut out: String, mut source: Option<&(dyn std::error::Error + 'static)>) -> String {
     while let Some(s) = source {
         let text = s.to_string();
         if !out.contains(&text) {
