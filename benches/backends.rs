@@ -9,14 +9,17 @@
 //!
 //! Options (env): `ARBOR_BENCH_SHAPES` (comma-separated presets, default `qwen2.5-0.5b`),
 //! `ARBOR_BENCH_STEPS` (decode steps, default 32), `ARBOR_BENCH_SKIP_CPU=1`,
-//! `ARBOR_WGPU_ALLOW_SOFTWARE=1` (measure on a software adapter such as lavapipe).
+//! `ARBOR_WGPU_ALLOW_SOFTWARE=1` (measure on a software adapter such as lavapipe),
+//! `ARBOR_BENCH_PROFILE=1` (after each measurement, print where the wgpu passes' time went:
+//! host phases and each kernel's GPU time; the timing itself then includes waiting for every
+//! pass).
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use arbor_model::arch::{preset, DecoderWeights, ModelConfig};
 use arbor_model::backend::cpu::CpuBackend;
-use arbor_model::backend::wgpu::{WgpuBackend, WgpuOptions};
+use arbor_model::backend::wgpu::{PassProfile, WgpuBackend, WgpuOptions};
 use arbor_model::sampling::argmax;
 use arbor_model::{Engine, EngineOptions};
 
@@ -34,10 +37,19 @@ struct Figures {
 
 const BATCHES: [usize; 3] = [8, 32, 128];
 
-fn measure(mut engine: Engine, cfg: &ModelConfig, steps: usize) -> anyhow::Result<Figures> {
+/// Runs the measurements; `report(Some(what))` is called after each one's timed part (the
+/// bench prints the wgpu profile there when asked for) and `report(None)` before it (the
+/// profile so far is dropped).
+fn measure(
+    mut engine: Engine,
+    cfg: &ModelConfig,
+    steps: usize,
+    report: &dyn Fn(Option<&str>),
+) -> anyhow::Result<Figures> {
     let vocab = cfg.vocab_size as u32;
     let prompt: Vec<u32> = (0..128u32).map(|i| (i * 7919 + 13) % vocab).collect();
     let mut prefill = Vec::new();
+    report(None);
     for rep in 0..4 {
         let s = engine.new_sequence();
         let t = Instant::now();
@@ -48,16 +60,19 @@ fn measure(mut engine: Engine, cfg: &ModelConfig, steps: usize) -> anyhow::Resul
         engine.free(s);
     }
     let prefill = prompt.len() as f64 / median(prefill);
+    report(Some("prefill"));
 
     let s = engine.new_sequence();
     let mut tok = argmax(engine.forward(&[(s, &prompt)])?);
     // One untimed step (first-use costs), then `steps` timed ones.
     tok = argmax(engine.forward(&[(s, &[tok])])?);
+    report(None);
     let t = Instant::now();
     for _ in 0..steps {
         tok = argmax(engine.forward(&[(s, &[tok])])?) % vocab;
     }
     let decode1 = steps as f64 / t.elapsed().as_secs_f64();
+    report(Some("decode, 1 sequence"));
     engine.free(s);
 
     let mut batched = [0f64; 3];
@@ -83,11 +98,13 @@ fn measure(mut engine: Engine, cfg: &ModelConfig, steps: usize) -> anyhow::Resul
             Ok(())
         };
         step(&mut engine, &mut toks)?;
+        report(None);
         let t = Instant::now();
         for _ in 0..steps {
             step(&mut engine, &mut toks)?;
         }
         batched[slot] = (n * steps) as f64 / t.elapsed().as_secs_f64();
+        report(Some(&format!("decode, {n} sequences")));
         for s in seqs {
             engine.free(s);
         }
@@ -118,6 +135,7 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or(32);
     let skip_cpu = std::env::var_os("ARBOR_BENCH_SKIP_CPU").is_some();
     let allow_software = std::env::var_os("ARBOR_WGPU_ALLOW_SOFTWARE").is_some();
+    let profile = std::env::var_os("ARBOR_BENCH_PROFILE").is_some();
     let threads = rayon::current_num_threads();
     let mut rows = Vec::new();
     for name in shapes.split(',') {
@@ -136,8 +154,10 @@ fn main() -> anyhow::Result<()> {
                 allow_software,
                 max_chunk_bytes: None,
                 tiled_min_workgroups: None,
+                profile,
             },
         )?;
+        let profile = gpu.profile();
         let adapter = gpu.adapter().clone();
         eprintln!(
             "{name}: uploaded to {} in {:.1}s",
@@ -171,7 +191,15 @@ fn main() -> anyhow::Result<()> {
             argmax(&cl)
         );
         ge.free(gs);
-        let g = measure(ge, &cfg, steps)?;
+        let report = |what: Option<&str>| {
+            if let Some(p) = &profile {
+                let taken = PassProfile::take(p);
+                if let Some(what) = what {
+                    eprintln!("{name} wgpu profile, {what}: {taken}");
+                }
+            }
+        };
+        let g = measure(ge, &cfg, steps, &report)?;
         eprintln!("{name}: wgpu {g:?}");
         let c = if skip_cpu {
             None
@@ -183,6 +211,7 @@ fn main() -> anyhow::Result<()> {
                 ),
                 &cfg,
                 steps,
+                &|_| {},
             )?;
             eprintln!("{name}: cpu {c:?}");
             Some(c)

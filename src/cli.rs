@@ -264,6 +264,7 @@ pub(crate) fn backend_for(model: &Model, device: Device) -> Result<Box<dyn Backe
         allow_software: std::env::var_os("ARBOR_WGPU_ALLOW_SOFTWARE").is_some_and(|v| v != "0"),
         max_chunk_bytes: None,
         tiled_min_workgroups: None,
+        profile: false,
     };
     let t = Instant::now();
     match WgpuBackend::new(model.config.clone(), model.weights.clone(), &options) {

@@ -41,6 +41,7 @@ fn gpu_engine_with(
             allow_software: true,
             max_chunk_bytes,
             tiled_min_workgroups,
+            profile: false,
         },
     )
     .expect("opening the wgpu adapter");
@@ -123,6 +124,70 @@ fn wgpu_backend_matches_the_f32_reference_on_the_tiny_model() {
         );
         std::fs::remove_dir_all(&dir).ok();
     }
+}
+
+#[test]
+fn profiling_counts_every_pass_and_kernel_without_changing_the_logits() {
+    if skip() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("arbor-wgpu-profile-{}", std::process::id()));
+    TinyModel::new("qwen2").write(&dir).unwrap();
+    let model = Model::load(&dir).unwrap();
+    let backend = WgpuBackend::new(
+        model.config.clone(),
+        model.weights.clone(),
+        &WgpuOptions {
+            allow_software: true,
+            profile: true,
+            ..Default::default()
+        },
+    )
+    .expect("opening the wgpu adapter");
+    let profile = backend.profile().expect("profiling was asked for");
+    let mut profiled = Engine::new(Box::new(backend), EngineOptions::default());
+    let mut plain = gpu_engine(&model);
+    let prompt: Vec<u32> = (0..20u32).map(|i| (i * 37 + 11) % 256).collect();
+    let (a, b) = (profiled.new_sequence(), plain.new_sequence());
+    let mut tokens = prompt.clone();
+    for step in 0..3 {
+        let feed: &[u32] = if step == 0 {
+            &tokens
+        } else {
+            &tokens[tokens.len() - 1..]
+        };
+        let x = profiled.forward(&[(a, feed)]).unwrap().to_vec();
+        let y = plain.forward(&[(b, feed)]).unwrap().to_vec();
+        assert_eq!(x, y, "step {step}: profiling changed the logits");
+        tokens.push(arbor_model::sampling::argmax(&x));
+    }
+    let p = arbor_model::backend::wgpu::PassProfile::take(&profile);
+    eprintln!("{p}");
+    assert_eq!(p.passes, 3);
+    assert!(p.wait > std::time::Duration::ZERO, "{p:?}");
+    // Timestamps inside passes are optional in wgpu; where the device has them, every
+    // dispatch is counted under its role.
+    if !p.kernels.is_empty() {
+        let layers = arbor_model::tiny::LAYERS as u64;
+        for (role, per_pass) in [
+            ("qkv", layers),
+            ("attention", layers),
+            ("rms_norm", 2 * layers),
+            ("output", 1),
+        ] {
+            let count = p.kernels.get(role).map_or(0, |k| k.0);
+            assert_eq!(count, 3 * per_pass, "{role} dispatches in {p:?}");
+        }
+        assert!(p.gpu_span > std::time::Duration::ZERO, "{p:?}");
+    } else {
+        eprintln!("this adapter has no timestamp queries inside passes");
+    }
+    // Taken: the next read starts from zero.
+    assert_eq!(
+        arbor_model::backend::wgpu::PassProfile::take(&profile).passes,
+        0
+    );
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]

@@ -28,6 +28,10 @@ use crate::error::{ModelError, Result};
 use crate::kv::KV_BLOCK_TOKENS;
 use crate::quant::QMatrix;
 
+mod profile;
+use profile::Timestamps;
+pub use profile::{PassProfile, SharedProfile};
+
 /// Tokens per matrix-kernel workgroup in batched passes (one weight read serves this many).
 const TOKENS_PER_TILE: u32 = 8;
 /// Rows per thread of the tiled batched matrix kernel (`matmul_rows.wgsl`): a token's
@@ -57,6 +61,10 @@ pub struct WgpuOptions {
     /// a thread (default 256, enough to fill a large GPU). Tests set 0 to run that kernel on
     /// small models.
     pub tiled_min_workgroups: Option<u32>,
+    /// Measure each pass: the host's phases, and each kernel's GPU time where the device has
+    /// timestamp queries inside passes (read through [`WgpuBackend::profile`]). Each pass
+    /// then waits for the GPU, which costs a little; for benchmarks and tuning.
+    pub profile: bool,
 }
 
 /// Describes the adapter a backend runs on.
@@ -180,6 +188,12 @@ pub struct WgpuBackend {
     max_binding: u64,
     /// Largest weight chunk and logits buffer ([`WgpuOptions::max_chunk_bytes`]).
     max_chunk: u64,
+    /// See [`WgpuOptions::profile`].
+    profile: Option<SharedProfile>,
+    /// Timestamp queries, when profiling on a device that has them inside passes.
+    timestamps: Option<Timestamps>,
+    /// Whether the device was opened with timestamp queries inside passes.
+    has_timestamps: bool,
 }
 
 #[repr(C)]
@@ -265,9 +279,16 @@ impl WgpuBackend {
             )));
         }
         let limits = adapter.limits();
+        let timestamp_features =
+            wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES;
+        let has_timestamps = options.profile && adapter.features().contains(timestamp_features);
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("arbor"),
-            required_features: wgpu::Features::empty(),
+            required_features: if has_timestamps {
+                timestamp_features
+            } else {
+                wgpu::Features::empty()
+            },
             required_limits: limits.clone(),
             experimental_features: wgpu::ExperimentalFeatures::disabled(),
             memory_hints: wgpu::MemoryHints::Performance,
@@ -353,7 +374,16 @@ impl WgpuBackend {
             dummy,
             max_binding,
             max_chunk,
+            profile: options.profile.then(SharedProfile::default),
+            timestamps: None,
+            has_timestamps,
         })
+    }
+
+    /// The pass measurements, when made with [`WgpuOptions::profile`]; take them with
+    /// [`PassProfile::take`].
+    pub fn profile(&self) -> Option<SharedProfile> {
+        self.profile.clone()
     }
 
     /// The adapter this backend runs on.
@@ -527,6 +557,8 @@ impl Pipelines {
 
 /// A recorded dispatch: pipeline, bind group, workgroup counts.
 struct Dispatch<'p> {
+    /// The kernel's role in the model, for profiles.
+    label: &'static str,
     pipeline: &'p wgpu::ComputePipeline,
     group: wgpu::BindGroup,
     size: (u32, u32, u32),
@@ -549,6 +581,7 @@ impl<'a> Recorder<'a> {
     fn add<P: Pod>(
         &mut self,
         kernel: &'a Kernel,
+        label: &'static str,
         params: P,
         buffers: &[&wgpu::Buffer],
         size: (u32, u32, u32),
@@ -563,6 +596,7 @@ impl<'a> Recorder<'a> {
         if let Some((id, group)) = &self.cache[slot] {
             if *id == kernel.id {
                 self.dispatches.push(Dispatch {
+                    label,
                     pipeline: &kernel.pipeline,
                     group: group.clone(),
                     size,
@@ -591,6 +625,7 @@ impl<'a> Recorder<'a> {
         });
         self.cache[slot] = Some((kernel.id, group.clone()));
         self.dispatches.push(Dispatch {
+            label,
             pipeline: &kernel.pipeline,
             group,
             size,
@@ -602,6 +637,7 @@ impl<'a> Recorder<'a> {
     fn matmul(
         &mut self,
         pipes: &'a Pipelines,
+        label: &'static str,
         w: &GpuMatrix,
         x: &wgpu::Buffer,
         y: &wgpu::Buffer,
@@ -639,6 +675,7 @@ impl<'a> Recorder<'a> {
             };
             self.add(
                 pipe,
+                label,
                 params,
                 &[q, sm, x, y, bias.unwrap_or(dummy)],
                 (
@@ -803,6 +840,7 @@ impl WgpuBackend {
         logits: &mut Vec<f32>,
         hidden: &mut Vec<f32>,
     ) -> Result<()> {
+        let started = std::time::Instant::now();
         let cfg = self.config.clone();
         let n = batch.tokens.len();
         let (m, mh) = (batch.logits_for.len(), batch.hidden_for.len());
@@ -857,7 +895,15 @@ impl WgpuBackend {
             + self.layers[0].gate_up.chunks.len()
             + self.layers[0].wo.chunks.len()
             + self.layers[0].down.chunks.len();
-        self.ensure_params(per_layer * cfg.n_layers + 2 + self.output.chunks.len());
+        let slots = per_layer * cfg.n_layers + 2 + self.output.chunks.len();
+        self.ensure_params(slots);
+        if self.has_timestamps && !self.timestamps.as_ref().is_some_and(|t| t.fits(slots)) {
+            self.timestamps = Some(Timestamps::new(
+                &self.device,
+                &self.queue,
+                Timestamps::wanted(slots),
+            ));
+        }
         let s = self.scratch.as_ref().expect("scratch allocated above");
         self.queue.write_buffer(&s.x, 0, bytemuck::cast_slice(&x));
         self.queue.write_buffer(&s.cs, 0, bytemuck::cast_slice(&cs));
@@ -870,6 +916,7 @@ impl WgpuBackend {
                 .write_buffer(&s.sel, 0, bytemuck::cast_slice(&sel));
         }
 
+        let prepared = std::time::Instant::now();
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let p = &self.pipelines;
         let mut rec = Recorder {
@@ -900,12 +947,14 @@ impl WgpuBackend {
         for (l, lw) in self.layers.iter().enumerate() {
             rec.add(
                 &p.rms_norm,
+                "rms_norm",
                 norm(n, false),
                 &[&s.x, &lw.attn_norm, &s.h, &self.dummy],
                 (nt, 1, 1),
             );
             rec.matmul(
                 p,
+                "qkv",
                 &lw.qkv,
                 &s.h,
                 &s.qkv,
@@ -918,25 +967,29 @@ impl WgpuBackend {
             let interleaved = (cfg.rope_style == RopeStyle::Interleaved) as u32;
             rec.add(
                 &p.rope_kv,
+                "rope_kv",
                 heads(interleaved),
                 &[&s.qkv, &s.cs, &s.tok, &self.kv[l]],
                 (nt, 1, 1),
             );
             rec.add(
                 &p.attention,
+                "attention",
                 heads(scale.to_bits()),
                 &[&s.qkv, &s.tok, &s.tables, &self.kv[l], &s.att],
                 (nt, cfg.n_heads as u32, 1),
             );
-            rec.matmul(p, &lw.wo, &s.att, &s.x, d, n, true, None, &self.dummy);
+            rec.matmul(p, "wo", &lw.wo, &s.att, &s.x, d, n, true, None, &self.dummy);
             rec.add(
                 &p.rms_norm,
+                "rms_norm",
                 norm(n, false),
                 &[&s.x, &lw.ffn_norm, &s.h, &self.dummy],
                 (nt, 1, 1),
             );
             rec.matmul(
                 p,
+                "gate_up",
                 &lw.gate_up,
                 &s.h,
                 &s.gu,
@@ -949,6 +1002,7 @@ impl WgpuBackend {
             let total = (n * cfg.ffn_dim) as u32;
             rec.add(
                 &p.swiglu,
+                "swiglu",
                 SwigluParams {
                     n: nt,
                     ffn: cfg.ffn_dim as u32,
@@ -957,7 +1011,18 @@ impl WgpuBackend {
                 &[&s.gu, &s.act],
                 (total.div_ceil(256).min(4096), 1, 1),
             );
-            rec.matmul(p, &lw.down, &s.act, &s.x, d, n, true, None, &self.dummy);
+            rec.matmul(
+                p,
+                "down",
+                &lw.down,
+                &s.act,
+                &s.x,
+                d,
+                n,
+                true,
+                None,
+                &self.dummy,
+            );
         }
         // Final norm of the selected rows (logits rows, then hidden rows), then the output
         // projection of the logits rows.
@@ -965,6 +1030,7 @@ impl WgpuBackend {
         if rows_out > 0 {
             rec.add(
                 &p.rms_norm,
+                "final_norm",
                 norm(rows_out, true),
                 &[&s.x, &self.out_norm, &s.fin, &s.sel],
                 (rows_out as u32, 1, 1),
@@ -973,6 +1039,7 @@ impl WgpuBackend {
         if m > 0 {
             rec.matmul(
                 p,
+                "output",
                 &self.output,
                 &s.fin,
                 &s.logits,
@@ -994,11 +1061,22 @@ impl WgpuBackend {
                 label: Some("forward"),
                 timestamp_writes: None,
             });
-            for dsp in &rec.dispatches {
+            for (k, dsp) in rec.dispatches.iter().enumerate() {
+                if let Some(ts) = &self.timestamps {
+                    pass.write_timestamp(&ts.set, k as u32);
+                }
                 pass.set_pipeline(dsp.pipeline);
                 pass.set_bind_group(0, &dsp.group, &[]);
                 pass.dispatch_workgroups(dsp.size.0, dsp.size.1, dsp.size.2);
             }
+            if let Some(ts) = &self.timestamps {
+                pass.write_timestamp(&ts.set, rec.dispatches.len() as u32);
+            }
+        }
+        let n_ts = rec.dispatches.len() as u32 + 1;
+        if let Some(ts) = &self.timestamps {
+            enc.resolve_query_set(&ts.set, 0..n_ts, &ts.resolve, 0);
+            enc.copy_buffer_to_buffer(&ts.resolve, 0, &ts.read, 0, n_ts as u64 * 8);
         }
         let logits_bytes = (m * cfg.vocab_size * 4) as u64;
         let hidden_bytes = (mh * d * 4) as u64;
@@ -1014,35 +1092,81 @@ impl WgpuBackend {
                 hidden_bytes,
             );
         }
+        let labels: Vec<&'static str> = rec.dispatches.iter().map(|d| d.label).collect();
+        drop(rec);
+        let recorded = std::time::Instant::now();
         self.queue.submit([enc.finish()]);
         if let Some(e) = pollster::block_on(scope.pop()) {
             return Err(device_err("forward pass", e));
         }
-        if logits_bytes + hidden_bytes == 0 {
+        let submitted = std::time::Instant::now();
+        let read_bytes = logits_bytes + hidden_bytes;
+        if read_bytes == 0 && self.profile.is_none() {
             // Nothing to read: the pass only extends the KV cache. The queue orders it before
             // the next pass, so there is no need to wait.
             return Ok(());
         }
-        let slice = s.readback.slice(..logits_bytes + hidden_bytes);
         let (tx, rx) = std::sync::mpsc::channel();
-        slice.map_async(wgpu::MapMode::Read, move |r| {
-            let _ = tx.send(r);
-        });
+        let mut mapping = 0;
+        if read_bytes > 0 {
+            let tx = tx.clone();
+            s.readback
+                .slice(..read_bytes)
+                .map_async(wgpu::MapMode::Read, move |r| {
+                    let _ = tx.send(r);
+                });
+            mapping += 1;
+        }
+        if let Some(ts) = &self.timestamps {
+            let tx = tx.clone();
+            ts.read
+                .slice(..n_ts as u64 * 8)
+                .map_async(wgpu::MapMode::Read, move |r| {
+                    let _ = tx.send(r);
+                });
+            mapping += 1;
+        }
         self.device
             .poll(wgpu::PollType::wait_indefinitely())
             .map_err(|e| device_err("waiting for the forward pass", e))?;
-        rx.recv()
-            .map_err(|e| device_err("reading results back", e))?
-            .map_err(|e| device_err("reading results back", e))?;
-        {
+        for _ in 0..mapping {
+            rx.recv()
+                .map_err(|e| device_err("reading results back", e))?
+                .map_err(|e| device_err("reading results back", e))?;
+        }
+        let waited = std::time::Instant::now();
+        if let (Some(profile), Some(ts)) = (&self.profile, &self.timestamps) {
+            let slice = ts.read.slice(..n_ts as u64 * 8);
+            {
+                let view = slice
+                    .get_mapped_range()
+                    .map_err(|e| device_err("reading timestamps back", e))?;
+                let ticks: &[u64] = bytemuck::cast_slice(&view);
+                let mut pr = profile.lock().unwrap_or_else(|e| e.into_inner());
+                profile::add_kernel_times(&mut pr, &labels, ticks, ts.period);
+            }
+            ts.read.unmap();
+        }
+        if read_bytes > 0 {
+            let slice = s.readback.slice(..read_bytes);
             let view = slice
                 .get_mapped_range()
                 .map_err(|e| device_err("reading results back", e))?;
             let floats: &[f32] = bytemuck::cast_slice(&view);
             logits.copy_from_slice(&floats[..m * cfg.vocab_size]);
             hidden.copy_from_slice(&floats[m * cfg.vocab_size..]);
+            drop(view);
+            s.readback.unmap();
         }
-        s.readback.unmap();
+        if let Some(profile) = &self.profile {
+            let mut pr = profile.lock().unwrap_or_else(|e| e.into_inner());
+            pr.passes += 1;
+            pr.prepare += prepared - started;
+            pr.record += recorded - prepared;
+            pr.submit += submitted - recorded;
+            pr.wait += waited - submitted;
+            pr.read += waited.elapsed();
+        }
         Ok(())
     }
 }
