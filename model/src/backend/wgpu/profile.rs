@@ -69,7 +69,7 @@ impl fmt::Display for PassProfile {
             us(self.gpu_span)
         )?;
         let mut rows: Vec<_> = self.kernels.iter().collect();
-        rows.sort_by(|a, b| b.1 .1.cmp(&a.1 .1));
+        rows.sort_by_key(|r| std::cmp::Reverse(r.1 .1));
         for (name, (count, time)) in rows {
             writeln!(
                 f,
