@@ -131,7 +131,7 @@ impl TinyModel {
             "architectures": ["Qwen2ForCausalLM"], "model_type": self.arch, "hidden_size": D,
             "intermediate_size": FFN, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
             "num_key_value_heads": KV_HEADS, "vocab_size": VOCAB, "rope_theta": THETA,
-            "rms_norm_eps": EPS, "max_position_embeddings": 256, "tie_word_embeddings": false
+            "rms_norm_eps": EPS, "max_position_embeddings": 512, "tie_word_embeddings": false
         });
         std::fs::write(dir.join("config.json"), config.to_string())?;
         std::fs::write(dir.join("tokenizer.json"), tokenizer_json().to_string())?;

@@ -67,8 +67,8 @@ fn wgpu_backend_matches_the_f32_reference_on_the_tiny_model() {
         let tiny = TinyModel::new(arch);
         tiny.write(&dir).unwrap();
         let model = Model::load(&dir).unwrap();
-        // Long enough to span several KV blocks and two attention tiles.
-        let tokens: Vec<u32> = (0..150u32).map(|i| (i * 37 + 11) % 256).collect();
+        // Long enough to span several KV blocks and two attention tiles (of 256 positions).
+        let tokens: Vec<u32> = (0..300u32).map(|i| (i * 37 + 11) % 256).collect();
         let mut e = gpu_engine(&model);
         let s = e.new_sequence();
         let ours = e.forward_all_logits(&[(s, &tokens)]).unwrap().to_vec();
@@ -127,6 +127,72 @@ fn wgpu_backend_matches_the_f32_reference_on_the_tiny_model() {
 }
 
 #[test]
+fn decode_steps_match_the_prefill_of_the_same_tokens() {
+    // A decode step (one token per sequence) rotates its keys and writes them to the cache
+    // inside the attention kernel, and fuses the RMS norms into the products; a prefill runs
+    // the separate kernels first. The two paths must give the same logits, for both RoPE
+    // layouts, one sequence and forked ones (which copy a partly filled block and cross a
+    // block boundary while decoding), and every matrix kernel (the interleaved-RoPE runs use
+    // the several-rows kernel and small weight chunks).
+    if skip() {
+        return;
+    }
+    for arch in ["qwen2", "llama"] {
+        for style in [
+            arbor_model::RopeStyle::Neox,
+            arbor_model::RopeStyle::Interleaved,
+        ] {
+            let dir = std::env::temp_dir()
+                .join(format!("arbor-wgpu-decode-{arch}-{}", std::process::id()));
+            TinyModel::new(arch).write(&dir).unwrap();
+            let mut model = Model::load(&dir).unwrap();
+            std::fs::remove_dir_all(&dir).ok();
+            model.config.rope_style = style;
+            let tokens: Vec<u32> = (0..40u32).map(|i| (i * 53 + 5) % 256).collect();
+            let mut whole = gpu_engine(&model);
+            let s = whole.new_sequence();
+            let want = whole.forward_all_logits(&[(s, &tokens)]).unwrap().to_vec();
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+
+            let mut e = match style {
+                arbor_model::RopeStyle::Neox => gpu_engine(&model),
+                arbor_model::RopeStyle::Interleaved => {
+                    gpu_engine_with(&model, Some((7 * VOCAB * 4) as u64), Some(0))
+                }
+            };
+            let a = e.new_sequence();
+            let first = e.forward(&[(a, &tokens[..20])]).unwrap().to_vec();
+            let mut worst = first
+                .iter()
+                .zip(&want[19 * VOCAB..20 * VOCAB])
+                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            let mut seqs = vec![a];
+            for pos in 20..40 {
+                if pos == 24 {
+                    seqs.push(e.fork(a).unwrap());
+                }
+                let t = [tokens[pos]];
+                let batch: Vec<_> = seqs.iter().map(|&q| (q, &t[..])).collect();
+                let got = e.forward(&batch).unwrap().to_vec();
+                let row = &want[pos * VOCAB..(pos + 1) * VOCAB];
+                for seq in 0..seqs.len() {
+                    let d = got[seq * VOCAB..(seq + 1) * VOCAB]
+                        .iter()
+                        .zip(row)
+                        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+                    assert!(
+                        d <= 1e-4 * scale.max(1.0),
+                        "{arch} {style:?}: position {pos}, sequence {seq} differs by {d} (scale {scale})"
+                    );
+                    worst = worst.max(d);
+                }
+            }
+            eprintln!("{arch} {style:?}: decode against prefill, worst {worst} (scale {scale})");
+        }
+    }
+}
+
+#[test]
 fn profiling_counts_every_pass_and_kernel_without_changing_the_logits() {
     if skip() {
         return;
@@ -172,7 +238,8 @@ fn profiling_counts_every_pass_and_kernel_without_changing_the_logits() {
         for (role, per_pass) in [
             ("qkv", layers),
             ("attention", layers),
-            ("rms_norm", 2 * layers),
+            ("gate_up", layers),
+            ("final_norm", 1),
             ("output", 1),
         ] {
             let count = p.kernels.get(role).map_or(0, |k| k.0);

@@ -1,4 +1,4 @@
-// y[t, row_offset + r] (+)= sum_c W[r, c] * x[t, c] (+ bias[row_offset + r])
+// One row per 64 threads: the kernel for single tokens (TT = 1) and small batches.
 //
 // W is stored as one unsigned byte per weight (`wq`, four to a word) and a (scale, min) pair per
 // 16 weights (`wsm`), so that W[r, c] = scale * u - min; every GGUF block format unpacks to this
@@ -16,8 +16,10 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
     let r = wid.x * ROWS_PER_WG + rsub;
     let t0 = wid.y * TT;
     var acc: array<f32, TT>;
+    var ss: array<f32, TT>;
     for (var t = 0u; t < TT; t++) {
         acc[t] = 0.0;
+        ss[t] = 0.0;
     }
     let groups = p.cols / 16u;
     let xrow = p.cols / 4u;
@@ -30,13 +32,30 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
             let w1 = bytes(w.y);
             let w2 = bytes(w.z);
             let w3 = bytes(w.w);
+            var g0 = vec4<f32>(1.0);
+            var g1 = g0;
+            var g2 = g0;
+            var g3 = g0;
+            if (NORM) {
+                g0 = gam[g * 4u];
+                g1 = gam[g * 4u + 1u];
+                g2 = gam[g * 4u + 2u];
+                g3 = gam[g * 4u + 3u];
+            }
             for (var t = 0u; t < TT; t++) {
                 if (t0 + t < p.n_tok) {
                     let xb = (t0 + t) * xrow + g * 4u;
-                    let x0 = x[xb];
-                    let x1 = x[xb + 1u];
-                    let x2 = x[xb + 2u];
-                    let x3 = x[xb + 3u];
+                    var x0 = x[xb];
+                    var x1 = x[xb + 1u];
+                    var x2 = x[xb + 2u];
+                    var x3 = x[xb + 3u];
+                    if (NORM) {
+                        ss[t] += dot(x0, x0) + dot(x1, x1) + dot(x2, x2) + dot(x3, x3);
+                        x0 *= g0;
+                        x1 *= g1;
+                        x2 *= g2;
+                        x3 *= g3;
+                    }
                     let d = dot(w0, x0) + dot(w1, x1) + dot(w2, x2) + dot(w3, x3);
                     let s = dot(x0 + x1 + x2 + x3, vec4<f32>(1.0));
                     acc[t] += sm.x * d - sm.y * s;
@@ -46,6 +65,9 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
     }
     for (var t = 0u; t < TT; t++) {
         red[t * WG + lid] = acc[t];
+        if (NORM && rsub == 0u) {
+            rss[t * LANES + lane] = ss[t];
+        }
     }
     workgroupBarrier();
     for (var s = LANES / 2u; s > 0u; s >>= 1u) {
@@ -53,24 +75,37 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
             for (var t = 0u; t < TT; t++) {
                 red[t * WG + lid] += red[t * WG + lid + s];
             }
+            if (NORM && rsub == 0u) {
+                for (var t = 0u; t < TT; t++) {
+                    rss[t * LANES + lane] += rss[t * LANES + lane + s];
+                }
+            }
         }
         workgroupBarrier();
     }
-    if (lane == 0u && r < p.rows) {
-        let row = p.row_offset + r;
-        var b = 0.0;
-        if (p.has_bias != 0u) {
-            b = bias[row];
+    let row = p.row_offset + r;
+    if (SWIGLU) {
+        // Pairs of row sets: (gate, up) rows r and r + 1 meet in workgroup memory.
+        if (lane == 0u && r < p.rows) {
+            for (var t = 0u; t < TT; t++) {
+                red[t * WG + lid] = finish(red[t * WG + lid], t, row);
+            }
         }
+        workgroupBarrier();
+        if (lane == 0u && r < p.rows && rsub % 2u == 0u) {
+            for (var t = 0u; t < TT; t++) {
+                if (t0 + t < p.n_tok) {
+                    let a = silu_mul(red[t * WG + lid], red[t * WG + lid + LANES]);
+                    y[(t0 + t) * p.y_stride + row / 2u] = a;
+                }
+            }
+        }
+        return;
+    }
+    if (lane == 0u && r < p.rows) {
         for (var t = 0u; t < TT; t++) {
             if (t0 + t < p.n_tok) {
-                let i = (t0 + t) * p.y_stride + row;
-                let v = red[t * WG + lid] + b;
-                if (p.accumulate != 0u) {
-                    y[i] = y[i] + v;
-                } else {
-                    y[i] = v;
-                }
+                store(t0 + t, row, finish(red[t * WG + lid], t, row));
             }
         }
     }

@@ -1,6 +1,5 @@
-// y[t, row_offset + r] (+)= sum_c W[r, c] * x[t, c] (+ bias[row_offset + r]), several rows per
-// thread: matmul.wgsl's batched kernel with register tiling over rows, for batches with enough
-// rows to fill the GPU (the backend picks it by workgroup count).
+// Several rows per thread: matmul.wgsl's batched kernel with register tiling over rows, for
+// batches with enough rows to fill the GPU (the backend picks it by workgroup count).
 //
 // W is stored as one unsigned byte per weight (`wq`, four to a word) and a (scale, min) pair per
 // 16 weights (`wsm`), so that W[r, c] = scale * u - min; every GGUF block format unpacks to this
@@ -9,7 +8,8 @@
 // tree reduction in workgroup memory adds them, row by row. Reading a weight group once for TT
 // tokens is what makes batched decoding cheaper per token than one token at a time; reading a
 // token's activations once for RT rows keeps the loads of activations (TT of them per weight
-// group) from dominating the batched kernel.
+// group) from dominating the batched kernel. RT is even, so a thread's rows hold whole
+// (gate, up) pairs.
 
 const RT: u32 = __RT__u;
 const ROWS_PER_WG: u32 = 4u * RT;
@@ -24,6 +24,10 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
     for (var i = 0u; i < RT * TT; i++) {
         acc[i] = 0.0;
     }
+    var ss: array<f32, TT>;
+    for (var t = 0u; t < TT; t++) {
+        ss[t] = 0.0;
+    }
     let groups = p.cols / 16u;
     let xrow = p.cols / 4u;
     // Rows past the end (in the last workgroup) read the last row and are never written, which
@@ -37,13 +41,30 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
             sm[i] = wsm[row * groups + g];
             w[i] = wq[row * groups + g];
         }
+        var g0 = vec4<f32>(1.0);
+        var g1 = g0;
+        var g2 = g0;
+        var g3 = g0;
+        if (NORM) {
+            g0 = gam[g * 4u];
+            g1 = gam[g * 4u + 1u];
+            g2 = gam[g * 4u + 2u];
+            g3 = gam[g * 4u + 3u];
+        }
         for (var t = 0u; t < TT; t++) {
             if (t0 + t < p.n_tok) {
                 let xb = (t0 + t) * xrow + g * 4u;
-                let x0 = x[xb];
-                let x1 = x[xb + 1u];
-                let x2 = x[xb + 2u];
-                let x3 = x[xb + 3u];
+                var x0 = x[xb];
+                var x1 = x[xb + 1u];
+                var x2 = x[xb + 2u];
+                var x3 = x[xb + 3u];
+                if (NORM) {
+                    ss[t] += dot(x0, x0) + dot(x1, x1) + dot(x2, x2) + dot(x3, x3);
+                    x0 *= g0;
+                    x1 *= g1;
+                    x2 *= g2;
+                    x3 *= g3;
+                }
                 let s = dot(x0 + x1 + x2 + x3, vec4<f32>(1.0));
                 for (var i = 0u; i < RT; i++) {
                     let wi = w[i];
@@ -54,6 +75,23 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
             }
         }
     }
+    if (NORM) {
+        if (rsub == 0u) {
+            for (var t = 0u; t < TT; t++) {
+                rss[t * LANES + lane] = ss[t];
+            }
+        }
+        workgroupBarrier();
+        for (var s = LANES / 2u; s > 0u; s >>= 1u) {
+            if (rsub == 0u && lane < s) {
+                for (var t = 0u; t < TT; t++) {
+                    rss[t * LANES + lane] += rss[t * LANES + lane + s];
+                }
+            }
+            workgroupBarrier();
+        }
+    }
+    var gate: array<f32, TT>;
     for (var i = 0u; i < RT; i++) {
         for (var t = 0u; t < TT; t++) {
             red[t * WG + lid] = acc[i * TT + t];
@@ -69,18 +107,15 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
         }
         if (lane == 0u && r0 + i < p.rows) {
             let row = p.row_offset + r0 + i;
-            var b = 0.0;
-            if (p.has_bias != 0u) {
-                b = bias[row];
-            }
             for (var t = 0u; t < TT; t++) {
                 if (t0 + t < p.n_tok) {
-                    let idx = (t0 + t) * p.y_stride + row;
-                    let v = red[t * WG + lid] + b;
-                    if (p.accumulate != 0u) {
-                        y[idx] = y[idx] + v;
+                    let v = finish(red[t * WG + lid], t, row);
+                    if (!SWIGLU) {
+                        store(t0 + t, row, v);
+                    } else if (i % 2u == 0u) {
+                        gate[t] = v;
                     } else {
-                        y[idx] = v;
+                        y[(t0 + t) * p.y_stride + row / 2u] = silu_mul(gate[t], v);
                     }
                 }
             }

@@ -131,15 +131,15 @@ struct Kernel {
 }
 
 struct Pipelines {
-    matmul_1: Kernel,
-    matmul_t: Kernel,
-    matmul_tr: Kernel,
+    device: wgpu::Device,
+    /// Matrix kernels by [`MatShape`] and variant (`norm as usize * 2 + swiglu as usize`),
+    /// compiled on first use: a pass uses a few of the twelve.
+    matmul: [[std::sync::OnceLock<Kernel>; 4]; 3],
     /// See [`WgpuOptions::tiled_min_workgroups`].
     min_tiled_workgroups: u32,
     rms_norm: Kernel,
     rope_kv: Kernel,
     attention: Kernel,
-    swiglu: Kernel,
 }
 
 /// Per-pass buffers, sized for up to `tokens` tokens, `logit_rows` rows of logits and
@@ -150,10 +150,10 @@ struct Scratch {
     rows_out: usize,
     table_len: usize,
     x: wgpu::Buffer,
+    /// The normalised residual stream, for passes too large to fuse the norm into the products.
     h: wgpu::Buffer,
     qkv: wgpu::Buffer,
     att: wgpu::Buffer,
-    gu: wgpu::Buffer,
     act: wgpu::Buffer,
     cs: wgpu::Buffer,
     tok: wgpu::Buffer,
@@ -182,7 +182,7 @@ pub struct WgpuBackend {
     params_slots: usize,
     scratch: Option<Scratch>,
     /// Bind groups by dispatch slot; cleared whenever a bound buffer is reallocated.
-    bind_cache: Vec<Option<(u8, wgpu::BindGroup)>>,
+    bind_cache: Vec<Option<CachedGroup>>,
     /// An empty-ish buffer bound where a kernel's optional input is absent.
     dummy: wgpu::Buffer,
     max_binding: u64,
@@ -206,7 +206,7 @@ struct MatParams {
     row_offset: u32,
     accumulate: u32,
     has_bias: u32,
-    _pad: u32,
+    eps: f32,
 }
 
 #[repr(C)]
@@ -229,15 +229,9 @@ struct HeadParams {
     /// `interleaved` for RoPE, `scale` (as f32 bits) for attention.
     word5: u32,
     block_tokens: u32,
-    _pad: u32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
-struct SwigluParams {
-    n: u32,
-    ffn: u32,
-    _pad: [u32; 2],
+    /// Attention only: 0, or RoPE and the KV write fused in (1: pairs (j, j + hd/2), 2:
+    /// interleaved pairs); see attention.wgsl.
+    rope: u32,
 }
 
 fn device_err(what: &str, e: impl std::fmt::Display) -> ModelError {
@@ -304,6 +298,7 @@ impl WgpuBackend {
         }));
         let pipelines = Pipelines::new(
             &device,
+            &config,
             options.tiled_min_workgroups.unwrap_or(MIN_TILED_WORKGROUPS),
         );
         let max_chunk = options
@@ -341,7 +336,7 @@ impl WgpuBackend {
                 qkv_bias,
                 wo: up.matrix(&format!("blk.{l}.attn_output"), &[&lw.wo])?,
                 ffn_norm: up.f32("ffn_norm", &lw.ffn_norm),
-                gate_up: up.matrix(&format!("blk.{l}.ffn_gate_up"), &[&lw.w_gate, &lw.w_up])?,
+                gate_up: up.matrix_pairs(&format!("blk.{l}.ffn_gate_up"), &lw.w_gate, &lw.w_up)?,
                 down: up.matrix(&format!("blk.{l}.ffn_down"), &[&lw.w_down])?,
             });
         }
@@ -475,7 +470,6 @@ impl WgpuBackend {
             h: self.storage("h", n * d * f)?,
             qkv: self.storage("qkv", n * qkv * f)?,
             att: self.storage("att", n * q_dim * f)?,
-            gu: self.storage("gate_up", n * 2 * ffn * f)?,
             act: self.storage("act", n * ffn * f)?,
             cs: self.storage("rope", n * (c.head_dim as u64 / 2) * 8)?,
             tok: self.storage("tok", n * 16)?,
@@ -503,56 +497,109 @@ impl WgpuBackend {
     }
 }
 
+/// The three matrix kernels: one row per 64 threads for one token (`matmul.wgsl`, TT = 1) or
+/// for a tile of tokens, and several rows a thread for a tile (`matmul_rows.wgsl`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum MatShape {
+    One = 0,
+    Tile = 1,
+    TileRows = 2,
+}
+
+fn compile(device: &wgpu::Device, id: u8, label: &str, src: String) -> Kernel {
+    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label: Some(label),
+        source: wgpu::ShaderSource::Wgsl(src.into()),
+    });
+    let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: Some(label),
+        layout: None,
+        module: &module,
+        entry_point: Some("main"),
+        compilation_options: Default::default(),
+        cache: None,
+    });
+    Kernel {
+        id,
+        layout: pipeline.get_bind_group_layout(0),
+        pipeline,
+    }
+}
+
 impl Pipelines {
-    fn new(device: &wgpu::Device, min_tiled_workgroups: u32) -> Self {
-        let make = |id: u8, label: &str, src: String| {
-            let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-                label: Some(label),
-                source: wgpu::ShaderSource::Wgsl(src.into()),
-            });
-            let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                label: Some(label),
-                layout: None,
-                module: &module,
-                entry_point: Some("main"),
-                compilation_options: Default::default(),
-                cache: None,
-            });
-            Kernel {
-                id,
-                layout: pipeline.get_bind_group_layout(0),
-                pipeline,
-            }
-        };
-        // A matrix kernel: the shared declarations, then the kernel, for `tt` tokens a tile
-        // and `rt` rows a thread (`matmul_rows.wgsl` only).
-        let matmul = |kernel: &str, tt: u32, rt: u32| {
-            [include_str!("matmul_common.wgsl"), kernel]
-                .concat()
-                .replace("__TT__", &tt.to_string())
-                .replace("__RT__", &rt.to_string())
-                .replace("__ACC__", &(tt * rt).to_string())
-                .replace("__RED__", &(256 * tt).to_string())
-        };
-        let (one_row, rows) = (
-            include_str!("matmul.wgsl"),
-            include_str!("matmul_rows.wgsl"),
-        );
+    fn new(device: &wgpu::Device, config: &ModelConfig, min_tiled_workgroups: u32) -> Self {
         Pipelines {
-            matmul_1: make(0, "matmul_1", matmul(one_row, 1, 1)),
-            matmul_t: make(1, "matmul_t", matmul(one_row, TOKENS_PER_TILE, 1)),
-            matmul_tr: make(
-                6,
-                "matmul_tr",
-                matmul(rows, TOKENS_PER_TILE, ROWS_PER_THREAD),
+            device: device.clone(),
+            matmul: Default::default(),
+            rms_norm: compile(device, 2, "rms_norm", include_str!("rms_norm.wgsl").into()),
+            rope_kv: compile(device, 3, "rope_kv", include_str!("rope_kv.wgsl").into()),
+            attention: compile(
+                device,
+                4,
+                "attention",
+                include_str!("attention.wgsl").replace("__HD__", &config.head_dim.to_string()),
             ),
-            rms_norm: make(2, "rms_norm", include_str!("rms_norm.wgsl").into()),
-            rope_kv: make(3, "rope_kv", include_str!("rope_kv.wgsl").into()),
-            attention: make(4, "attention", include_str!("attention.wgsl").into()),
-            swiglu: make(5, "swiglu", include_str!("swiglu.wgsl").into()),
             min_tiled_workgroups,
         }
     }
+
+    /// A matrix kernel, with the RMS norm of its input fused in (`norm`) and the SwiGLU
+    /// epilogue (`swiglu`) as compile-time switches: a switch read at run time would cost
+    /// every product the registers of the fused code (measured: the output projection 1.7x
+    /// slower on one token).
+    fn matmul(&self, shape: MatShape, norm: bool, swiglu: bool) -> &Kernel {
+        let variant = norm as usize * 2 + swiglu as usize;
+        self.matmul[shape as usize][variant].get_or_init(|| {
+            let (kernel, tt, rt) = match shape {
+                MatShape::One => (include_str!("matmul.wgsl"), 1, 1),
+                MatShape::Tile => (include_str!("matmul.wgsl"), TOKENS_PER_TILE, 1),
+                MatShape::TileRows => (
+                    include_str!("matmul_rows.wgsl"),
+                    TOKENS_PER_TILE,
+                    ROWS_PER_THREAD,
+                ),
+            };
+            let src = [
+                &format!("const NORM: bool = {norm};\nconst SWIGLU: bool = {swiglu};\n"),
+                include_str!("matmul_common.wgsl"),
+                kernel,
+            ]
+            .concat()
+            .replace("__TT__", &tt.to_string())
+            .replace("__RT__", &rt.to_string())
+            .replace("__ACC__", &(tt * rt).to_string())
+            .replace("__RED__", &(256 * tt).to_string())
+            .replace("__RSS__", &(64 * tt).to_string());
+            let label = format!("matmul_{shape:?}_norm{norm}_swiglu{swiglu}");
+            compile(
+                &self.device,
+                16 + (shape as u8) * 4 + variant as u8,
+                &label,
+                src,
+            )
+        })
+    }
+}
+
+/// What a matrix product does besides `y = W x` (see `matmul_common.wgsl`).
+#[derive(Clone, Copy, Default)]
+struct Fused<'b> {
+    /// RMS-normalise the input first, with this weight and epsilon.
+    norm: Option<(&'b wgpu::Buffer, f32)>,
+    /// Add this vector to each output row.
+    bias: Option<&'b wgpu::Buffer>,
+    /// Add into `y` (the residual stream) instead of overwriting it.
+    accumulate: bool,
+    /// The rows are (gate, up) pairs: write `silu(gate) * up`, one value per pair.
+    swiglu: bool,
+}
+
+/// A bind group made for dispatch slot `k`: reused while slot `k` runs the same kernel on the
+/// same buffers (a decode step skips `rope_kv`, so a slot's dispatch can change between passes).
+struct CachedGroup {
+    kernel: u8,
+    buffers: Vec<wgpu::Buffer>,
+    group: wgpu::BindGroup,
 }
 
 /// A recorded dispatch: pipeline, bind group, workgroup counts.
@@ -566,15 +613,16 @@ struct Dispatch<'p> {
 
 /// Collects a pass's dispatches and their parameter blocks.
 ///
-/// Dispatch `k` of a pass always has parameter slot `k` and, for a given kernel, the same
-/// buffers (the sequence of dispatches is fixed by the model; only sizes change), so its bind
-/// group is made once and reused until a buffer is reallocated, which clears `cache`.
+/// Dispatch `k` of a pass always has parameter slot `k`, and mostly the same kernel and buffers
+/// as in the pass before (the sequence of dispatches is fixed by the model and by whether the
+/// pass is a decode step; only sizes change), so its bind group is made once and reused while
+/// they stay the same. Reallocating a buffer clears `cache`.
 struct Recorder<'a> {
     device: &'a wgpu::Device,
     params: &'a wgpu::Buffer,
     blob: Vec<u8>,
     dispatches: Vec<Dispatch<'a>>,
-    cache: &'a mut Vec<Option<(u8, wgpu::BindGroup)>>,
+    cache: &'a mut Vec<Option<CachedGroup>>,
 }
 
 impl<'a> Recorder<'a> {
@@ -591,14 +639,17 @@ impl<'a> Recorder<'a> {
         self.blob.extend_from_slice(bytemuck::bytes_of(&params));
         self.blob.resize((offset + PARAM_SLOT) as usize, 0);
         if self.cache.len() <= slot {
-            self.cache.resize(slot + 1, None);
+            self.cache.resize_with(slot + 1, || None);
         }
-        if let Some((id, group)) = &self.cache[slot] {
-            if *id == kernel.id {
+        if let Some(c) = &self.cache[slot] {
+            if c.kernel == kernel.id
+                && c.buffers.len() == buffers.len()
+                && c.buffers.iter().zip(buffers).all(|(a, b)| a == *b)
+            {
                 self.dispatches.push(Dispatch {
                     label,
                     pipeline: &kernel.pipeline,
-                    group: group.clone(),
+                    group: c.group.clone(),
                     size,
                 });
                 return;
@@ -623,7 +674,11 @@ impl<'a> Recorder<'a> {
             layout: &kernel.layout,
             entries: &entries,
         });
-        self.cache[slot] = Some((kernel.id, group.clone()));
+        self.cache[slot] = Some(CachedGroup {
+            kernel: kernel.id,
+            buffers: buffers.iter().map(|b| (*b).clone()).collect(),
+            group: group.clone(),
+        });
         self.dispatches.push(Dispatch {
             label,
             pipeline: &kernel.pipeline,
@@ -632,7 +687,7 @@ impl<'a> Recorder<'a> {
         });
     }
 
-    /// `y[.., row_offset..] (+)= W x (+ bias)` for `n` tokens.
+    /// `y[.., row_offset..] (+)= W x (+ bias)` for `n` tokens, with what `fused` adds.
     #[allow(clippy::too_many_arguments)]
     fn matmul(
         &mut self,
@@ -643,8 +698,7 @@ impl<'a> Recorder<'a> {
         y: &wgpu::Buffer,
         y_stride: usize,
         n: usize,
-        accumulate: bool,
-        bias: Option<&wgpu::Buffer>,
+        fused: Fused<'_>,
         dummy: &wgpu::Buffer,
     ) {
         for (start, rows, q, sm) in &w.chunks {
@@ -652,32 +706,40 @@ impl<'a> Recorder<'a> {
             // workgroups: take them only when there are still enough to fill the GPU.
             let tiles = (n as u32).div_ceil(TOKENS_PER_TILE);
             let tiled_wgs = (*rows as u32).div_ceil(ROWS_PER_WG * ROWS_PER_THREAD) * tiles;
-            let (pipe, tt, rows_per_wg) = if n == 1 {
-                (&pipes.matmul_1, 1, ROWS_PER_WG)
+            let (shape, tt, rows_per_wg) = if n == 1 {
+                (MatShape::One, 1, ROWS_PER_WG)
             } else if tiled_wgs >= pipes.min_tiled_workgroups {
                 (
-                    &pipes.matmul_tr,
+                    MatShape::TileRows,
                     TOKENS_PER_TILE,
                     ROWS_PER_WG * ROWS_PER_THREAD,
                 )
             } else {
-                (&pipes.matmul_t, TOKENS_PER_TILE, ROWS_PER_WG)
+                (MatShape::Tile, TOKENS_PER_TILE, ROWS_PER_WG)
             };
+            let pipe = pipes.matmul(shape, fused.norm.is_some(), fused.swiglu);
             let params = MatParams {
                 rows: *rows as u32,
                 cols: w.cols as u32,
                 n_tok: n as u32,
                 y_stride: y_stride as u32,
                 row_offset: *start as u32,
-                accumulate: accumulate as u32,
-                has_bias: bias.is_some() as u32,
-                _pad: 0,
+                accumulate: fused.accumulate as u32,
+                has_bias: fused.bias.is_some() as u32,
+                eps: fused.norm.map_or(0.0, |n| n.1),
             };
             self.add(
                 pipe,
                 label,
                 params,
-                &[q, sm, x, y, bias.unwrap_or(dummy)],
+                &[
+                    q,
+                    sm,
+                    x,
+                    y,
+                    fused.bias.unwrap_or(dummy),
+                    fused.norm.map_or(dummy, |n| n.0),
+                ],
                 (
                     (*rows as u32).div_ceil(rows_per_wg),
                     (n as u32).div_ceil(tt),
@@ -890,7 +952,7 @@ impl WgpuBackend {
         sel.extend_from_slice(batch.hidden_for);
 
         self.ensure_scratch(n, m, m + mh, tables.len().max(1))?;
-        let per_layer = 8
+        let per_layer = 4
             + self.layers[0].qkv.chunks.len()
             + self.layers[0].gate_up.chunks.len()
             + self.layers[0].wo.chunks.len()
@@ -932,7 +994,7 @@ impl WgpuBackend {
             eps: cfg.rms_eps,
             use_sel: use_sel as u32,
         };
-        let heads = |word5: u32| HeadParams {
+        let heads = |word5: u32, rope: u32| HeadParams {
             n_heads: cfg.n_heads as u32,
             n_kv_heads: cfg.n_kv_heads as u32,
             head_dim: hd as u32,
@@ -940,76 +1002,104 @@ impl WgpuBackend {
             kv_dim: kv_dim as u32,
             word5,
             block_tokens: KV_BLOCK_TOKENS as u32,
-            _pad: 0,
+            rope,
+        };
+        // A decode step (every token the only one of its sequence) rotates and stores its keys
+        // inside the attention kernel; otherwise every key must be in the cache first.
+        let one_per_sequence = {
+            let mut seen = vec![false; batch.block_tables.len()];
+            batch
+                .seq_index
+                .iter()
+                .all(|&q| !std::mem::replace(&mut seen[q as usize], true))
+        };
+        let interleaved = cfg.rope_style == RopeStyle::Interleaved;
+        let fused_rope = match (one_per_sequence, interleaved) {
+            (false, _) => 0,
+            (true, false) => 1,
+            (true, true) => 2,
         };
         let scale = 1.0 / (hd as f32).sqrt();
         let nt = n as u32;
+        // Up to one tile of tokens, the RMS norms are fused into the products that read them,
+        // saving two dispatches a layer; in larger passes the products are bound by arithmetic,
+        // where the fused norm's extra work per weight costs more than a dispatch.
+        let fuse_norm = n <= TOKENS_PER_TILE as usize;
         for (l, lw) in self.layers.iter().enumerate() {
-            rec.add(
-                &p.rms_norm,
-                "rms_norm",
-                norm(n, false),
-                &[&s.x, &lw.attn_norm, &s.h, &self.dummy],
-                (nt, 1, 1),
-            );
+            let (input, fused_norm) = if fuse_norm {
+                (&s.x, Some((&lw.attn_norm, cfg.rms_eps)))
+            } else {
+                rec.add(
+                    &p.rms_norm,
+                    "rms_norm",
+                    norm(n, false),
+                    &[&s.x, &lw.attn_norm, &s.h, &self.dummy],
+                    (nt, 1, 1),
+                );
+                (&s.h, None)
+            };
             rec.matmul(
                 p,
                 "qkv",
                 &lw.qkv,
-                &s.h,
+                input,
                 &s.qkv,
                 qkv_dim,
                 n,
-                false,
-                lw.qkv_bias.as_ref(),
+                Fused {
+                    norm: fused_norm,
+                    bias: lw.qkv_bias.as_ref(),
+                    ..Fused::default()
+                },
                 &self.dummy,
             );
-            let interleaved = (cfg.rope_style == RopeStyle::Interleaved) as u32;
-            rec.add(
-                &p.rope_kv,
-                "rope_kv",
-                heads(interleaved),
-                &[&s.qkv, &s.cs, &s.tok, &self.kv[l]],
-                (nt, 1, 1),
-            );
+            if fused_rope == 0 {
+                rec.add(
+                    &p.rope_kv,
+                    "rope_kv",
+                    heads(interleaved as u32, 0),
+                    &[&s.qkv, &s.cs, &s.tok, &self.kv[l]],
+                    (nt, 1, 1),
+                );
+            }
             rec.add(
                 &p.attention,
                 "attention",
-                heads(scale.to_bits()),
-                &[&s.qkv, &s.tok, &s.tables, &self.kv[l], &s.att],
+                heads(scale.to_bits(), fused_rope),
+                &[&s.qkv, &s.tok, &s.tables, &self.kv[l], &s.att, &s.cs],
                 (nt, cfg.n_heads as u32, 1),
             );
-            rec.matmul(p, "wo", &lw.wo, &s.att, &s.x, d, n, true, None, &self.dummy);
-            rec.add(
-                &p.rms_norm,
-                "rms_norm",
-                norm(n, false),
-                &[&s.x, &lw.ffn_norm, &s.h, &self.dummy],
-                (nt, 1, 1),
-            );
+            let residual = Fused {
+                accumulate: true,
+                ..Fused::default()
+            };
+            rec.matmul(p, "wo", &lw.wo, &s.att, &s.x, d, n, residual, &self.dummy);
+            let (input, fused_norm) = if fuse_norm {
+                (&s.x, Some((&lw.ffn_norm, cfg.rms_eps)))
+            } else {
+                rec.add(
+                    &p.rms_norm,
+                    "rms_norm",
+                    norm(n, false),
+                    &[&s.x, &lw.ffn_norm, &s.h, &self.dummy],
+                    (nt, 1, 1),
+                );
+                (&s.h, None)
+            };
             rec.matmul(
                 p,
                 "gate_up",
                 &lw.gate_up,
-                &s.h,
-                &s.gu,
-                2 * cfg.ffn_dim,
+                input,
+                &s.act,
+                cfg.ffn_dim,
                 n,
-                false,
-                None,
-                &self.dummy,
-            );
-            let total = (n * cfg.ffn_dim) as u32;
-            rec.add(
-                &p.swiglu,
-                "swiglu",
-                SwigluParams {
-                    n: nt,
-                    ffn: cfg.ffn_dim as u32,
-                    _pad: [0; 2],
+                Fused {
+                    norm: fused_norm,
+                    swiglu: true,
+                    ..Fused::default()
                 },
-                &[&s.gu, &s.act],
-                (total.div_ceil(256).min(4096), 1, 1),
+                &self.dummy,
             );
             rec.matmul(
                 p,
@@ -1019,8 +1109,7 @@ impl WgpuBackend {
                 &s.x,
                 d,
                 n,
-                true,
-                None,
+                residual,
                 &self.dummy,
             );
         }
@@ -1045,57 +1134,73 @@ impl WgpuBackend {
                 &s.logits,
                 cfg.vocab_size,
                 m,
-                false,
-                None,
+                Fused::default(),
                 &self.dummy,
             );
         }
         self.queue.write_buffer(&self.params, 0, &rec.blob);
-        let mut enc = self
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("forward"),
-            });
-        {
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("forward"),
-                timestamp_writes: None,
-            });
-            for (k, dsp) in rec.dispatches.iter().enumerate() {
-                if let Some(ts) = &self.timestamps {
-                    pass.write_timestamp(&ts.set, k as u32);
-                }
-                pass.set_pipeline(dsp.pipeline);
-                pass.set_bind_group(0, &dsp.group, &[]);
-                pass.dispatch_workgroups(dsp.size.0, dsp.size.1, dsp.size.2);
-            }
-            if let Some(ts) = &self.timestamps {
-                pass.write_timestamp(&ts.set, rec.dispatches.len() as u32);
-            }
-        }
-        let n_ts = rec.dispatches.len() as u32 + 1;
-        if let Some(ts) = &self.timestamps {
-            enc.resolve_query_set(&ts.set, 0..n_ts, &ts.resolve, 0);
-            enc.copy_buffer_to_buffer(&ts.resolve, 0, &ts.read, 0, n_ts as u64 * 8);
-        }
+        let labels: Vec<&'static str> = rec.dispatches.iter().map(|d| d.label).collect();
+        let recorded = std::time::Instant::now();
+        // The pass goes to the GPU in command buffers of 8, 16, 32, ... dispatches, each
+        // submitted as soon as it is encoded: wgpu translates a command buffer's commands for
+        // the driver when it is finished, a few microseconds a dispatch, so one command buffer
+        // for the whole pass would keep the GPU idle until all of it was translated. With
+        // growing pieces the GPU starts after the first few and the host stays ahead of it.
+        let total = rec.dispatches.len();
+        let n_ts = total as u32 + 1;
         let logits_bytes = (m * cfg.vocab_size * 4) as u64;
         let hidden_bytes = (mh * d * 4) as u64;
-        if logits_bytes > 0 {
-            enc.copy_buffer_to_buffer(&s.logits, 0, &s.readback, 0, logits_bytes);
+        let mut first = 0;
+        let mut piece = 8;
+        while first < total {
+            let last = (first + piece).min(total);
+            let mut enc = self
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("forward"),
+                });
+            {
+                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some("forward"),
+                    timestamp_writes: None,
+                });
+                for (k, dsp) in rec.dispatches[first..last].iter().enumerate() {
+                    if let Some(ts) = &self.timestamps {
+                        pass.write_timestamp(&ts.set, (first + k) as u32);
+                    }
+                    pass.set_pipeline(dsp.pipeline);
+                    pass.set_bind_group(0, &dsp.group, &[]);
+                    pass.dispatch_workgroups(dsp.size.0, dsp.size.1, dsp.size.2);
+                }
+                if last == total {
+                    if let Some(ts) = &self.timestamps {
+                        pass.write_timestamp(&ts.set, total as u32);
+                    }
+                }
+            }
+            if last == total {
+                if let Some(ts) = &self.timestamps {
+                    enc.resolve_query_set(&ts.set, 0..n_ts, &ts.resolve, 0);
+                    enc.copy_buffer_to_buffer(&ts.resolve, 0, &ts.read, 0, n_ts as u64 * 8);
+                }
+                if logits_bytes > 0 {
+                    enc.copy_buffer_to_buffer(&s.logits, 0, &s.readback, 0, logits_bytes);
+                }
+                if hidden_bytes > 0 {
+                    enc.copy_buffer_to_buffer(
+                        &s.fin,
+                        (m * d * 4) as u64,
+                        &s.readback,
+                        logits_bytes,
+                        hidden_bytes,
+                    );
+                }
+            }
+            self.queue.submit([enc.finish()]);
+            first = last;
+            piece *= 2;
         }
-        if hidden_bytes > 0 {
-            enc.copy_buffer_to_buffer(
-                &s.fin,
-                (m * d * 4) as u64,
-                &s.readback,
-                logits_bytes,
-                hidden_bytes,
-            );
-        }
-        let labels: Vec<&'static str> = rec.dispatches.iter().map(|d| d.label).collect();
         drop(rec);
-        let recorded = std::time::Instant::now();
-        self.queue.submit([enc.finish()]);
         if let Some(e) = pollster::block_on(scope.pop()) {
             return Err(device_err("forward pass", e));
         }
@@ -1190,6 +1295,29 @@ impl Uploader<'_> {
     /// Uploads the row-wise concatenation of `parts` (same column count) in the unsigned-byte
     /// form, split into chunks that each fit one storage binding.
     fn matrix(&self, name: &str, parts: &[&QMatrix]) -> Result<GpuMatrix> {
+        let rows = parts.iter().flat_map(|m| (0..m.rows).map(move |r| (*m, r)));
+        self.upload(name, parts, rows)
+    }
+
+    /// Uploads `gate` and `up` with their rows interleaved (gate 0, up 0, gate 1, ...), for
+    /// the product that writes `silu(gate) * up` (`Fused::swiglu`). Chunks hold whole pairs.
+    fn matrix_pairs(&self, name: &str, gate: &QMatrix, up: &QMatrix) -> Result<GpuMatrix> {
+        if gate.rows != up.rows {
+            return Err(ModelError::tensor(
+                name,
+                format!("gate has {} rows and up {}", gate.rows, up.rows),
+            ));
+        }
+        let rows = (0..gate.rows).flat_map(|r| [(gate, r), (up, r)]);
+        self.upload(name, &[gate, up], rows)
+    }
+
+    fn upload<'m>(
+        &self,
+        name: &str,
+        parts: &[&QMatrix],
+        mut all_rows: impl Iterator<Item = (&'m QMatrix, usize)>,
+    ) -> Result<GpuMatrix> {
         let cols = parts[0].cols;
         if parts.iter().any(|m| m.cols != cols) || cols % 16 != 0 {
             return Err(ModelError::tensor(
@@ -1199,9 +1327,9 @@ impl Uploader<'_> {
         }
         let rows: usize = parts.iter().map(|m| m.rows).sum();
         // Rows per chunk: the byte array is the larger of the two buffers (`cols` bytes a row).
+        // A multiple of the rows of a workgroup, which is even: chunks hold whole row pairs.
         let wg = ROWS_PER_WG as usize;
         let per_chunk = (self.max_chunk as usize / cols / wg * wg).max(wg);
-        let mut all_rows = parts.iter().flat_map(|m| (0..m.rows).map(move |r| (*m, r)));
         let mut chunks = Vec::new();
         let mut start = 0;
         let mut u = vec![0u8; cols];

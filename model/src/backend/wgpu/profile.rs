@@ -18,9 +18,10 @@ pub struct PassProfile {
     pub passes: u64,
     /// Host: embeddings, RoPE angles, KV addresses and the uploads of them.
     pub prepare: Duration,
-    /// Host: recording the dispatches (parameters, bind groups) and encoding the pass.
+    /// Host: recording the dispatches (parameters, bind groups).
     pub record: Duration,
-    /// Host: submitting the command buffer.
+    /// Host: encoding the command buffers and submitting them (wgpu translates the commands
+    /// for the driver when a command buffer is finished).
     pub submit: Duration,
     /// Host: waiting for the GPU to finish and the results to be mapped.
     pub wait: Duration,
