@@ -9,11 +9,14 @@
 //! - **KV cache**: one buffer per layer, `[block][K, V][slot][kv_dim]` in f32, addressed through
 //!   the block tables the engine hands over, exactly as the CPU backend's. Forking and
 //!   copy-on-write stay in the engine; `copy_kv_block` is a buffer-to-buffer copy.
-//! - **A pass** is one command buffer: per layer RMSNorm, fused QKV product (+bias), RoPE with
-//!   the KV write, paged attention with an online softmax, output product added into the
-//!   residual, RMSNorm, fused gate|up product, SwiGLU, down product added into the residual.
-//!   Only the rows whose logits or hidden states are wanted are normalised and projected, and
-//!   only those are read back.
+//! - **A pass**, per layer: QKV product (+bias), RoPE with the KV write, paged attention with an
+//!   online softmax, output product added into the residual, gate|up product with SwiGLU, down
+//!   product added into the residual. The RMS norms are fused into the products that read them
+//!   (passes of up to 8 tokens; larger ones run `rms_norm.wgsl` first), SwiGLU into the gate|up
+//!   product (its rows interleaved), and on decode steps RoPE and the KV write into attention:
+//!   5 dispatches a layer for a decode step, 8 for a prefill, since small passes are bound by
+//!   the number of dispatches. Only the rows whose logits or hidden states are wanted are
+//!   normalised and projected, and only those are read back.
 //! - Activations stay in f32 (the CPU backend quantizes them to 8 bits for its integer dot
 //!   products), so the two backends agree to a tolerance, not bit for bit.
 
