@@ -782,6 +782,85 @@ fn cancelling_a_search_stops_the_workers_decoding() {
     assert!(!unknown.cancelled, "a finished search cannot be cancelled");
 }
 
+/// `GetTree` on a running search returns a consistent copy of its tree as of the end of a
+/// round, flagged as running, which grows as the search goes on; once the search has ended it
+/// returns the finished tree.
+#[test]
+fn a_running_search_shows_its_tree_as_it_grows() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::start(1);
+    // A budget this machine cannot spend in the test's time: the search is still running when
+    // the copies are taken, and is cancelled after.
+    let req = request("grow", QUESTION, pb::Strategy::Mcts, 1_000_000, 3);
+    let mut client = c.client.clone();
+    let search = c.rt.spawn(async move { stream(&mut client, req).await });
+    let mut tree_client = c.client.clone();
+    let mut live = |format: pb::TreeFormat| {
+        c.rt.block_on(tree_client.get_tree(pb::GetTreeRequest {
+            request_id: "grow".into(),
+            format: format as i32,
+        }))
+    };
+    let t = Instant::now();
+    let nodes = |tree: &str| -> usize {
+        let v: serde_json::Value = serde_json::from_str(tree).expect("the copy is JSON");
+        v["nodes"].as_array().expect("nodes").len()
+    };
+    // Wait until the search is known (its first round may still be running).
+    let first = loop {
+        match live(pb::TreeFormat::Json) {
+            Ok(r) => break r.into_inner(),
+            Err(e) if e.code() == Code::NotFound || e.code() == Code::Unavailable => {
+                assert!(t.elapsed() < Duration::from_secs(120), "{e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert!(first.running, "the search cannot have spent its budget yet");
+    let first_nodes = nodes(&first.tree);
+    assert!(
+        first_nodes >= 2,
+        "a copy after a round holds the root's children"
+    );
+    // Later copies hold more of the tree.
+    let later = loop {
+        let r = live(pb::TreeFormat::Json).unwrap().into_inner();
+        assert!(r.running);
+        if nodes(&r.tree) > first_nodes {
+            break r;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(240),
+            "the tree never grew"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let dot = live(pb::TreeFormat::Dot).unwrap().into_inner();
+    assert!(
+        dot.running && dot.tree.starts_with("digraph"),
+        "{}",
+        dot.tree
+    );
+    let mut client = c.client.clone();
+    let cancelled =
+        c.rt.block_on(client.cancel(pb::CancelRequest {
+            request_id: "grow".into(),
+        }))
+        .unwrap()
+        .into_inner()
+        .cancelled;
+    assert!(cancelled);
+    let (_, result) = c.rt.block_on(search).unwrap();
+    assert_eq!(result.termination, "cancelled");
+    let done = live(pb::TreeFormat::Json).unwrap().into_inner();
+    assert!(!done.running);
+    let final_nodes = nodes(&done.tree);
+    assert_eq!(final_nodes as u64, result.costs.unwrap().nodes);
+    assert!(final_nodes >= nodes(&later.tree));
+    assert_eq!(c.coordinator.invariant_violations(), 0);
+}
+
 #[test]
 fn sixteen_concurrent_searches_do_not_mix_results() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());

@@ -7,7 +7,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::answer::Answer;
 use crate::engine::{Costs, Termination};
-use crate::tree::NodeId;
+use crate::tree::{NodeId, Tree};
 
 /// Cancels a search from anywhere. Clones share one flag; cancelling is permanent.
 ///
@@ -48,6 +48,62 @@ impl CancelToken {
         let mut rx = self.flag.subscribe();
         // The sender lives in `self`, so the channel cannot close while we wait.
         let _ = rx.wait_for(|&cancelled| cancelled).await;
+    }
+}
+
+/// Copies of a running search's tree: the search copies its tree at the end of every round,
+/// where the tree is consistent (no call in flight, every backup done), and once more when it
+/// ends; [`TreeTap::snapshot`] returns the latest copy. Clones share one tap.
+///
+/// A copy costs O(nodes), small next to a round's calls to a model; a search without a tap
+/// makes none.
+#[derive(Debug, Clone)]
+pub struct TreeTap {
+    latest: Arc<watch::Sender<Option<TreeCopy>>>,
+}
+
+/// A copy of the tree, and whether the search had ended when it was made.
+type TreeCopy = (Arc<Tree>, bool);
+
+impl Default for TreeTap {
+    fn default() -> Self {
+        TreeTap::new()
+    }
+}
+
+impl TreeTap {
+    /// A tap no search has used yet.
+    pub fn new() -> TreeTap {
+        TreeTap {
+            latest: Arc::new(watch::Sender::new(None)),
+        }
+    }
+
+    /// The latest copy of the tree, and whether it is the final one (the search had ended).
+    /// Before the search's first round has ended, waits for it; callers bound that with a
+    /// timeout.
+    pub async fn snapshot(&self) -> (Arc<Tree>, bool) {
+        let mut rx = self.latest.subscribe();
+        // The sender lives in `self`, so the channel cannot close while we wait.
+        let copy = rx
+            .wait_for(Option::is_some)
+            .await
+            .map(|copy| copy.clone())
+            .ok()
+            .flatten();
+        copy.expect("the tap's sender outlives its readers")
+    }
+
+    /// Called by the search at the end of every round.
+    pub(crate) fn offer(&self, tree: &Tree) {
+        self.latest
+            .send_replace(Some((Arc::new(tree.clone()), false)));
+    }
+
+    /// Called by the search when it ends: the final tree.
+    pub(crate) fn close(&self, tree: &Tree) {
+        self.latest
+            .send_replace(Some((Arc::new(tree.clone()), true)));
     }
 }
 
@@ -115,6 +171,8 @@ pub struct SearchControl {
     events: Option<mpsc::Sender<SearchEvent>>,
     /// The latest best answer, for readers that only want the current state.
     best: watch::Sender<Option<BestAnswer>>,
+    /// Copies of the tree for readers that ask, if any may.
+    tap: Option<TreeTap>,
 }
 
 impl Default for SearchControl {
@@ -130,12 +188,19 @@ impl SearchControl {
             cancel: CancelToken::new(),
             events: None,
             best: watch::Sender::new(None),
+            tap: None,
         }
     }
 
     /// Uses `token` for cancellation.
     pub fn with_cancel(mut self, token: CancelToken) -> SearchControl {
         self.cancel = token;
+        self
+    }
+
+    /// Lets `tap`'s holders copy the tree while the search runs.
+    pub fn with_tree_tap(mut self, tap: TreeTap) -> SearchControl {
+        self.tap = Some(tap);
         self
     }
 
@@ -174,6 +239,18 @@ impl SearchControl {
 
     pub(crate) fn publish_best(&self, best: BestAnswer) {
         self.best.send_replace(Some(best));
+    }
+
+    pub(crate) fn offer_tree(&self, tree: &Tree) {
+        if let Some(tap) = &self.tap {
+            tap.offer(tree);
+        }
+    }
+
+    pub(crate) fn close_tree(&self, tree: &Tree) {
+        if let Some(tap) = &self.tap {
+            tap.close(tree);
+        }
     }
 }
 

@@ -235,6 +235,7 @@ impl Search {
         let costs = io.costs;
         io.emit(|| SearchEvent::Finished { termination, costs });
         tracing::debug!(?termination, ?costs, "search ends");
+        control.close_tree(&self.tree);
         self.tree.check_invariants()?;
         Ok(SearchOutcome {
             answer,
@@ -692,10 +693,12 @@ impl<'a, P: Policy, S: Scorer> Io<'a, P, S> {
             .is_some_and(|c| tally.converged(c.min_answers, c.min_share))
     }
 
-    /// Computes the best answer so far and publishes it. Called after every round. The watch
+    /// Computes the best answer so far and publishes it, and copies the tree for readers
+    /// ([`crate::TreeTap`]). Called after every round. The watch
     /// channel always gets the latest (votes and weights change every round); an event is sent
     /// only when the answer or its node changed, to keep the stream short.
     pub(crate) fn publish_best(&mut self, tree: &Tree, tally: &Tally) -> Option<BestAnswer> {
+        self.control.offer_tree(tree);
         let best = best_answer(tree, tally, self.rule)?;
         self.control.publish_best(best.clone());
         let key = (best.node, best.answer.key.clone());

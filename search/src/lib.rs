@@ -49,7 +49,7 @@ pub use config::{
     MctsConfig, RolloutConfig, SampleConfig, SamplingConfig, ScorerChoice, ScoringConfig,
     SearchConfig, StrategyConfig, DEPTH_MAX, IN_FLIGHT_MAX, K_MAX, NODES_MAX,
 };
-pub use control::{BestAnswer, CancelToken, SearchControl, SearchEvent};
+pub use control::{BestAnswer, CancelToken, SearchControl, SearchEvent, TreeTap};
 pub use engine::{
     mix as mix_seed, search, select_answer, AnswerTally, Budget, Costs, Search, SearchOutcome,
     SearchStats, Termination,

@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use arbor_model::{ChatMessage, Tokenizer};
-use arbor_search::{CancelToken, Search, SearchConfig, SearchControl, SearchEvent, StrategyConfig};
+use arbor_search::{
+    CancelToken, Search, SearchConfig, SearchControl, SearchEvent, StrategyConfig, TreeTap,
+};
 use arbor_worker::STEP_BY_STEP_SYSTEM_PROMPT;
 use dashmap::DashMap;
 use tokio::sync::{mpsc, Semaphore};
@@ -50,6 +52,15 @@ impl Default for CoordinatorOptions {
     }
 }
 
+/// A search in progress: how to cancel it and how to copy its tree.
+struct RunningSearch {
+    cancel: CancelToken,
+    tap: TreeTap,
+}
+
+/// How long `GetTree` waits for a running search to finish its first round.
+const TREE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 struct TreeDump {
     request_id: String,
     json: String,
@@ -60,7 +71,7 @@ struct Inner {
     pool: WorkerPool,
     tokenizer: Arc<Tokenizer>,
     options: CoordinatorOptions,
-    running: DashMap<String, CancelToken>,
+    running: DashMap<String, RunningSearch>,
     trees: Mutex<VecDeque<Arc<TreeDump>>>,
     permits: Arc<Semaphore>,
     next_id: AtomicU64,
@@ -339,6 +350,7 @@ impl Coordinator {
         cancel: CancelToken,
     ) -> Result<pb::SearchResult, Status> {
         let inner = &*self.inner;
+        let tap = TreeTap::new();
         let _permit = inner.permits.clone().try_acquire_owned().map_err(|_| {
             Status::resource_exhausted(format!(
                 "{} searches are running, the limit; try again later",
@@ -353,7 +365,10 @@ impl Coordinator {
                 )))
             }
             dashmap::Entry::Vacant(v) => {
-                v.insert(cancel.clone());
+                v.insert(RunningSearch {
+                    cancel: cancel.clone(),
+                    tap: tap.clone(),
+                });
             }
         }
         let _running = Running(inner, spec.request_id.clone());
@@ -368,7 +383,7 @@ impl Coordinator {
             deadline,
             inner.options.step_delimiter.clone(),
         );
-        let mut control = SearchControl::new().with_cancel(cancel);
+        let mut control = SearchControl::new().with_cancel(cancel).with_tree_tap(tap);
         if let Some(tx) = events {
             control = control.with_events(tx);
         }
@@ -582,8 +597,8 @@ impl SearchRpc for Coordinator {
     ) -> Result<Response<pb::CancelResponse>, Status> {
         let id = &request.get_ref().request_id;
         let cancelled = match self.inner.running.get(id) {
-            Some(token) => {
-                token.cancel();
+            Some(search) => {
+                search.cancel.cancel();
                 true
             }
             None => false,
@@ -596,6 +611,8 @@ impl SearchRpc for Coordinator {
         request: Request<pb::GetTreeRequest>,
     ) -> Result<Response<pb::GetTreeResponse>, Status> {
         let req = request.into_inner();
+        let format = pb::TreeFormat::try_from(req.format)
+            .map_err(|_| invalid("format", format!("unknown value {}", req.format)))?;
         let found = self
             .inner
             .trees
@@ -604,24 +621,48 @@ impl SearchRpc for Coordinator {
             .iter()
             .find(|t| t.request_id == req.request_id)
             .cloned();
-        let Some(dump) = found else {
-            if self.inner.running.contains_key(&req.request_id) {
-                return Err(Status::failed_precondition(format!(
-                    "search `{}` is still running; its tree is available when it ends",
-                    req.request_id
-                )));
-            }
+        if let Some(dump) = found {
+            let tree = match format {
+                pb::TreeFormat::Json => dump.json.clone(),
+                pb::TreeFormat::Dot => dump.dot.clone(),
+            };
+            return Ok(Response::new(pb::GetTreeResponse {
+                tree,
+                running: false,
+            }));
+        }
+        // A running search copies its tree at the end of every round.
+        let tap = self
+            .inner
+            .running
+            .get(&req.request_id)
+            .map(|r| r.tap.clone());
+        let Some(tap) = tap else {
             return Err(Status::not_found(format!(
-                "no finished search with request_id `{}` (the coordinator keeps the last {})",
+                "no running or finished search with request_id `{}` (the coordinator keeps the \
+                 last {} finished)",
                 req.request_id, self.inner.options.trees_kept
             )));
         };
-        let tree = match pb::TreeFormat::try_from(req.format) {
-            Ok(pb::TreeFormat::Json) => dump.json.clone(),
-            Ok(pb::TreeFormat::Dot) => dump.dot.clone(),
-            Err(_) => return Err(invalid("format", format!("unknown value {}", req.format))),
+        let (tree, finished) = tokio::time::timeout(TREE_WAIT, tap.snapshot())
+            .await
+            .map_err(|_| {
+                Status::unavailable(format!(
+                    "search `{}` has not finished its first round after {} s more, so there is \
+                     no consistent copy of its tree yet; try again",
+                    req.request_id,
+                    TREE_WAIT.as_secs()
+                ))
+            })?;
+        let tree = match format {
+            pb::TreeFormat::Json => serde_json::to_string(&tree.export())
+                .map_err(|e| Status::internal(format!("rendering the tree: {e}")))?,
+            pb::TreeFormat::Dot => tree.to_dot(),
         };
-        Ok(Response::new(pb::GetTreeResponse { tree }))
+        Ok(Response::new(pb::GetTreeResponse {
+            tree,
+            running: !finished,
+        }))
     }
 }
 

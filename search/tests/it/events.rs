@@ -140,3 +140,58 @@ fn the_search_future_is_send() {
     let entry = arbor_search::search("q", config(FIELDS, 5), &policy, &scorer, &control);
     assert_send(&entry);
 }
+
+#[test]
+fn a_tree_tap_holds_the_tree_as_of_the_last_round_and_the_final_tree_at_the_end() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    let policy = GamePolicy::with_faults(
+        game(),
+        arbor_search::synthetic::PolicyFaults {
+            latency: Some(std::time::Duration::from_millis(20)),
+            ..Default::default()
+        },
+    );
+    let scorer = GameScorer::new(game(), 0.25, 0.2);
+    let tap = arbor_search::TreeTap::new();
+    let control = SearchControl::new().with_tree_tap(tap.clone());
+    let mut search = Search::new(game().prompt().clone(), config(FIELDS, 1)).unwrap();
+    let (first, second) = rt.block_on(async {
+        let run = search.run(&policy, &scorer, &control);
+        tokio::pin!(run);
+        let mut copies = Vec::new();
+        for _ in 0..2 {
+            // The latest copy (the first waits for the first round to end).
+            tokio::select! {
+                copy = tap.snapshot() => copies.push(copy),
+                _ = &mut run => panic!("the search ended before the copy was made"),
+            }
+            // Let a few rounds pass.
+            tokio::select! {
+                _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
+                _ = &mut run => panic!("the search ended too soon for this test"),
+            }
+        }
+        run.await.unwrap();
+        (copies[0].clone(), copies[1].clone())
+    });
+    let final_len = search.tree().len();
+    for (copy, finished) in [&first, &second] {
+        assert!(!finished);
+        copy.check_invariants()
+            .expect("a copy between rounds is consistent");
+    }
+    assert!(
+        first.0.len() >= 2 && first.0.len() < second.0.len() && second.0.len() < final_len,
+        "copies grow with the search: {} then {}, finally {final_len}",
+        first.0.len(),
+        second.0.len()
+    );
+    // Once the search has ended, a reader gets the final tree at once.
+    let (last, finished) = rt.block_on(tap.snapshot());
+    assert!(finished);
+    assert_eq!(last.export(), search.tree().export());
+}
