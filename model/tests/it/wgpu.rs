@@ -118,6 +118,19 @@ fn wgpu_backend_matches_the_f32_reference_on_the_tiny_model() {
             diff <= 1e-4,
             "{arch}: tiled matrix kernel differs by {diff}"
         );
+        // Without the small chunks the pass keeps all 300 tokens, so every product of more
+        // than 8 tokens runs on the tiled matrix-matrix kernel (`matmul_gemm.wgsl`).
+        let mut gemm = gpu_engine_with(&model, None, Some(0));
+        let s4 = gemm.new_sequence();
+        let tiles = gemm.forward_all_logits(&[(s4, &tokens)]).unwrap().to_vec();
+        let diff = tiles
+            .iter()
+            .zip(&ours)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            diff <= 1e-4,
+            "{arch}: matrix-matrix kernel differs by {diff}"
+        );
         assert!(
             worst <= 0.05 * scale && worst <= 1.1 * cpu_worst,
             "{arch}: worst logit error {worst} against the f32 reference (CPU backend {cpu_worst}, scale {scale})"

@@ -136,8 +136,10 @@ struct Kernel {
 struct Pipelines {
     device: wgpu::Device,
     /// Matrix kernels by [`MatShape`] and variant (`norm as usize * 2 + swiglu as usize`),
-    /// compiled on first use: a pass uses a few of the twelve.
-    matmul: [[std::sync::OnceLock<Kernel>; 4]; 3],
+    /// compiled on first use: a pass uses a few of them.
+    matmul: [[std::sync::OnceLock<Kernel>; 4]; 4],
+    /// The bind group layout every matrix kernel shares.
+    matmul_layout: wgpu::PipelineLayout,
     /// See [`WgpuOptions::tiled_min_workgroups`].
     min_tiled_workgroups: u32,
     rms_norm: Kernel,
@@ -500,23 +502,42 @@ impl WgpuBackend {
     }
 }
 
-/// The three matrix kernels: one row per 64 threads for one token (`matmul.wgsl`, TT = 1) or
-/// for a tile of tokens, and several rows a thread for a tile (`matmul_rows.wgsl`).
+/// The matrix kernels: one row per 64 threads for one token (`matmul.wgsl`, TT = 1) or for a
+/// tile of tokens, several rows a thread for a tile (`matmul_rows.wgsl`), and the tiled
+/// matrix-matrix kernel for large passes (`matmul_gemm.wgsl`).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum MatShape {
     One = 0,
     Tile = 1,
     TileRows = 2,
+    Gemm = 3,
 }
 
-fn compile(device: &wgpu::Device, id: u8, label: &str, src: String) -> Kernel {
+/// Rows and tokens of a `matmul_gemm.wgsl` workgroup's tile.
+const GEMM_ROWS: u32 = 64;
+const GEMM_TOKENS: u32 = 32;
+/// Longest rows the tiled matrix-matrix kernel takes. On an H200 it made the 0.5B shapes'
+/// prefill 1.37x and 32- and 128-sequence decode 1.22x faster (rows of 896 columns), but the
+/// 7B shapes' (3584 and 18944 columns) 0.86x–0.93x, so longer rows keep the other kernels
+/// until it is tuned for them (BENCHMARKS.md).
+const GEMM_MAX_COLS: usize = 1024;
+
+/// Compiles a kernel; with `layout` absent, its bind group layout is derived from the bindings
+/// the shader uses.
+fn compile(
+    device: &wgpu::Device,
+    id: u8,
+    label: &str,
+    src: String,
+    layout: Option<&wgpu::PipelineLayout>,
+) -> Kernel {
     let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
         label: Some(label),
         source: wgpu::ShaderSource::Wgsl(src.into()),
     });
     let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
         label: Some(label),
-        layout: None,
+        layout,
         module: &module,
         entry_point: Some("main"),
         compilation_options: Default::default(),
@@ -531,16 +552,62 @@ fn compile(device: &wgpu::Device, id: u8, label: &str, src: String) -> Kernel {
 
 impl Pipelines {
     fn new(device: &wgpu::Device, config: &ModelConfig, min_tiled_workgroups: u32) -> Self {
+        // Every matrix kernel binds the same seven buffers (`matmul_common.wgsl`), whichever
+        // of them its variant reads, so one explicit layout serves all.
+        let storage = |binding: u32, read_only: bool| wgpu::BindGroupLayoutEntry {
+            binding,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty: wgpu::BufferBindingType::Storage { read_only },
+                has_dynamic_offset: false,
+                min_binding_size: None,
+            },
+            count: None,
+        };
+        let mut entries = vec![wgpu::BindGroupLayoutEntry {
+            binding: 0,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty: wgpu::BufferBindingType::Uniform,
+                has_dynamic_offset: false,
+                min_binding_size: None,
+            },
+            count: None,
+        }];
+        entries.extend((1..=6).map(|b| storage(b, b != 4)));
+        let matmul_groups = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+            label: Some("matmul"),
+            entries: &entries,
+        });
+        let matmul_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+            label: Some("matmul"),
+            bind_group_layouts: &[Some(&matmul_groups)],
+            immediate_size: 0,
+        });
         Pipelines {
             device: device.clone(),
             matmul: Default::default(),
-            rms_norm: compile(device, 2, "rms_norm", include_str!("rms_norm.wgsl").into()),
-            rope_kv: compile(device, 3, "rope_kv", include_str!("rope_kv.wgsl").into()),
+            matmul_layout,
+            rms_norm: compile(
+                device,
+                2,
+                "rms_norm",
+                include_str!("rms_norm.wgsl").into(),
+                None,
+            ),
+            rope_kv: compile(
+                device,
+                3,
+                "rope_kv",
+                include_str!("rope_kv.wgsl").into(),
+                None,
+            ),
             attention: compile(
                 device,
                 4,
                 "attention",
                 include_str!("attention.wgsl").replace("__HD__", &config.head_dim.to_string()),
+                None,
             ),
             min_tiled_workgroups,
         }
@@ -561,6 +628,7 @@ impl Pipelines {
                     TOKENS_PER_TILE,
                     ROWS_PER_THREAD,
                 ),
+                MatShape::Gemm => (include_str!("matmul_gemm.wgsl"), 1, 1),
             };
             let src = [
                 &format!("const NORM: bool = {norm};\nconst SWIGLU: bool = {swiglu};\n"),
@@ -579,6 +647,7 @@ impl Pipelines {
                 16 + (shape as u8) * 4 + variant as u8,
                 &label,
                 src,
+                Some(&self.matmul_layout),
             )
         })
     }
@@ -709,7 +778,17 @@ impl<'a> Recorder<'a> {
             // workgroups: take them only when there are still enough to fill the GPU.
             let tiles = (n as u32).div_ceil(TOKENS_PER_TILE);
             let tiled_wgs = (*rows as u32).div_ceil(ROWS_PER_WG * ROWS_PER_THREAD) * tiles;
-            let (shape, tt, rows_per_wg) = if n == 1 {
+            // Past one tile of tokens (where the norm is never fused), the tiled
+            // matrix-matrix kernel for rows it is faster on, as long as its larger tiles still
+            // make about a workgroup for each multiprocessor of a large GPU.
+            let gemm_wgs = (*rows as u32).div_ceil(GEMM_ROWS) * (n as u32).div_ceil(GEMM_TOKENS);
+            let (shape, tt, rows_per_wg) = if n > TOKENS_PER_TILE as usize
+                && fused.norm.is_none()
+                && w.cols <= GEMM_MAX_COLS
+                && gemm_wgs >= pipes.min_tiled_workgroups / 2
+            {
+                (MatShape::Gemm, GEMM_TOKENS, GEMM_ROWS)
+            } else if n == 1 {
                 (MatShape::One, 1, ROWS_PER_WG)
             } else if tiled_wgs >= pipes.min_tiled_workgroups {
                 (
