@@ -51,15 +51,18 @@ impl CancelToken {
     }
 }
 
-/// Copies of a running search's tree: the search copies its tree at the end of every round,
-/// where the tree is consistent (no call in flight, every backup done), and once more when it
-/// ends; [`TreeTap::snapshot`] returns the latest copy. Clones share one tap.
+/// Copies of a running search's tree: the search copies its tree at the end of a round, where
+/// the tree is consistent (no call in flight, every backup done), at most every
+/// [`TreeTap::MIN_INTERVAL`], and once more when it ends; [`TreeTap::snapshot`] returns the
+/// latest copy. Clones share one tap.
 ///
-/// A copy costs O(nodes), small next to a round's calls to a model; a search without a tap
-/// makes none.
+/// A copy costs O(nodes); the interval bounds that cost for large trees grown by fast rounds.
+/// A search without a tap makes none.
 #[derive(Debug, Clone)]
 pub struct TreeTap {
     latest: Arc<watch::Sender<Option<TreeCopy>>>,
+    /// When the last copy was made (tokio's clock, which tests can pause).
+    copied_at: Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
 }
 
 /// A copy of the tree, and whether the search had ended when it was made.
@@ -72,10 +75,14 @@ impl Default for TreeTap {
 }
 
 impl TreeTap {
+    /// Shortest time between two copies of a running search's tree.
+    pub const MIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
     /// A tap no search has used yet.
     pub fn new() -> TreeTap {
         TreeTap {
             latest: Arc::new(watch::Sender::new(None)),
+            copied_at: Arc::new(std::sync::Mutex::new(None)),
         }
     }
 
@@ -96,6 +103,14 @@ impl TreeTap {
 
     /// Called by the search at the end of every round.
     pub(crate) fn offer(&self, tree: &Tree) {
+        let now = tokio::time::Instant::now();
+        {
+            let mut at = self.copied_at.lock().unwrap_or_else(|e| e.into_inner());
+            if at.is_some_and(|t| now.duration_since(t) < Self::MIN_INTERVAL) {
+                return;
+            }
+            *at = Some(now);
+        }
         self.latest
             .send_replace(Some((Arc::new(tree.clone()), false)));
     }

@@ -631,7 +631,7 @@ impl SearchRpc for Coordinator {
                 running: false,
             }));
         }
-        // A running search copies its tree at the end of every round.
+        // A running search copies its tree at the end of a round, at most every 100 ms.
         let tap = self
             .inner
             .running

@@ -142,7 +142,7 @@ fn the_search_future_is_send() {
 }
 
 #[test]
-fn a_tree_tap_holds_the_tree_as_of_the_last_round_and_the_final_tree_at_the_end() {
+fn a_tree_tap_holds_the_tree_as_of_a_recent_round_and_the_final_tree_at_the_end() {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .start_paused(true)
@@ -162,12 +162,21 @@ fn a_tree_tap_holds_the_tree_as_of_the_last_round_and_the_final_tree_at_the_end(
     let (first, second) = rt.block_on(async {
         let run = search.run(&policy, &scorer, &control);
         tokio::pin!(run);
-        let mut copies = Vec::new();
-        for _ in 0..2 {
+        let mut copies: Vec<(std::sync::Arc<arbor_search::Tree>, bool)> = Vec::new();
+        for round in 0..2 {
             // The latest copy (the first waits for the first round to end).
             tokio::select! {
                 copy = tap.snapshot() => copies.push(copy),
                 _ = &mut run => panic!("the search ended before the copy was made"),
+            }
+            if round == 0 {
+                // Rounds take 20 ms here; within TreeTap::MIN_INTERVAL no new copy is made.
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(40)) => {}
+                    _ = &mut run => panic!("the search ended too soon for this test"),
+                }
+                let again = tap.snapshot().await;
+                assert!(std::sync::Arc::ptr_eq(&again.0, &copies[0].0));
             }
             // Let a few rounds pass.
             tokio::select! {
