@@ -613,15 +613,30 @@ impl SearchRpc for Coordinator {
         let req = request.into_inner();
         let format = pb::TreeFormat::try_from(req.format)
             .map_err(|_| invalid("format", format!("unknown value {}", req.format)))?;
-        let found = self
+        // A running search first: a client may reuse the id of a finished one. It copies its
+        // tree at the end of a round, at most every 100 ms. A search that ends meanwhile has
+        // stored its tree before leaving the running set, so one of the two lookups finds it.
+        let tap = self
             .inner
-            .trees
-            .lock()
-            .expect("trees lock")
-            .iter()
-            .find(|t| t.request_id == req.request_id)
-            .cloned();
-        if let Some(dump) = found {
+            .running
+            .get(&req.request_id)
+            .map(|r| r.tap.clone());
+        let Some(tap) = tap else {
+            let found = self
+                .inner
+                .trees
+                .lock()
+                .expect("trees lock")
+                .iter()
+                .find(|t| t.request_id == req.request_id)
+                .cloned();
+            let Some(dump) = found else {
+                return Err(Status::not_found(format!(
+                    "no running or finished search with request_id `{}` (the coordinator keeps \
+                     the last {} finished)",
+                    req.request_id, self.inner.options.trees_kept
+                )));
+            };
             let tree = match format {
                 pb::TreeFormat::Json => dump.json.clone(),
                 pb::TreeFormat::Dot => dump.dot.clone(),
@@ -630,26 +645,13 @@ impl SearchRpc for Coordinator {
                 tree,
                 running: false,
             }));
-        }
-        // A running search copies its tree at the end of a round, at most every 100 ms.
-        let tap = self
-            .inner
-            .running
-            .get(&req.request_id)
-            .map(|r| r.tap.clone());
-        let Some(tap) = tap else {
-            return Err(Status::not_found(format!(
-                "no running or finished search with request_id `{}` (the coordinator keeps the \
-                 last {} finished)",
-                req.request_id, self.inner.options.trees_kept
-            )));
         };
         let (tree, finished) = tokio::time::timeout(TREE_WAIT, tap.snapshot())
             .await
             .map_err(|_| {
                 Status::unavailable(format!(
-                    "search `{}` has not finished its first round after {} s more, so there is \
-                     no consistent copy of its tree yet; try again",
+                    "search `{}` did not finish its first round within {} s, so there is no \
+                     consistent copy of its tree yet; try again",
                     req.request_id,
                     TREE_WAIT.as_secs()
                 ))
