@@ -47,14 +47,7 @@ impl ServerTls {
         };
         let cert = read_pem(cert, &format!("--{prefix}cert"), &["CERTIFICATE"])?;
         let key = read_pem(key, &format!("--{prefix}key"), &["PRIVATE KEY"])?;
-        let client_ca = match &files.client_ca {
-            Some(p) => Some(Certificate::from_pem(read_pem(
-                p,
-                &format!("--{prefix}client-ca"),
-                &["CERTIFICATE"],
-            )?)),
-            None => None,
-        };
+        let client_ca = read_ca(files.client_ca.as_deref(), &format!("--{prefix}client-ca"))?;
         let tls = ServerTls {
             identity: Identity::from_pem(cert, key),
             client_ca,
@@ -106,14 +99,7 @@ impl ClientTls {
     /// `--{prefix}key` (for the error messages). `Ok(None)` when none is given: `https://`
     /// servers are then checked against the public web's roots.
     pub fn load(files: &ClientTlsFiles, prefix: &str) -> Result<Option<ClientTls>, String> {
-        let ca = match &files.ca {
-            Some(p) => Some(Certificate::from_pem(read_pem(
-                p,
-                &format!("--{prefix}ca"),
-                &["CERTIFICATE"],
-            )?)),
-            None => None,
-        };
+        let ca = read_ca(files.ca.as_deref(), &format!("--{prefix}ca"))?;
         let identity = match (&files.cert, &files.key) {
             (None, None) => None,
             (Some(_), None) => return Err(format!("--{prefix}cert needs --{prefix}key")),
@@ -166,6 +152,12 @@ pub async fn connect(
 
 /// A PEM file's bytes, checked to hold a block whose label ends with one of `labels` (so that a
 /// key given as a certificate, or a DER file, is named at once).
+/// The CA certificate named with `flag`, if one is.
+fn read_ca(path: Option<&Path>, flag: &str) -> Result<Option<Certificate>, String> {
+    path.map(|p| read_pem(p, flag, &["CERTIFICATE"]).map(Certificate::from_pem))
+        .transpose()
+}
+
 fn read_pem(path: &Path, flag: &str, labels: &[&str]) -> Result<Vec<u8>, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("{flag} {}: {e}", path.display()))?;
     let text = String::from_utf8_lossy(&bytes);

@@ -49,6 +49,11 @@ fn gpu_engine_with(
     Engine::new(Box::new(backend), EngineOptions::default())
 }
 
+/// The largest absolute difference between two equally long slices.
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+}
+
 fn cpu_engine(model: &Model) -> Engine {
     Engine::new(
         Box::new(CpuBackend::new(model.config.clone(), model.weights.clone())),
@@ -96,37 +101,25 @@ fn wgpu_backend_matches_the_f32_reference_on_the_tiny_model() {
         eprintln!("{arch}: worst logit error {worst}, CPU backend {cpu_worst} (scale {scale})");
         // Weight matrices split into chunks of at most 8 KiB and the logits of a pass into
         // slices of 7 rows (as on a device with a small storage binding): the same logits.
-        let mut small = gpu_engine_with(&model, Some((7 * VOCAB * 4) as u64), None);
-        let s2 = small.new_sequence();
-        let split = small.forward_all_logits(&[(s2, &tokens)]).unwrap().to_vec();
-        let diff = split
-            .iter()
-            .zip(&ours)
-            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        let logits_with = |chunk: Option<u64>, tiled: Option<u32>| {
+            let mut e = gpu_engine_with(&model, chunk, tiled);
+            let s = e.new_sequence();
+            e.forward_all_logits(&[(s, &tokens)]).unwrap().to_vec()
+        };
+        let small_chunks = Some((7 * VOCAB * 4) as u64);
+        let diff = max_diff(&logits_with(small_chunks, None), &ours);
         assert!(diff <= 1e-4, "{arch}: split pass differs by {diff}");
         // Every batched product on the kernel with several rows a thread (which a model this
         // small never gets by default); with the same small chunks, whose row counts (124, 60)
         // end mid-workgroup.
-        let mut tiled = gpu_engine_with(&model, Some((7 * VOCAB * 4) as u64), Some(0));
-        let s3 = tiled.new_sequence();
-        let rows = tiled.forward_all_logits(&[(s3, &tokens)]).unwrap().to_vec();
-        let diff = rows
-            .iter()
-            .zip(&ours)
-            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        let diff = max_diff(&logits_with(small_chunks, Some(0)), &ours);
         assert!(
             diff <= 1e-4,
             "{arch}: tiled matrix kernel differs by {diff}"
         );
         // Without the small chunks the pass keeps all 300 tokens, so every product of more
         // than 8 tokens runs on the tiled matrix-matrix kernel (`matmul_gemm.wgsl`).
-        let mut gemm = gpu_engine_with(&model, None, Some(0));
-        let s4 = gemm.new_sequence();
-        let tiles = gemm.forward_all_logits(&[(s4, &tokens)]).unwrap().to_vec();
-        let diff = tiles
-            .iter()
-            .zip(&ours)
-            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        let diff = max_diff(&logits_with(None, Some(0)), &ours);
         assert!(
             diff <= 1e-4,
             "{arch}: matrix-matrix kernel differs by {diff}"
@@ -175,10 +168,7 @@ fn decode_steps_match_the_prefill_of_the_same_tokens() {
             };
             let a = e.new_sequence();
             let first = e.forward(&[(a, &tokens[..20])]).unwrap().to_vec();
-            let mut worst = first
-                .iter()
-                .zip(&want[19 * VOCAB..20 * VOCAB])
-                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            let mut worst = max_diff(&first, &want[19 * VOCAB..20 * VOCAB]);
             let mut seqs = vec![a];
             for pos in 20..40 {
                 if pos == 24 {
@@ -189,10 +179,7 @@ fn decode_steps_match_the_prefill_of_the_same_tokens() {
                 let got = e.forward(&batch).unwrap().to_vec();
                 let row = &want[pos * VOCAB..(pos + 1) * VOCAB];
                 for seq in 0..seqs.len() {
-                    let d = got[seq * VOCAB..(seq + 1) * VOCAB]
-                        .iter()
-                        .zip(row)
-                        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+                    let d = max_diff(&got[seq * VOCAB..(seq + 1) * VOCAB], row);
                     assert!(
                         d <= 1e-4 * scale.max(1.0),
                         "{arch} {style:?}: position {pos}, sequence {seq} differs by {d} (scale {scale})"

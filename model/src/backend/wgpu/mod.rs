@@ -759,6 +759,32 @@ impl<'a> Recorder<'a> {
         });
     }
 
+    /// The input of a product that reads the RMS norm of `x` (in `(x, h)`) with `weight`: `x`
+    /// itself with the norm to fuse into the product when `fuse`, otherwise `h` after a norm
+    /// dispatch.
+    fn normed<'b>(
+        &mut self,
+        pipes: &'a Pipelines,
+        fuse: bool,
+        (x, h): (&'b wgpu::Buffer, &'b wgpu::Buffer),
+        weight: &'b wgpu::Buffer,
+        params: NormParams,
+        dummy: &wgpu::Buffer,
+    ) -> (&'b wgpu::Buffer, Option<(&'b wgpu::Buffer, f32)>) {
+        if fuse {
+            return (x, Some((weight, params.eps)));
+        }
+        let rows = params.n_rows;
+        self.add(
+            &pipes.rms_norm,
+            "rms_norm",
+            params,
+            &[x, weight, h, dummy],
+            (rows, 1, 1),
+        );
+        (h, None)
+    }
+
     /// `y[.., row_offset..] (+)= W x (+ bias)` for `n` tokens, with what `fused` adds.
     #[allow(clippy::too_many_arguments)]
     fn matmul(
@@ -1108,18 +1134,14 @@ impl WgpuBackend {
         // where the fused norm's extra work per weight costs more than a dispatch.
         let fuse_norm = n <= TOKENS_PER_TILE as usize;
         for (l, lw) in self.layers.iter().enumerate() {
-            let (input, fused_norm) = if fuse_norm {
-                (&s.x, Some((&lw.attn_norm, cfg.rms_eps)))
-            } else {
-                rec.add(
-                    &p.rms_norm,
-                    "rms_norm",
-                    norm(n, false),
-                    &[&s.x, &lw.attn_norm, &s.h, &self.dummy],
-                    (nt, 1, 1),
-                );
-                (&s.h, None)
-            };
+            let (input, fused_norm) = rec.normed(
+                p,
+                fuse_norm,
+                (&s.x, &s.h),
+                &lw.attn_norm,
+                norm(n, false),
+                &self.dummy,
+            );
             rec.matmul(
                 p,
                 "qkv",
@@ -1156,18 +1178,14 @@ impl WgpuBackend {
                 ..Fused::default()
             };
             rec.matmul(p, "wo", &lw.wo, &s.att, &s.x, d, n, residual, &self.dummy);
-            let (input, fused_norm) = if fuse_norm {
-                (&s.x, Some((&lw.ffn_norm, cfg.rms_eps)))
-            } else {
-                rec.add(
-                    &p.rms_norm,
-                    "rms_norm",
-                    norm(n, false),
-                    &[&s.x, &lw.ffn_norm, &s.h, &self.dummy],
-                    (nt, 1, 1),
-                );
-                (&s.h, None)
-            };
+            let (input, fused_norm) = rec.normed(
+                p,
+                fuse_norm,
+                (&s.x, &s.h),
+                &lw.ffn_norm,
+                norm(n, false),
+                &self.dummy,
+            );
             rec.matmul(
                 p,
                 "gate_up",
