@@ -35,6 +35,9 @@ pub struct QuantizedActs {
     /// `16 * d * Σq` over each block, interleaved like `d`: for the offset term of the
     /// formats whose weights are `dw * (u - 16)` (`dw * (u - 8)` for Q4_0, which halves it).
     s32: Vec<f32>,
+    /// `16 * Σq` over each block, interleaved like `d`: the same offset as an integer, for
+    /// the kernels that subtract it before scaling.
+    q16: Vec<i32>,
 }
 
 impl QuantizedActs {
@@ -83,11 +86,12 @@ impl QuantizedActs {
         self.d.resize(n_tokens * cols / 32, 0.0);
         self.sums16.resize(n_tokens * cols / 16, 0.0);
         self.s32.resize(n_tokens * cols / 32, 0.0);
+        self.q16.resize(n_tokens * cols / 32, 0);
         let nb = cols / 32;
         let simd = has_avx2();
         // Each group of GROUP tokens owns contiguous ranges of `qs`, `d` and `sums16`, so large
         // batches quantize their groups in parallel.
-        let quantize_group = |(gi, (((qs, d), sums16), s32)): (usize, GroupBuffers)| {
+        let quantize_group = |(gi, ((((qs, d), sums16), s32), q16)): (usize, GroupBuffers)| {
             let t0 = gi * GROUP;
             let g = GROUP.min(n_tokens - t0);
             for tl in 0..g {
@@ -104,6 +108,7 @@ impl QuantizedActs {
                         let s = quantize_block(blk, dv, q, simd);
                         d[i] = dv;
                         s32[i] = 16.0 * dv * (s[0] + s[1]) as f32;
+                        q16[i] = 16 * (s[0] + s[1]);
                         sums16[tl * 2 * nb + 2 * b] = dv * s[0] as f32;
                         sums16[tl * 2 * nb + 2 * b + 1] = dv * s[1] as f32;
                     }
@@ -116,6 +121,7 @@ impl QuantizedActs {
                 .zip(self.d.par_chunks_mut(GROUP * nb))
                 .zip(self.sums16.par_chunks_mut(GROUP * 2 * nb))
                 .zip(self.s32.par_chunks_mut(GROUP * nb))
+                .zip(self.q16.par_chunks_mut(GROUP * nb))
                 .enumerate()
                 .for_each(quantize_group);
         } else {
@@ -124,6 +130,7 @@ impl QuantizedActs {
                 .zip(self.d.chunks_mut(GROUP * nb))
                 .zip(self.sums16.chunks_mut(GROUP * 2 * nb))
                 .zip(self.s32.chunks_mut(GROUP * nb))
+                .zip(self.q16.chunks_mut(GROUP * nb))
                 .enumerate()
                 .for_each(quantize_group);
         }
@@ -145,10 +152,13 @@ impl QuantizedActs {
 }
 
 /// One group's slices of [`QuantizedActs`]' buffers: bytes, scales, half-block sums and offset
-/// terms.
+/// terms (float and integer).
 type GroupBuffers<'a> = (
-    ((&'a mut [i8], &'a mut [f32]), &'a mut [f32]),
-    &'a mut [f32],
+    (
+        ((&'a mut [i8], &'a mut [f32]), &'a mut [f32]),
+        &'a mut [f32],
+    ),
+    &'a mut [i32],
 );
 
 /// The largest magnitude among 32 activations (the AVX2 path gives the scalar path's value).
@@ -297,6 +307,7 @@ fn simd_rows(
             d: x.d.as_ptr(),
             s16: x.sums16.as_ptr(),
             s32: x.s32.as_ptr(),
+            q16: x.q16.as_ptr(),
             s16_stride: cols / 16,
         };
         for r in rows {
@@ -323,6 +334,7 @@ fn simd_rows(
             d: x.d[t0 * cols / 32..].as_ptr(),
             s16: x.sums16[t0 * cols / 16..].as_ptr(),
             s32: x.s32[t0 * cols / 32..].as_ptr(),
+            q16: x.q16[t0 * cols / 32..].as_ptr(),
             s16_stride: cols / 16,
         };
         for (r, s) in rows.clone().zip(scratch.iter_mut()) {
@@ -352,6 +364,104 @@ fn simd_rows(
     }
 }
 
+/// Tokens the eight-row kernel takes at once: each needs a 16-bit and a 32-bit integer sum and
+/// a float sum in registers, beside the weights and a broadcast activation.
+#[cfg(target_arch = "x86_64")]
+const ROWS8_TOKENS: usize = 4;
+
+/// Rows `range` of `w` against every token on the eight-row kernels ([`super::rows8`]): eight
+/// rows are decoded and transposed at a time, then every group of tokens passes over them, at
+/// most four tokens at once (their sums and the block fill the 16 AVX2 registers).
+#[cfg(target_arch = "x86_64")]
+fn rows8_range(
+    w: &QMatrix,
+    range: std::ops::Range<usize>,
+    x: &QuantizedActs,
+    scratch: &mut [super::avx2::Scratch],
+    r8: &mut super::rows8::Rows8,
+    ptr: OutPtr,
+) {
+    use super::avx2::Group;
+    use super::rows8::{decode_rows8, dot_q5x4_one, dot_rows8, store_lanes, ROWS};
+    use std::arch::x86_64::__m256;
+    let cols = x.cols;
+    let rows = w.rows;
+    let mut r0 = range.start;
+    if x.n_tokens == 1 && w.ty == super::GgmlType::Q5x4 {
+        let grp = Group {
+            qs: x.qs.as_ptr(),
+            d: x.d.as_ptr(),
+            s16: x.sums16.as_ptr(),
+            s32: x.s32.as_ptr(),
+            q16: x.q16.as_ptr(),
+            s16_stride: cols / 16,
+        };
+        while r0 < range.end {
+            let n = ROWS.min(range.end - r0);
+            let rows_at: [*const u8; ROWS] =
+                std::array::from_fn(|i| w.row_bytes(r0 + i.min(n - 1)).as_ptr());
+            // SAFETY: only called when AVX2/FMA/F16C were detected; every pointer addresses a
+            // whole Q5x4 row of `cols / 32` blocks, the group is x's one token, and
+            // (0, r0..r0 + n) lies inside the output and is written by this task only.
+            let next = (r0 + n).min(rows);
+            let ahead = &w.rows_bytes(next..(next + ROWS).min(rows));
+            unsafe {
+                let v = dot_q5x4_one(&rows_at, cols / 32, &grp, ahead);
+                store_lanes(v, ptr.0.add(r0), n);
+            }
+            r0 += n;
+        }
+        return;
+    }
+    while r0 < range.end {
+        let n = ROWS.min(range.end - r0);
+        let bytes: [&[u8]; ROWS] = std::array::from_fn(|i| w.row_bytes(r0 + i.min(n - 1)));
+        // SAFETY: only called when AVX2/FMA/F16C were detected; the rows are whole rows of
+        // `w.ty`, and `scratch` (ROW_BLOCK >= ROWS entries) and `r8` were made for `cols`.
+        unsafe { decode_rows8(w.ty, &bytes[..n], scratch, r8) };
+        let mut t0 = 0;
+        while t0 < x.n_tokens {
+            let gs = GROUP.min(x.n_tokens - t0);
+            let grp = Group {
+                qs: x.qs[t0 * cols..].as_ptr(),
+                d: x.d[t0 * cols / 32..].as_ptr(),
+                s16: x.sums16[t0 * cols / 16..].as_ptr(),
+                s32: x.s32[t0 * cols / 32..].as_ptr(),
+                q16: x.q16[t0 * cols / 32..].as_ptr(),
+                s16_stride: cols / 16,
+            };
+            let put = |t: usize, v: __m256| {
+                // SAFETY: AVX is available; (t, r0..r0 + n) is written by this task only (row
+                // ranges are disjoint) and lies inside the output (t < n_tokens, r0 + n <=
+                // rows).
+                unsafe { store_lanes(v, ptr.0.add(t * rows + r0), n) };
+            };
+            let mut tl = 0;
+            while tl < gs {
+                let nt = ROWS8_TOKENS.min(gs - tl);
+                macro_rules! pass {
+                    ($n:literal) => {{
+                        // SAFETY: as above; tokens tl..tl + $n lie in the group of gs tokens.
+                        let v = unsafe { dot_rows8::<$n>(r8, &grp, gs, tl) };
+                        v.into_iter()
+                            .enumerate()
+                            .for_each(|(i, v)| put(t0 + tl + i, v));
+                    }};
+                }
+                match nt {
+                    4 => pass!(4),
+                    3 => pass!(3),
+                    2 => pass!(2),
+                    _ => pass!(1),
+                }
+                tl += nt;
+            }
+            t0 += gs;
+        }
+        r0 += n;
+    }
+}
+
 /// A raw pointer to the output that rayon tasks write at disjoint indices.
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
@@ -378,6 +488,17 @@ fn run_rows(
         SCRATCH.with_borrow_mut(|scratch| {
             for s in scratch.iter_mut() {
                 s.fit(cols);
+            }
+            if super::rows8::takes(w.ty) {
+                thread_local! {
+                    static ROWS8: std::cell::RefCell<super::rows8::Rows8> =
+                        std::cell::RefCell::new(Default::default());
+                }
+                ROWS8.with_borrow_mut(|r8| {
+                    r8.fit(cols);
+                    rows8_range(w, range.clone(), x, scratch, r8, ptr);
+                });
+                return;
             }
             // Several groups of tokens: block rows so a group's pass over them stays in L1.
             // One group passes over each row once anyway.
@@ -444,7 +565,10 @@ fn matmul_impl(jobs: &mut [(&QMatrix, &mut [f32])], x: &QuantizedActs, simd: boo
     // One parallel region for all jobs: chunks of rows from every matrix, enough of them to
     // balance the cores, few enough that per-task overhead stays negligible.
     let total_rows: usize = jobs.iter().map(|(w, _)| w.rows).sum();
-    let chunk = (total_rows / (rayon::current_num_threads() * 8)).clamp(4, 512);
+    // Multiples of eight rows, the eight-row kernels' unit.
+    let chunk = (total_rows / (rayon::current_num_threads() * 8))
+        .clamp(8, 512)
+        .next_multiple_of(8);
     let mut tasks: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
     for (j, (w, _)) in jobs.iter().enumerate() {
         let mut r = 0;
@@ -587,7 +711,7 @@ mod tests {
             (GgmlType::Q6K, 512),
             (GgmlType::Q5x4, 384),
         ] {
-            let rows = 5;
+            let rows = 21;
             let w = random_matrix(ty, rows, cols, 7);
             let n = 13;
             let x: Vec<f32> = (0..n * cols)
@@ -613,7 +737,13 @@ mod tests {
 
     #[test]
     fn kernels_agree_with_reference_on_every_type() {
-        for (rows, cols, n) in [(1, 128, 1), (7, 896, 3), (3, 256, 17), (5, 4864, 9)] {
+        for (rows, cols, n) in [
+            (1, 128, 1),
+            (7, 896, 3),
+            (3, 256, 17),
+            (5, 4864, 9),
+            (21, 384, 1),
+        ] {
             check(GgmlType::Q5x4, rows, cols, n);
         }
         for ty in [GgmlType::Q4_0, GgmlType::Q5_0, GgmlType::Q8_0] {

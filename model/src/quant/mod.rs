@@ -11,6 +11,8 @@
 mod avx2;
 mod dot;
 mod formats;
+#[cfg(target_arch = "x86_64")]
+mod rows8;
 
 pub(crate) use dot::has_avx2;
 pub use dot::{matmul, matmul_into_scalar, matmul_many, QuantizedActs};
@@ -172,6 +174,12 @@ impl QMatrix {
     pub fn row_bytes(&self, r: usize) -> &[u8] {
         let n = self.ty.row_bytes(self.cols);
         &self.storage.bytes()[r * n..(r + 1) * n]
+    }
+
+    /// The bytes of rows `range`, which are contiguous.
+    pub(crate) fn rows_bytes(&self, range: std::ops::Range<usize>) -> &[u8] {
+        let n = self.ty.row_bytes(self.cols);
+        &self.storage.bytes()[range.start * n..range.end * n]
     }
 
     /// Dequantizes row `r` into `out` (length `cols`).

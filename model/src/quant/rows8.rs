@@ -1,0 +1,330 @@
+//! AVX2 kernels for Q5x4 on eight weight rows at once, rows in the vector lanes.
+//!
+//! The kernels of [`super::avx2`] multiply one row's 32 weights with a token's 32 activations
+//! and leave 8 partial sums of that row in a vector, to be converted, scaled and summed across
+//! lanes: `maddubs`, `madd`, a conversion and an FMA for every 32 weights and token. Here a
+//! block of eight rows is *transposed* once, after decoding, so that vector `s` of block `b`
+//! holds weights `4s..4s + 4` of each of the eight rows (one 32-bit lane per row), and a
+//! token's activations `4s..4s + 4` are broadcast to every lane. A product then leaves the
+//! eight rows' sums in the eight lanes:
+//! - no sums across lanes, and the conversion and scaling are paid once per block for eight
+//!   rows instead of once per row;
+//! - four steps' `maddubs` results are added as 16-bit integers (at most 4 × 2 × 31 × 127 =
+//!   31,496) before one `madd`;
+//! - the offset of 16 is subtracted as an integer (`16 Σq`, exact) from the block's sum.
+//!
+//! Q8_0 gains nothing this way (measured): its products need a `sign` and a `madd` per step,
+//! since two steps' signed byte products can overflow 16 bits. The K-quants keep their kernels.
+//!
+//! Each row's sum over blocks is one FMA chain in block order, whatever the number of tokens
+//! or the row's place among the eight, and one token ([`dot_q5x4_one`]) gets the same integer
+//! sums and the same chain, so a token's result does not depend on its batch.
+
+use std::arch::x86_64::*;
+
+use super::avx2::{decode_row, Group, Scratch};
+use super::GgmlType;
+
+/// Rows transposed together.
+pub(super) const ROWS: usize = 8;
+
+/// Whether `ty`'s products run on these kernels (the others keep [`super::avx2`]'s).
+pub(super) fn takes(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::Q5x4)
+}
+
+/// Eight rows decoded and transposed by [`decode_rows8`]: per 32-weight block, eight vectors of
+/// weights (lane `r` of vector `s`: row `r`'s weights `4s..4s + 4`) and the eight rows' scales.
+#[derive(Default)]
+pub(super) struct Rows8 {
+    w: Vec<__m256i>,
+    /// Scale of block `b` of row `r` at `8 * b + r`.
+    dw: Vec<f32>,
+    n32: usize,
+    ty: Option<GgmlType>,
+}
+
+impl Rows8 {
+    /// Grows the buffers for rows of `cols` weights (they never shrink).
+    pub(super) fn fit(&mut self, cols: usize) {
+        let n = cols / 32 * ROWS;
+        if self.w.len() < n {
+            // SAFETY: an all-zero __m256i is a valid value.
+            let zero = unsafe { _mm256_setzero_si256() };
+            self.w.resize(n, zero);
+            self.dw.resize(n, 0.0);
+        }
+    }
+}
+
+/// Decodes `rows` (at most eight rows of `ty`, each the same width) through `scratch` and
+/// stores them transposed in `r8`. Missing rows (fewer than eight) are zeros.
+///
+/// # Safety
+/// AVX2, FMA and F16C must be available; every row must hold whole blocks of `ty`, `scratch`
+/// must have at least `rows.len()` entries made for the width, and `r8` must have been made
+/// for it.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn decode_rows8(
+    ty: GgmlType,
+    rows: &[&[u8]],
+    scratch: &mut [Scratch],
+    r8: &mut Rows8,
+) {
+    assert!(rows.len() <= ROWS && rows.len() <= scratch.len());
+    let n32 = rows[0].len() / ty.block_bytes() * ty.block_elems() / 32;
+    assert!(r8.w.len() >= n32 * ROWS, "Rows8 made for a narrower row");
+    for (row, s) in rows.iter().zip(scratch.iter_mut()) {
+        decode_row(ty, row, s);
+    }
+    r8.n32 = n32;
+    r8.ty = Some(ty);
+    let n = rows.len();
+    for b in 0..n32 {
+        let v: [__m256i; ROWS] = std::array::from_fn(|r| {
+            if r < n {
+                _mm256_loadu_si256(scratch[r].u_ptr().add(32 * b) as *const __m256i)
+            } else {
+                _mm256_setzero_si256()
+            }
+        });
+        let t = transpose8x32(v);
+        for (s, v) in t.into_iter().enumerate() {
+            *r8.w.get_unchecked_mut(ROWS * b + s) = v;
+        }
+        let dw = &mut r8.dw[ROWS * b..ROWS * b + ROWS];
+        for (r, d) in dw.iter_mut().enumerate() {
+            *d = if r < n { scratch[r].dw_at(b) } else { 0.0 };
+        }
+    }
+}
+
+/// The 8 × 8 transpose of 32-bit lanes: lane `r` of result `s` is lane `s` of `v[r]`.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn transpose8x32(v: [__m256i; 8]) -> [__m256i; 8] {
+    let t0 = _mm256_unpacklo_epi32(v[0], v[1]);
+    let t1 = _mm256_unpackhi_epi32(v[0], v[1]);
+    let t2 = _mm256_unpacklo_epi32(v[2], v[3]);
+    let t3 = _mm256_unpackhi_epi32(v[2], v[3]);
+    let t4 = _mm256_unpacklo_epi32(v[4], v[5]);
+    let t5 = _mm256_unpackhi_epi32(v[4], v[5]);
+    let t6 = _mm256_unpacklo_epi32(v[6], v[7]);
+    let t7 = _mm256_unpackhi_epi32(v[6], v[7]);
+    let u0 = _mm256_unpacklo_epi64(t0, t2);
+    let u1 = _mm256_unpackhi_epi64(t0, t2);
+    let u2 = _mm256_unpacklo_epi64(t1, t3);
+    let u3 = _mm256_unpackhi_epi64(t1, t3);
+    let u4 = _mm256_unpacklo_epi64(t4, t6);
+    let u5 = _mm256_unpackhi_epi64(t4, t6);
+    let u6 = _mm256_unpacklo_epi64(t5, t7);
+    let u7 = _mm256_unpackhi_epi64(t5, t7);
+    [
+        _mm256_permute2x128_si256(u0, u4, 0x20),
+        _mm256_permute2x128_si256(u1, u5, 0x20),
+        _mm256_permute2x128_si256(u2, u6, 0x20),
+        _mm256_permute2x128_si256(u3, u7, 0x20),
+        _mm256_permute2x128_si256(u0, u4, 0x31),
+        _mm256_permute2x128_si256(u1, u5, 0x31),
+        _mm256_permute2x128_si256(u2, u6, 0x31),
+        _mm256_permute2x128_si256(u3, u7, 0x31),
+    ]
+}
+
+/// The products of the eight rows in `r8` with `NT` tokens `t0..t0 + NT` of a group of `gs`
+/// tokens (laid out as [`Group`] says): lane `r` of result `t` is row `r` times token
+/// `t0 + t`. Per row and token: one FMA chain over the blocks in order, of each block's exact
+/// integer sum times `dw * d`.
+///
+/// # Safety
+/// AVX2, FMA and F16C must be available; `r8` must hold rows decoded by [`decode_rows8`], and
+/// the group must hold `gs > t0 + NT - 1` tokens of the rows' width, quantized with one scale
+/// per 32 values.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn dot_rows8<const NT: usize>(
+    r8: &Rows8,
+    g: &Group,
+    gs: usize,
+    t0: usize,
+) -> [__m256; NT] {
+    debug_assert_eq!(r8.ty, Some(GgmlType::Q5x4));
+    dot_q5::<NT>(r8, g, gs, t0)
+}
+
+/// Stores the first `n` lanes of `v` at `dst`.
+///
+/// # Safety
+/// AVX must be available and `dst` must have room for `n <= 8` floats.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn store_lanes(v: __m256, dst: *mut f32, n: usize) {
+    if n == ROWS {
+        _mm256_storeu_ps(dst, v);
+    } else {
+        let mut lanes = [0f32; ROWS];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), v);
+        std::ptr::copy_nonoverlapping(lanes.as_ptr(), dst, n);
+    }
+}
+
+/// Token `t`'s activations `4s..4s + 4` of block `b`, in every lane.
+#[inline(always)]
+unsafe fn act4(g: &Group, i: usize, s: usize) -> __m256i {
+    _mm256_set1_epi32((g.qs.add(32 * i + 4 * s) as *const i32).read_unaligned())
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q5<const NT: usize>(r8: &Rows8, g: &Group, gs: usize, t0: usize) -> [__m256; NT] {
+    let ones = _mm256_set1_epi16(1);
+    let w = r8.w.as_ptr();
+    let dw = r8.dw.as_ptr();
+    let mut acc = [_mm256_setzero_ps(); NT];
+    for b in 0..r8.n32 {
+        let wb = w.add(ROWS * b);
+        let i0 = b * gs + t0;
+        let mut isum = [_mm256_setzero_si256(); NT];
+        for h in 0..2 {
+            let mut p = [_mm256_setzero_si256(); NT];
+            for s in 4 * h..4 * h + 4 {
+                let ws = *wb.add(s);
+                for (t, p) in p.iter_mut().enumerate() {
+                    *p = _mm256_add_epi16(*p, _mm256_maddubs_epi16(ws, act4(g, i0 + t, s)));
+                }
+            }
+            for (t, p) in p.iter().enumerate() {
+                isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(*p, ones));
+            }
+        }
+        let dwv = _mm256_loadu_ps(dw.add(ROWS * b));
+        for (t, acc) in acc.iter_mut().enumerate() {
+            let i = i0 + t;
+            let v = _mm256_sub_epi32(isum[t], _mm256_set1_epi32(*g.q16.add(i)));
+            let sd = _mm256_mul_ps(dwv, _mm256_set1_ps(*g.d.add(i)));
+            *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), sd, *acc);
+        }
+    }
+    acc
+}
+
+/// Block `4gi + K` of a Q5x4 row at `p` as 32 unsigned bytes, decoded as [`super::avx2`]'s
+/// `for_each_block` does: block `K` of a group of four takes the low or high nibbles of one
+/// 32-byte load and bit `K` of the fifth bits.
+#[inline(always)]
+unsafe fn q5x4_block<const K: usize>(p: *const u8, gi: usize) -> __m256i {
+    let m4 = _mm256_set1_epi8(0x0F);
+    let m10 = _mm256_set1_epi8(0x10);
+    let grp = p.add(88 * gi);
+    let h = _mm_loadu_si128(grp.add(8) as *const __m128i);
+    let hv = _mm256_set_m128i(_mm_srli_epi16(h, 4), h);
+    let n = _mm256_loadu_si256(grp.add(24 + 32 * (K / 2)) as *const __m256i);
+    let lo = if K % 2 == 0 {
+        _mm256_and_si256(n, m4)
+    } else {
+        _mm256_and_si256(_mm256_srli_epi16(n, 4), m4)
+    };
+    let hb = match K {
+        0 => _mm256_slli_epi16(hv, 4),
+        1 => _mm256_slli_epi16(hv, 3),
+        2 => _mm256_slli_epi16(hv, 2),
+        _ => _mm256_slli_epi16(hv, 1),
+    };
+    _mm256_or_si256(lo, _mm256_and_si256(hb, m10))
+}
+
+/// Block `4gi + K`'s integer sums for the eight rows at `rows` against one token's block `x`
+/// (lane `r`: row `r`), as exact as [`dot_q5`]'s: each row's `maddubs` sums (16-bit) are
+/// added across lanes with `hadd` while they fit 16 bits (eight products of at most
+/// 31 × 127), then widened.
+#[inline(always)]
+unsafe fn q5x4_sums<const K: usize>(rows: &[*const u8; ROWS], gi: usize, x: __m256i) -> __m256i {
+    let p: [__m256i; ROWS] =
+        std::array::from_fn(|r| _mm256_maddubs_epi16(q5x4_block::<K>(rows[r], gi), x));
+    let a01 = _mm256_hadd_epi16(p[0], p[1]);
+    let a23 = _mm256_hadd_epi16(p[2], p[3]);
+    let a45 = _mm256_hadd_epi16(p[4], p[5]);
+    let a67 = _mm256_hadd_epi16(p[6], p[7]);
+    // Per 128-bit half: two sums of rows 0, 1, 2, 3 (or 4..8), each of eight products.
+    let ones = _mm256_set1_epi16(1);
+    let m0 = _mm256_madd_epi16(_mm256_hadd_epi16(a01, a23), ones);
+    let m1 = _mm256_madd_epi16(_mm256_hadd_epi16(a45, a67), ones);
+    // Halves: (rows 0..4 | same rows) and (rows 4..8 | same); add the weights 0..16 and 16..32.
+    _mm256_add_epi32(
+        _mm256_permute2x128_si256(m0, m1, 0x20),
+        _mm256_permute2x128_si256(m0, m1, 0x31),
+    )
+}
+
+/// The four block scales of group `gi` of eight Q5x4 rows, one vector per block with the
+/// rows in the lanes.
+#[inline(always)]
+unsafe fn q5x4_scales(rows: &[*const u8; ROWS], gi: usize) -> [__m256; 4] {
+    let s = |r: usize| _mm_cvtph_ps(_mm_loadl_epi64(rows[r].add(88 * gi) as *const __m128i));
+    // Rows r and r + 4 side by side: lanes (k0..k3 | k0..k3).
+    let v: [__m256; 4] = std::array::from_fn(|r| _mm256_set_m128(s(r + 4), s(r)));
+    let t0 = _mm256_unpacklo_ps(v[0], v[1]);
+    let t1 = _mm256_unpackhi_ps(v[0], v[1]);
+    let t2 = _mm256_unpacklo_ps(v[2], v[3]);
+    let t3 = _mm256_unpackhi_ps(v[2], v[3]);
+    [
+        _mm256_castpd_ps(_mm256_unpacklo_pd(
+            _mm256_castps_pd(t0),
+            _mm256_castps_pd(t2),
+        )),
+        _mm256_castpd_ps(_mm256_unpackhi_pd(
+            _mm256_castps_pd(t0),
+            _mm256_castps_pd(t2),
+        )),
+        _mm256_castpd_ps(_mm256_unpacklo_pd(
+            _mm256_castps_pd(t1),
+            _mm256_castps_pd(t3),
+        )),
+        _mm256_castpd_ps(_mm256_unpackhi_pd(
+            _mm256_castps_pd(t1),
+            _mm256_castps_pd(t3),
+        )),
+    ]
+}
+
+/// [`dot_rows8`] for one token: each of the eight Q5x4 rows at `rows` is decoded and multiplied
+/// block by block in registers, as in [`super::avx2`]'s one-token kernel, and the rows' sums
+/// are gathered into the lanes with horizontal adds (for one token this costs less than
+/// transposing the weights). The `ahead` bytes (the rows that come next) are prefetched on the
+/// way. The
+/// integer sums and the FMA chain are those of the batched kernel, so the results are equal
+/// bit for bit. Rows past the matrix's end may repeat a valid row; their lanes are ignored.
+///
+/// # Safety
+/// AVX2, FMA and F16C must be available; every pointer must address a whole Q5x4 row of
+/// `n32` blocks, and the group must hold one token of that width, quantized with one scale
+/// per 32 values.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn dot_q5x4_one(
+    rows: &[*const u8; ROWS],
+    n32: usize,
+    g: &Group,
+    ahead: &[u8],
+) -> __m256 {
+    let mut acc = _mm256_setzero_ps();
+    let groups = n32 / 4;
+    let lines = ahead.len().div_ceil(64);
+    for gi in 0..groups {
+        // The hardware prefetcher does not follow eight interleaved rows from memory (the
+        // output projection's rows ran at 40% of the bandwidth): fetch the next rows' share.
+        for l in gi * lines / groups..(gi + 1) * lines / groups {
+            _mm_prefetch::<_MM_HINT_T0>(ahead.as_ptr().add(64 * l) as *const i8);
+        }
+        let dws = q5x4_scales(rows, gi);
+        let mut one = |b: usize, isum: __m256i, dwv: __m256| {
+            let v = _mm256_sub_epi32(isum, _mm256_set1_epi32(*g.q16.add(b)));
+            let sd = _mm256_mul_ps(dwv, _mm256_set1_ps(*g.d.add(b)));
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), sd, acc);
+        };
+        let b = 4 * gi;
+        let x = |b: usize| _mm256_loadu_si256(g.qs.add(32 * b) as *const __m256i);
+        one(b, q5x4_sums::<0>(rows, gi, x(b)), dws[0]);
+        one(b + 1, q5x4_sums::<1>(rows, gi, x(b + 1)), dws[1]);
+        one(b + 2, q5x4_sums::<2>(rows, gi, x(b + 2)), dws[2]);
+        one(b + 3, q5x4_sums::<3>(rows, gi, x(b + 3)), dws[3]);
+    }
+    acc
+}
