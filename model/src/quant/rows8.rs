@@ -81,13 +81,12 @@ pub(super) unsafe fn decode_rows8(
     r8.ty = Some(ty);
     let n = rows.len();
     for b in 0..n32 {
-        let v: [__m256i; ROWS] = std::array::from_fn(|r| {
-            if r < n {
-                _mm256_loadu_si256(scratch[r].u_ptr().add(32 * b) as *const __m256i)
-            } else {
-                _mm256_setzero_si256()
-            }
-        });
+        // Plain loops here and below: a closure would not inherit this function's target
+        // features, and its intrinsics would become calls.
+        let mut v = [_mm256_setzero_si256(); ROWS];
+        for (r, v) in v.iter_mut().enumerate().take(n) {
+            *v = _mm256_loadu_si256(scratch[r].u_ptr().add(32 * b) as *const __m256i);
+        }
         let t = transpose8x32(v);
         for (s, v) in t.into_iter().enumerate() {
             *r8.w.get_unchecked_mut(ROWS * b + s) = v;
@@ -168,7 +167,8 @@ pub(super) unsafe fn store_lanes(v: __m256, dst: *mut f32, n: usize) {
 }
 
 /// Token `t`'s activations `4s..4s + 4` of block `b`, in every lane.
-#[inline(always)]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn act4(g: &Group, i: usize, s: usize) -> __m256i {
     _mm256_set1_epi32((g.qs.add(32 * i + 4 * s) as *const i32).read_unaligned())
 }
@@ -209,7 +209,8 @@ unsafe fn dot_q5<const NT: usize>(r8: &Rows8, g: &Group, gs: usize, t0: usize) -
 /// Block `4gi + K` of a Q5x4 row at `p` as 32 unsigned bytes, decoded as [`super::avx2`]'s
 /// `for_each_block` does: block `K` of a group of four takes the low or high nibbles of one
 /// 32-byte load and bit `K` of the fifth bits.
-#[inline(always)]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q5x4_block<const K: usize>(p: *const u8, gi: usize) -> __m256i {
     let m4 = _mm256_set1_epi8(0x0F);
     let m10 = _mm256_set1_epi8(0x10);
@@ -235,10 +236,13 @@ unsafe fn q5x4_block<const K: usize>(p: *const u8, gi: usize) -> __m256i {
 /// (lane `r`: row `r`), as exact as [`dot_q5`]'s: each row's `maddubs` sums (16-bit) are
 /// added across lanes with `hadd` while they fit 16 bits (eight products of at most
 /// 31 × 127), then widened.
-#[inline(always)]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q5x4_sums<const K: usize>(rows: &[*const u8; ROWS], gi: usize, x: __m256i) -> __m256i {
-    let p: [__m256i; ROWS] =
-        std::array::from_fn(|r| _mm256_maddubs_epi16(q5x4_block::<K>(rows[r], gi), x));
+    let mut p = [_mm256_setzero_si256(); ROWS];
+    for (p, &row) in p.iter_mut().zip(rows) {
+        *p = _mm256_maddubs_epi16(q5x4_block::<K>(row, gi), x);
+    }
     let a01 = _mm256_hadd_epi16(p[0], p[1]);
     let a23 = _mm256_hadd_epi16(p[2], p[3]);
     let a45 = _mm256_hadd_epi16(p[4], p[5]);
@@ -256,11 +260,18 @@ unsafe fn q5x4_sums<const K: usize>(rows: &[*const u8; ROWS], gi: usize, x: __m2
 
 /// The four block scales of group `gi` of eight Q5x4 rows, one vector per block with the
 /// rows in the lanes.
-#[inline(always)]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q5x4_scales(rows: &[*const u8; ROWS], gi: usize) -> [__m256; 4] {
-    let s = |r: usize| _mm_cvtph_ps(_mm_loadl_epi64(rows[r].add(88 * gi) as *const __m128i));
+    let mut s = [_mm_setzero_ps(); ROWS];
+    for (s, &row) in s.iter_mut().zip(rows) {
+        *s = _mm_cvtph_ps(_mm_loadl_epi64(row.add(88 * gi) as *const __m128i));
+    }
     // Rows r and r + 4 side by side: lanes (k0..k3 | k0..k3).
-    let v: [__m256; 4] = std::array::from_fn(|r| _mm256_set_m128(s(r + 4), s(r)));
+    let mut v = [_mm256_setzero_ps(); 4];
+    for (r, v) in v.iter_mut().enumerate() {
+        *v = _mm256_set_m128(s[r + 4], s[r]);
+    }
     let t0 = _mm256_unpacklo_ps(v[0], v[1]);
     let t1 = _mm256_unpackhi_ps(v[0], v[1]);
     let t2 = _mm256_unpacklo_ps(v[2], v[3]);
@@ -314,17 +325,19 @@ pub(super) unsafe fn dot_q5x4_one(
             _mm_prefetch::<_MM_HINT_T0>(ahead.as_ptr().add(64 * l) as *const i8);
         }
         let dws = q5x4_scales(rows, gi);
-        let mut one = |b: usize, isum: __m256i, dwv: __m256| {
-            let v = _mm256_sub_epi32(isum, _mm256_set1_epi32(*g.q16.add(b)));
-            let sd = _mm256_mul_ps(dwv, _mm256_set1_ps(*g.d.add(b)));
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), sd, acc);
-        };
         let b = 4 * gi;
-        let x = |b: usize| _mm256_loadu_si256(g.qs.add(32 * b) as *const __m256i);
-        one(b, q5x4_sums::<0>(rows, gi, x(b)), dws[0]);
-        one(b + 1, q5x4_sums::<1>(rows, gi, x(b + 1)), dws[1]);
-        one(b + 2, q5x4_sums::<2>(rows, gi, x(b + 2)), dws[2]);
-        one(b + 3, q5x4_sums::<3>(rows, gi, x(b + 3)), dws[3]);
+        let x = g.qs.add(32 * b) as *const __m256i;
+        let isums = [
+            q5x4_sums::<0>(rows, gi, _mm256_loadu_si256(x)),
+            q5x4_sums::<1>(rows, gi, _mm256_loadu_si256(x.add(1))),
+            q5x4_sums::<2>(rows, gi, _mm256_loadu_si256(x.add(2))),
+            q5x4_sums::<3>(rows, gi, _mm256_loadu_si256(x.add(3))),
+        ];
+        for (k, (isum, dwv)) in isums.into_iter().zip(dws).enumerate() {
+            let v = _mm256_sub_epi32(isum, _mm256_set1_epi32(*g.q16.add(b + k)));
+            let sd = _mm256_mul_ps(dwv, _mm256_set1_ps(*g.d.add(b + k)));
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), sd, acc);
+        }
     }
     acc
 }
