@@ -364,14 +364,8 @@ fn simd_rows(
     }
 }
 
-/// Tokens the eight-row kernel takes at once: each needs a 16-bit and a 32-bit integer sum and
-/// a float sum in registers, beside the weights and a broadcast activation.
-#[cfg(target_arch = "x86_64")]
-const ROWS8_TOKENS: usize = 4;
-
 /// Rows `range` of `w` against every token on the eight-row kernels ([`super::rows8`]): eight
-/// rows are decoded and transposed at a time, then every group of tokens passes over them, at
-/// most four tokens at once (their sums and the block fill the 16 AVX2 registers).
+/// rows are decoded and transposed at a time, then every group of tokens passes over them.
 #[cfg(target_arch = "x86_64")]
 fn rows8_range(
     w: &QMatrix,
@@ -436,25 +430,22 @@ fn rows8_range(
                 // rows).
                 unsafe { store_lanes(v, ptr.0.add(t * rows + r0), n) };
             };
-            let mut tl = 0;
-            while tl < gs {
-                let nt = ROWS8_TOKENS.min(gs - tl);
-                macro_rules! pass {
-                    ($n:literal) => {{
-                        // SAFETY: as above; tokens tl..tl + $n lie in the group of gs tokens.
-                        let v = unsafe { dot_rows8::<$n>(r8, &grp, gs, tl) };
-                        v.into_iter()
-                            .enumerate()
-                            .for_each(|(i, v)| put(t0 + tl + i, v));
-                    }};
-                }
-                match nt {
-                    4 => pass!(4),
-                    3 => pass!(3),
-                    2 => pass!(2),
-                    _ => pass!(1),
-                }
-                tl += nt;
+            macro_rules! pass {
+                ($n:literal) => {{
+                    // SAFETY: as above; the group holds gs == $n tokens.
+                    let v = unsafe { dot_rows8::<$n>(r8, &grp) };
+                    v.into_iter().enumerate().for_each(|(i, v)| put(t0 + i, v));
+                }};
+            }
+            match gs {
+                8 => pass!(8),
+                7 => pass!(7),
+                6 => pass!(6),
+                5 => pass!(5),
+                4 => pass!(4),
+                3 => pass!(3),
+                2 => pass!(2),
+                _ => pass!(1),
             }
             t0 += gs;
         }

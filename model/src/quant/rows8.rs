@@ -130,24 +130,17 @@ unsafe fn transpose8x32(v: [__m256i; 8]) -> [__m256i; 8] {
     ]
 }
 
-/// The products of the eight rows in `r8` with `NT` tokens `t0..t0 + NT` of a group of `gs`
-/// tokens (laid out as [`Group`] says): lane `r` of result `t` is row `r` times token
-/// `t0 + t`. Per row and token: one FMA chain over the blocks in order, of each block's exact
-/// integer sum times `dw * d`.
+/// The products of the eight rows in `r8` with the `NT` tokens of a group (laid out as
+/// [`Group`] says): lane `r` of result `t` is row `r` times token `t`. Per row and token: one
+/// FMA chain over the blocks in order, of each block's exact integer sum times `dw * d`.
 ///
 /// # Safety
 /// AVX2, FMA and F16C must be available; `r8` must hold rows decoded by [`decode_rows8`], and
-/// the group must hold `gs > t0 + NT - 1` tokens of the rows' width, quantized with one scale
-/// per 32 values.
+/// the group must hold `NT` tokens of the rows' width, quantized with one scale per 32 values.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn dot_rows8<const NT: usize>(
-    r8: &Rows8,
-    g: &Group,
-    gs: usize,
-    t0: usize,
-) -> [__m256; NT] {
+pub(super) unsafe fn dot_rows8<const NT: usize>(r8: &Rows8, g: &Group) -> [__m256; NT] {
     debug_assert_eq!(r8.ty, Some(GgmlType::Q5x4));
-    dot_q5::<NT>(r8, g, gs, t0)
+    dot_q5::<NT>(r8, g)
 }
 
 /// Stores the first `n` lanes of `v` at `dst`.
@@ -174,31 +167,28 @@ unsafe fn act4(g: &Group, i: usize, s: usize) -> __m256i {
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_q5<const NT: usize>(r8: &Rows8, g: &Group, gs: usize, t0: usize) -> [__m256; NT] {
+unsafe fn dot_q5<const NT: usize>(r8: &Rows8, g: &Group) -> [__m256; NT] {
     let ones = _mm256_set1_epi16(1);
     let w = r8.w.as_ptr();
     let dw = r8.dw.as_ptr();
     let mut acc = [_mm256_setzero_ps(); NT];
     for b in 0..r8.n32 {
         let wb = w.add(ROWS * b);
-        let i0 = b * gs + t0;
-        let mut isum = [_mm256_setzero_si256(); NT];
-        for h in 0..2 {
-            let mut p = [_mm256_setzero_si256(); NT];
-            for s in 4 * h..4 * h + 4 {
-                let ws = *wb.add(s);
-                for (t, p) in p.iter_mut().enumerate() {
-                    *p = _mm256_add_epi16(*p, _mm256_maddubs_epi16(ws, act4(g, i0 + t, s)));
-                }
-            }
-            for (t, p) in p.iter().enumerate() {
-                isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(*p, ones));
-            }
-        }
+        let i0 = b * NT;
         let dwv = _mm256_loadu_ps(dw.add(ROWS * b));
+        // Token by token, the block's eight weight vectors reloaded from L1 for each: only
+        // the float sums stay in registers, so a whole group of eight fits.
         for (t, acc) in acc.iter_mut().enumerate() {
             let i = i0 + t;
-            let v = _mm256_sub_epi32(isum[t], _mm256_set1_epi32(*g.q16.add(i)));
+            let mut p = [_mm256_setzero_si256(); 2];
+            for (h, p) in p.iter_mut().enumerate() {
+                for s in 4 * h..4 * h + 4 {
+                    *p = _mm256_add_epi16(*p, _mm256_maddubs_epi16(*wb.add(s), act4(g, i, s)));
+                }
+            }
+            let isum =
+                _mm256_add_epi32(_mm256_madd_epi16(p[0], ones), _mm256_madd_epi16(p[1], ones));
+            let v = _mm256_sub_epi32(isum, _mm256_set1_epi32(*g.q16.add(i)));
             let sd = _mm256_mul_ps(dwv, _mm256_set1_ps(*g.d.add(i)));
             *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), sd, *acc);
         }
