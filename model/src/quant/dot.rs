@@ -377,7 +377,6 @@ fn rows8_range(
 ) {
     use super::avx2::Group;
     use super::rows8::{decode_rows8, dot_q5x4_one, dot_rows8, store_lanes, ROWS};
-    use std::arch::x86_64::__m256;
     let cols = x.cols;
     let rows = w.rows;
     let mut r0 = range.start;
@@ -424,17 +423,13 @@ fn rows8_range(
                 q16: x.q16[t0 * cols / 32..].as_ptr(),
                 s16_stride: cols / 16,
             };
-            let put = |t: usize, v: __m256| {
-                // SAFETY: AVX is available; (t, r0..r0 + n) is written by this task only (row
-                // ranges are disjoint) and lies inside the output (t < n_tokens, r0 + n <=
-                // rows).
-                unsafe { store_lanes(v, ptr.0.add(t * rows + r0), n) };
-            };
+            let out = ptr.0.wrapping_add(t0 * rows + r0);
             macro_rules! pass {
                 ($n:literal) => {{
-                    // SAFETY: as above; the group holds gs == $n tokens.
-                    let v = unsafe { dot_rows8::<$n>(r8, &grp) };
-                    v.into_iter().enumerate().for_each(|(i, v)| put(t0 + i, v));
+                    // SAFETY: as above; the group holds gs == $n tokens, and (t0 + t, r0..r0 + n)
+                    // for t < gs is written by this task only (row ranges are disjoint) and lies
+                    // inside the output (t0 + t < n_tokens, r0 + n <= rows).
+                    unsafe { dot_rows8::<$n>(r8, &grp, out, rows, n) };
                 }};
             }
             match gs {

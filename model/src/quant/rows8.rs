@@ -131,16 +131,26 @@ unsafe fn transpose8x32(v: [__m256i; 8]) -> [__m256i; 8] {
 }
 
 /// The products of the eight rows in `r8` with the `NT` tokens of a group (laid out as
-/// [`Group`] says): lane `r` of result `t` is row `r` times token `t`. Per row and token: one
-/// FMA chain over the blocks in order, of each block's exact integer sum times `dw * d`.
+/// [`Group`] says), row `r` times token `t` stored at `out[t * stride + r]` for the first `n`
+/// rows. Per row and token: one FMA chain over the blocks in order, of each block's exact
+/// integer sum times `dw * d`.
 ///
 /// # Safety
-/// AVX2, FMA and F16C must be available; `r8` must hold rows decoded by [`decode_rows8`], and
-/// the group must hold `NT` tokens of the rows' width, quantized with one scale per 32 values.
+/// AVX2, FMA and F16C must be available; `r8` must hold rows decoded by [`decode_rows8`], the
+/// group must hold `NT` tokens of the rows' width, quantized with one scale per 32 values, and
+/// `out` must have room for every value stored.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn dot_rows8<const NT: usize>(r8: &Rows8, g: &Group) -> [__m256; NT] {
+pub(super) unsafe fn dot_rows8<const NT: usize>(
+    r8: &Rows8,
+    g: &Group,
+    out: *mut f32,
+    stride: usize,
+    n: usize,
+) {
     debug_assert_eq!(r8.ty, Some(GgmlType::Q5x4));
-    dot_q5::<NT>(r8, g)
+    for (t, v) in dot_q5::<NT>(r8, g).into_iter().enumerate() {
+        store_lanes(v, out.add(t * stride), n);
+    }
 }
 
 /// Stores the first `n` lanes of `v` at `dst`.
