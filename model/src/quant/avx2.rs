@@ -174,16 +174,6 @@ pub(super) struct Scratch {
 }
 
 impl Scratch {
-    /// The decoded row's bytes.
-    pub(super) fn u_ptr(&self) -> *const u8 {
-        self.u.as_ptr()
-    }
-
-    /// The decoded row's weight scale of block `b`.
-    pub(super) fn dw_at(&self, b: usize) -> f32 {
-        self.dw32[b]
-    }
-
     /// Grows the buffers to hold rows of `cols` weights (they never shrink).
     pub(super) fn fit(&mut self, cols: usize) {
         fn grow<T: Default + Clone>(v: &mut Vec<T>, n: usize) {

@@ -371,12 +371,11 @@ fn rows8_range(
     w: &QMatrix,
     range: std::ops::Range<usize>,
     x: &QuantizedActs,
-    scratch: &mut [super::avx2::Scratch],
     r8: &mut super::rows8::Rows8,
     ptr: OutPtr,
 ) {
     use super::avx2::Group;
-    use super::rows8::{decode_rows8, dot_q5x4_one, dot_rows8, store_lanes, ROWS};
+    use super::rows8::{decode_q5x4_rows8, dot_q5x4_one, dot_rows8, store_lanes, ROWS};
     let cols = x.cols;
     let rows = w.rows;
     let mut r0 = range.start;
@@ -408,10 +407,13 @@ fn rows8_range(
     }
     while r0 < range.end {
         let n = ROWS.min(range.end - r0);
-        let bytes: [&[u8]; ROWS] = std::array::from_fn(|i| w.row_bytes(r0 + i.min(n - 1)));
-        // SAFETY: only called when AVX2/FMA/F16C were detected; the rows are whole rows of
-        // `w.ty`, and `scratch` (ROW_BLOCK >= ROWS entries) and `r8` were made for `cols`.
-        unsafe { decode_rows8(w.ty, &bytes[..n], scratch, r8) };
+        let at: [*const u8; ROWS] =
+            std::array::from_fn(|i| w.row_bytes(r0 + i.min(n - 1)).as_ptr());
+        let next = (r0 + n).min(rows);
+        let ahead = w.rows_bytes(next..(next + ROWS).min(rows));
+        // SAFETY: only called when AVX2/FMA/F16C were detected; the rows are whole Q5x4 rows
+        // of `cols / 32` blocks, and `r8` was made for `cols`.
+        unsafe { decode_q5x4_rows8(&at, cols / 32, r8, ahead) };
         let mut t0 = 0;
         while t0 < x.n_tokens {
             let gs = GROUP.min(x.n_tokens - t0);
@@ -471,20 +473,20 @@ fn run_rows(
             static SCRATCH: std::cell::RefCell<Vec<super::avx2::Scratch>> =
                 std::cell::RefCell::new((0..ROW_BLOCK).map(|_| Default::default()).collect());
         }
+        if super::rows8::takes(w.ty) {
+            thread_local! {
+                static ROWS8: std::cell::RefCell<super::rows8::Rows8> =
+                    std::cell::RefCell::new(Default::default());
+            }
+            ROWS8.with_borrow_mut(|r8| {
+                r8.fit(cols);
+                rows8_range(w, range.clone(), x, r8, ptr);
+            });
+            return;
+        }
         SCRATCH.with_borrow_mut(|scratch| {
             for s in scratch.iter_mut() {
                 s.fit(cols);
-            }
-            if super::rows8::takes(w.ty) {
-                thread_local! {
-                    static ROWS8: std::cell::RefCell<super::rows8::Rows8> =
-                        std::cell::RefCell::new(Default::default());
-                }
-                ROWS8.with_borrow_mut(|r8| {
-                    r8.fit(cols);
-                    rows8_range(w, range.clone(), x, scratch, r8, ptr);
-                });
-                return;
             }
             // Several groups of tokens: block rows so a group's pass over them stays in L1.
             // One group passes over each row once anyway.

@@ -3,7 +3,8 @@
 //! The kernels of [`super::avx2`] multiply one row's 32 weights with a token's 32 activations
 //! and leave 8 partial sums of that row in a vector, to be converted, scaled and summed across
 //! lanes: `maddubs`, `madd`, a conversion and an FMA for every 32 weights and token. Here a
-//! block of eight rows is *transposed* once, after decoding, so that vector `s` of block `b`
+//! block of eight rows is *transposed* once as it is decoded (in registers, straight from the
+//! rows' bytes, [`decode_q5x4_rows8`]), so that vector `s` of block `b`
 //! holds weights `4s..4s + 4` of each of the eight rows (one 32-bit lane per row), and a
 //! token's activations `4s..4s + 4` are broadcast to every lane. A product then leaves the
 //! eight rows' sums in the eight lanes:
@@ -13,8 +14,10 @@
 //!   31,496) before one `madd`;
 //! - the offset of 16 is subtracted as an integer (`16 Σq`, exact) from the block's sum.
 //!
-//! Q8_0 gains nothing this way (measured): its products need a `sign` and a `madd` per step,
-//! since two steps' signed byte products can overflow 16 bits. The K-quants keep their kernels.
+//! Q8_0 gained nothing this way (measured, also with 16-bit weights and `madd` alone): its
+//! products need a `sign` and a `madd` per step, since two steps' signed byte products can
+//! overflow 16 bits. A first version for the K-quants ran slower than their own kernels, which
+//! already sum a super-block in integers; they keep those.
 //!
 //! Each row's sum over blocks is one FMA chain in block order, whatever the number of tokens
 //! or the row's place among the eight, and one token ([`dot_q5x4_one`]) gets the same integer
@@ -22,7 +25,7 @@
 
 use std::arch::x86_64::*;
 
-use super::avx2::{decode_row, Group, Scratch};
+use super::avx2::Group;
 use super::GgmlType;
 
 /// Rows transposed together.
@@ -33,7 +36,7 @@ pub(super) fn takes(ty: GgmlType) -> bool {
     matches!(ty, GgmlType::Q5x4)
 }
 
-/// Eight rows decoded and transposed by [`decode_rows8`]: per 32-weight block, eight vectors of
+/// Eight rows decoded and transposed by [`decode_q5x4_rows8`]: per 32-weight block, eight vectors of
 /// weights (lane `r` of vector `s`: row `r`'s weights `4s..4s + 4`) and the eight rows' scales.
 #[derive(Default)]
 pub(super) struct Rows8 {
@@ -57,44 +60,50 @@ impl Rows8 {
     }
 }
 
-/// Decodes `rows` (at most eight rows of `ty`, each the same width) through `scratch` and
-/// stores them transposed in `r8`. Missing rows (fewer than eight) are zeros.
+/// Decodes and transposes eight Q5x4 rows at `rows` (each `n32` blocks) into `r8` straight from
+/// their bytes, a group of four blocks at a time in registers (no per-row scratch), prefetching
+/// `ahead` (the rows that come next) on the way: the hardware prefetcher does not follow eight
+/// interleaved rows from memory.
 ///
 /// # Safety
-/// AVX2, FMA and F16C must be available; every row must hold whole blocks of `ty`, `scratch`
-/// must have at least `rows.len()` entries made for the width, and `r8` must have been made
-/// for it.
+/// AVX2, FMA and F16C must be available; every pointer must address a whole Q5x4 row of `n32`
+/// blocks, and `r8` must have been made for that width.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn decode_rows8(
-    ty: GgmlType,
-    rows: &[&[u8]],
-    scratch: &mut [Scratch],
+pub(super) unsafe fn decode_q5x4_rows8(
+    rows: &[*const u8; ROWS],
+    n32: usize,
     r8: &mut Rows8,
+    ahead: &[u8],
 ) {
-    assert!(rows.len() <= ROWS && rows.len() <= scratch.len());
-    let n32 = rows[0].len() / ty.block_bytes() * ty.block_elems() / 32;
     assert!(r8.w.len() >= n32 * ROWS, "Rows8 made for a narrower row");
-    for (row, s) in rows.iter().zip(scratch.iter_mut()) {
-        decode_row(ty, row, s);
-    }
     r8.n32 = n32;
-    r8.ty = Some(ty);
-    let n = rows.len();
-    for b in 0..n32 {
-        // Plain loops here and below: a closure would not inherit this function's target
-        // features, and its intrinsics would become calls.
-        let mut v = [_mm256_setzero_si256(); ROWS];
-        for (r, v) in v.iter_mut().enumerate().take(n) {
-            *v = _mm256_loadu_si256(scratch[r].u_ptr().add(32 * b) as *const __m256i);
+    r8.ty = Some(GgmlType::Q5x4);
+    let groups = n32 / 4;
+    let lines = ahead.len().div_ceil(64);
+    let (w, dw) = (r8.w.as_mut_ptr(), r8.dw.as_mut_ptr());
+    for gi in 0..groups {
+        for l in gi * lines / groups..(gi + 1) * lines / groups {
+            _mm_prefetch::<_MM_HINT_T0>(ahead.as_ptr().add(64 * l) as *const i8);
         }
-        let t = transpose8x32(v);
-        for (s, v) in t.into_iter().enumerate() {
-            *r8.w.get_unchecked_mut(ROWS * b + s) = v;
+        for (k, d) in q5x4_scales(rows, gi).into_iter().enumerate() {
+            _mm256_storeu_ps(dw.add(ROWS * (4 * gi + k)), d);
         }
-        let dw = &mut r8.dw[ROWS * b..ROWS * b + ROWS];
-        for (r, d) in dw.iter_mut().enumerate() {
-            *d = if r < n { scratch[r].dw_at(b) } else { 0.0 };
+        macro_rules! block {
+            ($k:literal) => {{
+                let mut v = [_mm256_setzero_si256(); ROWS];
+                for (v, &row) in v.iter_mut().zip(rows) {
+                    *v = q5x4_block::<$k>(row, gi);
+                }
+                let dst = w.add(ROWS * (4 * gi + $k));
+                for (s, v) in transpose8x32(v).into_iter().enumerate() {
+                    *dst.add(s) = v;
+                }
+            }};
         }
+        block!(0);
+        block!(1);
+        block!(2);
+        block!(3);
     }
 }
 
@@ -136,7 +145,7 @@ unsafe fn transpose8x32(v: [__m256i; 8]) -> [__m256i; 8] {
 /// integer sum times `dw * d`.
 ///
 /// # Safety
-/// AVX2, FMA and F16C must be available; `r8` must hold rows decoded by [`decode_rows8`], the
+/// AVX2, FMA and F16C must be available; `r8` must hold rows decoded by [`decode_q5x4_rows8`], the
 /// group must hold `NT` tokens of the rows' width, quantized with one scale per 32 values, and
 /// `out` must have room for every value stored.
 #[target_feature(enable = "avx2,fma,f16c")]
