@@ -551,11 +551,13 @@ fn matmul_impl(jobs: &mut [(&QMatrix, &mut [f32])], x: &QuantizedActs, simd: boo
         return;
     }
     // One parallel region for all jobs: chunks of rows from every matrix, enough of them to
-    // balance the cores (32 a thread: with 8, a batched gate|up product left one core idle
-    // for the last chunk's ~0.3 ms), few enough that per-task overhead stays negligible, in
-    // multiples of eight rows, the eight-row kernels' unit.
+    // balance the cores, few enough that per-task overhead stays negligible, in multiples of
+    // eight rows, the eight-row kernels' unit. Batches take 32 a thread (with 8, a 32-token
+    // gate|up product left one core idle for the last chunk's ~0.3 ms); passes of one group
+    // are short, and 8 a thread measured faster for them.
     let total_rows: usize = jobs.iter().map(|(w, _)| w.rows).sum();
-    let chunk = (total_rows / (rayon::current_num_threads() * 32))
+    let per_thread = if x.n_tokens > GROUP { 32 } else { 8 };
+    let chunk = (total_rows / (rayon::current_num_threads() * per_thread))
         .clamp(8, 512)
         .next_multiple_of(8);
     let mut tasks: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
