@@ -379,7 +379,7 @@ fn rows8_range(
     let cols = x.cols;
     let rows = w.rows;
     let mut r0 = range.start;
-    if x.n_tokens == 1 && w.ty == super::GgmlType::Q5x4 {
+    if x.n_tokens == 1 {
         let grp = Group {
             qs: x.qs.as_ptr(),
             d: x.d.as_ptr(),
@@ -392,11 +392,11 @@ fn rows8_range(
             let n = ROWS.min(range.end - r0);
             let rows_at: [*const u8; ROWS] =
                 std::array::from_fn(|i| w.row_bytes(r0 + i.min(n - 1)).as_ptr());
+            let next = (r0 + n).min(rows);
+            let ahead = w.rows_bytes(next..(next + ROWS).min(rows));
             // SAFETY: only called when AVX2/FMA/F16C were detected; every pointer addresses a
             // whole Q5x4 row of `cols / 32` blocks, the group is x's one token, and
             // (0, r0..r0 + n) lies inside the output and is written by this task only.
-            let next = (r0 + n).min(rows);
-            let ahead = &w.rows_bytes(next..(next + ROWS).min(rows));
             unsafe {
                 let v = dot_q5x4_one(&rows_at, cols / 32, &grp, ahead);
                 store_lanes(v, ptr.0.add(r0), n);
