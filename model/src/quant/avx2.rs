@@ -260,36 +260,7 @@ unsafe fn for_each_block(
                 block(b);
             }
         }
-        GgmlType::Q5x4 => {
-            // One load of fifth bits serves four blocks (block k's bit moves to bit 4 with one
-            // shift), one 32-byte load of nibbles serves two.
-            let m4 = _mm256_set1_epi8(0x0F);
-            let m10 = _mm256_set1_epi8(0x10);
-            let mut ds = [0f32; 4];
-            for gi in 0..n32 / 4 {
-                let grp = p.add(88 * gi);
-                let d4 = _mm_cvtph_ps(_mm_loadl_epi64(grp as *const __m128i));
-                _mm_storeu_ps(ds.as_mut_ptr(), d4);
-                let h = _mm_loadu_si128(grp.add(8) as *const __m128i);
-                // Bit k of byte j: block k's weight j (j < 16) or weight j (j >= 16).
-                let hv = _mm256_set_m128i(_mm_srli_epi16(h, 4), h);
-                let n0 = _mm256_loadu_si256(grp.add(24) as *const __m256i);
-                let n1 = _mm256_loadu_si256(grp.add(56) as *const __m256i);
-                let b = 4 * gi;
-                let lo0 = _mm256_and_si256(n0, m4);
-                let h0 = _mm256_and_si256(_mm256_slli_epi16(hv, 4), m10);
-                f(b, _mm256_or_si256(lo0, h0), ones, ds[0]);
-                let hi0 = _mm256_and_si256(_mm256_srli_epi16(n0, 4), m4);
-                let h1 = _mm256_and_si256(_mm256_slli_epi16(hv, 3), m10);
-                f(b + 1, _mm256_or_si256(hi0, h1), ones, ds[1]);
-                let lo1 = _mm256_and_si256(n1, m4);
-                let h2 = _mm256_and_si256(_mm256_slli_epi16(hv, 2), m10);
-                f(b + 2, _mm256_or_si256(lo1, h2), ones, ds[2]);
-                let hi1 = _mm256_and_si256(_mm256_srli_epi16(n1, 4), m4);
-                let h3 = _mm256_and_si256(_mm256_slli_epi16(hv, 1), m10);
-                f(b + 3, _mm256_or_si256(hi1, h3), ones, ds[3]);
-            }
-        }
+        GgmlType::Q5x4 => unreachable!("Q5x4 products run on the eight-row kernels (rows8)"),
         GgmlType::Q4K => {
             // The 6-bit sub-block scales multiply the byte products as integers (`mult`), so
             // a block's float scale is the super-block's `d`.
@@ -639,7 +610,7 @@ pub(super) unsafe fn row_dot1(ty: GgmlType, row: &[u8], g: &Group, s: &mut Scrat
             acc_block_1::<true>(w, mult, dw, b, g, &mut acc)
         });
         return hsum(acc);
-    } else if matches!(ty, GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q5x4) {
+    } else if matches!(ty, GgmlType::Q4_0 | GgmlType::Q5_0) {
         // The offset term as `row_dot` forms it: one FMA per block, in block order.
         let mut m = Offsets([0.0; 4]);
         for_each_block(ty, row, mins16, |b, w, mult, dw| {

@@ -215,9 +215,10 @@ unsafe fn dot_q5<const NT: usize>(r8: &Rows8, g: &Group) -> [__m256; NT] {
     acc
 }
 
-/// Block `4gi + K` of a Q5x4 row at `p` as 32 unsigned bytes, decoded as [`super::avx2`]'s
-/// `for_each_block` does: block `K` of a group of four takes the low or high nibbles of one
-/// 32-byte load and bit `K` of the fifth bits.
+/// Block `4gi + K` of a Q5x4 row at `p` as 32 unsigned bytes (the layout of
+/// `formats::repack_q5x4`: a group of four blocks holds four f16 scales, a 16-byte plane of
+/// fifth bits and two 32-byte planes of nibbles). Block `K` takes the low or high nibbles of
+/// one 32-byte load and bit `K` of the fifth bits, moved to bit 4 with one shift.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q5x4_block<const K: usize>(p: *const u8, gi: usize) -> __m256i {
