@@ -36,8 +36,9 @@ pub(super) fn takes(ty: GgmlType) -> bool {
     matches!(ty, GgmlType::Q5x4)
 }
 
-/// Eight rows decoded and transposed by [`decode_q5x4_rows8`]: per 32-weight block, eight vectors of
-/// weights (lane `r` of vector `s`: row `r`'s weights `4s..4s + 4`) and the eight rows' scales.
+/// Eight rows decoded and transposed by [`decode_q5x4_rows8`]: per 32-weight block, eight
+/// vectors of weights (lane `r` of vector `s`: row `r`'s weights `4s..4s + 4`) and the eight
+/// rows' scales.
 #[derive(Default)]
 pub(super) struct Rows8 {
     w: Vec<__m256i>,
