@@ -136,6 +136,21 @@ impl QuantizedActs {
         }
     }
 
+    /// The kernels' view of the group of tokens that starts at token `t0` (a multiple of
+    /// [`GROUP`]).
+    #[cfg(target_arch = "x86_64")]
+    fn group(&self, t0: usize) -> super::avx2::Group {
+        let cols = self.cols;
+        super::avx2::Group {
+            qs: self.qs[t0 * cols..].as_ptr(),
+            d: self.d[t0 * cols / 32..].as_ptr(),
+            s16: self.sums16[t0 * cols / 16..].as_ptr(),
+            s32: self.s32[t0 * cols / 32..].as_ptr(),
+            q16: self.q16[t0 * cols / 32..].as_ptr(),
+            s16_stride: cols / 16,
+        }
+    }
+
     /// Quantizes `x` into a new value, with one scale per 32 values.
     pub fn quantize(x: &[f32], n_tokens: usize, cols: usize) -> Self {
         let mut a = QuantizedActs::default();
@@ -287,6 +302,23 @@ const ROW_BLOCK: usize = 8;
 /// the other half for a group's activations.
 const ROW_BLOCK_BYTES: usize = 16 * 1024;
 
+/// Runs `$pass!(N)` with the literal `N` equal to `$g` (1 to [`GROUP`]): the kernels take the
+/// number of tokens in a group as a constant.
+macro_rules! with_group_size {
+    ($g:expr, $pass:ident) => {
+        match $g {
+            8 => $pass!(8),
+            7 => $pass!(7),
+            6 => $pass!(6),
+            5 => $pass!(5),
+            4 => $pass!(4),
+            3 => $pass!(3),
+            2 => $pass!(2),
+            _ => $pass!(1),
+        }
+    };
+}
+
 /// Rows `rows` (at most [`ROW_BLOCK`]) against every token, `put(t, r, value)` receiving each
 /// product. One token decodes each row in registers; a batch decodes the rows once into
 /// `scratch` and passes each group of up to [`GROUP`] tokens over all of them (eight
@@ -299,17 +331,9 @@ fn simd_rows(
     scratch: &mut [super::avx2::Scratch],
     mut put: impl FnMut(usize, usize, f32),
 ) {
-    use super::avx2::{decode_row, row_dot, row_dot1, Group};
-    let cols = x.cols;
+    use super::avx2::{decode_row, row_dot, row_dot1};
     if x.n_tokens == 1 {
-        let grp = Group {
-            qs: x.qs.as_ptr(),
-            d: x.d.as_ptr(),
-            s16: x.sums16.as_ptr(),
-            s32: x.s32.as_ptr(),
-            q16: x.q16.as_ptr(),
-            s16_stride: cols / 16,
-        };
+        let grp = x.group(0);
         for r in rows {
             // SAFETY: only called when AVX2/FMA/F16C were detected; the bytes are a whole row
             // of `w.ty`, `scratch[0]` was made for `cols`, and the group is the one token of
@@ -329,14 +353,7 @@ fn simd_rows(
     let mut t0 = 0;
     while t0 < x.n_tokens {
         let g = GROUP.min(x.n_tokens - t0);
-        let grp = Group {
-            qs: x.qs[t0 * cols..].as_ptr(),
-            d: x.d[t0 * cols / 32..].as_ptr(),
-            s16: x.sums16[t0 * cols / 16..].as_ptr(),
-            s32: x.s32[t0 * cols / 32..].as_ptr(),
-            q16: x.q16[t0 * cols / 32..].as_ptr(),
-            s16_stride: cols / 16,
-        };
+        let grp = x.group(t0);
         for (r, s) in rows.clone().zip(scratch.iter_mut()) {
             macro_rules! pass {
                 ($n:literal) => {{
@@ -349,16 +366,7 @@ fn simd_rows(
                         .for_each(|(i, v)| put(t0 + i, r, v));
                 }};
             }
-            match g {
-                8 => pass!(8),
-                7 => pass!(7),
-                6 => pass!(6),
-                5 => pass!(5),
-                4 => pass!(4),
-                3 => pass!(3),
-                2 => pass!(2),
-                _ => pass!(1),
-            }
+            with_group_size!(g, pass);
         }
         t0 += g;
     }
@@ -374,20 +382,12 @@ fn rows8_range(
     r8: &mut super::rows8::Rows8,
     ptr: OutPtr,
 ) {
-    use super::avx2::Group;
     use super::rows8::{decode_q5x4_rows8, dot_q5x4_one, dot_rows8, store_lanes, ROWS};
     let cols = x.cols;
     let rows = w.rows;
     let mut r0 = range.start;
     if x.n_tokens == 1 {
-        let grp = Group {
-            qs: x.qs.as_ptr(),
-            d: x.d.as_ptr(),
-            s16: x.sums16.as_ptr(),
-            s32: x.s32.as_ptr(),
-            q16: x.q16.as_ptr(),
-            s16_stride: cols / 16,
-        };
+        let grp = x.group(0);
         while r0 < range.end {
             let n = ROWS.min(range.end - r0);
             let rows_at: [*const u8; ROWS] =
@@ -417,14 +417,7 @@ fn rows8_range(
         let mut t0 = 0;
         while t0 < x.n_tokens {
             let gs = GROUP.min(x.n_tokens - t0);
-            let grp = Group {
-                qs: x.qs[t0 * cols..].as_ptr(),
-                d: x.d[t0 * cols / 32..].as_ptr(),
-                s16: x.sums16[t0 * cols / 16..].as_ptr(),
-                s32: x.s32[t0 * cols / 32..].as_ptr(),
-                q16: x.q16[t0 * cols / 32..].as_ptr(),
-                s16_stride: cols / 16,
-            };
+            let grp = x.group(t0);
             let out = ptr.0.wrapping_add(t0 * rows + r0);
             macro_rules! pass {
                 ($n:literal) => {{
@@ -434,16 +427,7 @@ fn rows8_range(
                     unsafe { dot_rows8::<$n>(r8, &grp, out, rows, n) };
                 }};
             }
-            match gs {
-                8 => pass!(8),
-                7 => pass!(7),
-                6 => pass!(6),
-                5 => pass!(5),
-                4 => pass!(4),
-                3 => pass!(3),
-                2 => pass!(2),
-                _ => pass!(1),
-            }
+            with_group_size!(gs, pass);
             t0 += gs;
         }
         r0 += n;
