@@ -146,9 +146,9 @@ unsafe fn transpose8x32(v: [__m256i; 8]) -> [__m256i; 8] {
 /// integer sum times `dw * d`.
 ///
 /// # Safety
-/// AVX2, FMA and F16C must be available; `r8` must hold rows decoded by [`decode_q5x4_rows8`], the
-/// group must hold `NT` tokens of the rows' width, quantized with one scale per 32 values, and
-/// `out` must have room for every value stored.
+/// AVX2, FMA and F16C must be available; `r8` must hold rows decoded by
+/// [`decode_q5x4_rows8`], the group must hold `NT` tokens of the rows' width, quantized with one
+/// scale per 32 values, and `out` must have room for every value stored.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn dot_rows8<const NT: usize>(
     r8: &Rows8,
@@ -179,13 +179,15 @@ pub(super) unsafe fn store_lanes(v: __m256, dst: *mut f32, n: usize) {
     }
 }
 
-/// Token `t`'s activations `4s..4s + 4` of block `b`, in every lane.
+/// Activations `4s..4s + 4` of the group's block `i` (a token's block, interleaved as
+/// [`Group`] says), in every lane.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn act4(g: &Group, i: usize, s: usize) -> __m256i {
     _mm256_set1_epi32((g.qs.add(32 * i + 4 * s) as *const i32).read_unaligned())
 }
 
+/// [`dot_rows8`]'s products, lane `r` of result `t` being row `r` times token `t`.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q5<const NT: usize>(r8: &Rows8, g: &Group) -> [__m256; NT] {
     let ones = _mm256_set1_epi16(1);
