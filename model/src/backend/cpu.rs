@@ -493,38 +493,23 @@ fn softmax_rows(scores: &mut [f32], ctx: usize, avx2: bool) {
     }
 }
 
-/// Transposes eight vectors of eight floats: lane `l` of the result `i` is lane `i` of `r[l]`.
+/// Transposes eight vectors of eight floats: lane `l` of the result `i` is lane `i` of `r[l]`
+/// (the quantized kernels' 32-bit transpose; the casts move no bits).
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx2")]
 unsafe fn transpose8(r: [std::arch::x86_64::__m256; 8]) -> [std::arch::x86_64::__m256; 8] {
     use std::arch::x86_64::*;
-    let t0 = _mm256_unpacklo_ps(r[0], r[1]);
-    let t1 = _mm256_unpackhi_ps(r[0], r[1]);
-    let t2 = _mm256_unpacklo_ps(r[2], r[3]);
-    let t3 = _mm256_unpackhi_ps(r[2], r[3]);
-    let t4 = _mm256_unpacklo_ps(r[4], r[5]);
-    let t5 = _mm256_unpackhi_ps(r[4], r[5]);
-    let t6 = _mm256_unpacklo_ps(r[6], r[7]);
-    let t7 = _mm256_unpackhi_ps(r[6], r[7]);
-    let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
-    let s1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
-    let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
-    let s3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
-    let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
-    let s5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
-    let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
-    let s7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
-    [
-        _mm256_permute2f128_ps::<0x20>(s0, s4),
-        _mm256_permute2f128_ps::<0x20>(s1, s5),
-        _mm256_permute2f128_ps::<0x20>(s2, s6),
-        _mm256_permute2f128_ps::<0x20>(s3, s7),
-        _mm256_permute2f128_ps::<0x31>(s0, s4),
-        _mm256_permute2f128_ps::<0x31>(s1, s5),
-        _mm256_permute2f128_ps::<0x31>(s2, s6),
-        _mm256_permute2f128_ps::<0x31>(s3, s7),
-    ]
+    // Plain loops: a closure would not inherit the target features.
+    let mut v = [_mm256_setzero_si256(); 8];
+    for (v, r) in v.iter_mut().zip(r) {
+        *v = _mm256_castps_si256(r);
+    }
+    let mut out = [_mm256_setzero_ps(); 8];
+    for (o, t) in out.iter_mut().zip(crate::quant::transpose8x32(v)) {
+        *o = _mm256_castsi256_ps(t);
+    }
+    out
 }
 
 impl Backend for CpuBackend {

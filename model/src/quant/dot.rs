@@ -385,15 +385,21 @@ fn rows8_range(
     use super::rows8::{decode_q5x4_rows8, dot_q5x4_one, dot_rows8, store_lanes, ROWS};
     let cols = x.cols;
     let rows = w.rows;
+    // The block of rows at r0: how many (at most eight), a pointer to each (the last repeated
+    // past the range's end; those lanes are not stored), and the bytes of the block after it,
+    // to prefetch.
+    let block_at = |r0: usize| {
+        let n = ROWS.min(range.end - r0);
+        let at: [*const u8; ROWS] =
+            std::array::from_fn(|i| w.row_bytes(r0 + i.min(n - 1)).as_ptr());
+        let next = (r0 + n).min(rows);
+        (n, at, w.rows_bytes(next..(next + ROWS).min(rows)))
+    };
     let mut r0 = range.start;
     if x.n_tokens == 1 {
         let grp = x.group(0);
         while r0 < range.end {
-            let n = ROWS.min(range.end - r0);
-            let rows_at: [*const u8; ROWS] =
-                std::array::from_fn(|i| w.row_bytes(r0 + i.min(n - 1)).as_ptr());
-            let next = (r0 + n).min(rows);
-            let ahead = w.rows_bytes(next..(next + ROWS).min(rows));
+            let (n, rows_at, ahead) = block_at(r0);
             // SAFETY: only called when AVX2/FMA/F16C were detected; every pointer addresses a
             // whole Q5x4 row of `cols / 32` blocks, the group is x's one token, and
             // (0, r0..r0 + n) lies inside the output and is written by this task only.
@@ -406,11 +412,7 @@ fn rows8_range(
         return;
     }
     while r0 < range.end {
-        let n = ROWS.min(range.end - r0);
-        let at: [*const u8; ROWS] =
-            std::array::from_fn(|i| w.row_bytes(r0 + i.min(n - 1)).as_ptr());
-        let next = (r0 + n).min(rows);
-        let ahead = w.rows_bytes(next..(next + ROWS).min(rows));
+        let (n, at, ahead) = block_at(r0);
         // SAFETY: only called when AVX2/FMA/F16C were detected; the rows are whole Q5x4 rows
         // of `cols / 32` blocks, and `r8` was made for `cols`.
         unsafe { decode_q5x4_rows8(&at, cols / 32, r8, ahead) };

@@ -14,6 +14,8 @@ mod formats;
 #[cfg(target_arch = "x86_64")]
 mod rows8;
 
+#[cfg(target_arch = "x86_64")]
+pub(crate) use avx2::transpose8x32;
 pub(crate) use dot::has_avx2;
 pub use dot::{matmul, matmul_into_scalar, matmul_many, QuantizedActs};
 pub use formats::{dequantize_row, quantize_row_q8_0, GgmlType};
