@@ -4,9 +4,13 @@
 //! round, all paths sharing one batched policy call. Final answers are scored as they appear (one
 //! scorer call per round), so the best answer so far is always current. The strategies differ only
 //! in how the answer is chosen ([`crate::engine`] picks by best value, value sum or vote count),
-//! and self-consistency never calls the scorer.
+//! and self-consistency never calls the scorer: equally frequent answers are told apart by the
+//! policy's own confidence in them (summed), never by which finished first.
+
+use std::sync::Arc;
 
 use crate::engine::{expand, score_nodes, Budget, Io, Tally, Termination};
+use crate::scorer::{LogProbScorer, ScoreRequest};
 use crate::flight::InFlight;
 use crate::policy::Policy;
 use crate::scorer::Scorer;
@@ -62,9 +66,21 @@ async fn round<P: Policy, S: Scorer>(
     if scored {
         score_nodes(&mut flight, io, Some(&mut *tally), &finals).await?;
     } else {
+        // No scorer call: the policy's own confidence (free, from the step log-probs) only
+        // breaks ties between equally frequent answers.
+        let aggregation = io.config.scoring.aggregation;
         for node in finals {
-            if let Some(answer) = flight.tree().node(node).answer() {
-                tally.add(node, answer, None);
+            let tree = flight.tree();
+            if let Some(answer) = tree.node(node).answer() {
+                let request = ScoreRequest {
+                    node,
+                    prompt: Arc::clone(tree.prompt()),
+                    steps: tree.path(node),
+                };
+                let value = LogProbScorer::score_now(&[request])
+                    .first()
+                    .and_then(|s| aggregation.apply(&s.scores));
+                tally.add(node, answer, value);
             }
         }
     }

@@ -46,6 +46,11 @@ pub struct SearchConfig {
     /// Stop after this many policy or scorer calls fail in a row (each failure already marks its
     /// nodes failed; this only keeps a broken backend from eating the whole budget).
     pub max_failed_calls: u32,
+    /// Tree searches (MCTS, beam, DVTS) may ask a node for more children with a new seed
+    /// (progressive widening) until it holds this many: when every child is final or failed, or
+    /// (MCTS) when its visits outgrow its children. A node at this limit whose children are all
+    /// final or failed is exhausted; a search ends `exhausted` only when the root is.
+    pub max_children: u32,
 }
 
 impl Default for SearchConfig {
@@ -60,6 +65,7 @@ impl Default for SearchConfig {
             min_answer_depth: 1,
             convergence: None,
             max_failed_calls: 8,
+            max_children: 64,
         }
     }
 }
@@ -109,21 +115,34 @@ pub struct MctsConfig {
     pub backup: Backup,
     /// How the final answer is chosen.
     pub final_answer: MctsAnswer,
-    /// Roll every new leaf out to a final answer and back up the scored outcome.
+    /// Run every simulation's new leaf on to a final answer, keeping the rollout's steps as tree
+    /// nodes (so every simulation adds an answer to the vote and later ones share its prefix),
+    /// and back up a mix of the leaf's value and the answer's. `null` stops each simulation at
+    /// its new leaf and backs up the leaf's value alone.
     pub rollout: Option<RolloutConfig>,
+    /// Progressive widening: an expanded node with `N` visits may hold
+    /// `ceil(widen_c * N^widen_alpha)` children; when it holds fewer, the next simulation there
+    /// asks it for one more (with a new seed) instead of descending. A node whose children are
+    /// all final or failed is widened by `expand_k` whatever its visits. Up to
+    /// [`SearchConfig::max_children`].
+    pub widen_c: f64,
+    /// Exponent of progressive widening, in [0, 1]; see `widen_c`.
+    pub widen_alpha: f64,
 }
 
 impl Default for MctsConfig {
     fn default() -> Self {
         MctsConfig {
-            expand_k: 4,
+            expand_k: 2,
             c_puct: 0.2,
             c_base: 19652.0,
             simulations_in_flight: 8,
             max_simulations: 10_000,
             backup: Backup::Mean,
-            final_answer: MctsAnswer::MostVisited,
-            rollout: None,
+            final_answer: MctsAnswer::WeightedVote,
+            rollout: Some(RolloutConfig::default()),
+            widen_c: 1.0,
+            widen_alpha: 0.5,
         }
     }
 }
@@ -139,17 +158,23 @@ pub enum Backup {
     Max,
 }
 
-/// How MCTS picks its answer at the end.
+/// How MCTS picks its answer at the end. The votes count every final answer the tree holds
+/// (expanded leaves and rollouts alike); ties go to the larger value sum, then the answer
+/// reached first.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MctsAnswer {
     /// Follow the most visited child from the root down to a final answer.
-    #[default]
     MostVisited,
-    /// The scored final answer (leaf or rollout) with the highest value.
+    /// The scored final answer with the highest value.
     BestValue,
-    /// Sum values per distinct answer over all final answers; the largest sum wins.
+    /// Sum values per distinct answer over all final answers; the largest sum wins (the
+    /// default: weighted voting beat plain majority and single best values on GSM8K with the
+    /// policy's own confidence, docs/eval).
+    #[default]
     WeightedVote,
+    /// The answer most final answers agree on (self-consistency over the tree).
+    Majority,
 }
 
 /// Settings of MCTS rollouts.
@@ -160,6 +185,9 @@ pub struct RolloutConfig {
     pub max_steps: u32,
     /// Temperature of rollout steps; `None` uses [`SamplingConfig::temperature`].
     pub temperature: Option<f32>,
+    /// Weight of the final answer's value in what a simulation backs up, in [0, 1]:
+    /// `(1 - w) * leaf value + w * answer value` (AlphaGo's mix of value and rollout outcome).
+    pub answer_weight: f64,
 }
 
 impl Default for RolloutConfig {
@@ -167,6 +195,7 @@ impl Default for RolloutConfig {
         RolloutConfig {
             max_steps: 16,
             temperature: None,
+            answer_weight: 0.5,
         }
     }
 }
@@ -202,7 +231,7 @@ impl Default for BeamConfig {
         BeamConfig {
             beam_width: 4,
             proposals_per_beam: 4,
-            answer: AnswerSelection::BestValue,
+            answer: AnswerSelection::WeightedVote,
         }
     }
 }
@@ -224,21 +253,22 @@ impl Default for DvtsConfig {
         DvtsConfig {
             beams: 16,
             width: 4,
-            answer: AnswerSelection::BestValue,
+            answer: AnswerSelection::WeightedVote,
         }
     }
 }
 
-/// How a final answer is chosen among scored final answers.
+/// How a final answer is chosen among scored final answers. Every vote breaks ties by the
+/// larger value sum, then by the answer reached first.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AnswerSelection {
     /// The single highest value.
     #[default]
     BestValue,
-    /// The answer whose values sum highest.
+    /// The answer whose values sum highest (ties: more votes).
     WeightedVote,
-    /// The most frequent answer.
+    /// The most frequent answer (ties: larger value sum).
     Majority,
 }
 
@@ -380,6 +410,7 @@ impl SearchConfig {
             in_range("convergence.min_answers", c.min_answers, 1, u32::MAX)?;
         }
         in_range("max_failed_calls", self.max_failed_calls, 1, u32::MAX)?;
+        in_range("max_children", self.max_children, 1, K_MAX * K_MAX)?;
         match &self.strategy {
             StrategyConfig::Mcts(m) => {
                 in_range("strategy.expand_k", m.expand_k, 1, K_MAX)?;
@@ -396,8 +427,20 @@ impl SearchConfig {
                 if !(m.c_base.is_finite() && m.c_base > 0.0) {
                     return Err(invalid("strategy.c_base", "must be finite and > 0"));
                 }
+                if !(m.widen_c.is_finite() && m.widen_c >= 0.0) {
+                    return Err(invalid("strategy.widen_c", "must be finite and >= 0"));
+                }
+                if !(0.0..=1.0).contains(&m.widen_alpha) {
+                    return Err(invalid("strategy.widen_alpha", "must be in [0, 1]"));
+                }
                 if let Some(r) = &m.rollout {
                     in_range("strategy.rollout.max_steps", r.max_steps, 1, DEPTH_MAX)?;
+                    if !(0.0..=1.0).contains(&r.answer_weight) {
+                        return Err(invalid(
+                            "strategy.rollout.answer_weight",
+                            "must be in [0, 1]",
+                        ));
+                    }
                     if r.temperature.is_some_and(|t| !(t.is_finite() && t >= 0.0)) {
                         return Err(invalid(
                             "strategy.rollout.temperature",

@@ -33,6 +33,10 @@ pub struct Costs {
     pub prompt_tokens_reused: u64,
     /// Tokens the scorer computed.
     pub scorer_tokens: u64,
+    /// Of `generated_tokens`, those a scorer generated (a rollout PRM's completions): counted
+    /// against the generated-token budget like the policy's own.
+    #[serde(default)]
+    pub scorer_generated_tokens: u64,
     /// Policy calls issued (including failed and abandoned ones).
     pub policy_calls: u64,
     /// Scorer calls issued (including failed and abandoned ones, and log-prob scoring).
@@ -171,8 +175,14 @@ impl Search {
     /// Validates `config` and makes a tree holding only the prompt.
     pub fn new(prompt: impl Into<Arc<str>>, config: SearchConfig) -> Result<Search, SearchError> {
         config.validate()?;
+        let tree = match config.strategy {
+            StrategyConfig::Mcts(_) | StrategyConfig::Beam(_) | StrategyConfig::Dvts(_) => {
+                Tree::with_max_children(prompt, config.max_children)
+            }
+            _ => Tree::new(prompt),
+        };
         Ok(Search {
-            tree: Tree::new(prompt),
+            tree,
             config,
             ran: false,
         })
@@ -274,6 +284,7 @@ impl AnswerRule {
                 MctsAnswer::MostVisited => AnswerRule::MostVisited(m.backup),
                 MctsAnswer::BestValue => AnswerRule::Tally(AnswerSelection::BestValue),
                 MctsAnswer::WeightedVote => AnswerRule::Tally(AnswerSelection::WeightedVote),
+                MctsAnswer::Majority => AnswerRule::Tally(AnswerSelection::Majority),
             },
             StrategyConfig::BestOfN(_) => AnswerRule::Tally(AnswerSelection::BestValue),
             StrategyConfig::WeightedBestOfN(_) => AnswerRule::Tally(AnswerSelection::WeightedVote),
@@ -341,6 +352,24 @@ impl Tally {
                     .then_with(|| earlier_first(a, b))
             }),
         }
+    }
+
+    /// True before the first final answer.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.total == 0
+    }
+
+    /// Mean depth of the distinct final answers so far (each at the node that first reached it).
+    pub(crate) fn mean_depth(&self, tree: &Tree) -> Option<f64> {
+        if self.entries.is_empty() {
+            return None;
+        }
+        let sum: f64 = self
+            .entries
+            .values()
+            .map(|e| f64::from(tree.node(e.first_node).depth()))
+            .sum();
+        Some(sum / self.entries.len() as f64)
     }
 
     fn converged(&self, min_answers: u32, min_share: f64) -> bool {
@@ -451,9 +480,8 @@ pub fn mix(a: u64, b: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Seed salts, so expansions and each rollout step of one node draw different samples.
+/// Seed salt of the first call at a node; each later call there (widening) adds one.
 pub(crate) const SALT_EXPAND: u64 = 0;
-pub(crate) const SALT_ROLLOUT: u64 = 1 << 20;
 
 /// The search's side of every call: the policy and scorer, budgets, costs, events.
 pub(crate) struct Io<'a, P, S> {
@@ -641,10 +669,12 @@ impl<'a, P: Policy, S: Scorer> Io<'a, P, S> {
         match reply {
             Ok(replies) => {
                 for r in &replies {
-                    self.costs.scorer_tokens = self
-                        .costs
-                        .scorer_tokens
-                        .saturating_add(r.cost.tokens_computed);
+                    let c = &mut self.costs;
+                    c.scorer_tokens = c.scorer_tokens.saturating_add(r.cost.tokens_computed);
+                    c.generated_tokens = c.generated_tokens.saturating_add(r.cost.generated_tokens);
+                    c.scorer_generated_tokens = c
+                        .scorer_generated_tokens
+                        .saturating_add(r.cost.generated_tokens);
                 }
                 if replies.len() != expected {
                     self.stats.scorer_errors += 1;
@@ -747,12 +777,23 @@ fn malformed(step: &crate::policy::ProposedStep) -> Option<String> {
     None
 }
 
-/// Expands every `(leaf, k)` (already `Expanding`) with one batched policy call. Returns the new
-/// children that did not fail. Terminal children get their answer extracted.
+/// Expands every `(leaf, k)` (claimed with [`InFlight::begin_expanding`]: an unexpanded leaf,
+/// or an expanded node being widened) with one batched policy call. Returns the new children
+/// that did not fail. Terminal children get their answer extracted.
 pub(crate) async fn expand<P: Policy, S: Scorer>(
     flight: &mut InFlight<'_>,
     io: &mut Io<'_, P, S>,
     leaves: &[(NodeId, u32)],
+) -> Result<Vec<NodeId>, Termination> {
+    expand_at(flight, io, leaves, None).await
+}
+
+/// [`expand`] at `temperature` instead of the configured one, when given (rollouts).
+pub(crate) async fn expand_at<P: Policy, S: Scorer>(
+    flight: &mut InFlight<'_>,
+    io: &mut Io<'_, P, S>,
+    leaves: &[(NodeId, u32)],
+    temperature: Option<f32>,
 ) -> Result<Vec<NodeId>, Termination> {
     let tree = flight.tree();
     let requests = leaves
@@ -762,14 +803,25 @@ pub(crate) async fn expand<P: Policy, S: Scorer>(
             prompt: Arc::clone(tree.prompt()),
             steps: tree.path(node),
             k,
-            sampling: io.sampling(node, SALT_EXPAND, None),
+            // Each call at a node draws new samples: a widened node must not get its first
+            // children again.
+            sampling: io.sampling(
+                node,
+                SALT_EXPAND + u64::from(tree.node(node).expansions()),
+                temperature,
+            ),
         })
         .collect();
     let replies = match io.propose(requests).await? {
         Ok(replies) => replies,
         Err(e) => {
             for &(leaf, _) in leaves {
-                io.fail(flight.tree_mut(), leaf, &e.message);
+                if flight.tree().node(leaf).is_widening() {
+                    // Its children stand; only the call for more of them failed.
+                    flight.tree_mut().abandon_expanding(leaf);
+                } else {
+                    io.fail(flight.tree_mut(), leaf, &e.message);
+                }
             }
             return Ok(Vec::new());
         }
@@ -779,11 +831,13 @@ pub(crate) async fn expand<P: Policy, S: Scorer>(
     for (&(leaf, k), reply) in leaves.iter().zip(replies) {
         let count = reply.steps.len();
         if count == 0 || count > k as usize {
-            io.fail(
-                flight.tree_mut(),
-                leaf,
-                &format!("policy returned {count} steps for k = {k}"),
-            );
+            let reason = format!("policy returned {count} steps for k = {k}");
+            if flight.tree().node(leaf).is_widening() {
+                flight.tree_mut().abandon_expanding(leaf);
+                tracing::debug!(%leaf, reason, "widening failed");
+            } else {
+                io.fail(flight.tree_mut(), leaf, &reason);
+            }
             continue;
         }
         let depth = flight.tree().node(leaf).depth() + 1;
@@ -974,7 +1028,16 @@ mod tests {
         check(&entries, AnswerSelection::BestValue, "0.5"); // 0.9 is the single best, "1/2" == "0.5"
         check(&entries, AnswerSelection::WeightedVote, "7"); // 1.4 against 1.0
         check(&entries, AnswerSelection::Majority, "7"); // 3 votes against 2
-                                                         // Ties go to the answer seen first.
+        // Equal votes: the larger value sum wins, not the answer that finished first (which is
+        // usually the cheapest guess).
+        let tie = [("3", Some(0.2)), ("4", Some(0.3)), ("4", Some(0.2)), ("3", Some(0.4))];
+        check(&tie, AnswerSelection::Majority, "3");
+        let tie = [("3", Some(0.2)), ("4", Some(0.7))];
+        check(&tie, AnswerSelection::Majority, "4");
+        // Equal value sums: more votes win.
+        let tie = [("3", Some(0.6)), ("4", Some(0.3)), ("4", Some(0.3))];
+        check(&tie, AnswerSelection::WeightedVote, "4");
+        // Only with nothing else to go on does the answer seen first win.
         check(&[("3", None), ("4", None)], AnswerSelection::Majority, "3");
         check(
             &[("3", Some(0.5)), ("4", Some(0.5))],
@@ -1025,7 +1088,7 @@ mod tests {
 
     #[test]
     fn seeds_differ_by_node_and_salt() {
-        let seeds = [mix(1, 0), mix(1, 1), mix(2, 0), mix(1, SALT_ROLLOUT)];
+        let seeds = [mix(1, 0), mix(1, 1), mix(2, 0), mix(1, 1 << 32)];
         for (i, a) in seeds.iter().enumerate() {
             for b in &seeds[i + 1..] {
                 assert_ne!(a, b);

@@ -1,46 +1,75 @@
-//! Monte-Carlo tree search with PUCT selection, batched expansion under virtual loss, optional
-//! rollouts, and mean or max backup.
+//! Monte-Carlo tree search with PUCT selection, progressive widening, batched expansion under
+//! virtual loss, rollouts kept as tree nodes, and mean or max backup.
 //!
 //! One round: select up to `simulations_in_flight` paths (each loads virtual loss so the next
-//! selection looks elsewhere), expand all their leaves with one policy call, score all new children
-//! with one scorer call, step each simulation into its best new child (whose scored value is its
-//! initial Q), optionally roll those children out, then back every simulation up. The round's
-//! [`InFlight`] guard undoes whatever a round leaves half-done.
+//! selection looks elsewhere). A selection ends at an unexpanded leaf, or at an expanded node
+//! that is due more children (progressive widening: all its children are final or failed, or its
+//! visits outgrew them). All those nodes are expanded with one policy call and their new children
+//! scored with one scorer call; each simulation steps into its best new child. With rollouts on
+//! (the default), each simulation then runs that child on to a final answer, one batched policy
+//! call per step for all simulations of the round, and **every rollout step becomes a tree node**
+//! (so later simulations share the prefix, and the final answer enters the vote). Each simulation
+//! backs up `(1 - w) * leaf value + w * answer value`. Final answers are never revisited: they are
+//! valued once, when they are made, so every simulation adds a new path.
+//!
+//! The search ends `exhausted` only when the root is: every node it reaches holds
+//! [`crate::SearchConfig::max_children`] children and all of them are final or failed.
+//! The round's [`InFlight`] guard undoes whatever a round leaves half-done.
 
-use std::sync::Arc;
-
-use crate::answer::extract_answer;
-use crate::config::{MctsConfig, RolloutConfig};
-use crate::engine::{expand, score_nodes, Budget, Io, Tally, Termination, SALT_ROLLOUT};
+use crate::config::MctsConfig;
+use crate::engine::{expand, expand_at, score_nodes, Budget, Io, Tally, Termination};
 use crate::flight::InFlight;
-use crate::policy::{Policy, ProposeRequest, Step, StepStop};
-use crate::scorer::{ScoreRequest, Scorer};
+use crate::policy::Policy;
+use crate::scorer::Scorer;
 use crate::tree::{NodeId, NodeState, Puct, Rollout, Tree};
 
 /// Where one selection ended.
 enum Descent {
     /// An unexpanded leaf: claim it.
     Leaf(NodeId),
-    /// A final answer: back its value up again.
-    Terminal(NodeId),
-    /// A leaf another simulation of this round is expanding (or nothing selectable).
+    /// An expanded node due more children: widen it by this many.
+    Widen(NodeId, u32),
+    /// A node another simulation of this round is expanding or widening (or nothing selectable).
     Busy(NodeId),
 }
 
+/// Progressive widening's rule: how many more children `id` should get now, 0 for none.
+fn widen_by(tree: &Tree, id: NodeId, config: &MctsConfig) -> u32 {
+    if !tree.can_widen(id) {
+        return 0;
+    }
+    let node = tree.node(id);
+    let room = u64::from(tree.max_children()).saturating_sub(node.edges().len() as u64);
+    let room = u32::try_from(room).unwrap_or(u32::MAX);
+    if node.open_children() == 0 {
+        return config.expand_k.min(room);
+    }
+    let visits = f64::from(tree.incoming(id).visits);
+    let allowed = (config.widen_c * visits.powf(config.widen_alpha)).ceil();
+    u32::from(allowed > node.edges().len() as f64).min(room)
+}
+
 /// Walks from the root along the best PUCT edges; counts every node passed.
-fn descend(tree: &Tree, puct: &Puct, visits: &mut u64) -> Descent {
+fn descend(tree: &Tree, puct: &Puct, config: &MctsConfig, visits: &mut u64) -> Descent {
     let mut at = NodeId::ROOT;
     loop {
         *visits += 1;
         let node = tree.node(at);
         match node.state() {
-            NodeState::Expanded => match tree.select_child(at, puct) {
-                Some(edge) => at = node.edges()[edge as usize].child(),
-                None => return Descent::Busy(at),
-            },
+            NodeState::Expanded => {
+                let more = widen_by(tree, at, config);
+                if more > 0 {
+                    return Descent::Widen(at, more);
+                }
+                match tree.select_open_child(at, puct) {
+                    Some(edge) => at = node.edges()[edge as usize].child(),
+                    None => return Descent::Busy(at),
+                }
+            }
             NodeState::Unexpanded => return Descent::Leaf(at),
-            NodeState::Terminal => return Descent::Terminal(at),
-            NodeState::Expanding | NodeState::Failed => return Descent::Busy(at),
+            NodeState::Terminal | NodeState::Expanding | NodeState::Failed => {
+                return Descent::Busy(at)
+            }
         }
     }
 }
@@ -49,12 +78,14 @@ fn descend(tree: &Tree, puct: &Puct, visits: &mut u64) -> Descent {
 struct Simulation {
     /// Its slot in the round's [`InFlight`].
     slot: usize,
-    /// True when it claimed a leaf to expand; false for a terminal revisit.
-    expands: bool,
-    /// True once an expanding simulation stepped into a new child.
-    stepped: bool,
-    /// The value its rollout reached, when it had one.
-    rollout_value: Option<f64>,
+    /// The node it expanded or widened.
+    leaf: NodeId,
+    /// The new child it stepped into, valued by the scorer.
+    start: Option<NodeId>,
+    /// The final answer its rollout reached.
+    end: Option<NodeId>,
+    /// Rollout steps added below `start`.
+    added: u32,
 }
 
 pub(crate) async fn run<P: Policy, S: Scorer>(
@@ -97,7 +128,8 @@ async fn round<P: Policy, S: Scorer>(
     io.check_policy()?;
     io.check_scorer(1 + u64::from(config.rollout.is_some()))?;
     let k = config.expand_k;
-    let room = io.nodes_left(tree) / u64::from(k);
+    let rollout_room = config.rollout.as_ref().map_or(0, |r| u64::from(r.max_steps));
+    let room = io.nodes_left(tree) / (u64::from(k) + rollout_room);
     if room == 0 {
         return Err(Termination::Budget(Budget::Nodes));
     }
@@ -113,235 +145,163 @@ async fn round<P: Policy, S: Scorer>(
     let mut attempts = 0;
     while sims.len() < slots && attempts < 2 * slots {
         attempts += 1;
-        match descend(flight.tree(), puct, &mut io.stats.node_visits) {
-            Descent::Leaf(leaf) => {
-                flight.begin_expanding(leaf);
-                let slot = flight.load(leaf);
-                sims.push(Simulation {
-                    slot,
-                    expands: true,
-                    stepped: false,
-                    rollout_value: None,
-                });
-                leaves.push((leaf, k));
-            }
-            Descent::Terminal(node) => {
-                let slot = flight.load(node);
-                sims.push(Simulation {
-                    slot,
-                    expands: false,
-                    stepped: false,
-                    rollout_value: None,
-                });
-            }
+        let (leaf, k) = match descend(flight.tree(), puct, config, &mut io.stats.node_visits) {
+            Descent::Leaf(leaf) => (leaf, k),
+            Descent::Widen(node, more) => (node, more),
             Descent::Busy(node) => {
                 io.stats.collisions += 1;
                 if node == NodeId::ROOT {
-                    break; // only the root exists: nothing else can be selected this round
+                    break; // the root itself is busy: nothing else can be selected this round
                 }
+                continue;
             }
-        }
+        };
+        flight.begin_expanding(leaf);
+        let slot = flight.load(leaf);
+        sims.push(Simulation {
+            slot,
+            leaf,
+            start: None,
+            end: None,
+            added: 0,
+        });
+        leaves.push((leaf, k));
+    }
+    if sims.is_empty() {
+        // Nothing is selectable although the root is not exhausted: cannot happen between
+        // rounds (every open node has an open child or room to widen), but never spin.
+        return Err(Termination::Exhausted);
     }
 
-    if !leaves.is_empty() {
-        let children = expand(&mut flight, io, &leaves).await?;
-        score_nodes(&mut flight, io, Some(&mut *tally), &children).await?;
-        // Each expanding simulation goes on into its best new child, valued by the scorer.
-        let mut starts = Vec::new();
-        for (i, sim) in sims.iter_mut().enumerate().filter(|(_, s)| s.expands) {
-            let Some(leaf) = flight.end(sim.slot) else {
-                continue;
-            };
-            if flight.tree().node(leaf).state() != NodeState::Expanded {
-                continue;
-            }
-            if let Some(edge) = flight.tree().select_child(leaf, puct) {
-                let child = flight.tree().node(leaf).edges()[edge as usize].child();
-                flight.step_down(sim.slot, child);
-                sim.stepped = true;
-                io.stats.node_visits += 1;
-                if config.rollout.is_some()
-                    && flight.tree().node(child).state() == NodeState::Unexpanded
-                {
-                    starts.push((i, child));
-                }
-            }
-        }
-        if let Some(rollout) = &config.rollout {
-            let values = rollouts(&mut flight, io, tally, rollout, &starts).await?;
-            for ((i, _), value) in starts.iter().zip(values) {
-                sims[*i].rollout_value = value;
+    let children = expand(&mut flight, io, &leaves).await?;
+    score_nodes(&mut flight, io, Some(&mut *tally), &children).await?;
+    // Each simulation goes on into its best new child: the highest value, then prior.
+    for sim in &mut sims {
+        let tree = flight.tree();
+        let best = children
+            .iter()
+            .copied()
+            .filter(|&c| tree.node(c).parent() == Some(sim.leaf))
+            .filter(|&c| tree.node(c).state() != NodeState::Failed)
+            .max_by(|&a, &b| {
+                let (na, nb) = (tree.node(a), tree.node(b));
+                na.score()
+                    .unwrap_or(f64::NEG_INFINITY)
+                    .total_cmp(&nb.score().unwrap_or(f64::NEG_INFINITY))
+                    .then(tree.prior(a).total_cmp(&tree.prior(b)))
+                    .then(b.cmp(&a))
+            });
+        if let Some(child) = best {
+            flight.step_down(sim.slot, child);
+            io.stats.node_visits += 1;
+            sim.start = Some(child);
+            if flight.tree().node(child).state() == NodeState::Terminal {
+                sim.end = Some(child);
             }
         }
     }
+    let rolled = roll_out(&mut flight, io, tally, config, &mut sims).await;
 
     for sim in &sims {
-        let Some(end) = flight.end(sim.slot) else {
-            continue;
-        };
-        let node = flight.tree().node(end);
-        // A simulation whose leaf failed to expand never reached a value: it only releases.
-        let lands = node.state() != NodeState::Failed && (!sim.expands || sim.stepped);
-        let value = if lands {
-            sim.rollout_value.or(node.score())
-        } else {
-            None
-        };
+        let value = sim.start.and_then(|start| {
+            let tree = flight.tree();
+            let leaf_value = tree.node(start).score();
+            let answer_value = sim.end.and_then(|end| tree.node(end).score());
+            let w = config.rollout.as_ref().map_or(0.0, |r| r.answer_weight);
+            match (leaf_value, answer_value) {
+                (Some(l), Some(a)) if sim.end != Some(start) => Some((1.0 - w) * l + w * a),
+                (l, a) => l.or(a),
+            }
+        });
+        if let (Some(start), Some(value)) = (sim.start, value) {
+            if sim.added > 0 {
+                let answer = sim.end.and_then(|e| flight.tree().node(e).answer().cloned());
+                flight.tree_mut().set_rollout(
+                    start,
+                    Rollout {
+                        steps: sim.added,
+                        answer,
+                        value,
+                    },
+                );
+            }
+        }
         let walked = flight.settle(sim.slot, value);
         if value.is_some() {
             io.stats.node_visits += walked;
             io.stats.simulations += 1;
         }
     }
-    Ok(())
+    rolled
 }
 
-/// A rollout in progress.
-struct Roll {
-    /// The tree node it started from.
-    start: NodeId,
-    /// The full path so far: the start node's path plus the rollout's own steps.
-    steps: Vec<Arc<Step>>,
-    /// Steps the rollout added.
-    added: u32,
-    /// Still generating.
-    open: bool,
-    /// Reached a final answer.
-    finished: bool,
-}
-
-/// Rolls each start node out to a final answer, one batched policy call per step, then scores the
-/// finished paths with one scorer call. Unfinished rollouts (budget, errors, `max_steps`) return
-/// `None`, and their simulations back up the start node's own value instead.
-async fn rollouts<P: Policy, S: Scorer>(
+/// Runs every simulation's new child on to a final answer, one batched policy call per step,
+/// each step a new tree node the simulation steps into; the final answers are scored (and
+/// tallied) with one scorer call per step that made any. A rollout stops early at the step
+/// limit, at a failed step, or when a budget runs out; its simulation then backs up the leaf's
+/// value alone.
+async fn roll_out<P: Policy, S: Scorer>(
     flight: &mut InFlight<'_>,
     io: &mut Io<'_, P, S>,
     tally: &mut Tally,
-    config: &RolloutConfig,
-    starts: &[(usize, NodeId)],
-) -> Result<Vec<Option<f64>>, Termination> {
-    let max_depth = io.config.max_depth as usize;
-    let mut rolls: Vec<Roll> = starts
-        .iter()
-        .map(|&(_, start)| Roll {
-            start,
-            steps: flight.tree().path(start),
-            added: 0,
-            open: true,
-            finished: false,
-        })
-        .collect();
-    let prompt = Arc::clone(flight.tree().prompt());
+    config: &MctsConfig,
+    sims: &mut [Simulation],
+) -> Result<(), Termination> {
+    let Some(rollout) = &config.rollout else {
+        return Ok(());
+    };
     loop {
-        let active: Vec<usize> = (0..rolls.len()).filter(|&i| rolls[i].open).collect();
-        if active.is_empty() {
-            break;
-        }
-        if let Err(t) = io.check_policy() {
-            if t.is_abrupt() {
-                return Err(t);
-            }
-            break;
-        }
-        let requests = active
-            .iter()
-            .map(|&i| ProposeRequest {
-                node: rolls[i].start,
-                prompt: Arc::clone(&prompt),
-                steps: rolls[i].steps.clone(),
-                k: 1,
-                sampling: io.sampling(
-                    rolls[i].start,
-                    SALT_ROLLOUT + u64::from(rolls[i].added),
-                    config.temperature,
-                ),
+        let active: Vec<usize> = (0..sims.len())
+            .filter(|&i| {
+                let sim = &sims[i];
+                sim.end.is_none()
+                    && sim.added < rollout.max_steps
+                    && sim.start.is_some()
+                    && flight.end(sim.slot).is_some_and(|at| {
+                        flight.tree().node(at).state() == NodeState::Unexpanded
+                    })
             })
             .collect();
-        let replies = match io.propose(requests).await? {
-            Ok(replies) => replies,
-            Err(_) => break,
-        };
-        for (&i, reply) in active.iter().zip(replies) {
-            let roll = &mut rolls[i];
-            let mut steps = reply.steps.into_iter();
-            let step = match (steps.next(), steps.next()) {
-                (Some(step), None)
-                    if step.token_logprobs.is_empty()
-                        || step.token_logprobs.len() == step.token_ids.len() =>
-                {
-                    step
-                }
-                _ => {
-                    roll.open = false;
-                    continue;
-                }
+        if active.is_empty() {
+            return Ok(());
+        }
+        if let Err(t) = io.check_policy().and_then(|()| io.check_scorer(1)) {
+            // Out of budget: the simulations back up what they have.
+            return if t.is_abrupt() { Err(t) } else { Ok(()) };
+        }
+        if io.nodes_left(flight.tree()) < active.len() as u64 {
+            return Ok(());
+        }
+        let mut leaves = Vec::with_capacity(active.len());
+        for &i in &active {
+            let at = flight.end(sims[i].slot).expect("checked above");
+            flight.begin_expanding(at);
+            leaves.push((at, 1));
+        }
+        let children = expand_at(flight, io, &leaves, rollout.temperature).await?;
+        let finals: Vec<NodeId> = children
+            .iter()
+            .copied()
+            .filter(|&c| flight.tree().node(c).state() == NodeState::Terminal)
+            .collect();
+        for &i in &active {
+            let sim = &mut sims[i];
+            let at = flight.end(sim.slot).expect("checked above");
+            let Some(child) = children
+                .iter()
+                .copied()
+                .find(|&c| flight.tree().node(c).parent() == Some(at))
+            else {
+                sim.added = rollout.max_steps; // the step failed: this rollout is over
+                continue;
             };
-            let stop = step.stop;
-            roll.steps.push(Arc::new(Step {
-                text: step.text,
-                token_ids: step.token_ids,
-                token_logprobs: step.token_logprobs,
-            }));
-            roll.added += 1;
-            if stop == StepStop::EndOfSequence || roll.steps.len() >= max_depth {
-                roll.finished = true;
-                roll.open = false;
-            } else if roll.added >= config.max_steps {
-                roll.open = false;
+            flight.step_down(sim.slot, child);
+            io.stats.node_visits += 1;
+            sim.added += 1;
+            if flight.tree().node(child).state() == NodeState::Terminal {
+                sim.end = Some(child);
             }
         }
+        score_nodes(flight, io, Some(&mut *tally), &finals).await?;
     }
-    for roll in &mut rolls {
-        roll.open = false;
-    }
-
-    let mut values = vec![None; rolls.len()];
-    let finished: Vec<usize> = (0..rolls.len()).filter(|&i| rolls[i].finished).collect();
-    if finished.is_empty() {
-        return Ok(values);
-    }
-    if let Err(t) = io.check_scorer(1) {
-        return if t.is_abrupt() { Err(t) } else { Ok(values) };
-    }
-    let requests = finished
-        .iter()
-        .map(|&i| ScoreRequest {
-            node: rolls[i].start,
-            prompt: Arc::clone(&prompt),
-            steps: rolls[i].steps.clone(),
-        })
-        .collect();
-    let Ok(replies) = io.score(requests).await? else {
-        return Ok(values);
-    };
-    let aggregation = io.config.scoring.aggregation;
-    for (&i, reply) in finished.iter().zip(replies) {
-        let roll = &rolls[i];
-        if reply.scores.len() != roll.steps.len() {
-            continue;
-        }
-        let Some(value) = aggregation.apply(&reply.scores) else {
-            continue;
-        };
-        let text = roll
-            .steps
-            .iter()
-            .map(|s| s.text.as_str())
-            .collect::<Vec<_>>()
-            .join("\n");
-        let answer = extract_answer(&text);
-        if let Some(answer) = &answer {
-            tally.add(roll.start, answer, Some(value));
-        }
-        flight.tree_mut().set_rollout(
-            roll.start,
-            Rollout {
-                steps: roll.added,
-                answer,
-                value,
-            },
-        );
-        values[i] = Some(value);
-    }
-    Ok(values)
 }

@@ -24,8 +24,12 @@ pub struct ScoreRequest {
 /// What one score request cost.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ScoreCost {
-    /// Tokens the reward model computed (after any cache reuse).
+    /// Tokens the reward model computed (after any cache reuse), generated ones included.
     pub tokens_computed: u64,
+    /// Of those, tokens it generated (a rollout PRM's completions). A search counts these
+    /// against its generated-token budget too: they are compute the policy model spent.
+    #[serde(default)]
+    pub generated_tokens: u64,
 }
 
 /// The answer to one [`ScoreRequest`].

@@ -457,6 +457,7 @@ impl Scorer for GameScorer {
                 scores: self.score_path(&request.steps),
                 cost: ScoreCost {
                     tokens_computed: tokens,
+                    ..ScoreCost::default()
                 },
             });
         }

@@ -173,8 +173,15 @@ pub struct Node {
     open_children: u32,
     /// Children that failed; the node fails when every child has.
     blocked_children: u32,
-    /// Nothing below this node is left to expand.
+    /// Nothing below this node is left to expand: it is final or failed, or every child is
+    /// exhausted and it holds [`Tree::max_children`] children, so it cannot be widened.
     exhausted: bool,
+    /// A policy call for more children of this expanded node is in flight (progressive
+    /// widening); nobody else may widen it meanwhile.
+    widening: bool,
+    /// Policy calls that added children here (its first expansion and every widening); salts
+    /// the sampling seed so each call draws new samples.
+    expansions: u32,
     /// Why the node failed.
     failure: Option<String>,
     /// The rollout that started here, if any.
@@ -201,6 +208,8 @@ impl Node {
             open_children: 0,
             blocked_children: 0,
             exhausted: false,
+            widening: false,
+            expansions: 0,
             failure: None,
             rollout: None,
         }
@@ -256,6 +265,21 @@ impl Node {
         self.exhausted
     }
 
+    /// Children that are not exhausted.
+    pub fn open_children(&self) -> u32 {
+        self.open_children
+    }
+
+    /// True while a call for more children of this expanded node is in flight.
+    pub fn is_widening(&self) -> bool {
+        self.widening
+    }
+
+    /// Policy calls that added children here (the first expansion and every widening).
+    pub fn expansions(&self) -> u32 {
+        self.expansions
+    }
+
     /// Why the node failed.
     pub fn failure(&self) -> Option<&str> {
         self.failure.as_deref()
@@ -294,6 +318,9 @@ pub struct Tree {
     root_stats: EdgeStats,
     /// The prompt every path continues.
     prompt: Arc<str>,
+    /// Most children one node may get through widening (0: widening off); a node holding this
+    /// many whose children are all exhausted is exhausted itself.
+    max_children: u32,
 }
 
 impl Tree {
@@ -303,7 +330,33 @@ impl Tree {
             nodes: vec![Node::new(None, 0, None, None)],
             root_stats: EdgeStats::default(),
             prompt: prompt.into(),
+            max_children: 0,
         }
+    }
+
+    /// A tree whose expanded nodes may be widened until they hold `max_children` children each.
+    /// [`Tree::new`] makes one with widening off (0): a node's first expansion is its last.
+    pub fn with_max_children(prompt: impl Into<Arc<str>>, max_children: u32) -> Tree {
+        Tree {
+            max_children,
+            ..Tree::new(prompt)
+        }
+    }
+
+    /// Most children one node may get through widening; 0 when widening is off.
+    pub fn max_children(&self) -> u32 {
+        self.max_children
+    }
+
+    /// True when `id` is expanded and may take more children (progressive widening): it holds
+    /// fewer than [`Tree::max_children`] and no widening of it is in flight.
+    pub fn can_widen(&self, id: NodeId) -> bool {
+        let node = &self.nodes[id.index()];
+        node.state == NodeState::Expanded && !node.widening && self.has_room(node)
+    }
+
+    fn has_room(&self, node: &Node) -> bool {
+        (node.edges.len() as u64) < u64::from(self.max_children)
     }
 
     /// Number of nodes, root included.
@@ -382,12 +435,19 @@ impl Tree {
 
     // ---- Mutation, for the search only -------------------------------------------------------
 
+    /// Claims `id` for a policy call that adds children: an unexpanded leaf becomes
+    /// `Expanding`; an expanded node that [`Tree::can_widen`] is marked widening.
     pub(crate) fn begin_expanding(&mut self, id: NodeId) {
+        let widen = self.can_widen(id);
         let node = &mut self.nodes[id.index()];
+        if widen {
+            node.widening = true;
+            return;
+        }
         assert_eq!(
             node.state,
             NodeState::Unexpanded,
-            "{id} claimed for expansion twice"
+            "{id} claimed for expansion twice (or widened past its limit)"
         );
         node.state = NodeState::Expanding;
     }
@@ -396,25 +456,42 @@ impl Tree {
     /// not panic.
     pub(crate) fn abandon_expanding(&mut self, id: NodeId) {
         let node = &mut self.nodes[id.index()];
+        node.widening = false;
         if node.state == NodeState::Expanding {
             node.state = NodeState::Unexpanded;
         }
     }
 
-    /// Adds the children of an expanding node and marks it expanded (or failed, when no child is
-    /// viable). Returns the new ids in order.
+    /// Adds the children of an expanding node and marks it expanded, or appends the children of
+    /// a widening one (priors then shared among old and new children by their counts). A node
+    /// left with no viable child fails, unless it can still be widened. Returns the new ids.
     pub(crate) fn expand(&mut self, parent: NodeId, children: Vec<NewChild>) -> Vec<NodeId> {
-        assert_eq!(
-            self.nodes[parent.index()].state,
-            NodeState::Expanding,
+        let p = &self.nodes[parent.index()];
+        let widening = p.state == NodeState::Expanded && p.widening;
+        assert!(
+            widening || p.state == NodeState::Expanding,
             "{parent} expanded while not expanding"
         );
-        let depth = self.nodes[parent.index()].depth + 1;
+        let depth = p.depth + 1;
+        let old = p.edges.iter().filter(|e| !e.blocked).count();
+        let fresh = children.iter().filter(|c| c.failure.is_none()).count();
+        if widening && old + fresh > 0 {
+            let keep = old as f32 / (old + fresh) as f32;
+            for e in &mut self.nodes[parent.index()].edges {
+                e.prior *= keep;
+            }
+        }
+        let share = if widening && old + fresh > 0 {
+            fresh as f32 / (old + fresh) as f32
+        } else {
+            1.0
+        };
         let mut ids = Vec::with_capacity(children.len());
         let (mut open, mut blocked) = (0, 0);
-        for (i, c) in children.into_iter().enumerate() {
+        for c in children {
             let id = NodeId(u32::try_from(self.nodes.len()).expect("node count fits u32"));
-            let mut node = Node::new(Some((parent, i as u32)), depth, Some(c.step), Some(c.stop));
+            let index = self.nodes[parent.index()].edges.len() as u32;
+            let mut node = Node::new(Some((parent, index)), depth, Some(c.step), Some(c.stop));
             let failed = c.failure.is_some();
             if failed {
                 node.state = NodeState::Failed;
@@ -426,7 +503,7 @@ impl Tree {
             node.exhausted = failed || c.terminal;
             open += u32::from(!node.exhausted);
             self.nodes.push(node);
-            let prior = if failed { 0.0 } else { c.prior };
+            let prior = if failed { 0.0 } else { c.prior * share };
             let edge = Edge {
                 child: id,
                 prior,
@@ -439,11 +516,15 @@ impl Tree {
         }
         let node = &mut self.nodes[parent.index()];
         node.state = NodeState::Expanded;
-        node.open_children = open;
-        node.blocked_children = blocked;
-        if blocked as usize == node.edges.len() {
+        node.widening = false;
+        node.expansions = node.expansions.saturating_add(1);
+        node.open_children += open;
+        node.blocked_children += blocked;
+        let (open, blocked, len) = (node.open_children, node.blocked_children, node.edges.len());
+        let room = self.has_room(&self.nodes[parent.index()]);
+        if blocked as usize == len && !room {
             self.fail(parent, "no viable continuation");
-        } else if open == 0 {
+        } else if open == 0 && !room {
             self.mark_exhausted(parent);
         }
         ids
@@ -465,10 +546,14 @@ impl Tree {
             let Some((parent, edge)) = self.nodes[at.index()].parent else {
                 return;
             };
+            let room = self.has_room(&self.nodes[parent.index()]);
             let p = &mut self.nodes[parent.index()];
             p.edges[edge as usize].blocked = true;
             p.blocked_children += 1;
-            if p.state != NodeState::Expanded || (p.blocked_children as usize) < p.edges.len() {
+            if p.state != NodeState::Expanded
+                || (p.blocked_children as usize) < p.edges.len()
+                || room
+            {
                 return;
             }
             at = parent;
@@ -488,9 +573,10 @@ impl Tree {
             let Some((parent, _)) = node.parent else {
                 return;
             };
+            let room = self.has_room(&self.nodes[parent.index()]);
             let p = &mut self.nodes[parent.index()];
             p.open_children = p.open_children.saturating_sub(1);
-            if p.open_children > 0 || p.state != NodeState::Expanded {
+            if p.open_children > 0 || p.state != NodeState::Expanded || room {
                 return;
             }
             at = parent;
@@ -517,9 +603,26 @@ impl Tree {
 
     /// Picks the child edge with the highest PUCT score, AlphaZero's form:
     /// `Q + c(s) · P · sqrt(N_parent) / (1 + N)` with `c(s) = c_puct + ln((N_parent + c_base + 1) / c_base)`.
-    /// In-flight simulations count in both N's. Ties go to the earlier edge.
+    /// In-flight simulations count in both N's. Ties go to the earlier edge. Failed children are
+    /// skipped, and exhausted ones too (final answers are valued once, when they are made).
     #[inline]
+    pub(crate) fn select_open_child(&self, id: NodeId, puct: &Puct) -> Option<u32> {
+        self.select_where(id, puct, |tree, e| !tree.nodes[e.child.index()].exhausted)
+    }
+
+    /// [`Tree::select_open_child`] over every child that has not failed.
+    #[cfg(test)]
     pub(crate) fn select_child(&self, id: NodeId, puct: &Puct) -> Option<u32> {
+        self.select_where(id, puct, |_, _| true)
+    }
+
+    #[inline]
+    fn select_where(
+        &self,
+        id: NodeId,
+        puct: &Puct,
+        eligible: impl Fn(&Tree, &Edge) -> bool,
+    ) -> Option<u32> {
         let incoming = self.incoming(id);
         let n_parent = f64::from(incoming.visits + incoming.virtual_loss);
         let c = puct.c_puct + ((n_parent + puct.c_base + 1.0) / puct.c_base).ln();
@@ -527,7 +630,7 @@ impl Tree {
         let mut best = None;
         let mut best_score = f64::NEG_INFINITY;
         for (i, e) in self.nodes[id.index()].edges.iter().enumerate() {
-            if e.blocked {
+            if e.blocked || !eligible(self, e) {
                 continue;
             }
             let n_child = f64::from(e.stats.visits + e.stats.virtual_loss);
@@ -641,7 +744,7 @@ impl Tree {
             }
             let exhausted = match node.state {
                 NodeState::Terminal | NodeState::Failed => true,
-                NodeState::Expanded => open == 0,
+                NodeState::Expanded => open == 0 && !self.has_room(node),
                 NodeState::Unexpanded | NodeState::Expanding => false,
             };
             if exhausted != node.exhausted {
@@ -669,7 +772,7 @@ impl Tree {
             if let Some(r) = &node.rollout {
                 finite(&mut violations, "rollout.value", r.value);
             }
-            if node.state == NodeState::Expanding {
+            if node.state == NodeState::Expanding || node.widening {
                 violations.push(Violation::LeftExpanding { node: id });
             }
             if incoming.virtual_loss != 0 {

@@ -145,7 +145,9 @@ pub(crate) fn derive(chunks: &[SampleChunk], budget: u64, strategy: Strategy) ->
         .map(|&(ci, si)| {
             let s = sample(ci, si);
             let raw = s.answer.clone().unwrap_or_default();
-            (Answer::new(raw), if scored { s.value } else { None })
+            // Majority reads the value only to break ties (the larger value sum wins), as the
+            // search's tally does.
+            (Answer::new(raw), s.value)
         })
         .collect();
     let chosen = select_answer(&candidates, selection).map(|i| finals[i]);

@@ -753,6 +753,7 @@ impl Scorer for RemotePolicy {
                 scores: p.scores,
                 cost: ScoreCost {
                     tokens_computed: p.tokens_computed,
+                    ..ScoreCost::default()
                 },
             })
             .collect())

@@ -37,8 +37,20 @@ fn events_describe_the_tree_and_end_with_the_outcome() {
         .iter()
         .filter(|e| matches!(e, SearchEvent::NodeExpanded { .. }))
         .count();
+    // One event per call that added children: a node's first expansion and each widening.
+    let calls: u32 = tree.nodes().map(|(_, n)| n.expansions()).sum();
+    assert_eq!(expanded, calls as usize);
+    let mut announced: Vec<_> = events
+        .iter()
+        .filter_map(|e| match e {
+            SearchEvent::NodeExpanded { node, .. } => Some(*node),
+            _ => None,
+        })
+        .collect();
+    announced.sort();
+    announced.dedup();
     let nodes_with_children = tree.nodes().filter(|(_, n)| !n.edges().is_empty()).count();
-    assert_eq!(expanded, nodes_with_children);
+    assert_eq!(announced.len(), nodes_with_children);
     let scored = events
         .iter()
         .filter(|e| matches!(e, SearchEvent::NodeScored { .. }))

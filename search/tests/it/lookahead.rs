@@ -42,8 +42,11 @@ fn mcts_and_beam_beat_best_of_n_at_an_equal_token_budget() {
     let best_of_n = rate(r#"{"kind": "best_of_n", "n": 16}"#);
     let weighted = rate(r#"{"kind": "weighted_best_of_n", "n": 16}"#);
     let beam = rate(r#"{"kind": "beam", "beam_width": 4, "proposals_per_beam": 4}"#);
-    let mcts =
-        rate(r#"{"kind": "mcts", "expand_k": 4, "simulations_in_flight": 2, "c_puct": 0.2}"#);
+    // Step-level MCTS: with a step scorer this good, every token goes to lookahead, none to
+    // rollouts (the default rolls every leaf out to an answer, for a vote over the tree).
+    let mcts = rate(
+        r#"{"kind": "mcts", "expand_k": 4, "simulations_in_flight": 2, "c_puct": 0.2, "rollout": null}"#,
+    );
     let report = format!(
         "solved: best-of-N {:.2}, weighted {:.2}, beam {:.2}, MCTS {:.2}",
         best_of_n.solved, weighted.solved, beam.solved, mcts.solved
@@ -65,3 +68,4 @@ fn mcts_and_beam_beat_best_of_n_at_an_equal_token_budget() {
     assert!(mcts.solved >= best_of_n.solved + 0.4, "{report}");
     assert!(mcts.solved >= weighted.solved + 0.4, "{report}");
 }
+

@@ -8,6 +8,7 @@ mod events;
 mod faults;
 mod lookahead;
 mod strategies;
+mod tree_search;
 
 use arbor_search::synthetic::{GamePolicy, GameScorer, PathGame};
 use arbor_search::{Policy, Scorer, Search, SearchConfig, SearchControl, SearchOutcome, Tree};

@@ -174,7 +174,16 @@ fn dvts_grows_independent_greedy_chains() {
         5,
     );
     let tree = &played.tree;
-    assert_eq!(tree.node(NodeId::ROOT).edges().len(), 4, "N/M subtrees");
+    assert_eq!(
+        tree.node(NodeId::ROOT).edges().len(),
+        12,
+        "the root proposes N first steps"
+    );
+    let heads = tree
+        .nodes()
+        .filter(|(_, n)| n.depth() == 1 && n.state() == NodeState::Expanded)
+        .count();
+    assert_eq!(heads, 4, "each group of M keeps its best: N/M subtrees");
     for depth in 1..4 {
         let expanded = tree
             .nodes()

@@ -289,6 +289,7 @@ impl Scorer for ClassifierScorer {
                     .collect(),
                 cost: ScoreCost {
                     tokens_computed: r.tokens_computed,
+                    ..ScoreCost::default()
                 },
             })
             .collect())

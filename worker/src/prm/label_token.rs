@@ -201,6 +201,7 @@ impl Scorer for LabelTokenScorer {
                 scores: r.rows.iter().map(|l| two_way(l[0], l[1])).collect(),
                 cost: ScoreCost {
                     tokens_computed: r.tokens_computed,
+                    ..ScoreCost::default()
                 },
             })
             .collect())

@@ -169,7 +169,7 @@ impl RolloutScorer {
                 .map_err(worker_error)?
         };
         // Per job: answers, value and what it cost.
-        let mut computed: Vec<(StepRollouts, f32, u64)> = Vec::with_capacity(jobs.len());
+        let mut computed: Vec<(StepRollouts, f32, (u64, u64))> = Vec::with_capacity(jobs.len());
         for (job, result) in jobs.iter().zip(&results) {
             let answers: StepRollouts = result
                 .samples
@@ -183,7 +183,7 @@ impl RolloutScorer {
                 .collect();
             let generated: u64 = result.samples.iter().map(|s| s.tokens.len() as u64).sum();
             let value = majority_share(&answers);
-            computed.push((answers, value, result.prompt_tokens_computed + generated));
+            computed.push((answers, value, (result.prompt_tokens_computed + generated, generated)));
         }
         {
             let mut memo = self.memo.lock().expect("memo lock");
@@ -199,7 +199,7 @@ impl RolloutScorer {
         Ok(slots
             .into_iter()
             .map(|row| {
-                let mut tokens = 0;
+                let (mut tokens, mut generated) = (0, 0);
                 let mut scores = Vec::with_capacity(row.len());
                 let mut rollouts = Vec::with_capacity(row.len());
                 for (key, known) in row {
@@ -211,7 +211,8 @@ impl RolloutScorer {
                         (None, Some(&j)) => {
                             let (answers, value, cost) = &computed[j];
                             if !std::mem::replace(&mut charged[j], true) {
-                                tokens += cost;
+                                tokens += cost.0;
+                                generated += cost.1;
                             }
                             scores.push(*value);
                             rollouts.push(answers.clone());
@@ -221,6 +222,7 @@ impl RolloutScorer {
                 }
                 let cost = ScoreCost {
                     tokens_computed: tokens,
+                    generated_tokens: generated,
                 };
                 (StepScores { scores, cost }, rollouts)
             })

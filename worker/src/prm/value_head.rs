@@ -501,6 +501,7 @@ impl Scorer for ValueHeadScorer {
                 scores: rows.iter().map(|h| self.head.predict(h)).collect(),
                 cost: ScoreCost {
                     tokens_computed: tokens,
+                    ..ScoreCost::default()
                 },
             })
             .collect())

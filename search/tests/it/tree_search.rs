@@ -1,0 +1,198 @@
+//! The defects that made tree searches lose to sampling, each pinned by a synthetic search:
+//! trees that stopped `exhausted` with budget left, beams that returned nothing, rollouts thrown
+//! away, ties that went to the cheapest guess, and scorer generations outside the budget.
+
+use arbor_search::synthetic::{GamePolicy, GameScorer, PathGame};
+use arbor_search::{
+    Budget, NodeState, ScoreError, ScoreRequest, Scorer, SearchControl, StepScores, Termination,
+};
+
+use crate::{config, play, run};
+
+const SEEDS: u64 = 20;
+
+/// Depth 3, and nine times in ten a step before the last is an answer-first guess: the root's
+/// children are nearly all final answers, which used to exhaust the tree after one call.
+fn guessy(seed: u64) -> PathGame {
+    PathGame::new(seed, 3, 0.8).with_early_guesses(0.9)
+}
+
+#[test]
+fn an_mcts_tree_whose_root_children_are_guesses_spends_its_whole_budget() {
+    for budget in [200u64, 600] {
+        let mut solved = 0;
+        for seed in 0..SEEDS {
+            let fields = format!(
+                r#""strategy": {{"kind": "mcts", "expand_k": 2}}, "budget": {{"max_generated_tokens": {budget}}}"#
+            );
+            let played = play(guessy(seed), &fields, seed);
+            let o = &played.outcome;
+            assert_eq!(
+                o.termination,
+                Termination::Budget(Budget::GeneratedTokens),
+                "seed {seed} at {budget}: stopped with {} of {budget} tokens spent",
+                o.costs.generated_tokens
+            );
+            assert!(o.answer.is_some(), "seed {seed} at {budget}: no answer");
+            // The root was asked again and again: it holds far more than its first two.
+            let root = played.tree.node(arbor_search::NodeId::ROOT);
+            assert!(root.expansions() > 1, "seed {seed}: the root was never widened");
+            solved += u32::from(played.solved());
+        }
+        eprintln!("guessy game at {budget} tokens: solved {solved}/{SEEDS}");
+    }
+}
+
+#[test]
+fn mcts_with_min_answer_depth_resamples_guesses_and_still_answers() {
+    for seed in 0..SEEDS {
+        let fields = r#""strategy": {"kind": "mcts"}, "min_answer_depth": 3,
+            "budget": {"max_generated_tokens": 400}"#;
+        let played = play(guessy(seed), fields, seed);
+        let o = &played.outcome;
+        assert_ne!(o.termination, Termination::Exhausted, "seed {seed}");
+        let answer = o.answer.as_ref().expect("an answer");
+        assert_eq!(played.tree.node(answer.node).depth(), 3, "seed {seed}: a guess won");
+        // Rejected guesses stay in the tree as failed children, and their parents stay open.
+        assert!(played.tree.nodes().any(|(_, n)| n.state() == NodeState::Failed));
+    }
+}
+
+#[test]
+fn beam_and_dvts_always_answer_while_budget_remains() {
+    // Deep (8 steps of ~6 tokens) and wrong half the time: beams run out of budget mid-way
+    // unless they keep a finish phase.
+    for strategy in [
+        r#"{"kind": "beam"}"#,
+        r#"{"kind": "beam", "beam_width": 2, "proposals_per_beam": 8}"#,
+        r#"{"kind": "dvts"}"#,
+        r#"{"kind": "dvts", "beams": 8, "width": 2}"#,
+    ] {
+        for budget in [200u64, 300, 600, 1200] {
+            for seed in 0..SEEDS {
+                let fields = format!(
+                    r#""strategy": {strategy}, "budget": {{"max_generated_tokens": {budget}}}"#
+                );
+                let played = play(PathGame::new(seed, 8, 0.5), &fields, seed);
+                assert!(
+                    played.outcome.answer.is_some(),
+                    "{strategy} at {budget}, seed {seed}: no answer ({:?}, {} tokens)",
+                    played.outcome.termination,
+                    played.outcome.costs.generated_tokens
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn beams_whose_candidates_are_all_rejected_guesses_are_asked_again() {
+    for strategy in [r#"{"kind": "beam"}"#, r#"{"kind": "dvts"}"#] {
+        for seed in 0..SEEDS {
+            let fields = format!(
+                r#""strategy": {strategy}, "min_answer_depth": 3, "budget": {{"max_generated_tokens": 800}}"#
+            );
+            let played = play(guessy(seed), &fields, seed);
+            let answer = played.outcome.answer.as_ref();
+            let answer = answer.unwrap_or_else(|| panic!("{strategy} seed {seed}: no answer"));
+            assert_eq!(played.tree.node(answer.node).depth(), 3);
+        }
+    }
+}
+
+#[test]
+fn beam_collects_every_finished_candidate_for_the_vote() {
+    let played = play(
+        PathGame::new(3, 4, 0.7),
+        r#""strategy": {"kind": "beam", "beam_width": 2, "proposals_per_beam": 3}"#,
+        3,
+    );
+    let finals = played
+        .tree
+        .nodes()
+        .filter(|(_, n)| n.state() == NodeState::Terminal && n.score().is_some())
+        .count();
+    let votes: u32 = played.outcome.candidates.iter().map(|c| c.votes).sum();
+    assert!(finals > 2, "only {finals} finished candidates");
+    assert_eq!(votes as usize, finals, "a finished candidate was left out of the vote");
+}
+
+#[test]
+fn rollout_steps_are_tree_nodes_and_every_generated_token_is_in_the_tree() {
+    for seed in 0..SEEDS {
+        let played = play(
+            PathGame::new(seed, 5, 0.7),
+            r#""strategy": {"kind": "mcts"}, "budget": {"max_generated_tokens": 600}"#,
+            seed,
+        );
+        let tree = &played.tree;
+        let in_tree: u64 = tree
+            .nodes()
+            .filter_map(|(_, n)| n.step())
+            .map(|s| s.token_ids.len() as u64)
+            .sum();
+        assert_eq!(in_tree, played.outcome.costs.generated_tokens, "seed {seed}");
+        // Every simulation reached an answer, and every answer counts in the vote.
+        let finals = tree
+            .nodes()
+            .filter(|(_, n)| n.state() == NodeState::Terminal && n.answer().is_some())
+            .count();
+        let votes: u32 = played.outcome.candidates.iter().map(|c| c.votes).sum();
+        assert_eq!(votes as usize, finals, "seed {seed}");
+        let rollouts: Vec<_> = tree.nodes().filter_map(|(_, n)| n.rollout()).collect();
+        assert!(!rollouts.is_empty(), "seed {seed}");
+        // No final answer is visited twice: each is valued once, when it is made.
+        for (id, n) in tree.nodes() {
+            if n.state() == NodeState::Terminal {
+                assert!(tree.incoming(id).visits <= 1, "seed {seed}: {id} revisited");
+            }
+        }
+    }
+}
+
+/// The game's scorer, as if each score needed `generated` tokens of the policy's completions
+/// (a rollout PRM).
+struct Generating {
+    inner: GameScorer,
+    generated: u64,
+}
+
+impl Scorer for Generating {
+    async fn score(&self, batch: Vec<ScoreRequest>) -> Result<Vec<StepScores>, ScoreError> {
+        let mut replies = self.inner.score(batch).await?;
+        for r in &mut replies {
+            r.cost.generated_tokens = self.generated;
+            r.cost.tokens_computed += self.generated;
+        }
+        Ok(replies)
+    }
+}
+
+#[test]
+fn tokens_a_scorer_generates_count_against_the_generated_token_budget() {
+    let game = PathGame::new(4, 4, 0.7);
+    let policy = GamePolicy::new(game.clone());
+    let scorer = Generating {
+        inner: GameScorer::new(game.clone(), 0.25, 0.2),
+        generated: 30,
+    };
+    let (outcome, _) = run(
+        game.prompt(),
+        config(
+            r#""strategy": {"kind": "beam"}, "budget": {"max_generated_tokens": 2000}"#,
+            4,
+        ),
+        &policy,
+        &scorer,
+        &SearchControl::new(),
+    );
+    let scored = scorer.inner.seen().requests;
+    assert!(scored > 0);
+    let c = &outcome.costs;
+    assert_eq!(c.scorer_generated_tokens, 30 * scored);
+    assert_eq!(
+        c.generated_tokens,
+        policy.seen().generated_tokens + c.scorer_generated_tokens
+    );
+    assert!(c.generated_tokens >= 2000 || outcome.termination == Termination::Completed);
+}
