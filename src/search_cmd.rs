@@ -41,7 +41,7 @@ pub(crate) struct SearchArgs {
     /// which were never right in docs/eval.
     #[arg(long, default_value_t = 1)]
     min_answer_depth: u32,
-    /// System prompt; the default asks for one step per paragraph and a final "The answer is N."
+    /// System prompt; the default asks for one step per paragraph and a final "The answer is …"
     /// (the step delimiter is a blank line, so a custom prompt should keep steps as paragraphs).
     #[arg(long)]
     system: Option<String>,

@@ -123,6 +123,10 @@ struct RunArgs {
     /// which were never right in docs/eval.
     #[arg(long, default_value_t = 1)]
     min_answer_depth: u32,
+    /// System prompt of every question (default: Arbor's step-by-step prompt, as `arbor
+    /// search`). Recorded in run.json: a folder resumes only with the same one.
+    #[arg(long)]
+    system: Option<String>,
     /// A GGUF file or Hugging Face folder; default: the embedded default model.
     #[arg(long, env = "ARBOR_MODEL")]
     model: Option<PathBuf>,
@@ -247,6 +251,16 @@ struct Shared {
     settings: settings::Settings,
 }
 
+impl Shared {
+    /// The prompt a search of `question` continues, with the run's system prompt.
+    fn prompt(&self, question: &str) -> Result<String, arbor_model::ModelError> {
+        match &self.settings.system {
+            Some(system) => self.worker.format_question_with(system, question),
+            None => self.worker.format_question(question),
+        }
+    }
+}
+
 fn validate(a: &RunArgs) -> Result<()> {
     if a.strategies.is_empty() {
         bail!("--strategies: name at least one");
@@ -305,6 +319,7 @@ fn run_grid(a: RunArgs) -> Result<()> {
         sample_reuse: !a.no_sample_reuse,
         scaled_trees: !a.fixed_tree_widths,
         min_answer_depth: a.min_answer_depth,
+        system: a.system.clone(),
     };
 
     // What is already done, and whether it was made from this dataset.
@@ -610,7 +625,7 @@ async fn search_cell(
     strategy: Strategy,
     budget: u64,
 ) -> Result<TraceRecord> {
-    let prompt = context.worker.format_question(&question.question)?;
+    let prompt = context.prompt(&question.question)?;
     let seed = question_seed(context.settings.seed, question.index);
     // Without sample reuse, best-of-N at a budget samples as many solutions as the budget pays for.
     let n = if samples::selection_rule(strategy).is_some() {
@@ -675,7 +690,7 @@ async fn sample_cells(
 ) -> Result<JobDone> {
     let need = cells.iter().map(|c| c.1).max().unwrap_or(0);
     let seed = question_seed(context.settings.seed, question.index);
-    let prompt = context.worker.format_question(&question.question)?;
+    let prompt = context.prompt(&question.question)?;
     let mut new_chunks = Vec::new();
     let covered =
         |chunks: &[SampleChunk]| -> u64 { chunks.iter().map(SampleChunk::generated_tokens).sum() };

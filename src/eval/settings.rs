@@ -40,6 +40,10 @@ pub(crate) struct Settings {
     /// setting existed accepted answers at any depth.
     #[serde(default = "one")]
     pub(crate) min_answer_depth: u32,
+    /// The system prompt (`--system`); `None`: Arbor's default step-by-step prompt as of the
+    /// binary that made the folder.
+    #[serde(default)]
+    pub(crate) system: Option<String>,
 }
 
 fn one() -> u32 {
@@ -149,6 +153,7 @@ mod tests {
             sample_reuse: true,
             scaled_trees: true,
             min_answer_depth: 1,
+            system: None,
         }
     }
 

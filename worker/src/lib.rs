@@ -156,10 +156,14 @@ impl std::fmt::Debug for LocalWorker {
 
 /// The system prompt Arbor uses for step-by-step maths: one step per paragraph, so the blank
 /// line is a natural step delimiter, and a GSM8K-style final line the answer extractor reads.
+/// It asks for the working before the answer and names no placeholder: the earlier prompt's
+/// `"The answer is N."` drew answer-first guesses (40% of samples, right 4.8% of the time) and
+/// was echoed verbatim to questions without a number.
 pub const STEP_BY_STEP_SYSTEM_PROMPT: &str =
     "You are a careful maths tutor. Solve the problem step by step. \
-Write each step as one short paragraph, separated by a blank line. \
-End with a final line of the form \"The answer is N.\" where N is the number.";
+Write each step as one short paragraph that works out one quantity, separated from the next \
+step by a blank line. Never state the final answer before you have worked it out. \
+After the last step, finish with the sentence \"The answer is\" followed by the final number.";
 
 impl LocalWorker {
     /// A worker over `engine`, which must run `model`. Starts the engine thread.
