@@ -81,8 +81,12 @@ struct RunArgs {
     /// Searches in flight at once, all through one shared model worker.
     #[arg(long, default_value_t = 2)]
     concurrency: usize,
-    /// The process reward model that values steps.
-    #[arg(long, value_enum, default_value_t = PrmChoice::LogProb)]
+    /// The process reward model that values steps, as `arbor search --prm` takes it: `logprob`
+    /// (the policy's own confidence, free), `judge` (the policy asked whether each step is
+    /// right), `rollout` (agreement of cheap rollouts; their tokens count against the budget),
+    /// a value head from `arbor prm train` (FILE.safetensors), or a JSON file with any PRM
+    /// configuration.
+    #[arg(long, default_value = "logprob", value_parser = parse_prm_arg)]
     prm: PrmChoice,
     /// Output folder: traces, summary, plots. Running again with the same folder resumes.
     #[arg(long, default_value = "eval-out")]
@@ -261,6 +265,10 @@ impl Shared {
     }
 }
 
+fn parse_prm_arg(spec: &str) -> Result<PrmChoice, String> {
+    PrmChoice::parse(spec).map_err(|e| format!("{e:#}"))
+}
+
 fn validate(a: &RunArgs) -> Result<()> {
     if a.strategies.is_empty() {
         bail!("--strategies: name at least one");
@@ -309,7 +317,7 @@ fn run_grid(a: RunArgs) -> Result<()> {
     };
     let settings = settings::Settings {
         seed: a.seed,
-        prm: a.prm.name(),
+        prm: a.prm.name()?,
         model,
         temperature: a.temperature,
         max_step_tokens: a.max_step_tokens,
@@ -388,7 +396,7 @@ fn run_grid(a: RunArgs) -> Result<()> {
         let context = Arc::new(Shared {
             worker,
             prm,
-            prm_choice: a.prm,
+            prm_choice: a.prm.clone(),
             settings,
         });
         let mut traces = JsonlAppender::open(&traces_path, traces_len)?;
