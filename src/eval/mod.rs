@@ -171,7 +171,8 @@ pub(crate) fn report(dir: &Path) -> Result<()> {
 
 fn write_report(dir: &Path, records: &[TraceRecord]) -> Result<()> {
     let rows = summary::summarize(records);
-    let markdown = summary::write(dir, &rows)?;
+    let pairs = summary::pair_with_baseline(records);
+    let markdown = summary::write(dir, &rows, &pairs)?;
     plot::write_all(dir, &rows)?;
     println!("{markdown}");
     eprintln!(

@@ -22,6 +22,7 @@ use std::sync::Mutex;
 
 use anyhow::Result;
 use arbor_search::{
+    LogProbScorer,
     select_answer, Answer, AnswerSelection, NodeId, NodeState, Policy, PolicyCost, PolicyError,
     Proposals, ProposeRequest, ScoreError, ScoreRequest, Scorer, Search, SearchConfig,
     SearchControl, StepScores,
@@ -47,6 +48,10 @@ pub(crate) struct Sample {
     pub(crate) answer: Option<String>,
     /// Its path value from the reward model.
     pub(crate) value: Option<f64>,
+    /// The policy's own confidence in its path (the log-prob scorer's value): what
+    /// self-consistency breaks ties by. `None` in samples written before it was recorded.
+    #[serde(default)]
+    pub(crate) confidence: Option<f64>,
     /// Tokens generated for it.
     pub(crate) generated_tokens: u64,
     /// Prompt tokens its own requests computed (the chunk's first, shared request excluded).
@@ -145,9 +150,9 @@ pub(crate) fn derive(chunks: &[SampleChunk], budget: u64, strategy: Strategy) ->
         .map(|&(ci, si)| {
             let s = sample(ci, si);
             let raw = s.answer.clone().unwrap_or_default();
-            // Majority reads the value only to break ties (the larger value sum wins), as the
-            // search's tally does.
-            (Answer::new(raw), s.value)
+            // Majority reads the policy's confidence only to break ties (the larger sum wins),
+            // as self-consistency's tally does.
+            (Answer::new(raw), if scored { s.value } else { s.confidence })
         })
         .collect();
     let chosen = select_answer(&candidates, selection).map(|i| finals[i]);
@@ -298,6 +303,13 @@ pub(crate) async fn run_chunk<P: Policy, S: Scorer>(
             complete,
             answer: node.answer().filter(|_| complete).map(|a| a.raw.clone()),
             value: node.score(),
+            confidence: LogProbScorer::score_now(&[ScoreRequest {
+                node: id,
+                prompt: std::sync::Arc::clone(tree.prompt()),
+                steps: steps.clone(),
+            }])
+            .first()
+            .and_then(|s| search.config().scoring.aggregation.apply(&s.scores)),
             generated_tokens: steps.iter().map(|s| s.token_ids.len() as u64).sum(),
             // The leaf itself was never expanded; every other node on the chain was, once.
             prompt_tokens_computed: chain[1..]
@@ -340,6 +352,7 @@ mod tests {
             complete: true,
             answer: Some(answer.into()),
             value: Some(value),
+            confidence: Some(value),
             generated_tokens: tokens,
             prompt_tokens_computed: 2,
             prompt_tokens_reused: 30,
@@ -394,12 +407,13 @@ mod tests {
         // Weighted: "7" 0.8 against "5" 0.9 with three samples; "8" 1.0 with five.
         check(&chunks, Strategy::WeightedBestOfN, 300, ("5", 3));
         check(&chunks, Strategy::WeightedBestOfN, 500, ("8", 5));
-        // Majority ignores values: two samples tie 1-1 and the answer reached first wins ("7",
-        // whose sample finished at node 5, before node 9).
-        check(&chunks, Strategy::Majority, 200, ("7", 2));
+        // Majority counts votes and breaks ties by the policy's confidence summed (here equal
+        // to the values), never by which finished first: 1-1, "5" (0.9) beats "7" (0.4), though
+        // "7" finished first.
+        check(&chunks, Strategy::Majority, 200, ("5", 2));
         check(&chunks, Strategy::Majority, 300, ("7", 3));
-        // Two votes each for "7" and "8": "7" was reached in an earlier chunk.
-        check(&chunks, Strategy::Majority, 500, ("7", 5));
+        // Two votes each for "7" (0.8) and "8" (1.0).
+        check(&chunks, Strategy::Majority, 500, ("8", 5));
 
         // Three whole samples and half of the fourth, cut by the budget: paid for, no vote.
         let d = derive(&chunks, 350, Strategy::BestOfN);

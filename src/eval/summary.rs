@@ -1,5 +1,7 @@
 //! The summary of a run, per strategy and budget: accuracy with a Wilson confidence interval and
-//! the mean of every cost, written as CSV and as a Markdown table.
+//! the mean of every cost, written as CSV and as a Markdown table; and each strategy paired
+//! with weighted best-of-N on the same questions at the same budget (wins, ties, losses, and a
+//! paired bootstrap interval of the accuracy difference).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -36,6 +38,10 @@ pub(crate) struct Row {
     pub(crate) wall_ms: f64,
     /// Cells read off a sampling run rather than searched.
     pub(crate) derived: u64,
+    /// Cells that ended with no answer.
+    pub(crate) no_answer: u64,
+    /// Cells whose search ended `exhausted`.
+    pub(crate) exhausted: u64,
 }
 
 impl Row {
@@ -97,6 +103,8 @@ pub(crate) fn summarize(records: &[TraceRecord]) -> Vec<Row> {
                 total_computed: mean(&|c| c.costs.total_computed()),
                 wall_ms: mean(&|c| c.costs.wall_ms),
                 derived: cells.iter().filter(|c| c.derived_from_samples).count() as u64,
+                no_answer: cells.iter().filter(|c| c.answer.is_none()).count() as u64,
+                exhausted: cells.iter().filter(|c| c.termination == "exhausted").count() as u64,
             }
         })
         .collect()
@@ -106,12 +114,13 @@ pub(crate) fn summarize(records: &[TraceRecord]) -> Vec<Row> {
 pub(crate) fn to_csv(rows: &[Row]) -> String {
     let mut out = String::from(
         "strategy,budget,n,correct,accuracy,ci_low,ci_high,mean_generated_tokens,\
-         mean_prompt_tokens_computed,mean_total_computed_tokens,mean_wall_ms,derived_from_samples\n",
+         mean_prompt_tokens_computed,mean_total_computed_tokens,mean_wall_ms,derived_from_samples,\
+         no_answer,exhausted\n",
     );
     for r in rows {
         let _ = writeln!(
             out,
-            "{},{},{},{},{:.4},{:.4},{:.4},{:.1},{:.1},{:.1},{:.0},{}",
+            "{},{},{},{},{:.4},{:.4},{:.4},{:.1},{:.1},{:.1},{:.0},{},{},{}",
             r.strategy,
             r.budget,
             r.n,
@@ -123,7 +132,9 @@ pub(crate) fn to_csv(rows: &[Row]) -> String {
             r.prompt_computed,
             r.total_computed,
             r.wall_ms,
-            r.derived
+            r.derived,
+            r.no_answer,
+            r.exhausted
         );
     }
     out
@@ -132,14 +143,14 @@ pub(crate) fn to_csv(rows: &[Row]) -> String {
 /// The rows as a Markdown table with a short legend.
 pub(crate) fn to_markdown(rows: &[Row]) -> String {
     let mut out = String::from(
-        "| strategy | budget | n | accuracy | 95% CI | mean generated | mean prompt computed | mean total computed | mean wall (s) |\n\
-         |---|---:|---:|---:|---|---:|---:|---:|---:|\n",
+        "| strategy | budget | n | accuracy | 95% CI | no answer | mean generated | mean prompt computed | mean total computed | mean wall (s) |\n\
+         |---|---:|---:|---:|---|---:|---:|---:|---:|---:|\n",
     );
     for r in rows {
         let mark = if r.derived > 0 { "*" } else { "" };
         let _ = writeln!(
             out,
-            "| {}{mark} | {} | {} | {:.1}% ({}/{}) | {:.1}–{:.1}% | {:.0} | {:.0} | {:.0} | {:.1} |",
+            "| {}{mark} | {} | {} | {:.1}% ({}/{}) | {:.1}–{:.1}% | {} | {:.0} | {:.0} | {:.0} | {:.1} |",
             r.strategy,
             r.budget,
             r.n,
@@ -148,6 +159,7 @@ pub(crate) fn to_markdown(rows: &[Row]) -> String {
             r.n,
             100.0 * r.ci.0,
             100.0 * r.ci.1,
+            r.no_answer,
             r.generated,
             r.prompt_computed,
             r.total_computed,
@@ -170,9 +182,123 @@ pub(crate) fn to_markdown(rows: &[Row]) -> String {
     out
 }
 
+/// The strategy every other one is paired with.
+pub(crate) const BASELINE: &str = "weighted-best-of-n";
+
+/// Bootstrap resamples of the paired interval.
+const RESAMPLES: usize = 4000;
+
+/// One strategy against [`BASELINE`] at one budget, on the questions both answered.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Paired {
+    /// Strategy name.
+    pub(crate) strategy: String,
+    /// Generated-token budget.
+    pub(crate) budget: u64,
+    /// Questions with a cell of both.
+    pub(crate) n: u64,
+    /// Right where the baseline was wrong.
+    pub(crate) wins: u64,
+    /// Both right or both wrong.
+    pub(crate) ties: u64,
+    /// Wrong where the baseline was right.
+    pub(crate) losses: u64,
+    /// Accuracy difference (strategy minus baseline), in [-1, 1].
+    pub(crate) diff: f64,
+    /// 95% paired bootstrap interval of `diff` (percentile method, questions resampled).
+    pub(crate) ci: (f64, f64),
+}
+
+/// The 95% percentile interval of the mean of `d` over `resamples` bootstrap resamples, with a
+/// fixed seed so a summary is reproducible.
+pub(crate) fn bootstrap_mean_interval(d: &[f64], resamples: usize, seed: u64) -> (f64, f64) {
+    if d.is_empty() {
+        return (0.0, 0.0);
+    }
+    let mut state = seed;
+    let mut means: Vec<f64> = (0..resamples)
+        .map(|_| {
+            let mut sum = 0.0;
+            for _ in 0..d.len() {
+                state = arbor_search::mix_seed(state, 0x5eed);
+                sum += d[(state % d.len() as u64) as usize];
+            }
+            sum / d.len() as f64
+        })
+        .collect();
+    means.sort_by(f64::total_cmp);
+    let at = |q: f64| means[((q * (resamples - 1) as f64).round() as usize).min(resamples - 1)];
+    (at(0.025), at(0.975))
+}
+
+/// Every strategy but the baseline, paired with it question by question at each budget.
+pub(crate) fn pair_with_baseline(records: &[TraceRecord]) -> Vec<Paired> {
+    let base: BTreeMap<(u64, usize), bool> = records
+        .iter()
+        .filter(|r| r.strategy == BASELINE)
+        .map(|r| ((r.budget, r.index), r.correct))
+        .collect();
+    let mut groups: BTreeMap<(usize, String, u64), Vec<f64>> = BTreeMap::new();
+    for r in records.iter().filter(|r| r.strategy != BASELINE) {
+        if let Some(&b) = base.get(&(r.budget, r.index)) {
+            groups
+                .entry((strategy_rank(&r.strategy), r.strategy.clone(), r.budget))
+                .or_default()
+                .push(f64::from(u8::from(r.correct)) - f64::from(u8::from(b)));
+        }
+    }
+    groups
+        .into_iter()
+        .map(|((_, strategy, budget), d)| {
+            let count = |v: f64| d.iter().filter(|&&x| x == v).count() as u64;
+            Paired {
+                strategy,
+                budget,
+                n: d.len() as u64,
+                wins: count(1.0),
+                ties: count(0.0),
+                losses: count(-1.0),
+                diff: d.iter().sum::<f64>() / d.len() as f64,
+                ci: bootstrap_mean_interval(&d, RESAMPLES, budget),
+            }
+        })
+        .collect()
+}
+
+/// The pairs as a Markdown table with a short legend.
+pub(crate) fn paired_markdown(pairs: &[Paired]) -> String {
+    let mut out = format!(
+        "\n| strategy vs {BASELINE} | budget | questions | wins | ties | losses | difference | 95% paired bootstrap CI |\n\
+         |---|---:|---:|---:|---:|---:|---:|---|\n"
+    );
+    for p in pairs {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {:+.1} pts | {:+.1} to {:+.1} |",
+            p.strategy,
+            p.budget,
+            p.n,
+            p.wins,
+            p.ties,
+            p.losses,
+            100.0 * p.diff,
+            100.0 * p.ci.0,
+            100.0 * p.ci.1
+        );
+    }
+    out.push_str(
+        "\nWins: the strategy right where weighted best-of-N was wrong on the same question at the \
+         same budget; losses the reverse. The interval resamples questions (percentile method).\n",
+    );
+    out
+}
+
 /// Writes `summary.csv` and `summary.md` into `dir`; returns the Markdown.
-pub(crate) fn write(dir: &Path, rows: &[Row]) -> Result<String> {
-    let md = to_markdown(rows);
+pub(crate) fn write(dir: &Path, rows: &[Row], pairs: &[Paired]) -> Result<String> {
+    let mut md = to_markdown(rows);
+    if !pairs.is_empty() {
+        md.push_str(&paired_markdown(pairs));
+    }
     std::fs::write(dir.join("summary.csv"), to_csv(rows))
         .with_context(|| format!("writing {}", dir.join("summary.csv").display()))?;
     std::fs::write(dir.join("summary.md"), &md)
@@ -265,6 +391,37 @@ mod tests {
         );
         let md = to_markdown(&rows);
         assert!(md.contains("| majority* | 256 | 2 | 50.0% (1/2) |"), "{md}");
+        assert!(md.contains("| 2 | 510 |"), "the no-answer column: {md}");
         assert!(md.contains("\\* Read off one sampling run"), "{md}");
+    }
+
+    #[test]
+    fn pairs_count_wins_ties_and_losses_on_shared_questions() {
+        let at = |strategy: &str, index: usize, correct: bool| TraceRecord {
+            index,
+            ..cell(strategy, 1024, correct, 900)
+        };
+        let mut records = Vec::new();
+        // Questions 0..10: the baseline right on 0..5; MCTS right on 3..9.
+        for i in 0..10 {
+            records.push(at(BASELINE, i, i < 5));
+            records.push(at("mcts", i, (3..9).contains(&i)));
+        }
+        records.push(at("mcts", 99, true)); // no baseline cell: not paired
+        let pairs = pair_with_baseline(&records);
+        assert_eq!(pairs.len(), 1);
+        let p = &pairs[0];
+        assert_eq!((p.n, p.wins, p.ties, p.losses), (10, 4, 3, 3));
+        assert!((p.diff - 0.1).abs() < 1e-12);
+        assert!(p.ci.0 < p.diff && p.diff < p.ci.1, "{:?}", p.ci);
+        assert!(p.ci.0 >= -1.0 && p.ci.1 <= 1.0);
+        // All equal differences: the interval collapses onto them.
+        assert_eq!(bootstrap_mean_interval(&[1.0; 20], 500, 3), (1.0, 1.0));
+        // Symmetric ±1: about ±1.96 standard errors (0.22 for 20 questions).
+        let d: Vec<f64> = (0..20).map(|i| if i % 2 == 0 { 1.0 } else { -1.0 }).collect();
+        let (lo, hi) = bootstrap_mean_interval(&d, 4000, 3);
+        assert!((lo + 0.43).abs() < 0.06 && (hi - 0.43).abs() < 0.06, "({lo}, {hi})");
+        let md = paired_markdown(&pairs);
+        assert!(md.contains("| mcts | 1024 | 10 | 4 | 3 | 3 | +10.0 pts |"), "{md}");
     }
 }
