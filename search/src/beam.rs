@@ -119,7 +119,10 @@ fn finish_now<P: Policy, S: Scorer>(
         .iter()
         .map(|&b| f64::from(tree.node(b).depth()))
         .fold(0.0, f64::max);
-    let to_go = (depth - at).max(1.0);
+    // Paths deeper than the typical answer still need a few steps: never count on fewer than
+    // three, nor on fewer than half the steps taken so far (a beam that finishes early only
+    // leaves budget for the others).
+    let to_go = (depth - at).max(3.0).max(at / 2.0);
     let finish_one = per_step * to_go;
     let round = per_step * proposals as f64;
     if left >= round + finish_one * beams.len() as f64 {

@@ -196,3 +196,4 @@ fn tokens_a_scorer_generates_count_against_the_generated_token_budget() {
     );
     assert!(c.generated_tokens >= 2000 || outcome.termination == Termination::Completed);
 }
+
