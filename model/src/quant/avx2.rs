@@ -1,5 +1,5 @@
-//! AVX2 kernels for one weight row against up to eight tokens (every format but Q5x4, which runs
-//! on [`super::rows8`]). Activations are 8-bit with one scale per 32 values, or per 256 for the
+//! AVX2 kernels for one weight row against up to eight tokens: Q8_0, Q4_0, Q5_0, Q4_K and Q6_K
+//! (Q5x4 runs on [`super::rows8`]; float matrices become Q8_0 at load). Activations are 8-bit with one scale per 32 values, or per 256 for the
 //! K-quants' products, as llama.cpp's Q8_K ([`super::QuantizedActs`]).
 //!
 //! Two paths, one decoder ([`for_each_block`], each format's decoding written once; the caller's

@@ -5,9 +5,9 @@
 //! block-interleaved so a kernel walks one pointer per group; the AVX2 quantizer is
 //! bit-identical to the scalar one. [`matmul`] and [`matmul_many`] then run the rows:
 //! - Q5x4 on the eight-row kernels ([`super::rows8`], `rows8_range`), every other format on
-//!   [`super::avx2`] (`simd_rows`), and the portable scalar kernel ([`matmul_into_scalar`]) where
-//!   the CPU lacks AVX2, FMA or F16C: that kernel is also the reference the SIMD ones are tested
-//!   against;
+//!   [`super::avx2`] (`simd_rows`), and the portable scalar kernel where the CPU lacks AVX2, FMA
+//!   or F16C; [`matmul_into_scalar`] runs that kernel on one thread as the reference the SIMD
+//!   kernels are tested against;
 //! - a batch of more than one group decodes a block of rows (as many as fit 16 KB, at most 8) and
 //!   passes each group over the whole block, so the group's activations and the decoded rows stay
 //!   in L1 (1.04x-1.15x at 32 tokens); each (row, token) still gets the same operations;
