@@ -29,9 +29,9 @@ pub(super) const GROUP: usize = 8;
 /// ([`GgmlType::act_scale_block`](super::GgmlType::act_scale_block); each block of 32 then
 /// carries its super-block's scale).
 ///
-/// Tokens are stored in groups of [`GROUP`] (the last group may be smaller) and, within a
+/// Tokens are stored in groups of eight (`GROUP`; the last may be smaller) and, within a
 /// group, block-interleaved: block 0 of every token of the group, then block 1, and so on, so
-/// that a kernel working on the whole group walks one pointer. See [`QuantizedActs::block`].
+/// that a kernel working on the whole group walks one pointer. See `QuantizedActs::block`.
 #[derive(Debug, Default, Clone)]
 pub struct QuantizedActs {
     /// Number of token rows.

@@ -2,7 +2,7 @@
 //! WGSL compute shader (Vulkan, Metal or DX12 through wgpu).
 //!
 //! - **Weights** are uploaded once, in one form for every GGUF type: an unsigned byte per weight
-//!   plus a `(scale, min)` pair per 16 weights ([`QMatrix::unpack_row_unsigned`]), so one matrix
+//!   plus a `(scale, min)` pair per 16 weights (`QMatrix::unpack_row_unsigned`), so one matrix
 //!   kernel serves Q8_0, Q4_K, Q6_K and the types converted to Q8_0 at load, exactly. Q, K and V
 //!   are fused into one matrix, and so are the MLP's gate and up projections. A matrix larger
 //!   than the device's largest storage binding is split into row chunks.
