@@ -1,6 +1,33 @@
-//! AVX2 kernels: each weight block is decoded into 32 unsigned (or, for Q8_0, signed) bytes in
-//! registers and multiplied with up to four tokens' 8-bit activations before the next block is
-//! read, so a row is read once per four tokens and never written out unpacked.
+//! AVX2 kernels for one weight row against up to eight tokens: Q8_0, Q4_0, Q5_0, Q4_K and Q6_K
+//! (Q5x4 runs on [`super::rows8`]; float matrices become Q8_0 at load). Activations are 8-bit with one scale per 32 values, or per 256 for the
+//! K-quants' products, as llama.cpp's Q8_K ([`super::QuantizedActs`]).
+//!
+//! Two paths, one decoder ([`for_each_block`], each format's decoding written once; the caller's
+//! closure decides what to do with a decoded block):
+//! - **one token** ([`row_dot1`], single-sequence decode, bound by memory bandwidth): each block
+//!   is decoded in registers and multiplied at once;
+//! - **several tokens** ([`decode_row`] + [`row_dot`]): the row is decoded once into a byte per
+//!   weight (plus scales, offsets and Q6_K's integer sub-scales), then multiplied with each group
+//!   of up to eight tokens. Every block's combined scale (`weight scale × token scale`) is formed
+//!   for the group before the product loop, so the loop holds only the eight accumulators (no
+//!   spills) and does one load, `maddubs`, `madd`, convert, broadcast and FMA per (block, token).
+//!
+//! For weights of the form `dw * (u - 16)` (Q5_0; Q4_0 with 8) the offset term
+//! `Σ dw * 16 * d * Σq` takes one FMA per block for all eight tokens, in the loop that forms the
+//! combined scales, in four interleaved chains (one chain's latency cost a fifth of the kernel). The K-quants
+//! ([`row_dot_k`]) sum a super-block's eight blocks as integers, each weighted by its integer
+//! sub-block scales in `madd`, and convert and scale once: two multiply-pipe operations per block
+//! and token instead of four; their offsets (`min`) are applied once per token at the end. The
+//! eight tokens' final horizontal sums run together ([`hsum8`]: transposed as they add, 22
+//! operations instead of 48, each lane in [`hsum`]'s order).
+//!
+//! Both paths do the same operations in the same order per token, so a token's result never
+//! depends on its batch (the worker's continuous batching relies on it; tested bit for bit). That
+//! decides the kernels' shape: an order cheaper for one token (four blocks summed per
+//! conversion, 1.2x faster single decode) made batches 1.1x slower, and batches are the search's
+//! workload. On the development machine's Zen 3, `maddubs`, `madd`, convert, FMA and `sign`
+//! (Q8_0's signed weights need it too) share two pipes, so four of them per block and token put
+//! a floor of 2 cycles per 32 multiply-adds; the loop measured about 2.5.
 
 use std::arch::x86_64::*;
 

@@ -1,4 +1,19 @@
-//! Quantized matrix products: 8-bit activations against unpacked weight rows.
+//! Quantized matrix products: 8-bit activations against weight rows, on all cores.
+//!
+//! [`QuantizedActs::quantize_for`] quantizes a batch's activations per token, one scale per 32
+//! values or per 256 for the K-quants (`GgmlType::act_scale_block`), in groups of eight tokens,
+//! block-interleaved so a kernel walks one pointer per group; the AVX2 quantizer is
+//! bit-identical to the scalar one. [`matmul`] and [`matmul_many`] then run the rows:
+//! - Q5x4 on the eight-row kernels ([`super::rows8`], `rows8_range`), every other format on
+//!   [`super::avx2`] (`simd_rows`), and the portable scalar kernel where the CPU lacks AVX2, FMA
+//!   or F16C; [`matmul_into_scalar`] runs that kernel on one thread as the reference the SIMD
+//!   kernels are tested against;
+//! - a batch of more than one group decodes a block of rows (as many as fit 16 KB, at most 8) and
+//!   passes each group over the whole block, so the group's activations and the decoded rows stay
+//!   in L1 (1.04x-1.15x at 32 tokens); each (row, token) still gets the same operations;
+//! - the rows of every matrix of one call (Q, K and V together) are cut into chunks, multiples of
+//!   eight rows, in one parallel region: 32 chunks a thread for batches, so the last chunk idles a
+//!   core for less time, and 8 for passes of one group, which measured faster.
 
 use rayon::prelude::*;
 
@@ -14,9 +29,9 @@ pub(super) const GROUP: usize = 8;
 /// ([`GgmlType::act_scale_block`](super::GgmlType::act_scale_block); each block of 32 then
 /// carries its super-block's scale).
 ///
-/// Tokens are stored in groups of [`GROUP`] (the last group may be smaller) and, within a
+/// Tokens are stored in groups of eight (`GROUP`; the last may be smaller) and, within a
 /// group, block-interleaved: block 0 of every token of the group, then block 1, and so on, so
-/// that a kernel working on the whole group walks one pointer. See [`QuantizedActs::block`].
+/// that a kernel working on the whole group walks one pointer. See `QuantizedActs::block`.
 #[derive(Debug, Default, Clone)]
 pub struct QuantizedActs {
     /// Number of token rows.

@@ -1,11 +1,23 @@
 //! Tensor storage types, dequantisation, and the quantized matrix product used by the CPU backend.
 //!
-//! Weights stay in their GGUF block formats in memory. A matrix product first *unpacks* one
-//! weight row into a uniform form (one unsigned byte per weight, a scale and an offset per
-//! 16 weights), then takes integer dot products of that row with activations quantized to
-//! 8 bits with one scale per 32 values, or per 256 for the K-quants ([`QuantizedActs`]).
-//! Unpacking once per row and reusing it for every
-//! token in the batch is what makes batched decoding cheaper per token than single decoding.
+//! Weights stay in their GGUF block formats in memory. A matrix product decodes a weight row
+//! (the portable path: one unsigned byte per weight, a scale and an offset per 16 weights), then
+//! takes integer dot products of it with activations quantized to 8 bits with one scale per 32
+//! values, or per 256 for the K-quants ([`QuantizedActs`]). Decoding a row once and reusing it
+//! for every token in the batch is what makes batched decoding cheaper per token than single
+//! decoding.
+//!
+//! At load ([`QMatrix::into_matmul_ready`]) Q4_0 and Q5_0 rows of whole 128-weight groups are
+//! repacked losslessly into Q5x4, Arbor's own layout in Q5_0's bytes: per four blocks, their four
+//! f16 scales together, their fifth bits in one 16-byte plane (one shift per block puts a block's
+//! bit in place) and two blocks' nibbles per 32 bytes, 88 bytes per 128 weights (0.69 bytes a
+//! weight against Q8_0's 1.06). It decodes in a few vector operations a block instead of Q5_0's
+//! bit gathering; single-sequence decode is bound by memory bandwidth, so bytes are speed. Other
+//! widths and the float types become Q8_0.
+//!
+//! Where to read on: `formats.rs` (block layouts, the scalar reference), `dot.rs` (activations,
+//! the row loop and its threads), `avx2.rs` (one row against eight tokens), `rows8.rs` (Q5x4 on
+//! eight rows at once).
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;

@@ -2,7 +2,7 @@
 //! WGSL compute shader (Vulkan, Metal or DX12 through wgpu).
 //!
 //! - **Weights** are uploaded once, in one form for every GGUF type: an unsigned byte per weight
-//!   plus a `(scale, min)` pair per 16 weights ([`QMatrix::unpack_row_unsigned`]), so one matrix
+//!   plus a `(scale, min)` pair per 16 weights (`QMatrix::unpack_row_unsigned`), so one matrix
 //!   kernel serves Q8_0, Q4_K, Q6_K and the types converted to Q8_0 at load, exactly. Q, K and V
 //!   are fused into one matrix, and so are the MLP's gate and up projections. A matrix larger
 //!   than the device's largest storage binding is split into row chunks.
@@ -18,7 +18,49 @@
 //!   the number of dispatches. Only the rows whose logits or hidden states are wanted are
 //!   normalised and projected, and only those are read back.
 //! - Activations stay in f32 (the CPU backend quantizes them to 8 bits for its integer dot
-//!   products), so the two backends agree to a tolerance, not bit for bit.
+//!   products), so the two backends agree to a tolerance, not bit for bit: on the real model the
+//!   largest logit difference is about 0.4 (tests in `model/tests/it/wgpu.rs`).
+//!
+//! **Kernels**, each a `.wgsl` file beside this one, loaded with `include_str!`:
+//! - `matmul.wgsl`: one kernel for every weight type, one row per 64 threads; every matrix
+//!   variant is prepended with `matmul_common.wgsl` (shared bindings, one explicit layout for all
+//!   of them, helpers, and the fused norm prologue and SwiGLU epilogue);
+//! - `matmul_rows.wgsl`: the batched form with four rows a thread, which reads each token's
+//!   activations once per four rows; taken while a product still makes at least
+//!   [`WgpuOptions::tiled_min_workgroups`] (256) workgroups, so small products keep the one-row
+//!   kernel;
+//! - `matmul_gemm.wgsl`: a tiled matrix-matrix kernel for passes of more than 8 tokens (64 rows ×
+//!   32 tokens a workgroup, weights staged column-major with the activations in workgroup
+//!   memory, a 4 × 2 block of sums per thread, no reduction across threads); only for
+//!   rows of at most 1024 columns, since it measured slower on longer rows;
+//! - `rms_norm.wgsl`, `rope_kv.wgsl` (RoPE plus the write of the rotated key and the value into
+//!   the paged KV cache), `attention.wgsl` (paged attention through the block tables, 256
+//!   positions a tile, online softmax, the head dimension compiled in so its loops unroll).
+//!
+//! **Fewer dispatches.** Each dispatch costs ~8-10 µs on an H200 however little it does, so small
+//! passes are bound by their number. The fused variants are compile-time switches (`NORM`,
+//! `SWIGLU`) of the same WGSL, built on first use: as run-time flags their registers slowed every
+//! product (the output projection 1.7x on one token). The norm is fused only into passes of up
+//! to 8 tokens: in larger ones the products are bound by arithmetic and the extra multiply per
+//! weight cost more than the dispatch it saved. A pass with several tokens of one sequence runs
+//! `rope_kv.wgsl` before attention, because those tokens attend to each other's keys.
+//!
+//! **Submission.** A pass goes to the GPU as command buffers of 8, 16, 32, … dispatches, each
+//! submitted as soon as it is encoded, so the GPU starts while the host still encodes the rest
+//! (one buffer for the pass left the GPU idle ~0.5 ms a step on the 0.5B shapes). Each
+//! dispatch's parameters sit in a 256-byte slot of one uniform buffer written per pass; bind
+//! groups are cached by dispatch slot, reused while the slot has the same kernel and buffers,
+//! and dropped when a buffer is reallocated. [`WgpuOptions::profile`] times the host's phases
+//! and each kernel (`ARBOR_BENCH_PROFILE=1` in the backends bench): that is how these costs were
+//! found.
+//!
+//! **Adapters.** A software adapter (lavapipe, ~100x slower than the CPU backend) is refused
+//! unless [`WgpuOptions::allow_software`] is set (the command line sets it from
+//! `ARBOR_WGPU_ALLOW_SOFTWARE=1`); the tests set it to run the kernels without a GPU.
+//!
+//! **Not yet**, and what limits speed today: 1.5 bytes a weight where native Q4_K needs 0.56
+//! (one weight form keeps one kernel per shape); sampling on the host, so a batched step reads
+//! back `vocab` floats per sequence; f32 KV; the tiled kernel on long rows.
 
 use std::sync::Arc;
 
