@@ -22,7 +22,8 @@
 use std::cmp::Ordering;
 
 use crate::config::{BeamConfig, DvtsConfig, K_MAX};
-use crate::engine::{expand, score_nodes, Budget, Io, Tally, Termination};
+use crate::engine::{expand, score_nodes, Io, Tally};
+use crate::outcome::{Budget, Termination};
 use crate::flight::InFlight;
 use crate::policy::Policy;
 use crate::scorer::Scorer;

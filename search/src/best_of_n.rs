@@ -9,7 +9,8 @@
 
 use std::sync::Arc;
 
-use crate::engine::{expand, score_nodes, Budget, Io, Tally, Termination};
+use crate::engine::{expand, score_nodes, Io, Tally};
+use crate::outcome::{Budget, Termination};
 use crate::scorer::{LogProbScorer, ScoreRequest};
 use crate::flight::InFlight;
 use crate::policy::Policy;

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
 use crate::answer::Answer;
-use crate::engine::{Costs, Termination};
+use crate::outcome::{Costs, Termination};
 use crate::tree::{NodeId, Tree};
 
 /// Cancels a search from anywhere. Clones share one flag; cancelling is permanent.

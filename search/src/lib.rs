@@ -38,8 +38,10 @@ mod engine;
 mod error;
 mod flight;
 mod mcts;
+mod outcome;
 mod policy;
 mod scorer;
+mod search;
 pub mod synthetic;
 mod tree;
 
@@ -50,10 +52,9 @@ pub use config::{
     SearchConfig, StrategyConfig, DEPTH_MAX, IN_FLIGHT_MAX, K_MAX, NODES_MAX,
 };
 pub use control::{BestAnswer, CancelToken, SearchControl, SearchEvent, TreeTap};
-pub use engine::{
-    mix as mix_seed, search, select_answer, AnswerTally, Budget, Costs, Search, SearchOutcome,
-    SearchStats, Termination,
-};
+pub use engine::{mix as mix_seed, select_answer, AnswerTally};
+pub use outcome::{Budget, Costs, SearchStats, Termination};
+pub use search::{search, Search, SearchOutcome};
 pub use error::{PolicyError, ScoreError, SearchError, Violation};
 pub use policy::{
     Policy, PolicyCost, Proposals, ProposeRequest, ProposedStep, Sampling, Step, StepStop,

@@ -17,7 +17,8 @@
 //! The round's [`InFlight`] guard undoes whatever a round leaves half-done.
 
 use crate::config::MctsConfig;
-use crate::engine::{expand, expand_at, score_nodes, Budget, Io, Tally, Termination};
+use crate::engine::{expand, expand_at, score_nodes, Io, Tally};
+use crate::outcome::{Budget, Termination};
 use crate::flight::InFlight;
 use crate::policy::Policy;
 use crate::scorer::Scorer;
