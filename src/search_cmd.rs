@@ -17,7 +17,9 @@ use crate::cli::{load_engine, Device};
 pub(crate) struct SearchArgs {
     /// The question to answer.
     question: String,
-    /// Search strategy.
+    /// Search strategy. MCTS, beam and DVTS answer by a vote over every final answer they
+    /// reach (weighted by value); every vote, majority's included, breaks ties by the larger
+    /// value sum, never by which answer came first.
     #[arg(long, value_enum, default_value_t = Strategy::Mcts)]
     strategy: Strategy,
     /// Stop after this many generated tokens (the main compute budget).
@@ -35,10 +37,10 @@ pub(crate) struct SearchArgs {
     /// Most tokens in one reasoning step.
     #[arg(long, default_value_t = 128)]
     max_step_tokens: u32,
-    /// Fewest reasoning steps before a final answer counts: an answer-first step ("The answer
-    /// is 144.") at a smaller depth fails and the search looks elsewhere. 1 accepts an answer
-    /// at any depth; 2 rejects answer-first guesses, which the default model often makes and
-    /// which were never right in docs/eval.
+    /// Fewest reasoning steps before a final answer counts, in tree searches: an answer-first
+    /// step ("The answer is 144.") at a smaller depth is rejected and its node asked again with
+    /// a new seed. 1 accepts an answer at any depth; 2 rejects answer-first guesses (rare with
+    /// the default prompt, and almost never right).
     #[arg(long, default_value_t = 1)]
     min_answer_depth: u32,
     /// System prompt; the default asks for one step per paragraph and a final "The answer is …"

@@ -8,17 +8,19 @@ use arbor_search::{
 /// Test-time strategies.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Strategy {
-    /// Monte-Carlo tree search (PUCT, batched expansion, virtual loss).
+    /// Monte-Carlo tree search: PUCT, progressive widening, every leaf rolled out to an answer
+    /// (its steps kept as nodes), a weighted vote over the tree's answers.
     Mcts,
     /// Sample N solutions, keep the best-scored one.
     BestOfN,
     /// Sample N solutions, keep the answer with the largest summed score.
     WeightedBestOfN,
-    /// Sample N solutions, keep the most frequent answer (self-consistency).
+    /// Sample N solutions, keep the most frequent answer (self-consistency; ties: the policy's
+    /// summed confidence).
     Majority,
-    /// Beam search guided by step scores.
+    /// Beam search guided by step scores (search-and-learn's): every finished beam votes.
     Beam,
-    /// Diverse verifier tree search: independent greedy subtrees.
+    /// Diverse verifier tree search: independent subtrees, each keeping its best of M per step.
     Dvts,
 }
 

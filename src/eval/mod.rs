@@ -121,10 +121,10 @@ struct RunArgs {
     /// Most tokens in one reasoning step.
     #[arg(long, default_value_t = 128)]
     max_step_tokens: u32,
-    /// Fewest reasoning steps before a final answer counts: an answer-first step ("The answer
-    /// is 144.") at a smaller depth fails and the search looks elsewhere. 1 accepts an answer
-    /// at any depth; 2 rejects answer-first guesses, which the default model often makes and
-    /// which were never right in docs/eval.
+    /// Fewest reasoning steps before a final answer counts, in tree searches: an answer-first
+    /// step ("The answer is 144.") at a smaller depth is rejected and its node asked again with
+    /// a new seed. 1 accepts an answer at any depth; 2 rejects answer-first guesses (rare with
+    /// the default prompt, and almost never right).
     #[arg(long, default_value_t = 1)]
     min_answer_depth: u32,
     /// System prompt of every question (default: Arbor's step-by-step prompt, as `arbor
