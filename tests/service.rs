@@ -1846,11 +1846,17 @@ fn a_client_deadline_returns_the_best_answer_so_far() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let c = Cluster::start(1);
     let mut client = c.client.clone();
-    let mut req = tonic::Request::new(request("deadline", QUESTION, pb::Strategy::Mcts, 1_000_000, 7));
-    req.set_timeout(Duration::from_secs(6));
+    let mut search = request("deadline", QUESTION, pb::Strategy::Mcts, 1_000_000, 7);
+    search.sampling = Some(pb::SamplingOptions {
+        temperature: Some(0.7),
+        top_p: None,
+        max_step_tokens: Some(16),
+    });
+    let mut req = tonic::Request::new(search);
+    req.set_timeout(Duration::from_secs(10));
     let t = Instant::now();
     let result = c.rt.block_on(client.search(req)).expect("an answer before the deadline").into_inner();
-    assert!(t.elapsed() < Duration::from_secs(6));
+    assert!(t.elapsed() < Duration::from_secs(10));
     assert!(result.termination.contains("deadline"), "{}", result.termination);
     assert!(result.costs.unwrap().generated_tokens > 0);
 }

@@ -430,11 +430,15 @@ impl Coordinator {
             }
         }
         let _running = Running(inner, key);
+        // Worker calls may run a moment past the search's deadline: the search ends at its
+        // deadline itself (dropping the calls in flight, which stops their decoding) with the
+        // termination `budget_deadline` and its best answer so far, rather than seeing its
+        // last calls fail first.
         let deadline = spec
             .config
             .budget
             .deadline_ms
-            .map(|ms| Instant::now() + std::time::Duration::from_millis(ms));
+            .map(|ms| Instant::now() + Duration::from_millis(ms) + Duration::from_millis(200));
         let remote = RemotePolicy::new(
             inner.pool.clone(),
             spec.prompt_tokens,
