@@ -1860,3 +1860,40 @@ fn a_client_deadline_returns_the_best_answer_so_far() {
     assert!(result.termination.contains("deadline"), "{}", result.termination);
     assert!(result.costs.unwrap().generated_tokens > 0);
 }
+
+/// A worker stopped with SIGSTOP mid-search (its connections stay open, it answers nothing) is
+/// detected by HTTP/2 keepalive within seconds: its calls are re-sent to the other worker and
+/// the search completes with the result a healthy run gives.
+#[test]
+fn a_worker_stopped_with_sigstop_mid_search_is_detected_and_its_calls_re_sent() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::start(2);
+    let req = request("stop", QUESTION, pb::Strategy::Beam, 240, 9);
+    let mut client = c.client.clone();
+    let search = c.rt.spawn(async move { stream(&mut client, req).await });
+    let t = Instant::now();
+    loop {
+        let busy: u32 = c.in_flight().iter().sum();
+        if busy > 0 && t.elapsed() > Duration::from_millis(1500) {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "the search never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let loads = c.in_flight();
+    let busiest = (0..loads.len()).max_by_key(|&i| loads[i]).unwrap();
+    signal(&c.workers[busiest].child, "STOP");
+    let stopped_at = Instant::now();
+    let done = c.rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(240), search).await
+    });
+    signal(&c.workers[busiest].child, "CONT");
+    let (_, result) = done
+        .expect("the search hung on the stopped worker")
+        .unwrap();
+    eprintln!("finished {:?} after the stop", stopped_at.elapsed());
+    let costs = result.costs.unwrap();
+    let (answer, generated, _) = embedded(QUESTION, Strategy::Beam, 240, 9);
+    assert_eq!((result.answer, costs.generated_tokens), (answer, generated));
+    assert_eq!(c.coordinator.invariant_violations(), 0);
+}
