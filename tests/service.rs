@@ -1897,3 +1897,47 @@ fn a_worker_stopped_with_sigstop_mid_search_is_detected_and_its_calls_re_sent() 
     assert_eq!((result.answer, costs.generated_tokens), (answer, generated));
     assert_eq!(c.coordinator.invariant_violations(), 0);
 }
+
+/// A `dns://` name whose lookups start failing (a DNS server down) keeps the members it last
+/// resolved to: the pool does not empty, and searches go on.
+#[test]
+fn a_dns_name_that_stops_resolving_keeps_its_last_known_members() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let fake = Fake::new(|_| Ok(()));
+        let url = fake.serve().await;
+        let addr: std::net::SocketAddr = url.strip_prefix("http://").unwrap().parse().unwrap();
+        let resolving = Arc::new(AtomicBool::new(true));
+        let flag = resolving.clone();
+        let resolver = arbor::rpc::pool::Resolver(Arc::new(move |host: String, _port: u16| {
+            let ok = flag.load(Ordering::SeqCst);
+            Box::pin(async move {
+                if ok && host == "workers.test" {
+                    Ok(vec![addr])
+                } else {
+                    Err(std::io::Error::other("no answer from the DNS server"))
+                }
+            })
+        }));
+        let pool = WorkerPool::connect(
+            vec![format!("dns://workers.test:{}", addr.port()).parse().unwrap()],
+            PoolOptions {
+                health_interval: Duration::from_millis(100),
+                resolver: Some(resolver),
+                ..PoolOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!((pool.members().len(), pool.healthy()), (1, 1));
+        resolving.store(false, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(
+            (pool.members().len(), pool.healthy()),
+            (1, 1),
+            "failed lookups emptied the pool"
+        );
+        propose_once(&pool, None).await.expect("the kept worker serves");
+    });
+}

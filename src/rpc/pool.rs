@@ -73,6 +73,28 @@ impl std::str::FromStr for WorkerSpec {
     }
 }
 
+/// What resolves a `dns://` name to addresses: the system's resolver by default
+/// ([`PoolOptions::resolver`]); another service discovery, or a test, may supply its own.
+#[derive(Clone)]
+pub struct Resolver(
+    #[allow(clippy::type_complexity)]
+    pub  Arc<
+        dyn Fn(
+                String,
+                u16,
+            ) -> std::pin::Pin<
+                Box<dyn std::future::Future<Output = std::io::Result<Vec<std::net::SocketAddr>>> + Send>,
+            > + Send
+            + Sync,
+    >,
+);
+
+impl std::fmt::Debug for Resolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Resolver")
+    }
+}
+
 /// Pool settings.
 #[derive(Debug, Clone)]
 pub struct PoolOptions {
@@ -117,6 +139,8 @@ pub struct PoolOptions {
     pub keepalive_interval: Duration,
     /// How long a keepalive ping may go unanswered.
     pub keepalive_timeout: Duration,
+    /// Resolves `dns://` names; `None`: the system's resolver.
+    pub resolver: Option<Resolver>,
 }
 
 impl Default for PoolOptions {
@@ -135,6 +159,7 @@ impl Default for PoolOptions {
             call_timeout: Duration::from_secs(600),
             keepalive_interval: Duration::from_secs(2),
             keepalive_timeout: Duration::from_secs(3),
+            resolver: None,
         }
     }
 }
@@ -460,9 +485,15 @@ impl WorkerPool {
             match spec {
                 WorkerSpec::Url(u) => urls.push((u.clone(), None)),
                 WorkerSpec::Dns { host, port } => {
-                    match tokio::net::lookup_host((host.as_str(), *port)).await {
+                    let resolved = match &options.resolver {
+                        Some(r) => (r.0)(host.clone(), *port).await,
+                        None => tokio::net::lookup_host((host.as_str(), *port))
+                            .await
+                            .map(|a| a.collect()),
+                    };
+                    match resolved {
                         Ok(addrs) => urls
-                            .extend(addrs.map(|a| (format!("{scheme}://{a}"), Some(host.clone())))),
+                            .extend(addrs.into_iter().map(|a| (format!("{scheme}://{a}"), Some(host.clone())))),
                         Err(e) => {
                             // A failed lookup (a DNS server down, a timeout) says nothing about
                             // the workers: keep the members the name last resolved to (their
