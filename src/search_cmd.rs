@@ -366,7 +366,8 @@ fn run_remote(args: &SearchArgs, url: &str, config: &SearchConfig) -> Result<()>
                 )
             })?;
         // ARBOR_TOKEN: the bearer token of a coordinator started with --auth-token-file.
-        let token: Option<tonic::metadata::AsciiMetadataValue> = match std::env::var("ARBOR_TOKEN") {
+        let token: Option<tonic::metadata::AsciiMetadataValue> = match std::env::var("ARBOR_TOKEN")
+        {
             Ok(t) if !t.trim().is_empty() => Some(
                 format!("Bearer {}", t.trim())
                     .parse()

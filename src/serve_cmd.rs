@@ -238,7 +238,14 @@ pub(crate) fn run_worker(a: WorkerArgs) -> Result<()> {
             .with_context(|| format!("--listen {}", a.listen))?;
         let addr = listener.local_addr()?;
         eprintln!("arbor worker listening on {addr}{}", scheme_note(&tls));
-        worker::serve(service, listener, a.reflection, tls.as_ref(), shutdown_signal()).await?;
+        worker::serve(
+            service,
+            listener,
+            a.reflection,
+            tls.as_ref(),
+            shutdown_signal(),
+        )
+        .await?;
         eprintln!("arbor: worker stopped");
         Ok(())
     })

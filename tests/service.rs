@@ -1214,7 +1214,11 @@ fn a_long_score_keeps_memory_bounded_counts_in_flight_and_stops_at_its_deadline(
         let t = Instant::now();
         let mut counted = false;
         while !long.is_finished() {
-            let info = w.model_info(pb::ModelInfoRequest {}).await.unwrap().into_inner();
+            let info = w
+                .model_info(pb::ModelInfoRequest {})
+                .await
+                .unwrap()
+                .into_inner();
             counted |= info.in_flight > 0;
             if counted {
                 break;
@@ -1256,11 +1260,18 @@ fn a_long_score_keeps_memory_bounded_counts_in_flight_and_stops_at_its_deadline(
         );
         let t = Instant::now();
         loop {
-            let info = w.model_info(pb::ModelInfoRequest {}).await.unwrap().into_inner();
+            let info = w
+                .model_info(pb::ModelInfoRequest {})
+                .await
+                .unwrap()
+                .into_inner();
             if info.in_flight == 0 {
                 break;
             }
-            assert!(t.elapsed() < Duration::from_secs(3), "a stopped Score is still in flight");
+            assert!(
+                t.elapsed() < Duration::from_secs(3),
+                "a stopped Score is still in flight"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     });
@@ -1359,7 +1370,9 @@ impl pb::worker_server::Worker for Fake {
 /// A pool over `urls`, health checked once an hour (only calls change what it knows).
 async fn fake_pool(urls: &[String], options: PoolOptions) -> WorkerPool {
     WorkerPool::connect(
-        urls.iter().map(|u| u.parse::<WorkerSpec>().unwrap()).collect(),
+        urls.iter()
+            .map(|u| u.parse::<WorkerSpec>().unwrap())
+            .collect(),
         PoolOptions {
             health_interval: Duration::from_secs(3600),
             ..options
@@ -1375,7 +1388,8 @@ async fn propose_once(
     deadline: Option<Instant>,
 ) -> Result<Vec<arbor_search::Proposals>, arbor_search::PolicyError> {
     use arbor_search::Policy as _;
-    let remote = arbor::rpc::pool::RemotePolicy::new(pool.clone(), vec![1, 2, 3], deadline, "\n\n".into());
+    let remote =
+        arbor::rpc::pool::RemotePolicy::new(pool.clone(), vec![1, 2, 3], deadline, "\n\n".into());
     remote
         .propose(vec![arbor_search::ProposeRequest {
             node: arbor_search::NodeId::ROOT,
@@ -1402,11 +1416,23 @@ fn only_transport_failures_and_unavailable_take_a_worker_out_of_rotation() {
     rt.block_on(async {
         use tonic::Status;
         let answers: Vec<(&str, fn(usize) -> Result<(), Status>, bool)> = vec![
-            ("invalid", |_| Err(Status::invalid_argument("nodes[0].k: bad")), true),
+            (
+                "invalid",
+                |_| Err(Status::invalid_argument("nodes[0].k: bad")),
+                true,
+            ),
             ("internal", |_| Err(Status::internal("poison")), true),
             ("cancelled", |_| Err(Status::cancelled("cancelled")), true),
-            ("deadline", |_| Err(Status::deadline_exceeded("deadline exceeded")), true),
-            ("unavailable", |_| Err(Status::unavailable("engine stopped")), false),
+            (
+                "deadline",
+                |_| Err(Status::deadline_exceeded("deadline exceeded")),
+                true,
+            ),
+            (
+                "unavailable",
+                |_| Err(Status::unavailable("engine stopped")),
+                false,
+            ),
         ];
         for (name, answer, stays) in answers {
             let fake = Fake::new(answer);
@@ -1417,7 +1443,9 @@ fn only_transport_failures_and_unavailable_take_a_worker_out_of_rotation() {
             assert_eq!(pool.healthy() == 1, stays, "{name}");
         }
         // A poison request (INTERNAL everywhere) leaves all three workers in rotation.
-        let fakes: Vec<Fake> = (0..3).map(|_| Fake::new(|_| Err(Status::internal("poison")))).collect();
+        let fakes: Vec<Fake> = (0..3)
+            .map(|_| Fake::new(|_| Err(Status::internal("poison"))))
+            .collect();
         let mut urls = Vec::new();
         for f in &fakes {
             urls.push(f.serve().await);
@@ -1433,8 +1461,15 @@ fn only_transport_failures_and_unavailable_take_a_worker_out_of_rotation() {
         let e = propose_once(&pool, Some(Instant::now() + Duration::from_millis(300)))
             .await
             .unwrap_err();
-        assert!(e.to_string().contains("ancel") || e.to_string().contains("eadline"), "{e}");
-        assert_eq!(pool.healthy(), 1, "the search's own deadline took the worker out");
+        assert!(
+            e.to_string().contains("ancel") || e.to_string().contains("eadline"),
+            "{e}"
+        );
+        assert_eq!(
+            pool.healthy(),
+            1,
+            "the search's own deadline took the worker out"
+        );
         // A worker that is gone is taken out.
         let pool = fake_pool(&["http://127.0.0.1:1".to_string()], PoolOptions::default()).await;
         assert_eq!(pool.healthy(), 0);
@@ -1518,7 +1553,11 @@ fn retries_back_off_with_jitter_and_stop_when_the_retry_budget_is_spent() {
 type TokenClient = SearchClient<
     tonic::service::interceptor::InterceptedService<
         Channel,
-        Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send + Sync>,
+        Box<
+            dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>
+                + Send
+                + Sync,
+        >,
     >,
 >;
 
@@ -1610,8 +1649,18 @@ fn tokens_authenticate_callers_and_each_token_sees_only_its_own_searches() {
         let mut alice = client_with_token(&c.url, Some("alice-token")).await;
         let mut bob = client_with_token(&c.url, Some("bob-token")).await;
         // Server-made ids are random, not a sequence.
-        let a1 = alice.search(small("")).await.unwrap().into_inner().request_id;
-        let a2 = alice.search(small("")).await.unwrap().into_inner().request_id;
+        let a1 = alice
+            .search(small(""))
+            .await
+            .unwrap()
+            .into_inner()
+            .request_id;
+        let a2 = alice
+            .search(small(""))
+            .await
+            .unwrap()
+            .into_inner()
+            .request_id;
         for id in [&a1, &a2] {
             assert!(
                 id.len() >= 32 && id.chars().all(|c| c.is_ascii_hexdigit()),
@@ -1636,15 +1685,28 @@ fn tokens_authenticate_callers_and_each_token_sees_only_its_own_searches() {
         // The same client id for two tokens: two searches, each its owner's.
         let mine = alice.search(small("mine")).await.unwrap().into_inner();
         let theirs = bob
-            .search(request("mine", "What is 7 + 8?", pb::Strategy::BestOfN, 16, 1))
+            .search(request(
+                "mine",
+                "What is 7 + 8?",
+                pb::Strategy::BestOfN,
+                16,
+                1,
+            ))
             .await
             .unwrap()
             .into_inner();
-        let alice_tree = alice.get_tree(tree("mine")).await.unwrap().into_inner().tree;
+        let alice_tree = alice
+            .get_tree(tree("mine"))
+            .await
+            .unwrap()
+            .into_inner()
+            .tree;
         let bob_tree = bob.get_tree(tree("mine")).await.unwrap().into_inner().tree;
         assert!(alice_tree.contains("2 + 3") && !alice_tree.contains("7 + 8"));
         assert!(bob_tree.contains("7 + 8") && !bob_tree.contains("2 + 3"));
-        assert!(mine.costs.unwrap().generated_tokens > 0 && theirs.costs.unwrap().generated_tokens > 0);
+        assert!(
+            mine.costs.unwrap().generated_tokens > 0 && theirs.costs.unwrap().generated_tokens > 0
+        );
     });
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -1658,7 +1720,13 @@ struct ServeProcess {
 impl ServeProcess {
     fn start(args: &[&str]) -> ServeProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_arbor"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--health-interval-ms", "300"])
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--health-interval-ms",
+                "300",
+            ])
             .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -1705,7 +1773,10 @@ fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
         if let Some(status) = child.try_wait().unwrap() {
             return status;
         }
-        assert!(t.elapsed() < limit, "the process did not exit within {limit:?}");
+        assert!(
+            t.elapsed() < limit,
+            "the process did not exit within {limit:?}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -1724,7 +1795,8 @@ fn sigterm_drains_running_searches_refuses_new_ones_and_exits_zero() {
     rt.block_on(async {
         let mut client = SearchClient::connect(url.clone()).await.unwrap();
         let t = Instant::now();
-        while health_status(&url, "arbor.v1.Search").await.unwrap() != ServingStatus::Serving as i32 {
+        while health_status(&url, "arbor.v1.Search").await.unwrap() != ServingStatus::Serving as i32
+        {
             assert!(t.elapsed() < Duration::from_secs(30), "never healthy");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -1741,7 +1813,10 @@ fn sigterm_drains_running_searches_refuses_new_ones_and_exits_zero() {
                 if st == ServingStatus::NotServing as i32 {
                     break;
                 }
-                assert!(t.elapsed() < Duration::from_secs(3), "`{service}` still {st}");
+                assert!(
+                    t.elapsed() < Duration::from_secs(3),
+                    "`{service}` still {st}"
+                );
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
@@ -1757,7 +1832,11 @@ fn sigterm_drains_running_searches_refuses_new_ones_and_exits_zero() {
             }
         }
         let result = result.expect("the running search finished");
-        assert!(result.termination.starts_with("budget") || result.termination == "completed", "{}", result.termination);
+        assert!(
+            result.termination.starts_with("budget") || result.termination == "completed",
+            "{}",
+            result.termination
+        );
         assert!(result.costs.unwrap().generated_tokens > 0);
     });
     let status = wait_exit(&mut serve.child, Duration::from_secs(20));
@@ -1825,7 +1904,9 @@ fn a_stream_reader_that_reads_nothing_does_not_freeze_its_search() {
         let mut events = 0;
         let e = loop {
             match stream.message().await {
-                Ok(Some(pb::SearchEvent { event: Some(pb::search_event::Event::Result(_)) })) => {
+                Ok(Some(pb::SearchEvent {
+                    event: Some(pb::search_event::Event::Result(_)),
+                })) => {
                     panic!("a reader that stalled for longer than the rule allows got the result")
                 }
                 Ok(Some(_)) => events += 1,
@@ -1855,9 +1936,16 @@ fn a_client_deadline_returns_the_best_answer_so_far() {
     let mut req = tonic::Request::new(search);
     req.set_timeout(Duration::from_secs(10));
     let t = Instant::now();
-    let result = c.rt.block_on(client.search(req)).expect("an answer before the deadline").into_inner();
+    let result =
+        c.rt.block_on(client.search(req))
+            .expect("an answer before the deadline")
+            .into_inner();
     assert!(t.elapsed() < Duration::from_secs(10));
-    assert!(result.termination.contains("deadline"), "{}", result.termination);
+    assert!(
+        result.termination.contains("deadline"),
+        "{}",
+        result.termination
+    );
     assert!(result.costs.unwrap().generated_tokens > 0);
 }
 
@@ -1877,16 +1965,18 @@ fn a_worker_stopped_with_sigstop_mid_search_is_detected_and_its_calls_re_sent() 
         if busy > 0 && t.elapsed() > Duration::from_millis(1500) {
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(60), "the search never started");
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the search never started"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let loads = c.in_flight();
     let busiest = (0..loads.len()).max_by_key(|&i| loads[i]).unwrap();
     signal(&c.workers[busiest].child, "STOP");
     let stopped_at = Instant::now();
-    let done = c.rt.block_on(async {
-        tokio::time::timeout(Duration::from_secs(240), search).await
-    });
+    let done =
+        c.rt.block_on(async { tokio::time::timeout(Duration::from_secs(240), search).await });
     signal(&c.workers[busiest].child, "CONT");
     let (_, result) = done
         .expect("the search hung on the stopped worker")
@@ -1921,7 +2011,9 @@ fn a_dns_name_that_stops_resolving_keeps_its_last_known_members() {
             })
         }));
         let pool = WorkerPool::connect(
-            vec![format!("dns://workers.test:{}", addr.port()).parse().unwrap()],
+            vec![format!("dns://workers.test:{}", addr.port())
+                .parse()
+                .unwrap()],
             PoolOptions {
                 health_interval: Duration::from_millis(100),
                 resolver: Some(resolver),
@@ -1938,6 +2030,8 @@ fn a_dns_name_that_stops_resolving_keeps_its_last_known_members() {
             (1, 1),
             "failed lookups emptied the pool"
         );
-        propose_once(&pool, None).await.expect("the kept worker serves");
+        propose_once(&pool, None)
+            .await
+            .expect("the kept worker serves");
     });
 }

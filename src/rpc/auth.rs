@@ -23,7 +23,11 @@ pub struct Owner(Option<u32>);
 impl Owner {
     /// The owner a call carries (set by [`Tokens::interceptor`]); anonymous when none.
     pub fn of<T>(request: &Request<T>) -> Owner {
-        request.extensions().get::<Owner>().copied().unwrap_or_default()
+        request
+            .extensions()
+            .get::<Owner>()
+            .copied()
+            .unwrap_or_default()
     }
 }
 
@@ -129,14 +133,11 @@ impl Tokens {
     /// their [`Owner`]; with no tokens it lets every call through as the anonymous owner.
     pub fn interceptor(
         tokens: Option<Tokens>,
-    ) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone + Send + Sync + 'static {
+    ) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone + Send + Sync + 'static
+    {
         move |mut req: Request<()>| {
             if let Some(t) = &tokens {
-                let owner = t.check(
-                    req.metadata()
-                        .get("authorization")
-                        .map(|v| v.as_bytes()),
-                )?;
+                let owner = t.check(req.metadata().get("authorization").map(|v| v.as_bytes()))?;
                 req.extensions_mut().insert(owner);
             }
             Ok(req)
@@ -153,10 +154,19 @@ mod tests {
         let t = Tokens::new(["alpha".to_string(), "beta".to_string()]);
         assert_eq!(t.check(Some(b"Bearer beta")).unwrap(), Owner(Some(1)));
         assert_eq!(t.check(Some(b"Bearer alpha")).unwrap(), Owner(Some(0)));
-        for bad in [&b"Bearer alph"[..], b"Bearer alphaa", b"alpha", b"Bearer ", b"Basic alpha"] {
+        for bad in [
+            &b"Bearer alph"[..],
+            b"Bearer alphaa",
+            b"alpha",
+            b"Bearer ",
+            b"Basic alpha",
+        ] {
             let e = t.check(Some(bad)).unwrap_err();
             assert_eq!(e.code(), tonic::Code::Unauthenticated, "{bad:?}");
         }
-        assert_eq!(t.check(None).unwrap_err().code(), tonic::Code::Unauthenticated);
+        assert_eq!(
+            t.check(None).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
     }
 }

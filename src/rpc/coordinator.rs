@@ -368,7 +368,9 @@ impl Coordinator {
         // so far reaches the client before the deadline cuts the call off.
         let rpc_ms = rpc_deadline.map(|d| {
             let left = d.saturating_duration_since(Instant::now());
-            left.saturating_sub(deadline_margin(left)).as_millis().max(1) as u64
+            left.saturating_sub(deadline_margin(left))
+                .as_millis()
+                .max(1) as u64
         });
         let asked = (req.deadline_ms > 0).then_some(req.deadline_ms);
         config.budget.deadline_ms = match (asked, rpc_ms, config.budget.deadline_ms) {
@@ -958,7 +960,9 @@ pub async fn serve(
     reporter
         .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;
-    reporter.set_not_serving::<SearchServer<Coordinator>>().await;
+    reporter
+        .set_not_serving::<SearchServer<Coordinator>>()
+        .await;
     let drain_timeout = coordinator.inner.options.drain_timeout;
     let running = coordinator.running();
     eprintln!(
@@ -977,7 +981,11 @@ pub async fn serve(
         );
         coordinator.cancel_all();
         let c = coordinator.clone();
-        if let Some(served) = drain(&mut server, Duration::from_secs(5), move || c.running() == 0).await {
+        if let Some(served) = drain(&mut server, Duration::from_secs(5), move || {
+            c.running() == 0
+        })
+        .await
+        {
             return served;
         }
     }

@@ -83,7 +83,10 @@ pub struct Resolver(
                 String,
                 u16,
             ) -> std::pin::Pin<
-                Box<dyn std::future::Future<Output = std::io::Result<Vec<std::net::SocketAddr>>> + Send>,
+                Box<
+                    dyn std::future::Future<Output = std::io::Result<Vec<std::net::SocketAddr>>>
+                        + Send,
+                >,
             > + Send
             + Sync,
     >,
@@ -438,24 +441,23 @@ impl WorkerPool {
         if specs.is_empty() {
             return Err("no workers given".into());
         }
-        let pool = WorkerPool {
-            inner: Arc::new(PoolInner {
-                specs,
-                auth: match &options.auth_token {
-                    Some(t) => Some(
-                        format!("Bearer {t}")
-                            .parse()
-                            .map_err(|_| "the workers' token is not printable ASCII".to_string())?,
-                    ),
-                    None => None,
-                },
-                retry_tokens: Mutex::new(options.retry_tokens_max),
-                options,
-                members: RwLock::new(Vec::new()),
-                retries: AtomicU64::new(0),
-                retries_refused: AtomicU64::new(0),
-            }),
-        };
+        let pool =
+            WorkerPool {
+                inner: Arc::new(PoolInner {
+                    specs,
+                    auth: match &options.auth_token {
+                        Some(t) => Some(format!("Bearer {t}").parse().map_err(|_| {
+                            "the workers' token is not printable ASCII".to_string()
+                        })?),
+                        None => None,
+                    },
+                    retry_tokens: Mutex::new(options.retry_tokens_max),
+                    options,
+                    members: RwLock::new(Vec::new()),
+                    retries: AtomicU64::new(0),
+                    retries_refused: AtomicU64::new(0),
+                }),
+            };
         pool.refresh().await;
         let weak: Weak<PoolInner> = Arc::downgrade(&pool.inner);
         let interval = pool.inner.options.health_interval;
@@ -492,8 +494,11 @@ impl WorkerPool {
                             .map(|a| a.collect()),
                     };
                     match resolved {
-                        Ok(addrs) => urls
-                            .extend(addrs.into_iter().map(|a| (format!("{scheme}://{a}"), Some(host.clone())))),
+                        Ok(addrs) => urls.extend(
+                            addrs
+                                .into_iter()
+                                .map(|a| (format!("{scheme}://{a}"), Some(host.clone()))),
+                        ),
                         Err(e) => {
                             // A failed lookup (a DNS server down, a timeout) says nothing about
                             // the workers: keep the members the name last resolved to (their

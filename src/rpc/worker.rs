@@ -267,7 +267,10 @@ impl WorkerService {
 
     /// Checks a `Score` request against the limits: every violation names the field and the
     /// limit (INVALID_ARGUMENT for one path or step, RESOURCE_EXHAUSTED for the whole call).
-    fn validate_score(&self, req: &pb::ScoreRequest) -> Result<Vec<(Vec<u32>, Vec<Vec<u32>>)>, Status> {
+    fn validate_score(
+        &self,
+        req: &pb::ScoreRequest,
+    ) -> Result<Vec<(Vec<u32>, Vec<Vec<u32>>)>, Status> {
         let l = &self.limits;
         let info = self.worker.model_info();
         let (vocab, context) = (info.config.vocab_size, info.config.context_length);
@@ -308,8 +311,8 @@ impl WorkerService {
                     ),
                 ));
             }
-            let total = p.prompt_tokens.len()
-                + p.steps.iter().map(|s| s.token_ids.len()).sum::<usize>();
+            let total =
+                p.prompt_tokens.len() + p.steps.iter().map(|s| s.token_ids.len()).sum::<usize>();
             let path_max = l.score_path_tokens_max.min(context);
             if total > path_max {
                 return Err(invalid(
@@ -565,7 +568,9 @@ pub async fn serve(
     reporter
         .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;
-    reporter.set_not_serving::<WorkerServer<WorkerService>>().await;
+    reporter
+        .set_not_serving::<WorkerServer<WorkerService>>()
+        .await;
     eprintln!(
         "arbor: draining: health NOT_SERVING, no new calls, {} in flight (waiting up to \
          {drain_timeout:?})",

@@ -77,14 +77,14 @@ impl PathScorer {
         let last = end.min(self.tokens.len() - 1);
         let at: Vec<u32> = (first..last).map(|p| (p - start) as u32).collect();
         let vocab = engine.config().vocab_size;
-        let out = engine.forward_at(&[ForwardEntry::logits_at(
-            seq,
-            &self.tokens[start..end],
-            &at,
-        )])?;
+        let out =
+            engine.forward_at(&[ForwardEntry::logits_at(seq, &self.tokens[start..end], &at)])?;
         for (row, &off) in at.iter().enumerate() {
             let target = start + off as usize + 1;
-            let lp = log_prob(&out.logits[row * vocab..(row + 1) * vocab], self.tokens[target]);
+            let lp = log_prob(
+                &out.logits[row * vocab..(row + 1) * vocab],
+                self.tokens[target],
+            );
             let step = self.step_ends.partition_point(|&e| e <= target);
             self.sums[step] += f64::from(lp);
         }

@@ -331,13 +331,24 @@ fn chunked_path_scores_equal_the_one_pass_scores_for_any_chunk_size() {
         Box::new(CpuBackend::new(m.config.clone(), m.weights.clone())),
         EngineOptions::default(),
     );
-    let prompt = m.tokenizer.encode("Natalia sold clips to 48 friends.", true).unwrap();
-    let steps: Vec<Vec<u32>> = ["She sold 24 in May.\n\n", "So 48 + 24 = 72.\n\n", "The answer is 72."]
-        .iter()
-        .map(|s| m.tokenizer.encode(s, false).unwrap())
-        .collect();
+    let prompt = m
+        .tokenizer
+        .encode("Natalia sold clips to 48 friends.", true)
+        .unwrap();
+    let steps: Vec<Vec<u32>> = [
+        "She sold 24 in May.\n\n",
+        "So 48 + 24 = 72.\n\n",
+        "The answer is 72.",
+    ]
+    .iter()
+    .map(|s| m.tokenizer.encode(s, false).unwrap())
+    .collect();
     // The unchunked reference: every logit row of the whole path at once.
-    let all: Vec<u32> = prompt.iter().chain(steps.iter().flatten()).copied().collect();
+    let all: Vec<u32> = prompt
+        .iter()
+        .chain(steps.iter().flatten())
+        .copied()
+        .collect();
     let seq = engine.new_sequence();
     let vocab = m.config.vocab_size;
     let logits = engine.forward_all_logits(&[(seq, &all)]).unwrap().to_vec();
