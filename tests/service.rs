@@ -1900,7 +1900,9 @@ fn a_stream_reader_that_reads_nothing_does_not_freeze_its_search() {
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        // Now read: some events, then the cut-off.
+        // Still reading nothing for longer than the rule allows (the search may have ended
+        // before it did), then read: some events, then the cut-off.
+        tokio::time::sleep(Duration::from_secs(3)).await;
         let mut events = 0;
         let e = loop {
             match stream.message().await {
