@@ -76,6 +76,8 @@ pub(crate) struct SearchArgs {
     tree_json: Option<PathBuf>,
     /// Run the search on a coordinator (`arbor serve`) instead of in this process, e.g.
     /// http://localhost:50051. The options above travel with it as one search configuration.
+    /// A coordinator that requires a token (--auth-token-file) gets the one in the
+    /// ARBOR_TOKEN environment variable (e.g. ARBOR_TOKEN=s3cret arbor search --coordinator …).
     #[arg(long)]
     coordinator: Option<String>,
     /// With an `https://` --coordinator: the CA (PEM) that signed its certificate (default:
@@ -365,7 +367,25 @@ fn run_remote(args: &SearchArgs, url: &str, config: &SearchConfig) -> Result<()>
                     arbor::rpc::tls::error_chain(&e)
                 )
             })?;
-        let mut client = pb::search_client::SearchClient::new(channel);
+        // ARBOR_TOKEN: the bearer token of a coordinator started with --auth-token-file.
+        let token: Option<tonic::metadata::AsciiMetadataValue> = match std::env::var("ARBOR_TOKEN")
+        {
+            Ok(t) if !t.trim().is_empty() => Some(
+                format!("Bearer {}", t.trim())
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("ARBOR_TOKEN is not printable ASCII"))?,
+            ),
+            _ => None,
+        };
+        let mut client = pb::search_client::SearchClient::with_interceptor(
+            channel,
+            move |mut req: tonic::Request<()>| {
+                if let Some(t) = &token {
+                    req.metadata_mut().insert("authorization", t.clone());
+                }
+                Ok(req)
+            },
+        );
         let mut stream = client
             .search_stream(request)
             .await

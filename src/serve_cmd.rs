@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use arbor::rpc::auth::{read_first_token, Tokens};
 use arbor::rpc::coordinator::{self, Coordinator, CoordinatorOptions};
 use arbor::rpc::limits::{SearchLimits, WorkerLimits};
 use arbor::rpc::pool::{PoolOptions, WorkerPool, WorkerSpec};
@@ -46,6 +47,56 @@ impl ServerTlsArgs {
     }
 }
 
+/// Authentication and shutdown, shared by the worker and the coordinator.
+#[derive(clap::Args, Debug)]
+pub(crate) struct ServerOpsArgs {
+    /// Require a bearer token: FILE holds the accepted tokens, one per line (blank lines and
+    /// `#` comments ignored). Calls must carry `authorization: Bearer TOKEN`; others get
+    /// UNAUTHENTICATED. Health checks stay open. Default: no authentication.
+    /// Example: --auth-token-file /etc/arbor/tokens
+    #[arg(long, value_name = "FILE")]
+    auth_token_file: Option<PathBuf>,
+    /// On SIGTERM or SIGINT: health turns NOT_SERVING (both `""` and the named service), new
+    /// work is refused with UNAVAILABLE, and work in flight gets this long to finish (then
+    /// it is cancelled, a search ending with its best answer so far) before the process exits
+    /// 0. A number of seconds, or with a unit: 500ms, 30s, 2m.
+    /// Example: --drain-timeout 2m
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    drain_timeout: Duration,
+}
+
+impl ServerOpsArgs {
+    fn tokens(&self) -> Result<Option<Tokens>> {
+        self.auth_token_file
+            .as_deref()
+            .map(|p| Tokens::load(p).map_err(anyhow::Error::msg))
+            .transpose()
+            .context("--auth-token-file")
+    }
+}
+
+/// `30`, `30s`, `500ms`, `2m`.
+fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
+    let s = s.trim();
+    let (num, scale) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60.0)
+    } else {
+        (s, 1.0)
+    };
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}`: a duration such as 30, 30s, 500ms or 2m"))?;
+    if !v.is_finite() || v < 0.0 || v * scale > 86_400.0 {
+        return Err(format!("`{s}`: between 0 and 24 hours"));
+    }
+    Ok(Duration::from_secs_f64(v * scale))
+}
+
 #[derive(clap::Args, Debug)]
 pub(crate) struct WorkerArgs {
     /// Address to listen on (port 0 picks a free port; the chosen address is printed).
@@ -68,6 +119,8 @@ pub(crate) struct WorkerArgs {
     reflection: bool,
     #[command(flatten)]
     tls: ServerTlsArgs,
+    #[command(flatten)]
+    ops: ServerOpsArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -111,6 +164,13 @@ pub(crate) struct ServeArgs {
     /// The private key of --workers-tls-cert (PEM).
     #[arg(long, value_name = "PEM")]
     workers_tls_key: Option<PathBuf>,
+    /// The token this coordinator sends to its workers (`authorization: Bearer TOKEN`; the
+    /// first token in FILE), for workers started with --auth-token-file. Default: none.
+    /// Example: --workers-token-file /etc/arbor/worker-token
+    #[arg(long, value_name = "FILE")]
+    workers_token_file: Option<PathBuf>,
+    #[command(flatten)]
+    ops: ServerOpsArgs,
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -120,9 +180,24 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-async fn ctrl_c() {
+/// Completes on the first SIGTERM or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => eprintln!("arbor: SIGTERM: shutting down"),
+                    _ = tokio::signal::ctrl_c() => eprintln!("arbor: SIGINT: shutting down"),
+                }
+                return;
+            }
+            Err(e) => eprintln!("arbor: warning: cannot watch for SIGTERM: {e}"),
+        }
+    }
     let _ = tokio::signal::ctrl_c().await;
-    eprintln!("arbor: shutting down");
+    eprintln!("arbor: SIGINT: shutting down");
 }
 
 /// How clients reach the server: `http`, `https`, or `https` with client certificates.
@@ -137,6 +212,7 @@ fn scheme_note(tls: &Option<ServerTls>) -> &'static str {
 pub(crate) fn run_worker(a: WorkerArgs) -> Result<()> {
     // Checked before the model loads, so a wrong path fails at once.
     let tls = a.tls.load()?;
+    let tokens = a.ops.tokens()?;
     let (model, engine) = load_engine_with(
         a.model,
         a.device,
@@ -153,14 +229,24 @@ pub(crate) fn run_worker(a: WorkerArgs) -> Result<()> {
             ..WorkerOptions::default()
         },
     );
-    let service = WorkerService::new(local, WorkerLimits::default());
+    let service = WorkerService::new(local, WorkerLimits::default())
+        .with_auth(tokens)
+        .with_drain_timeout(a.ops.drain_timeout);
     runtime()?.block_on(async move {
         let listener = worker::bind(a.listen)
             .await
             .with_context(|| format!("--listen {}", a.listen))?;
         let addr = listener.local_addr()?;
         eprintln!("arbor worker listening on {addr}{}", scheme_note(&tls));
-        worker::serve(service, listener, a.reflection, tls.as_ref(), ctrl_c()).await?;
+        worker::serve(
+            service,
+            listener,
+            a.reflection,
+            tls.as_ref(),
+            shutdown_signal(),
+        )
+        .await?;
+        eprintln!("arbor: worker stopped");
         Ok(())
     })
 }
@@ -176,6 +262,14 @@ pub(crate) fn run_serve(a: ServeArgs) -> Result<()> {
         bail!("--searches-max must be at least 1");
     }
     let tls = a.tls.load()?;
+    let tokens = a.ops.tokens()?;
+    let workers_token = a
+        .workers_token_file
+        .as_deref()
+        .map(read_first_token)
+        .transpose()
+        .map_err(anyhow::Error::msg)
+        .context("--workers-token-file")?;
     let workers_tls = ClientTls::load(
         &ClientTlsFiles {
             ca: a.workers_tls_ca.clone(),
@@ -196,6 +290,7 @@ pub(crate) fn run_serve(a: ServeArgs) -> Result<()> {
                 health_interval: Duration::from_millis(a.health_interval_ms.max(50)),
                 tokenizer_fingerprint: Some(tokenizer.fingerprint()),
                 tls: workers_tls,
+                auth_token: workers_token,
                 ..PoolOptions::default()
             },
         )
@@ -226,6 +321,8 @@ pub(crate) fn run_serve(a: ServeArgs) -> Result<()> {
                     budget_tokens_default: a.default_budget_tokens,
                     ..SearchLimits::default()
                 },
+                auth: tokens,
+                drain_timeout: a.ops.drain_timeout,
                 ..CoordinatorOptions::default()
             },
         );
@@ -237,7 +334,15 @@ pub(crate) fn run_serve(a: ServeArgs) -> Result<()> {
             "arbor coordinator listening on {addr}{} ({healthy}/{members} workers healthy)",
             scheme_note(&tls)
         );
-        coordinator::serve(coordinator, listener, a.reflection, tls.as_ref(), ctrl_c()).await?;
+        coordinator::serve(
+            coordinator,
+            listener,
+            a.reflection,
+            tls.as_ref(),
+            shutdown_signal(),
+        )
+        .await?;
+        eprintln!("arbor: coordinator stopped");
         Ok(())
     })
 }

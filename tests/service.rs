@@ -165,6 +165,8 @@ struct Cluster {
     coordinator: Coordinator,
     client: SearchClient<Channel>,
     pool: WorkerPool,
+    /// The coordinator's URL.
+    url: String,
     _shutdown: tokio::sync::oneshot::Sender<()>,
 }
 
@@ -186,6 +188,24 @@ impl Cluster {
         usable: usize,
         health_interval: Duration,
     ) -> Cluster {
+        Cluster::with_options(
+            workers,
+            usable,
+            PoolOptions {
+                health_interval,
+                ..PoolOptions::default()
+            },
+            CoordinatorOptions::default(),
+        )
+    }
+
+    /// A coordinator with `options` over `workers` in a pool with `pool_options`.
+    fn with_options(
+        workers: Vec<WorkerProcess>,
+        usable: usize,
+        pool_options: PoolOptions,
+        options: CoordinatorOptions,
+    ) -> Cluster {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -195,13 +215,12 @@ impl Cluster {
             .iter()
             .map(|w| w.url.parse::<WorkerSpec>().unwrap())
             .collect();
-        let (coordinator, client, shutdown, pool) = rt.block_on(async {
+        let (coordinator, client, shutdown, pool, url) = rt.block_on(async {
             let pool = WorkerPool::connect(
                 specs,
                 PoolOptions {
-                    health_interval,
                     tokenizer_fingerprint: Some(model().tokenizer.fingerprint()),
-                    ..PoolOptions::default()
+                    ..pool_options
                 },
             )
             .await
@@ -211,11 +230,7 @@ impl Cluster {
                 usable,
                 "every worker with the coordinator's tokenizer answers its checks"
             );
-            let coordinator = Coordinator::new(
-                pool.clone(),
-                model().tokenizer.clone(),
-                CoordinatorOptions::default(),
-            );
+            let coordinator = Coordinator::new(pool.clone(), model().tokenizer.clone(), options);
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
             let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -230,7 +245,7 @@ impl Cluster {
             let client = SearchClient::connect(format!("http://{addr}"))
                 .await
                 .unwrap();
-            (coordinator, client, tx, pool)
+            (coordinator, client, tx, pool, format!("http://{addr}"))
         });
         Cluster {
             rt,
@@ -238,6 +253,7 @@ impl Cluster {
             coordinator,
             client,
             pool,
+            url,
             _shutdown: shutdown,
         }
     }
@@ -1091,4 +1107,933 @@ fn two_coordinators_reusing_a_request_id_over_one_worker_get_their_own_answers()
         first.answer
     );
     assert_eq!(second.invariant_violations(), 0);
+}
+
+/// A field of `/proc/PID/status` in kB (`VmRSS`, `VmHWM`).
+fn proc_kb(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+/// One `Score` path: a short prompt and one step of `n` tokens.
+fn score_request(n: usize) -> pb::ScoreRequest {
+    pb::ScoreRequest {
+        paths: vec![pb::ScorePath {
+            prompt_tokens: vec![9707, 11, 1879],
+            steps: vec![pb::StepTokens {
+                token_ids: (0..n as u32).map(|i| 100 + i % 5000).collect(),
+            }],
+        }],
+        ..Default::default()
+    }
+}
+
+/// `Score` is bounded: a step, a path or a call beyond its limit is refused at once, naming the
+/// field and the limit, and the worker keeps serving.
+#[test]
+fn an_oversized_score_is_refused_at_once_naming_the_field_and_the_limit() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let worker = WorkerProcess::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut w = WorkerClient::connect(worker.url.clone()).await.unwrap();
+        let t = Instant::now();
+        let e = w.score(score_request(6000)).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(
+            e.message().starts_with("paths[0].steps[0].token_ids") && e.message().contains("2048"),
+            "{}",
+            e.message()
+        );
+        // A path of many in-limit steps, longer than a path may be.
+        let mut long = score_request(2000);
+        long.paths[0].steps = (0..9).map(|_| long.paths[0].steps[0].clone()).collect();
+        let e = w.score(long).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(
+            e.message().starts_with("paths[0]:") && e.message().contains("16384"),
+            "{}",
+            e.message()
+        );
+        // Paths each within the limits, too many tokens together.
+        let mut many = score_request(2000);
+        let path = many.paths[0].clone();
+        many.paths = (0..40).map(|_| path.clone()).collect();
+        let e = w.score(many).await.unwrap_err();
+        assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+        assert!(e.message().contains("65536"), "{}", e.message());
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "refused before any model work: {:?}",
+            t.elapsed()
+        );
+        let ok = w.score(score_request(8)).await.unwrap().into_inner();
+        assert_eq!(ok.paths[0].scores.len(), 1);
+    });
+}
+
+/// A long `Score` is computed in chunks: the worker's memory does not grow with the step's
+/// length times the vocabulary, the call counts in flight, expansions keep being served while
+/// it runs, and a deadline stops it (its work too, not only the client's wait).
+#[test]
+fn a_long_score_keeps_memory_bounded_counts_in_flight_and_stops_at_its_deadline() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let worker = WorkerProcess::start();
+    let pid = worker.child.id();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut w = WorkerClient::connect(worker.url.clone()).await.unwrap();
+        let small = pb::ExpandRequest {
+            nodes: vec![pb::ExpandNode {
+                prefix_tokens: vec![9707, 11, 1879],
+                k: 1,
+                temperature: 0.5,
+                max_tokens: 4,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        // Warm up: engine buffers, pages of the weights.
+        w.expand(small.clone()).await.unwrap();
+        w.score(score_request(64)).await.unwrap();
+        let before = proc_kb(pid, "VmRSS");
+        // Reset the peak (VmHWM) to the current resident size.
+        std::fs::write(format!("/proc/{pid}/clear_refs"), "5").unwrap();
+        // 1500 tokens: a row of logits per token would be 1500 × 151,936 × 4 B = 912 MB.
+        let mut bg = w.clone();
+        let long = tokio::spawn(async move { bg.score(score_request(1500)).await });
+        let t = Instant::now();
+        let mut counted = false;
+        while !long.is_finished() {
+            let info = w
+                .model_info(pb::ModelInfoRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            counted |= info.in_flight > 0;
+            if counted {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(counted, "a running Score counts in flight");
+        // An expansion sent meanwhile is answered between two chunks, long before the Score ends.
+        let e0 = Instant::now();
+        w.expand(small.clone()).await.unwrap();
+        let expand_wait = e0.elapsed();
+        let scored = long.await.unwrap().unwrap().into_inner();
+        let score_time = t.elapsed();
+        assert_eq!(scored.paths[0].scores.len(), 1);
+        assert!(
+            expand_wait < score_time / 2,
+            "an expansion waited {expand_wait:?} behind a Score of {score_time:?}"
+        );
+        let peak = proc_kb(pid, "VmHWM");
+        let grown_mb = peak.saturating_sub(before) / 1024;
+        assert!(
+            grown_mb < 300,
+            "the worker's peak memory grew {grown_mb} MB scoring 1500 tokens"
+        );
+        // A deadline stops the work: an expansion sent right after is not kept waiting.
+        let mut req = tonic::Request::new(score_request(2000));
+        req.set_timeout(Duration::from_millis(300));
+        let e = w.score(req).await.unwrap_err();
+        assert!(
+            matches!(e.code(), Code::DeadlineExceeded | Code::Cancelled),
+            "{e:?}"
+        );
+        let e0 = Instant::now();
+        w.expand(small.clone()).await.unwrap();
+        assert!(
+            e0.elapsed() < score_time / 3,
+            "an expansion waited {:?} behind a Score past its deadline",
+            e0.elapsed()
+        );
+        let t = Instant::now();
+        loop {
+            let info = w
+                .model_info(pb::ModelInfoRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            if info.in_flight == 0 {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(3),
+                "a stopped Score is still in flight"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+}
+
+/// A fake worker (no model): answers health checks SERVING, and each `Expand` with
+/// `answer(n)` (n: the calls it had before) after `delay`, recording when each call came.
+#[derive(Clone)]
+struct Fake {
+    calls: Arc<Mutex<Vec<Instant>>>,
+    answer: Arc<dyn Fn(usize) -> Result<(), tonic::Status> + Send + Sync>,
+    delay: Duration,
+}
+
+impl Fake {
+    fn new(answer: impl Fn(usize) -> Result<(), tonic::Status> + Send + Sync + 'static) -> Fake {
+        Fake {
+            calls: Arc::default(),
+            answer: Arc::new(answer),
+            delay: Duration::ZERO,
+        }
+    }
+
+    fn calls(&self) -> Vec<Instant> {
+        self.calls.lock().unwrap().clone()
+    }
+
+    /// Serves it on a free port of 127.0.0.1 (on the current runtime); returns its URL.
+    async fn serve(&self) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (reporter, health) = tonic_health::server::health_reporter();
+        reporter
+            .set_serving::<pb::worker_server::WorkerServer<Fake>>()
+            .await;
+        let svc = pb::worker_server::WorkerServer::new(self.clone());
+        tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(health)
+                .add_service(svc)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+                .await
+                .unwrap()
+        });
+        format!("http://{addr}")
+    }
+}
+
+#[tonic::async_trait]
+impl pb::worker_server::Worker for Fake {
+    async fn expand(
+        &self,
+        request: tonic::Request<pb::ExpandRequest>,
+    ) -> Result<tonic::Response<pb::ExpandResponse>, tonic::Status> {
+        let n = {
+            let mut calls = self.calls.lock().unwrap();
+            calls.push(Instant::now());
+            calls.len() - 1
+        };
+        tokio::time::sleep(self.delay).await;
+        (self.answer)(n)?;
+        let nodes = request
+            .into_inner()
+            .nodes
+            .iter()
+            .map(|node| pb::NodeSamples {
+                samples: (0..node.k)
+                    .map(|_| pb::Sample {
+                        token_ids: vec![1],
+                        logprobs: vec![-0.1],
+                        text: "x".into(),
+                        stop_reason: pb::StopReason::Delimiter as i32,
+                    })
+                    .collect(),
+                ..Default::default()
+            })
+            .collect();
+        Ok(tonic::Response::new(pb::ExpandResponse { nodes }))
+    }
+
+    async fn score(
+        &self,
+        _request: tonic::Request<pb::ScoreRequest>,
+    ) -> Result<tonic::Response<pb::ScoreResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("fake"))
+    }
+
+    async fn model_info(
+        &self,
+        _request: tonic::Request<pb::ModelInfoRequest>,
+    ) -> Result<tonic::Response<pb::ModelInfoResponse>, tonic::Status> {
+        Ok(tonic::Response::new(pb::ModelInfoResponse::default()))
+    }
+}
+
+/// A pool over `urls`, health checked once an hour (only calls change what it knows).
+async fn fake_pool(urls: &[String], options: PoolOptions) -> WorkerPool {
+    WorkerPool::connect(
+        urls.iter()
+            .map(|u| u.parse::<WorkerSpec>().unwrap())
+            .collect(),
+        PoolOptions {
+            health_interval: Duration::from_secs(3600),
+            ..options
+        },
+    )
+    .await
+    .unwrap()
+}
+
+/// One expansion of the root through `pool`, as a search makes it.
+async fn propose_once(
+    pool: &WorkerPool,
+    deadline: Option<Instant>,
+) -> Result<Vec<arbor_search::Proposals>, arbor_search::PolicyError> {
+    use arbor_search::Policy as _;
+    let remote =
+        arbor::rpc::pool::RemotePolicy::new(pool.clone(), vec![1, 2, 3], deadline, "\n\n".into());
+    remote
+        .propose(vec![arbor_search::ProposeRequest {
+            node: arbor_search::NodeId::ROOT,
+            prompt: "p".into(),
+            steps: vec![],
+            k: 1,
+            sampling: arbor_search::Sampling {
+                temperature: 0.5,
+                top_p: 1.0,
+                max_step_tokens: 4,
+                seed: 1,
+            },
+        }])
+        .await
+}
+
+/// Only a failed connection or UNAVAILABLE takes a worker out of rotation: a worker that
+/// answers INVALID_ARGUMENT, INTERNAL, CANCELLED or DEADLINE_EXCEEDED (a request's fault, or a
+/// search's own deadline) stays in it. One poison request tried on three workers leaves all
+/// three healthy.
+#[test]
+fn only_transport_failures_and_unavailable_take_a_worker_out_of_rotation() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        use tonic::Status;
+        let answers: Vec<(&str, fn(usize) -> Result<(), Status>, bool)> = vec![
+            (
+                "invalid",
+                |_| Err(Status::invalid_argument("nodes[0].k: bad")),
+                true,
+            ),
+            ("internal", |_| Err(Status::internal("poison")), true),
+            ("cancelled", |_| Err(Status::cancelled("cancelled")), true),
+            (
+                "deadline",
+                |_| Err(Status::deadline_exceeded("deadline exceeded")),
+                true,
+            ),
+            (
+                "unavailable",
+                |_| Err(Status::unavailable("engine stopped")),
+                false,
+            ),
+        ];
+        for (name, answer, stays) in answers {
+            let fake = Fake::new(answer);
+            let url = fake.serve().await;
+            let pool = fake_pool(&[url], PoolOptions::default()).await;
+            assert_eq!(pool.healthy(), 1);
+            assert!(propose_once(&pool, None).await.is_err(), "{name}");
+            assert_eq!(pool.healthy() == 1, stays, "{name}");
+        }
+        // A poison request (INTERNAL everywhere) leaves all three workers in rotation.
+        let fakes: Vec<Fake> = (0..3)
+            .map(|_| Fake::new(|_| Err(Status::internal("poison"))))
+            .collect();
+        let mut urls = Vec::new();
+        for f in &fakes {
+            urls.push(f.serve().await);
+        }
+        let pool = fake_pool(&urls, PoolOptions::default()).await;
+        assert!(propose_once(&pool, None).await.is_err());
+        assert_eq!(pool.healthy(), 3, "a poison request took workers out");
+        // A search's deadline that passes during a slow call is not the worker's fault.
+        let mut slow = Fake::new(|_| Ok(()));
+        slow.delay = Duration::from_secs(3);
+        let url = slow.serve().await;
+        let pool = fake_pool(&[url], PoolOptions::default()).await;
+        let e = propose_once(&pool, Some(Instant::now() + Duration::from_millis(300)))
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("ancel") || e.to_string().contains("eadline"),
+            "{e}"
+        );
+        assert_eq!(
+            pool.healthy(),
+            1,
+            "the search's own deadline took the worker out"
+        );
+        // A worker that is gone is taken out.
+        let pool = fake_pool(&["http://127.0.0.1:1".to_string()], PoolOptions::default()).await;
+        assert_eq!(pool.healthy(), 0);
+    });
+}
+
+/// Re-sends back off exponentially with jitter: a worker that says RESOURCE_EXHAUSTED is not
+/// sent the call again at once, nor is another equally full one; and a retry budget stops
+/// re-sending when most calls fail.
+#[test]
+fn retries_back_off_with_jitter_and_stop_when_the_retry_budget_is_spent() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        use tonic::Status;
+        // Two workers, both full for their first two calls.
+        let fakes: Vec<Fake> = (0..2)
+            .map(|_| {
+                Fake::new(|n| {
+                    if n < 2 {
+                        Err(Status::resource_exhausted("worker overloaded"))
+                    } else {
+                        Ok(())
+                    }
+                })
+            })
+            .collect();
+        let mut urls = Vec::new();
+        for f in &fakes {
+            urls.push(f.serve().await);
+        }
+        let options = PoolOptions {
+            attempts: 6,
+            backoff_base: Duration::from_millis(100),
+            ..PoolOptions::default()
+        };
+        let pool = fake_pool(&urls, options.clone()).await;
+        propose_once(&pool, None).await.expect("succeeds once a worker has room");
+        let mut times: Vec<Instant> = fakes.iter().flat_map(|f| f.calls()).collect();
+        times.sort();
+        assert!(times.len() >= 4, "{} calls", times.len());
+        for w in times.windows(2) {
+            let gap = w[1] - w[0];
+            assert!(
+                gap >= Duration::from_millis(40),
+                "a RESOURCE_EXHAUSTED call was re-sent after only {gap:?}"
+            );
+        }
+        // Later re-sends wait longer (exponential), whatever the jitter.
+        let first_gap = times[1] - times[0];
+        let last_gap = times[times.len() - 1] - times[times.len() - 2];
+        assert!(last_gap > first_gap, "{first_gap:?} then {last_gap:?}");
+
+        // Every call fails (INTERNAL: re-sent, worker kept): the budget caps the re-sends.
+        let fakes: Vec<Fake> = (0..3).map(|_| Fake::new(|_| Err(Status::internal("boom")))).collect();
+        let mut urls = Vec::new();
+        for f in &fakes {
+            urls.push(f.serve().await);
+        }
+        let pool = fake_pool(
+            &urls,
+            PoolOptions {
+                backoff_base: Duration::from_millis(1),
+                ..PoolOptions::default()
+            },
+        )
+        .await;
+        for _ in 0..40 {
+            assert!(propose_once(&pool, None).await.is_err());
+        }
+        let sent: usize = fakes.iter().map(|f| f.calls().len()).sum();
+        let (retries, refused) = pool.retries();
+        assert!(
+            sent <= 40 + 10,
+            "{sent} calls for 40 requests: re-sends were not budgeted ({retries} made, {refused} refused)"
+        );
+        assert!(refused > 0);
+    });
+}
+
+/// A search client sending `token` (if any) as `authorization: Bearer TOKEN`.
+type TokenClient = SearchClient<
+    tonic::service::interceptor::InterceptedService<
+        Channel,
+        Box<
+            dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>
+                + Send
+                + Sync,
+        >,
+    >,
+>;
+
+async fn client_with_token(url: &str, token: Option<&str>) -> TokenClient {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let header: Option<tonic::metadata::AsciiMetadataValue> =
+        token.map(|t| format!("Bearer {t}").parse().unwrap());
+    SearchClient::with_interceptor(
+        channel,
+        Box::new(move |mut req: tonic::Request<()>| {
+            if let Some(h) = &header {
+                req.metadata_mut().insert("authorization", h.clone());
+            }
+            Ok(req)
+        }),
+    )
+}
+
+async fn health_status(url: &str, service: &str) -> Result<i32, tonic::Status> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+        .unwrap()
+        .connect()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let mut h = tonic_health::pb::health_client::HealthClient::new(channel);
+    Ok(h.check(tonic_health::pb::HealthCheckRequest {
+        service: service.into(),
+    })
+    .await?
+    .into_inner()
+    .status)
+}
+
+/// Bearer tokens on both servers: without a valid token a call is UNAUTHENTICATED while
+/// health stays open; the coordinator reaches its workers with its own token; ids the server
+/// makes are random; and one token's searches are invisible to another (NOT_FOUND).
+#[test]
+fn tokens_authenticate_callers_and_each_token_sees_only_its_own_searches() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = std::env::temp_dir().join(format!("arbor-auth-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let worker_tokens = dir.join("worker-tokens");
+    std::fs::write(&worker_tokens, "# the coordinator's\nw0rker-t0ken\n").unwrap();
+    let worker = WorkerProcess::start_with(&["--auth-token-file", worker_tokens.to_str().unwrap()]);
+    let wurl = worker.url.clone();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut w = WorkerClient::connect(wurl.clone()).await.unwrap();
+        let e = w.model_info(pb::ModelInfoRequest {}).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+        assert_eq!(
+            health_status(&wurl, "arbor.v1.Worker").await.unwrap(),
+            ServingStatus::Serving as i32,
+            "health needs no token"
+        );
+    });
+    drop(rt);
+    let c = Cluster::with_options(
+        vec![worker],
+        1,
+        PoolOptions {
+            auth_token: Some("w0rker-t0ken".into()),
+            ..PoolOptions::default()
+        },
+        CoordinatorOptions {
+            auth: Some(arbor::rpc::auth::Tokens::new([
+                "alice-token".to_string(),
+                "bob-token".to_string(),
+            ])),
+            ..CoordinatorOptions::default()
+        },
+    );
+    c.rt.block_on(async {
+        let small = |id: &str| request(id, "What is 2 + 3?", pb::Strategy::BestOfN, 16, 1);
+        for token in [None, Some("mallory"), Some("alice-token ")] {
+            let mut client = client_with_token(&c.url, token).await;
+            let e = client.search(small("")).await.unwrap_err();
+            assert_eq!(e.code(), Code::Unauthenticated, "{token:?}: {e:?}");
+        }
+        assert_eq!(
+            health_status(&c.url, "").await.unwrap(),
+            ServingStatus::Serving as i32
+        );
+        let mut alice = client_with_token(&c.url, Some("alice-token")).await;
+        let mut bob = client_with_token(&c.url, Some("bob-token")).await;
+        // Server-made ids are random, not a sequence.
+        let a1 = alice
+            .search(small(""))
+            .await
+            .unwrap()
+            .into_inner()
+            .request_id;
+        let a2 = alice
+            .search(small(""))
+            .await
+            .unwrap()
+            .into_inner()
+            .request_id;
+        for id in [&a1, &a2] {
+            assert!(
+                id.len() >= 32 && id.chars().all(|c| c.is_ascii_hexdigit()),
+                "{id}"
+            );
+        }
+        assert_ne!(a1, a2);
+        let tree = |id: &str| pb::GetTreeRequest {
+            request_id: id.into(),
+            format: pb::TreeFormat::Json as i32,
+        };
+        alice.get_tree(tree(&a1)).await.unwrap();
+        let e = bob.get_tree(tree(&a1)).await.unwrap_err();
+        assert_eq!(e.code(), Code::NotFound, "{e:?}");
+        let e = bob
+            .cancel(pb::CancelRequest {
+                request_id: a1.clone(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::NotFound, "{e:?}");
+        // The same client id for two tokens: two searches, each its owner's.
+        let mine = alice.search(small("mine")).await.unwrap().into_inner();
+        let theirs = bob
+            .search(request(
+                "mine",
+                "What is 7 + 8?",
+                pb::Strategy::BestOfN,
+                16,
+                1,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        let alice_tree = alice
+            .get_tree(tree("mine"))
+            .await
+            .unwrap()
+            .into_inner()
+            .tree;
+        let bob_tree = bob.get_tree(tree("mine")).await.unwrap().into_inner().tree;
+        assert!(alice_tree.contains("2 + 3") && !alice_tree.contains("7 + 8"));
+        assert!(bob_tree.contains("7 + 8") && !bob_tree.contains("2 + 3"));
+        assert!(
+            mine.costs.unwrap().generated_tokens > 0 && theirs.costs.unwrap().generated_tokens > 0
+        );
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An `arbor serve` process, killed when dropped.
+struct ServeProcess {
+    child: Child,
+    url: String,
+}
+
+impl ServeProcess {
+    fn start(args: &[&str]) -> ServeProcess {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_arbor"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--health-interval-ms",
+                "300",
+            ])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start arbor serve");
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let addr = loop {
+            let line = lines
+                .next()
+                .expect("coordinator exited before listening")
+                .unwrap();
+            if let Some(a) = line.strip_prefix("arbor coordinator listening on ") {
+                break a.split_whitespace().next().unwrap().to_string();
+            }
+        };
+        std::thread::spawn(move || for _ in lines {});
+        ServeProcess {
+            child,
+            url: format!("http://{addr}"),
+        }
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([&format!("-{sig}"), &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{sig}");
+}
+
+/// Waits up to `limit` for `child` to exit; its exit status.
+fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let t = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            t.elapsed() < limit,
+            "the process did not exit within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// SIGTERM on a real coordinator process mid-search: health turns NOT_SERVING (both `""` and
+/// the named service), new searches get UNAVAILABLE, the running search finishes with its
+/// full answer, then the process exits 0. SIGINT drains a worker the same way.
+#[test]
+fn sigterm_drains_running_searches_refuses_new_ones_and_exits_zero() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut worker = WorkerProcess::start();
+    let mut serve = ServeProcess::start(&["--workers", &worker.url, "--drain-timeout", "120s"]);
+    let url = serve.url.clone();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut client = SearchClient::connect(url.clone()).await.unwrap();
+        let t = Instant::now();
+        while health_status(&url, "arbor.v1.Search").await.unwrap() != ServingStatus::Serving as i32
+        {
+            assert!(t.elapsed() < Duration::from_secs(30), "never healthy");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let req = request("drained", QUESTION, pb::Strategy::BestOfN, 160, 4);
+        let mut s = client.search_stream(req).await.unwrap().into_inner();
+        // Under way: its first event arrived.
+        let first = s.message().await.unwrap();
+        assert!(first.is_some());
+        signal(&serve.child, "TERM");
+        let t = Instant::now();
+        for service in ["", "arbor.v1.Search"] {
+            loop {
+                let st = health_status(&url, service).await.unwrap();
+                if st == ServingStatus::NotServing as i32 {
+                    break;
+                }
+                assert!(
+                    t.elapsed() < Duration::from_secs(3),
+                    "`{service}` still {st}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        let e = client
+            .search(request("late", QUESTION, pb::Strategy::BestOfN, 16, 1))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+        let mut result = None;
+        while let Some(ev) = s.message().await.unwrap() {
+            if let Some(pb::search_event::Event::Result(r)) = ev.event {
+                result = Some(r);
+            }
+        }
+        let result = result.expect("the running search finished");
+        assert!(
+            result.termination.starts_with("budget") || result.termination == "completed",
+            "{}",
+            result.termination
+        );
+        assert!(result.costs.unwrap().generated_tokens > 0);
+    });
+    let status = wait_exit(&mut serve.child, Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    signal(&worker.child, "INT");
+    let status = wait_exit(&mut worker.child, Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}
+
+/// A `SearchStream` reader that reads nothing does not freeze its search: the search runs to
+/// its end while the reader sleeps, and the reader, too slow for too long, is cut off with
+/// RESOURCE_EXHAUSTED naming `GetTree`, where the finished tree waits.
+#[test]
+fn a_stream_reader_that_reads_nothing_does_not_freeze_its_search() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::with_options(
+        vec![WorkerProcess::start()],
+        1,
+        PoolOptions::default(),
+        CoordinatorOptions {
+            stream_buffer: 2,
+            stream_stall_max: Duration::from_secs(2),
+            ..CoordinatorOptions::default()
+        },
+    );
+    c.rt.block_on(async {
+        // A small HTTP/2 window, so the transport does not hide the slow reader.
+        let channel = tonic::transport::Endpoint::from_shared(c.url.clone())
+            .unwrap()
+            .initial_stream_window_size(Some(256))
+            .initial_connection_window_size(Some(256))
+            .connect()
+            .await
+            .unwrap();
+        let mut slow = SearchClient::new(channel);
+        let mut req = request("slow", QUESTION, pb::Strategy::Mcts, 240, 2);
+        req.sampling = Some(pb::SamplingOptions {
+            temperature: Some(0.8),
+            top_p: None,
+            max_step_tokens: Some(8),
+        });
+        let mut stream = slow.search_stream(req).await.unwrap().into_inner();
+        let mut client = c.client.clone();
+        let t = Instant::now();
+        loop {
+            match client
+                .get_tree(pb::GetTreeRequest {
+                    request_id: "slow".into(),
+                    format: pb::TreeFormat::Json as i32,
+                })
+                .await
+            {
+                Ok(r) if !r.get_ref().running => break,
+                Ok(_) => {}
+                Err(e) if matches!(e.code(), Code::NotFound | Code::Unavailable) => {}
+                Err(e) => panic!("{e:?}"),
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(180),
+                "the search froze behind its stream reader"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // Still reading nothing for longer than the rule allows (the search may have ended
+        // before it did), then read: some events, then the cut-off.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let mut events = 0;
+        let e = loop {
+            match stream.message().await {
+                Ok(Some(pb::SearchEvent {
+                    event: Some(pb::search_event::Event::Result(_)),
+                })) => {
+                    panic!("a reader that stalled for longer than the rule allows got the result")
+                }
+                Ok(Some(_)) => events += 1,
+                Ok(None) => panic!("the stream ended without a status"),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+        assert!(e.message().contains("GetTree"), "{}", e.message());
+        eprintln!("{events} events read before the cut-off");
+    });
+}
+
+/// A search under a client deadline returns its best answer so far (OK, terminated by the
+/// deadline) instead of the call failing with DEADLINE_EXCEEDED.
+#[test]
+fn a_client_deadline_returns_the_best_answer_so_far() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::start(1);
+    let mut client = c.client.clone();
+    let mut search = request("deadline", QUESTION, pb::Strategy::Mcts, 1_000_000, 7);
+    search.sampling = Some(pb::SamplingOptions {
+        temperature: Some(0.7),
+        top_p: None,
+        max_step_tokens: Some(16),
+    });
+    let mut req = tonic::Request::new(search);
+    req.set_timeout(Duration::from_secs(10));
+    let t = Instant::now();
+    let result =
+        c.rt.block_on(client.search(req))
+            .expect("an answer before the deadline")
+            .into_inner();
+    assert!(t.elapsed() < Duration::from_secs(10));
+    assert!(
+        result.termination.contains("deadline"),
+        "{}",
+        result.termination
+    );
+    assert!(result.costs.unwrap().generated_tokens > 0);
+}
+
+/// A worker stopped with SIGSTOP mid-search (its connections stay open, it answers nothing) is
+/// detected by HTTP/2 keepalive within seconds: its calls are re-sent to the other worker and
+/// the search completes with the result a healthy run gives.
+#[test]
+fn a_worker_stopped_with_sigstop_mid_search_is_detected_and_its_calls_re_sent() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::start(2);
+    let req = request("stop", QUESTION, pb::Strategy::Beam, 240, 9);
+    let mut client = c.client.clone();
+    let search = c.rt.spawn(async move { stream(&mut client, req).await });
+    let t = Instant::now();
+    loop {
+        let busy: u32 = c.in_flight().iter().sum();
+        if busy > 0 && t.elapsed() > Duration::from_millis(1500) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the search never started"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let loads = c.in_flight();
+    let busiest = (0..loads.len()).max_by_key(|&i| loads[i]).unwrap();
+    signal(&c.workers[busiest].child, "STOP");
+    let stopped_at = Instant::now();
+    let done =
+        c.rt.block_on(async { tokio::time::timeout(Duration::from_secs(240), search).await });
+    signal(&c.workers[busiest].child, "CONT");
+    let (_, result) = done
+        .expect("the search hung on the stopped worker")
+        .unwrap();
+    eprintln!("finished {:?} after the stop", stopped_at.elapsed());
+    let costs = result.costs.unwrap();
+    let (answer, generated, _) = embedded(QUESTION, Strategy::Beam, 240, 9);
+    assert_eq!((result.answer, costs.generated_tokens), (answer, generated));
+    assert_eq!(c.coordinator.invariant_violations(), 0);
+}
+
+/// A `dns://` name whose lookups start failing (a DNS server down) keeps the members it last
+/// resolved to: the pool does not empty, and searches go on.
+#[test]
+fn a_dns_name_that_stops_resolving_keeps_its_last_known_members() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let fake = Fake::new(|_| Ok(()));
+        let url = fake.serve().await;
+        let addr: std::net::SocketAddr = url.strip_prefix("http://").unwrap().parse().unwrap();
+        let resolving = Arc::new(AtomicBool::new(true));
+        let flag = resolving.clone();
+        let resolver = arbor::rpc::pool::Resolver(Arc::new(move |host: String, _port: u16| {
+            let ok = flag.load(Ordering::SeqCst);
+            Box::pin(async move {
+                if ok && host == "workers.test" {
+                    Ok(vec![addr])
+                } else {
+                    Err(std::io::Error::other("no answer from the DNS server"))
+                }
+            })
+        }));
+        let pool = WorkerPool::connect(
+            vec![format!("dns://workers.test:{}", addr.port())
+                .parse()
+                .unwrap()],
+            PoolOptions {
+                health_interval: Duration::from_millis(100),
+                resolver: Some(resolver),
+                ..PoolOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!((pool.members().len(), pool.healthy()), (1, 1));
+        resolving.store(false, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(
+            (pool.members().len(), pool.healthy()),
+            (1, 1),
+            "failed lookups emptied the pool"
+        );
+        propose_once(&pool, None)
+            .await
+            .expect("the kept worker serves");
+    });
 }

@@ -7,9 +7,9 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arbor_model::{ChatMessage, Tokenizer};
 use arbor_search::{
@@ -18,9 +18,9 @@ use arbor_search::{
 use arbor_worker::STEP_BY_STEP_SYSTEM_PROMPT;
 use dashmap::DashMap;
 use tokio::sync::{mpsc, Semaphore};
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use super::auth::Owner;
 use super::limits::SearchLimits;
 use super::pb;
 use super::pb::search_server::{Search as SearchRpc, SearchServer};
@@ -39,7 +39,24 @@ pub struct CoordinatorOptions {
     pub trees_kept: usize,
     /// Most prompt tokens (after the chat template).
     pub prompt_tokens_max: usize,
+    /// The bearer tokens clients must present (`--auth-token-file`); `None`: no
+    /// authentication. Each search is visible (`GetTree`, `Cancel`) only to its token.
+    pub auth: Option<super::auth::Tokens>,
+    /// On shutdown, how long running searches may take to finish before they are cancelled
+    /// (and end with their best answer so far).
+    pub drain_timeout: Duration,
+    /// Events buffered for a `SearchStream` reader. The search never waits for its reader:
+    /// events that do not fit wait in a second queue of [`STREAM_BACKLOG_MAX`] events.
+    pub stream_buffer: usize,
+    /// A `SearchStream` reader that leaves the buffer full for this long (or lets the backlog
+    /// overflow) is cut off with RESOURCE_EXHAUSTED; the search goes on to its end and its
+    /// tree is kept for `GetTree`.
+    pub stream_stall_max: Duration,
 }
+
+/// Events a slow `SearchStream` reader may leave waiting beyond the stream's buffer before it
+/// is cut off.
+pub const STREAM_BACKLOG_MAX: usize = 4096;
 
 impl Default for CoordinatorOptions {
     fn default() -> Self {
@@ -48,6 +65,10 @@ impl Default for CoordinatorOptions {
             step_delimiter: "\n\n".into(),
             trees_kept: 64,
             prompt_tokens_max: 8192,
+            auth: None,
+            drain_timeout: Duration::from_secs(30),
+            stream_buffer: 256,
+            stream_stall_max: Duration::from_secs(10),
         }
     }
 }
@@ -62,6 +83,7 @@ struct RunningSearch {
 const TREE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 struct TreeDump {
+    owner: Owner,
     request_id: String,
     json: String,
     dot: String,
@@ -71,11 +93,14 @@ struct Inner {
     pool: WorkerPool,
     tokenizer: Arc<Tokenizer>,
     options: CoordinatorOptions,
-    running: DashMap<String, RunningSearch>,
+    /// Running searches by owner and request id: two clients' ids never collide, and one
+    /// client cannot see or cancel another's search.
+    running: DashMap<(Owner, String), RunningSearch>,
     trees: Mutex<VecDeque<Arc<TreeDump>>>,
     permits: Arc<Semaphore>,
-    next_id: AtomicU64,
     invariant_violations: AtomicU64,
+    /// Set on shutdown: new searches are refused with UNAVAILABLE.
+    draining: AtomicBool,
 }
 
 /// The `Search` service. Cheap to clone.
@@ -87,8 +112,10 @@ pub struct Coordinator {
 /// A validated request.
 #[derive(Debug)]
 pub struct SearchSpec {
-    /// The request id (the client's, or one the server made).
+    /// The request id (the client's, or a random one the server made).
     pub request_id: String,
+    /// Who asked (the token the call carried); only they see the search.
+    pub owner: Owner,
     /// The prompt, chat template applied.
     pub prompt: String,
     /// Its tokens.
@@ -98,7 +125,7 @@ pub struct SearchSpec {
 }
 
 /// Removes a search from the running set however its call ends (finished, failed or dropped).
-struct Running<'a>(&'a Inner, String);
+struct Running<'a>(&'a Inner, (Owner, String));
 
 impl Drop for Running<'_> {
     fn drop(&mut self) {
@@ -117,8 +144,8 @@ impl Coordinator {
                 options,
                 running: DashMap::new(),
                 trees: Mutex::new(VecDeque::new()),
-                next_id: AtomicU64::new(0),
                 invariant_violations: AtomicU64::new(0),
+                draining: AtomicBool::new(false),
             }),
         }
     }
@@ -136,6 +163,23 @@ impl Coordinator {
     /// Searches running now.
     pub fn running(&self) -> usize {
         self.inner.running.len()
+    }
+
+    /// Stops admitting searches (each new one gets UNAVAILABLE); running ones go on.
+    pub fn start_draining(&self) {
+        self.inner.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether [`Coordinator::start_draining`] was called.
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.load(Ordering::SeqCst)
+    }
+
+    /// Cancels every running search (each ends with its best answer so far).
+    pub fn cancel_all(&self) {
+        for r in self.inner.running.iter() {
+            r.cancel.cancel();
+        }
     }
 
     /// The tonic server, with the message size limit applied.
@@ -168,7 +212,9 @@ impl Coordinator {
             return Err(invalid("request_id", "control characters are not allowed"));
         }
         let request_id = if req.request_id.is_empty() {
-            format!("s{}", self.inner.next_id.fetch_add(1, Ordering::Relaxed))
+            // Random (128 bits), so an id says nothing about other searches and cannot be
+            // guessed.
+            format!("{:032x}", rand::random::<u128>())
         } else {
             req.request_id.clone()
         };
@@ -318,8 +364,14 @@ impl Coordinator {
             config.budget.max_nodes = budget.nodes as u32;
         }
         // The earlier of the request's own deadline and the call's gRPC deadline.
-        let rpc_ms =
-            rpc_deadline.map(|d| d.saturating_duration_since(Instant::now()).as_millis() as u64);
+        // The search stops a margin before the call's gRPC deadline, so that its best answer
+        // so far reaches the client before the deadline cuts the call off.
+        let rpc_ms = rpc_deadline.map(|d| {
+            let left = d.saturating_duration_since(Instant::now());
+            left.saturating_sub(deadline_margin(left))
+                .as_millis()
+                .max(1) as u64
+        });
         let asked = (req.deadline_ms > 0).then_some(req.deadline_ms);
         config.budget.deadline_ms = match (asked, rpc_ms, config.budget.deadline_ms) {
             (Some(a), Some(r), _) => Some(a.min(r)),
@@ -329,6 +381,7 @@ impl Coordinator {
         config.validate().map_err(|e| invalid("config", e))?;
         Ok(SearchSpec {
             request_id,
+            owner: Owner::default(),
             prompt,
             prompt_tokens,
             config,
@@ -350,6 +403,12 @@ impl Coordinator {
         cancel: CancelToken,
     ) -> Result<pb::SearchResult, Status> {
         let inner = &*self.inner;
+        if self.is_draining() {
+            return Err(Status::unavailable(
+                "the coordinator is shutting down and admits no new searches; send it to \
+                 another coordinator",
+            ));
+        }
         let tap = TreeTap::new();
         let _permit = inner.permits.clone().try_acquire_owned().map_err(|_| {
             Status::resource_exhausted(format!(
@@ -357,7 +416,8 @@ impl Coordinator {
                 inner.options.limits.searches_max
             ))
         })?;
-        match inner.running.entry(spec.request_id.clone()) {
+        let key = (spec.owner, spec.request_id.clone());
+        match inner.running.entry(key.clone()) {
             dashmap::Entry::Occupied(_) => {
                 return Err(Status::already_exists(format!(
                     "request_id: a search with id `{}` is running",
@@ -371,12 +431,16 @@ impl Coordinator {
                 });
             }
         }
-        let _running = Running(inner, spec.request_id.clone());
+        let _running = Running(inner, key);
+        // Worker calls may run a moment past the search's deadline: the search ends at its
+        // deadline itself (dropping the calls in flight, which stops their decoding) with the
+        // termination `budget_deadline` and its best answer so far, rather than seeing its
+        // last calls fail first.
         let deadline = spec
             .config
             .budget
             .deadline_ms
-            .map(|ms| Instant::now() + std::time::Duration::from_millis(ms));
+            .map(|ms| Instant::now() + Duration::from_millis(ms) + Duration::from_millis(200));
         let remote = RemotePolicy::new(
             inner.pool.clone(),
             spec.prompt_tokens,
@@ -398,13 +462,14 @@ impl Coordinator {
             tracing::error!(request_id = %spec.request_id, "tree invariant violated: {e:?}");
         }
         let dump = Arc::new(TreeDump {
+            owner: spec.owner,
             request_id: spec.request_id.clone(),
             json: serde_json::to_string(&tree.export()).unwrap_or_default(),
             dot: tree.to_dot(),
         });
         {
             let mut trees = inner.trees.lock().expect("trees lock");
-            trees.retain(|t| t.request_id != spec.request_id);
+            trees.retain(|t| (t.owner, &t.request_id) != (spec.owner, &spec.request_id));
             trees.push_back(dump);
             while trees.len() > inner.options.trees_kept {
                 trees.pop_front();
@@ -529,7 +594,112 @@ fn event_of(e: SearchEvent) -> Option<pb::SearchEvent> {
     Some(pb::SearchEvent { event: Some(event) })
 }
 
-type EventStream = ReceiverStream<Result<pb::SearchEvent, Status>>;
+/// How long before a call's gRPC deadline its search stops, so that the answer found so far
+/// reaches the client before the deadline cuts the call off: a tenth of the time left, at least
+/// 300 ms and at most 2 s, and never more than half of it.
+pub fn deadline_margin(left: Duration) -> Duration {
+    (left / 10)
+        .clamp(Duration::from_millis(300), Duration::from_secs(2))
+        .min(left / 2)
+}
+
+/// A `SearchStream` response: the events, unless the reader has been cut off, which ends the
+/// stream with that status (ahead of whatever events are still buffered).
+pub struct EventStream {
+    abort: Option<tokio::sync::oneshot::Receiver<Status>>,
+    rx: mpsc::Receiver<Result<pb::SearchEvent, Status>>,
+    done: bool,
+}
+
+impl tokio_stream::Stream for EventStream {
+    type Item = Result<pb::SearchEvent, Status>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::future::Future;
+        use std::task::Poll;
+        if self.done {
+            return Poll::Ready(None);
+        }
+        if let Some(abort) = self.abort.as_mut() {
+            match std::pin::Pin::new(abort).poll(cx) {
+                Poll::Ready(Ok(status)) => {
+                    self.done = true;
+                    return Poll::Ready(Some(Err(status)));
+                }
+                Poll::Ready(Err(_)) => self.abort = None,
+                Poll::Pending => {}
+            }
+        }
+        self.rx.poll_recv(cx)
+    }
+}
+
+/// Feeds a `SearchStream` reader without ever making the search wait for it. Events go into
+/// the stream's buffer when there is room, else into a backlog; a reader that takes nothing
+/// for [`CoordinatorOptions::stream_stall_max`] while events wait, or lets more than
+/// [`STREAM_BACKLOG_MAX`] pile up, is cut off (RESOURCE_EXHAUSTED) while the search goes on.
+struct StreamFeed {
+    out: mpsc::Sender<Result<pb::SearchEvent, Status>>,
+    abort: Option<tokio::sync::oneshot::Sender<Status>>,
+    backlog: VecDeque<pb::SearchEvent>,
+    /// Since when events have been waiting without the reader taking any.
+    stalled_since: Option<Instant>,
+    stall_max: Duration,
+    request_id: String,
+    /// The reader was cut off or hung up: nothing more is sent.
+    cut: bool,
+}
+
+impl StreamFeed {
+    /// Moves what fits from the backlog into the stream, and cuts a stalled reader off.
+    /// Returns false when the reader has hung up.
+    fn flush(&mut self) -> bool {
+        if self.cut {
+            return true;
+        }
+        let mut progressed = false;
+        while let Some(ev) = self.backlog.pop_front() {
+            match self.out.try_send(Ok(ev)) {
+                Ok(()) => progressed = true,
+                Err(mpsc::error::TrySendError::Full(Ok(ev))) => {
+                    self.backlog.push_front(ev);
+                    break;
+                }
+                Err(_) => {
+                    self.cut = true;
+                    return false;
+                }
+            }
+        }
+        if self.backlog.is_empty() || progressed {
+            self.stalled_since = None;
+        }
+        if !self.backlog.is_empty() {
+            let since = *self.stalled_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= self.stall_max || self.backlog.len() > STREAM_BACKLOG_MAX {
+                self.cut_off();
+            }
+        }
+        true
+    }
+
+    fn cut_off(&mut self) {
+        self.cut = true;
+        self.backlog.clear();
+        tracing::warn!(request_id = %self.request_id, "stream reader too slow: cut off");
+        if let Some(abort) = self.abort.take() {
+            let _ = abort.send(Status::resource_exhausted(format!(
+                "the stream's reader took no events for {:?} while they waited (or let more than \
+                 {STREAM_BACKLOG_MAX} pile up), so it was cut off; the search `{}` goes on to its \
+                 end: read its tree and answer with GetTree",
+                self.stall_max, self.request_id
+            )));
+        }
+    }
+}
 
 #[tonic::async_trait]
 impl SearchRpc for Coordinator {
@@ -538,7 +708,8 @@ impl SearchRpc for Coordinator {
         request: Request<pb::SearchRequest>,
     ) -> Result<Response<pb::SearchResult>, Status> {
         let deadline = grpc_deadline(&request);
-        let spec = self.validate(request.get_ref(), deadline)?;
+        let mut spec = self.validate(request.get_ref(), deadline)?;
+        spec.owner = Owner::of(&request);
         // A client that goes away drops this future, and with it the search and its calls.
         let result = self.run(spec, None, CancelToken::new()).await?;
         Ok(Response::new(result))
@@ -551,65 +722,116 @@ impl SearchRpc for Coordinator {
         request: Request<pb::SearchRequest>,
     ) -> Result<Response<EventStream>, Status> {
         let deadline = grpc_deadline(&request);
-        let spec = self.validate(request.get_ref(), deadline)?;
-        let (out, rx) = mpsc::channel(256);
+        let mut spec = self.validate(request.get_ref(), deadline)?;
+        spec.owner = Owner::of(&request);
+        if self.is_draining() {
+            return Err(Status::unavailable(
+                "the coordinator is shutting down and admits no new searches",
+            ));
+        }
+        let o = &self.inner.options;
+        let (out, rx) = mpsc::channel(o.stream_buffer.max(1));
+        let (abort_tx, abort_rx) = tokio::sync::oneshot::channel();
+        let mut feed = StreamFeed {
+            out,
+            abort: Some(abort_tx),
+            backlog: VecDeque::new(),
+            stalled_since: None,
+            stall_max: o.stream_stall_max,
+            request_id: spec.request_id.clone(),
+            cut: false,
+        };
         let coordinator = self.clone();
         let cancel = CancelToken::new();
         tokio::spawn(async move {
             let (ev_tx, mut ev_rx) = mpsc::channel(1024);
             let search = coordinator.run(spec, Some(ev_tx), cancel.clone());
             tokio::pin!(search);
-            let mut client_gone = false;
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
             let result = loop {
+                // Never waits on the reader: the search is polled whatever the stream's state.
                 tokio::select! {
                     result = &mut search => break result,
                     Some(ev) = ev_rx.recv() => {
-                        if let Some(ev) = event_of(ev) {
-                            if !client_gone && out.send(Ok(ev)).await.is_err() {
-                                client_gone = true;
-                                cancel.cancel();
+                        if !feed.cut {
+                            if let Some(ev) = event_of(ev) {
+                                feed.backlog.push_back(ev);
                             }
                         }
                     }
-                    _ = out.closed(), if !client_gone => {
+                    _ = feed.out.closed(), if !feed.cut => {
                         // The client hung up: stop the search (and the workers' decoding).
-                        client_gone = true;
+                        feed.cut = true;
                         cancel.cancel();
                     }
+                    _ = tick.tick(), if !feed.cut && !feed.backlog.is_empty() => {}
+                }
+                if !feed.flush() {
+                    cancel.cancel();
                 }
             };
+            if feed.cut {
+                return;
+            }
+            // The search is over: the rest of its events, then its result, as the reader takes
+            // them (a reader that stalls as long as the rule allows is cut off).
             while let Ok(ev) = ev_rx.try_recv() {
                 if let Some(ev) = event_of(ev) {
-                    let _ = out.send(Ok(ev)).await;
+                    feed.backlog.push_back(ev);
                 }
             }
             let last = result.map(|r| pb::SearchEvent {
                 event: Some(pb::search_event::Event::Result(r)),
             });
-            let _ = out.send(last).await;
+            let items = feed.backlog.drain(..).map(Ok).collect::<Vec<_>>();
+            for item in items.into_iter().chain(std::iter::once(last)) {
+                match tokio::time::timeout(feed.stall_max, feed.out.send(item)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return,
+                    Err(_) => {
+                        feed.cut_off();
+                        return;
+                    }
+                }
+            }
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(EventStream {
+            abort: Some(abort_rx),
+            rx,
+            done: false,
+        }))
     }
 
     async fn cancel(
         &self,
         request: Request<pb::CancelRequest>,
     ) -> Result<Response<pb::CancelResponse>, Status> {
-        let id = &request.get_ref().request_id;
-        let cancelled = match self.inner.running.get(id) {
-            Some(search) => {
-                search.cancel.cancel();
-                true
-            }
-            None => false,
-        };
-        Ok(Response::new(pb::CancelResponse { cancelled }))
+        let owner = Owner::of(&request);
+        let id = request.get_ref().request_id.clone();
+        if let Some(search) = self.inner.running.get(&(owner, id.clone())) {
+            search.cancel.cancel();
+            return Ok(Response::new(pb::CancelResponse { cancelled: true }));
+        }
+        let finished = self
+            .inner
+            .trees
+            .lock()
+            .expect("trees lock")
+            .iter()
+            .any(|t| t.owner == owner && t.request_id == id);
+        if finished {
+            return Ok(Response::new(pb::CancelResponse { cancelled: false }));
+        }
+        Err(Status::not_found(format!(
+            "no running or finished search with request_id `{id}`"
+        )))
     }
 
     async fn get_tree(
         &self,
         request: Request<pb::GetTreeRequest>,
     ) -> Result<Response<pb::GetTreeResponse>, Status> {
+        let owner = Owner::of(&request);
         let req = request.into_inner();
         let format = pb::TreeFormat::try_from(req.format)
             .map_err(|_| invalid("format", format!("unknown value {}", req.format)))?;
@@ -619,7 +841,7 @@ impl SearchRpc for Coordinator {
         let tap = self
             .inner
             .running
-            .get(&req.request_id)
+            .get(&(owner, req.request_id.clone()))
             .map(|r| r.tap.clone());
         let Some(tap) = tap else {
             let found = self
@@ -628,7 +850,7 @@ impl SearchRpc for Coordinator {
                 .lock()
                 .expect("trees lock")
                 .iter()
-                .find(|t| t.request_id == req.request_id)
+                .find(|t| t.owner == owner && t.request_id == req.request_id)
                 .cloned();
             let Some(dump) = found else {
                 return Err(Status::not_found(format!(
@@ -669,7 +891,7 @@ impl SearchRpc for Coordinator {
 }
 
 /// Serves the coordinator (with health, and reflection if asked) on `listener` until
-/// `shutdown` completes, over TLS when `tls` is given.
+/// `shutdown` completes, over TLS when `tls` is given; then drains (see [`drain`]).
 pub async fn serve(
     coordinator: Coordinator,
     listener: tokio::net::TcpListener,
@@ -682,15 +904,22 @@ pub async fn serve(
     // Serving while at least one worker is healthy, so a load balancer in front of several
     // coordinators routes around one whose workers are all gone.
     let pool = coordinator.pool().clone();
+    let watched = coordinator.clone();
+    let watch_reporter = reporter.clone();
     let watcher = tokio::spawn(async move {
         let mut serving = None;
         loop {
+            if watched.is_draining() {
+                return;
+            }
             let now = pool.healthy() > 0;
             if serving != Some(now) {
                 if now {
-                    reporter.set_serving::<SearchServer<Coordinator>>().await;
+                    watch_reporter
+                        .set_serving::<SearchServer<Coordinator>>()
+                        .await;
                 } else {
-                    reporter
+                    watch_reporter
                         .set_not_serving::<SearchServer<Coordinator>>()
                         .await;
                 }
@@ -700,17 +929,93 @@ pub async fn serve(
         }
     });
     let reflection_service = reflection.then(super::reflection_service);
-    let served = builder
+    let auth = coordinator.inner.options.auth.clone();
+    let service = tonic::service::interceptor::InterceptedService::new(
+        coordinator.clone().into_server(),
+        super::auth::Tokens::interceptor(auth),
+    );
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = builder
         .add_service(health)
         .add_optional_service(reflection_service)
-        .add_service(coordinator.into_server())
+        .add_service(service)
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
-        )
-        .await;
+            async {
+                let _ = stop_rx.await;
+            },
+        );
+    tokio::pin!(server);
+    tokio::select! {
+        served = &mut server => {
+            watcher.abort();
+            return served;
+        }
+        () = shutdown => {}
+    }
+    // Draining: not serving to probes and load balancers, no new searches, running ones
+    // finish (or, past the drain timeout, are cancelled and end with their best answer).
+    coordinator.start_draining();
     watcher.abort();
-    served
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    reporter
+        .set_not_serving::<SearchServer<Coordinator>>()
+        .await;
+    let drain_timeout = coordinator.inner.options.drain_timeout;
+    let running = coordinator.running();
+    eprintln!(
+        "arbor: draining: health NOT_SERVING, no new searches, {running} running (waiting up to \
+         {drain_timeout:?})"
+    );
+    let c = coordinator.clone();
+    let drained = drain(&mut server, drain_timeout, move || c.running() == 0).await;
+    if let Some(served) = drained {
+        return served;
+    }
+    if coordinator.running() > 0 {
+        eprintln!(
+            "arbor: drain timeout: cancelling {} searches (they end with their best answer so far)",
+            coordinator.running()
+        );
+        coordinator.cancel_all();
+        let c = coordinator.clone();
+        if let Some(served) = drain(&mut server, Duration::from_secs(5), move || {
+            c.running() == 0
+        })
+        .await
+        {
+            return served;
+        }
+    }
+    let _ = stop_tx.send(());
+    // Answers still on their way get a moment; connections kept open by idle clients do not
+    // hold the process.
+    match tokio::time::timeout(Duration::from_secs(5), server).await {
+        Ok(served) => served,
+        Err(_) => Ok(()),
+    }
+}
+
+/// Keeps `server` running until `done()` holds or `timeout` passes; `Some` if the server
+/// stopped by itself meanwhile.
+pub(crate) async fn drain<F>(
+    server: &mut std::pin::Pin<&mut F>,
+    timeout: Duration,
+    done: impl Fn() -> bool,
+) -> Option<F::Output>
+where
+    F: std::future::Future,
+{
+    let until = Instant::now() + timeout;
+    while !done() && Instant::now() < until {
+        tokio::select! {
+            served = server.as_mut() => return Some(served),
+            () = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    }
+    None
 }
 
 /// The address a listener is bound to.

@@ -66,6 +66,13 @@ pub struct WorkerLimits {
     pub expansion_id_bytes_max: usize,
     /// Bytes of one encoded request message.
     pub message_bytes_max: usize,
+    /// Tokens in one step of a `Score` path (INVALID_ARGUMENT above it).
+    pub score_step_tokens_max: usize,
+    /// Tokens in one `Score` path, prompt and steps together (INVALID_ARGUMENT above it).
+    pub score_path_tokens_max: usize,
+    /// Tokens in one `Score` call, every path together (RESOURCE_EXHAUSTED above it: split
+    /// the call).
+    pub score_call_tokens_max: usize,
 }
 
 impl Default for WorkerLimits {
@@ -78,6 +85,9 @@ impl Default for WorkerLimits {
             stop_bytes_max: 64,
             expansion_id_bytes_max: 128,
             message_bytes_max: 64 << 20,
+            score_step_tokens_max: 2048,
+            score_path_tokens_max: 16384,
+            score_call_tokens_max: 65536,
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod pb {
         include_bytes!(concat!(env!("OUT_DIR"), "/arbor_descriptor.bin"));
 }
 
+pub mod auth;
 pub mod coordinator;
 pub mod limits;
 pub mod pool;

@@ -73,6 +73,31 @@ impl std::str::FromStr for WorkerSpec {
     }
 }
 
+/// What resolves a `dns://` name to addresses: the system's resolver by default
+/// ([`PoolOptions::resolver`]); another service discovery, or a test, may supply its own.
+#[derive(Clone)]
+pub struct Resolver(
+    #[allow(clippy::type_complexity)]
+    pub  Arc<
+        dyn Fn(
+                String,
+                u16,
+            ) -> std::pin::Pin<
+                Box<
+                    dyn std::future::Future<Output = std::io::Result<Vec<std::net::SocketAddr>>>
+                        + Send,
+                >,
+            > + Send
+            + Sync,
+    >,
+);
+
+impl std::fmt::Debug for Resolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Resolver")
+    }
+}
+
 /// Pool settings.
 #[derive(Debug, Clone)]
 pub struct PoolOptions {
@@ -92,6 +117,33 @@ pub struct PoolOptions {
     /// must present a certificate for the DNS name). `https://` workers without it are checked
     /// against the public web's roots.
     pub tls: Option<super::tls::ClientTls>,
+    /// The bearer token sent to workers (`authorization: Bearer …` on every `Expand`, `Score`
+    /// and `ModelInfo` call; health checks stay open). `None`: no token.
+    pub auth_token: Option<String>,
+    /// The first re-send waits about this long (jittered), each next one twice as long.
+    pub backoff_base: Duration,
+    /// The longest wait before a re-send.
+    pub backoff_max: Duration,
+    /// The retry budget: re-sends stop while this many or more of the last tokens are spent.
+    /// Each failed attempt that would be re-sent spends one token, each success gives back
+    /// [`PoolOptions::retry_token_ratio`], up to this many tokens (gRPC's retry throttling:
+    /// once half the budget is spent, failures are returned instead of re-sent, so a pool
+    /// that fails everything is not hammered with copies).
+    pub retry_tokens_max: f64,
+    /// Tokens a successful call gives back to the retry budget.
+    pub retry_token_ratio: f64,
+    /// Most time one worker call may take when the search has no deadline (and the cap on it
+    /// when it has one): a worker that stops answering without closing its connection is
+    /// given up on after this, and the call re-sent elsewhere.
+    pub call_timeout: Duration,
+    /// HTTP/2 keepalive ping period on worker connections: a worker that stops answering pings
+    /// for [`PoolOptions::keepalive_timeout`] more (a stopped process, a dead host) has its
+    /// connection closed and its calls re-sent, within seconds.
+    pub keepalive_interval: Duration,
+    /// How long a keepalive ping may go unanswered.
+    pub keepalive_timeout: Duration,
+    /// Resolves `dns://` names; `None`: the system's resolver.
+    pub resolver: Option<Resolver>,
 }
 
 impl Default for PoolOptions {
@@ -102,6 +154,15 @@ impl Default for PoolOptions {
             connect_timeout: Duration::from_secs(3),
             tokenizer_fingerprint: None,
             tls: None,
+            auth_token: None,
+            backoff_base: Duration::from_millis(50),
+            backoff_max: Duration::from_secs(2),
+            retry_tokens_max: 10.0,
+            retry_token_ratio: 0.1,
+            call_timeout: Duration::from_secs(600),
+            keepalive_interval: Duration::from_secs(2),
+            keepalive_timeout: Duration::from_secs(3),
+            resolver: None,
         }
     }
 }
@@ -132,6 +193,11 @@ pub struct Member {
     last_error: Mutex<String>,
     /// Whether it is reached with a client certificate.
     client_certificate: bool,
+    /// The DNS name it was resolved from (`dns://` workers).
+    dns_name: Option<String>,
+    /// Until when it is known to be full (it answered RESOURCE_EXHAUSTED): work goes to others
+    /// meanwhile when there are any.
+    busy_until: Mutex<Option<Instant>>,
 }
 
 impl Member {
@@ -141,7 +207,11 @@ impl Member {
         let mut endpoint = Endpoint::from_shared(url.clone())
             .map_err(|e| format!("{url}: {e}"))?
             .connect_timeout(options.connect_timeout)
-            .tcp_nodelay(true);
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(options.keepalive_interval)
+            .keep_alive_timeout(options.keepalive_timeout)
+            .keep_alive_while_idle(true)
+            .tcp_keepalive(Some(Duration::from_secs(10)));
         if url.starts_with("https://") {
             let tls = options.tls.clone().unwrap_or_default();
             endpoint = endpoint
@@ -162,6 +232,8 @@ impl Member {
             compat: Mutex::new(Compat::Unknown),
             last_error: Mutex::new(String::new()),
             client_certificate: options.tls.as_ref().is_some_and(|t| t.has_identity()),
+            dns_name: None,
+            busy_until: Mutex::new(None),
         })
     }
 
@@ -187,6 +259,14 @@ impl Member {
         self.failures.load(Ordering::Relaxed)
     }
 
+    /// Whether it said RESOURCE_EXHAUSTED recently (and its back-off has not run out).
+    fn is_busy(&self, now: Instant) -> bool {
+        self.busy_until
+            .lock()
+            .expect("busy lock")
+            .is_some_and(|t| t > now)
+    }
+
     /// Calls sent and not yet answered.
     pub fn outstanding(&self) -> usize {
         self.outstanding.load(Ordering::SeqCst)
@@ -203,7 +283,12 @@ impl Member {
 
     /// Checks health and, once per time the worker comes up, that it runs the expected
     /// tokenizer. A worker is healthy only when both hold.
-    async fn check(&self, timeout: Duration, expected: Option<&str>) -> bool {
+    async fn check(
+        &self,
+        timeout: Duration,
+        expected: Option<&str>,
+        auth: Option<&AuthHeader>,
+    ) -> bool {
         let mut h = self.health.clone();
         let mut req = tonic::Request::new(HealthCheckRequest {
             service: "arbor.v1.Worker".into(),
@@ -237,6 +322,9 @@ impl Member {
                 let mut c = self.client.clone();
                 let mut req = tonic::Request::new(pb::ModelInfoRequest {});
                 req.set_timeout(timeout);
+                if let Some(auth) = auth {
+                    req.metadata_mut().insert("authorization", auth.clone());
+                }
                 match tokio::time::timeout(timeout, c.model_info(req)).await {
                     Ok(Ok(info)) => {
                         let info = info.into_inner();
@@ -265,10 +353,62 @@ impl Member {
     }
 }
 
+/// The `authorization` header value sent to workers.
+type AuthHeader = tonic::metadata::AsciiMetadataValue;
+
 struct PoolInner {
     specs: Vec<WorkerSpec>,
     options: PoolOptions,
     members: RwLock<Vec<Arc<Member>>>,
+    auth: Option<AuthHeader>,
+    /// The retry budget's tokens (see [`PoolOptions::retry_tokens_max`]).
+    retry_tokens: Mutex<f64>,
+    retries: AtomicU64,
+    retries_refused: AtomicU64,
+}
+
+/// How a failed worker call is treated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// The connection failed or the worker said UNAVAILABLE: the worker leaves the rotation
+    /// until a health check passes, and the call is re-sent elsewhere.
+    WorkerDown,
+    /// The worker is full: it gets no new work for a back-off, the call is re-sent (to a
+    /// worker that is not known to be full, or after the back-off).
+    Busy,
+    /// A failure the request may have caused (INTERNAL, UNKNOWN, ABORTED from the worker):
+    /// re-sent elsewhere within the retry budget, the worker stays in rotation.
+    Request,
+    /// The call's own deadline (or its per-call timeout) passed.
+    Timeout,
+    /// Final: bad input, cancelled, refused for a precondition. Not re-sent; the worker stays.
+    Final,
+}
+
+/// Classifies a failed call. A status the worker sent has no `source`; one tonic made from a
+/// local error (connection refused or reset, an HTTP/2 error, a keepalive timeout) carries
+/// the error as its source, except that the call's own timeout is CANCELLED with a
+/// `TimeoutExpired` source.
+fn classify(status: &Status) -> Failure {
+    use std::error::Error as _;
+    let mut source = status.source();
+    let local = source.is_some();
+    while let Some(e) = source {
+        if e.is::<tonic::TimeoutExpired>() {
+            return Failure::Timeout;
+        }
+        source = e.source();
+    }
+    match status.code() {
+        Code::Unavailable => Failure::WorkerDown,
+        // A local error of any other code is the transport failing (a reset connection, an
+        // HTTP/2 protocol error), not an answer from the worker.
+        _ if local => Failure::WorkerDown,
+        Code::ResourceExhausted => Failure::Busy,
+        Code::DeadlineExceeded => Failure::Timeout,
+        Code::Internal | Code::Unknown | Code::Aborted => Failure::Request,
+        _ => Failure::Final,
+    }
 }
 
 /// The workers a coordinator uses. Cheap to clone.
@@ -301,13 +441,23 @@ impl WorkerPool {
         if specs.is_empty() {
             return Err("no workers given".into());
         }
-        let pool = WorkerPool {
-            inner: Arc::new(PoolInner {
-                specs,
-                options,
-                members: RwLock::new(Vec::new()),
-            }),
-        };
+        let pool =
+            WorkerPool {
+                inner: Arc::new(PoolInner {
+                    specs,
+                    auth: match &options.auth_token {
+                        Some(t) => Some(format!("Bearer {t}").parse().map_err(|_| {
+                            "the workers' token is not printable ASCII".to_string()
+                        })?),
+                        None => None,
+                    },
+                    retry_tokens: Mutex::new(options.retry_tokens_max),
+                    options,
+                    members: RwLock::new(Vec::new()),
+                    retries: AtomicU64::new(0),
+                    retries_refused: AtomicU64::new(0),
+                }),
+            };
         pool.refresh().await;
         let weak: Weak<PoolInner> = Arc::downgrade(&pool.inner);
         let interval = pool.inner.options.health_interval;
@@ -337,10 +487,35 @@ impl WorkerPool {
             match spec {
                 WorkerSpec::Url(u) => urls.push((u.clone(), None)),
                 WorkerSpec::Dns { host, port } => {
-                    match tokio::net::lookup_host((host.as_str(), *port)).await {
-                        Ok(addrs) => urls
-                            .extend(addrs.map(|a| (format!("{scheme}://{a}"), Some(host.clone())))),
-                        Err(e) => tracing::warn!(%host, "resolving workers failed: {e}"),
+                    let resolved = match &options.resolver {
+                        Some(r) => (r.0)(host.clone(), *port).await,
+                        None => tokio::net::lookup_host((host.as_str(), *port))
+                            .await
+                            .map(|a| a.collect()),
+                    };
+                    match resolved {
+                        Ok(addrs) => urls.extend(
+                            addrs
+                                .into_iter()
+                                .map(|a| (format!("{scheme}://{a}"), Some(host.clone()))),
+                        ),
+                        Err(e) => {
+                            // A failed lookup (a DNS server down, a timeout) says nothing about
+                            // the workers: keep the members the name last resolved to (their
+                            // health checks still decide whether they get work).
+                            let kept: Vec<(String, Option<String>)> = self
+                                .members()
+                                .iter()
+                                .filter(|m| m.dns_name.as_deref() == Some(host.as_str()))
+                                .map(|m| (m.url.clone(), Some(host.clone())))
+                                .collect();
+                            tracing::warn!(
+                                %host,
+                                kept = kept.len(),
+                                "resolving workers failed, keeping the last known members: {e}"
+                            );
+                            urls.extend(kept);
+                        }
                     }
                 }
             }
@@ -355,13 +530,17 @@ impl WorkerPool {
                     None => Member::new(u, options, domain.as_deref())
                         .map_err(|e| tracing::warn!("worker {e}"))
                         .ok()
-                        .map(Arc::new),
+                        .map(|mut m| {
+                            m.dns_name = domain;
+                            Arc::new(m)
+                        }),
                 })
                 .collect()
         };
         let timeout = options.health_interval.min(Duration::from_secs(2));
         let expected = options.tokenizer_fingerprint.as_deref();
-        let checks = members.iter().map(|m| m.check(timeout, expected));
+        let auth = self.inner.auth.as_ref();
+        let checks = members.iter().map(|m| m.check(timeout, expected, auth));
         futures_util::future::join_all(checks).await;
         *self.inner.members.write().expect("members lock") = members;
     }
@@ -385,21 +564,77 @@ impl WorkerPool {
         extra: &HashMap<String, usize>,
     ) -> Option<Arc<Member>> {
         let members = self.members();
+        let now = Instant::now();
         let usable = |m: &&Arc<Member>| m.is_healthy() && !exclude.contains(&m.url);
         if let Some(p) = preferred {
-            if let Some(m) = members.iter().filter(usable).find(|m| m.url == p) {
+            if let Some(m) = members
+                .iter()
+                .filter(usable)
+                .find(|m| m.url == p && !m.is_busy(now))
+            {
                 return Some(m.clone());
             }
         }
+        // Workers that said they are full come last, the one free soonest first among them.
         members
             .iter()
             .filter(usable)
-            .min_by_key(|m| m.outstanding() + extra.get(&m.url).copied().unwrap_or(0))
+            .min_by_key(|m| {
+                let busy = *m.busy_until.lock().expect("busy lock");
+                (
+                    busy.filter(|&t| t > now),
+                    m.outstanding() + extra.get(&m.url).copied().unwrap_or(0),
+                )
+            })
             .cloned()
     }
 
-    /// Sends one call, re-dispatching it to other workers when one fails in a way another
-    /// could fix (gone, overloaded, internal error); INVALID_ARGUMENT and cancellation are final.
+    /// Re-sends made, and re-sends the retry budget refused.
+    pub fn retries(&self) -> (u64, u64) {
+        (
+            self.inner.retries.load(Ordering::Relaxed),
+            self.inner.retries_refused.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Whether the retry budget allows one more re-send; spends a token if so.
+    fn spend_retry(&self) -> bool {
+        let max = self.inner.options.retry_tokens_max;
+        let mut tokens = self.inner.retry_tokens.lock().expect("retry lock");
+        if *tokens > max / 2.0 {
+            *tokens -= 1.0;
+            self.inner.retries.fetch_add(1, Ordering::Relaxed);
+            true
+        } else {
+            self.inner.retries_refused.fetch_add(1, Ordering::Relaxed);
+            false
+        }
+    }
+
+    fn call_succeeded(&self) {
+        let o = &self.inner.options;
+        let mut tokens = self.inner.retry_tokens.lock().expect("retry lock");
+        *tokens = (*tokens + o.retry_token_ratio).min(o.retry_tokens_max);
+    }
+
+    /// The wait before re-send number `attempt` (1, 2, …): exponential from
+    /// [`PoolOptions::backoff_base`], capped at [`PoolOptions::backoff_max`], with jitter (half
+    /// fixed, half random) so that calls failed together are not re-sent together.
+    fn backoff(&self, attempt: u32) -> Duration {
+        use rand::Rng;
+        let o = &self.inner.options;
+        let exp = o
+            .backoff_base
+            .saturating_mul(1u32 << attempt.saturating_sub(1).min(16))
+            .min(o.backoff_max);
+        let half = exp / 2;
+        half + half.mul_f64(rand::thread_rng().gen::<f64>())
+    }
+
+    /// Sends one call, re-sending it when it fails in a way another attempt could fix (see
+    /// [`Failure`]): after a back-off with jitter, to another worker where there is one, within
+    /// [`PoolOptions::attempts`] and the pool's retry budget. Only a failed connection or
+    /// UNAVAILABLE takes a worker out of rotation.
     async fn call<T, F, Fut>(
         &self,
         first: Arc<Member>,
@@ -407,11 +642,13 @@ impl WorkerPool {
         mut send: F,
     ) -> Result<(T, Arc<Member>), Status>
     where
-        F: FnMut(WorkerClient<Channel>, Option<Duration>) -> Fut,
+        F: FnMut(WorkerClient<Channel>, CallMeta) -> Fut,
         Fut: std::future::Future<Output = Result<T, Status>>,
     {
+        let options = &self.inner.options;
         let mut member = first;
         let mut tried: Vec<String> = Vec::new();
+        let mut attempt = 0u32;
         loop {
             let remaining = match deadline {
                 Some(d) => match d.checked_duration_since(Instant::now()) {
@@ -420,20 +657,69 @@ impl WorkerPool {
                 },
                 None => None,
             };
+            // The search's deadline, capped by the per-call timeout: a worker that stops
+            // answering (a stopped process) is given up on even when the search has no deadline.
+            let timeout = remaining.map_or(options.call_timeout, |r| r.min(options.call_timeout));
+            let per_call_timeout = remaining.is_none_or(|r| r > options.call_timeout);
             member.calls.fetch_add(1, Ordering::Relaxed);
             member.outstanding.fetch_add(1, Ordering::SeqCst);
             let guard = Outstanding(&member);
-            let result = send(member.client.clone(), remaining).await;
+            let started = Instant::now();
+            let meta = CallMeta {
+                timeout,
+                auth: self.inner.auth.clone(),
+            };
+            // The timeout travels as `grpc-timeout` and is enforced here too, so a worker that
+            // never answers (not even with its own deadline error) cannot hold the call.
+            let result = match tokio::time::timeout(
+                timeout + Duration::from_millis(200),
+                send(member.client.clone(), meta),
+            )
+            .await
+            {
+                Ok(r) => r,
+                Err(_) => Err(Status::deadline_exceeded(format!(
+                    "no answer from worker {} within {timeout:?}",
+                    member.url
+                ))),
+            };
             drop(guard);
             let status = match result {
-                Ok(v) => return Ok((v, member)),
+                Ok(v) => {
+                    self.call_succeeded();
+                    return Ok((v, member));
+                }
                 Err(s) => s,
             };
             member.failures.fetch_add(1, Ordering::Relaxed);
+            attempt += 1;
             // A worker that now runs another tokenizer (restarted with another model since its
             // last check) refuses the call: out of rotation, named, and the call goes elsewhere.
             let other_tokenizer = status.code() == Code::FailedPrecondition
                 && status.message().starts_with(TOKENIZER_MISMATCH);
+            let mut failure = classify(&status);
+            if failure == Failure::Timeout && per_call_timeout && started.elapsed() >= timeout {
+                // Not the search's deadline: the per-call timeout of a worker that stopped
+                // answering.
+                failure = Failure::WorkerDown;
+            }
+            let retry = match failure {
+                Failure::WorkerDown => {
+                    // Gone or broken: out of rotation until a health check says otherwise
+                    // (and, as it may have restarted with another model, checks its tokenizer
+                    // again).
+                    member.healthy.store(false, Ordering::SeqCst);
+                    *member.compat.lock().expect("compat lock") = Compat::Unknown;
+                    true
+                }
+                Failure::Busy => {
+                    let wait = self.backoff(attempt);
+                    *member.busy_until.lock().expect("busy lock") = Some(Instant::now() + wait);
+                    true
+                }
+                Failure::Request => true,
+                Failure::Timeout | Failure::Final => false,
+            };
             if other_tokenizer {
                 let why = format!(
                     "refused a call made for the coordinator's tokenizer ({}), so it gets no \
@@ -444,35 +730,59 @@ impl WorkerPool {
                 *member.compat.lock().expect("compat lock") = Compat::Different(why);
                 member.healthy.store(false, Ordering::SeqCst);
             }
-            let retry = other_tokenizer
-                || matches!(
-                    status.code(),
-                    Code::Unavailable
-                        | Code::Unknown
-                        | Code::Internal
-                        | Code::ResourceExhausted
-                        | Code::Aborted
-                        | Code::Cancelled
-                );
-            if matches!(
-                status.code(),
-                Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled
-            ) {
-                // Gone or broken: out of rotation until a health check says otherwise (and,
-                // as it may have restarted with another model, checks its tokenizer again).
-                member.healthy.store(false, Ordering::SeqCst);
-                *member.compat.lock().expect("compat lock") = Compat::Unknown;
-            }
-            tracing::warn!(worker = %member.url, code = ?status.code(), "worker call failed: {}", status.message());
+            let retry = retry || other_tokenizer;
+            tracing::warn!(worker = %member.url, code = ?status.code(), ?failure, "worker call failed: {}", status.message());
             tried.push(member.url.clone());
-            if !retry || tried.len() >= self.inner.options.attempts {
+            if !retry || tried.len() >= options.attempts {
                 return Err(status);
             }
-            member = match self.pick(None, &tried, &HashMap::new()) {
+            if !other_tokenizer && !self.spend_retry() {
+                tracing::warn!("retry budget spent: not re-sending");
+                return Err(status);
+            }
+            // A full worker is tried again only once the others have been (and after its
+            // back-off); a failed one is not tried again by this call.
+            let exclude: Vec<String> = if failure == Failure::Busy {
+                Vec::new()
+            } else {
+                tried.clone()
+            };
+            let next = self
+                .pick(None, &exclude, &HashMap::new())
+                .or_else(|| self.pick(None, &[], &HashMap::new()));
+            member = match next {
                 Some(m) => m,
                 None => return Err(status),
             };
+            // Back off before re-sending; to a worker that said it is full, at least until its
+            // back-off runs out (never past the search's deadline).
+            let mut wait = self.backoff(attempt);
+            if let Some(until) = *member.busy_until.lock().expect("busy lock") {
+                wait = wait.max(until.saturating_duration_since(Instant::now()));
+            }
+            if let Some(d) = deadline {
+                wait = wait.min(d.saturating_duration_since(Instant::now()));
+            }
+            tokio::time::sleep(wait).await;
         }
+    }
+}
+
+/// What each attempt of a call carries: its timeout and the workers' token.
+pub(crate) struct CallMeta {
+    timeout: Duration,
+    auth: Option<AuthHeader>,
+}
+
+impl CallMeta {
+    /// `message` as a request with this attempt's timeout and token.
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(message);
+        req.set_timeout(self.timeout);
+        if let Some(a) = &self.auth {
+            req.metadata_mut().insert("authorization", a.clone());
+        }
+        req
     }
 }
 
@@ -632,11 +942,8 @@ impl Policy for RemotePolicy {
             async move {
                 let sent = self
                     .pool
-                    .call(member, self.deadline, |mut client, timeout| {
-                        let mut req = tonic::Request::new(request.clone());
-                        if let Some(t) = timeout {
-                            req.set_timeout(t);
-                        }
+                    .call(member, self.deadline, |mut client, meta| {
+                        let req = meta.request(request.clone());
                         async move { client.expand(req).await.map(|r| r.into_inner()) }
                     })
                     .await;
@@ -728,11 +1035,8 @@ impl Scorer for RemotePolicy {
             .ok_or_else(|| ScoreError::new(Self::no_worker().message().to_string()))?;
         let (resp, _) = self
             .pool
-            .call(member, self.deadline, |mut client, timeout| {
-                let mut req = tonic::Request::new(request.clone());
-                if let Some(t) = timeout {
-                    req.set_timeout(t);
-                }
+            .call(member, self.deadline, |mut client, meta| {
+                let req = meta.request(request.clone());
                 async move { client.score(req).await.map(|r| r.into_inner()) }
             })
             .await

@@ -7,11 +7,12 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arbor_model::{SamplingParams, StopReason};
-use arbor_worker::{ExpandItem, LocalWorker, WorkerError};
+use arbor_worker::{ExpandItem, LocalWorker, PathScorer, WorkerError, SCORE_CHUNK_TOKENS};
 use dashmap::DashMap;
 use tokio::sync::OnceCell;
 use tonic::{Request, Response, Status};
@@ -37,6 +38,12 @@ pub struct WorkerService {
     /// Recent and running expansions by id, with a digest of the request each id was made for.
     expansions: Arc<DashMap<String, (u64, Shared)>>,
     order: Arc<Mutex<VecDeque<String>>>,
+    /// The bearer tokens callers must present; `None`: none.
+    auth: Option<super::auth::Tokens>,
+    /// Set on shutdown: new calls are refused with UNAVAILABLE (the coordinator re-sends them
+    /// to another worker).
+    draining: Arc<AtomicBool>,
+    drain_timeout: Duration,
 }
 
 impl WorkerService {
@@ -47,7 +54,31 @@ impl WorkerService {
             limits,
             expansions: Arc::default(),
             order: Arc::default(),
+            auth: None,
+            draining: Arc::default(),
+            drain_timeout: Duration::from_secs(30),
         }
+    }
+
+    /// Accepts only calls carrying one of `tokens` (health stays open).
+    pub fn with_auth(mut self, tokens: Option<super::auth::Tokens>) -> Self {
+        self.auth = tokens;
+        self
+    }
+
+    /// On shutdown, how long calls in flight may take to finish.
+    pub fn with_drain_timeout(mut self, timeout: Duration) -> Self {
+        self.drain_timeout = timeout;
+        self
+    }
+
+    fn admit(&self) -> Result<(), Status> {
+        if self.draining.load(Ordering::SeqCst) {
+            return Err(Status::unavailable(
+                "the worker is shutting down and takes no new calls",
+            ));
+        }
+        Ok(())
     }
 
     /// The worker behind the service.
@@ -234,6 +265,130 @@ impl WorkerService {
         })
     }
 
+    /// Checks a `Score` request against the limits: every violation names the field and the
+    /// limit (INVALID_ARGUMENT for one path or step, RESOURCE_EXHAUSTED for the whole call).
+    fn validate_score(
+        &self,
+        req: &pb::ScoreRequest,
+    ) -> Result<Vec<(Vec<u32>, Vec<Vec<u32>>)>, Status> {
+        let l = &self.limits;
+        let info = self.worker.model_info();
+        let (vocab, context) = (info.config.vocab_size, info.config.context_length);
+        if req.paths.is_empty() || req.paths.len() > l.nodes_per_call_max {
+            return Err(invalid(
+                "paths",
+                format!(
+                    "{} paths; 1 to {} per call",
+                    req.paths.len(),
+                    l.nodes_per_call_max
+                ),
+            ));
+        }
+        let mut call_tokens = 0usize;
+        let mut paths = Vec::with_capacity(req.paths.len());
+        for (i, p) in req.paths.iter().enumerate() {
+            if p.prompt_tokens.is_empty() {
+                return Err(invalid(&format!("paths[{i}].prompt_tokens"), "empty"));
+            }
+            if p.steps.is_empty() || p.steps.iter().any(|s| s.token_ids.is_empty()) {
+                return Err(invalid(
+                    &format!("paths[{i}].steps"),
+                    "at least one step, and no empty step",
+                ));
+            }
+            if let Some((j, s)) = p
+                .steps
+                .iter()
+                .enumerate()
+                .find(|(_, s)| s.token_ids.len() > l.score_step_tokens_max)
+            {
+                return Err(invalid(
+                    &format!("paths[{i}].steps[{j}].token_ids"),
+                    format!(
+                        "{} tokens; at most {} per step",
+                        s.token_ids.len(),
+                        l.score_step_tokens_max
+                    ),
+                ));
+            }
+            let total =
+                p.prompt_tokens.len() + p.steps.iter().map(|s| s.token_ids.len()).sum::<usize>();
+            let path_max = l.score_path_tokens_max.min(context);
+            if total > path_max {
+                return Err(invalid(
+                    &format!("paths[{i}]"),
+                    format!(
+                        "{total} tokens (prompt and steps); at most {path_max} per path (the \
+                         model's context is {context})"
+                    ),
+                ));
+            }
+            let all = p
+                .prompt_tokens
+                .iter()
+                .chain(p.steps.iter().flat_map(|s| s.token_ids.iter()));
+            if let Some(t) = all.copied().find(|&t| t as usize >= vocab) {
+                return Err(invalid(
+                    &format!("paths[{i}]"),
+                    format!("token id {t} is outside the vocabulary of {vocab}"),
+                ));
+            }
+            call_tokens += total;
+            if call_tokens > l.score_call_tokens_max {
+                return Err(Status::resource_exhausted(format!(
+                    "paths: more than {} tokens in one Score call (at paths[{i}]); at most {} \
+                     per call: send fewer paths per call",
+                    call_tokens, l.score_call_tokens_max
+                )));
+            }
+            let steps = p.steps.iter().map(|s| s.token_ids.clone()).collect();
+            paths.push((p.prompt_tokens.clone(), steps));
+        }
+        Ok(paths)
+    }
+
+    /// Scores one path a chunk at a time ([`PathScorer`]): each chunk is its own piece of
+    /// exclusive engine work, so expansions keep running between chunks, memory stays at one
+    /// chunk of logits, and the deadline and the caller (dropping this future) are checked
+    /// between chunks.
+    async fn score_path(
+        &self,
+        prompt: &[u32],
+        steps: &[Vec<u32>],
+        deadline: Option<Instant>,
+    ) -> Result<pb::PathScores, Status> {
+        let mut scorer = PathScorer::new(prompt, steps);
+        let tokens = scorer.tokens() as u64;
+        let seq = self
+            .worker
+            .with_engine(|engine, _| engine.new_sequence())
+            .await
+            .map_err(worker_status)?;
+        // Freed however this ends: finished, failed, past its deadline or dropped.
+        let _seq = FreeOnDrop(self.worker.clone(), seq);
+        while !scorer.done() {
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(Status::deadline_exceeded(
+                    "the call's deadline passed while scoring; its work was stopped",
+                ));
+            }
+            let (back, result) = self
+                .worker
+                .with_engine(move |engine, _| {
+                    let r = scorer.advance(engine, seq, SCORE_CHUNK_TOKENS);
+                    (scorer, r)
+                })
+                .await
+                .map_err(worker_status)?;
+            scorer = back;
+            result.map_err(|e| worker_status(WorkerError::Model(e)))?;
+        }
+        Ok(pb::PathScores {
+            scores: scorer.scores(),
+            tokens_computed: tokens,
+        })
+    }
+
     /// The answer cell of expansion `id`, made for a request with `digest`. An id already used
     /// for another request is refused: answering it from memory would hand this caller another
     /// request's samples.
@@ -272,6 +427,7 @@ impl Worker for WorkerService {
         request: Request<pb::ExpandRequest>,
     ) -> Result<Response<pb::ExpandResponse>, Status> {
         let deadline = grpc_deadline(&request);
+        self.admit()?;
         let req = request.into_inner();
         self.check_tokenizer(&req.tokenizer_fingerprint)?;
         let items = self.validate(&req)?;
@@ -291,59 +447,17 @@ impl Worker for WorkerService {
         &self,
         request: Request<pb::ScoreRequest>,
     ) -> Result<Response<pb::ScoreResponse>, Status> {
+        let deadline = grpc_deadline(&request);
+        self.admit()?;
         let req = request.into_inner();
         self.check_tokenizer(&req.tokenizer_fingerprint)?;
-        let info = self.worker.model_info();
-        let (vocab, context) = (info.config.vocab_size, info.config.context_length);
-        if req.paths.is_empty() || req.paths.len() > self.limits.nodes_per_call_max {
-            return Err(invalid(
-                "paths",
-                format!(
-                    "{} paths; 1 to {} per call",
-                    req.paths.len(),
-                    self.limits.nodes_per_call_max
-                ),
-            ));
+        let paths = self.validate_score(&req)?;
+        // Counted in flight like an expansion (and refused like one when the worker is full).
+        let _slot = self.worker.admit().map_err(worker_status)?;
+        let mut scored = Vec::with_capacity(paths.len());
+        for (prompt, steps) in paths {
+            scored.push(self.score_path(&prompt, &steps, deadline).await?);
         }
-        let mut paths = Vec::with_capacity(req.paths.len());
-        for (i, p) in req.paths.iter().enumerate() {
-            let steps: Vec<Vec<u32>> = p.steps.iter().map(|s| s.token_ids.clone()).collect();
-            let total = p.prompt_tokens.len() + steps.iter().map(Vec::len).sum::<usize>();
-            if p.prompt_tokens.is_empty() {
-                return Err(invalid(&format!("paths[{i}].prompt_tokens"), "empty"));
-            }
-            if steps.is_empty() || steps.iter().any(Vec::is_empty) {
-                return Err(invalid(
-                    &format!("paths[{i}].steps"),
-                    "at least one step, and no empty step",
-                ));
-            }
-            if total > context {
-                return Err(invalid(
-                    &format!("paths[{i}]"),
-                    format!("{total} tokens exceed the model's context of {context}"),
-                ));
-            }
-            let all = p.prompt_tokens.iter().chain(steps.iter().flatten());
-            if let Some(t) = all.copied().find(|&t| t as usize >= vocab) {
-                return Err(invalid(
-                    &format!("paths[{i}]"),
-                    format!("token id {t} is outside the vocabulary of {vocab}"),
-                ));
-            }
-            paths.push((p.prompt_tokens.clone(), steps));
-        }
-        let scored = self
-            .worker
-            .with_engine(move |engine, _| {
-                paths
-                    .iter()
-                    .map(|(prompt, steps)| score_path(engine, prompt, steps))
-                    .collect::<Result<Vec<_>, _>>()
-            })
-            .await
-            .map_err(worker_status)?
-            .map_err(|e| worker_status(WorkerError::Model(e)))?;
         Ok(Response::new(pb::ScoreResponse { paths: scored }))
     }
 
@@ -368,48 +482,13 @@ impl Worker for WorkerService {
     }
 }
 
-/// Scores each step of one path by the model's own confidence in it, `exp(mean token
-/// log-prob)` under teacher forcing: the same value the log-prob scorer gives a step the policy
-/// generated, computed here for any text.
-fn score_path(
-    engine: &mut arbor_model::Engine,
-    prompt: &[u32],
-    steps: &[Vec<u32>],
-) -> arbor_model::Result<pb::PathScores> {
-    let seq = engine.new_sequence();
-    let result = score_steps(engine, seq, prompt, steps);
-    engine.free(seq);
-    result
-}
+/// Frees a sequence on the engine thread when dropped.
+struct FreeOnDrop(LocalWorker, arbor_model::SeqId);
 
-/// Runs the prompt (keeping only its last logits), then each step (logits at every token, one
-/// step at a time so memory stays at one step's worth of vocabulary rows).
-fn score_steps(
-    engine: &mut arbor_model::Engine,
-    seq: arbor_model::SeqId,
-    prompt: &[u32],
-    steps: &[Vec<u32>],
-) -> arbor_model::Result<pb::PathScores> {
-    use arbor_model::sampling::log_prob;
-    let vocab = engine.config().vocab_size;
-    // `next` holds the logits that predict the step's first token.
-    let mut next = engine.forward(&[(seq, prompt)])?.to_vec();
-    let mut scores = Vec::with_capacity(steps.len());
-    let mut computed = prompt.len() as u64;
-    for step in steps {
-        let mut sum = f64::from(log_prob(&next, step[0]));
-        let logits = engine.forward_all_logits(&[(seq, step)])?;
-        computed += step.len() as u64;
-        for (i, &t) in step.iter().enumerate().skip(1) {
-            sum += f64::from(log_prob(&logits[(i - 1) * vocab..i * vocab], t));
-        }
-        next.copy_from_slice(&logits[(step.len() - 1) * vocab..step.len() * vocab]);
-        scores.push((sum / step.len() as f64).exp() as f32);
+impl Drop for FreeOnDrop {
+    fn drop(&mut self) {
+        self.0.free_sequence(self.1);
     }
-    Ok(pb::PathScores {
-        scores,
-        tokens_computed: computed,
-    })
 }
 
 /// The deadline a client set with the `grpc-timeout` header.
@@ -448,7 +527,9 @@ fn worker_status(e: WorkerError) -> Status {
 }
 
 /// Serves the worker (with health, and reflection if asked) on `listener` until `shutdown`
-/// completes, over TLS when `tls` is given.
+/// completes, over TLS when `tls` is given; then drains: health NOT_SERVING (`""` and
+/// `arbor.v1.Worker`), new calls UNAVAILABLE, calls in flight finish for up to the drain
+/// timeout.
 pub async fn serve(
     service: WorkerService,
     listener: tokio::net::TcpListener,
@@ -460,15 +541,52 @@ pub async fn serve(
     reporter.set_serving::<WorkerServer<WorkerService>>().await;
     let reflection_service = reflection.then(super::reflection_service);
     let mut builder = server_builder(tls)?;
-    builder
+    let draining = service.draining.clone();
+    let drain_timeout = service.drain_timeout;
+    let worker = service.worker.clone();
+    let intercepted = tonic::service::interceptor::InterceptedService::new(
+        service.clone().into_server(),
+        super::auth::Tokens::interceptor(service.auth.clone()),
+    );
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = builder
         .add_service(health)
         .add_optional_service(reflection_service)
-        .add_service(service.into_server())
+        .add_service(intercepted)
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
-        )
-        .await
+            async {
+                let _ = stop_rx.await;
+            },
+        );
+    tokio::pin!(server);
+    tokio::select! {
+        served = &mut server => return served,
+        () = shutdown => {}
+    }
+    draining.store(true, Ordering::SeqCst);
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    reporter
+        .set_not_serving::<WorkerServer<WorkerService>>()
+        .await;
+    eprintln!(
+        "arbor: draining: health NOT_SERVING, no new calls, {} in flight (waiting up to \
+         {drain_timeout:?})",
+        worker.in_flight()
+    );
+    let w = worker.clone();
+    if let Some(served) =
+        super::coordinator::drain(&mut server, drain_timeout, move || w.in_flight() == 0).await
+    {
+        return served;
+    }
+    let _ = stop_tx.send(());
+    match tokio::time::timeout(Duration::from_secs(5), server).await {
+        Ok(served) => served,
+        Err(_) => Ok(()),
+    }
 }
 
 /// A server builder, with `tls` when given (its configuration was checked when it was loaded).

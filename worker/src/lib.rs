@@ -23,9 +23,11 @@ use tokio::sync::oneshot;
 mod cache;
 pub mod prm;
 pub mod runner;
+pub mod score;
 
 use runner::Command;
 pub use runner::{ExpandItem, ExpandResult};
+pub use score::{PathScorer, SCORE_CHUNK_TOKENS};
 
 /// Settings of a worker.
 #[derive(Debug, Clone)]
@@ -306,6 +308,32 @@ impl LocalWorker {
         rx.await.map_err(|_| WorkerError::Stopped)
     }
 
+    /// Takes one of the [`WorkerOptions::calls_in_flight_max`] call slots for work that is not
+    /// an expansion (scoring), so it counts in [`LocalWorker::in_flight`] and is refused with
+    /// [`WorkerError::Overloaded`] like one. The slot is given back when the guard drops.
+    pub fn admit(&self) -> Result<InFlight, WorkerError> {
+        let shared = &self.inner.shared;
+        let limit = self.inner.options.calls_in_flight_max;
+        let in_flight = shared.in_flight.fetch_add(1, Ordering::SeqCst);
+        if in_flight >= limit {
+            shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+            return Err(WorkerError::Overloaded { in_flight, limit });
+        }
+        Ok(InFlight(self.inner.shared.clone()))
+    }
+
+    /// Frees `seq` on the engine thread at the next gap between passes, without waiting: for
+    /// a caller that goes away while holding a sequence (a dropped `Score`).
+    pub fn free_sequence(&self, seq: arbor_model::SeqId) {
+        let _ = self
+            .inner
+            .tx
+            .send(Command::Exclusive(Box::new(move |engine, _cache| {
+                engine.free(seq);
+                Box::new(|| {})
+            })));
+    }
+
     /// Samples `k` continuations of each item, sharing forward passes with every other call in
     /// flight. Dropping the returned future cancels the call: its decoding stops at the next
     /// pass and its sequences are freed. After `deadline` the call fails with
@@ -375,6 +403,21 @@ impl Policy for LocalWorker {
             .await
             .map_err(|e| PolicyError::new(e.to_string()))?;
         Ok(results.into_iter().map(proposals).collect())
+    }
+}
+
+/// A call slot taken by [`LocalWorker::admit`]; dropping it gives the slot back.
+pub struct InFlight(Arc<Shared>);
+
+impl std::fmt::Debug for InFlight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InFlight")
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

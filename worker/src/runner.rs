@@ -114,7 +114,16 @@ pub(crate) fn run(
         }
         loop {
             match rx.try_recv() {
-                Ok(cmd) => r.command(cmd),
+                Ok(cmd) => {
+                    // Exclusive work that comes in pieces (a long Score, one chunk after
+                    // another) would otherwise starve decoding: while calls are decoding,
+                    // at most one piece runs between two passes.
+                    let exclusive = matches!(cmd, Command::Exclusive(_));
+                    r.command(cmd);
+                    if exclusive && !r.batcher.is_idle() {
+                        break;
+                    }
+                }
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) if r.batcher.is_idle() => return,
                 Err(TryRecvError::Disconnected) => break,

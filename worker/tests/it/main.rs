@@ -319,3 +319,57 @@ fn wait_until_idle(w: &LocalWorker) {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// Scoring a path in chunks gives the same log-prob scores whatever the chunk size, and the
+/// same as reading every token's logits in one pass (the unchunked way).
+#[test]
+fn chunked_path_scores_equal_the_one_pass_scores_for_any_chunk_size() {
+    use arbor_model::sampling::log_prob;
+    use arbor_worker::PathScorer;
+    let m = model();
+    let mut engine = Engine::new(
+        Box::new(CpuBackend::new(m.config.clone(), m.weights.clone())),
+        EngineOptions::default(),
+    );
+    let prompt = m
+        .tokenizer
+        .encode("Natalia sold clips to 48 friends.", true)
+        .unwrap();
+    let steps: Vec<Vec<u32>> = [
+        "She sold 24 in May.\n\n",
+        "So 48 + 24 = 72.\n\n",
+        "The answer is 72.",
+    ]
+    .iter()
+    .map(|s| m.tokenizer.encode(s, false).unwrap())
+    .collect();
+    // The unchunked reference: every logit row of the whole path at once.
+    let all: Vec<u32> = prompt
+        .iter()
+        .chain(steps.iter().flatten())
+        .copied()
+        .collect();
+    let seq = engine.new_sequence();
+    let vocab = m.config.vocab_size;
+    let logits = engine.forward_all_logits(&[(seq, &all)]).unwrap().to_vec();
+    engine.free(seq);
+    let mut at = prompt.len();
+    let want: Vec<f32> = steps
+        .iter()
+        .map(|s| {
+            let sum: f64 = (at..at + s.len())
+                .map(|p| f64::from(log_prob(&logits[(p - 1) * vocab..p * vocab], all[p])))
+                .sum();
+            at += s.len();
+            (sum / s.len() as f64).exp() as f32
+        })
+        .collect();
+    for chunk in [1, 3, 7, 32, 10_000] {
+        let got = PathScorer::run(&mut engine, &prompt, &steps, chunk).unwrap();
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() < 1e-3, "chunk {chunk}: {got:?} vs {want:?}");
+        }
+    }
+    assert_eq!(engine.n_sequences(), 0, "the scorer frees its sequence");
+}
