@@ -550,7 +550,7 @@ fn prm_a_search_runs_with_a_configured_prm() {
     let mut config = SearchConfig::from_json(
         r#"{"strategy": {"kind": "best_of_n", "n": 2}, "seed": 1,
             "sampling": {"temperature": 0.7, "top_p": 1.0, "max_step_tokens": 64},
-            "budget": {"max_generated_tokens": 300}}"#,
+            "budget": {"max_generated_tokens": 800}}"#,
     )
     .unwrap();
     config.scoring.scorer = ScorerChoice::Provided;
