@@ -62,9 +62,15 @@ fn every_path_architecture_names_exists() {
         .expect("ARCHITECTURE.md has a `## Code map` section")
         .1;
     let paths = named_paths(code_map);
-    assert!(paths.len() >= 20, "too few paths found, is the code map there? {paths:?}");
+    assert!(
+        paths.len() >= 20,
+        "too few paths found, is the code map there? {paths:?}"
+    );
     let missing = missing(&paths);
-    assert!(missing.is_empty(), "ARCHITECTURE.md names paths that do not exist: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "ARCHITECTURE.md names paths that do not exist: {missing:?}"
+    );
 }
 
 #[test]
@@ -74,7 +80,12 @@ fn path_detection() {
                 `cargo tree -p x` `Policy` `proto/arbor/v1/arbor.proto`";
     assert_eq!(
         named_paths(text),
-        ["search/src/tree.rs", "Cargo.toml", "src/rpc/", "proto/arbor/v1/arbor.proto"]
+        [
+            "search/src/tree.rs",
+            "Cargo.toml",
+            "src/rpc/",
+            "proto/arbor/v1/arbor.proto"
+        ]
     );
     assert_eq!(missing(&["src/rpc/", "Cargo.toml"]), Vec::<String>::new());
     assert_eq!(missing(&["src/no_such_file.rs"]), ["src/no_such_file.rs"]);

@@ -1708,6 +1708,41 @@ fn tokens_authenticate_callers_and_each_token_sees_only_its_own_searches() {
             mine.costs.unwrap().generated_tokens > 0 && theirs.costs.unwrap().generated_tokens > 0
         );
     });
+    // The command-line client sends ARBOR_TOKEN, and without it is refused, saying why.
+    let cli = |token: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_arbor"));
+        cmd.args(["search", "--coordinator", &c.url, "--strategy", "best-of-n"])
+            .args([
+                "--n",
+                "1",
+                "--budget-tokens",
+                "16",
+                "--json",
+                "What is 2 + 3?",
+            ])
+            .env_remove("ARBOR_TOKEN");
+        if let Some(token) = token {
+            cmd.env("ARBOR_TOKEN", token);
+        }
+        cmd.output().expect("run arbor search")
+    };
+    let out = cli(Some("alice-token"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("generated_tokens"), "{stdout}");
+    for token in [None, Some("mallory")] {
+        let out = cli(token);
+        let stderr = String::from_utf8_lossy(&out.stderr).to_lowercase();
+        assert!(!out.status.success(), "{token:?} was let in");
+        assert!(
+            stderr.contains("unauthenticated") || stderr.contains("token"),
+            "{stderr}"
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

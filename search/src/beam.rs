@@ -23,8 +23,8 @@ use std::cmp::Ordering;
 
 use crate::config::{BeamConfig, DvtsConfig, K_MAX};
 use crate::engine::{expand, score_nodes, Io, Tally};
-use crate::outcome::{Budget, Termination};
 use crate::flight::InFlight;
+use crate::outcome::{Budget, Termination};
 use crate::policy::Policy;
 use crate::scorer::Scorer;
 use crate::tree::{NodeId, NodeState, Tree};
@@ -44,7 +44,9 @@ type Scored = Vec<(f64, NodeId)>;
 type Made = Vec<(Option<f64>, NodeId)>;
 
 fn scored(made: Made) -> Scored {
-    made.into_iter().filter_map(|(v, c)| v.map(|v| (v, c))).collect()
+    made.into_iter()
+        .filter_map(|(v, c)| v.map(|v| (v, c)))
+        .collect()
 }
 
 /// One round shared by both: expand every `(leaf, k)` in one policy call (a leaf may be an

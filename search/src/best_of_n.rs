@@ -10,11 +10,11 @@
 use std::sync::Arc;
 
 use crate::engine::{expand, score_nodes, Io, Tally};
-use crate::outcome::{Budget, Termination};
-use crate::scorer::{LogProbScorer, ScoreRequest};
 use crate::flight::InFlight;
+use crate::outcome::{Budget, Termination};
 use crate::policy::Policy;
 use crate::scorer::Scorer;
+use crate::scorer::{LogProbScorer, ScoreRequest};
 use crate::tree::{NodeId, NodeState, Tree};
 
 pub(crate) async fn run<P: Policy, S: Scorer>(

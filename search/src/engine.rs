@@ -10,16 +10,14 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::answer::{extract_answer, Answer};
-use crate::config::{
-    AnswerSelection, Backup, MctsAnswer, SearchConfig, StrategyConfig,
-};
+use crate::config::{AnswerSelection, Backup, MctsAnswer, SearchConfig, StrategyConfig};
 use crate::control::{BestAnswer, SearchControl, SearchEvent};
 use crate::error::{PolicyError, ScoreError};
 use crate::flight::InFlight;
+use crate::outcome::{Budget, Costs, SearchStats, Termination};
 use crate::policy::{Policy, Proposals, ProposeRequest, Sampling, Step, StepStop};
 use crate::scorer::{LogProbScorer, ScoreRequest, Scorer, StepScores};
 use crate::tree::{NewChild, NodeId, NodeState, Tree};
-use crate::outcome::{Budget, Costs, SearchStats, Termination};
 
 /// Every final answer found, grouped by equivalence.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -812,9 +810,14 @@ mod tests {
         check(&entries, AnswerSelection::BestValue, "0.5"); // 0.9 is the single best, "1/2" == "0.5"
         check(&entries, AnswerSelection::WeightedVote, "7"); // 1.4 against 1.0
         check(&entries, AnswerSelection::Majority, "7"); // 3 votes against 2
-        // Equal votes: the larger value sum wins, not the answer that finished first (which is
-        // usually the cheapest guess).
-        let tie = [("3", Some(0.2)), ("4", Some(0.3)), ("4", Some(0.2)), ("3", Some(0.4))];
+                                                         // Equal votes: the larger value sum wins, not the answer that finished first (which is
+                                                         // usually the cheapest guess).
+        let tie = [
+            ("3", Some(0.2)),
+            ("4", Some(0.3)),
+            ("4", Some(0.2)),
+            ("3", Some(0.4)),
+        ];
         check(&tie, AnswerSelection::Majority, "3");
         let tie = [("3", Some(0.2)), ("4", Some(0.7))];
         check(&tie, AnswerSelection::Majority, "4");

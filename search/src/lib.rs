@@ -53,11 +53,11 @@ pub use config::{
 };
 pub use control::{BestAnswer, CancelToken, SearchControl, SearchEvent, TreeTap};
 pub use engine::{mix as mix_seed, select_answer, AnswerTally};
-pub use outcome::{Budget, Costs, SearchStats, Termination};
-pub use search::{search, Search, SearchOutcome};
 pub use error::{PolicyError, ScoreError, SearchError, Violation};
+pub use outcome::{Budget, Costs, SearchStats, Termination};
 pub use policy::{
     Policy, PolicyCost, Proposals, ProposeRequest, ProposedStep, Sampling, Step, StepStop,
 };
 pub use scorer::{Aggregation, LogProbScorer, ScoreCost, ScoreRequest, Scorer, StepScores};
+pub use search::{search, Search, SearchOutcome};
 pub use tree::{Edge, EdgeStats, Node, NodeExport, NodeId, NodeState, Rollout, Tree, TreeExport};

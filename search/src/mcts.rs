@@ -18,8 +18,8 @@
 
 use crate::config::MctsConfig;
 use crate::engine::{expand, expand_at, score_nodes, Io, Tally};
-use crate::outcome::{Budget, Termination};
 use crate::flight::InFlight;
+use crate::outcome::{Budget, Termination};
 use crate::policy::Policy;
 use crate::scorer::Scorer;
 use crate::tree::{NodeId, NodeState, Puct, Rollout, Tree};
@@ -129,7 +129,10 @@ async fn round<P: Policy, S: Scorer>(
     io.check_policy()?;
     io.check_scorer(1 + u64::from(config.rollout.is_some()))?;
     let k = config.expand_k;
-    let rollout_room = config.rollout.as_ref().map_or(0, |r| u64::from(r.max_steps));
+    let rollout_room = config
+        .rollout
+        .as_ref()
+        .map_or(0, |r| u64::from(r.max_steps));
     let room = io.nodes_left(tree) / (u64::from(k) + rollout_room);
     if room == 0 {
         return Err(Termination::Budget(Budget::Nodes));
@@ -216,7 +219,9 @@ async fn round<P: Policy, S: Scorer>(
         });
         if let (Some(start), Some(value)) = (sim.start, value) {
             if sim.added > 0 {
-                let answer = sim.end.and_then(|e| flight.tree().node(e).answer().cloned());
+                let answer = sim
+                    .end
+                    .and_then(|e| flight.tree().node(e).answer().cloned());
                 flight.tree_mut().set_rollout(
                     start,
                     Rollout {
@@ -258,9 +263,9 @@ async fn roll_out<P: Policy, S: Scorer>(
                 sim.end.is_none()
                     && sim.added < rollout.max_steps
                     && sim.start.is_some()
-                    && flight.end(sim.slot).is_some_and(|at| {
-                        flight.tree().node(at).state() == NodeState::Unexpanded
-                    })
+                    && flight
+                        .end(sim.slot)
+                        .is_some_and(|at| flight.tree().node(at).state() == NodeState::Unexpanded)
             })
             .collect();
         if active.is_empty() {

@@ -57,7 +57,8 @@ impl PrmChoice {
 
     /// Builds the scorer; a reward model that runs on the policy's engine borrows the worker.
     pub(crate) fn build(&self, worker: &LocalWorker) -> Result<Prm> {
-        arbor_worker::prm::build(&self.config, worker).with_context(|| format!("--prm {}", self.spec))
+        arbor_worker::prm::build(&self.config, worker)
+            .with_context(|| format!("--prm {}", self.spec))
     }
 }
 
@@ -67,8 +68,14 @@ mod tests {
 
     #[test]
     fn every_kind_search_takes_is_taken() {
-        assert_eq!(PrmChoice::parse("logprob").unwrap().scorer_choice(), ScorerChoice::LogProb);
-        assert_eq!(PrmChoice::parse("log_prob").unwrap().scorer_choice(), ScorerChoice::LogProb);
+        assert_eq!(
+            PrmChoice::parse("logprob").unwrap().scorer_choice(),
+            ScorerChoice::LogProb
+        );
+        assert_eq!(
+            PrmChoice::parse("log_prob").unwrap().scorer_choice(),
+            ScorerChoice::LogProb
+        );
         for kind in ["judge", "rollout"] {
             let c = PrmChoice::parse(kind).unwrap();
             assert_eq!(c.scorer_choice(), ScorerChoice::Provided);
@@ -80,7 +87,11 @@ mod tests {
         std::fs::write(&json, r#"{"kind": "rollout", "rollouts": 2}"#).unwrap();
         let c = PrmChoice::parse(json.to_str().unwrap()).unwrap();
         assert!(matches!(c.config, PrmConfig::Rollout(ref r) if r.rollouts == 2));
-        assert!(c.name().unwrap().contains("sha256"), "{}", c.name().unwrap());
+        assert!(
+            c.name().unwrap().contains("sha256"),
+            "{}",
+            c.name().unwrap()
+        );
         let err = PrmChoice::parse("oracle").unwrap_err().to_string();
         assert!(err.contains("oracle"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();

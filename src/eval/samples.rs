@@ -22,9 +22,8 @@ use std::sync::Mutex;
 
 use anyhow::Result;
 use arbor_search::{
-    LogProbScorer,
-    select_answer, Answer, AnswerSelection, NodeId, NodeState, Policy, PolicyCost, PolicyError,
-    Proposals, ProposeRequest, ScoreError, ScoreRequest, Scorer, Search, SearchConfig,
+    select_answer, Answer, AnswerSelection, LogProbScorer, NodeId, NodeState, Policy, PolicyCost,
+    PolicyError, Proposals, ProposeRequest, ScoreError, ScoreRequest, Scorer, Search, SearchConfig,
     SearchControl, StepScores,
 };
 use serde::{Deserialize, Serialize};
@@ -152,7 +151,10 @@ pub(crate) fn derive(chunks: &[SampleChunk], budget: u64, strategy: Strategy) ->
             let raw = s.answer.clone().unwrap_or_default();
             // Majority reads the policy's confidence only to break ties (the larger sum wins),
             // as self-consistency's tally does.
-            (Answer::new(raw), if scored { s.value } else { s.confidence })
+            (
+                Answer::new(raw),
+                if scored { s.value } else { s.confidence },
+            )
         })
         .collect();
     let chosen = select_answer(&candidates, selection).map(|i| finals[i]);

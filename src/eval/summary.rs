@@ -104,7 +104,10 @@ pub(crate) fn summarize(records: &[TraceRecord]) -> Vec<Row> {
                 wall_ms: mean(&|c| c.costs.wall_ms),
                 derived: cells.iter().filter(|c| c.derived_from_samples).count() as u64,
                 no_answer: cells.iter().filter(|c| c.answer.is_none()).count() as u64,
-                exhausted: cells.iter().filter(|c| c.termination == "exhausted").count() as u64,
+                exhausted: cells
+                    .iter()
+                    .filter(|c| c.termination == "exhausted")
+                    .count() as u64,
             }
         })
         .collect()
@@ -418,10 +421,18 @@ mod tests {
         // All equal differences: the interval collapses onto them.
         assert_eq!(bootstrap_mean_interval(&[1.0; 20], 500, 3), (1.0, 1.0));
         // Symmetric ±1: about ±1.96 standard errors (0.22 for 20 questions).
-        let d: Vec<f64> = (0..20).map(|i| if i % 2 == 0 { 1.0 } else { -1.0 }).collect();
+        let d: Vec<f64> = (0..20)
+            .map(|i| if i % 2 == 0 { 1.0 } else { -1.0 })
+            .collect();
         let (lo, hi) = bootstrap_mean_interval(&d, 4000, 3);
-        assert!((lo + 0.43).abs() < 0.06 && (hi - 0.43).abs() < 0.06, "({lo}, {hi})");
+        assert!(
+            (lo + 0.43).abs() < 0.06 && (hi - 0.43).abs() < 0.06,
+            "({lo}, {hi})"
+        );
         let md = paired_markdown(&pairs);
-        assert!(md.contains("| mcts | 1024 | 10 | 4 | 3 | 3 | +10.0 pts |"), "{md}");
+        assert!(
+            md.contains("| mcts | 1024 | 10 | 4 | 3 | 3 | +10.0 pts |"),
+            "{md}"
+        );
     }
 }

@@ -68,4 +68,3 @@ fn mcts_and_beam_beat_best_of_n_at_an_equal_token_budget() {
     assert!(mcts.solved >= best_of_n.solved + 0.4, "{report}");
     assert!(mcts.solved >= weighted.solved + 0.4, "{report}");
 }
-

@@ -36,7 +36,10 @@ fn an_mcts_tree_whose_root_children_are_guesses_spends_its_whole_budget() {
             assert!(o.answer.is_some(), "seed {seed} at {budget}: no answer");
             // The root was asked again and again: it holds far more than its first two.
             let root = played.tree.node(arbor_search::NodeId::ROOT);
-            assert!(root.expansions() > 1, "seed {seed}: the root was never widened");
+            assert!(
+                root.expansions() > 1,
+                "seed {seed}: the root was never widened"
+            );
             solved += u32::from(played.solved());
         }
         eprintln!("guessy game at {budget} tokens: solved {solved}/{SEEDS}");
@@ -52,9 +55,16 @@ fn mcts_with_min_answer_depth_resamples_guesses_and_still_answers() {
         let o = &played.outcome;
         assert_ne!(o.termination, Termination::Exhausted, "seed {seed}");
         let answer = o.answer.as_ref().expect("an answer");
-        assert_eq!(played.tree.node(answer.node).depth(), 3, "seed {seed}: a guess won");
+        assert_eq!(
+            played.tree.node(answer.node).depth(),
+            3,
+            "seed {seed}: a guess won"
+        );
         // Rejected guesses stay in the tree as failed children, and their parents stay open.
-        assert!(played.tree.nodes().any(|(_, n)| n.state() == NodeState::Failed));
+        assert!(played
+            .tree
+            .nodes()
+            .any(|(_, n)| n.state() == NodeState::Failed));
     }
 }
 
@@ -114,7 +124,10 @@ fn beam_collects_every_finished_candidate_for_the_vote() {
         .count();
     let votes: u32 = played.outcome.candidates.iter().map(|c| c.votes).sum();
     assert!(finals > 2, "only {finals} finished candidates");
-    assert_eq!(votes as usize, finals, "a finished candidate was left out of the vote");
+    assert_eq!(
+        votes as usize, finals,
+        "a finished candidate was left out of the vote"
+    );
 }
 
 #[test]
@@ -131,7 +144,10 @@ fn rollout_steps_are_tree_nodes_and_every_generated_token_is_in_the_tree() {
             .filter_map(|(_, n)| n.step())
             .map(|s| s.token_ids.len() as u64)
             .sum();
-        assert_eq!(in_tree, played.outcome.costs.generated_tokens, "seed {seed}");
+        assert_eq!(
+            in_tree, played.outcome.costs.generated_tokens,
+            "seed {seed}"
+        );
         // Every simulation reached an answer, and every answer counts in the vote.
         let finals = tree
             .nodes()
@@ -196,4 +212,3 @@ fn tokens_a_scorer_generates_count_against_the_generated_token_budget() {
     );
     assert!(c.generated_tokens >= 2000 || outcome.termination == Termination::Completed);
 }
-

@@ -183,7 +183,11 @@ impl RolloutScorer {
                 .collect();
             let generated: u64 = result.samples.iter().map(|s| s.tokens.len() as u64).sum();
             let value = majority_share(&answers);
-            computed.push((answers, value, (result.prompt_tokens_computed + generated, generated)));
+            computed.push((
+                answers,
+                value,
+                (result.prompt_tokens_computed + generated, generated),
+            ));
         }
         {
             let mut memo = self.memo.lock().expect("memo lock");
