@@ -5,7 +5,8 @@
 //! gRPC, GPUs, files or specific models. Strategies (all in one engine, all configured by
 //! serde-deserialisable structs, all seeded and reproducible):
 //!
-//! - MCTS with PUCT, virtual loss, batched expansion, optional rollouts ([`MctsConfig`]);
+//! - MCTS with PUCT, virtual loss, batched expansion, progressive widening, and rollouts kept as
+//!   tree nodes, answering by a vote over the tree ([`MctsConfig`]);
 //! - best-of-N, weighted best-of-N and self-consistency ([`SampleConfig`]);
 //! - beam search ([`BeamConfig`]) and DVTS ([`DvtsConfig`]).
 //!
