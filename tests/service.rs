@@ -258,6 +258,25 @@ impl Cluster {
         }
     }
 
+    /// Waits until a search has been under way for 1.5 s, then returns the index of the worker
+    /// with the most calls in flight.
+    fn busiest_once_under_way(&self) -> usize {
+        let t = Instant::now();
+        loop {
+            let busy: u32 = self.in_flight().iter().sum();
+            if busy > 0 && t.elapsed() > Duration::from_millis(1500) {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "the search never started"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let loads = self.in_flight();
+        (0..loads.len()).max_by_key(|&i| loads[i]).unwrap()
+    }
+
     /// Calls queued or running on each live worker.
     fn in_flight(&self) -> Vec<u32> {
         self.rt.block_on(async {
@@ -482,21 +501,7 @@ fn killing_a_worker_mid_search_still_completes_the_search() {
     let req = request("kill", QUESTION, pb::Strategy::Beam, 400, 9);
     let mut client = c.client.clone();
     let search = c.rt.spawn(async move { stream(&mut client, req).await });
-    // Wait until the search is under way, then kill the busiest worker.
-    let t = Instant::now();
-    loop {
-        let busy: u32 = c.in_flight().iter().sum();
-        if busy > 0 && t.elapsed() > Duration::from_millis(1500) {
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "the search never started"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let loads = c.in_flight();
-    let busiest = (0..loads.len()).max_by_key(|&i| loads[i]).unwrap();
+    let busiest = c.busiest_once_under_way();
     c.workers[busiest].kill();
     c.workers.remove(busiest);
     let (_, result) = c.rt.block_on(search).unwrap();
@@ -1996,20 +2001,7 @@ fn a_worker_stopped_with_sigstop_mid_search_is_detected_and_its_calls_re_sent() 
     let req = request("stop", QUESTION, pb::Strategy::Beam, 240, 9);
     let mut client = c.client.clone();
     let search = c.rt.spawn(async move { stream(&mut client, req).await });
-    let t = Instant::now();
-    loop {
-        let busy: u32 = c.in_flight().iter().sum();
-        if busy > 0 && t.elapsed() > Duration::from_millis(1500) {
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "the search never started"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let loads = c.in_flight();
-    let busiest = (0..loads.len()).max_by_key(|&i| loads[i]).unwrap();
+    let busiest = c.busiest_once_under_way();
     signal(&c.workers[busiest].child, "STOP");
     let stopped_at = Instant::now();
     let done =

@@ -134,18 +134,20 @@ fn finish_now<P: Policy, S: Scorer>(
     Some(((left / finish_one) as usize).clamp(1, beams.len()))
 }
 
-/// The finish phase: runs the best of `heads` (best first) on to a final answer, one sample per
-/// step (a step whose sample failed is asked again), then the others together with what budget
-/// is left; every final answer is scored and tallied. The best goes first and alone so that
-/// the last tokens finish one path rather than cut several.
+/// The finish phase: keeps the best `n` of `heads` by value and runs the best on to a final
+/// answer, one sample per step (a step whose sample failed is asked again), then the others
+/// together with what budget is left; every final answer is scored and tallied. The best goes
+/// first and alone so that the last tokens finish one path rather than cut several.
 async fn finish<P: Policy, S: Scorer>(
     tree: &mut Tree,
     io: &mut Io<'_, P, S>,
     tally: &mut Tally,
     mut heads: Vec<NodeId>,
+    n: usize,
 ) -> Termination {
     let value = |h: &NodeId| tree.node(*h).score().unwrap_or(f64::NEG_INFINITY);
     heads.sort_by(|a, b| value(b).total_cmp(&value(a)));
+    heads.truncate(n);
     let (best, rest) = heads.split_at(heads.len().min(1));
     if let Err(termination) = run_on(tree, io, tally, best.to_vec()).await {
         return termination;
@@ -222,8 +224,7 @@ pub(crate) async fn run_beam<P: Policy, S: Scorer>(
         let k = total.div_ceil(beams.len() as u32).min(K_MAX);
         if beams != [NodeId::ROOT] {
             if let Some(n) = finish_now(tree, io, tally, &beams, u64::from(total)) {
-                beams.truncate(n);
-                return finish(tree, io, tally, beams).await;
+                return finish(tree, io, tally, beams, n).await;
             }
         }
         let leaves: Vec<(NodeId, u32)> = beams.iter().map(|&b| (b, k)).collect();
@@ -281,8 +282,7 @@ pub(crate) async fn run_dvts<P: Policy, S: Scorer>(
         if !at_root {
             let proposals = heads.len() as u64 * u64::from(m);
             if let Some(n) = finish_now(tree, io, tally, &heads, proposals) {
-                heads.truncate(n);
-                return finish(tree, io, tally, heads).await;
+                return finish(tree, io, tally, heads, n).await;
             }
         }
         let k = if at_root { config.beams } else { m };

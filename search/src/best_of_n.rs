@@ -7,14 +7,11 @@
 //! and self-consistency never calls the scorer: equally frequent answers are told apart by the
 //! policy's own confidence in them (summed), never by which finished first.
 
-use std::sync::Arc;
-
 use crate::engine::{expand, score_nodes, Io, Tally};
 use crate::flight::InFlight;
 use crate::outcome::{Budget, Termination};
 use crate::policy::Policy;
-use crate::scorer::Scorer;
-use crate::scorer::{LogProbScorer, ScoreRequest};
+use crate::scorer::{LogProbScorer, Scorer};
 use crate::tree::{NodeId, NodeState, Tree};
 
 pub(crate) async fn run<P: Policy, S: Scorer>(
@@ -73,14 +70,7 @@ async fn round<P: Policy, S: Scorer>(
         for node in finals {
             let tree = flight.tree();
             if let Some(answer) = tree.node(node).answer() {
-                let request = ScoreRequest {
-                    node,
-                    prompt: Arc::clone(tree.prompt()),
-                    steps: tree.path(node),
-                };
-                let value = LogProbScorer::score_now(&[request])
-                    .first()
-                    .and_then(|s| aggregation.apply(&s.scores));
+                let value = LogProbScorer::path_value(&tree.path(node), aggregation);
                 tally.add(node, answer, value);
             }
         }

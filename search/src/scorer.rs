@@ -111,6 +111,13 @@ impl LogProbScorer {
         step.mean_logprob().exp() as f32
     }
 
+    /// The policy's confidence in a whole path: its step scores folded by `aggregation`
+    /// (`None` when a read score is not finite or there is no step). No model call.
+    pub fn path_value(steps: &[Arc<Step>], aggregation: Aggregation) -> Option<f64> {
+        let scores: Vec<f32> = steps.iter().map(|s| Self::step_score(s)).collect();
+        aggregation.apply(&scores)
+    }
+
     /// Scores a batch synchronously; the [`Scorer`] impl wraps this.
     pub fn score_now(batch: &[ScoreRequest]) -> Vec<StepScores> {
         batch

@@ -305,13 +305,7 @@ pub(crate) async fn run_chunk<P: Policy, S: Scorer>(
             complete,
             answer: node.answer().filter(|_| complete).map(|a| a.raw.clone()),
             value: node.score(),
-            confidence: LogProbScorer::score_now(&[ScoreRequest {
-                node: id,
-                prompt: std::sync::Arc::clone(tree.prompt()),
-                steps: steps.clone(),
-            }])
-            .first()
-            .and_then(|s| search.config().scoring.aggregation.apply(&s.scores)),
+            confidence: LogProbScorer::path_value(&steps, search.config().scoring.aggregation),
             generated_tokens: steps.iter().map(|s| s.token_ids.len() as u64).sum(),
             // The leaf itself was never expanded; every other node on the chain was, once.
             prompt_tokens_computed: chain[1..]

@@ -312,6 +312,13 @@ impl LocalWorker {
     /// an expansion (scoring), so it counts in [`LocalWorker::in_flight`] and is refused with
     /// [`WorkerError::Overloaded`] like one. The slot is given back when the guard drops.
     pub fn admit(&self) -> Result<InFlight, WorkerError> {
+        self.take_slot()?;
+        Ok(InFlight(self.inner.shared.clone()))
+    }
+
+    /// Counts one more call in flight, or refuses it at the limit. Whoever takes a slot gives
+    /// it back: an [`InFlight`] guard, or the engine thread when it answers an expansion.
+    fn take_slot(&self) -> Result<(), WorkerError> {
         let shared = &self.inner.shared;
         let limit = self.inner.options.calls_in_flight_max;
         let in_flight = shared.in_flight.fetch_add(1, Ordering::SeqCst);
@@ -319,7 +326,7 @@ impl LocalWorker {
             shared.in_flight.fetch_sub(1, Ordering::SeqCst);
             return Err(WorkerError::Overloaded { in_flight, limit });
         }
-        Ok(InFlight(self.inner.shared.clone()))
+        Ok(())
     }
 
     /// Frees `seq` on the engine thread at the next gap between passes, without waiting: for
@@ -343,13 +350,8 @@ impl LocalWorker {
         items: Vec<ExpandItem>,
         deadline: Option<Instant>,
     ) -> Result<Vec<ExpandResult>, WorkerError> {
+        self.take_slot()?;
         let shared = &self.inner.shared;
-        let limit = self.inner.options.calls_in_flight_max;
-        let in_flight = shared.in_flight.fetch_add(1, Ordering::SeqCst);
-        if in_flight >= limit {
-            shared.in_flight.fetch_sub(1, Ordering::SeqCst);
-            return Err(WorkerError::Overloaded { in_flight, limit });
-        }
         let (tx, rx) = oneshot::channel();
         if self
             .inner
