@@ -6,8 +6,13 @@
 //! single-sequence decode, and aggregate decode of 8, 32 and 128 sequences forked from one
 //! prompt. It prints a Markdown table with the GPU/CPU ratio and the weight bandwidth the
 //! single-sequence decode reaches (bytes of the GPU's weight form read per token / time).
+//! Decode steps pick their tokens the way generation does: greedy draws through
+//! `ForwardEntry::sampled`, which the wgpu backend answers on the device (8 bytes read back a
+//! sequence); the "host picks" rows read every logit back and take the argmax on the host,
+//! as every step did before device sampling, so one run shows what that saves.
 //!
-//! Options (env): `ARBOR_BENCH_SHAPES` (comma-separated presets, default `qwen2.5-0.5b`),
+//! Options (env): `ARBOR_BENCH_SHAPES` (comma-separated presets, default `qwen2.5-0.5b`; the
+//! name `model` means the real model at `ARBOR_BENCH_MODEL`, a GGUF file or model folder),
 //! `ARBOR_BENCH_STEPS` (decode steps, default 32), `ARBOR_BENCH_SKIP_CPU=1`,
 //! `ARBOR_WGPU_ALLOW_SOFTWARE=1` (measure on a software adapter such as lavapipe),
 //! `ARBOR_BENCH_PROFILE=1` (after each measurement, print where the wgpu passes' time went:
@@ -20,8 +25,8 @@ use std::time::Instant;
 use arbor_model::arch::{preset, DecoderWeights, ModelConfig};
 use arbor_model::backend::cpu::CpuBackend;
 use arbor_model::backend::wgpu::{PassProfile, WgpuBackend, WgpuOptions};
-use arbor_model::sampling::argmax;
-use arbor_model::{Engine, EngineOptions};
+use arbor_model::sampling::{argmax, Draw};
+use arbor_model::{Engine, EngineOptions, ForwardEntry, Model};
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -32,10 +37,52 @@ fn median(mut v: Vec<f64>) -> f64 {
 struct Figures {
     prefill: f64,
     decode1: f64,
-    batched: [f64; 3],
+    batched: [f64; BATCHES.len()],
+    /// Decode of one sequence and of the largest batch with every logit read back.
+    host_picks: (f64, f64),
 }
 
-const BATCHES: [usize; 3] = [8, 32, 128];
+const BATCHES: [usize; 6] = [8, 16, 32, 64, 128, 256];
+
+/// One decode step of `seqs`, each fed its token in `toks`, which the step replaces by the
+/// greedy next token: picked by the backend (`device`) or from logits read back.
+fn decode_step(
+    engine: &mut Engine,
+    seqs: &[arbor_model::SeqId],
+    toks: &mut [u32],
+    device: bool,
+) -> anyhow::Result<()> {
+    let vocab = engine.config().vocab_size;
+    let inputs: Vec<[u32; 1]> = toks.iter().map(|&t| [t]).collect();
+    if device {
+        let greedy = Draw {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            uniform: 0.0,
+        };
+        let entries: Vec<_> = seqs
+            .iter()
+            .zip(&inputs)
+            .map(|(s, t)| ForwardEntry::sampled(*s, t, greedy))
+            .collect();
+        let out = engine.forward_at(&entries)?;
+        for (t, p) in toks.iter_mut().zip(out.picks) {
+            *t = p.0;
+        }
+    } else {
+        let entries: Vec<_> = seqs
+            .iter()
+            .zip(&inputs)
+            .map(|(s, t)| (*s, &t[..]))
+            .collect();
+        let logits = engine.forward(&entries)?;
+        for (i, t) in toks.iter_mut().enumerate() {
+            *t = argmax(&logits[i * vocab..(i + 1) * vocab]);
+        }
+    }
+    Ok(())
+}
 
 /// Runs the measurements; `report(Some(what))` is called after each one's timed part (the
 /// bench prints the wgpu profile there when asked for) and `report(None)` before it (the
@@ -62,21 +109,7 @@ fn measure(
     let prefill = prompt.len() as f64 / median(prefill);
     report(Some("prefill"));
 
-    let s = engine.new_sequence();
-    let mut tok = argmax(engine.forward(&[(s, &prompt)])?);
-    // One untimed step (first-use costs), then `steps` timed ones.
-    tok = argmax(engine.forward(&[(s, &[tok])])?);
-    report(None);
-    let t = Instant::now();
-    for _ in 0..steps {
-        tok = argmax(engine.forward(&[(s, &[tok])])?) % vocab;
-    }
-    let decode1 = steps as f64 / t.elapsed().as_secs_f64();
-    report(Some("decode, 1 sequence"));
-    engine.free(s);
-
-    let mut batched = [0f64; 3];
-    for (slot, &n) in BATCHES.iter().enumerate() {
+    let rate = |engine: &mut Engine, n: usize, device: bool| -> anyhow::Result<f64> {
         let root = engine.new_sequence();
         engine.forward(&[(root, &prompt)])?;
         let mut seqs = vec![root];
@@ -84,35 +117,35 @@ fn measure(
             seqs.push(engine.fork(root)?);
         }
         let mut toks: Vec<u32> = (0..n as u32).map(|i| (i * 31 + 7) % vocab).collect();
-        let step = |engine: &mut Engine, toks: &mut Vec<u32>| -> anyhow::Result<()> {
-            let inputs: Vec<[u32; 1]> = toks.iter().map(|&t| [t]).collect();
-            let entries: Vec<_> = seqs
-                .iter()
-                .zip(&inputs)
-                .map(|(s, t)| (*s, &t[..]))
-                .collect();
-            let logits = engine.forward(&entries)?;
-            for (i, t) in toks.iter_mut().enumerate() {
-                *t = argmax(&logits[i * vocab as usize..(i + 1) * vocab as usize]);
-            }
-            Ok(())
-        };
-        step(&mut engine, &mut toks)?;
+        // One untimed step (first-use costs), then `steps` timed ones.
+        decode_step(engine, &seqs, &mut toks, device)?;
         report(None);
         let t = Instant::now();
         for _ in 0..steps {
-            step(&mut engine, &mut toks)?;
+            decode_step(engine, &seqs, &mut toks, device)?;
         }
-        batched[slot] = (n * steps) as f64 / t.elapsed().as_secs_f64();
-        report(Some(&format!("decode, {n} sequences")));
+        let rate = (n * steps) as f64 / t.elapsed().as_secs_f64();
+        let how = if device { "" } else { ", host picks" };
+        report(Some(&format!("decode, {n} sequences{how}")));
         for s in seqs {
             engine.free(s);
         }
+        Ok(rate)
+    };
+    let decode1 = rate(&mut engine, 1, true)?;
+    let mut batched = [0f64; BATCHES.len()];
+    for (slot, &n) in BATCHES.iter().enumerate() {
+        batched[slot] = rate(&mut engine, n, true)?;
     }
+    let host_picks = (
+        rate(&mut engine, 1, false)?,
+        rate(&mut engine, BATCHES[BATCHES.len() - 1], false)?,
+    );
     Ok(Figures {
         prefill,
         decode1,
         batched,
+        host_picks,
     })
 }
 
@@ -139,13 +172,19 @@ fn main() -> anyhow::Result<()> {
     let threads = rayon::current_num_threads();
     let mut rows = Vec::new();
     for name in shapes.split(',') {
-        let cfg = preset(name).ok_or_else(|| anyhow::anyhow!("unknown shape preset `{name}`"))?;
         let t = Instant::now();
-        let weights = Arc::new(DecoderWeights::synthetic(&cfg, 42)?);
-        eprintln!(
-            "{name}: synthetic weights in {:.1}s",
-            t.elapsed().as_secs_f64()
-        );
+        let (cfg, weights) = if name == "model" {
+            let path = std::env::var("ARBOR_BENCH_MODEL")
+                .map_err(|_| anyhow::anyhow!("shape `model` needs ARBOR_BENCH_MODEL=FILE"))?;
+            let m = Model::load(std::path::Path::new(&path))?;
+            (m.config, m.weights)
+        } else {
+            let cfg =
+                preset(name).ok_or_else(|| anyhow::anyhow!("unknown shape preset `{name}`"))?;
+            let weights = Arc::new(DecoderWeights::synthetic(&cfg, 42)?);
+            (cfg, weights)
+        };
+        eprintln!("{name}: weights in {:.1}s", t.elapsed().as_secs_f64());
         let t = Instant::now();
         let gpu = WgpuBackend::new(
             cfg.clone(),
@@ -245,14 +284,25 @@ fn main() -> anyhow::Result<()> {
                 c.map(|c| c.batched[i]),
             );
         }
+        let big = BATCHES[BATCHES.len() - 1];
+        row(
+            "decode, 1 sequence, host picks".into(),
+            g.host_picks.0,
+            c.map(|c| c.host_picks.0),
+        );
+        row(
+            format!("decode, {big} forked sequences, host picks"),
+            g.host_picks.1,
+            c.map(|c| c.host_picks.1),
+        );
         let bytes = gpu_weight_bytes(cfg);
         println!(
-            "\nsingle-sequence decode reads {:.2} GB of weights per token: {:.0} GB/s on the GPU; wgpu batched/single: x8 {:.2}x, x32 {:.2}x, x128 {:.2}x\n",
+            "\nsingle-sequence decode reads {:.2} GB of weights per token: {:.0} GB/s on the GPU; \
+             device picks / host picks: 1 sequence {:.2}x, {big} sequences {:.2}x\n",
             bytes / 1e9,
             bytes * g.decode1 / 1e9,
-            g.batched[0] / g.decode1,
-            g.batched[1] / g.decode1,
-            g.batched[2] / g.decode1
+            g.decode1 / g.host_picks.0,
+            g.batched[BATCHES.len() - 1] / g.host_picks.1,
         );
     }
     Ok(())

@@ -6,6 +6,7 @@ use crate::arch::ModelConfig;
 use crate::backend::{Backend, ForwardBatch};
 use crate::error::{ModelError, Result};
 use crate::kv::{BlockAllocator, KV_BLOCK_TOKENS};
+use crate::sampling::Draw;
 
 /// Identifies a sequence (a token prefix with its KV cache) inside one [`Engine`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -55,6 +56,10 @@ pub struct Engine {
     hidden: Vec<f32>,
     /// Hidden states of one pass, reused between calls.
     pass_hidden: Vec<f32>,
+    /// Picked tokens, entry after entry, reused between calls.
+    picks: Vec<(u32, f32)>,
+    /// Picks of one pass, reused between calls.
+    pass_picks: Vec<(u32, f32)>,
 }
 
 /// One entry of [`Engine::forward_at`]: tokens to append to a sequence, and the offsets into
@@ -69,6 +74,9 @@ pub struct ForwardEntry<'a> {
     pub logits_at: &'a [u32],
     /// Offsets into `tokens` whose final hidden states are wanted, in output order.
     pub hidden_at: &'a [u32],
+    /// Pick the next token after the last of `tokens` with this draw (on the device, for a
+    /// backend that samples there): only the token and its log-probability come back.
+    pub sample: Option<Draw>,
 }
 
 impl<'a> ForwardEntry<'a> {
@@ -79,6 +87,18 @@ impl<'a> ForwardEntry<'a> {
             tokens,
             logits_at: at,
             hidden_at: &[],
+            sample: None,
+        }
+    }
+
+    /// An entry that wants the next token after its last one picked with `draw`.
+    pub fn sampled(seq: SeqId, tokens: &'a [u32], draw: Draw) -> Self {
+        ForwardEntry {
+            seq,
+            tokens,
+            logits_at: &[],
+            hidden_at: &[],
+            sample: Some(draw),
         }
     }
 
@@ -89,6 +109,7 @@ impl<'a> ForwardEntry<'a> {
             tokens,
             logits_at: &[],
             hidden_at: at,
+            sample: None,
         }
     }
 }
@@ -100,6 +121,8 @@ pub struct ForwardOutputs<'a> {
     pub logits: &'a [f32],
     /// `d_model` values per requested hidden state, entry after entry.
     pub hidden: &'a [f32],
+    /// `(token, log_prob)` for each entry with a draw, entry after entry.
+    pub picks: &'a [(u32, f32)],
 }
 
 /// Pairs each offset with the next output row, counting rows in `next`.
@@ -136,6 +159,8 @@ impl Engine {
             pass_logits: Vec::new(),
             hidden: Vec::new(),
             pass_hidden: Vec::new(),
+            picks: Vec::new(),
+            pass_picks: Vec::new(),
         }
     }
 
@@ -287,21 +312,28 @@ impl Engine {
         // Output rows per entry: (token offset, row), for logits and for hidden states.
         let mut logit_rows: Vec<Vec<(usize, usize)>> = Vec::with_capacity(entries.len());
         let mut hidden_rows: Vec<Vec<(usize, usize)>> = Vec::with_capacity(entries.len());
-        let (mut n_logits, mut n_hidden) = (0, 0);
+        let mut pick_rows: Vec<Vec<(usize, usize)>> = Vec::with_capacity(entries.len());
+        let (mut n_logits, mut n_hidden, mut n_picks) = (0, 0, 0);
         for e in entries {
             logit_rows.push(numbered(e.logits_at, &mut n_logits));
             hidden_rows.push(numbered(e.hidden_at, &mut n_hidden));
+            let last = [e.tokens.len() as u32 - 1];
+            let at: &[u32] = if e.sample.is_some() { &last } else { &[] };
+            pick_rows.push(numbered(at, &mut n_picks));
         }
         // Reused buffers: a fresh 600 kB vector per step would be a fresh mmap and page faults.
         let mut logits = std::mem::take(&mut self.logits);
         logits.resize(n_logits * vocab, 0.0);
         let mut hidden = std::mem::take(&mut self.hidden);
         hidden.resize(n_hidden * d, 0.0);
+        let mut picks = std::mem::take(&mut self.picks);
+        picks.resize(n_picks, (0, 0.0));
         // Split long inputs into passes of at most `batch_tokens_max` tokens; every entry's
         // tokens go in order, and later passes attend to what earlier ones wrote.
         let mut offsets = vec![0usize; entries.len()];
         let mut pass_logits = std::mem::take(&mut self.pass_logits);
         let mut pass_hidden = std::mem::take(&mut self.pass_hidden);
+        let mut pass_picks = std::mem::take(&mut self.pass_picks);
         let result = loop {
             let mut budget = self.options.batch_tokens_max;
             let mut pass: Vec<(usize, SeqId, &[u32])> = Vec::new();
@@ -318,7 +350,9 @@ impl Engine {
             }
             // For each entry in the pass: which of its tokens need outputs, and where they go
             // (token index in the pass, output row).
-            let (mut want_logits, mut want_hidden) = (Vec::new(), Vec::new());
+            let (mut want_logits, mut want_hidden, mut want_picks) =
+                (Vec::new(), Vec::new(), Vec::new());
+            let mut draws = Vec::new();
             let mut idx = 0;
             for (i, _, toks) in &pass {
                 let end = offsets[*i];
@@ -332,13 +366,23 @@ impl Engine {
                 };
                 in_pass(&logit_rows[*i], &mut want_logits);
                 in_pass(&hidden_rows[*i], &mut want_hidden);
+                let before = want_picks.len();
+                in_pass(&pick_rows[*i], &mut want_picks);
+                if want_picks.len() > before {
+                    draws.push(entries[*i].sample.expect("pick rows come from draws"));
+                }
                 idx += toks.len();
             }
             let logits_for: Vec<u32> = want_logits.iter().map(|w| w.0).collect();
             let hidden_for: Vec<u32> = want_hidden.iter().map(|w| w.0).collect();
+            let sample_for: Vec<u32> = want_picks.iter().map(|w| w.0).collect();
             let outputs = (&mut pass_logits, &mut pass_hidden);
-            if let Err(e) = self.run_pass(&pass, &logits_for, &hidden_for, outputs) {
+            let sampling = (&sample_for[..], &draws[..], &mut pass_picks);
+            if let Err(e) = self.run_pass(&pass, &logits_for, &hidden_for, outputs, sampling) {
                 break Err(e);
+            }
+            for (j, (_, row)) in want_picks.iter().enumerate() {
+                picks[*row] = pass_picks[j];
             }
             for (j, (_, row)) in want_logits.iter().enumerate() {
                 logits[row * vocab..(row + 1) * vocab]
@@ -350,12 +394,15 @@ impl Engine {
         };
         self.pass_logits = pass_logits;
         self.pass_hidden = pass_hidden;
+        self.pass_picks = pass_picks;
         self.logits = logits;
         self.hidden = hidden;
+        self.picks = picks;
         result?;
         Ok(ForwardOutputs {
             logits: &self.logits[..n_logits * vocab],
             hidden: &self.hidden[..n_hidden * d],
+            picks: &self.picks[..n_picks],
         })
     }
 
@@ -436,7 +483,8 @@ impl Engine {
         pass: &[(usize, SeqId, &[u32])],
         logits_for: &[u32],
         hidden_for: &[u32],
-        (logits, hidden): (&mut Vec<f32>, &mut Vec<f32>),
+        outputs: (&mut Vec<f32>, &mut Vec<f32>),
+        (sample_for, draws, picks): (&[u32], &[Draw], &mut Vec<(u32, f32)>),
     ) -> Result<()> {
         let mut tokens = Vec::new();
         let mut positions = Vec::new();
@@ -461,7 +509,8 @@ impl Engine {
             logits_for,
             hidden_for,
         };
-        self.backend.forward(&batch, logits, hidden)?;
+        self.backend
+            .forward_sampled(&batch, sample_for, draws, outputs, picks)?;
         for (_, seq, toks) in pass {
             self.seqs.get_mut(seq).expect("validated").len += toks.len();
         }

@@ -7,10 +7,9 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{Engine, SeqId};
+use crate::engine::{Engine, ForwardEntry, SeqId};
 use crate::error::{ModelError, Result};
 use crate::sampling::{log_prob, Sampler, SamplingParams};
 use crate::tokenizer::Tokenizer;
@@ -376,35 +375,49 @@ impl Batcher {
                     .expect("a live sample has accepted a token")]
             })
             .collect();
-        let mut entries: Vec<(SeqId, &[u32])> = Vec::new();
+        // The prompts want logits (each of their samples draws its first token from them);
+        // the live samples want only their next token, picked where the logits are (on the
+        // device for a GPU backend, which then reads back 8 bytes a sample instead of a row).
+        let prompt_end: Vec<[u32; 1]> = new
+            .iter()
+            .flat_map(|id| {
+                let job = &self.jobs[id];
+                job.requests
+                    .iter()
+                    .enumerate()
+                    .map(|(ri, r)| [(r.prompt.len() - job.held[ri]).saturating_sub(1) as u32])
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let mut entries: Vec<ForwardEntry<'_>> = Vec::new();
         for id in new {
             let job = &self.jobs[id];
             for (ri, r) in job.requests.iter().enumerate() {
-                entries.push((job.roots[ri], &r.prompt[job.held[ri]..]));
+                let tokens = &r.prompt[job.held[ri]..];
+                let at = &prompt_end[entries.len()];
+                entries.push(ForwardEntry::logits_at(job.roots[ri], tokens, at));
             }
         }
         let n_prompts = entries.len();
-        entries.extend(self.live.iter().zip(&last).map(|(l, t)| (l.seq, &t[..])));
+        let draws: Vec<_> = self.live.iter().map(|l| l.sampler.peek()).collect();
+        entries.extend(
+            self.live
+                .iter()
+                .zip(&last)
+                .zip(&draws)
+                .map(|((l, t), (d, _))| ForwardEntry::sampled(l.seq, &t[..], *d)),
+        );
         if entries.is_empty() {
             return Ok((Vec::new(), Vec::new()));
         }
         let vocab = engine.config().vocab_size;
-        let logits = engine.forward(&entries)?;
+        let out = engine.forward_at(&entries)?;
         drop(entries);
-        let prompt_rows = logits[..n_prompts * vocab].to_vec();
-        let decode = &logits[n_prompts * vocab..];
-        // Sampling and log-softmax read all 151,936 logits per sequence: spread them over the
-        // cores for wide batches. Each sample has its own sampler, so the result is the same.
-        let pick = |(j, l): (usize, &mut Live)| {
-            let row = &decode[j * vocab..(j + 1) * vocab];
-            let tok = l.sampler.sample(row);
-            (tok, log_prob(row, tok))
-        };
-        let picks: Vec<(u32, f32)> = if self.live.len() >= 4 {
-            self.live.par_iter_mut().enumerate().map(pick).collect()
-        } else {
-            self.live.iter_mut().enumerate().map(pick).collect()
-        };
+        let prompt_rows = out.logits[..n_prompts * vocab].to_vec();
+        let picks = out.picks.to_vec();
+        for (l, (_, rng)) in self.live.iter_mut().zip(draws) {
+            l.sampler.commit(rng);
+        }
         Ok((prompt_rows, picks))
     }
 

@@ -59,10 +59,18 @@ impl SamplingParams {
 }
 
 /// `log_softmax(logits)[token]` under the model's own distribution (temperature 1).
+///
+/// The sum is taken in f64: over a 151,936-token vocabulary an f32 running sum is off by up to
+/// ~1e-3.
 pub fn log_prob(logits: &[f32], token: u32) -> f32 {
     let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    let sum: f32 = logits.iter().map(|&v| (v - max).exp()).sum();
-    logits[token as usize] - max - sum.ln()
+    logits[token as usize] - max - log_sum_exp_shifted(logits, max)
+}
+
+/// `ln(sum(exp(v - max)))`, summed in f64.
+fn log_sum_exp_shifted(logits: &[f32], max: f32) -> f32 {
+    let sum: f64 = logits.iter().map(|&v| (v - max).exp() as f64).sum();
+    sum.ln() as f32
 }
 
 /// Index of the largest logit (the first on ties, as llama.cpp's greedy sampler).
@@ -76,12 +84,131 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
+/// One pick of a next token: the sampling parameters and the uniform number in `[0, 1)` that
+/// decides it. A backend that samples on its device gets these from the host, so a seed gives
+/// the same tokens wherever the pick runs.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct Draw {
+    /// 0 picks the most likely token (the first on ties); otherwise logits are divided by it.
+    pub temperature: f32,
+    /// Keep the tokens whose scaled logit is at least the `top_k`-th largest (0 keeps all).
+    pub top_k: u32,
+    /// Then keep the tokens whose probability is at least that of the last token of the
+    /// smallest most-likely-first set whose mass reaches `top_p` (1 keeps all).
+    pub top_p: f32,
+    /// Where in the kept tokens' cumulative mass, in token order, the pick falls.
+    pub uniform: f32,
+}
+
+/// The reference pick, which every backend's sampler reproduces: `(token, log_prob)`, the
+/// log-probability under the model's own distribution (temperature 1).
+///
+/// The kept set is defined by thresholds, not by a sort, so tokens tied at a threshold are all
+/// kept: the top-k threshold is the `top_k`-th largest scaled logit, the top-p threshold the
+/// largest weight `w` such that the tokens weighing at least `w` hold `top_p` of the mass. The
+/// token is the first, in token order, whose cumulative weight reaches `uniform × total`
+/// (weights `exp(logit / T - max)`; tokens of weight 0 are never picked). Sums are taken in
+/// f64, so the reference is closer to exact than any device's f32 sums.
+pub fn pick(logits: &[f32], d: &Draw) -> (u32, f32) {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let log_z = log_sum_exp_shifted(logits, max);
+    let lp = |t: u32| logits[t as usize] - max - log_z;
+    if d.temperature == 0.0 {
+        let t = argmax(logits);
+        return (t, lp(t));
+    }
+    let kept = Kept::new(logits, max, d);
+    let total: f64 = logits.iter().map(|&v| kept.weight(v) as f64).sum();
+    let mut r = d.uniform as f64 * total;
+    let mut last = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        let w = kept.weight(v);
+        if w > 0.0 {
+            r -= w as f64;
+            last = i as u32;
+            if r <= 0.0 {
+                return (i as u32, lp(i as u32));
+            }
+        }
+    }
+    (last, lp(last))
+}
+
+/// The weight [`pick`] gives each token under `d` (0 for a cut token), for checking another
+/// sampler's pick against the cumulative mass. Greedy draws weigh the first largest logit 1.
+pub fn kept_weights(logits: &[f32], d: &Draw) -> Vec<f32> {
+    if d.temperature == 0.0 {
+        let mut w = vec![0.0; logits.len()];
+        w[argmax(logits) as usize] = 1.0;
+        return w;
+    }
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let kept = Kept::new(logits, max, d);
+    logits.iter().map(|&v| kept.weight(v)).collect()
+}
+
+/// The thresholds of one draw: a token weighs `exp(logit / T - max / T)` if its scaled logit
+/// reaches `min_s` (top-k) and that weight reaches `min_w` (top-p), else 0.
+struct Kept {
+    inv_t: f32,
+    max_s: f32,
+    min_s: f32,
+    min_w: f32,
+}
+
+impl Kept {
+    fn new(logits: &[f32], max: f32, d: &Draw) -> Self {
+        let inv_t = 1.0 / d.temperature;
+        let k = d.top_k as usize;
+        let min_s = if k > 0 && k < logits.len() {
+            let mut s: Vec<f32> = logits.iter().map(|&v| v * inv_t).collect();
+            *s.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a)).1
+        } else {
+            f32::NEG_INFINITY
+        };
+        let mut kept = Kept {
+            inv_t,
+            max_s: max * inv_t,
+            min_s,
+            min_w: 0.0,
+        };
+        if d.top_p < 1.0 {
+            let mut w: Vec<f32> = logits.iter().map(|&v| kept.weight(v)).collect();
+            let total: f64 = w.iter().map(|&x| x as f64).sum();
+            w.sort_unstable_by(|a, b| b.total_cmp(a));
+            let target = d.top_p as f64 * total;
+            let mut acc = 0.0f64;
+            for &x in &w {
+                acc += x as f64;
+                if acc >= target {
+                    kept.min_w = x;
+                    break;
+                }
+            }
+        }
+        kept
+    }
+
+    fn weight(&self, v: f32) -> f32 {
+        let s = v * self.inv_t;
+        if s < self.min_s {
+            return 0.0;
+        }
+        let w = (s - self.max_s).exp();
+        if w >= self.min_w {
+            w
+        } else {
+            0.0
+        }
+    }
+}
+
 /// A sampler with its own random stream.
 #[derive(Debug, Clone)]
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
-    candidates: Vec<(u32, f32)>,
 }
 
 impl Sampler {
@@ -92,60 +219,38 @@ impl Sampler {
         Sampler {
             params,
             rng: StdRng::seed_from_u64(seed),
-            candidates: Vec::new(),
         }
     }
 
-    /// Picks the next token.
+    /// The next draw, without consuming it: pass the returned stream to [`Sampler::commit`]
+    /// once the pick has been made (a failed forward pass then leaves the stream unchanged).
+    /// Greedy sampling draws no random number.
+    pub fn peek(&self) -> (Draw, StdRng) {
+        let mut rng = self.rng.clone();
+        let uniform = if self.params.temperature == 0.0 {
+            0.0
+        } else {
+            rng.gen::<f32>()
+        };
+        let draw = Draw {
+            temperature: self.params.temperature,
+            top_k: self.params.top_k.min(u32::MAX as usize) as u32,
+            top_p: self.params.top_p,
+            uniform,
+        };
+        (draw, rng)
+    }
+
+    /// Advances the stream past a draw returned by [`Sampler::peek`].
+    pub fn commit(&mut self, rng: StdRng) {
+        self.rng = rng;
+    }
+
+    /// Picks the next token on the host.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        if self.params.temperature == 0.0 {
-            return argmax(logits);
-        }
-        let inv_t = 1.0 / self.params.temperature;
-        self.candidates.clear();
-        self.candidates.extend(
-            logits
-                .iter()
-                .enumerate()
-                .map(|(i, &v)| (i as u32, v * inv_t)),
-        );
-        let k = self.params.top_k;
-        if k > 0 && k < self.candidates.len() {
-            self.candidates
-                .select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
-            self.candidates.truncate(k);
-        }
-        let max = self
-            .candidates
-            .iter()
-            .fold(f32::NEG_INFINITY, |m, c| m.max(c.1));
-        let mut total = 0f32;
-        for c in self.candidates.iter_mut() {
-            c.1 = (c.1 - max).exp();
-            total += c.1;
-        }
-        if self.params.top_p < 1.0 {
-            self.candidates.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
-            let mut acc = 0f32;
-            let mut keep = self.candidates.len();
-            for (i, c) in self.candidates.iter().enumerate() {
-                acc += c.1 / total;
-                if acc >= self.params.top_p {
-                    keep = i + 1;
-                    break;
-                }
-            }
-            self.candidates.truncate(keep);
-            total = self.candidates.iter().map(|c| c.1).sum();
-        }
-        let mut r = self.rng.gen::<f32>() * total;
-        for c in &self.candidates {
-            r -= c.1;
-            if r <= 0.0 {
-                return c.0;
-            }
-        }
-        self.candidates.last().map_or(0, |c| c.0)
+        let (draw, rng) = self.peek();
+        self.commit(rng);
+        pick(logits, &draw).0
     }
 }
 

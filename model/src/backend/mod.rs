@@ -7,8 +7,11 @@
 pub mod cpu;
 pub mod wgpu;
 
+use rayon::prelude::*;
+
 use crate::arch::ModelConfig;
 use crate::error::Result;
+use crate::sampling::{pick, Draw};
 
 /// One forward pass over a batch of tokens from any number of sequences.
 ///
@@ -68,4 +71,47 @@ pub trait Backend: Send {
         logits: &mut Vec<f32>,
         hidden: &mut Vec<f32>,
     ) -> Result<()>;
+
+    /// Like [`Backend::forward`], and also picks the next token after each token listed in
+    /// `sample_for` with the matching draw, writing `(token, log_prob)` per entry into
+    /// `picks`: the rows of `sample_for` are neither returned nor (on a device) read back.
+    /// Picks must equal [`crate::sampling::pick`] on the backend's own logits, up to the
+    /// rounding of a sum (a uniform within a few ulps of a boundary between two tokens).
+    ///
+    /// The default computes the rows and picks on the host.
+    fn forward_sampled(
+        &mut self,
+        batch: &ForwardBatch<'_>,
+        sample_for: &[u32],
+        draws: &[Draw],
+        (logits, hidden): (&mut Vec<f32>, &mut Vec<f32>),
+        picks: &mut Vec<(u32, f32)>,
+    ) -> Result<()> {
+        picks.clear();
+        if sample_for.is_empty() {
+            return self.forward(batch, logits, hidden);
+        }
+        let rows: Vec<u32> = batch.logits_for.iter().chain(sample_for).copied().collect();
+        let with_rows = ForwardBatch {
+            logits_for: &rows,
+            ..*batch
+        };
+        self.forward(&with_rows, logits, hidden)?;
+        let vocab = self.config().vocab_size;
+        let sampled = &logits[batch.logits_for.len() * vocab..];
+        host_picks(sampled, vocab, draws, picks);
+        logits.truncate(batch.logits_for.len() * vocab);
+        Ok(())
+    }
+}
+
+/// [`crate::sampling::pick`] on each row of `rows` (`vocab` logits each) with its draw, over
+/// the cores when there are several: every pick reads the whole row.
+pub(crate) fn host_picks(rows: &[f32], vocab: usize, draws: &[Draw], picks: &mut Vec<(u32, f32)>) {
+    let one = |(row, d): (&[f32], &Draw)| pick(row, d);
+    if draws.len() >= 4 {
+        picks.par_extend(rows.par_chunks(vocab).zip(draws).map(one));
+    } else {
+        picks.extend(rows.chunks(vocab).zip(draws).map(one));
+    }
 }

@@ -6,6 +6,7 @@
 
 use arbor_model::backend::cpu::CpuBackend;
 use arbor_model::backend::wgpu::{WgpuBackend, WgpuOptions};
+use arbor_model::sampling::{kept_weights, log_prob, pick, Draw};
 use arbor_model::tiny::{TinyModel, D, VOCAB};
 use arbor_model::{Engine, EngineOptions, ForwardEntry, Model};
 
@@ -424,4 +425,116 @@ fn wgpu_backend_agrees_with_the_cpu_backend_on_the_real_model() {
             err / norm
         );
     }
+}
+
+/// Draws covering every branch of the device sampler: greedy, plain temperature, top-k (1, a
+/// few, many), top-p (narrow and wide), both together, and the uniform's ends.
+fn draws(n: usize) -> Vec<Draw> {
+    let mut rng = arbor_model::tiny::Rng(0x5eed);
+    let temps = [0.0, 0.3, 0.8, 1.0, 2.5];
+    let top_ks = [0u32, 0, 1, 3, 40];
+    let top_ps = [1.0f32, 1.0, 0.9, 0.3];
+    (0..n)
+        .map(|i| Draw {
+            temperature: temps[i % temps.len()],
+            top_k: top_ks[(i / 2) % top_ks.len()],
+            top_p: top_ps[(i / 3) % top_ps.len()],
+            uniform: match i % 11 {
+                0 => 0.0,
+                1 => 0.999_999,
+                _ => (rng.next_f32() + 0.25) * 2.0,
+            },
+        })
+        .collect()
+}
+
+/// Decodes one token after `prompt` in `1 + n` forks of one sequence, all in one pass: the
+/// first returns its logits, the others are picked on the device with [`draws`]. The forks'
+/// rows are the same computation, so each device pick must equal the host reference's pick on
+/// the returned logits.
+fn check_device_picks(e: &mut Engine, prompt: &[u32], next: u32, n: usize, what: &str) {
+    let root = e.new_sequence();
+    e.forward(&[(root, prompt)]).unwrap();
+    let forks: Vec<_> = (0..=n).map(|_| e.fork(root).unwrap()).collect();
+    let ds = draws(n);
+    let tok = [next];
+    let at = [0u32];
+    let mut entries = vec![ForwardEntry::logits_at(forks[0], &tok, &at)];
+    entries.extend(
+        forks[1..]
+            .iter()
+            .zip(&ds)
+            .map(|(&s, d)| ForwardEntry::sampled(s, &tok, *d)),
+    );
+    let out = e.forward_at(&entries).unwrap();
+    let (logits, picks) = (out.logits.to_vec(), out.picks.to_vec());
+    assert_eq!(picks.len(), n, "{what}: one pick per draw");
+    let mut distinct = std::collections::HashSet::new();
+    let mut inexact = 0;
+    for (j, (d, &(token, lp))) in ds.iter().zip(&picks).enumerate() {
+        let (want, want_lp) = pick(&logits, d);
+        if token != want {
+            // Allowed only where the uniform falls within rounding of the boundary between
+            // the two tokens: the device's token's cumulative interval, under the reference's
+            // f64 sums, must reach the uniform within 1e-5 (the device sums in f32).
+            let w = kept_weights(&logits, d);
+            let total: f64 = w.iter().map(|&x| x as f64).sum();
+            let before: f64 = w[..token as usize].iter().map(|&x| x as f64).sum::<f64>() / total;
+            let after = before + w[token as usize] as f64 / total;
+            let u = d.uniform as f64;
+            assert!(
+                w[token as usize] > 0.0 && u >= before - 1e-5 && u <= after + 1e-5,
+                "{what}: draw {j} {d:?} picked {token} (mass {before}..{after}) on the device, \
+                 {want} on the host"
+            );
+            inexact += 1;
+        }
+        let lp_want = if token == want {
+            want_lp
+        } else {
+            log_prob(&logits, token)
+        };
+        assert!(
+            (lp - lp_want).abs() <= 1e-4 * lp_want.abs().max(1.0),
+            "{what}: draw {j}: log-prob {lp} on the device, {lp_want} on the host"
+        );
+        distinct.insert(token);
+    }
+    assert!(
+        inexact * 10 <= n,
+        "{what}: {inexact} of {n} picks differ from the reference (each within rounding)"
+    );
+    // The draws must exercise the sampler, not all land on the argmax.
+    assert!(
+        distinct.len() >= 4,
+        "{what}: only {} distinct tokens picked",
+        distinct.len()
+    );
+    for s in forks.into_iter().chain([root]) {
+        e.free(s);
+    }
+}
+
+#[test]
+fn device_picks_equal_the_host_reference() {
+    if skip() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("arbor-wgpu-pick-{}", std::process::id()));
+    let tiny = TinyModel::new("qwen2");
+    tiny.write(&dir).unwrap();
+    let model = Model::load(&dir).unwrap();
+    let prompt: Vec<u32> = (0..20u32).map(|i| (i * 37 + 11) % 256).collect();
+    check_device_picks(&mut gpu_engine(&model), &prompt, 7, 96, "tiny model");
+    // Sampled rows split over several slices of a pass (a device with a small binding).
+    let mut small = gpu_engine_with(&model, Some((5 * VOCAB * 4) as u64), None);
+    check_device_picks(&mut small, &prompt, 7, 24, "tiny model, 5 rows a slice");
+    std::fs::remove_dir_all(&dir).ok();
+    // The real vocabulary (151,936 tokens, 594 a thread).
+    let real = super::model();
+    let prompt = real
+        .tokenizer
+        .encode("Natalia sold clips to 48 of her friends", false)
+        .unwrap();
+    check_device_picks(&mut gpu_engine(real), &prompt, 304, 16, "real model");
 }

@@ -72,6 +72,7 @@ use crate::arch::{DecoderWeights, ModelConfig, RopeStyle};
 use crate::error::{ModelError, Result};
 use crate::kv::KV_BLOCK_TOKENS;
 use crate::quant::QMatrix;
+use crate::sampling::Draw;
 
 mod profile;
 use profile::Timestamps;
@@ -187,6 +188,7 @@ struct Pipelines {
     rms_norm: Kernel,
     rope_kv: Kernel,
     attention: Kernel,
+    sample: Kernel,
 }
 
 /// Per-pass buffers, sized for up to `tokens` tokens, `logit_rows` rows of logits and
@@ -208,6 +210,9 @@ struct Scratch {
     sel: wgpu::Buffer,
     fin: wgpu::Buffer,
     logits: wgpu::Buffer,
+    /// One [`Draw`] per sampled row, and the `(token, log-prob bits)` picked.
+    draws: wgpu::Buffer,
+    picks: wgpu::Buffer,
     readback: wgpu::Buffer,
 }
 
@@ -263,6 +268,14 @@ struct NormParams {
     d: u32,
     eps: f32,
     use_sel: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct SampleParams {
+    vocab: u32,
+    first_row: u32,
+    pad: [u32; 2],
 }
 
 #[repr(C)]
@@ -501,9 +514,10 @@ impl WgpuBackend {
         let ffn = c.ffn_dim as u64;
         let logits_bytes = logit_rows as u64 * c.vocab_size as u64 * f;
         let fin_bytes = rows_out as u64 * d * f;
+        let picks_bytes = logit_rows as u64 * 8;
         let readback = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("readback"),
-            size: (logits_bytes + fin_bytes).max(16),
+            size: (logits_bytes + fin_bytes + picks_bytes).max(16),
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
@@ -524,6 +538,8 @@ impl WgpuBackend {
             sel: self.storage("sel", rows_out as u64 * 4)?,
             fin: self.storage("fin", fin_bytes)?,
             logits: self.storage("logits", logits_bytes)?,
+            draws: self.storage("draws", logit_rows as u64 * 16)?,
+            picks: self.storage("picks", picks_bytes)?,
             readback,
         });
         Ok(())
@@ -649,6 +665,13 @@ impl Pipelines {
                 4,
                 "attention",
                 include_str!("attention.wgsl").replace("__HD__", &config.head_dim.to_string()),
+                None,
+            ),
+            sample: compile(
+                device,
+                5,
+                "sample",
+                include_str!("sample.wgsl").into(),
                 None,
             ),
             min_tiled_workgroups,
@@ -984,27 +1007,43 @@ impl Backend for WgpuBackend {
         logits: &mut Vec<f32>,
         hidden: &mut Vec<f32>,
     ) -> Result<()> {
-        // The logits of one pass must fit one storage binding (128 MiB on some devices: 220
-        // rows of a 151,936-token vocabulary; or `max_chunk_bytes`). A batch that wants more runs as consecutive
-        // slices of its tokens; attention is causal and each slice's keys and values are in
-        // the cache before the next slice runs, so the result is the same.
+        self.forward_sampled(batch, &[], &[], (logits, hidden), &mut Vec::new())
+    }
+
+    fn forward_sampled(
+        &mut self,
+        batch: &ForwardBatch<'_>,
+        sample_for: &[u32],
+        draws: &[Draw],
+        (logits, hidden): (&mut Vec<f32>, &mut Vec<f32>),
+        picks: &mut Vec<(u32, f32)>,
+    ) -> Result<()> {
+        // The logits of one pass (returned or sampled) must fit one storage binding (128 MiB
+        // on some devices: 220 rows of a 151,936-token vocabulary; or `max_chunk_bytes`). A
+        // batch that wants more runs as consecutive slices of its tokens; attention is causal
+        // and each slice's keys and values are in the cache before the next slice runs, so the
+        // result is the same.
         let rows_max = (self.max_chunk as usize / (self.config.vocab_size * 4)).max(1);
-        if batch.logits_for.len() <= rows_max {
-            return self.forward_pass(batch, logits, hidden);
+        if batch.logits_for.len() + sample_for.len() <= rows_max {
+            return self.forward_pass(batch, (sample_for, draws), (logits, hidden), picks);
         }
         let (vocab, d) = (self.config.vocab_size, self.config.d_model);
         logits.resize(batch.logits_for.len() * vocab, 0.0);
         hidden.resize(batch.hidden_for.len() * d, 0.0);
-        let (mut part_logits, mut part_hidden) = (Vec::new(), Vec::new());
+        picks.clear();
+        picks.resize(sample_for.len(), (0, 0.0));
+        let (mut part_logits, mut part_hidden, mut part_picks) =
+            (Vec::new(), Vec::new(), Vec::new());
         let mut start = 0;
         while start < batch.tokens.len() {
-            // Extend the slice until it holds `rows_max` logits rows.
+            // Extend the slice until it holds `rows_max` rows.
             let mut end = start;
             let mut rows = 0;
             while end < batch.tokens.len() {
                 let wanted = batch
                     .logits_for
                     .iter()
+                    .chain(sample_for)
                     .filter(|&&i| i as usize == end)
                     .count();
                 if rows + wanted > rows_max && end > start {
@@ -1022,6 +1061,8 @@ impl Backend for WgpuBackend {
             };
             let (lj, lf) = local(batch.logits_for);
             let (hj, hf) = local(batch.hidden_for);
+            let (sj, sf) = local(sample_for);
+            let part_draws: Vec<Draw> = sj.iter().map(|&j| draws[j]).collect();
             let part = ForwardBatch {
                 tokens: &batch.tokens[start..end],
                 positions: &batch.positions[start..end],
@@ -1030,13 +1071,21 @@ impl Backend for WgpuBackend {
                 logits_for: &lf,
                 hidden_for: &hf,
             };
-            self.forward_pass(&part, &mut part_logits, &mut part_hidden)?;
+            self.forward_pass(
+                &part,
+                (&sf, &part_draws),
+                (&mut part_logits, &mut part_hidden),
+                &mut part_picks,
+            )?;
             for (k, j) in lj.into_iter().enumerate() {
                 logits[j * vocab..(j + 1) * vocab]
                     .copy_from_slice(&part_logits[k * vocab..(k + 1) * vocab]);
             }
             for (k, j) in hj.into_iter().enumerate() {
                 hidden[j * d..(j + 1) * d].copy_from_slice(&part_hidden[k * d..(k + 1) * d]);
+            }
+            for (k, j) in sj.into_iter().enumerate() {
+                picks[j] = part_picks[k];
             }
             start = end;
         }
@@ -1046,18 +1095,30 @@ impl Backend for WgpuBackend {
 
 impl WgpuBackend {
     /// One forward pass whose logits fit one storage binding.
+    ///
+    /// Rows are projected for `logits_for`, then `sample_for` (picked on the device with
+    /// `sample.wgsl`, only the picks read back), and hidden states kept for `hidden_for`.
     fn forward_pass(
         &mut self,
         batch: &ForwardBatch<'_>,
-        logits: &mut Vec<f32>,
-        hidden: &mut Vec<f32>,
+        (sample_for, draws): (&[u32], &[Draw]),
+        (logits, hidden): (&mut Vec<f32>, &mut Vec<f32>),
+        picks: &mut Vec<(u32, f32)>,
     ) -> Result<()> {
         let started = std::time::Instant::now();
         let cfg = self.config.clone();
         let n = batch.tokens.len();
-        let (m, mh) = (batch.logits_for.len(), batch.hidden_for.len());
-        logits.resize(m * cfg.vocab_size, 0.0);
+        let (ml, ms, mh) = (
+            batch.logits_for.len(),
+            sample_for.len(),
+            batch.hidden_for.len(),
+        );
+        // Rows through the output projection: returned ones, then sampled ones.
+        let m = ml + ms;
+        logits.resize(ml * cfg.vocab_size, 0.0);
         hidden.resize(mh * cfg.d_model, 0.0);
+        picks.clear();
+        picks.resize(ms, (0, 0.0));
         if n == 0 {
             return Ok(());
         }
@@ -1099,6 +1160,7 @@ impl WgpuBackend {
             ]);
         }
         let mut sel: Vec<u32> = batch.logits_for.to_vec();
+        sel.extend_from_slice(sample_for);
         sel.extend_from_slice(batch.hidden_for);
 
         self.ensure_scratch(n, m, m + mh, tables.len().max(1))?;
@@ -1107,7 +1169,7 @@ impl WgpuBackend {
             + self.layers[0].gate_up.chunks.len()
             + self.layers[0].wo.chunks.len()
             + self.layers[0].down.chunks.len();
-        let slots = per_layer * cfg.n_layers + 2 + self.output.chunks.len();
+        let slots = per_layer * cfg.n_layers + 3 + self.output.chunks.len();
         self.ensure_params(slots);
         if self.has_timestamps && !self.timestamps.as_ref().is_some_and(|t| t.fits(slots)) {
             self.timestamps = Some(Timestamps::new(
@@ -1126,6 +1188,10 @@ impl WgpuBackend {
         if !sel.is_empty() {
             self.queue
                 .write_buffer(&s.sel, 0, bytemuck::cast_slice(&sel));
+        }
+        if ms > 0 {
+            self.queue
+                .write_buffer(&s.draws, 0, bytemuck::cast_slice(draws));
         }
 
         let prepared = std::time::Instant::now();
@@ -1280,6 +1346,15 @@ impl WgpuBackend {
                 &self.dummy,
             );
         }
+        if ms > 0 {
+            let params = SampleParams {
+                vocab: cfg.vocab_size as u32,
+                first_row: ml as u32,
+                pad: [0; 2],
+            };
+            let bufs = [&s.logits, &s.draws, &s.picks];
+            rec.add(&p.sample, "sample", params, &bufs, (ms as u32, 1, 1));
+        }
         self.queue.write_buffer(&self.params, 0, &rec.blob);
         let labels: Vec<&'static str> = rec.dispatches.iter().map(|d| d.label).collect();
         let recorded = std::time::Instant::now();
@@ -1290,8 +1365,9 @@ impl WgpuBackend {
         // growing pieces the GPU starts after the first few and the host stays ahead of it.
         let total = rec.dispatches.len();
         let n_ts = total as u32 + 1;
-        let logits_bytes = (m * cfg.vocab_size * 4) as u64;
+        let logits_bytes = (ml * cfg.vocab_size * 4) as u64;
         let hidden_bytes = (mh * d * 4) as u64;
+        let picks_bytes = (ms * 8) as u64;
         let mut first = 0;
         let mut piece = 8;
         while first < total {
@@ -1337,6 +1413,10 @@ impl WgpuBackend {
                         hidden_bytes,
                     );
                 }
+                if picks_bytes > 0 {
+                    let at = logits_bytes + hidden_bytes;
+                    enc.copy_buffer_to_buffer(&s.picks, 0, &s.readback, at, picks_bytes);
+                }
             }
             self.queue.submit([enc.finish()]);
             first = last;
@@ -1347,7 +1427,7 @@ impl WgpuBackend {
             return Err(device_err("forward pass", e));
         }
         let submitted = std::time::Instant::now();
-        let read_bytes = logits_bytes + hidden_bytes;
+        let read_bytes = logits_bytes + hidden_bytes + picks_bytes;
         if read_bytes == 0 && self.profile.is_none() {
             // Nothing to read: the pass only extends the KV cache. The queue orders it before
             // the next pass, so there is no need to wait.
@@ -1400,8 +1480,13 @@ impl WgpuBackend {
                 .get_mapped_range()
                 .map_err(|e| device_err("reading results back", e))?;
             let floats: &[f32] = bytemuck::cast_slice(&view);
-            logits.copy_from_slice(&floats[..m * cfg.vocab_size]);
-            hidden.copy_from_slice(&floats[m * cfg.vocab_size..]);
+            let (rows, rest) = floats.split_at(ml * cfg.vocab_size);
+            let (states, picked) = rest.split_at(mh * d);
+            logits.copy_from_slice(rows);
+            hidden.copy_from_slice(states);
+            for (out, pair) in picks.iter_mut().zip(picked.chunks_exact(2)) {
+                *out = (pair[0].to_bits(), pair[1]);
+            }
             drop(view);
             s.readback.unmap();
         }
