@@ -246,6 +246,11 @@ pub struct WgpuBackend {
     timestamps: Option<Timestamps>,
     /// Whether the device was opened with timestamp queries inside passes.
     has_timestamps: bool,
+    /// Copy-on-write block copies `(src, dst, tokens)` not yet sent: they go to the GPU
+    /// together, through one staging buffer, before the next pass or reallocation.
+    pending_copies: Vec<(u32, u32, usize)>,
+    /// The staging buffer of those copies, kept between passes.
+    copy_staging: Option<wgpu::Buffer>,
 }
 
 #[repr(C)]
@@ -432,6 +437,8 @@ impl WgpuBackend {
             profile: options.profile.then(SharedProfile::default),
             timestamps: None,
             has_timestamps,
+            pending_copies: Vec::new(),
+            copy_staging: None,
         })
     }
 
@@ -945,6 +952,7 @@ impl Backend for WgpuBackend {
                 block_size: KV_BLOCK_TOKENS,
             });
         }
+        self.flush_copies();
         let target = n_blocks.max(self.kv_blocks * 2).max(16).min(blocks_cap);
         let mut fresh = Vec::with_capacity(self.config.n_layers);
         for l in 0..self.config.n_layers {
@@ -967,38 +975,19 @@ impl Backend for WgpuBackend {
     }
 
     fn copy_kv_block(&mut self, src: u32, dst: u32, n_tokens: usize) {
-        let kv_dim = self.config.kv_dim() as u64;
-        let block = 2 * KV_BLOCK_TOKENS as u64 * kv_dim * 4;
-        let slab = KV_BLOCK_TOKENS as u64 * kv_dim * 4;
-        let len = n_tokens as u64 * kv_dim * 4;
-        if len == 0 || src == dst {
+        if n_tokens == 0 || src == dst {
             return;
         }
-        // WebGPU forbids a copy within one buffer, so the block goes through a staging buffer:
-        // every layer's K and V slabs in, then out.
-        let layers = self.kv.len() as u64;
-        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("kv_copy"),
-            size: layers * 2 * slab,
-            usage: wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        let mut enc = self
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
-        for (l, buf) in self.kv.iter().enumerate() {
-            for kind in 0..2u64 {
-                let at = (l as u64 * 2 + kind) * slab;
-                enc.copy_buffer_to_buffer(buf, src as u64 * block + kind * slab, &staging, at, len);
-            }
+        // Batched copies read all sources before writing any destination: a copy that
+        // touches an earlier one's blocks waits for those to land first.
+        if self
+            .pending_copies
+            .iter()
+            .any(|&(s, d, _)| d == src || d == dst || s == dst)
+        {
+            self.flush_copies();
         }
-        for (l, buf) in self.kv.iter().enumerate() {
-            for kind in 0..2u64 {
-                let at = (l as u64 * 2 + kind) * slab;
-                enc.copy_buffer_to_buffer(&staging, at, buf, dst as u64 * block + kind * slab, len);
-            }
-        }
-        self.queue.submit([enc.finish()]);
+        self.pending_copies.push((src, dst, n_tokens));
     }
 
     fn forward(
@@ -1094,6 +1083,54 @@ impl Backend for WgpuBackend {
 }
 
 impl WgpuBackend {
+    /// Sends the pending copy-on-write copies: WebGPU forbids a copy within one buffer, so
+    /// every block's K and V slabs of every layer go into one staging buffer, then out, in one
+    /// command buffer (a fresh buffer and a submit per copy cost ~50 µs each when a search
+    /// forks hundreds of sequences).
+    fn flush_copies(&mut self) {
+        if self.pending_copies.is_empty() {
+            return;
+        }
+        let kv_dim = self.config.kv_dim() as u64;
+        let slab = KV_BLOCK_TOKENS as u64 * kv_dim * 4;
+        let block = 2 * slab;
+        let layers = self.kv.len() as u64;
+        let need = self.pending_copies.len() as u64 * layers * block;
+        if self.copy_staging.as_ref().is_none_or(|b| b.size() < need) {
+            self.copy_staging = Some(self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("kv_copy"),
+                size: need.next_power_of_two(),
+                usage: wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            }));
+        }
+        let staging = self.copy_staging.as_ref().expect("allocated above");
+        let mut enc = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("kv_copy"),
+            });
+        for out in [false, true] {
+            for (c, &(src, dst, n_tokens)) in self.pending_copies.iter().enumerate() {
+                let len = n_tokens as u64 * kv_dim * 4;
+                for (l, buf) in self.kv.iter().enumerate() {
+                    for kind in 0..2u64 {
+                        let at = ((c as u64 * layers + l as u64) * 2 + kind) * slab;
+                        if out {
+                            let to = dst as u64 * block + kind * slab;
+                            enc.copy_buffer_to_buffer(staging, at, buf, to, len);
+                        } else {
+                            let from = src as u64 * block + kind * slab;
+                            enc.copy_buffer_to_buffer(buf, from, staging, at, len);
+                        }
+                    }
+                }
+            }
+        }
+        self.queue.submit([enc.finish()]);
+        self.pending_copies.clear();
+    }
+
     /// One forward pass whose logits fit one storage binding.
     ///
     /// Rows are projected for `logits_for`, then `sample_for` (picked on the device with
@@ -1106,6 +1143,7 @@ impl WgpuBackend {
         picks: &mut Vec<(u32, f32)>,
     ) -> Result<()> {
         let started = std::time::Instant::now();
+        self.flush_copies();
         let cfg = self.config.clone();
         let n = batch.tokens.len();
         let (ml, ms, mh) = (
