@@ -58,9 +58,15 @@
 //! unless [`WgpuOptions::allow_software`] is set (the command line sets it from
 //! `ARBOR_WGPU_ALLOW_SOFTWARE=1`); the tests set it to run the kernels without a GPU.
 //!
+//! **Sampling.** Rows whose next token is wanted rather than their logits
+//! ([`Backend::forward_sampled`]) are projected like the others and picked by `sample.wgsl`,
+//! one workgroup a row, with the host's [`Draw`] (its uniform from the sequence's seeded
+//! stream): a decode step reads back 8 bytes a sequence instead of 600 kB of logits, and the
+//! host no longer sorts or exponentiates 151,936 values per sequence.
+//!
 //! **Not yet**, and what limits speed today: 1.5 bytes a weight where native Q4_K needs 0.56
-//! (one weight form keeps one kernel per shape); sampling on the host, so a batched step reads
-//! back `vocab` floats per sequence; f32 KV; the tiled kernel on long rows.
+//! (one weight form keeps one kernel per shape); the host waits for each step before encoding
+//! the next; f32 KV; the tiled kernel on long rows.
 
 use std::sync::Arc;
 
