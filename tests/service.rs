@@ -2064,3 +2064,121 @@ fn a_dns_name_that_stops_resolving_keeps_its_last_known_members() {
             .expect("the kept worker serves");
     });
 }
+
+/// Runs `arbor eval` with `args` (plus `--out out`), failing the test on a non-zero exit.
+fn arbor_eval(args: &[&str], out: &std::path::Path) -> Vec<serde_json::Value> {
+    let status = Command::new(env!("CARGO_BIN_EXE_arbor"))
+        .arg("eval")
+        .args(args)
+        .arg("--out")
+        .arg(out)
+        .env_remove("ARBOR_TOKEN")
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "arbor eval {args:?} failed: {status}");
+    let text = std::fs::read_to_string(out.join("traces.jsonl")).unwrap();
+    let mut records: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    records.sort_by_key(|r| {
+        (
+            r["index"].as_u64(),
+            r["strategy"].as_str().map(String::from),
+            r["budget"].as_u64(),
+        )
+    });
+    records
+}
+
+/// `arbor eval --coordinator` runs each cell as a search on the coordinator's three workers, and
+/// its traces are the embedded run's: same answers, paths, token counts, nodes and terminations
+/// for the same seed.
+#[test]
+fn eval_on_a_coordinator_gives_the_embedded_traces() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::start(3);
+    let dir = std::env::temp_dir().join(format!("arbor-eval-remote-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let dataset = dir.join("two.jsonl");
+    std::fs::write(
+        &dataset,
+        [
+            r#"{"question": "What is 6 times 7?", "answer": "6*7=42\n#### 42"}"#,
+            r#"{"question": "Tom has 3 apples and buys 5 more. How many apples does he have?", "answer": "3+5=8\n#### 8"}"#,
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let common = [
+        "--dataset",
+        dataset.to_str().unwrap(),
+        "--strategies",
+        "mcts,beam,majority",
+        "--budgets",
+        "160",
+        "--no-sample-reuse",
+        "--seed",
+        "3",
+    ];
+    let remote_args: Vec<&str> = common
+        .iter()
+        .copied()
+        .chain(["--coordinator", &c.url, "--concurrency", "6"])
+        .collect();
+    let remote = arbor_eval(&remote_args, &dir.join("remote"));
+    let embedded = arbor_eval(&common, &dir.join("embedded"));
+    assert_eq!(remote.len(), 6, "2 questions × 3 strategies × 1 budget");
+    assert_eq!(embedded.len(), 6);
+    for (r, e) in remote.iter().zip(&embedded) {
+        let cell = format!("{} {} {}", r["index"], r["strategy"], r["budget"]);
+        for field in [
+            "answer",
+            "answer_key",
+            "path",
+            "termination",
+            "correct",
+            "seed",
+        ] {
+            assert_eq!(r[field], e[field], "{cell}: {field}");
+        }
+        for cost in ["generated_tokens", "nodes", "policy_calls"] {
+            assert_eq!(r["costs"][cost], e["costs"][cost], "{cell}: costs.{cost}");
+        }
+        assert!(
+            r["costs"]["generated_tokens"].as_u64().unwrap() > 0,
+            "{cell}"
+        );
+    }
+    let run: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("remote/run.json")).unwrap())
+            .unwrap();
+    assert!(
+        run.to_string().contains("coordinator"),
+        "run.json names the coordinator: {run}"
+    );
+    // A PRM the workers do not serve is refused before anything runs, naming the flag.
+    let out = Command::new(env!("CARGO_BIN_EXE_arbor"))
+        .args([
+            "eval",
+            "--prm",
+            "judge",
+            "--coordinator",
+            &c.url,
+            "--dataset",
+        ])
+        .arg(&dataset)
+        .arg("--out")
+        .arg(dir.join("judge"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--prm judge with --coordinator"), "{err}");
+    assert!(
+        !dir.join("judge").exists(),
+        "nothing is written for a refused run"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

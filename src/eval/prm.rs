@@ -46,6 +46,16 @@ impl PrmChoice {
         Ok(format!("{} (sha256 {hex}…)", self.spec))
     }
 
+    /// Whether it is the policy's own confidence, the one scorer a coordinator's workers serve.
+    pub(crate) fn is_logprob(&self) -> bool {
+        matches!(self.config, PrmConfig::LogProb)
+    }
+
+    /// The `--prm` argument as given.
+    pub(crate) fn spec(&self) -> &str {
+        &self.spec
+    }
+
     /// Which scorer slot of [`arbor_search::SearchConfig`] it uses: the log-prob scorer is built
     /// into the search; a real reward model is passed in as [`ScorerChoice::Provided`].
     pub(crate) fn scorer_choice(&self) -> ScorerChoice {

@@ -1,0 +1,147 @@
+//! `arbor eval --coordinator URL`: every cell runs as one `Search` call on a coordinator
+//! (`arbor serve`) and its worker pool, so a comparison spreads over as many workers as the pool
+//! has. The request carries the cell's whole `SearchConfig` (seed, budget and widths included)
+//! and the same chat messages the embedded run formats, so a cell's search is the one the
+//! embedded run makes: same seed, same tree (the service promises it; the test in
+//! `tests/service.rs` compares the traces).
+//!
+//! A coordinator answers with the search's result and costs, not with its tree's per-node costs,
+//! which reading best-of-N, weighted best-of-N and majority off one shared sampling run needs;
+//! so every cell is its own search (`--no-sample-reuse` is implied).
+//!
+//! A coordinator that is full (RESOURCE_EXHAUSTED: `--searches-max` searches running) is asked
+//! again after a pause that doubles up to 5 s; any other failure stops the run, naming the cell
+//! (finished cells are in the traces already, and the next run resumes after them).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use arbor::rpc::pb;
+use arbor_search::SearchConfig;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status};
+
+/// Adds `authorization: Bearer TOKEN` (from `ARBOR_TOKEN`) to every call.
+#[derive(Clone)]
+pub(crate) struct Bearer(Option<tonic::metadata::AsciiMetadataValue>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(t) = &self.0 {
+            req.metadata_mut().insert("authorization", t.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A connection to one coordinator.
+pub(crate) struct Coordinator {
+    url: String,
+    client: pb::search_client::SearchClient<InterceptedService<Channel, Bearer>>,
+}
+
+impl Coordinator {
+    /// Connects to `url` (`http://` is assumed without a scheme), over TLS for `https://` with
+    /// the CA in `tls_ca` when given; the token comes from `ARBOR_TOKEN`.
+    pub(crate) async fn connect(url: &str, tls_ca: Option<PathBuf>) -> Result<Self> {
+        let url = if url.contains("://") {
+            url.to_string()
+        } else {
+            format!("http://{url}")
+        };
+        let tls = arbor::rpc::tls::ClientTls::load(
+            &arbor::rpc::tls::ClientTlsFiles {
+                ca: tls_ca,
+                cert: None,
+                key: None,
+            },
+            "tls-",
+        )
+        .map_err(anyhow::Error::msg)?;
+        if tls.is_some() && !url.starts_with("https://") {
+            bail!("--tls-ca needs an https:// --coordinator (got {url})");
+        }
+        let channel = arbor::rpc::tls::connect(&url, tls.as_ref())
+            .await
+            .map_err(|e| {
+                anyhow!(
+                    "--coordinator {url}: cannot connect: {}",
+                    arbor::rpc::tls::error_chain(&e)
+                )
+            })?;
+        let token = match std::env::var("ARBOR_TOKEN") {
+            Ok(t) if !t.trim().is_empty() => Some(
+                format!("Bearer {}", t.trim())
+                    .parse()
+                    .map_err(|_| anyhow!("ARBOR_TOKEN is not printable ASCII"))?,
+            ),
+            _ => None,
+        };
+        let client = pb::search_client::SearchClient::with_interceptor(channel, Bearer(token))
+            .max_decoding_message_size(64 << 20);
+        Ok(Coordinator { url, client })
+    }
+
+    /// The coordinator's URL, as connected.
+    pub(crate) fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Runs one search: `question` under `system` (Arbor's default prompt when `None`), with
+    /// `config` (whose seed and token budget the request repeats).
+    pub(crate) async fn search(
+        &self,
+        question: &str,
+        system: Option<&str>,
+        config: &SearchConfig,
+    ) -> Result<pb::SearchResult> {
+        let (question, messages) = match system {
+            None => (question.to_string(), vec![]),
+            Some(s) => (
+                String::new(),
+                vec![
+                    pb::ChatMessage {
+                        role: "system".into(),
+                        content: s.into(),
+                    },
+                    pb::ChatMessage {
+                        role: "user".into(),
+                        content: question.into(),
+                    },
+                ],
+            ),
+        };
+        let request = pb::SearchRequest {
+            request_id: String::new(),
+            question,
+            messages,
+            strategy: pb::Strategy::Unspecified as i32,
+            n: 0,
+            budget: Some(pb::Budget {
+                generated_tokens: config.budget.max_generated_tokens.unwrap_or(0),
+                ..Default::default()
+            }),
+            sampling: None,
+            seed: config.seed,
+            config_json: serde_json::to_string(config)?,
+            deadline_ms: 0,
+        };
+        let mut pause = Duration::from_millis(100);
+        loop {
+            let mut client = self.client.clone();
+            match client.search(request.clone()).await {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(s) if s.code() == Code::ResourceExhausted => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+                Err(s) => {
+                    return Err(anyhow!("{}: {}", s.code(), s.message()))
+                        .with_context(|| format!("--coordinator {}", self.url))
+                }
+            }
+        }
+    }
+}
