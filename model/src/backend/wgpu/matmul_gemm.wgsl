@@ -9,6 +9,9 @@
 // 16 weights (`wsm`), W[r, c] = scale * u - min. Never used with NORM (larger passes run
 // rms_norm.wgsl first); SWIGLU pairs stay within a thread's TR rows.
 
+// No token-tile sums of squares here: the backend never fuses the norm into this kernel.
+const_assert !NORM;
+
 const BM: u32 = 64u;
 const BN: u32 = 32u;
 const BK: u32 = 32u;
@@ -101,11 +104,11 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
                 continue;
             }
             let row = p.row_offset + r;
-            let v = finish(acc[i * TN + j], j, row);
+            let v = finish(acc[i * TN + j], t, row);
             if (!SWIGLU) {
                 store(t, row, v);
             } else if (i % 2u == 1u) {
-                let g = finish(acc[(i - 1u) * TN + j], j, row - 1u);
+                let g = finish(acc[(i - 1u) * TN + j], t, row - 1u);
                 y[t * p.y_stride + row / 2u] = silu_mul(g, v);
             }
         }

@@ -96,6 +96,8 @@ const ROWS_PER_WG: u32 = 4;
 const MIN_TILED_WORKGROUPS: u32 = 256;
 /// Slot size of the per-dispatch parameters (the uniform-offset alignment every device meets).
 const PARAM_SLOT: u64 = 256;
+/// Workgroups a dispatch may have along one dimension (WebGPU's guaranteed limit).
+const MAX_WORKGROUPS_PER_DIM: u32 = 65_535;
 /// Largest head dimension the attention kernel holds in workgroup memory.
 const HEAD_DIM_MAX: usize = 256;
 
@@ -1599,8 +1601,11 @@ impl Uploader<'_> {
         let rows: usize = parts.iter().map(|m| m.rows).sum();
         // Rows per chunk: the byte array is the larger of the two buffers (`cols` bytes a row).
         // A multiple of the rows of a workgroup, which is even: chunks hold whole row pairs.
+        // And at most what one dispatch reaches: the one-row kernel's `rows / 4` workgroups
+        // must stay within WebGPU's 65,535 a dimension (a vocabulary past 262,140 rows).
         let wg = ROWS_PER_WG as usize;
-        let per_chunk = (self.max_chunk as usize / cols / wg * wg).max(wg);
+        let per_chunk = (self.max_chunk as usize / cols / wg * wg)
+            .clamp(wg, MAX_WORKGROUPS_PER_DIM as usize * wg);
         let mut chunks = Vec::new();
         let mut start = 0;
         let mut u = vec![0u8; cols];
