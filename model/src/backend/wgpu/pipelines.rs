@@ -1,0 +1,189 @@
+//! Compiling the kernels: each `.wgsl` file beside this one, the matrix kernels in one variant
+//! per shape and fused prologue/epilogue, built on first use.
+
+use super::{ModelConfig, ROWS_PER_THREAD, TOKENS_PER_TILE};
+
+/// A compiled kernel and the layout of its bind group.
+pub(super) struct Kernel {
+    /// Distinguishes kernels in the bind-group cache.
+    pub(super) id: u8,
+    pub(super) pipeline: wgpu::ComputePipeline,
+    pub(super) layout: wgpu::BindGroupLayout,
+}
+
+pub(super) struct Pipelines {
+    pub(super) device: wgpu::Device,
+    /// Matrix kernels by [`MatShape`] and variant (`norm as usize * 2 + swiglu as usize`),
+    /// compiled on first use: a pass uses a few of them.
+    pub(super) matmul: [[std::sync::OnceLock<Kernel>; 4]; 4],
+    /// The bind group layout every matrix kernel shares.
+    pub(super) matmul_layout: wgpu::PipelineLayout,
+    /// See [`WgpuOptions::tiled_min_workgroups`].
+    pub(super) min_tiled_workgroups: u32,
+    pub(super) rms_norm: Kernel,
+    pub(super) rope_kv: Kernel,
+    pub(super) attention: Kernel,
+    pub(super) sample: Kernel,
+}
+
+/// The matrix kernels: one row per 64 threads for one token (`matmul.wgsl`, TT = 1) or for a
+/// tile of tokens, several rows a thread for a tile (`matmul_rows.wgsl`), and the tiled
+/// matrix-matrix kernel for large passes (`matmul_gemm.wgsl`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum MatShape {
+    One = 0,
+    Tile = 1,
+    TileRows = 2,
+    Gemm = 3,
+}
+
+/// Rows and tokens of a `matmul_gemm.wgsl` workgroup's tile.
+pub(super) const GEMM_ROWS: u32 = 64;
+pub(super) const GEMM_TOKENS: u32 = 32;
+/// Longest rows the tiled matrix-matrix kernel takes. On an H200 it made the 0.5B shapes'
+/// prefill 1.37x and 32- and 128-sequence decode 1.22x faster (rows of 896 columns), but the
+/// 7B shapes' (3584 and 18944 columns) 0.86x–0.93x, so longer rows keep the other kernels
+/// until it is tuned for them (BENCHMARKS.md).
+pub(super) const GEMM_MAX_COLS: usize = 1024;
+
+/// Compiles a kernel; with `layout` absent, its bind group layout is derived from the bindings
+/// the shader uses.
+pub(super) fn compile(
+    device: &wgpu::Device,
+    id: u8,
+    label: &str,
+    src: String,
+    layout: Option<&wgpu::PipelineLayout>,
+) -> Kernel {
+    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label: Some(label),
+        source: wgpu::ShaderSource::Wgsl(src.into()),
+    });
+    let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: Some(label),
+        layout,
+        module: &module,
+        entry_point: Some("main"),
+        compilation_options: Default::default(),
+        cache: None,
+    });
+    Kernel {
+        id,
+        layout: pipeline.get_bind_group_layout(0),
+        pipeline,
+    }
+}
+
+impl Pipelines {
+    pub(super) fn new(
+        device: &wgpu::Device,
+        config: &ModelConfig,
+        min_tiled_workgroups: u32,
+    ) -> Self {
+        // Every matrix kernel binds the same seven buffers (`matmul_common.wgsl`), whichever
+        // of them its variant reads, so one explicit layout serves all.
+        let storage = |binding: u32, read_only: bool| wgpu::BindGroupLayoutEntry {
+            binding,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty: wgpu::BufferBindingType::Storage { read_only },
+                has_dynamic_offset: false,
+                min_binding_size: None,
+            },
+            count: None,
+        };
+        let mut entries = vec![wgpu::BindGroupLayoutEntry {
+            binding: 0,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty: wgpu::BufferBindingType::Uniform,
+                has_dynamic_offset: false,
+                min_binding_size: None,
+            },
+            count: None,
+        }];
+        entries.extend((1..=6).map(|b| storage(b, b != 4)));
+        let matmul_groups = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+            label: Some("matmul"),
+            entries: &entries,
+        });
+        let matmul_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+            label: Some("matmul"),
+            bind_group_layouts: &[Some(&matmul_groups)],
+            immediate_size: 0,
+        });
+        Pipelines {
+            device: device.clone(),
+            matmul: Default::default(),
+            matmul_layout,
+            rms_norm: compile(
+                device,
+                2,
+                "rms_norm",
+                include_str!("rms_norm.wgsl").into(),
+                None,
+            ),
+            rope_kv: compile(
+                device,
+                3,
+                "rope_kv",
+                include_str!("rope_kv.wgsl").into(),
+                None,
+            ),
+            attention: compile(
+                device,
+                4,
+                "attention",
+                include_str!("attention.wgsl").replace("__HD__", &config.head_dim.to_string()),
+                None,
+            ),
+            sample: compile(
+                device,
+                5,
+                "sample",
+                include_str!("sample.wgsl").into(),
+                None,
+            ),
+            min_tiled_workgroups,
+        }
+    }
+
+    /// A matrix kernel, with the RMS norm of its input fused in (`norm`) and the SwiGLU
+    /// epilogue (`swiglu`) as compile-time switches: a switch read at run time would cost
+    /// every product the registers of the fused code (measured: the output projection 1.7x
+    /// slower on one token).
+    pub(super) fn matmul(&self, shape: MatShape, norm: bool, swiglu: bool) -> &Kernel {
+        let variant = norm as usize * 2 + swiglu as usize;
+        self.matmul[shape as usize][variant].get_or_init(|| {
+            let (kernel, tt, rt) = match shape {
+                MatShape::One => (include_str!("matmul.wgsl"), 1, 1),
+                MatShape::Tile => (include_str!("matmul.wgsl"), TOKENS_PER_TILE, 1),
+                MatShape::TileRows => (
+                    include_str!("matmul_rows.wgsl"),
+                    TOKENS_PER_TILE,
+                    ROWS_PER_THREAD,
+                ),
+                MatShape::Gemm => (include_str!("matmul_gemm.wgsl"), 1, 1),
+            };
+            let src = [
+                &format!("const NORM: bool = {norm};\nconst SWIGLU: bool = {swiglu};\n"),
+                include_str!("matmul_common.wgsl"),
+                kernel,
+            ]
+            .concat()
+            .replace("__TT__", &tt.to_string())
+            .replace("__RT__", &rt.to_string())
+            .replace("__ACC__", &(tt * rt).to_string())
+            .replace("__RED__", &(256 * tt).to_string())
+            .replace("__RSS__", &(64 * tt).to_string());
+            let label = format!("matmul_{shape:?}_norm{norm}_swiglu{swiglu}");
+            compile(
+                &self.device,
+                16 + (shape as u8) * 4 + variant as u8,
+                &label,
+                src,
+                Some(&self.matmul_layout),
+            )
+        })
+    }
+}
