@@ -96,42 +96,188 @@ async fn expand_and_score<P: Policy, S: Scorer>(
         .collect())
 }
 
-/// Tokens a step has taken so far, on average (at least 1).
-fn step_tokens<P: Policy, S: Scorer>(tree: &Tree, io: &Io<'_, P, S>) -> f64 {
-    let steps = (tree.len() as f64 - 1.0).max(1.0);
-    (io.costs.generated_tokens as f64 / steps).max(1.0)
+/// What the steps in the tree say about the tokens a step to come will cost.
+struct StepCost {
+    /// On average: tokens generated so far (the scorer's included) per step in the tree.
+    mean: f64,
+    /// A long step: the 90th percentile of step lengths in the tree, plus the scorer's mean
+    /// generations per step.
+    long: f64,
+    /// Tokens the scorer generated per step, on average (a rollout PRM's completions).
+    scorer: f64,
 }
 
-/// When to stop branching and run the best `n` open beams on to a final answer: when what is
-/// left of the token budget would not cover another round of `proposals` steps plus finishing
-/// every beam. Returns how many beams the rest of the budget can finish (at least one), or
-/// `None` to go on branching (always, without a token budget).
-fn finish_now<P: Policy, S: Scorer>(
+/// `None` before the first step.
+fn step_cost<P: Policy, S: Scorer>(tree: &Tree, io: &Io<'_, P, S>) -> Option<StepCost> {
+    let mut lengths: Vec<usize> = tree
+        .nodes()
+        .filter_map(|(_, n)| n.step())
+        .map(|s| s.token_ids.len())
+        .collect();
+    if lengths.is_empty() {
+        return None;
+    }
+    lengths.sort_unstable();
+    let steps = lengths.len() as f64;
+    let p90 = lengths[(lengths.len() - 1) * 9 / 10] as f64;
+    let scorer = io.costs.scorer_generated_tokens as f64 / steps;
+    let mean = (io.costs.generated_tokens as f64 / steps).max(1.0);
+    Some(StepCost {
+        mean,
+        long: (p90 + scorer).max(mean),
+        scorer,
+    })
+}
+
+/// Steps a beam at depth `at` is expected to need to reach a final answer: what the typical
+/// answer's depth leaves, but never fewer than three, nor (paths deeper than the typical answer
+/// still need a few) fewer than half the steps taken so far; before any answer, when a beam left
+/// unfinished means no answer at all, never fewer than the steps taken so far.
+fn steps_to_go(tree: &Tree, tally: &Tally, at: u32) -> f64 {
+    let at = f64::from(at);
+    match tally.mean_depth(tree) {
+        Some(depth) => (depth - at).max(3.0).max(at / 2.0),
+        None => (ASSUMED_DEPTH - at).max(3.0).max(at),
+    }
+}
+
+/// What to do next with the open beams.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Next {
+    /// Propose `proposals` next steps among the beams in one call; `cap`: the most tokens the
+    /// call may generate. A `probe` was sized before any step was seen: once its steps are in,
+    /// the level is planned again.
+    Branch {
+        proposals: u64,
+        cap: Option<u64>,
+        probe: bool,
+    },
+    /// Stop branching and run the best `n` beams on to a final answer.
+    Finish(usize),
+}
+
+/// Plans the next call of a level that wants `wanted` more proposals among `beams`, so that
+/// what is left of the token budget always covers finishing the best beam: a **finish reserve**
+/// of the steps it still needs, each as long as a long step (the 90th percentile seen), or of
+/// finishing every beam at the mean step, whichever is more. The level gets as many proposals as
+/// the rest pays for at the long step (fewer than wanted when the budget is tight), and its call
+/// is capped so that long steps cannot eat into the reserve; when the rest cannot pay one
+/// proposal per beam, the search finishes. Before any step is seen, a level that might take more
+/// than half the budget (every step as long as `max_step_tokens`) sends a probe of `probe`
+/// proposals first. Without a token budget: every wanted proposal in one call.
+fn plan<P: Policy, S: Scorer>(
     tree: &Tree,
     io: &Io<'_, P, S>,
     tally: &Tally,
     beams: &[NodeId],
-    proposals: u64,
-) -> Option<usize> {
-    let max = io.config.budget.max_generated_tokens?;
-    let spent = io.costs.generated_tokens;
-    let left = max.saturating_sub(spent) as f64;
-    let per_step = step_tokens(tree, io);
-    let depth = tally.mean_depth(tree).unwrap_or(ASSUMED_DEPTH);
+    wanted: u64,
+    probe: u64,
+) -> Next {
+    let Some(max) = io.config.budget.max_generated_tokens else {
+        return Next::Branch {
+            proposals: wanted,
+            cap: None,
+            probe: false,
+        };
+    };
+    let left = max.saturating_sub(io.costs.generated_tokens);
+    let Some(cost) = step_cost(tree, io) else {
+        let worst = wanted.saturating_mul(u64::from(io.config.sampling.max_step_tokens));
+        let probing = worst.saturating_mul(2) > left && probe < wanted;
+        return Next::Branch {
+            proposals: if probing { probe.max(1) } else { wanted },
+            cap: None,
+            probe: probing,
+        };
+    };
     let at = beams
         .iter()
-        .map(|&b| f64::from(tree.node(b).depth()))
-        .fold(0.0, f64::max);
-    // Paths deeper than the typical answer still need a few steps: never count on fewer than
-    // three, nor on fewer than half the steps taken so far (a beam that finishes early only
-    // leaves budget for the others).
-    let to_go = (depth - at).max(3.0).max(at / 2.0);
-    let finish_one = per_step * to_go;
-    let round = per_step * proposals as f64;
-    if left >= round + finish_one * beams.len() as f64 {
-        return None;
+        .map(|&b| tree.node(b).depth())
+        .max()
+        .unwrap_or(0);
+    let to_go = steps_to_go(tree, tally, at);
+    let finish_one = to_go * cost.long;
+    let finish_all = to_go * cost.mean * beams.len() as f64;
+    let left = left as f64;
+    let spare = left - finish_one.max(finish_all);
+    let proposals = if spare > 0.0 {
+        ((spare / cost.long) as u64).min(wanted)
+    } else {
+        0
+    };
+    // A level needs a choice: two proposals at least (to the best beam, when no more is paid).
+    if proposals < wanted.min(2) {
+        let n = (left / (to_go * cost.mean)) as usize;
+        return Next::Finish(n.clamp(1, beams.len()));
     }
-    Some(((left / finish_one) as usize).clamp(1, beams.len()))
+    let cap = left - finish_one - proposals as f64 * cost.scorer;
+    Next::Branch {
+        proposals,
+        cap: Some(cap.max(0.0) as u64),
+        probe: false,
+    }
+}
+
+/// One level: up to `wanted` proposals shared among `beams`, `k` each, in one call (two after a
+/// probe). When the budget pays for fewer, only the best beams by value branch, up to `k` each
+/// (the others are dropped, as beams outside the best N are).
+/// Returns each beam's new children (none for a beam that did not branch), or `Ok(Err(n))` to
+/// finish the best `n` beams instead.
+async fn level<P: Policy, S: Scorer>(
+    tree: &mut Tree,
+    io: &mut Io<'_, P, S>,
+    tally: &mut Tally,
+    beams: &[NodeId],
+    (wanted, k): (u64, u32),
+    probe: u64,
+) -> Result<Result<Vec<Made>, usize>, Termination> {
+    let mut made: Vec<Made> = vec![Vec::new(); beams.len()];
+    let mut asked = 0;
+    while asked < wanted {
+        let rest = wanted - asked;
+        let (proposals, cap, probing) = match plan(tree, io, tally, beams, rest, probe) {
+            Next::Finish(n) if asked == 0 => return Ok(Err(n)),
+            Next::Finish(_) => break,
+            Next::Branch {
+                proposals,
+                cap,
+                probe,
+            } => (proposals, cap, probe),
+        };
+        let mut leaves: Vec<(usize, u32)> = if proposals >= rest {
+            let each = u32::try_from(rest.div_ceil(beams.len() as u64)).unwrap_or(K_MAX);
+            (0..beams.len()).map(|i| (i, each.clamp(1, k))).collect()
+        } else {
+            let branching = (proposals / u64::from(k)).clamp(1, beams.len() as u64);
+            let each = u32::try_from(proposals / branching).unwrap_or(K_MAX).min(k);
+            let mut order: Vec<(f64, usize)> = beams
+                .iter()
+                .enumerate()
+                .map(|(i, &b)| (tree.node(b).score().unwrap_or(f64::NEG_INFINITY), i))
+                .collect();
+            order.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+            order
+                .into_iter()
+                .take(branching as usize)
+                .map(|(_, i)| (i, each))
+                .collect()
+        };
+        leaves.sort_unstable();
+        if let Some(cap) = cap {
+            io.cap_next_call(cap);
+        }
+        let calls: Vec<(NodeId, u32)> = leaves.iter().map(|&(i, each)| (beams[i], each)).collect();
+        let result = expand_and_score(tree, io, tally, &calls).await;
+        io.stats.rounds += 1;
+        for (&(i, _), new) in leaves.iter().zip(result?) {
+            made[i].extend(new);
+        }
+        asked += calls.iter().map(|&(_, each)| u64::from(each)).sum::<u64>();
+        if !probing {
+            break;
+        }
+    }
+    Ok(Ok(made))
 }
 
 /// The finish phase: keeps the best `n` of `heads` by value and runs the best on to a final
@@ -174,9 +320,11 @@ async fn run_on<P: Policy, S: Scorer>(
             return Ok(());
         }
         // When the budget cannot pay every head a whole step, the weakest are dropped.
-        if let Some(max) = io.config.budget.max_generated_tokens {
+        if let (Some(max), Some(cost)) =
+            (io.config.budget.max_generated_tokens, step_cost(tree, io))
+        {
             let left = max.saturating_sub(io.costs.generated_tokens) as f64;
-            let afford = (left / (1.5 * step_tokens(tree, io))) as usize;
+            let afford = (left / (1.5 * cost.mean)) as usize;
             heads.truncate(afford.max(1));
         }
         let leaves: Vec<(NodeId, u32)> = heads.iter().map(|&h| (h, 1)).collect();
@@ -222,16 +370,19 @@ pub(crate) async fn run_beam<P: Policy, S: Scorer>(
         }
         // N·M proposals in all, shared among the beams left.
         let k = total.div_ceil(beams.len() as u32).min(K_MAX);
-        if beams != [NodeId::ROOT] {
-            if let Some(n) = finish_now(tree, io, tally, &beams, u64::from(total)) {
-                return finish(tree, io, tally, beams, n).await;
-            }
-        }
-        let leaves: Vec<(NodeId, u32)> = beams.iter().map(|&b| (b, k)).collect();
-        let result = expand_and_score(tree, io, tally, &leaves).await;
-        io.stats.rounds += 1;
+        let wanted = u64::from(k) * beams.len() as u64;
+        let result = level(
+            tree,
+            io,
+            tally,
+            &beams,
+            (wanted, k),
+            u64::from(config.beam_width),
+        )
+        .await;
         let per_leaf = match result {
-            Ok(per_leaf) => per_leaf,
+            Ok(Ok(per_leaf)) => per_leaf,
+            Ok(Err(n)) => return finish(tree, io, tally, beams, n).await,
             Err(termination) => {
                 io.publish_best(tree, tally);
                 return termination;
@@ -279,18 +430,12 @@ pub(crate) async fn run_dvts<P: Policy, S: Scorer>(
             heads = vec![NodeId::ROOT];
         }
         let at_root = heads == [NodeId::ROOT];
-        if !at_root {
-            let proposals = heads.len() as u64 * u64::from(m);
-            if let Some(n) = finish_now(tree, io, tally, &heads, proposals) {
-                return finish(tree, io, tally, heads, n).await;
-            }
-        }
         let k = if at_root { config.beams } else { m };
-        let leaves: Vec<(NodeId, u32)> = heads.iter().map(|&h| (h, k)).collect();
-        let result = expand_and_score(tree, io, tally, &leaves).await;
-        io.stats.rounds += 1;
+        let wanted = u64::from(k) * heads.len() as u64;
+        let result = level(tree, io, tally, &heads, (wanted, k), u64::from(m)).await;
         let per_leaf = match result {
-            Ok(per_leaf) => per_leaf,
+            Ok(Ok(per_leaf)) => per_leaf,
+            Ok(Err(n)) => return finish(tree, io, tally, heads, n).await,
             Err(termination) => {
                 io.publish_best(tree, tally);
                 return termination;
