@@ -35,7 +35,7 @@ fn by_score(a: &(f64, NodeId), b: &(f64, NodeId)) -> Ordering {
 }
 
 /// Steps a solution is assumed to take before any has finished.
-const ASSUMED_DEPTH: f64 = 6.0;
+const ASSUMED_DEPTH: f64 = 8.0;
 
 /// The new children of one leaf, scored: `(value, node)`, failed ones left out.
 type Scored = Vec<(f64, NodeId)>;
@@ -152,8 +152,8 @@ enum Next {
         cap: Option<u64>,
         probe: bool,
     },
-    /// Stop branching and run the best `n` beams on to a final answer.
-    Finish(usize),
+    /// Stop branching and run the best beams on to a final answer.
+    Finish,
 }
 
 /// Plans the next call of a level that wants `wanted` more proposals among `beams`, so that
@@ -207,8 +207,7 @@ fn plan<P: Policy, S: Scorer>(
     };
     // A level needs a choice: two proposals at least (to the best beam, when no more is paid).
     if proposals < wanted.min(2) {
-        let n = (left / (to_go * cost.mean)) as usize;
-        return Next::Finish(n.clamp(1, beams.len()));
+        return Next::Finish;
     }
     let cap = left - finish_one - proposals as f64 * cost.scorer;
     Next::Branch {
@@ -221,8 +220,8 @@ fn plan<P: Policy, S: Scorer>(
 /// One level: up to `wanted` proposals shared among `beams`, `k` each, in one call (two after a
 /// probe). When the budget pays for fewer, only the best beams by value branch, up to `k` each
 /// (the others are dropped, as beams outside the best N are).
-/// Returns each beam's new children (none for a beam that did not branch), or `Ok(Err(n))` to
-/// finish the best `n` beams instead.
+/// Returns each beam's new children (none for a beam that did not branch), or `None` to finish
+/// instead.
 async fn level<P: Policy, S: Scorer>(
     tree: &mut Tree,
     io: &mut Io<'_, P, S>,
@@ -230,14 +229,14 @@ async fn level<P: Policy, S: Scorer>(
     beams: &[NodeId],
     (wanted, k): (u64, u32),
     probe: u64,
-) -> Result<Result<Vec<Made>, usize>, Termination> {
+) -> Result<Option<Vec<Made>>, Termination> {
     let mut made: Vec<Made> = vec![Vec::new(); beams.len()];
     let mut asked = 0;
     while asked < wanted {
         let rest = wanted - asked;
         let (proposals, cap, probing) = match plan(tree, io, tally, beams, rest, probe) {
-            Next::Finish(n) if asked == 0 => return Ok(Err(n)),
-            Next::Finish(_) => break,
+            Next::Finish if asked == 0 => return Ok(None),
+            Next::Finish => break,
             Next::Branch {
                 proposals,
                 cap,
@@ -277,28 +276,54 @@ async fn level<P: Policy, S: Scorer>(
             break;
         }
     }
-    Ok(Ok(made))
+    Ok(Some(made))
 }
 
-/// The finish phase: keeps the best `n` of `heads` by value and runs the best on to a final
-/// answer, one sample per step (a step whose sample failed is asked again), then the others
-/// together with what budget is left; every final answer is scored and tallied. The best goes
-/// first and alone so that the last tokens finish one path rather than cut several.
+/// How many of `heads` what is left of the token budget can run on to a final answer, at the
+/// mean step (at least one; all of them without a token budget).
+fn finishable<P: Policy, S: Scorer>(
+    tree: &Tree,
+    io: &Io<'_, P, S>,
+    tally: &Tally,
+    heads: &[NodeId],
+) -> usize {
+    let (Some(max), Some(cost)) = (io.config.budget.max_generated_tokens, step_cost(tree, io))
+    else {
+        return heads.len().max(1);
+    };
+    let left = max.saturating_sub(io.costs.generated_tokens) as f64;
+    let at = heads
+        .iter()
+        .map(|&h| tree.node(h).depth())
+        .max()
+        .unwrap_or(0);
+    let n = (left / (steps_to_go(tree, tally, at) * cost.mean)) as usize;
+    n.clamp(1, heads.len().max(1))
+}
+
+/// The finish phase: runs the best of `heads` by value on to a final answer, one sample per
+/// step (a step whose sample failed is asked again), then as many of the others, best first,
+/// as the budget left then pays for ([`finishable`], planned again once the first answer is
+/// in: the reserve was sized before any answer, when it had to be conservative); every final
+/// answer is scored and tallied. The best goes first and alone so that the last tokens finish
+/// one path rather than cut several.
 async fn finish<P: Policy, S: Scorer>(
     tree: &mut Tree,
     io: &mut Io<'_, P, S>,
     tally: &mut Tally,
     mut heads: Vec<NodeId>,
-    n: usize,
 ) -> Termination {
     let value = |h: &NodeId| tree.node(*h).score().unwrap_or(f64::NEG_INFINITY);
     heads.sort_by(|a, b| value(b).total_cmp(&value(a)));
-    heads.truncate(n);
-    let (best, rest) = heads.split_at(heads.len().min(1));
-    if let Err(termination) = run_on(tree, io, tally, best.to_vec()).await {
+    let mut rest = heads.split_off(heads.len().min(1));
+    if let Err(termination) = run_on(tree, io, tally, heads).await {
         return termination;
     }
-    match run_on(tree, io, tally, rest.to_vec()).await {
+    if rest.is_empty() {
+        return Termination::Completed;
+    }
+    rest.truncate(finishable(tree, io, tally, &rest));
+    match run_on(tree, io, tally, rest).await {
         Ok(()) => Termination::Completed,
         Err(termination) => termination,
     }
@@ -381,8 +406,8 @@ pub(crate) async fn run_beam<P: Policy, S: Scorer>(
         )
         .await;
         let per_leaf = match result {
-            Ok(Ok(per_leaf)) => per_leaf,
-            Ok(Err(n)) => return finish(tree, io, tally, beams, n).await,
+            Ok(Some(per_leaf)) => per_leaf,
+            Ok(None) => return finish(tree, io, tally, beams).await,
             Err(termination) => {
                 io.publish_best(tree, tally);
                 return termination;
@@ -434,8 +459,8 @@ pub(crate) async fn run_dvts<P: Policy, S: Scorer>(
         let wanted = u64::from(k) * heads.len() as u64;
         let result = level(tree, io, tally, &heads, (wanted, k), u64::from(m)).await;
         let per_leaf = match result {
-            Ok(Ok(per_leaf)) => per_leaf,
-            Ok(Err(n)) => return finish(tree, io, tally, heads, n).await,
+            Ok(Some(per_leaf)) => per_leaf,
+            Ok(None) => return finish(tree, io, tally, heads).await,
             Err(termination) => {
                 io.publish_best(tree, tally);
                 return termination;

@@ -27,7 +27,13 @@ const SHAPES: [Shape; 6] = [
     ("60-140", |g| g.with_step_tokens(60, 140)),
 ];
 
-const STRATEGIES: [&str; 2] = [r#"{"kind": "beam"}"#, r#"{"kind": "dvts"}"#];
+/// Beam and DVTS with their defaults, and one sample (best-of-1) as the floor: how often a
+/// single path does not fit in the budget at all.
+const STRATEGIES: [(&str, &str); 3] = [
+    ("beam", r#"{"kind": "beam"}"#),
+    ("dvts", r#"{"kind": "dvts"}"#),
+    ("one sample", r#"{"kind": "best_of_n", "n": 1}"#),
+];
 
 const BUDGETS: [u64; 4] = [512, 1024, 2048, 4096];
 
@@ -36,10 +42,10 @@ const SEEDS: u64 = 25;
 #[test]
 #[ignore = "a sweep: run by hand with --ignored --nocapture"]
 fn sweep_no_answer_counts_for_beam_and_dvts() {
-    let mut totals = [(0u32, 0u32); 2]; // (no answer, searches) over eligible cells, per strategy
+    let mut totals = [(0u32, 0u32); 3]; // (no answer, searches) over eligible cells, per strategy
     let mut over = 0u32;
     println!("strategy | shape | budget | path tokens | eligible | no answer | solved | tokens used / budget | max used | answers");
-    for (si, strategy) in STRATEGIES.iter().enumerate() {
+    for (si, (label, strategy)) in STRATEGIES.iter().enumerate() {
         for (name, shape) in SHAPES {
             for budget in BUDGETS {
                 let (mut empty, mut solved, mut used_sum, mut used_max) = (0u32, 0u32, 0u64, 0u64);
@@ -72,8 +78,7 @@ fn sweep_no_answer_counts_for_beam_and_dvts() {
                     totals[si].1 += SEEDS as u32;
                 }
                 println!(
-                    "{} | {name} | {budget} | {path:.0} | {} | {empty}/{SEEDS} | {solved} | {:.2} | {used_max} | {:.1}",
-                    if si == 0 { "beam" } else { "dvts" },
+                    "{label} | {name} | {budget} | {path:.0} | {} | {empty}/{SEEDS} | {solved} | {:.2} | {used_max} | {:.1}",
                     if eligible { "yes" } else { "no" },
                     used_sum as f64 / (SEEDS * budget) as f64,
                     f64::from(votes) / SEEDS as f64,
@@ -82,7 +87,7 @@ fn sweep_no_answer_counts_for_beam_and_dvts() {
         }
     }
     println!(
-        "eligible cells with no answer: beam {}/{}, dvts {}/{}; searches over budget: {over}",
-        totals[0].0, totals[0].1, totals[1].0, totals[1].1
+        "eligible cells with no answer: beam {}/{}, dvts {}/{}, one sample {}/{}; searches over budget: {over}",
+        totals[0].0, totals[0].1, totals[1].0, totals[1].1, totals[2].0, totals[2].1
     );
 }
