@@ -14,10 +14,25 @@
 //!
 //! Both: a node whose candidates all failed (e.g. answer-first guesses below
 //! `min_answer_depth`) is asked again with a new seed; when every beam has finished without a
-//! final answer and budget remains, the root is widened and the search starts over; and before
-//! the token budget runs out, a **finish phase** runs the best survivors on to a final answer,
-//! one sample per step, so a search never ends with unfinished beams and no answer while it
-//! could have finished one. The answer is a vote over every collected final answer.
+//! final answer and budget remains, the root is widened and the search starts over. The answer
+//! is a vote over every collected final answer.
+//!
+//! **Budget plan** (with a generated-token budget): every level keeps a **finish reserve**, the
+//! tokens that running the best beam on to a final answer needs: the steps it still has to go
+//! (what the answers' mean depth leaves, at least three and half the depth so far; before any
+//! answer, from an assumed 8 steps and at least the depth so far), each as long as a long step
+//! (the 90th percentile of step lengths in the tree, plus the scorer's generated tokens per step),
+//! or finishing every beam at the mean step, whichever is more. A level gets as many proposals as
+//! the rest pays for at the long step; when that is fewer than wanted, only the best beams by
+//! value branch (the others are dropped), and the level's policy call is capped so long steps
+//! cannot eat into the reserve. Before any step is seen, a level that could take more than half
+//! the budget (every step as long as `max_step_tokens`) sends a probe of N (beam) or M (DVTS)
+//! proposals first, and is planned again from their lengths. When the rest cannot pay two
+//! proposals, the **finish phase** runs the best beam alone on to a final answer, one sample per
+//! step, then as many of the others as the budget left then pays for. A step cut by the token
+//! limit after it stated its final answer in full counts as final (see
+//! [`crate::states_final_answer`]). An ignored sweep (`tests/it/sweep.rs`) measures searches
+//! without an answer over step-length shapes, budgets and seeds.
 
 use std::cmp::Ordering;
 
