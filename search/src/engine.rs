@@ -271,6 +271,8 @@ pub(crate) struct Io<'a, P, S> {
     /// The most tokens the next policy call may generate in all, below what the budget leaves
     /// (set by [`Io::cap_next_call`], used up by that call).
     next_call_cap: Option<u64>,
+    /// Score requests answered, for the scorer's generated tokens per request.
+    scored_requests: u64,
     /// Failed calls since the last good one.
     failed_in_row: u32,
     /// The best answer last published (node and key), to publish only changes.
@@ -300,6 +302,7 @@ impl<'a, P: Policy, S: Scorer> Io<'a, P, S> {
             costs: Costs::default(),
             stats: SearchStats::default(),
             next_call_cap: None,
+            scored_requests: 0,
             failed_in_row: 0,
             published: None,
         }
@@ -385,12 +388,18 @@ impl<'a, P: Policy, S: Scorer> Io<'a, P, S> {
         // Share what is left of the token budget among the call's samples, so one wide batch
         // cannot overshoot the budget by a batch's worth of full-length steps: steps of the
         // last call are cut short instead (a cut step is kept, marked `MaxTokens`). A strategy
-        // may cap the call further, to keep tokens back for later calls.
+        // may cap the call further, to keep tokens back for later calls. A scorer that
+        // generates (a rollout PRM) will score each new step at about its cost so far per
+        // request: that much is kept back for it, and a call that would leave it less is not
+        // made.
         if let Some(max) = self.config.budget.max_generated_tokens {
-            let remaining = max
-                .saturating_sub(self.costs.generated_tokens)
-                .min(cap.unwrap_or(u64::MAX));
             let samples: u64 = batch.iter().map(|r| u64::from(r.k)).sum::<u64>().max(1);
+            let scoring = samples.saturating_mul(self.scorer_generated_per_request());
+            let left = max.saturating_sub(self.costs.generated_tokens);
+            if scoring > 0 && left < scoring.saturating_add(samples) {
+                return Err(Termination::Budget(Budget::GeneratedTokens));
+            }
+            let remaining = (left - scoring).min(cap.unwrap_or(u64::MAX));
             let per_sample = u32::try_from(remaining / samples)
                 .unwrap_or(u32::MAX)
                 .max(1);
@@ -428,6 +437,14 @@ impl<'a, P: Policy, S: Scorer> Io<'a, P, S> {
         }
     }
 
+    /// Tokens the scorer generated per request so far, rounded up (0 for a scorer that does not
+    /// generate, and before the first score).
+    pub(crate) fn scorer_generated_per_request(&self) -> u64 {
+        self.costs
+            .scorer_generated_tokens
+            .div_ceil(self.scored_requests.max(1))
+    }
+
     /// Caps the tokens the next policy call may generate in all (shared among its samples as
     /// the budget's remainder is); only with a generated-token budget.
     pub(crate) fn cap_next_call(&mut self, tokens: u64) {
@@ -448,6 +465,7 @@ impl<'a, P: Policy, S: Scorer> Io<'a, P, S> {
         };
         match reply {
             Ok(replies) => {
+                self.scored_requests += replies.len() as u64;
                 for r in &replies {
                     let c = &mut self.costs;
                     c.scorer_tokens = c.scorer_tokens.saturating_add(r.cost.tokens_computed);

@@ -211,7 +211,42 @@ fn tokens_a_scorer_generates_count_against_the_generated_token_budget() {
         c.generated_tokens,
         policy.seen().generated_tokens + c.scorer_generated_tokens
     );
-    assert!(c.generated_tokens >= 2000 || outcome.termination == Termination::Completed);
+    // The scorer's share of each round is kept back: the budget is never passed.
+    assert!(c.generated_tokens <= 2000, "{c:?}");
+    assert!(
+        c.generated_tokens >= 2000 - 16 * (30 + 9) || outcome.termination == Termination::Completed,
+        "{c:?}"
+    );
+}
+
+#[test]
+fn beam_and_dvts_keep_back_what_a_generating_scorer_will_spend() {
+    for strategy in [r#"{"kind": "beam"}"#, r#"{"kind": "dvts"}"#] {
+        for budget in [300u64, 600, 1000, 2500] {
+            for seed in 0..SEEDS {
+                let game = PathGame::new(seed, 5, 0.7);
+                let policy = GamePolicy::new(game.clone());
+                let scorer = Generating {
+                    inner: GameScorer::new(game.clone(), 0.25, 0.2),
+                    generated: 30,
+                };
+                let fields = format!(
+                    r#""strategy": {strategy}, "budget": {{"max_generated_tokens": {budget}}}"#
+                );
+                let (outcome, _) = run(
+                    game.prompt(),
+                    config(&fields, seed),
+                    &policy,
+                    &scorer,
+                    &SearchControl::new(),
+                );
+                let c = &outcome.costs;
+                let what = format!("{strategy} at {budget}, seed {seed}: {c:?}");
+                assert!(c.generated_tokens <= budget, "{what}");
+                assert!(outcome.answer.is_some(), "{what}");
+            }
+        }
+    }
 }
 
 #[test]
