@@ -20,7 +20,7 @@
 //! **Budget plan** (with a generated-token budget): every level keeps a **finish reserve**, the
 //! tokens that running the best beam on to a final answer needs: the steps it still has to go
 //! (what the answers' mean depth leaves, at least three and half the depth so far; before any
-//! answer, from an assumed 8 steps and at least the depth so far), each as long as a long step
+//! answer, from an assumed 8 steps and at least 1.5 times the depth so far), each as long as a long step
 //! (the 90th percentile of step lengths in the tree, plus the scorer's generated tokens per step),
 //! or finishing every beam at the mean step, whichever is more. A level gets as many proposals as
 //! the rest pays for at the long step; when that is fewer than wanted, only the best beams by
@@ -147,12 +147,13 @@ fn step_cost<P: Policy, S: Scorer>(tree: &Tree, io: &Io<'_, P, S>) -> Option<Ste
 /// Steps a beam at depth `at` is expected to need to reach a final answer: what the typical
 /// answer's depth leaves, but never fewer than three, nor (paths deeper than the typical answer
 /// still need a few) fewer than half the steps taken so far; before any answer, when a beam left
-/// unfinished means no answer at all, never fewer than the steps taken so far.
+/// unfinished means no answer at all, never fewer than one and a half times the steps taken so
+/// far (a search that has gone deep without an answer is on long paths).
 fn steps_to_go(tree: &Tree, tally: &Tally, at: u32) -> f64 {
     let at = f64::from(at);
     match tally.mean_depth(tree) {
         Some(depth) => (depth - at).max(3.0).max(at / 2.0),
-        None => (ASSUMED_DEPTH - at).max(3.0).max(at),
+        None => (ASSUMED_DEPTH - at).max(3.0).max(1.5 * at),
     }
 }
 

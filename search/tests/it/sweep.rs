@@ -37,7 +37,7 @@ const STRATEGIES: [(&str, &str); 3] = [
 
 const BUDGETS: [u64; 4] = [512, 1024, 2048, 4096];
 
-const SEEDS: u64 = 25;
+const SEEDS: u64 = 40;
 
 #[test]
 #[ignore = "a sweep: run by hand with --ignored --nocapture"]
