@@ -20,9 +20,9 @@
 //! **Budget plan** (with a generated-token budget): every level keeps a **finish reserve**, the
 //! tokens that running the best beam on to a final answer needs: the steps it still has to go
 //! (what the answers' mean depth leaves, at least three and half the depth so far; before any
-//! answer, from an assumed 8 steps and at least 1.5 times the depth so far), each as long as a long step
-//! (the 90th percentile of step lengths in the tree, plus the scorer's generated tokens per step),
-//! or finishing every beam at the mean step, whichever is more. A level gets as many proposals as
+//! answer, from an assumed 8 steps and at least 1.5 times the depth so far), each as long as a
+//! long step (the 90th percentile of step lengths in the tree, plus the scorer's generated
+//! tokens per step), or finishing every beam at the mean step, whichever is more. A level gets as many proposals as
 //! the rest pays for at the long step; when that is fewer than wanted, only the best beams by
 //! value branch (the others are dropped), and the level's policy call is capped so long steps
 //! cannot eat into the reserve. Before any step is seen, a level that could take more than half

@@ -6,7 +6,10 @@
 //! path's final total is right exactly when every one of its steps is. The policy picks a right step
 //! with probability `p_correct`, so a random full path is right with probability
 //! `p_correct^depth`, while a step-level scorer that knows which prefixes are still on track can
-//! steer a search to the answer: the task rewards lookahead.
+//! steer a search to the answer: the task rewards lookahead. Steps are 3-9 tokens long unless
+//! shaped ([`PathGame::with_step_tokens`], [`PathGame::with_long_steps`]); fillers
+//! ([`PathGame::with_filler_steps`]) make paths vary in depth; [`PathGame::with_end_token`] cuts
+//! final steps as a real engine does, so budgets can be tested against realistic step lengths.
 //!
 //! Everything is a pure function of the game seed, the request's sampling seed and the path, so a
 //! search with the same seed builds the same tree. Both fakes count what they see independently of
