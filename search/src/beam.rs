@@ -29,10 +29,12 @@
 //! the budget (every step as long as `max_step_tokens`) sends a probe of N (beam) or M (DVTS)
 //! proposals first, and is planned again from their lengths. When the rest cannot pay two
 //! proposals, the **finish phase** runs the best beam alone on to a final answer, one sample per
-//! step, then as many of the others as the budget left then pays for. A step cut by the token
-//! limit after it stated its final answer in full counts as final (see
-//! [`crate::states_final_answer`]). An ignored sweep (`tests/it/sweep.rs`) measures searches
-//! without an answer over step-length shapes, budgets and seeds.
+//! step, then as many of the others as the budget left then pays for. Budget left once the
+//! search has its answers (after the finish, or when every beam has finished) runs the best open
+//! candidates of the tree on to more answers for the vote. A step cut by the token limit after
+//! it stated its final answer in full counts as final (see [`crate::states_final_answer`]). An
+//! ignored sweep (`tests/it/sweep.rs`) measures searches without an answer over step-length
+//! shapes, budgets and seeds.
 
 use std::cmp::Ordering;
 
@@ -335,14 +337,57 @@ async fn finish<P: Policy, S: Scorer>(
     if let Err(termination) = run_on(tree, io, tally, heads).await {
         return termination;
     }
-    if rest.is_empty() {
-        return Termination::Completed;
-    }
     rest.truncate(finishable(tree, io, tally, &rest));
-    match run_on(tree, io, tally, rest).await {
-        Ok(()) => Termination::Completed,
-        Err(termination) => termination,
+    if let Err(termination) = run_on(tree, io, tally, rest).await {
+        return termination;
     }
+    spend_rest(tree, io, tally).await
+}
+
+/// With a token budget left once the search has its answers (the finish reserve was sized to be
+/// safe, and beams that all finished leave budget behind), runs the best open candidates of the
+/// tree, kept as beams or not, on to more final answers for the vote, as many at a time as the
+/// budget pays for at the mean step. Without a token budget it does nothing.
+async fn spend_rest<P: Policy, S: Scorer>(
+    tree: &mut Tree,
+    io: &mut Io<'_, P, S>,
+    tally: &mut Tally,
+) -> Termination {
+    loop {
+        let mut open: Vec<(f64, NodeId)> = tree
+            .nodes()
+            .filter(|(_, n)| n.state() == NodeState::Unexpanded)
+            .filter_map(|(id, n)| n.score().map(|v| (v, id)))
+            .collect();
+        open.sort_by(by_score);
+        let Some(&(_, best)) = open.first() else {
+            return Termination::Completed;
+        };
+        let n = affordable(tree, io, tally, tree.node(best).depth());
+        if n == 0 {
+            return Termination::Completed;
+        }
+        let heads = open.into_iter().take(n).map(|(_, id)| id).collect();
+        if let Err(termination) = run_on(tree, io, tally, heads).await {
+            return termination;
+        }
+    }
+}
+
+/// How many paths from depth `at` what is left of the token budget pays for at the mean step
+/// (none without a token budget: this only spends what a budget leaves).
+fn affordable<P: Policy, S: Scorer>(
+    tree: &Tree,
+    io: &Io<'_, P, S>,
+    tally: &Tally,
+    at: u32,
+) -> usize {
+    let (Some(max), Some(cost)) = (io.config.budget.max_generated_tokens, step_cost(tree, io))
+    else {
+        return 0;
+    };
+    let left = max.saturating_sub(io.costs.generated_tokens) as f64;
+    (left / (steps_to_go(tree, tally, at) * cost.mean)) as usize
 }
 
 /// Runs each of `heads` on to a final answer (see [`finish`]); `Err` when a budget ran out.
@@ -405,7 +450,7 @@ pub(crate) async fn run_beam<P: Policy, S: Scorer>(
         }
         if beams.is_empty() {
             if !restart(tree, tally) {
-                return Termination::Completed;
+                return spend_rest(tree, io, tally).await;
             }
             beams = vec![NodeId::ROOT];
         }
@@ -466,7 +511,7 @@ pub(crate) async fn run_dvts<P: Policy, S: Scorer>(
         }
         if heads.is_empty() {
             if !restart(tree, tally) {
-                return Termination::Completed;
+                return spend_rest(tree, io, tally).await;
             }
             heads = vec![NodeId::ROOT];
         }
