@@ -354,6 +354,9 @@ async fn spend_rest<P: Policy, S: Scorer>(
     tally: &mut Tally,
 ) -> Termination {
     loop {
+        if io.converged(tally) {
+            return Termination::Converged;
+        }
         let mut open: Vec<(f64, NodeId)> = tree
             .nodes()
             .filter(|(_, n)| n.state() == NodeState::Unexpanded)
