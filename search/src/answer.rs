@@ -39,6 +39,42 @@ pub fn extract_answer(text: &str) -> Option<Answer> {
     extract_raw(text).map(Answer::new)
 }
 
+/// True when `text` (a step cut short by its token limit) already states its final answer in
+/// full: a closed `\boxed{...}`, a `#### N` line that ended, or "the answer is N" whose sentence
+/// ended. A real engine needs one token position more for end-of-sequence, so a final step
+/// that exactly fills the tokens left stops at the limit with its answer written; a number at
+/// the very end of the text may itself be cut ("#### 7" of "#### 72") and does not count.
+pub fn states_final_answer(text: &str) -> bool {
+    let boxed = ["\\boxed{", "\\fbox{"]
+        .iter()
+        .filter_map(|m| text.rfind(m).map(|i| i + m.len()))
+        .max()
+        .is_some_and(|open| matching_brace(text, open).is_some());
+    let ended = |rest: &str| {
+        // The answer is followed by the end of its sentence or line.
+        let rest = rest.trim_start_matches([' ', ':', '\t']);
+        let bytes = rest.as_bytes();
+        let answer_end = rest.char_indices().find_map(|(i, c)| {
+            // A '.' that is a decimal point does not end the sentence.
+            let decimal = c == '.' && bytes.get(i + 1).is_some_and(u8::is_ascii_digit);
+            ((c == '\n' || c == '.') && !decimal).then_some(i)
+        });
+        answer_end.is_some_and(|i| rest[..i].chars().any(|c| c.is_ascii_alphanumeric()))
+    };
+    let hashes = text.rfind("####").is_some_and(|at| {
+        let rest = text[at + 4..].trim_start_matches([' ', '\t']);
+        rest.find('\n')
+            .is_some_and(|i| rest[..i].chars().any(|c| c.is_ascii_alphanumeric()))
+    });
+    let lower = text.to_ascii_lowercase();
+    let answer_is = ["answer is", "answer:"]
+        .iter()
+        .filter_map(|m| lower.rfind(m).map(|i| i + m.len()))
+        .max()
+        .is_some_and(|at| ended(&text[at..]));
+    boxed || hashes || answer_is
+}
+
 /// True when `a` and `b` are the same answer after normalisation.
 pub fn equivalent(a: &str, b: &str) -> bool {
     normalize(a) == normalize(b)
@@ -382,6 +418,24 @@ mod tests {
             expected,
             "extracting from {text:?}"
         );
+    }
+
+    #[test]
+    fn a_cut_step_states_its_answer_only_when_the_statement_ended() {
+        for (text, stated) in [
+            ("So she pays 72 dollars.\n\nThe answer is 72.", true),
+            ("The answer is 72", false), // "72" may be the start of "720"
+            ("The answer is 1.5", false),
+            ("The answer is 1.5.", true),
+            ("The answer is", false),
+            ("48 + 24 = 72.\n#### 72\n", true),
+            ("48 + 24 = 72.\n#### 7", false),
+            ("so \\boxed{72}", true),
+            ("so \\boxed{7", false),
+            ("48 / 2 = 24, and 48 + 24 = 72.", false), // no statement of the answer at all
+        ] {
+            assert_eq!(states_final_answer(text), stated, "{text:?}");
+        }
     }
 
     #[test]

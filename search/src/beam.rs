@@ -14,10 +14,27 @@
 //!
 //! Both: a node whose candidates all failed (e.g. answer-first guesses below
 //! `min_answer_depth`) is asked again with a new seed; when every beam has finished without a
-//! final answer and budget remains, the root is widened and the search starts over; and before
-//! the token budget runs out, a **finish phase** runs the best survivors on to a final answer,
-//! one sample per step, so a search never ends with unfinished beams and no answer while it
-//! could have finished one. The answer is a vote over every collected final answer.
+//! final answer and budget remains, the root is widened and the search starts over. The answer
+//! is a vote over every collected final answer.
+//!
+//! **Budget plan** (with a generated-token budget): every level keeps a **finish reserve**, the
+//! tokens that running the best beam on to a final answer needs: the steps it still has to go
+//! (what the answers' mean depth leaves, at least three and half the depth so far; before any
+//! answer, from an assumed 8 steps and at least 1.5 times the depth so far), each as long as a
+//! long step (the 90th percentile of step lengths in the tree, plus the scorer's generated
+//! tokens per step), or finishing every beam at the mean step, whichever is more. A level gets as many proposals as
+//! the rest pays for at the long step; when that is fewer than wanted, only the best beams by
+//! value branch (the others are dropped), and the level's policy call is capped so long steps
+//! cannot eat into the reserve. Before any step is seen, a level that could take more than half
+//! the budget (every step as long as `max_step_tokens`) sends a probe of N (beam) or M (DVTS)
+//! proposals first, and is planned again from their lengths. When the rest cannot pay two
+//! proposals, the **finish phase** runs the best beam alone on to a final answer, one sample per
+//! step, then as many of the others as the budget left then pays for. Budget left once the
+//! search has its answers (after the finish, or when every beam has finished) runs the best open
+//! candidates of the tree on to more answers for the vote. A step cut by the token limit after
+//! it stated its final answer in full counts as final (see [`crate::states_final_answer`]). An
+//! ignored sweep (`tests/it/sweep.rs`) measures searches without an answer over step-length
+//! shapes, budgets and seeds.
 
 use std::cmp::Ordering;
 
@@ -35,7 +52,7 @@ fn by_score(a: &(f64, NodeId), b: &(f64, NodeId)) -> Ordering {
 }
 
 /// Steps a solution is assumed to take before any has finished.
-const ASSUMED_DEPTH: f64 = 6.0;
+const ASSUMED_DEPTH: f64 = 8.0;
 
 /// The new children of one leaf, scored: `(value, node)`, failed ones left out.
 type Scored = Vec<(f64, NodeId)>;
@@ -96,66 +113,284 @@ async fn expand_and_score<P: Policy, S: Scorer>(
         .collect())
 }
 
-/// Tokens a step has taken so far, on average (at least 1).
-fn step_tokens<P: Policy, S: Scorer>(tree: &Tree, io: &Io<'_, P, S>) -> f64 {
-    let steps = (tree.len() as f64 - 1.0).max(1.0);
-    (io.costs.generated_tokens as f64 / steps).max(1.0)
+/// What the steps in the tree say about the tokens a step to come will cost.
+struct StepCost {
+    /// On average: tokens generated so far (the scorer's included) per step in the tree.
+    mean: f64,
+    /// A long step: the 90th percentile of step lengths in the tree, plus the scorer's mean
+    /// generations per step.
+    long: f64,
+    /// Tokens the scorer generated per step, on average (a rollout PRM's completions).
+    scorer: f64,
 }
 
-/// When to stop branching and run the best `n` open beams on to a final answer: when what is
-/// left of the token budget would not cover another round of `proposals` steps plus finishing
-/// every beam. Returns how many beams the rest of the budget can finish (at least one), or
-/// `None` to go on branching (always, without a token budget).
-fn finish_now<P: Policy, S: Scorer>(
+/// `None` before the first step.
+fn step_cost<P: Policy, S: Scorer>(tree: &Tree, io: &Io<'_, P, S>) -> Option<StepCost> {
+    let mut lengths: Vec<usize> = tree
+        .nodes()
+        .filter_map(|(_, n)| n.step())
+        .map(|s| s.token_ids.len())
+        .collect();
+    if lengths.is_empty() {
+        return None;
+    }
+    lengths.sort_unstable();
+    let steps = lengths.len() as f64;
+    let p90 = lengths[(lengths.len() - 1) * 9 / 10] as f64;
+    let scorer = io.costs.scorer_generated_tokens as f64 / steps;
+    let mean = (io.costs.generated_tokens as f64 / steps).max(1.0);
+    Some(StepCost {
+        mean,
+        long: (p90 + scorer).max(mean),
+        scorer,
+    })
+}
+
+/// Steps a beam at depth `at` is expected to need to reach a final answer: what the typical
+/// answer's depth leaves, but never fewer than three, nor (paths deeper than the typical answer
+/// still need a few) fewer than half the steps taken so far; before any answer, when a beam left
+/// unfinished means no answer at all, never fewer than one and a half times the steps taken so
+/// far (a search that has gone deep without an answer is on long paths).
+fn steps_to_go(tree: &Tree, tally: &Tally, at: u32) -> f64 {
+    let at = f64::from(at);
+    match tally.mean_depth(tree) {
+        Some(depth) => (depth - at).max(3.0).max(at / 2.0),
+        None => (ASSUMED_DEPTH - at).max(3.0).max(1.5 * at),
+    }
+}
+
+/// What to do next with the open beams.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Next {
+    /// Propose `proposals` next steps among the beams in one call; `cap`: the most tokens the
+    /// call may generate. A `probe` was sized before any step was seen: once its steps are in,
+    /// the level is planned again.
+    Branch {
+        proposals: u64,
+        cap: Option<u64>,
+        probe: bool,
+    },
+    /// Stop branching and run the best beams on to a final answer.
+    Finish,
+}
+
+/// Plans the next call of a level that wants `wanted` more proposals among `beams`, so that
+/// what is left of the token budget always covers finishing the best beam: a **finish reserve**
+/// of the steps it still needs, each as long as a long step (the 90th percentile seen), or of
+/// finishing every beam at the mean step, whichever is more. The level gets as many proposals as
+/// the rest pays for at the long step (fewer than wanted when the budget is tight), and its call
+/// is capped so that long steps cannot eat into the reserve; when the rest cannot pay one
+/// proposal per beam, the search finishes. Before any step is seen, a level that might take more
+/// than half the budget (every step as long as `max_step_tokens`) sends a probe of `probe`
+/// proposals first. Without a token budget: every wanted proposal in one call.
+fn plan<P: Policy, S: Scorer>(
     tree: &Tree,
     io: &Io<'_, P, S>,
     tally: &Tally,
     beams: &[NodeId],
-    proposals: u64,
-) -> Option<usize> {
-    let max = io.config.budget.max_generated_tokens?;
-    let spent = io.costs.generated_tokens;
-    let left = max.saturating_sub(spent) as f64;
-    let per_step = step_tokens(tree, io);
-    let depth = tally.mean_depth(tree).unwrap_or(ASSUMED_DEPTH);
+    wanted: u64,
+    probe: u64,
+) -> Next {
+    let Some(max) = io.config.budget.max_generated_tokens else {
+        return Next::Branch {
+            proposals: wanted,
+            cap: None,
+            probe: false,
+        };
+    };
+    let left = max.saturating_sub(io.costs.generated_tokens);
+    let Some(cost) = step_cost(tree, io) else {
+        let worst = wanted.saturating_mul(u64::from(io.config.sampling.max_step_tokens));
+        let probing = worst.saturating_mul(2) > left && probe < wanted;
+        return Next::Branch {
+            proposals: if probing { probe.max(1) } else { wanted },
+            cap: None,
+            probe: probing,
+        };
+    };
     let at = beams
         .iter()
-        .map(|&b| f64::from(tree.node(b).depth()))
-        .fold(0.0, f64::max);
-    // Paths deeper than the typical answer still need a few steps: never count on fewer than
-    // three, nor on fewer than half the steps taken so far (a beam that finishes early only
-    // leaves budget for the others).
-    let to_go = (depth - at).max(3.0).max(at / 2.0);
-    let finish_one = per_step * to_go;
-    let round = per_step * proposals as f64;
-    if left >= round + finish_one * beams.len() as f64 {
-        return None;
+        .map(|&b| tree.node(b).depth())
+        .max()
+        .unwrap_or(0);
+    let to_go = steps_to_go(tree, tally, at);
+    let finish_one = to_go * cost.long;
+    let finish_all = to_go * cost.mean * beams.len() as f64;
+    let left = left as f64;
+    let spare = left - finish_one.max(finish_all);
+    let proposals = if spare > 0.0 {
+        ((spare / cost.long) as u64).min(wanted)
+    } else {
+        0
+    };
+    // A level needs a choice: two proposals at least (to the best beam, when no more is paid).
+    if proposals < wanted.min(2) {
+        return Next::Finish;
     }
-    Some(((left / finish_one) as usize).clamp(1, beams.len()))
+    let cap = left - finish_one - proposals as f64 * cost.scorer;
+    Next::Branch {
+        proposals,
+        cap: Some(cap.max(0.0) as u64),
+        probe: false,
+    }
 }
 
-/// The finish phase: keeps the best `n` of `heads` by value and runs the best on to a final
-/// answer, one sample per step (a step whose sample failed is asked again), then the others
-/// together with what budget is left; every final answer is scored and tallied. The best goes
-/// first and alone so that the last tokens finish one path rather than cut several.
+/// One level: up to `wanted` proposals shared among `beams`, `k` each, in one call (two after a
+/// probe). When the budget pays for fewer, only the best beams by value branch, up to `k` each
+/// (the others are dropped, as beams outside the best N are).
+/// Returns each beam's new children (none for a beam that did not branch), or `None` to finish
+/// instead.
+async fn level<P: Policy, S: Scorer>(
+    tree: &mut Tree,
+    io: &mut Io<'_, P, S>,
+    tally: &mut Tally,
+    beams: &[NodeId],
+    (wanted, k): (u64, u32),
+    probe: u64,
+) -> Result<Option<Vec<Made>>, Termination> {
+    let mut made: Vec<Made> = vec![Vec::new(); beams.len()];
+    let mut asked = 0;
+    while asked < wanted {
+        let rest = wanted - asked;
+        let (proposals, cap, probing) = match plan(tree, io, tally, beams, rest, probe) {
+            Next::Finish if asked == 0 => return Ok(None),
+            Next::Finish => break,
+            Next::Branch {
+                proposals,
+                cap,
+                probe,
+            } => (proposals, cap, probe),
+        };
+        let mut leaves: Vec<(usize, u32)> = if proposals >= rest {
+            let each = u32::try_from(rest.div_ceil(beams.len() as u64)).unwrap_or(K_MAX);
+            (0..beams.len()).map(|i| (i, each.clamp(1, k))).collect()
+        } else {
+            let branching = (proposals / u64::from(k)).clamp(1, beams.len() as u64);
+            let each = u32::try_from(proposals / branching).unwrap_or(K_MAX).min(k);
+            let mut order: Vec<(f64, usize)> = beams
+                .iter()
+                .enumerate()
+                .map(|(i, &b)| (tree.node(b).score().unwrap_or(f64::NEG_INFINITY), i))
+                .collect();
+            order.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+            order
+                .into_iter()
+                .take(branching as usize)
+                .map(|(_, i)| (i, each))
+                .collect()
+        };
+        leaves.sort_unstable();
+        if let Some(cap) = cap {
+            io.cap_next_call(cap);
+        }
+        let calls: Vec<(NodeId, u32)> = leaves.iter().map(|&(i, each)| (beams[i], each)).collect();
+        let result = expand_and_score(tree, io, tally, &calls).await;
+        io.stats.rounds += 1;
+        for (&(i, _), new) in leaves.iter().zip(result?) {
+            made[i].extend(new);
+        }
+        asked += calls.iter().map(|&(_, each)| u64::from(each)).sum::<u64>();
+        if !probing {
+            break;
+        }
+    }
+    Ok(Some(made))
+}
+
+/// How many of `heads` what is left of the token budget can run on to a final answer, at the
+/// mean step (at least one; all of them without a token budget).
+fn finishable<P: Policy, S: Scorer>(
+    tree: &Tree,
+    io: &Io<'_, P, S>,
+    tally: &Tally,
+    heads: &[NodeId],
+) -> usize {
+    let (Some(max), Some(cost)) = (io.config.budget.max_generated_tokens, step_cost(tree, io))
+    else {
+        return heads.len().max(1);
+    };
+    let left = max.saturating_sub(io.costs.generated_tokens) as f64;
+    let at = heads
+        .iter()
+        .map(|&h| tree.node(h).depth())
+        .max()
+        .unwrap_or(0);
+    let n = (left / (steps_to_go(tree, tally, at) * cost.mean)) as usize;
+    n.clamp(1, heads.len().max(1))
+}
+
+/// The finish phase: runs the best of `heads` by value on to a final answer, one sample per
+/// step (a step whose sample failed is asked again), then as many of the others, best first,
+/// as the budget left then pays for ([`finishable`], planned again once the first answer is
+/// in: the reserve was sized before any answer, when it had to be conservative); every final
+/// answer is scored and tallied. The best goes first and alone so that the last tokens finish
+/// one path rather than cut several.
 async fn finish<P: Policy, S: Scorer>(
     tree: &mut Tree,
     io: &mut Io<'_, P, S>,
     tally: &mut Tally,
     mut heads: Vec<NodeId>,
-    n: usize,
 ) -> Termination {
     let value = |h: &NodeId| tree.node(*h).score().unwrap_or(f64::NEG_INFINITY);
     heads.sort_by(|a, b| value(b).total_cmp(&value(a)));
-    heads.truncate(n);
-    let (best, rest) = heads.split_at(heads.len().min(1));
-    if let Err(termination) = run_on(tree, io, tally, best.to_vec()).await {
+    let mut rest = heads.split_off(heads.len().min(1));
+    if let Err(termination) = run_on(tree, io, tally, heads).await {
         return termination;
     }
-    match run_on(tree, io, tally, rest.to_vec()).await {
-        Ok(()) => Termination::Completed,
-        Err(termination) => termination,
+    rest.truncate(finishable(tree, io, tally, &rest));
+    if let Err(termination) = run_on(tree, io, tally, rest).await {
+        return termination;
     }
+    spend_rest(tree, io, tally).await
+}
+
+/// With a token budget left once the search has its answers (the finish reserve was sized to be
+/// safe, and beams that all finished leave budget behind), runs the best open candidates of the
+/// tree, kept as beams or not, on to more final answers for the vote, as many at a time as the
+/// budget pays for at the mean step. Without a token budget it does nothing.
+async fn spend_rest<P: Policy, S: Scorer>(
+    tree: &mut Tree,
+    io: &mut Io<'_, P, S>,
+    tally: &mut Tally,
+) -> Termination {
+    loop {
+        if io.converged(tally) {
+            return Termination::Converged;
+        }
+        let mut open: Vec<(f64, NodeId)> = tree
+            .nodes()
+            .filter(|(_, n)| n.state() == NodeState::Unexpanded)
+            .filter_map(|(id, n)| n.score().map(|v| (v, id)))
+            .collect();
+        open.sort_by(by_score);
+        let Some(&(_, best)) = open.first() else {
+            return Termination::Completed;
+        };
+        let n = affordable(tree, io, tally, tree.node(best).depth());
+        if n == 0 {
+            return Termination::Completed;
+        }
+        let heads = open.into_iter().take(n).map(|(_, id)| id).collect();
+        if let Err(termination) = run_on(tree, io, tally, heads).await {
+            return termination;
+        }
+    }
+}
+
+/// How many paths from depth `at` what is left of the token budget pays for at the mean step
+/// (none without a token budget: this only spends what a budget leaves).
+fn affordable<P: Policy, S: Scorer>(
+    tree: &Tree,
+    io: &Io<'_, P, S>,
+    tally: &Tally,
+    at: u32,
+) -> usize {
+    let (Some(max), Some(cost)) = (io.config.budget.max_generated_tokens, step_cost(tree, io))
+    else {
+        return 0;
+    };
+    let left = max.saturating_sub(io.costs.generated_tokens) as f64;
+    (left / (steps_to_go(tree, tally, at) * cost.mean)) as usize
 }
 
 /// Runs each of `heads` on to a final answer (see [`finish`]); `Err` when a budget ran out.
@@ -174,9 +409,11 @@ async fn run_on<P: Policy, S: Scorer>(
             return Ok(());
         }
         // When the budget cannot pay every head a whole step, the weakest are dropped.
-        if let Some(max) = io.config.budget.max_generated_tokens {
+        if let (Some(max), Some(cost)) =
+            (io.config.budget.max_generated_tokens, step_cost(tree, io))
+        {
             let left = max.saturating_sub(io.costs.generated_tokens) as f64;
-            let afford = (left / (1.5 * step_tokens(tree, io))) as usize;
+            let afford = (left / (1.5 * cost.mean)) as usize;
             heads.truncate(afford.max(1));
         }
         let leaves: Vec<(NodeId, u32)> = heads.iter().map(|&h| (h, 1)).collect();
@@ -216,22 +453,25 @@ pub(crate) async fn run_beam<P: Policy, S: Scorer>(
         }
         if beams.is_empty() {
             if !restart(tree, tally) {
-                return Termination::Completed;
+                return spend_rest(tree, io, tally).await;
             }
             beams = vec![NodeId::ROOT];
         }
         // N·M proposals in all, shared among the beams left.
         let k = total.div_ceil(beams.len() as u32).min(K_MAX);
-        if beams != [NodeId::ROOT] {
-            if let Some(n) = finish_now(tree, io, tally, &beams, u64::from(total)) {
-                return finish(tree, io, tally, beams, n).await;
-            }
-        }
-        let leaves: Vec<(NodeId, u32)> = beams.iter().map(|&b| (b, k)).collect();
-        let result = expand_and_score(tree, io, tally, &leaves).await;
-        io.stats.rounds += 1;
+        let wanted = u64::from(k) * beams.len() as u64;
+        let result = level(
+            tree,
+            io,
+            tally,
+            &beams,
+            (wanted, k),
+            u64::from(config.beam_width),
+        )
+        .await;
         let per_leaf = match result {
-            Ok(per_leaf) => per_leaf,
+            Ok(Some(per_leaf)) => per_leaf,
+            Ok(None) => return finish(tree, io, tally, beams).await,
             Err(termination) => {
                 io.publish_best(tree, tally);
                 return termination;
@@ -274,23 +514,17 @@ pub(crate) async fn run_dvts<P: Policy, S: Scorer>(
         }
         if heads.is_empty() {
             if !restart(tree, tally) {
-                return Termination::Completed;
+                return spend_rest(tree, io, tally).await;
             }
             heads = vec![NodeId::ROOT];
         }
         let at_root = heads == [NodeId::ROOT];
-        if !at_root {
-            let proposals = heads.len() as u64 * u64::from(m);
-            if let Some(n) = finish_now(tree, io, tally, &heads, proposals) {
-                return finish(tree, io, tally, heads, n).await;
-            }
-        }
         let k = if at_root { config.beams } else { m };
-        let leaves: Vec<(NodeId, u32)> = heads.iter().map(|&h| (h, k)).collect();
-        let result = expand_and_score(tree, io, tally, &leaves).await;
-        io.stats.rounds += 1;
+        let wanted = u64::from(k) * heads.len() as u64;
+        let result = level(tree, io, tally, &heads, (wanted, k), u64::from(m)).await;
         let per_leaf = match result {
-            Ok(per_leaf) => per_leaf,
+            Ok(Some(per_leaf)) => per_leaf,
+            Ok(None) => return finish(tree, io, tally, heads).await,
             Err(termination) => {
                 io.publish_best(tree, tally);
                 return termination;

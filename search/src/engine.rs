@@ -9,7 +9,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use crate::answer::{extract_answer, Answer};
+use crate::answer::{extract_answer, states_final_answer, Answer};
 use crate::config::{AnswerSelection, Backup, MctsAnswer, SearchConfig, StrategyConfig};
 use crate::control::{BestAnswer, SearchControl, SearchEvent};
 use crate::error::{PolicyError, ScoreError};
@@ -268,6 +268,11 @@ pub(crate) struct Io<'a, P, S> {
     /// Counted as the callers report them.
     pub(crate) costs: Costs,
     pub(crate) stats: SearchStats,
+    /// The most tokens the next policy call may generate in all, below what the budget leaves
+    /// (set by [`Io::cap_next_call`], used up by that call).
+    next_call_cap: Option<u64>,
+    /// Score requests answered, for the scorer's generated tokens per request.
+    scored_requests: u64,
     /// Failed calls since the last good one.
     failed_in_row: u32,
     /// The best answer last published (node and key), to publish only changes.
@@ -296,6 +301,8 @@ impl<'a, P: Policy, S: Scorer> Io<'a, P, S> {
             deadline,
             costs: Costs::default(),
             stats: SearchStats::default(),
+            next_call_cap: None,
+            scored_requests: 0,
             failed_in_row: 0,
             published: None,
         }
@@ -376,13 +383,23 @@ impl<'a, P: Policy, S: Scorer> Io<'a, P, S> {
         &mut self,
         mut batch: Vec<ProposeRequest>,
     ) -> Result<Result<Vec<Proposals>, PolicyError>, Termination> {
+        let cap = self.next_call_cap.take();
         self.check_policy()?;
         // Share what is left of the token budget among the call's samples, so one wide batch
         // cannot overshoot the budget by a batch's worth of full-length steps: steps of the
-        // last call are cut short instead (a cut step is kept, marked `MaxTokens`).
+        // last call are cut short instead (a cut step is kept, marked `MaxTokens`). A strategy
+        // may cap the call further, to keep tokens back for later calls. A scorer that
+        // generates (a rollout PRM) will score each new step at about its cost so far per
+        // request: that much is kept back for it, and a call that would leave it less is not
+        // made.
         if let Some(max) = self.config.budget.max_generated_tokens {
-            let remaining = max.saturating_sub(self.costs.generated_tokens);
             let samples: u64 = batch.iter().map(|r| u64::from(r.k)).sum::<u64>().max(1);
+            let scoring = samples.saturating_mul(self.scorer_generated_per_request());
+            let left = max.saturating_sub(self.costs.generated_tokens);
+            if scoring > 0 && left < scoring.saturating_add(samples) {
+                return Err(Termination::Budget(Budget::GeneratedTokens));
+            }
+            let remaining = (left - scoring).min(cap.unwrap_or(u64::MAX));
             let per_sample = u32::try_from(remaining / samples)
                 .unwrap_or(u32::MAX)
                 .max(1);
@@ -420,6 +437,20 @@ impl<'a, P: Policy, S: Scorer> Io<'a, P, S> {
         }
     }
 
+    /// Tokens the scorer generated per request so far, rounded up (0 for a scorer that does not
+    /// generate, and before the first score).
+    pub(crate) fn scorer_generated_per_request(&self) -> u64 {
+        self.costs
+            .scorer_generated_tokens
+            .div_ceil(self.scored_requests.max(1))
+    }
+
+    /// Caps the tokens the next policy call may generate in all (shared among its samples as
+    /// the budget's remainder is); only with a generated-token budget.
+    pub(crate) fn cap_next_call(&mut self, tokens: u64) {
+        self.next_call_cap = Some(tokens);
+    }
+
     /// One scorer call; outer and inner `Err` as for [`Io::propose`].
     pub(crate) async fn score(
         &mut self,
@@ -434,6 +465,7 @@ impl<'a, P: Policy, S: Scorer> Io<'a, P, S> {
         };
         match reply {
             Ok(replies) => {
+                self.scored_requests += replies.len() as u64;
                 for r in &replies {
                     let c = &mut self.costs;
                     c.scorer_tokens = c.scorer_tokens.saturating_add(r.cost.tokens_computed);
@@ -624,12 +656,23 @@ pub(crate) async fn expand_at<P: Policy, S: Scorer>(
         }
         let depth = flight.tree().node(leaf).depth() + 1;
         let min_answer_depth = io.config.min_answer_depth;
-        let failures: Vec<Option<String>> = reply
+        // A step cut by its token limit after it had stated its final answer in full ends the
+        // solution as end-of-sequence would have (the limit left no room for it).
+        let ends: Vec<bool> = reply
             .steps
             .iter()
             .map(|s| {
+                s.stop == StepStop::EndOfSequence
+                    || (s.stop == StepStop::MaxTokens && states_final_answer(&s.text))
+            })
+            .collect();
+        let failures: Vec<Option<String>> = reply
+            .steps
+            .iter()
+            .zip(&ends)
+            .map(|(s, &ends)| {
                 malformed(s).or_else(|| {
-                    (s.stop == StepStop::EndOfSequence && depth < min_answer_depth).then(|| {
+                    (ends && depth < min_answer_depth).then(|| {
                         format!(
                             "final answer at step {depth}, before min_answer_depth {min_answer_depth}"
                         )
@@ -674,8 +717,9 @@ pub(crate) async fn expand_at<P: Policy, S: Scorer>(
             .into_iter()
             .zip(failures)
             .zip(weights)
-            .map(|((s, failure), w)| NewChild {
-                terminal: s.stop == StepStop::EndOfSequence || depth >= max_depth,
+            .zip(ends)
+            .map(|(((s, failure), w), ends)| NewChild {
+                terminal: ends || depth >= max_depth,
                 prior: if total > 0.0 { (w / total) as f32 } else { 0.0 },
                 stop: s.stop,
                 failure,

@@ -46,7 +46,7 @@ mod search;
 pub mod synthetic;
 mod tree;
 
-pub use answer::{equivalent, extract_answer, extract_raw, normalize, Answer};
+pub use answer::{equivalent, extract_answer, extract_raw, normalize, states_final_answer, Answer};
 pub use config::{
     AnswerSelection, Backup, BeamConfig, BudgetConfig, ConvergenceConfig, DvtsConfig, MctsAnswer,
     MctsConfig, RolloutConfig, SampleConfig, SamplingConfig, ScorerChoice, ScoringConfig,

@@ -6,7 +6,10 @@
 //! path's final total is right exactly when every one of its steps is. The policy picks a right step
 //! with probability `p_correct`, so a random full path is right with probability
 //! `p_correct^depth`, while a step-level scorer that knows which prefixes are still on track can
-//! steer a search to the answer: the task rewards lookahead.
+//! steer a search to the answer: the task rewards lookahead. Steps are 3-9 tokens long unless
+//! shaped ([`PathGame::with_step_tokens`], [`PathGame::with_long_steps`]); fillers
+//! ([`PathGame::with_filler_steps`]) make paths vary in depth; [`PathGame::with_end_token`] cuts
+//! final steps as a real engine does, so budgets can be tested against realistic step lengths.
 //!
 //! Everything is a pure function of the game seed, the request's sampling seed and the path, so a
 //! search with the same seed builds the same tree. Both fakes count what they see independently of
@@ -30,6 +33,8 @@ use crate::scorer::{ScoreCost, ScoreRequest, Scorer, StepScores};
 const STEP_TOKEN: u32 = 7;
 /// First token of an answer-first guess.
 const GUESS_TOKEN: u32 = 8;
+/// First token of a filler step (a re-check that adds nothing); the third is the running total.
+const FILLER_TOKEN: u32 = 9;
 
 /// The game: hidden increments and how the policy plays them.
 #[derive(Debug, Clone)]
@@ -40,8 +45,19 @@ pub struct PathGame {
     depth: u32,
     /// Chance that a sampled step is right.
     p_correct: f64,
-    /// Steps are `3 + uniform(0..=extra_tokens_max)` tokens long.
+    /// Steps are `min_tokens + uniform(0..=extra_tokens_max)` tokens long.
+    min_tokens: u32,
+    /// See `min_tokens`.
     extra_tokens_max: u32,
+    /// Chance that a step is `long_factor` times its drawn length.
+    p_long: f64,
+    /// See `p_long`.
+    long_factor: u32,
+    /// Chance that a step is a filler (a re-check that adds nothing), so paths vary in depth.
+    p_filler: f64,
+    /// A final step needs one token position more for its end-of-sequence (see
+    /// [`PathGame::with_end_token`]).
+    end_token: bool,
     /// How much lower a wrong step's mean token log-prob is than a right step's.
     logprob_gap: f32,
     /// Chance that a step before the last is an answer-first guess (a wrong final answer).
@@ -65,7 +81,12 @@ impl PathGame {
             seed,
             depth,
             p_correct,
+            min_tokens: 3,
             extra_tokens_max: 6,
+            p_long: 0.0,
+            long_factor: 1,
+            p_filler: 0.0,
+            end_token: false,
             logprob_gap: 0.0,
             p_guess: 0.0,
             increments,
@@ -89,6 +110,51 @@ impl PathGame {
         self
     }
 
+    /// Makes steps `min..=max` tokens long, uniformly (the default is `3..=9`); `min` is at
+    /// least 3.
+    pub fn with_step_tokens(mut self, min: u32, max: u32) -> PathGame {
+        assert!(3 <= min && min <= max);
+        self.min_tokens = min;
+        self.extra_tokens_max = max - min;
+        self
+    }
+
+    /// Makes a share `p` of steps `factor` times their drawn length: a long tail of step
+    /// lengths, as a model's steps have.
+    pub fn with_long_steps(mut self, p: f64, factor: u32) -> PathGame {
+        assert!((0.0..=1.0).contains(&p) && factor >= 1);
+        self.p_long = p;
+        self.long_factor = factor;
+        self
+    }
+
+    /// Makes each step, with probability `p`, a filler ("Check: the total so far is T.") that
+    /// adds nothing and is never wrong, so paths to an answer vary in depth around `depth`.
+    pub fn with_filler_steps(mut self, p: f64) -> PathGame {
+        assert!((0.0..1.0).contains(&p));
+        self.p_filler = p;
+        self
+    }
+
+    /// Makes end-of-sequence take one more token position, as in a real engine: a final step
+    /// whose text fills its token limit exactly stops at the limit ([`StepStop::MaxTokens`])
+    /// with its answer line whole, and a final step cut shorter loses its answer line.
+    pub fn with_end_token(mut self) -> PathGame {
+        self.end_token = true;
+        self
+    }
+
+    /// Tokens a step takes on average (before any cut).
+    pub fn mean_step_tokens(&self) -> f64 {
+        let drawn = f64::from(self.min_tokens) + f64::from(self.extra_tokens_max) / 2.0;
+        drawn * (1.0 + self.p_long * f64::from(self.long_factor - 1))
+    }
+
+    /// Steps a path takes on average to its answer (fillers included).
+    pub fn mean_depth(&self) -> f64 {
+        f64::from(self.depth) / (1.0 - self.p_filler)
+    }
+
     /// The question.
     pub fn prompt(&self) -> &Arc<str> {
         &self.prompt
@@ -109,12 +175,27 @@ impl PathGame {
         self.increments.iter().sum::<u64>().to_string()
     }
 
-    /// True when every step of `steps` is right (so the path can still reach the answer).
+    /// True when every step of `steps` is right (so the path can still reach the answer);
+    /// fillers are never wrong.
     pub fn on_track(&self, steps: &[Arc<Step>]) -> bool {
-        steps.iter().enumerate().all(|(i, s)| {
-            s.token_ids.first() == Some(&STEP_TOKEN)
-                && s.token_ids.get(1).map(|&x| u64::from(x)) == self.increments.get(i).copied()
+        let mut i = 0;
+        steps.iter().all(|s| {
+            if s.token_ids.first() == Some(&FILLER_TOKEN) {
+                return true;
+            }
+            let right = s.token_ids.first() == Some(&STEP_TOKEN)
+                && s.token_ids.get(1).map(|&x| u64::from(x)) == self.increments.get(i).copied();
+            i += 1;
+            right
         })
+    }
+
+    /// Steps of `steps` that are not fillers.
+    fn real_steps(steps: &[Arc<Step>]) -> usize {
+        steps
+            .iter()
+            .filter(|s| s.token_ids.first() != Some(&FILLER_TOKEN))
+            .count()
     }
 
     fn total(steps: &[Arc<Step>]) -> u64 {
@@ -128,7 +209,7 @@ impl PathGame {
     fn sample(&self, request: &ProposeRequest, j: u32) -> ProposedStep {
         let mut rng =
             StdRng::seed_from_u64(mix(mix(self.seed, request.sampling.seed), u64::from(j)));
-        let i = request.steps.len();
+        let i = Self::real_steps(&request.steps);
         let last = i + 1 >= self.depth as usize;
         // Drawn only when guesses are on, so other games keep their random streams.
         if self.p_guess > 0.0 && !last && rng.gen_bool(self.p_guess) {
@@ -140,26 +221,39 @@ impl PathGame {
                 stop: StepStop::EndOfSequence,
             };
         }
+        let filler = self.p_filler > 0.0 && rng.gen_bool(self.p_filler);
         let target = self.increments.get(i).copied().unwrap_or(0);
-        let right = rng.gen_bool(self.p_correct);
-        let x = if right {
+        let right = filler || rng.gen_bool(self.p_correct);
+        let x = if filler {
+            0
+        } else if right {
             target
         } else {
             target + rng.gen_range(1..=5)
         };
         let total = Self::total(&request.steps) + x;
-        let mut text = format!("Step {}: add {x} to get {total}.", i + 1);
-        if last {
-            text.push_str(&format!("\n#### {total}"));
+        let ends = last && !filler;
+        let mut text = if filler {
+            format!("Check: the total so far is {total}.")
+        } else {
+            format!("Step {}: add {x} to get {total}.", i + 1)
+        };
+        let answer_line = format!("\n#### {total}");
+        if ends {
+            text.push_str(&answer_line);
         }
-        let len = 3 + rng.gen_range(0..=self.extra_tokens_max);
-        let mut token_ids = vec![STEP_TOKEN, x as u32, total as u32];
+        let mut len = self.min_tokens + rng.gen_range(0..=self.extra_tokens_max);
+        if self.p_long > 0.0 && rng.gen_bool(self.p_long) {
+            len *= self.long_factor;
+        }
+        let first = if filler { FILLER_TOKEN } else { STEP_TOKEN };
+        let mut token_ids = vec![first, x as u32, total as u32];
         token_ids.extend((3..len).map(|t| 100 + t));
         let base = if right { -0.1 } else { -0.1 - self.logprob_gap };
         let mut token_logprobs: Vec<f32> = (0..len)
             .map(|_| (base + rng.gen_range(-0.08..0.08f32)).min(0.0))
             .collect();
-        let mut stop = if last {
+        let mut stop = if ends {
             StepStop::EndOfSequence
         } else {
             StepStop::Delimiter
@@ -168,6 +262,14 @@ impl PathGame {
         if token_ids.len() > max {
             token_ids.truncate(max);
             token_logprobs.truncate(max);
+            stop = StepStop::MaxTokens;
+            // The answer line is written last: a step cut short lost it.
+            if self.end_token && ends {
+                text.truncate(text.len() - answer_line.len());
+            }
+        } else if self.end_token && ends && token_ids.len() == max {
+            // The step's text is whole, but end-of-sequence would have been one token more, as
+            // in a real engine: it stops at the limit.
             stop = StepStop::MaxTokens;
         }
         ProposedStep {

@@ -8,6 +8,7 @@ mod events;
 mod faults;
 mod lookahead;
 mod strategies;
+mod sweep;
 mod tree_search;
 
 use arbor_search::synthetic::{GamePolicy, GameScorer, PathGame};

@@ -4,7 +4,8 @@
 
 use arbor_search::synthetic::{GamePolicy, GameScorer, PathGame};
 use arbor_search::{
-    Budget, NodeState, ScoreError, ScoreRequest, Scorer, SearchControl, StepScores, Termination,
+    Budget, NodeState, Policy, PolicyCost, PolicyError, Proposals, ProposeRequest, ProposedStep,
+    ScoreError, ScoreRequest, Scorer, SearchControl, StepScores, StepStop, Termination,
 };
 
 use crate::{config, play, run};
@@ -210,5 +211,158 @@ fn tokens_a_scorer_generates_count_against_the_generated_token_budget() {
         c.generated_tokens,
         policy.seen().generated_tokens + c.scorer_generated_tokens
     );
-    assert!(c.generated_tokens >= 2000 || outcome.termination == Termination::Completed);
+    // The scorer's share of each round is kept back: the budget is never passed.
+    assert!(c.generated_tokens <= 2000, "{c:?}");
+    assert!(
+        c.generated_tokens >= 2000 - 16 * (30 + 9) || outcome.termination == Termination::Completed,
+        "{c:?}"
+    );
+}
+
+#[test]
+fn beam_and_dvts_keep_back_what_a_generating_scorer_will_spend() {
+    for strategy in [r#"{"kind": "beam"}"#, r#"{"kind": "dvts"}"#] {
+        for budget in [300u64, 600, 1000, 2500] {
+            for seed in 0..SEEDS {
+                let game = PathGame::new(seed, 5, 0.7);
+                let policy = GamePolicy::new(game.clone());
+                let scorer = Generating {
+                    inner: GameScorer::new(game.clone(), 0.25, 0.2),
+                    generated: 30,
+                };
+                let fields = format!(
+                    r#""strategy": {strategy}, "budget": {{"max_generated_tokens": {budget}}}"#
+                );
+                let (outcome, _) = run(
+                    game.prompt(),
+                    config(&fields, seed),
+                    &policy,
+                    &scorer,
+                    &SearchControl::new(),
+                );
+                let c = &outcome.costs;
+                let what = format!("{strategy} at {budget}, seed {seed}: {c:?}");
+                assert!(c.generated_tokens <= budget, "{what}");
+                assert!(outcome.answer.is_some(), "{what}");
+            }
+        }
+    }
+}
+
+#[test]
+fn beam_and_dvts_answer_when_steps_are_long_against_the_budget() {
+    // A path takes ~200 (20-60-token steps) or ~500 (60-140) tokens: the root's 16 proposals
+    // alone would take more than the budget, and used to leave nothing to finish a path with.
+    for strategy in [r#"{"kind": "beam"}"#, r#"{"kind": "dvts"}"#] {
+        for (min, max, budget) in [(20, 60, 512u64), (60, 140, 1024), (60, 140, 2048)] {
+            for seed in 0..SEEDS {
+                let game = PathGame::new(seed, 5, 0.7)
+                    .with_step_tokens(min, max)
+                    .with_end_token();
+                let fields = format!(
+                    r#""strategy": {strategy}, "budget": {{"max_generated_tokens": {budget}}}"#
+                );
+                let played = play(game, &fields, seed);
+                let o = &played.outcome;
+                let what = format!("{strategy}, steps {min}-{max}, {budget} tokens, seed {seed}");
+                assert!(
+                    o.answer.is_some(),
+                    "{what}: no answer ({:?}, {} tokens)",
+                    o.termination,
+                    o.costs.generated_tokens
+                );
+                assert!(
+                    o.costs.generated_tokens <= budget,
+                    "{what}: {} tokens",
+                    o.costs.generated_tokens
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn beam_and_dvts_answer_when_paths_vary_in_depth_and_steps_have_a_long_tail() {
+    // Steps of 10-80 tokens, one in five three times as long, and re-check steps that make a
+    // path 7 steps long on average (often 10 or more), ~450 tokens: at 1024 tokens a finish
+    // reserve sized by the mean step and the typical depth ran out mid-path in 22 of 40
+    // searches. A budget this tight still leaves a rare path too long to finish.
+    let mut empty = 0;
+    for strategy in [r#"{"kind": "beam"}"#, r#"{"kind": "dvts"}"#] {
+        for seed in 0..SEEDS {
+            let game = PathGame::new(seed, 5, 0.7)
+                .with_step_tokens(10, 80)
+                .with_long_steps(0.2, 3)
+                .with_filler_steps(0.3)
+                .with_end_token();
+            let fields =
+                format!(r#""strategy": {strategy}, "budget": {{"max_generated_tokens": 1024}}"#);
+            let played = play(game, &fields, seed);
+            empty += u32::from(played.outcome.answer.is_none());
+            assert!(played.outcome.costs.generated_tokens <= 1024);
+        }
+    }
+    assert!(
+        empty <= 2,
+        "{empty} of {} searches without an answer",
+        2 * SEEDS
+    );
+}
+
+/// Writes two steps, then a final step that states its answer and is cut by its token limit
+/// before end-of-sequence (the limit left no room for it).
+struct CutAnswer;
+
+impl Policy for CutAnswer {
+    async fn propose(&self, batch: Vec<ProposeRequest>) -> Result<Vec<Proposals>, PolicyError> {
+        Ok(batch
+            .iter()
+            .map(|r| {
+                let (text, stop) = match r.steps.len() {
+                    0 => ("48 / 2 = 24.", StepStop::Delimiter),
+                    1 => ("48 + 24 = 72.", StepStop::Delimiter),
+                    _ => ("The answer is 72.", StepStop::MaxTokens),
+                };
+                let step = ProposedStep {
+                    text: text.to_owned(),
+                    token_ids: vec![1; 5],
+                    token_logprobs: vec![-0.1; 5],
+                    stop,
+                };
+                Proposals {
+                    steps: vec![step; r.k as usize],
+                    cost: PolicyCost {
+                        generated_tokens: 5 * u64::from(r.k),
+                        ..PolicyCost::default()
+                    },
+                }
+            })
+            .collect())
+    }
+}
+
+#[test]
+fn a_step_cut_at_its_limit_after_stating_its_answer_ends_the_solution() {
+    let game = PathGame::new(1, 3, 1.0);
+    let scorer = GameScorer::new(game, 0.25, 0.0);
+    for strategy in [
+        r#"{"kind": "best_of_n", "n": 1}"#,
+        r#"{"kind": "beam", "beam_width": 1, "proposals_per_beam": 1}"#,
+    ] {
+        let (outcome, tree) = run(
+            "Half of 48, plus 48?",
+            config(
+                &format!(r#""strategy": {strategy}, "budget": {{"max_generated_tokens": 15}}"#),
+                1,
+            ),
+            &CutAnswer,
+            &scorer,
+            &SearchControl::new(),
+        );
+        let answer = outcome.answer.as_ref().expect("an answer");
+        assert_eq!(answer.answer.key, "72", "{strategy}");
+        let node = tree.node(answer.node);
+        assert_eq!(node.stop(), Some(StepStop::MaxTokens), "{strategy}");
+        assert_eq!(node.state(), NodeState::Terminal, "{strategy}");
+    }
 }
