@@ -144,6 +144,9 @@ pub struct PoolOptions {
     pub keepalive_timeout: Duration,
     /// Resolves `dns://` names; `None`: the system's resolver.
     pub resolver: Option<Resolver>,
+    /// Where the pool records its calls, retries and members (`--metrics-listen`); `None`:
+    /// nowhere.
+    pub metrics: Option<super::metrics::PoolMetrics>,
 }
 
 impl Default for PoolOptions {
@@ -163,6 +166,7 @@ impl Default for PoolOptions {
             keepalive_interval: Duration::from_secs(2),
             keepalive_timeout: Duration::from_secs(3),
             resolver: None,
+            metrics: None,
         }
     }
 }
@@ -542,6 +546,21 @@ impl WorkerPool {
         let auth = self.inner.auth.as_ref();
         let checks = members.iter().map(|m| m.check(timeout, expected, auth));
         futures_util::future::join_all(checks).await;
+        if let Some(m) = &options.metrics {
+            let (mut healthy, mut unhealthy, mut incompatible) = (0, 0, 0);
+            for member in &members {
+                if member.is_healthy() {
+                    healthy += 1;
+                } else if member.incompatible().is_some() {
+                    incompatible += 1;
+                } else {
+                    unhealthy += 1;
+                }
+            }
+            m.workers.with_label_values(&["healthy"]).set(healthy);
+            m.workers.with_label_values(&["unhealthy"]).set(unhealthy);
+            m.workers.with_label_values(&["incompatible"]).set(incompatible);
+        }
         *self.inner.members.write().expect("members lock") = members;
     }
 
@@ -601,12 +620,19 @@ impl WorkerPool {
     fn spend_retry(&self) -> bool {
         let max = self.inner.options.retry_tokens_max;
         let mut tokens = self.inner.retry_tokens.lock().expect("retry lock");
+        let metrics = self.inner.options.metrics.as_ref();
         if *tokens > max / 2.0 {
             *tokens -= 1.0;
             self.inner.retries.fetch_add(1, Ordering::Relaxed);
+            if let Some(m) = metrics {
+                m.retries.inc();
+            }
             true
         } else {
             self.inner.retries_refused.fetch_add(1, Ordering::Relaxed);
+            if let Some(m) = metrics {
+                m.retries_refused.inc();
+            }
             false
         }
     }
@@ -637,6 +663,7 @@ impl WorkerPool {
     /// UNAVAILABLE takes a worker out of rotation.
     async fn call<T, F, Fut>(
         &self,
+        method: &'static str,
         first: Arc<Member>,
         deadline: Option<Instant>,
         mut send: F,
@@ -684,6 +711,15 @@ impl WorkerPool {
                 ))),
             };
             drop(guard);
+            if let Some(m) = &options.metrics {
+                let code = result.as_ref().map_or_else(|s| s.code(), |_| Code::Ok);
+                m.calls
+                    .with_label_values(&[method, super::metrics::code_label(code)])
+                    .inc();
+                m.call_duration
+                    .with_label_values(&[method])
+                    .observe(started.elapsed().as_secs_f64());
+            }
             let status = match result {
                 Ok(v) => {
                     self.call_succeeded();
@@ -934,6 +970,9 @@ impl Policy for RemotePolicy {
                     }
                 })
                 .collect();
+            if let Some(m) = &self.pool.inner.options.metrics {
+                m.expand_nodes.observe(nodes.len() as f64);
+            }
             let request = pb::ExpandRequest {
                 expansion_id: format!("{}/{call}/{g}", self.search_id),
                 nodes,
@@ -942,7 +981,7 @@ impl Policy for RemotePolicy {
             async move {
                 let sent = self
                     .pool
-                    .call(member, self.deadline, |mut client, meta| {
+                    .call("expand", member, self.deadline, |mut client, meta| {
                         let req = meta.request(request.clone());
                         async move { client.expand(req).await.map(|r| r.into_inner()) }
                     })
@@ -1035,7 +1074,7 @@ impl Scorer for RemotePolicy {
             .ok_or_else(|| ScoreError::new(Self::no_worker().message().to_string()))?;
         let (resp, _) = self
             .pool
-            .call(member, self.deadline, |mut client, meta| {
+            .call("score", member, self.deadline, |mut client, meta| {
                 let req = meta.request(request.clone());
                 async move { client.score(req).await.map(|r| r.into_inner()) }
             })

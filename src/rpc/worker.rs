@@ -44,6 +44,8 @@ pub struct WorkerService {
     /// to another worker).
     draining: Arc<AtomicBool>,
     drain_timeout: Duration,
+    /// Where calls are counted (`--metrics-listen`); `None`: nowhere.
+    metrics: Option<super::metrics::WorkerMetrics>,
 }
 
 impl WorkerService {
@@ -57,6 +59,23 @@ impl WorkerService {
             auth: None,
             draining: Arc::default(),
             drain_timeout: Duration::from_secs(30),
+            metrics: None,
+        }
+    }
+
+    /// Counts calls in `metrics`.
+    pub fn with_metrics(mut self, metrics: Option<super::metrics::WorkerMetrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Counts one answered call of `method`.
+    fn count<T>(&self, method: &str, result: &Result<T, Status>) {
+        if let Some(m) = &self.metrics {
+            let code = result.as_ref().map_or_else(|s| s.code(), |_| tonic::Code::Ok);
+            m.requests
+                .with_label_values(&[method, super::metrics::code_label(code)])
+                .inc();
         }
     }
 
@@ -426,39 +445,18 @@ impl Worker for WorkerService {
         &self,
         request: Request<pb::ExpandRequest>,
     ) -> Result<Response<pb::ExpandResponse>, Status> {
-        let deadline = grpc_deadline(&request);
-        self.admit()?;
-        let req = request.into_inner();
-        self.check_tokenizer(&req.tokenizer_fingerprint)?;
-        let items = self.validate(&req)?;
-        if req.expansion_id.is_empty() {
-            return Ok(Response::new(self.run_expand(items, deadline).await?));
-        }
-        // A repeated id joins the first call (or gets its stored answer). A failed or dropped
-        // first call stores nothing, so the repeat computes afresh.
-        let cell = self.remember(&req.expansion_id, request_digest(&req))?;
-        let answer = cell
-            .get_or_try_init(|| self.run_expand(items, deadline))
-            .await?;
-        Ok(Response::new(answer.clone()))
+        let result = self.expand_call(request).await;
+        self.count("expand", &result);
+        result
     }
 
     async fn score(
         &self,
         request: Request<pb::ScoreRequest>,
     ) -> Result<Response<pb::ScoreResponse>, Status> {
-        let deadline = grpc_deadline(&request);
-        self.admit()?;
-        let req = request.into_inner();
-        self.check_tokenizer(&req.tokenizer_fingerprint)?;
-        let paths = self.validate_score(&req)?;
-        // Counted in flight like an expansion (and refused like one when the worker is full).
-        let _slot = self.worker.admit().map_err(worker_status)?;
-        let mut scored = Vec::with_capacity(paths.len());
-        for (prompt, steps) in paths {
-            scored.push(self.score_path(&prompt, &steps, deadline).await?);
-        }
-        Ok(Response::new(pb::ScoreResponse { paths: scored }))
+        let result = self.score_call(request).await;
+        self.count("score", &result);
+        result
     }
 
     async fn model_info(
@@ -479,6 +477,47 @@ impl Worker for WorkerService {
             step_delimiter: self.worker.options().step_delimiter.clone(),
             tokenizer_fingerprint: info.tokenizer_fingerprint.clone(),
         }))
+    }
+}
+
+impl WorkerService {
+    async fn expand_call(
+        &self,
+        request: Request<pb::ExpandRequest>,
+    ) -> Result<Response<pb::ExpandResponse>, Status> {
+        let deadline = grpc_deadline(&request);
+        self.admit()?;
+        let req = request.into_inner();
+        self.check_tokenizer(&req.tokenizer_fingerprint)?;
+        let items = self.validate(&req)?;
+        if req.expansion_id.is_empty() {
+            return Ok(Response::new(self.run_expand(items, deadline).await?));
+        }
+        // A repeated id joins the first call (or gets its stored answer). A failed or dropped
+        // first call stores nothing, so the repeat computes afresh.
+        let cell = self.remember(&req.expansion_id, request_digest(&req))?;
+        let answer = cell
+            .get_or_try_init(|| self.run_expand(items, deadline))
+            .await?;
+        Ok(Response::new(answer.clone()))
+    }
+
+    async fn score_call(
+        &self,
+        request: Request<pb::ScoreRequest>,
+    ) -> Result<Response<pb::ScoreResponse>, Status> {
+        let deadline = grpc_deadline(&request);
+        self.admit()?;
+        let req = request.into_inner();
+        self.check_tokenizer(&req.tokenizer_fingerprint)?;
+        let paths = self.validate_score(&req)?;
+        // Counted in flight like an expansion (and refused like one when the worker is full).
+        let _slot = self.worker.admit().map_err(worker_status)?;
+        let mut scored = Vec::with_capacity(paths.len());
+        for (prompt, steps) in paths {
+            scored.push(self.score_path(&prompt, &steps, deadline).await?);
+        }
+        Ok(Response::new(pb::ScoreResponse { paths: scored }))
     }
 }
 
