@@ -19,6 +19,7 @@ use arbor_worker::STEP_BY_STEP_SYSTEM_PROMPT;
 use dashmap::DashMap;
 use tokio::sync::{mpsc, Semaphore};
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use super::auth::Owner;
 use super::limits::SearchLimits;
@@ -408,7 +409,8 @@ impl Coordinator {
         events: Option<mpsc::Sender<SearchEvent>>,
         cancel: CancelToken,
     ) -> Result<pb::SearchResult, Status> {
-        let result = self.run_search(spec, events, cancel).await;
+        let span = tracing::info_span!("search", request_id = %spec.request_id);
+        let result = self.run_search(spec, events, cancel).instrument(span).await;
         if let Err(status) = &result {
             self.count_failure(status);
         }
@@ -487,7 +489,8 @@ impl Coordinator {
             spec.prompt_tokens,
             deadline,
             inner.options.step_delimiter.clone(),
-        );
+        )
+        .with_request_id(&spec.request_id);
         let mut control = SearchControl::new().with_cancel(cancel).with_tree_tap(tap);
         if let Some(tx) = events {
             control = control.with_events(tx);
@@ -526,7 +529,12 @@ impl Coordinator {
             m.generation_tokens.inc_by(c.generated_tokens);
         }
         let (hits, wanted) = remote.affinity();
-        tracing::info!(request_id = %spec.request_id, affinity_hits = hits, affinity_wanted = wanted, "search finished");
+        tracing::info!(
+            termination = %termination_name(outcome.termination),
+            affinity_hits = hits,
+            affinity_wanted = wanted,
+            "search finished"
+        );
         Ok(result_of(&spec.request_id, &outcome, tree))
     }
 }

@@ -20,13 +20,14 @@ use arbor_search::{
 };
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
+use tracing::Instrument;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
 use super::pb;
 use super::pb::worker_client::WorkerClient;
-use super::worker::TOKENIZER_MISMATCH;
+use super::worker::{REQUEST_ID_HEADER, TOKENIZER_MISMATCH};
 
 /// Where workers are.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -664,6 +665,7 @@ impl WorkerPool {
     async fn call<T, F, Fut>(
         &self,
         method: &'static str,
+        request_id: Option<&AuthHeader>,
         first: Arc<Member>,
         deadline: Option<Instant>,
         mut send: F,
@@ -695,7 +697,9 @@ impl WorkerPool {
             let meta = CallMeta {
                 timeout,
                 auth: self.inner.auth.clone(),
+                request_id: request_id.cloned(),
             };
+            tracing::debug!(worker = %member.url, attempt, "{method} sent");
             // The timeout travels as `grpc-timeout` and is enforced here too, so a worker that
             // never answers (not even with its own deadline error) cannot hold the call.
             let result = match tokio::time::timeout(
@@ -804,10 +808,12 @@ impl WorkerPool {
     }
 }
 
-/// What each attempt of a call carries: its timeout and the workers' token.
+/// What each attempt of a call carries: its timeout, the workers' token and the search's
+/// request id (for the worker's logs).
 pub(crate) struct CallMeta {
     timeout: Duration,
     auth: Option<AuthHeader>,
+    request_id: Option<AuthHeader>,
 }
 
 impl CallMeta {
@@ -817,6 +823,9 @@ impl CallMeta {
         req.set_timeout(self.timeout);
         if let Some(a) = &self.auth {
             req.metadata_mut().insert("authorization", a.clone());
+        }
+        if let Some(id) = &self.request_id {
+            req.metadata_mut().insert(REQUEST_ID_HEADER, id.clone());
         }
         req
     }
@@ -838,6 +847,9 @@ pub struct RemotePolicy {
     /// Names this search's expansion ids: unique to this run of a search (see
     /// [`unique_search_id`]), so a worker's remembered answers are only ever this search's.
     search_id: String,
+    /// The search's request id, as logged here and sent to workers (`x-arbor-request-id`).
+    request_id: String,
+    request_header: Option<AuthHeader>,
     calls: AtomicU64,
     deadline: Option<Instant>,
     step_delimiter: String,
@@ -875,6 +887,23 @@ fn unique_search_id() -> String {
     format!("{process:016x}.{}", NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
+/// `id` as a metadata value: printable ASCII as it is, other bytes percent-encoded (request
+/// ids may hold any text but control characters); `None` for an empty id.
+fn request_id_header(id: &str) -> Option<AuthHeader> {
+    if id.is_empty() {
+        return None;
+    }
+    let mut out = String::with_capacity(id.len());
+    for b in id.bytes() {
+        if (0x21..0x7f).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out.parse().ok()
+}
+
 /// Hash of a path: the step token ids in order (the prompt is fixed per search).
 fn path_hash<'a>(steps: impl IntoIterator<Item = &'a [u32]>) -> u64 {
     let mut h = DefaultHasher::new();
@@ -896,6 +925,8 @@ impl RemotePolicy {
             pool,
             prompt_tokens: Arc::new(prompt_tokens),
             search_id: unique_search_id(),
+            request_id: String::new(),
+            request_header: None,
             calls: AtomicU64::new(0),
             deadline,
             step_delimiter,
@@ -903,6 +934,14 @@ impl RemotePolicy {
             affinity_hits: AtomicU64::new(0),
             affinity_wanted: AtomicU64::new(0),
         }
+    }
+
+    /// Tags this search's worker calls with `request_id`: their spans here, and the
+    /// `x-arbor-request-id` header their workers log.
+    pub fn with_request_id(mut self, request_id: &str) -> Self {
+        self.request_header = request_id_header(request_id);
+        self.request_id = request_id.to_string();
+        self
     }
 
     /// (calls sent to the worker holding the node's prefix, calls that had such a worker).
@@ -978,16 +1017,29 @@ impl Policy for RemotePolicy {
                 nodes,
                 tokenizer_fingerprint: self.pool.tokenizer_fingerprint(),
             };
+            let span = tracing::info_span!(
+                "worker_call",
+                request_id = %self.request_id,
+                method = "expand",
+                nodes = idx.len()
+            );
             async move {
                 let sent = self
                     .pool
-                    .call("expand", member, self.deadline, |mut client, meta| {
-                        let req = meta.request(request.clone());
-                        async move { client.expand(req).await.map(|r| r.into_inner()) }
-                    })
+                    .call(
+                        "expand",
+                        self.request_header.as_ref(),
+                        member,
+                        self.deadline,
+                        |mut client, meta| {
+                            let req = meta.request(request.clone());
+                            async move { client.expand(req).await.map(|r| r.into_inner()) }
+                        },
+                    )
                     .await;
                 (idx, sent)
             }
+            .instrument(span)
         });
         let replies = futures_util::future::join_all(sends).await;
         let mut out: Vec<Option<Proposals>> = vec![None; batch.len()];
@@ -1074,10 +1126,22 @@ impl Scorer for RemotePolicy {
             .ok_or_else(|| ScoreError::new(Self::no_worker().message().to_string()))?;
         let (resp, _) = self
             .pool
-            .call("score", member, self.deadline, |mut client, meta| {
-                let req = meta.request(request.clone());
-                async move { client.score(req).await.map(|r| r.into_inner()) }
-            })
+            .call(
+                "score",
+                self.request_header.as_ref(),
+                member,
+                self.deadline,
+                |mut client, meta| {
+                    let req = meta.request(request.clone());
+                    async move { client.score(req).await.map(|r| r.into_inner()) }
+                },
+            )
+            .instrument(tracing::info_span!(
+                "worker_call",
+                request_id = %self.request_id,
+                method = "score",
+                paths = batch.len()
+            ))
             .await
             .map_err(|s| {
                 ScoreError::new(format!("scoring failed: {}: {}", s.code(), s.message()))

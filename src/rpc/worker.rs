@@ -16,6 +16,7 @@ use arbor_worker::{ExpandItem, LocalWorker, PathScorer, WorkerError, SCORE_CHUNK
 use dashmap::DashMap;
 use tokio::sync::OnceCell;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use super::limits::WorkerLimits;
 use super::pb;
@@ -29,6 +30,28 @@ type Shared = Arc<OnceCell<pb::ExpandResponse>>;
 /// How a worker's refusal of a call made for another tokenizer begins (the field's name), so
 /// that a coordinator tells it from other failed preconditions.
 pub const TOKENIZER_MISMATCH: &str = "tokenizer_fingerprint";
+
+/// The metadata key under which a coordinator sends a worker call's search request id; the
+/// worker logs it in the call's span (`worker_call{request_id=…}`).
+pub const REQUEST_ID_HEADER: &str = "x-arbor-request-id";
+
+/// Bytes of a caller's request id a worker logs.
+const REQUEST_ID_LOGGED_MAX: usize = 128;
+
+/// The span of one worker call: the request id its coordinator sent (cut to
+/// [`REQUEST_ID_LOGGED_MAX`] bytes), or empty.
+fn call_span<T>(request: &Request<T>, method: &'static str) -> tracing::Span {
+    let id = request
+        .metadata()
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mut end = id.len().min(REQUEST_ID_LOGGED_MAX);
+    while !id.is_char_boundary(end) {
+        end -= 1;
+    }
+    tracing::info_span!("worker_call", request_id = %&id[..end], method)
+}
 
 /// The gRPC face of a [`LocalWorker`].
 #[derive(Clone)]
@@ -445,8 +468,10 @@ impl Worker for WorkerService {
         &self,
         request: Request<pb::ExpandRequest>,
     ) -> Result<Response<pb::ExpandResponse>, Status> {
-        let result = self.expand_call(request).await;
+        let span = call_span(&request, "expand");
+        let result = self.expand_call(request).instrument(span.clone()).await;
         self.count("expand", &result);
+        span.in_scope(|| log_answer(&result));
         result
     }
 
@@ -454,8 +479,10 @@ impl Worker for WorkerService {
         &self,
         request: Request<pb::ScoreRequest>,
     ) -> Result<Response<pb::ScoreResponse>, Status> {
-        let result = self.score_call(request).await;
+        let span = call_span(&request, "score");
+        let result = self.score_call(request).instrument(span.clone()).await;
         self.count("score", &result);
+        span.in_scope(|| log_answer(&result));
         result
     }
 
@@ -490,6 +517,7 @@ impl WorkerService {
         let req = request.into_inner();
         self.check_tokenizer(&req.tokenizer_fingerprint)?;
         let items = self.validate(&req)?;
+        tracing::debug!(nodes = items.len(), expansion_id = %req.expansion_id, "expand");
         if req.expansion_id.is_empty() {
             return Ok(Response::new(self.run_expand(items, deadline).await?));
         }
@@ -511,6 +539,7 @@ impl WorkerService {
         let req = request.into_inner();
         self.check_tokenizer(&req.tokenizer_fingerprint)?;
         let paths = self.validate_score(&req)?;
+        tracing::debug!(paths = paths.len(), "score");
         // Counted in flight like an expansion (and refused like one when the worker is full).
         let _slot = self.worker.admit().map_err(worker_status)?;
         let mut scored = Vec::with_capacity(paths.len());
@@ -518,6 +547,14 @@ impl WorkerService {
             scored.push(self.score_path(&prompt, &steps, deadline).await?);
         }
         Ok(Response::new(pb::ScoreResponse { paths: scored }))
+    }
+}
+
+/// Logs how a call ended (debug level: one line per call).
+fn log_answer<T>(result: &Result<T, Status>) {
+    match result {
+        Ok(_) => tracing::debug!("answered"),
+        Err(s) => tracing::debug!(code = ?s.code(), "failed: {}", s.message()),
     }
 }
 
