@@ -27,7 +27,7 @@ use tonic_health::pb::HealthCheckRequest;
 
 use super::pb;
 use super::pb::worker_client::WorkerClient;
-use super::worker::{REQUEST_ID_HEADER, TOKENIZER_MISMATCH};
+use super::worker::{REQUEST_ID_HEADER, TOKENIZER_MISMATCH, WEIGHTS_MISMATCH};
 
 /// Where workers are.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -194,6 +194,8 @@ pub struct Member {
     calls: AtomicU64,
     failures: AtomicU64,
     compat: Mutex<Compat>,
+    /// The weights fingerprint its `ModelInfo` reported (empty: not asked, or not reported).
+    weights: Mutex<String>,
     /// Why the last health check failed (empty when it passed).
     last_error: Mutex<String>,
     /// Whether it is reached with a client certificate.
@@ -235,6 +237,7 @@ impl Member {
             calls: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             compat: Mutex::new(Compat::Unknown),
+            weights: Mutex::new(String::new()),
             last_error: Mutex::new(String::new()),
             client_certificate: options.tls.as_ref().is_some_and(|t| t.has_identity()),
             dns_name: None,
@@ -278,7 +281,8 @@ impl Member {
     }
 
     /// Why this worker gets no work although it answers: it runs another tokenizer than the
-    /// coordinator's (see [`PoolOptions::tokenizer_fingerprint`]).
+    /// coordinator's (see [`PoolOptions::tokenizer_fingerprint`]), or other weights than the
+    /// first worker the pool verified (see [`WorkerPool::weights_fingerprint`]).
     pub fn incompatible(&self) -> Option<String> {
         match &*self.compat.lock().expect("compat lock") {
             Compat::Different(why) => Some(why.clone()),
@@ -287,7 +291,8 @@ impl Member {
     }
 
     /// Checks health and, once per time the worker comes up, that it runs the expected
-    /// tokenizer. A worker is healthy only when both hold.
+    /// tokenizer (and notes the weights it reports). True when both hold; the pool then
+    /// checks its weights ([`WorkerPool::refresh`]) before it counts as healthy.
     async fn check(
         &self,
         timeout: Duration,
@@ -334,6 +339,8 @@ impl Member {
                     Ok(Ok(info)) => {
                         let info = info.into_inner();
                         if info.tokenizer_fingerprint == expected {
+                            *self.weights.lock().expect("weights lock") =
+                                info.weights_fingerprint;
                             Compat::Same
                         } else {
                             let why = format!(
@@ -353,7 +360,9 @@ impl Member {
         };
         let ok = compat == Compat::Same;
         *self.compat.lock().expect("compat lock") = compat;
-        self.healthy.store(ok, Ordering::SeqCst);
+        if !ok {
+            self.healthy.store(false, Ordering::SeqCst);
+        }
         ok
     }
 }
@@ -370,6 +379,9 @@ struct PoolInner {
     retry_tokens: Mutex<f64>,
     retries: AtomicU64,
     retries_refused: AtomicU64,
+    /// The weights fingerprint of the first worker verified, and that worker's URL: every
+    /// other member must report the same.
+    weights: Mutex<Option<(String, String)>>,
 }
 
 /// How a failed worker call is treated.
@@ -388,6 +400,29 @@ enum Failure {
     Timeout,
     /// Final: bad input, cancelled, refused for a precondition. Not re-sent; the worker stays.
     Final,
+}
+
+/// Whether a worker at `url` reporting weights fingerprint `reported` may join a pool whose
+/// first verified worker is `pinned` (fingerprint, URL); the first one pins it. A worker that
+/// reports none (an older worker) is let in. The error names both fingerprints and workers.
+fn admit_weights(
+    pinned: &mut Option<(String, String)>,
+    url: &str,
+    reported: &str,
+) -> Result<(), String> {
+    if reported.is_empty() {
+        return Ok(());
+    }
+    match pinned {
+        None => {
+            *pinned = Some((reported.to_string(), url.to_string()));
+            Ok(())
+        }
+        Some((want, first)) if want != reported => Err(format!(
+            "runs other weights than the pool's: weights fingerprint {reported:?}, while the              first worker verified ({first}) runs {want:?}; a search must not mix two models,              so it gets no work: start it with the same model as the other workers (or restart              the coordinator to pool the new model)"
+        )),
+        Some(_) => Ok(()),
+    }
 }
 
 /// Classifies a failed call. A status the worker sent has no `source`; one tonic made from a
@@ -461,6 +496,7 @@ impl WorkerPool {
                     members: RwLock::new(Vec::new()),
                     retries: AtomicU64::new(0),
                     retries_refused: AtomicU64::new(0),
+                    weights: Mutex::new(None),
                 }),
             };
         pool.refresh().await;
@@ -546,7 +582,8 @@ impl WorkerPool {
         let expected = options.tokenizer_fingerprint.as_deref();
         let auth = self.inner.auth.as_ref();
         let checks = members.iter().map(|m| m.check(timeout, expected, auth));
-        futures_util::future::join_all(checks).await;
+        let passed = futures_util::future::join_all(checks).await;
+        self.settle_weights(&members, &passed);
         if let Some(m) = &options.metrics {
             let (mut healthy, mut unhealthy, mut incompatible) = (0, 0, 0);
             for member in &members {
@@ -563,6 +600,38 @@ impl WorkerPool {
             m.workers.with_label_values(&["incompatible"]).set(incompatible);
         }
         *self.inner.members.write().expect("members lock") = members;
+    }
+
+    /// Puts the members whose checks `passed` into rotation, except those whose weights differ
+    /// from the first worker verified (the first in member order, when several come up in the
+    /// same check): they are named and get no work.
+    fn settle_weights(&self, members: &[Arc<Member>], passed: &[bool]) {
+        let mut pinned = self.inner.weights.lock().expect("weights lock");
+        for (m, &ok) in members.iter().zip(passed) {
+            if !ok {
+                continue;
+            }
+            let reported = m.weights.lock().expect("weights lock").clone();
+            if let Err(why) = admit_weights(&mut pinned, &m.url, &reported) {
+                tracing::error!(worker = %m.url, "{why}");
+                *m.compat.lock().expect("compat lock") = Compat::Different(why);
+                m.healthy.store(false, Ordering::SeqCst);
+                continue;
+            }
+            m.healthy.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// The weights fingerprint every member must report: the first verified worker's (`None`
+    /// until one is). Calls carry it, so a worker restarted with other weights between two
+    /// health checks refuses them.
+    pub fn weights_fingerprint(&self) -> Option<String> {
+        self.inner
+            .weights
+            .lock()
+            .expect("weights lock")
+            .as_ref()
+            .map(|(fp, _)| fp.clone())
     }
 
     /// The current members.
@@ -736,7 +805,8 @@ impl WorkerPool {
             // A worker that now runs another tokenizer (restarted with another model since its
             // last check) refuses the call: out of rotation, named, and the call goes elsewhere.
             let other_tokenizer = status.code() == Code::FailedPrecondition
-                && status.message().starts_with(TOKENIZER_MISMATCH);
+                && (status.message().starts_with(TOKENIZER_MISMATCH)
+                    || status.message().starts_with(WEIGHTS_MISMATCH));
             let mut failure = classify(&status);
             if failure == Failure::Timeout && per_call_timeout && started.elapsed() >= timeout {
                 // Not the search's deadline: the per-call timeout of a worker that stopped
@@ -761,11 +831,19 @@ impl WorkerPool {
                 Failure::Timeout | Failure::Final => false,
             };
             if other_tokenizer {
-                let why = format!(
-                    "refused a call made for the coordinator's tokenizer ({}), so it gets no \
-                     work: start it with the coordinator's model",
-                    status.message()
-                );
+                let why = if status.message().starts_with(WEIGHTS_MISMATCH) {
+                    format!(
+                        "refused a call made for the pool's weights ({}), so it gets no work: \
+                         start it with the same model as the other workers",
+                        status.message()
+                    )
+                } else {
+                    format!(
+                        "refused a call made for the coordinator's tokenizer ({}), so it gets \
+                         no work: start it with the coordinator's model",
+                        status.message()
+                    )
+                };
                 tracing::error!(worker = %member.url, "{why}");
                 *member.compat.lock().expect("compat lock") = Compat::Different(why);
                 member.healthy.store(false, Ordering::SeqCst);
@@ -1016,6 +1094,7 @@ impl Policy for RemotePolicy {
                 expansion_id: format!("{}/{call}/{g}", self.search_id),
                 nodes,
                 tokenizer_fingerprint: self.pool.tokenizer_fingerprint(),
+                weights_fingerprint: self.pool.weights_fingerprint().unwrap_or_default(),
             };
             let span = tracing::info_span!(
                 "worker_call",
@@ -1119,6 +1198,7 @@ impl Scorer for RemotePolicy {
                 })
                 .collect(),
             tokenizer_fingerprint: self.pool.tokenizer_fingerprint(),
+            weights_fingerprint: self.pool.weights_fingerprint().unwrap_or_default(),
         };
         let member = self
             .pool
@@ -1164,5 +1244,36 @@ impl Scorer for RemotePolicy {
                 },
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_verified_weights_pin_the_pool_and_others_are_named() {
+        let mut pinned = None;
+        // A worker that reports no weights (an older worker) neither pins nor is refused.
+        assert_eq!(admit_weights(&mut pinned, "http://old:1", ""), Ok(()));
+        assert_eq!(pinned, None);
+        assert_eq!(admit_weights(&mut pinned, "http://a:1", "aaaa"), Ok(()));
+        assert_eq!(admit_weights(&mut pinned, "http://b:1", "aaaa"), Ok(()));
+        let why = admit_weights(&mut pinned, "http://c:1", "cccc").unwrap_err();
+        assert!(
+            why.contains("\"cccc\"") && why.contains("\"aaaa\"") && why.contains("http://a:1"),
+            "{why}"
+        );
+        // The first stays the reference, even after a refusal.
+        assert_eq!(pinned, Some(("aaaa".into(), "http://a:1".into())));
+        assert!(admit_weights(&mut pinned, "http://a:1", "cccc").is_err());
+    }
+
+    #[test]
+    fn request_ids_travel_as_printable_ascii() {
+        let header = |id: &str| request_id_header(id).map(|v| v.to_str().unwrap().to_string());
+        assert_eq!(header(""), None);
+        assert_eq!(header("a1-b2_c3.d4").as_deref(), Some("a1-b2_c3.d4"));
+        assert_eq!(header("q 7%é").as_deref(), Some("q%207%25%C3%A9"));
     }
 }

@@ -31,6 +31,9 @@ type Shared = Arc<OnceCell<pb::ExpandResponse>>;
 /// that a coordinator tells it from other failed preconditions.
 pub const TOKENIZER_MISMATCH: &str = "tokenizer_fingerprint";
 
+/// How a worker's refusal of a call made for other weights begins.
+pub const WEIGHTS_MISMATCH: &str = "weights_fingerprint";
+
 /// The metadata key under which a coordinator sends a worker call's search request id; the
 /// worker logs it in the call's span (`worker_call{request_id=…}`).
 pub const REQUEST_ID_HEADER: &str = "x-arbor-request-id";
@@ -134,6 +137,28 @@ impl WorkerService {
         WorkerServer::new(self)
             .max_decoding_message_size(max)
             .max_encoding_message_size(usize::MAX)
+    }
+
+    /// Refuses a call made for other weights: a search must not mix two models' steps.
+    fn check_weights(&self, fingerprint: &str) -> Result<(), Status> {
+        let info = self.worker.model_info();
+        if fingerprint.is_empty() || fingerprint == info.weights_fingerprint {
+            return Ok(());
+        }
+        if fingerprint.len() > 64 {
+            return Err(invalid(
+                WEIGHTS_MISMATCH,
+                format!(
+                    "{} bytes; a fingerprint (ModelInfo.weights_fingerprint) has 32",
+                    fingerprint.len()
+                ),
+            ));
+        }
+        Err(Status::failed_precondition(format!(
+            "{WEIGHTS_MISMATCH}: the request was made for weights {fingerprint:?}, this worker \
+             runs {:?} (model {})",
+            info.weights_fingerprint, info.source
+        )))
     }
 
     /// Refuses a call made for another tokenizer: its token ids would mean other text here.
@@ -503,6 +528,7 @@ impl Worker for WorkerService {
             in_flight: self.worker.in_flight() as u32,
             step_delimiter: self.worker.options().step_delimiter.clone(),
             tokenizer_fingerprint: info.tokenizer_fingerprint.clone(),
+            weights_fingerprint: info.weights_fingerprint.clone(),
         }))
     }
 }
@@ -516,6 +542,7 @@ impl WorkerService {
         self.admit()?;
         let req = request.into_inner();
         self.check_tokenizer(&req.tokenizer_fingerprint)?;
+        self.check_weights(&req.weights_fingerprint)?;
         let items = self.validate(&req)?;
         tracing::debug!(nodes = items.len(), expansion_id = %req.expansion_id, "expand");
         if req.expansion_id.is_empty() {
@@ -538,6 +565,7 @@ impl WorkerService {
         self.admit()?;
         let req = request.into_inner();
         self.check_tokenizer(&req.tokenizer_fingerprint)?;
+        self.check_weights(&req.weights_fingerprint)?;
         let paths = self.validate_score(&req)?;
         tracing::debug!(paths = paths.len(), "score");
         // Counted in flight like an expansion (and refused like one when the worker is full).
@@ -682,6 +710,7 @@ fn request_digest(req: &pb::ExpandRequest) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     req.tokenizer_fingerprint.hash(&mut h);
+    req.weights_fingerprint.hash(&mut h);
     req.nodes.len().hash(&mut h);
     for n in &req.nodes {
         n.prefix_tokens.hash(&mut h);

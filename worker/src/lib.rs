@@ -138,6 +138,8 @@ pub struct ModelInfo {
     pub backend: String,
     /// Its tokenizer's [`Tokenizer::fingerprint`].
     pub tokenizer_fingerprint: String,
+    /// Its weights' fingerprint (`Model::weights_fingerprint`).
+    pub weights_fingerprint: String,
 }
 
 pub(crate) struct Shared {
@@ -194,6 +196,7 @@ impl LocalWorker {
             config: model.config.clone(),
             backend: engine.backend_name().to_string(),
             tokenizer_fingerprint: model.tokenizer.fingerprint(),
+            weights_fingerprint: model.weights_fingerprint.clone(),
         };
         let (tx, rx) = crossbeam_channel::unbounded();
         let tokenizer = model.tokenizer.clone();
