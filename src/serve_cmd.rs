@@ -252,7 +252,7 @@ pub(crate) fn run_worker(a: WorkerArgs) -> Result<()> {
     let metrics_listener = a.ops.metrics_listener()?;
     let registry = prometheus::Registry::new();
     let worker_metrics = WorkerMetrics::new(&registry);
-    worker_metrics.kv_blocks_total.set(a.kv_blocks as i64);
+    worker_metrics.kv_blocks_max.set(a.kv_blocks as i64);
     let batch_size = worker_metrics.batch_size.clone();
     let (model, engine) = load_engine_with(
         a.model,

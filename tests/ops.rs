@@ -271,7 +271,7 @@ fn metrics_scraped_over_http_count_a_real_search_on_both_servers() {
     assert_eq!(w.sum("arbor_worker_batch_size_count", &[]), passes);
     // Four samples share passes: some pass held more than one sequence.
     assert!(w.sum("arbor_worker_batch_size_sum", &[]) > passes);
-    assert_eq!(w.sum("arbor_worker_kv_blocks_total", &[]), 8192.0);
+    assert_eq!(w.sum("arbor_worker_kv_blocks_max", &[]), 8192.0);
     // The prefix cache keeps the samples' sequences, so blocks stay in use.
     assert!(w.sum("arbor_worker_kv_blocks_in_use", &[]) > 0.0);
     assert_eq!(w.sum("arbor_worker_calls_running", &[]), 0.0);

@@ -238,8 +238,8 @@ pub struct WorkerMetrics {
     pub forward_passes: IntCounter,
     /// `arbor_worker_kv_blocks_in_use`: KV cache blocks (16 tokens each) in use.
     pub kv_blocks_in_use: IntGauge,
-    /// `arbor_worker_kv_blocks_total`: KV cache blocks the worker may use (`--kv-blocks`).
-    pub kv_blocks_total: IntGauge,
+    /// `arbor_worker_kv_blocks_max`: KV cache blocks the worker may use (`--kv-blocks`).
+    pub kv_blocks_max: IntGauge,
     /// `arbor_worker_prefix_cache_sequences`: sequences the prefix cache holds.
     pub prefix_cache_sequences: IntGauge,
     /// `arbor_worker_generation_tokens_total`: tokens generated (its rate: tokens per second).
@@ -292,9 +292,9 @@ impl WorkerMetrics {
                 "arbor_worker_kv_blocks_in_use",
                 "KV cache blocks (16 tokens each) in use.",
             ),
-            kv_blocks_total: gauge(
+            kv_blocks_max: gauge(
                 r,
-                "arbor_worker_kv_blocks_total",
+                "arbor_worker_kv_blocks_max",
                 "KV cache blocks the worker may use.",
             ),
             prefix_cache_sequences: gauge(
