@@ -636,6 +636,7 @@ fn bad_requests_get_invalid_argument_naming_the_field_and_the_server_keeps_servi
                 expansion_id: "other".into(),
                 nodes: vec![node(vec![9707, 11, 1879], 1)],
                 tokenizer_fingerprint: other.clone(),
+                ..Default::default()
             })
             .await
             .unwrap_err();
@@ -657,6 +658,7 @@ fn bad_requests_get_invalid_argument_naming_the_field_and_the_server_keeps_servi
                     }],
                 }],
                 tokenizer_fingerprint: other,
+                ..Default::default()
             })
             .await
             .unwrap_err();
@@ -682,6 +684,7 @@ fn bad_requests_get_invalid_argument_naming_the_field_and_the_server_keeps_servi
                 expansion_id: String::new(),
                 nodes: vec![node(vec![9707, 11, 1879], 2)],
                 tokenizer_fingerprint: ours,
+                ..Default::default()
             })
             .await
             .unwrap()
