@@ -228,7 +228,8 @@ impl PoolMetrics {
 pub struct WorkerMetrics {
     /// `arbor_worker_calls_running`: calls the engine thread is decoding or scoring now.
     pub calls_running: IntGauge,
-    /// `arbor_worker_calls_queued`: calls admitted and not yet taken by the engine thread.
+    /// `arbor_worker_calls_queued`: calls admitted and not in the decoding batch: waiting for
+    /// the engine thread, or scoring (a `Score` runs between passes, a chunk at a time).
     pub calls_queued: IntGauge,
     /// `arbor_worker_requests_total{method,code}`: `Expand` / `Score` calls answered, by code.
     pub requests: IntCounterVec,
@@ -266,7 +267,7 @@ impl WorkerMetrics {
             calls_queued: gauge(
                 r,
                 "arbor_worker_calls_queued",
-                "Calls admitted and not yet taken by the engine.",
+                "Calls admitted and not in the decoding batch (waiting, or scoring).",
             ),
             requests: counter_vec(
                 r,
