@@ -109,15 +109,18 @@ fn the_manifests_validate_against_the_kubernetes_schemas() {
             );
             return;
         }
-        Err(e) => panic!(
-            "CI: kubernetes-validate is not installed ({e}); .ci/run installs it with pip"
-        ),
+        Err(e) => {
+            panic!("CI: kubernetes-validate is not installed ({e}); .ci/run installs it with pip")
+        }
     };
     let report = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success(), "the manifests do not validate:\n{report}");
+    assert!(
+        out.status.success(),
+        "the manifests do not validate:\n{report}"
+    );
     assert!(!report.contains("ERROR"), "{report}");
 }

@@ -49,9 +49,12 @@ impl Server {
             if let Some(a) = line.strip_prefix("arbor metrics listening on http://") {
                 metrics = Some(a.trim_end_matches("/metrics").to_string());
             }
-            let listening = ["arbor worker listening on ", "arbor coordinator listening on "]
-                .iter()
-                .find_map(|p| line.strip_prefix(p));
+            let listening = [
+                "arbor worker listening on ",
+                "arbor coordinator listening on ",
+            ]
+            .iter()
+            .find_map(|p| line.strip_prefix(p));
             if let Some(a) = listening {
                 break a.split_whitespace().next().unwrap().to_string();
             }
@@ -113,7 +116,11 @@ impl Server {
 
     /// `GET path` on its metrics port: (status code, body).
     fn get(&self, path: &str) -> (u16, String) {
-        http(self.metrics.as_deref().expect("--metrics-listen"), "GET", path)
+        http(
+            self.metrics.as_deref().expect("--metrics-listen"),
+            "GET",
+            path,
+        )
     }
 
     /// Its metrics, scraped over HTTP.
@@ -147,7 +154,10 @@ fn http(addr: &str, method: &str, path: &str) -> (u16, String) {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or_else(|| panic!("not an HTTP answer: {text:?}"));
-    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
     (status, body)
 }
 
@@ -217,8 +227,13 @@ fn metrics_scraped_over_http_count_a_real_search_on_both_servers() {
 
     let before = coord.scrape();
     assert_eq!(before.sum("arbor_searches_finished_total", &[]), 0.0);
-    assert_eq!(before.sum("arbor_pool_workers", &["state=\"healthy\""]), 1.0);
-    assert!(before.0.contains("# TYPE arbor_search_duration_seconds histogram"));
+    assert_eq!(
+        before.sum("arbor_pool_workers", &["state=\"healthy\""]),
+        1.0
+    );
+    assert!(before
+        .0
+        .contains("# TYPE arbor_search_duration_seconds histogram"));
 
     let result = search(&coord.url, search_request("metrics-1", 96)).expect("search");
     let generated = result.costs.as_ref().unwrap().generated_tokens;
@@ -237,7 +252,10 @@ fn metrics_scraped_over_http_count_a_real_search_on_both_servers() {
     let c = coord.scrape();
     assert_eq!(c.sum("arbor_searches_finished_total", &[]), 1.0, "{}", c.0);
     assert_eq!(
-        c.sum("arbor_searches_failed_total", &["code=\"INVALID_ARGUMENT\""]),
+        c.sum(
+            "arbor_searches_failed_total",
+            &["code=\"INVALID_ARGUMENT\""]
+        ),
         1.0
     );
     assert_eq!(c.sum("arbor_searches_running", &[]), 0.0);
@@ -251,7 +269,10 @@ fn metrics_scraped_over_http_count_a_real_search_on_both_servers() {
         &["method=\"expand\"", "code=\"OK\""],
     );
     assert!(ok_calls > 0.0, "{}", c.0);
-    assert_eq!(c.sum("arbor_pool_call_duration_seconds_count", &[]), ok_calls);
+    assert_eq!(
+        c.sum("arbor_pool_call_duration_seconds_count", &[]),
+        ok_calls
+    );
     assert_eq!(c.sum("arbor_pool_expand_batch_nodes_count", &[]), ok_calls);
     assert_eq!(c.sum("arbor_pool_retries_total", &[]), 0.0);
 
@@ -362,7 +383,9 @@ fn workers_with_other_weights_are_not_pooled_and_are_named() {
     assert_ne!(a.weights_fingerprint, b.weights_fingerprint);
     assert_eq!(
         a.weights_fingerprint,
-        arbor_model::Model::load(&a_dir).unwrap().weights_fingerprint,
+        arbor_model::Model::load(&a_dir)
+            .unwrap()
+            .weights_fingerprint,
         "computed the same at every load"
     );
     let model_a = ["--model", a_dir.to_str().unwrap()];
@@ -388,13 +411,21 @@ fn workers_with_other_weights_are_not_pooled_and_are_named() {
         .unwrap()
     });
     assert_eq!(pool.healthy(), 1);
-    assert_eq!(pool.weights_fingerprint(), Some(a.weights_fingerprint.clone()));
-    let worker_b = Server::start(&["worker", "--listen", &b_addr, model_b[0], model_b[1]], &[]);
+    assert_eq!(
+        pool.weights_fingerprint(),
+        Some(a.weights_fingerprint.clone())
+    );
+    let worker_b = Server::start(
+        &["worker", "--listen", &b_addr, model_b[0], model_b[1]],
+        &[],
+    );
     rt.block_on(pool.refresh());
     let members = pool.members();
     let member_b = members.iter().find(|m| m.url().contains(&b_addr)).unwrap();
     assert!(!member_b.is_healthy());
-    let why = member_b.incompatible().expect("the other weights are named");
+    let why = member_b
+        .incompatible()
+        .expect("the other weights are named");
     assert!(
         why.contains("other weights")
             && why.contains(&b.weights_fingerprint)

@@ -1423,7 +1423,9 @@ fn only_transport_failures_and_unavailable_take_a_worker_out_of_rotation() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         use tonic::Status;
-        let answers: Vec<(&str, fn(usize) -> Result<(), Status>, bool)> = vec![
+        // (name, how the fake worker answers call n, whether the worker stays in rotation).
+        type Answer = fn(usize) -> Result<(), Status>;
+        let answers: Vec<(&str, Answer, bool)> = vec![
             (
                 "invalid",
                 |_| Err(Status::invalid_argument("nodes[0].k: bad")),

@@ -201,7 +201,7 @@ mod tests {
     #[test]
     fn weights_fingerprints_see_names_types_shapes_and_sampled_bytes() {
         let big: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
-        let small = vec![7u8; 64];
+        let small = [7u8; 64];
         let fp = |big: &[u8], ty, dims: &[u64], name: &'static str| {
             weights_fingerprint([
                 ("a.weight", GgmlType::F32, &[16u64][..], &small[..]),
@@ -226,7 +226,11 @@ mod tests {
         for at in [0, big.len() - 1] {
             let mut other = big.clone();
             other[at] ^= 1;
-            assert_ne!(base, fp(&other, GgmlType::Q8_0, &[100, 1000], "b.weight"), "{at}");
+            assert_ne!(
+                base,
+                fp(&other, GgmlType::Q8_0, &[100, 1000], "b.weight"),
+                "{at}"
+            );
         }
     }
 }

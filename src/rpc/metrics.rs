@@ -24,25 +24,29 @@ use tokio::net::TcpListener;
 
 fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
     let c = IntCounter::new(name, help).expect("valid metric");
-    r.register(Box::new(c.clone())).expect("metric registered once");
+    r.register(Box::new(c.clone()))
+        .expect("metric registered once");
     c
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-    r.register(Box::new(c.clone())).expect("metric registered once");
+    r.register(Box::new(c.clone()))
+        .expect("metric registered once");
     c
 }
 
 fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
     let g = IntGauge::new(name, help).expect("valid metric");
-    r.register(Box::new(g.clone())).expect("metric registered once");
+    r.register(Box::new(g.clone()))
+        .expect("metric registered once");
     g
 }
 
 fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
-    r.register(Box::new(g.clone())).expect("metric registered once");
+    r.register(Box::new(g.clone()))
+        .expect("metric registered once");
     g
 }
 
@@ -51,7 +55,8 @@ fn histogram(r: &Registry, name: &str, help: &str, start: f64, factor: f64, n: u
     let buckets = exponential_buckets(start, factor, n).expect("valid buckets");
     let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
         .expect("valid metric");
-    r.register(Box::new(h.clone())).expect("metric registered once");
+    r.register(Box::new(h.clone()))
+        .expect("metric registered once");
     h
 }
 
@@ -434,11 +439,9 @@ fn answer<B>(req: &Request<B>, exposition: &Exposition) -> Response<Full<Bytes>>
         );
     }
     match *req.method() {
-        Method::GET | Method::HEAD => reply(
-            StatusCode::OK,
-            prometheus::TEXT_FORMAT,
-            exposition.render(),
-        ),
+        Method::GET | Method::HEAD => {
+            reply(StatusCode::OK, prometheus::TEXT_FORMAT, exposition.render())
+        }
         _ => {
             let mut r = reply(
                 StatusCode::METHOD_NOT_ALLOWED,

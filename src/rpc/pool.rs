@@ -20,10 +20,10 @@ use arbor_search::{
 };
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
-use tracing::Instrument;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
+use tracing::Instrument;
 
 use super::pb;
 use super::pb::worker_client::WorkerClient;
@@ -339,8 +339,7 @@ impl Member {
                     Ok(Ok(info)) => {
                         let info = info.into_inner();
                         if info.tokenizer_fingerprint == expected {
-                            *self.weights.lock().expect("weights lock") =
-                                info.weights_fingerprint;
+                            *self.weights.lock().expect("weights lock") = info.weights_fingerprint;
                             Compat::Same
                         } else {
                             let why = format!(
@@ -597,7 +596,9 @@ impl WorkerPool {
             }
             m.workers.with_label_values(&["healthy"]).set(healthy);
             m.workers.with_label_values(&["unhealthy"]).set(unhealthy);
-            m.workers.with_label_values(&["incompatible"]).set(incompatible);
+            m.workers
+                .with_label_values(&["incompatible"])
+                .set(incompatible);
         }
         *self.inner.members.write().expect("members lock") = members;
     }

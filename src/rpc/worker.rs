@@ -22,6 +22,9 @@ use super::limits::WorkerLimits;
 use super::pb;
 use super::pb::worker_server::{Worker, WorkerServer};
 
+/// A path to score: its prompt tokens and its steps' tokens.
+type ScorePath = (Vec<u32>, Vec<Vec<u32>>);
+
 /// Answers kept for repeated expansion ids.
 const REMEMBERED_EXPANSIONS: usize = 1024;
 
@@ -98,7 +101,9 @@ impl WorkerService {
     /// Counts one answered call of `method`.
     fn count<T>(&self, method: &str, result: &Result<T, Status>) {
         if let Some(m) = &self.metrics {
-            let code = result.as_ref().map_or_else(|s| s.code(), |_| tonic::Code::Ok);
+            let code = result
+                .as_ref()
+                .map_or_else(|s| s.code(), |_| tonic::Code::Ok);
             m.requests
                 .with_label_values(&[method, super::metrics::code_label(code)])
                 .inc();
@@ -334,10 +339,7 @@ impl WorkerService {
 
     /// Checks a `Score` request against the limits: every violation names the field and the
     /// limit (INVALID_ARGUMENT for one path or step, RESOURCE_EXHAUSTED for the whole call).
-    fn validate_score(
-        &self,
-        req: &pb::ScoreRequest,
-    ) -> Result<Vec<(Vec<u32>, Vec<Vec<u32>>)>, Status> {
+    fn validate_score(&self, req: &pb::ScoreRequest) -> Result<Vec<ScorePath>, Status> {
         let l = &self.limits;
         let info = self.worker.model_info();
         let (vocab, context) = (info.config.vocab_size, info.config.context_length);
