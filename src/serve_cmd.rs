@@ -315,10 +315,11 @@ pub(crate) fn run_serve(a: ServeArgs) -> Result<()> {
     let metrics_listener = a.ops.metrics_listener()?;
     let registry = prometheus::Registry::new();
     let (search_metrics, pool_metrics) = match metrics_listener {
-        Some(_) => (
-            Some(SearchMetrics::new(&registry)),
-            Some(PoolMetrics::new(&registry)),
-        ),
+        Some(_) => {
+            let searches = SearchMetrics::new(&registry);
+            searches.max.set(a.searches_max as i64);
+            (Some(searches), Some(PoolMetrics::new(&registry)))
+        }
         None => (None, None),
     };
     let workers_token = a

@@ -235,7 +235,27 @@ fn metrics_scraped_over_http_count_a_real_search_on_both_servers() {
         .0
         .contains("# TYPE arbor_search_duration_seconds histogram"));
 
-    let result = search(&coord.url, search_request("metrics-1", 96)).expect("search");
+    // While the search runs, the gauges show it: one search, calls in flight on both sides.
+    let url = coord.url.clone();
+    let running = std::thread::spawn(move || search(&url, search_request("metrics-1", 160)));
+    let t = Instant::now();
+    let (mut seen_coordinator, mut seen_worker) = (false, false);
+    while !(seen_coordinator && seen_worker) && !running.is_finished() {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the search did not show"
+        );
+        let c = coord.scrape();
+        seen_coordinator |= c.sum("arbor_searches_running", &[]) == 1.0
+            && c.sum("arbor_pool_calls_in_flight", &[]) >= 1.0;
+        seen_worker |= worker.scrape().sum("arbor_worker_calls_running", &[]) >= 1.0;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        seen_coordinator && seen_worker,
+        "{seen_coordinator} {seen_worker}"
+    );
+    let result = running.join().unwrap().expect("search");
     let generated = result.costs.as_ref().unwrap().generated_tokens;
     assert!(generated > 0);
     // A refused request is counted by its code.
@@ -259,6 +279,8 @@ fn metrics_scraped_over_http_count_a_real_search_on_both_servers() {
         1.0
     );
     assert_eq!(c.sum("arbor_searches_running", &[]), 0.0);
+    assert_eq!(c.sum("arbor_searches_max", &[]), 64.0);
+    assert_eq!(c.sum("arbor_pool_calls_in_flight", &[]), 0.0);
     assert_eq!(c.sum("arbor_search_duration_seconds_count", &[]), 1.0);
     assert!(c.sum("arbor_search_duration_seconds_sum", &[]) > 0.0);
     assert_eq!(c.sum("arbor_search_generation_tokens_count", &[]), 1.0);

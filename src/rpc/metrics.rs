@@ -89,6 +89,9 @@ pub fn code_label(code: tonic::Code) -> &'static str {
 pub struct SearchMetrics {
     /// `arbor_searches_running`: searches running now (each holds one of `--searches-max`).
     pub running: IntGauge,
+    /// `arbor_searches_max`: `--searches-max`. The coordinator queues no search: past this
+    /// many, a search is refused with RESOURCE_EXHAUSTED (`arbor_searches_failed_total`).
+    pub max: IntGauge,
     /// `arbor_searches_finished_total{termination}`: searches that returned a result, by why
     /// they stopped (`budget_tokens`, `budget_deadline`, `exhausted`, `cancelled`, …).
     pub finished: IntCounterVec,
@@ -115,6 +118,11 @@ impl SearchMetrics {
     pub fn new(r: &Registry) -> Self {
         SearchMetrics {
             running: gauge(r, "arbor_searches_running", "Searches running now."),
+            max: gauge(
+                r,
+                "arbor_searches_max",
+                "Searches that may run at once; more are refused, not queued.",
+            ),
             finished: counter_vec(
                 r,
                 "arbor_searches_finished_total",
@@ -160,6 +168,8 @@ pub struct PoolMetrics {
     pub calls: IntCounterVec,
     /// `arbor_pool_call_duration_seconds{method}`: time of worker call attempts.
     pub call_duration: HistogramVec,
+    /// `arbor_pool_calls_in_flight`: worker calls sent and not yet answered.
+    pub in_flight: IntGauge,
     /// `arbor_pool_retries_total`: calls re-sent after a failed attempt.
     pub retries: IntCounter,
     /// `arbor_pool_retries_refused_total`: re-sends the retry budget refused.
@@ -200,6 +210,11 @@ impl PoolMetrics {
                 &["method", "code"],
             ),
             call_duration,
+            in_flight: gauge(
+                r,
+                "arbor_pool_calls_in_flight",
+                "Worker calls sent and not yet answered.",
+            ),
             retries: counter(
                 r,
                 "arbor_pool_retries_total",

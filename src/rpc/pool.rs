@@ -761,8 +761,7 @@ impl WorkerPool {
             let timeout = remaining.map_or(options.call_timeout, |r| r.min(options.call_timeout));
             let per_call_timeout = remaining.is_none_or(|r| r > options.call_timeout);
             member.calls.fetch_add(1, Ordering::Relaxed);
-            member.outstanding.fetch_add(1, Ordering::SeqCst);
-            let guard = Outstanding(&member);
+            let guard = Outstanding::new(&member, options.metrics.as_ref());
             let started = Instant::now();
             let meta = CallMeta {
                 timeout,
@@ -910,11 +909,25 @@ impl CallMeta {
     }
 }
 
-struct Outstanding<'a>(&'a Member);
+/// A call in flight on a member (and in the pool's gauge), until dropped.
+struct Outstanding<'a>(&'a Member, Option<&'a super::metrics::PoolMetrics>);
+
+impl<'a> Outstanding<'a> {
+    fn new(member: &'a Member, metrics: Option<&'a super::metrics::PoolMetrics>) -> Self {
+        member.outstanding.fetch_add(1, Ordering::SeqCst);
+        if let Some(m) = metrics {
+            m.in_flight.inc();
+        }
+        Outstanding(member, metrics)
+    }
+}
 
 impl Drop for Outstanding<'_> {
     fn drop(&mut self) {
         self.0.outstanding.fetch_sub(1, Ordering::SeqCst);
+        if let Some(m) = self.1 {
+            m.in_flight.dec();
+        }
     }
 }
 
