@@ -418,7 +418,10 @@ fn admit_weights(
             Ok(())
         }
         Some((want, first)) if want != reported => Err(format!(
-            "runs other weights than the pool's: weights fingerprint {reported:?}, while the              first worker verified ({first}) runs {want:?}; a search must not mix two models,              so it gets no work: start it with the same model as the other workers (or restart              the coordinator to pool the new model)"
+            "runs other weights than the pool's: weights fingerprint {reported:?}, while the \
+             first worker verified ({first}) runs {want:?}; a search must not mix two models, \
+             so it gets no work: start it with the same model as the other workers (or restart \
+             the coordinator to pool the new model)"
         )),
         Some(_) => Ok(()),
     }
