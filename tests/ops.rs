@@ -515,7 +515,75 @@ fn workers_with_other_weights_are_not_pooled_and_are_named() {
         "{}",
         status.message()
     );
-    drop((coord, worker_a, worker_b));
+    drop(coord);
+
+    // The pool's first worker restarted with other weights at the same address, between two
+    // health checks: the pool's next call fails there (refused for its weights, or on the
+    // dropped connection), and by the next health check at the latest the worker is named
+    // with both fingerprints and out of rotation.
+    let a_url = worker_a.url.clone();
+    drop(worker_a);
+    let a_addr = a_url.strip_prefix("http://").unwrap().to_string();
+    let t = Instant::now();
+    let _restarted = loop {
+        // The port frees once the killed process is gone.
+        match std::panic::catch_unwind(|| {
+            Server::start(
+                &["worker", "--listen", &a_addr, model_b[0], model_b[1]],
+                &[],
+            )
+        }) {
+            Ok(w) => break w,
+            Err(_) if t.elapsed() < Duration::from_secs(20) => {
+                std::thread::sleep(Duration::from_millis(200))
+            }
+            Err(e) => std::panic::resume_unwind(e),
+        }
+    };
+    assert_eq!(pool.healthy(), 1, "no health check has run since");
+    let proposed = rt.block_on(async {
+        use arbor_search::Policy as _;
+        let remote =
+            arbor::rpc::pool::RemotePolicy::new(pool.clone(), vec![1, 2, 3], None, "\n\n".into());
+        remote
+            .propose(vec![arbor_search::ProposeRequest {
+                node: arbor_search::NodeId::ROOT,
+                prompt: "p".into(),
+                steps: vec![],
+                k: 1,
+                sampling: arbor_search::Sampling {
+                    temperature: 0.5,
+                    top_p: 1.0,
+                    max_step_tokens: 4,
+                    seed: 1,
+                },
+            }])
+            .await
+    });
+    assert!(
+        proposed.is_err(),
+        "no worker runs the pool's weights any more"
+    );
+    let member_a = || {
+        let members = pool.members();
+        members.iter().find(|m| m.url() == a_url).unwrap().clone()
+    };
+    if member_a().incompatible().is_none() {
+        // The call failed on the dropped connection: the next health check names it.
+        rt.block_on(pool.refresh());
+    }
+    let member_a = member_a();
+    let why = member_a
+        .incompatible()
+        .expect("the restarted worker is named");
+    assert!(
+        why.contains("weights")
+            && why.contains(&a.weights_fingerprint)
+            && why.contains(&b.weights_fingerprint),
+        "{why}"
+    );
+    assert_eq!(pool.healthy(), 0);
+    drop(worker_b);
     let _ = std::fs::remove_dir_all(&a_dir);
     let _ = std::fs::remove_dir_all(&b_dir);
 }
