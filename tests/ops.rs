@@ -240,7 +240,7 @@ fn metrics_scraped_over_http_count_a_real_search_on_both_servers() {
     let running = std::thread::spawn(move || search(&url, search_request("metrics-1", 160)));
     let t = Instant::now();
     let (mut seen_coordinator, mut seen_worker) = (false, false);
-    while !(seen_coordinator && seen_worker) && !running.is_finished() {
+    while !(running.is_finished() || seen_coordinator && seen_worker) {
         assert!(
             t.elapsed() < Duration::from_secs(60),
             "the search did not show"
