@@ -8,7 +8,8 @@
 //!    in-process against `Expand` over gRPC, in plain text and over TLS;
 //! 3. a whole search (MCTS, 256 generated tokens, GSM8K question 0): embedded, through a
 //!    coordinator with one worker, and with three; the overhead per expansion call is
-//!    (coordinated wall − embedded wall) / policy calls.
+//!    (coordinated wall − embedded wall) / policy calls; and through a coordinator with one
+//!    worker recording metrics (`--metrics-listen`), against the same without.
 //!
 //! Rounds are interleaved and medians reported, so machine noise hits every variant alike.
 //! Options (env): `ARBOR_BENCH_ROUNDS` (default 3).
@@ -19,6 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arbor::rpc::coordinator::{self, Coordinator, CoordinatorOptions};
+use arbor::rpc::metrics::{Exposition, PoolMetrics, SearchMetrics};
 use arbor::rpc::pb;
 use arbor::rpc::pb::search_client::SearchClient;
 use arbor::rpc::pb::worker_client::WorkerClient;
@@ -93,15 +95,34 @@ async fn coordinator_for(
     urls: &[String],
     model: &Model,
 ) -> SearchClient<tonic::transport::Channel> {
+    coordinator_with(urls, model, None).await
+}
+
+/// A coordinator over `urls`, recording its metrics in `registry` when given.
+async fn coordinator_with(
+    urls: &[String],
+    model: &Model,
+    registry: Option<&prometheus::Registry>,
+) -> SearchClient<tonic::transport::Channel> {
     let pool = WorkerPool::connect(
         urls.iter()
             .map(|u| u.parse::<WorkerSpec>().unwrap())
             .collect(),
-        PoolOptions::default(),
+        PoolOptions {
+            metrics: registry.map(PoolMetrics::new),
+            ..PoolOptions::default()
+        },
     )
     .await
     .unwrap();
-    let c = Coordinator::new(pool, model.tokenizer.clone(), CoordinatorOptions::default());
+    let c = Coordinator::new(
+        pool,
+        model.tokenizer.clone(),
+        CoordinatorOptions {
+            metrics: registry.map(SearchMetrics::new),
+            ..CoordinatorOptions::default()
+        },
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(coordinator::serve(
@@ -153,10 +174,12 @@ fn main() -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let (mut one, mut three) = rt.block_on(async {
+    let registry = prometheus::Registry::new();
+    let (mut one, mut three, mut one_metrics) = rt.block_on(async {
         (
             coordinator_for(&urls[..1], &model).await,
             coordinator_for(&urls, &model).await,
+            coordinator_with(&urls[..1], &model, Some(&registry)).await,
         )
     });
     let mut worker = rt.block_on(WorkerClient::connect(urls[0].clone()))?;
@@ -231,7 +254,7 @@ fn main() -> anyhow::Result<()> {
         seed: 1,
         ..Default::default()
     };
-    let (mut emb, mut r1, mut r3) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut emb, mut r1, mut r3, mut r1m) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut policy_calls = 0;
     for _ in 0..rounds {
         let mut c = strategy_config(Strategy::Mcts, 8, 0.7, 128);
@@ -250,7 +273,11 @@ fn main() -> anyhow::Result<()> {
         let o = rt.block_on(search.run(&fresh, &LogProbScorer, &SearchControl::new()))?;
         emb.push(t.elapsed().as_secs_f64());
         policy_calls = o.costs.policy_calls;
-        for (client, out) in [(&mut one, &mut r1), (&mut three, &mut r3)] {
+        for (client, out) in [
+            (&mut one, &mut r1),
+            (&mut three, &mut r3),
+            (&mut one_metrics, &mut r1m),
+        ] {
             let t = Instant::now();
             let r = rt.block_on(client.search(search_request()))?.into_inner();
             out.push(t.elapsed().as_secs_f64());
@@ -258,7 +285,12 @@ fn main() -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    let (emb, r1, r3) = (median(emb), median(r1), median(r3));
+    let (emb, r1, r3, r1m) = (median(emb), median(r1), median(r3), median(r1m));
+    let scraped = Exposition::new(registry, || {}).render();
+    assert!(
+        scraped.contains("arbor_searches_finished_total"),
+        "metrics were recorded"
+    );
     drop(tls_worker);
     let _ = std::fs::remove_dir_all(&pki);
     println!("service overhead, {rounds} interleaved rounds, medians");
@@ -289,5 +321,10 @@ fn main() -> anyhow::Result<()> {
             r / emb
         );
     }
+    println!(
+        "| search, 1 worker, metrics recorded | {r1:.2} s (metrics off) | {r1m:.2} s | {:+.0} µs per call ({:.3}x) |",
+        (r1m - r1) * 1e6 / policy_calls as f64,
+        r1m / r1
+    );
     Ok(())
 }

@@ -9,11 +9,12 @@ use anyhow::{bail, Context, Result};
 use arbor::rpc::auth::{read_first_token, Tokens};
 use arbor::rpc::coordinator::{self, Coordinator, CoordinatorOptions};
 use arbor::rpc::limits::{SearchLimits, WorkerLimits};
+use arbor::rpc::metrics::{self, PoolMetrics, SearchMetrics, WorkerMetrics};
 use arbor::rpc::pool::{PoolOptions, WorkerPool, WorkerSpec};
 use arbor::rpc::tls::{ClientTls, ClientTlsFiles, ServerTls, ServerTlsFiles};
 use arbor::rpc::worker::{self, WorkerService};
 use arbor_model::{EngineOptions, Model};
-use arbor_worker::{LocalWorker, WorkerOptions};
+use arbor_worker::{LocalWorker, PassObserver, WorkerOptions};
 
 use crate::cli::{load_engine_with, resolve_model, Device};
 
@@ -63,6 +64,12 @@ pub(crate) struct ServerOpsArgs {
     /// Example: --drain-timeout 2m
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     drain_timeout: Duration,
+    /// Serve Prometheus metrics (`arbor_…`, text format) at `GET http://ADDR/metrics` (port 0
+    /// picks a free port; the chosen address is printed). Plain HTTP without authentication:
+    /// bind it where only the scraper reaches it. Default: no metrics.
+    /// Example: --metrics-listen 0.0.0.0:9090
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 impl ServerOpsArgs {
@@ -73,6 +80,35 @@ impl ServerOpsArgs {
             .transpose()
             .context("--auth-token-file")
     }
+
+    /// Binds --metrics-listen (before the model loads, so a taken port fails at once).
+    fn metrics_listener(&self) -> Result<Option<std::net::TcpListener>> {
+        let Some(addr) = self.metrics_listen else {
+            return Ok(None);
+        };
+        let l = std::net::TcpListener::bind(addr)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .with_context(|| format!("--metrics-listen {addr}"))?;
+        Ok(Some(l))
+    }
+}
+
+/// Serves `exposition` on `listener` (from [`ServerOpsArgs::metrics_listener`]) in the
+/// background of the current runtime, and says where.
+fn start_metrics(
+    listener: Option<std::net::TcpListener>,
+    exposition: metrics::Exposition,
+) -> Result<()> {
+    let Some(listener) = listener else {
+        return Ok(());
+    };
+    let listener = tokio::net::TcpListener::from_std(listener).context("--metrics-listen")?;
+    eprintln!(
+        "arbor metrics listening on http://{}/metrics",
+        listener.local_addr()?
+    );
+    tokio::spawn(metrics::serve(listener, exposition));
+    Ok(())
 }
 
 /// `30`, `30s`, `500ms`, `2m`.
@@ -213,6 +249,11 @@ pub(crate) fn run_worker(a: WorkerArgs) -> Result<()> {
     // Checked before the model loads, so a wrong path fails at once.
     let tls = a.tls.load()?;
     let tokens = a.ops.tokens()?;
+    let metrics_listener = a.ops.metrics_listener()?;
+    let registry = prometheus::Registry::new();
+    let worker_metrics = WorkerMetrics::new(&registry);
+    worker_metrics.kv_blocks_max.set(a.kv_blocks as i64);
+    let batch_size = worker_metrics.batch_size.clone();
     let (model, engine) = load_engine_with(
         a.model,
         a.device,
@@ -226,13 +267,21 @@ pub(crate) fn run_worker(a: WorkerArgs) -> Result<()> {
         engine,
         WorkerOptions {
             calls_in_flight_max: a.calls_in_flight_max,
+            on_pass: metrics_listener
+                .is_some()
+                .then(|| PassObserver(Arc::new(move |n| batch_size.observe(n as f64)))),
             ..WorkerOptions::default()
         },
     );
+    let observed = local.clone();
+    let wm = worker_metrics.clone();
+    let exposition = metrics::Exposition::new(registry, move || wm.update_from(&observed));
     let service = WorkerService::new(local, WorkerLimits::default())
         .with_auth(tokens)
-        .with_drain_timeout(a.ops.drain_timeout);
+        .with_drain_timeout(a.ops.drain_timeout)
+        .with_metrics(metrics_listener.is_some().then_some(worker_metrics));
     runtime()?.block_on(async move {
+        start_metrics(metrics_listener, exposition)?;
         let listener = worker::bind(a.listen)
             .await
             .with_context(|| format!("--listen {}", a.listen))?;
@@ -263,6 +312,16 @@ pub(crate) fn run_serve(a: ServeArgs) -> Result<()> {
     }
     let tls = a.tls.load()?;
     let tokens = a.ops.tokens()?;
+    let metrics_listener = a.ops.metrics_listener()?;
+    let registry = prometheus::Registry::new();
+    let (search_metrics, pool_metrics) = match metrics_listener {
+        Some(_) => {
+            let searches = SearchMetrics::new(&registry);
+            searches.max.set(a.searches_max as i64);
+            (Some(searches), Some(PoolMetrics::new(&registry)))
+        }
+        None => (None, None),
+    };
     let workers_token = a
         .workers_token_file
         .as_deref()
@@ -284,6 +343,7 @@ pub(crate) fn run_serve(a: ServeArgs) -> Result<()> {
         Model::load_tokenizer(&path).with_context(|| format!("loading {}", path.display()))?,
     );
     runtime()?.block_on(async move {
+        start_metrics(metrics_listener, metrics::Exposition::new(registry, || {}))?;
         let pool = WorkerPool::connect(
             specs,
             PoolOptions {
@@ -291,6 +351,7 @@ pub(crate) fn run_serve(a: ServeArgs) -> Result<()> {
                 tokenizer_fingerprint: Some(tokenizer.fingerprint()),
                 tls: workers_tls,
                 auth_token: workers_token,
+                metrics: pool_metrics,
                 ..PoolOptions::default()
             },
         )
@@ -323,6 +384,7 @@ pub(crate) fn run_serve(a: ServeArgs) -> Result<()> {
                 },
                 auth: tokens,
                 drain_timeout: a.ops.drain_timeout,
+                metrics: search_metrics,
                 ..CoordinatorOptions::default()
             },
         );

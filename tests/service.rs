@@ -636,6 +636,7 @@ fn bad_requests_get_invalid_argument_naming_the_field_and_the_server_keeps_servi
                 expansion_id: "other".into(),
                 nodes: vec![node(vec![9707, 11, 1879], 1)],
                 tokenizer_fingerprint: other.clone(),
+                ..Default::default()
             })
             .await
             .unwrap_err();
@@ -657,6 +658,7 @@ fn bad_requests_get_invalid_argument_naming_the_field_and_the_server_keeps_servi
                     }],
                 }],
                 tokenizer_fingerprint: other,
+                ..Default::default()
             })
             .await
             .unwrap_err();
@@ -682,6 +684,7 @@ fn bad_requests_get_invalid_argument_naming_the_field_and_the_server_keeps_servi
                 expansion_id: String::new(),
                 nodes: vec![node(vec![9707, 11, 1879], 2)],
                 tokenizer_fingerprint: ours,
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -1420,7 +1423,9 @@ fn only_transport_failures_and_unavailable_take_a_worker_out_of_rotation() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         use tonic::Status;
-        let answers: Vec<(&str, fn(usize) -> Result<(), Status>, bool)> = vec![
+        // (name, how the fake worker answers call n, whether the worker stays in rotation).
+        type Answer = fn(usize) -> Result<(), Status>;
+        let answers: Vec<(&str, Answer, bool)> = vec![
             (
                 "invalid",
                 |_| Err(Status::invalid_argument("nodes[0].k: bad")),

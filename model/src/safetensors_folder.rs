@@ -138,6 +138,19 @@ impl SafetensorsFolder {
         })
     }
 
+    /// [`crate::loader::weights_fingerprint`] of the folder's tensors.
+    pub(crate) fn weights_fingerprint(&self) -> String {
+        let shapes: Vec<(&str, &Entry, Vec<u64>)> = self
+            .tensors
+            .iter()
+            .map(|(n, e)| (n.as_str(), e, e.shape.iter().map(|&d| d as u64).collect()))
+            .collect();
+        crate::loader::weights_fingerprint(shapes.iter().map(|(n, e, dims)| {
+            let bytes = &self.files[e.file].1[e.offset..e.offset + e.len];
+            (*n, e.dtype, &dims[..], bytes)
+        }))
+    }
+
     /// Whether the folder holds a tensor of this (Hugging Face) name.
     pub fn has_tensor(&self, name: &str) -> bool {
         self.tensors.contains_key(name)

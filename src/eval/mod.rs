@@ -709,7 +709,7 @@ async fn search_cell(
             let r = coordinator
                 .search(&question.question, system, &config)
                 .await?;
-            return Ok(remote_record(question, strategy, budget, seed, r));
+            return Ok(remote::record(question, strategy_name(strategy), budget, seed, r));
         }
     };
     let prompt = context.prompt(worker, &question.question)?;
@@ -748,46 +748,6 @@ async fn search_cell(
         samples: None,
         path,
     })
-}
-
-/// The trace of a cell searched on a coordinator.
-fn remote_record(
-    question: &Question,
-    strategy: Strategy,
-    budget: u64,
-    seed: u64,
-    r: arbor::rpc::pb::SearchResult,
-) -> TraceRecord {
-    // The service sends no answer as empty strings (an extracted answer is never empty).
-    let answer = Some(r.answer).filter(|a| !a.is_empty());
-    let c = r.costs.unwrap_or_default();
-    TraceRecord {
-        index: question.index,
-        question: question.question.clone(),
-        gold: question.gold.clone(),
-        strategy: strategy_name(strategy),
-        budget,
-        seed,
-        correct: answer
-            .as_deref()
-            .is_some_and(|a| equivalent(a, &question.gold)),
-        answer_key: answer.as_ref().map(|_| r.answer_key),
-        answer,
-        value: r.value,
-        costs: TraceCosts {
-            generated_tokens: c.generated_tokens,
-            prompt_tokens_computed: c.prompt_tokens_computed,
-            prompt_tokens_reused: c.prompt_tokens_reused,
-            prm_tokens_computed: c.prm_tokens_computed,
-            policy_calls: c.policy_calls,
-            nodes: c.nodes,
-            wall_ms: c.wall_ms,
-        },
-        termination: r.termination,
-        derived_from_samples: false,
-        samples: None,
-        path: r.path,
-    }
 }
 
 /// Extends the question's sampling run until it covers the largest missing budget, then reads

@@ -18,7 +18,10 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use arbor::rpc::pb;
-use arbor_search::SearchConfig;
+use arbor_search::{equivalent, SearchConfig};
+
+use super::dataset::Question;
+use super::trace::{TraceCosts, TraceRecord};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
@@ -143,5 +146,45 @@ impl Coordinator {
                 }
             }
         }
+    }
+}
+
+/// The trace of a cell searched on a coordinator.
+pub(crate) fn record(
+    question: &Question,
+    strategy: String,
+    budget: u64,
+    seed: u64,
+    r: pb::SearchResult,
+) -> TraceRecord {
+    // The service sends no answer as empty strings (an extracted answer is never empty).
+    let answer = Some(r.answer).filter(|a| !a.is_empty());
+    let c = r.costs.unwrap_or_default();
+    TraceRecord {
+        index: question.index,
+        question: question.question.clone(),
+        gold: question.gold.clone(),
+        strategy,
+        budget,
+        seed,
+        correct: answer
+            .as_deref()
+            .is_some_and(|a| equivalent(a, &question.gold)),
+        answer_key: answer.as_ref().map(|_| r.answer_key),
+        answer,
+        value: r.value,
+        costs: TraceCosts {
+            generated_tokens: c.generated_tokens,
+            prompt_tokens_computed: c.prompt_tokens_computed,
+            prompt_tokens_reused: c.prompt_tokens_reused,
+            prm_tokens_computed: c.prm_tokens_computed,
+            policy_calls: c.policy_calls,
+            nodes: c.nodes,
+            wall_ms: c.wall_ms,
+        },
+        termination: r.termination,
+        derived_from_samples: false,
+        samples: None,
+        path: r.path,
     }
 }

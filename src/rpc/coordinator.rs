@@ -19,6 +19,7 @@ use arbor_worker::STEP_BY_STEP_SYSTEM_PROMPT;
 use dashmap::DashMap;
 use tokio::sync::{mpsc, Semaphore};
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use super::auth::Owner;
 use super::limits::SearchLimits;
@@ -52,6 +53,8 @@ pub struct CoordinatorOptions {
     /// overflow) is cut off with RESOURCE_EXHAUSTED; the search goes on to its end and its
     /// tree is kept for `GetTree`.
     pub stream_stall_max: Duration,
+    /// Where searches are counted and timed (`--metrics-listen`); `None`: nowhere.
+    pub metrics: Option<super::metrics::SearchMetrics>,
 }
 
 /// Events a slow `SearchStream` reader may leave waiting beyond the stream's buffer before it
@@ -69,6 +72,7 @@ impl Default for CoordinatorOptions {
             drain_timeout: Duration::from_secs(30),
             stream_buffer: 256,
             stream_stall_max: Duration::from_secs(10),
+            metrics: None,
         }
     }
 }
@@ -130,6 +134,9 @@ struct Running<'a>(&'a Inner, (Owner, String));
 impl Drop for Running<'_> {
     fn drop(&mut self) {
         self.0.running.remove(&self.1);
+        if let Some(m) = &self.0.options.metrics {
+            m.running.dec();
+        }
     }
 }
 
@@ -402,6 +409,39 @@ impl Coordinator {
         events: Option<mpsc::Sender<SearchEvent>>,
         cancel: CancelToken,
     ) -> Result<pb::SearchResult, Status> {
+        let span = tracing::info_span!("search", request_id = %spec.request_id);
+        let result = self.run_search(spec, events, cancel).instrument(span).await;
+        if let Err(status) = &result {
+            self.count_failure(status);
+        }
+        result
+    }
+
+    /// Counts a search call answered with an error.
+    fn count_failure(&self, status: &Status) {
+        if let Some(m) = &self.inner.options.metrics {
+            m.failed
+                .with_label_values(&[super::metrics::code_label(status.code())])
+                .inc();
+        }
+    }
+
+    /// [`Coordinator::validate`], counting a refusal.
+    fn admit(
+        &self,
+        req: &pb::SearchRequest,
+        rpc_deadline: Option<Instant>,
+    ) -> Result<SearchSpec, Status> {
+        self.validate(req, rpc_deadline)
+            .inspect_err(|s| self.count_failure(s))
+    }
+
+    async fn run_search(
+        &self,
+        spec: SearchSpec,
+        events: Option<mpsc::Sender<SearchEvent>>,
+        cancel: CancelToken,
+    ) -> Result<pb::SearchResult, Status> {
         let inner = &*self.inner;
         if self.is_draining() {
             return Err(Status::unavailable(
@@ -429,6 +469,9 @@ impl Coordinator {
                     cancel: cancel.clone(),
                     tap: tap.clone(),
                 });
+                if let Some(m) = &inner.options.metrics {
+                    m.running.inc();
+                }
             }
         }
         let _running = Running(inner, key);
@@ -446,7 +489,8 @@ impl Coordinator {
             spec.prompt_tokens,
             deadline,
             inner.options.step_delimiter.clone(),
-        );
+        )
+        .with_request_id(&spec.request_id);
         let mut control = SearchControl::new().with_cancel(cancel).with_tree_tap(tap);
         if let Some(tx) = events {
             control = control.with_events(tx);
@@ -475,8 +519,22 @@ impl Coordinator {
                 trees.pop_front();
             }
         }
+        if let Some(m) = &inner.options.metrics {
+            let c = &outcome.costs;
+            m.finished
+                .with_label_values(&[termination_name(outcome.termination)])
+                .inc();
+            m.duration.observe(c.wall_us as f64 / 1e6);
+            m.tokens.observe(c.generated_tokens as f64);
+            m.generation_tokens.inc_by(c.generated_tokens);
+        }
         let (hits, wanted) = remote.affinity();
-        tracing::info!(request_id = %spec.request_id, affinity_hits = hits, affinity_wanted = wanted, "search finished");
+        tracing::info!(
+            termination = %termination_name(outcome.termination),
+            affinity_hits = hits,
+            affinity_wanted = wanted,
+            "search finished"
+        );
         Ok(result_of(&spec.request_id, &outcome, tree))
     }
 }
@@ -708,7 +766,7 @@ impl SearchRpc for Coordinator {
         request: Request<pb::SearchRequest>,
     ) -> Result<Response<pb::SearchResult>, Status> {
         let deadline = grpc_deadline(&request);
-        let mut spec = self.validate(request.get_ref(), deadline)?;
+        let mut spec = self.admit(request.get_ref(), deadline)?;
         spec.owner = Owner::of(&request);
         // A client that goes away drops this future, and with it the search and its calls.
         let result = self.run(spec, None, CancelToken::new()).await?;
@@ -722,12 +780,13 @@ impl SearchRpc for Coordinator {
         request: Request<pb::SearchRequest>,
     ) -> Result<Response<EventStream>, Status> {
         let deadline = grpc_deadline(&request);
-        let mut spec = self.validate(request.get_ref(), deadline)?;
+        let mut spec = self.admit(request.get_ref(), deadline)?;
         spec.owner = Owner::of(&request);
         if self.is_draining() {
-            return Err(Status::unavailable(
-                "the coordinator is shutting down and admits no new searches",
-            ));
+            let status =
+                Status::unavailable("the coordinator is shutting down and admits no new searches");
+            self.count_failure(&status);
+            return Err(status);
         }
         let o = &self.inner.options;
         let (out, rx) = mpsc::channel(o.stream_buffer.max(1));

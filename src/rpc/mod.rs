@@ -13,6 +13,7 @@ pub mod pb {
 pub mod auth;
 pub mod coordinator;
 pub mod limits;
+pub mod metrics;
 pub mod pool;
 pub mod tls;
 pub mod worker;

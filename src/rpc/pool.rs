@@ -23,10 +23,11 @@ use tonic::{Code, Status};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
+use tracing::Instrument;
 
 use super::pb;
 use super::pb::worker_client::WorkerClient;
-use super::worker::TOKENIZER_MISMATCH;
+use super::worker::{REQUEST_ID_HEADER, TOKENIZER_MISMATCH, WEIGHTS_MISMATCH};
 
 /// Where workers are.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -144,6 +145,9 @@ pub struct PoolOptions {
     pub keepalive_timeout: Duration,
     /// Resolves `dns://` names; `None`: the system's resolver.
     pub resolver: Option<Resolver>,
+    /// Where the pool records its calls, retries and members (`--metrics-listen`); `None`:
+    /// nowhere.
+    pub metrics: Option<super::metrics::PoolMetrics>,
 }
 
 impl Default for PoolOptions {
@@ -163,6 +167,7 @@ impl Default for PoolOptions {
             keepalive_interval: Duration::from_secs(2),
             keepalive_timeout: Duration::from_secs(3),
             resolver: None,
+            metrics: None,
         }
     }
 }
@@ -189,6 +194,8 @@ pub struct Member {
     calls: AtomicU64,
     failures: AtomicU64,
     compat: Mutex<Compat>,
+    /// The weights fingerprint its `ModelInfo` reported (empty: not asked, or not reported).
+    weights: Mutex<String>,
     /// Why the last health check failed (empty when it passed).
     last_error: Mutex<String>,
     /// Whether it is reached with a client certificate.
@@ -230,6 +237,7 @@ impl Member {
             calls: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             compat: Mutex::new(Compat::Unknown),
+            weights: Mutex::new(String::new()),
             last_error: Mutex::new(String::new()),
             client_certificate: options.tls.as_ref().is_some_and(|t| t.has_identity()),
             dns_name: None,
@@ -273,7 +281,8 @@ impl Member {
     }
 
     /// Why this worker gets no work although it answers: it runs another tokenizer than the
-    /// coordinator's (see [`PoolOptions::tokenizer_fingerprint`]).
+    /// coordinator's (see [`PoolOptions::tokenizer_fingerprint`]), or other weights than the
+    /// first worker the pool verified (see [`WorkerPool::weights_fingerprint`]).
     pub fn incompatible(&self) -> Option<String> {
         match &*self.compat.lock().expect("compat lock") {
             Compat::Different(why) => Some(why.clone()),
@@ -282,7 +291,8 @@ impl Member {
     }
 
     /// Checks health and, once per time the worker comes up, that it runs the expected
-    /// tokenizer. A worker is healthy only when both hold.
+    /// tokenizer (and notes the weights it reports). True when both hold; the pool then
+    /// checks its weights ([`WorkerPool::refresh`]) before it counts as healthy.
     async fn check(
         &self,
         timeout: Duration,
@@ -329,6 +339,7 @@ impl Member {
                     Ok(Ok(info)) => {
                         let info = info.into_inner();
                         if info.tokenizer_fingerprint == expected {
+                            *self.weights.lock().expect("weights lock") = info.weights_fingerprint;
                             Compat::Same
                         } else {
                             let why = format!(
@@ -348,7 +359,9 @@ impl Member {
         };
         let ok = compat == Compat::Same;
         *self.compat.lock().expect("compat lock") = compat;
-        self.healthy.store(ok, Ordering::SeqCst);
+        if !ok {
+            self.healthy.store(false, Ordering::SeqCst);
+        }
         ok
     }
 }
@@ -365,6 +378,9 @@ struct PoolInner {
     retry_tokens: Mutex<f64>,
     retries: AtomicU64,
     retries_refused: AtomicU64,
+    /// The weights fingerprint of the first worker verified, and that worker's URL: every
+    /// other member must report the same.
+    weights: Mutex<Option<(String, String)>>,
 }
 
 /// How a failed worker call is treated.
@@ -383,6 +399,32 @@ enum Failure {
     Timeout,
     /// Final: bad input, cancelled, refused for a precondition. Not re-sent; the worker stays.
     Final,
+}
+
+/// Whether a worker at `url` reporting weights fingerprint `reported` may join a pool whose
+/// first verified worker is `pinned` (fingerprint, URL); the first one pins it. A worker that
+/// reports none (an older worker) is let in. The error names both fingerprints and workers.
+fn admit_weights(
+    pinned: &mut Option<(String, String)>,
+    url: &str,
+    reported: &str,
+) -> Result<(), String> {
+    if reported.is_empty() {
+        return Ok(());
+    }
+    match pinned {
+        None => {
+            *pinned = Some((reported.to_string(), url.to_string()));
+            Ok(())
+        }
+        Some((want, first)) if want != reported => Err(format!(
+            "runs other weights than the pool's: weights fingerprint {reported:?}, while the \
+             first worker verified ({first}) runs {want:?}; a search must not mix two models, \
+             so it gets no work: start it with the same model as the other workers (or restart \
+             the coordinator to pool the new model)"
+        )),
+        Some(_) => Ok(()),
+    }
 }
 
 /// Classifies a failed call. A status the worker sent has no `source`; one tonic made from a
@@ -456,6 +498,7 @@ impl WorkerPool {
                     members: RwLock::new(Vec::new()),
                     retries: AtomicU64::new(0),
                     retries_refused: AtomicU64::new(0),
+                    weights: Mutex::new(None),
                 }),
             };
         pool.refresh().await;
@@ -541,8 +584,58 @@ impl WorkerPool {
         let expected = options.tokenizer_fingerprint.as_deref();
         let auth = self.inner.auth.as_ref();
         let checks = members.iter().map(|m| m.check(timeout, expected, auth));
-        futures_util::future::join_all(checks).await;
+        let passed = futures_util::future::join_all(checks).await;
+        self.settle_weights(&members, &passed);
+        if let Some(m) = &options.metrics {
+            let (mut healthy, mut unhealthy, mut incompatible) = (0, 0, 0);
+            for member in &members {
+                if member.is_healthy() {
+                    healthy += 1;
+                } else if member.incompatible().is_some() {
+                    incompatible += 1;
+                } else {
+                    unhealthy += 1;
+                }
+            }
+            m.workers.with_label_values(&["healthy"]).set(healthy);
+            m.workers.with_label_values(&["unhealthy"]).set(unhealthy);
+            m.workers
+                .with_label_values(&["incompatible"])
+                .set(incompatible);
+        }
         *self.inner.members.write().expect("members lock") = members;
+    }
+
+    /// Puts the members whose checks `passed` into rotation, except those whose weights differ
+    /// from the first worker verified (the first in member order, when several come up in the
+    /// same check): they are named and get no work.
+    fn settle_weights(&self, members: &[Arc<Member>], passed: &[bool]) {
+        let mut pinned = self.inner.weights.lock().expect("weights lock");
+        for (m, &ok) in members.iter().zip(passed) {
+            if !ok {
+                continue;
+            }
+            let reported = m.weights.lock().expect("weights lock").clone();
+            if let Err(why) = admit_weights(&mut pinned, &m.url, &reported) {
+                tracing::error!(worker = %m.url, "{why}");
+                *m.compat.lock().expect("compat lock") = Compat::Different(why);
+                m.healthy.store(false, Ordering::SeqCst);
+                continue;
+            }
+            m.healthy.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// The weights fingerprint every member must report: the first verified worker's (`None`
+    /// until one is). Calls carry it, so a worker restarted with other weights between two
+    /// health checks refuses them.
+    pub fn weights_fingerprint(&self) -> Option<String> {
+        self.inner
+            .weights
+            .lock()
+            .expect("weights lock")
+            .as_ref()
+            .map(|(fp, _)| fp.clone())
     }
 
     /// The current members.
@@ -601,12 +694,19 @@ impl WorkerPool {
     fn spend_retry(&self) -> bool {
         let max = self.inner.options.retry_tokens_max;
         let mut tokens = self.inner.retry_tokens.lock().expect("retry lock");
+        let metrics = self.inner.options.metrics.as_ref();
         if *tokens > max / 2.0 {
             *tokens -= 1.0;
             self.inner.retries.fetch_add(1, Ordering::Relaxed);
+            if let Some(m) = metrics {
+                m.retries.inc();
+            }
             true
         } else {
             self.inner.retries_refused.fetch_add(1, Ordering::Relaxed);
+            if let Some(m) = metrics {
+                m.retries_refused.inc();
+            }
             false
         }
     }
@@ -637,6 +737,8 @@ impl WorkerPool {
     /// UNAVAILABLE takes a worker out of rotation.
     async fn call<T, F, Fut>(
         &self,
+        method: &'static str,
+        request_id: Option<&AuthHeader>,
         first: Arc<Member>,
         deadline: Option<Instant>,
         mut send: F,
@@ -662,13 +764,14 @@ impl WorkerPool {
             let timeout = remaining.map_or(options.call_timeout, |r| r.min(options.call_timeout));
             let per_call_timeout = remaining.is_none_or(|r| r > options.call_timeout);
             member.calls.fetch_add(1, Ordering::Relaxed);
-            member.outstanding.fetch_add(1, Ordering::SeqCst);
-            let guard = Outstanding(&member);
+            let guard = Outstanding::new(&member, options.metrics.as_ref());
             let started = Instant::now();
             let meta = CallMeta {
                 timeout,
                 auth: self.inner.auth.clone(),
+                request_id: request_id.cloned(),
             };
+            tracing::debug!(worker = %member.url, attempt, "{method} sent");
             // The timeout travels as `grpc-timeout` and is enforced here too, so a worker that
             // never answers (not even with its own deadline error) cannot hold the call.
             let result = match tokio::time::timeout(
@@ -684,6 +787,15 @@ impl WorkerPool {
                 ))),
             };
             drop(guard);
+            if let Some(m) = &options.metrics {
+                let code = result.as_ref().map_or_else(|s| s.code(), |_| Code::Ok);
+                m.calls
+                    .with_label_values(&[method, super::metrics::code_label(code)])
+                    .inc();
+                m.call_duration
+                    .with_label_values(&[method])
+                    .observe(started.elapsed().as_secs_f64());
+            }
             let status = match result {
                 Ok(v) => {
                     self.call_succeeded();
@@ -696,7 +808,8 @@ impl WorkerPool {
             // A worker that now runs another tokenizer (restarted with another model since its
             // last check) refuses the call: out of rotation, named, and the call goes elsewhere.
             let other_tokenizer = status.code() == Code::FailedPrecondition
-                && status.message().starts_with(TOKENIZER_MISMATCH);
+                && (status.message().starts_with(TOKENIZER_MISMATCH)
+                    || status.message().starts_with(WEIGHTS_MISMATCH));
             let mut failure = classify(&status);
             if failure == Failure::Timeout && per_call_timeout && started.elapsed() >= timeout {
                 // Not the search's deadline: the per-call timeout of a worker that stopped
@@ -721,11 +834,19 @@ impl WorkerPool {
                 Failure::Timeout | Failure::Final => false,
             };
             if other_tokenizer {
-                let why = format!(
-                    "refused a call made for the coordinator's tokenizer ({}), so it gets no \
-                     work: start it with the coordinator's model",
-                    status.message()
-                );
+                let why = if status.message().starts_with(WEIGHTS_MISMATCH) {
+                    format!(
+                        "refused a call made for the pool's weights ({}), so it gets no work: \
+                         start it with the same model as the other workers",
+                        status.message()
+                    )
+                } else {
+                    format!(
+                        "refused a call made for the coordinator's tokenizer ({}), so it gets \
+                         no work: start it with the coordinator's model",
+                        status.message()
+                    )
+                };
                 tracing::error!(worker = %member.url, "{why}");
                 *member.compat.lock().expect("compat lock") = Compat::Different(why);
                 member.healthy.store(false, Ordering::SeqCst);
@@ -768,10 +889,12 @@ impl WorkerPool {
     }
 }
 
-/// What each attempt of a call carries: its timeout and the workers' token.
+/// What each attempt of a call carries: its timeout, the workers' token and the search's
+/// request id (for the worker's logs).
 pub(crate) struct CallMeta {
     timeout: Duration,
     auth: Option<AuthHeader>,
+    request_id: Option<AuthHeader>,
 }
 
 impl CallMeta {
@@ -782,15 +905,32 @@ impl CallMeta {
         if let Some(a) = &self.auth {
             req.metadata_mut().insert("authorization", a.clone());
         }
+        if let Some(id) = &self.request_id {
+            req.metadata_mut().insert(REQUEST_ID_HEADER, id.clone());
+        }
         req
     }
 }
 
-struct Outstanding<'a>(&'a Member);
+/// A call in flight on a member (and in the pool's gauge), until dropped.
+struct Outstanding<'a>(&'a Member, Option<&'a super::metrics::PoolMetrics>);
+
+impl<'a> Outstanding<'a> {
+    fn new(member: &'a Member, metrics: Option<&'a super::metrics::PoolMetrics>) -> Self {
+        member.outstanding.fetch_add(1, Ordering::SeqCst);
+        if let Some(m) = metrics {
+            m.in_flight.inc();
+        }
+        Outstanding(member, metrics)
+    }
+}
 
 impl Drop for Outstanding<'_> {
     fn drop(&mut self) {
         self.0.outstanding.fetch_sub(1, Ordering::SeqCst);
+        if let Some(m) = self.1 {
+            m.in_flight.dec();
+        }
     }
 }
 
@@ -802,6 +942,9 @@ pub struct RemotePolicy {
     /// Names this search's expansion ids: unique to this run of a search (see
     /// [`unique_search_id`]), so a worker's remembered answers are only ever this search's.
     search_id: String,
+    /// The search's request id, as logged here and sent to workers (`x-arbor-request-id`).
+    request_id: String,
+    request_header: Option<AuthHeader>,
     calls: AtomicU64,
     deadline: Option<Instant>,
     step_delimiter: String,
@@ -839,6 +982,23 @@ fn unique_search_id() -> String {
     format!("{process:016x}.{}", NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
+/// `id` as a metadata value: printable ASCII as it is, other bytes percent-encoded (request
+/// ids may hold any text but control characters); `None` for an empty id.
+fn request_id_header(id: &str) -> Option<AuthHeader> {
+    if id.is_empty() {
+        return None;
+    }
+    let mut out = String::with_capacity(id.len());
+    for b in id.bytes() {
+        if (0x21..0x7f).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out.parse().ok()
+}
+
 /// Hash of a path: the step token ids in order (the prompt is fixed per search).
 fn path_hash<'a>(steps: impl IntoIterator<Item = &'a [u32]>) -> u64 {
     let mut h = DefaultHasher::new();
@@ -860,6 +1020,8 @@ impl RemotePolicy {
             pool,
             prompt_tokens: Arc::new(prompt_tokens),
             search_id: unique_search_id(),
+            request_id: String::new(),
+            request_header: None,
             calls: AtomicU64::new(0),
             deadline,
             step_delimiter,
@@ -867,6 +1029,14 @@ impl RemotePolicy {
             affinity_hits: AtomicU64::new(0),
             affinity_wanted: AtomicU64::new(0),
         }
+    }
+
+    /// Tags this search's worker calls with `request_id`: their spans here, and the
+    /// `x-arbor-request-id` header their workers log.
+    pub fn with_request_id(mut self, request_id: &str) -> Self {
+        self.request_header = request_id_header(request_id);
+        self.request_id = request_id.to_string();
+        self
     }
 
     /// (calls sent to the worker holding the node's prefix, calls that had such a worker).
@@ -934,21 +1104,38 @@ impl Policy for RemotePolicy {
                     }
                 })
                 .collect();
+            if let Some(m) = &self.pool.inner.options.metrics {
+                m.expand_nodes.observe(nodes.len() as f64);
+            }
             let request = pb::ExpandRequest {
                 expansion_id: format!("{}/{call}/{g}", self.search_id),
                 nodes,
                 tokenizer_fingerprint: self.pool.tokenizer_fingerprint(),
+                weights_fingerprint: self.pool.weights_fingerprint().unwrap_or_default(),
             };
+            let span = tracing::info_span!(
+                "worker_call",
+                request_id = %self.request_id,
+                method = "expand",
+                nodes = idx.len()
+            );
             async move {
                 let sent = self
                     .pool
-                    .call(member, self.deadline, |mut client, meta| {
-                        let req = meta.request(request.clone());
-                        async move { client.expand(req).await.map(|r| r.into_inner()) }
-                    })
+                    .call(
+                        "expand",
+                        self.request_header.as_ref(),
+                        member,
+                        self.deadline,
+                        |mut client, meta| {
+                            let req = meta.request(request.clone());
+                            async move { client.expand(req).await.map(|r| r.into_inner()) }
+                        },
+                    )
                     .await;
                 (idx, sent)
             }
+            .instrument(span)
         });
         let replies = futures_util::future::join_all(sends).await;
         let mut out: Vec<Option<Proposals>> = vec![None; batch.len()];
@@ -1028,6 +1215,7 @@ impl Scorer for RemotePolicy {
                 })
                 .collect(),
             tokenizer_fingerprint: self.pool.tokenizer_fingerprint(),
+            weights_fingerprint: self.pool.weights_fingerprint().unwrap_or_default(),
         };
         let member = self
             .pool
@@ -1035,10 +1223,22 @@ impl Scorer for RemotePolicy {
             .ok_or_else(|| ScoreError::new(Self::no_worker().message().to_string()))?;
         let (resp, _) = self
             .pool
-            .call(member, self.deadline, |mut client, meta| {
-                let req = meta.request(request.clone());
-                async move { client.score(req).await.map(|r| r.into_inner()) }
-            })
+            .call(
+                "score",
+                self.request_header.as_ref(),
+                member,
+                self.deadline,
+                |mut client, meta| {
+                    let req = meta.request(request.clone());
+                    async move { client.score(req).await.map(|r| r.into_inner()) }
+                },
+            )
+            .instrument(tracing::info_span!(
+                "worker_call",
+                request_id = %self.request_id,
+                method = "score",
+                paths = batch.len()
+            ))
             .await
             .map_err(|s| {
                 ScoreError::new(format!("scoring failed: {}: {}", s.code(), s.message()))
@@ -1061,5 +1261,36 @@ impl Scorer for RemotePolicy {
                 },
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_verified_weights_pin_the_pool_and_others_are_named() {
+        let mut pinned = None;
+        // A worker that reports no weights (an older worker) neither pins nor is refused.
+        assert_eq!(admit_weights(&mut pinned, "http://old:1", ""), Ok(()));
+        assert_eq!(pinned, None);
+        assert_eq!(admit_weights(&mut pinned, "http://a:1", "aaaa"), Ok(()));
+        assert_eq!(admit_weights(&mut pinned, "http://b:1", "aaaa"), Ok(()));
+        let why = admit_weights(&mut pinned, "http://c:1", "cccc").unwrap_err();
+        assert!(
+            why.contains("\"cccc\"") && why.contains("\"aaaa\"") && why.contains("http://a:1"),
+            "{why}"
+        );
+        // The first stays the reference, even after a refusal.
+        assert_eq!(pinned, Some(("aaaa".into(), "http://a:1".into())));
+        assert!(admit_weights(&mut pinned, "http://a:1", "cccc").is_err());
+    }
+
+    #[test]
+    fn request_ids_travel_as_printable_ascii() {
+        let header = |id: &str| request_id_header(id).map(|v| v.to_str().unwrap().to_string());
+        assert_eq!(header(""), None);
+        assert_eq!(header("a1-b2_c3.d4").as_deref(), Some("a1-b2_c3.d4"));
+        assert_eq!(header("q 7%é").as_deref(), Some("q%207%25%C3%A9"));
     }
 }

@@ -16,10 +16,14 @@ use arbor_worker::{ExpandItem, LocalWorker, PathScorer, WorkerError, SCORE_CHUNK
 use dashmap::DashMap;
 use tokio::sync::OnceCell;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use super::limits::WorkerLimits;
 use super::pb;
 use super::pb::worker_server::{Worker, WorkerServer};
+
+/// A path to score: its prompt tokens and its steps' tokens.
+type ScorePath = (Vec<u32>, Vec<Vec<u32>>);
 
 /// Answers kept for repeated expansion ids.
 const REMEMBERED_EXPANSIONS: usize = 1024;
@@ -29,6 +33,31 @@ type Shared = Arc<OnceCell<pb::ExpandResponse>>;
 /// How a worker's refusal of a call made for another tokenizer begins (the field's name), so
 /// that a coordinator tells it from other failed preconditions.
 pub const TOKENIZER_MISMATCH: &str = "tokenizer_fingerprint";
+
+/// How a worker's refusal of a call made for other weights begins.
+pub const WEIGHTS_MISMATCH: &str = "weights_fingerprint";
+
+/// The metadata key under which a coordinator sends a worker call's search request id; the
+/// worker logs it in the call's span (`worker_call{request_id=…}`).
+pub const REQUEST_ID_HEADER: &str = "x-arbor-request-id";
+
+/// Bytes of a caller's request id a worker logs.
+const REQUEST_ID_LOGGED_MAX: usize = 128;
+
+/// The span of one worker call: the request id its coordinator sent (cut to
+/// [`REQUEST_ID_LOGGED_MAX`] bytes), or empty.
+fn call_span<T>(request: &Request<T>, method: &'static str) -> tracing::Span {
+    let id = request
+        .metadata()
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mut end = id.len().min(REQUEST_ID_LOGGED_MAX);
+    while !id.is_char_boundary(end) {
+        end -= 1;
+    }
+    tracing::info_span!("worker_call", request_id = %&id[..end], method)
+}
 
 /// The gRPC face of a [`LocalWorker`].
 #[derive(Clone)]
@@ -44,6 +73,8 @@ pub struct WorkerService {
     /// to another worker).
     draining: Arc<AtomicBool>,
     drain_timeout: Duration,
+    /// Where calls are counted (`--metrics-listen`); `None`: nowhere.
+    metrics: Option<super::metrics::WorkerMetrics>,
 }
 
 impl WorkerService {
@@ -57,6 +88,25 @@ impl WorkerService {
             auth: None,
             draining: Arc::default(),
             drain_timeout: Duration::from_secs(30),
+            metrics: None,
+        }
+    }
+
+    /// Counts calls in `metrics`.
+    pub fn with_metrics(mut self, metrics: Option<super::metrics::WorkerMetrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Counts one answered call of `method`.
+    fn count<T>(&self, method: &str, result: &Result<T, Status>) {
+        if let Some(m) = &self.metrics {
+            let code = result
+                .as_ref()
+                .map_or_else(|s| s.code(), |_| tonic::Code::Ok);
+            m.requests
+                .with_label_values(&[method, super::metrics::code_label(code)])
+                .inc();
         }
     }
 
@@ -92,6 +142,28 @@ impl WorkerService {
         WorkerServer::new(self)
             .max_decoding_message_size(max)
             .max_encoding_message_size(usize::MAX)
+    }
+
+    /// Refuses a call made for other weights: a search must not mix two models' steps.
+    fn check_weights(&self, fingerprint: &str) -> Result<(), Status> {
+        let info = self.worker.model_info();
+        if fingerprint.is_empty() || fingerprint == info.weights_fingerprint {
+            return Ok(());
+        }
+        if fingerprint.len() > 64 {
+            return Err(invalid(
+                WEIGHTS_MISMATCH,
+                format!(
+                    "{} bytes; a fingerprint (ModelInfo.weights_fingerprint) has 32",
+                    fingerprint.len()
+                ),
+            ));
+        }
+        Err(Status::failed_precondition(format!(
+            "{WEIGHTS_MISMATCH}: the request was made for weights {fingerprint:?}, this worker \
+             runs {:?} (model {})",
+            info.weights_fingerprint, info.source
+        )))
     }
 
     /// Refuses a call made for another tokenizer: its token ids would mean other text here.
@@ -267,10 +339,7 @@ impl WorkerService {
 
     /// Checks a `Score` request against the limits: every violation names the field and the
     /// limit (INVALID_ARGUMENT for one path or step, RESOURCE_EXHAUSTED for the whole call).
-    fn validate_score(
-        &self,
-        req: &pb::ScoreRequest,
-    ) -> Result<Vec<(Vec<u32>, Vec<Vec<u32>>)>, Status> {
+    fn validate_score(&self, req: &pb::ScoreRequest) -> Result<Vec<ScorePath>, Status> {
         let l = &self.limits;
         let info = self.worker.model_info();
         let (vocab, context) = (info.config.vocab_size, info.config.context_length);
@@ -426,39 +495,22 @@ impl Worker for WorkerService {
         &self,
         request: Request<pb::ExpandRequest>,
     ) -> Result<Response<pb::ExpandResponse>, Status> {
-        let deadline = grpc_deadline(&request);
-        self.admit()?;
-        let req = request.into_inner();
-        self.check_tokenizer(&req.tokenizer_fingerprint)?;
-        let items = self.validate(&req)?;
-        if req.expansion_id.is_empty() {
-            return Ok(Response::new(self.run_expand(items, deadline).await?));
-        }
-        // A repeated id joins the first call (or gets its stored answer). A failed or dropped
-        // first call stores nothing, so the repeat computes afresh.
-        let cell = self.remember(&req.expansion_id, request_digest(&req))?;
-        let answer = cell
-            .get_or_try_init(|| self.run_expand(items, deadline))
-            .await?;
-        Ok(Response::new(answer.clone()))
+        let span = call_span(&request, "expand");
+        let result = self.expand_call(request).instrument(span.clone()).await;
+        self.count("expand", &result);
+        span.in_scope(|| log_answer(&result));
+        result
     }
 
     async fn score(
         &self,
         request: Request<pb::ScoreRequest>,
     ) -> Result<Response<pb::ScoreResponse>, Status> {
-        let deadline = grpc_deadline(&request);
-        self.admit()?;
-        let req = request.into_inner();
-        self.check_tokenizer(&req.tokenizer_fingerprint)?;
-        let paths = self.validate_score(&req)?;
-        // Counted in flight like an expansion (and refused like one when the worker is full).
-        let _slot = self.worker.admit().map_err(worker_status)?;
-        let mut scored = Vec::with_capacity(paths.len());
-        for (prompt, steps) in paths {
-            scored.push(self.score_path(&prompt, &steps, deadline).await?);
-        }
-        Ok(Response::new(pb::ScoreResponse { paths: scored }))
+        let span = call_span(&request, "score");
+        let result = self.score_call(request).instrument(span.clone()).await;
+        self.count("score", &result);
+        span.in_scope(|| log_answer(&result));
+        result
     }
 
     async fn model_info(
@@ -478,7 +530,61 @@ impl Worker for WorkerService {
             in_flight: self.worker.in_flight() as u32,
             step_delimiter: self.worker.options().step_delimiter.clone(),
             tokenizer_fingerprint: info.tokenizer_fingerprint.clone(),
+            weights_fingerprint: info.weights_fingerprint.clone(),
         }))
+    }
+}
+
+impl WorkerService {
+    async fn expand_call(
+        &self,
+        request: Request<pb::ExpandRequest>,
+    ) -> Result<Response<pb::ExpandResponse>, Status> {
+        let deadline = grpc_deadline(&request);
+        self.admit()?;
+        let req = request.into_inner();
+        self.check_tokenizer(&req.tokenizer_fingerprint)?;
+        self.check_weights(&req.weights_fingerprint)?;
+        let items = self.validate(&req)?;
+        tracing::debug!(nodes = items.len(), expansion_id = %req.expansion_id, "expand");
+        if req.expansion_id.is_empty() {
+            return Ok(Response::new(self.run_expand(items, deadline).await?));
+        }
+        // A repeated id joins the first call (or gets its stored answer). A failed or dropped
+        // first call stores nothing, so the repeat computes afresh.
+        let cell = self.remember(&req.expansion_id, request_digest(&req))?;
+        let answer = cell
+            .get_or_try_init(|| self.run_expand(items, deadline))
+            .await?;
+        Ok(Response::new(answer.clone()))
+    }
+
+    async fn score_call(
+        &self,
+        request: Request<pb::ScoreRequest>,
+    ) -> Result<Response<pb::ScoreResponse>, Status> {
+        let deadline = grpc_deadline(&request);
+        self.admit()?;
+        let req = request.into_inner();
+        self.check_tokenizer(&req.tokenizer_fingerprint)?;
+        self.check_weights(&req.weights_fingerprint)?;
+        let paths = self.validate_score(&req)?;
+        tracing::debug!(paths = paths.len(), "score");
+        // Counted in flight like an expansion (and refused like one when the worker is full).
+        let _slot = self.worker.admit().map_err(worker_status)?;
+        let mut scored = Vec::with_capacity(paths.len());
+        for (prompt, steps) in paths {
+            scored.push(self.score_path(&prompt, &steps, deadline).await?);
+        }
+        Ok(Response::new(pb::ScoreResponse { paths: scored }))
+    }
+}
+
+/// Logs how a call ended (debug level: one line per call).
+fn log_answer<T>(result: &Result<T, Status>) {
+    match result {
+        Ok(_) => tracing::debug!("answered"),
+        Err(s) => tracing::debug!(code = ?s.code(), "failed: {}", s.message()),
     }
 }
 
@@ -606,6 +712,7 @@ fn request_digest(req: &pb::ExpandRequest) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     req.tokenizer_fingerprint.hash(&mut h);
+    req.weights_fingerprint.hash(&mut h);
     req.nodes.len().hash(&mut h);
     for n in &req.nodes {
         n.prefix_tokens.hash(&mut h);

@@ -44,6 +44,19 @@ pub struct WorkerOptions {
     /// Most calls queued or running at once; more are refused with
     /// [`WorkerError::Overloaded`] instead of queueing without bound.
     pub calls_in_flight_max: usize,
+    /// Told the size of every forward pass (for metrics); `None`: nobody.
+    pub on_pass: Option<PassObserver>,
+}
+
+/// Sees every forward pass the engine thread runs: the sequences in it (prompts being
+/// prefilled and samples decoding). Runs on the engine thread, so it must be quick.
+#[derive(Clone)]
+pub struct PassObserver(pub Arc<dyn Fn(usize) + Send + Sync>);
+
+impl std::fmt::Debug for PassObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PassObserver")
+    }
 }
 
 impl Default for WorkerOptions {
@@ -54,6 +67,7 @@ impl Default for WorkerOptions {
             prefix_cache_entries_max: 512,
             prefix_cache_blocks_max: 4096,
             calls_in_flight_max: 256,
+            on_pass: None,
         }
     }
 }
@@ -124,6 +138,8 @@ pub struct ModelInfo {
     pub backend: String,
     /// Its tokenizer's [`Tokenizer::fingerprint`].
     pub tokenizer_fingerprint: String,
+    /// Its weights' fingerprint (`Model::weights_fingerprint`).
+    pub weights_fingerprint: String,
 }
 
 pub(crate) struct Shared {
@@ -180,6 +196,7 @@ impl LocalWorker {
             config: model.config.clone(),
             backend: engine.backend_name().to_string(),
             tokenizer_fingerprint: model.tokenizer.fingerprint(),
+            weights_fingerprint: model.weights_fingerprint.clone(),
         };
         let (tx, rx) = crossbeam_channel::unbounded();
         let tokenizer = model.tokenizer.clone();

@@ -84,6 +84,8 @@ struct Runner {
     batcher: Batcher,
     cache: PrefixCache,
     running: std::collections::HashMap<JobId, Running>,
+    /// Prompts submitted since the last pass (they are prefilled in the next one).
+    new_prompts: usize,
 }
 
 /// The engine thread's main loop; returns when every handle to the worker is gone and no call
@@ -103,6 +105,7 @@ pub(crate) fn run(
         batcher: Batcher::new(),
         cache: PrefixCache::default(),
         running: Default::default(),
+        new_prompts: 0,
     };
     loop {
         // Wait for work when idle; otherwise take whatever has arrived and keep decoding.
@@ -190,8 +193,10 @@ impl Runner {
                 }
             })
             .collect();
+        let prompts = requests.len();
         match self.batcher.submit(&mut self.engine, requests) {
             Ok(id) => {
+                self.new_prompts += prompts;
                 self.running.insert(
                     id,
                     Running {
@@ -248,6 +253,10 @@ impl Runner {
     }
 
     fn step(&mut self) {
+        if let Some(observe) = &self.options.on_pass {
+            (observe.0)(self.batcher.live_samples() + self.new_prompts);
+        }
+        self.new_prompts = 0;
         let finished = self
             .batcher
             .step(&mut self.engine, &self.tokenizer, |_, _, _, _| {});
