@@ -2187,3 +2187,114 @@ fn eval_on_a_coordinator_gives_the_embedded_traces() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The CPU backend, except that its forward pass panics once `passes_left` passes have run: a
+/// stand-in for a bug in a kernel that takes the engine thread down.
+struct PanicsAfter {
+    inner: CpuBackend,
+    passes_left: usize,
+}
+
+impl arbor_model::backend::Backend for PanicsAfter {
+    fn name(&self) -> &'static str {
+        "panics-after"
+    }
+    fn config(&self) -> &arbor_model::ModelConfig {
+        self.inner.config()
+    }
+    fn ensure_kv_blocks(&mut self, n_blocks: usize) -> arbor_model::Result<()> {
+        self.inner.ensure_kv_blocks(n_blocks)
+    }
+    fn copy_kv_block(&mut self, src: u32, dst: u32, n_tokens: usize) {
+        self.inner.copy_kv_block(src, dst, n_tokens)
+    }
+    fn forward(
+        &mut self,
+        batch: &arbor_model::backend::ForwardBatch<'_>,
+        logits: &mut Vec<f32>,
+        hidden: &mut Vec<f32>,
+    ) -> arbor_model::Result<()> {
+        assert!(self.passes_left > 0, "injected kernel failure");
+        self.passes_left -= 1;
+        self.inner.forward(batch, logits, hidden)
+    }
+}
+
+/// A worker whose engine thread has died is neither ready nor alive: every health status turns
+/// NOT_SERVING (liveness included, so an orchestrator restarts it), where before its health
+/// stayed SERVING and the pool kept sending it calls that all failed.
+#[test]
+fn a_worker_whose_engine_thread_died_is_neither_ready_nor_alive() {
+    let dir = tiny_model_dir("arbor-engine-dies");
+    let model = Model::load(&dir).unwrap();
+    let backend = PanicsAfter {
+        inner: CpuBackend::new(model.config.clone(), model.weights.clone()),
+        passes_left: 1,
+    };
+    let engine = Engine::new(Box::new(backend), EngineOptions::default());
+    let worker = LocalWorker::new(&model, engine, WorkerOptions::default());
+    let service = arbor::rpc::worker::WorkerService::new(worker.clone(), Default::default());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(arbor::rpc::worker::serve(
+            service,
+            listener,
+            false,
+            None,
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        let services = ["", "arbor.v1.Worker", arbor::rpc::LIVENESS];
+        let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+        let t = Instant::now();
+        for s in services {
+            while health_status(&url, s).await.ok() != Some(serving) {
+                assert!(t.elapsed() < Duration::from_secs(10), "{s:?} never served");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        // The prompt's pass runs; the first decode pass panics and ends the engine thread.
+        let mut w = WorkerClient::connect(url.clone()).await.unwrap();
+        let failed = w
+            .expand(pb::ExpandRequest {
+                expansion_id: "dies".into(),
+                nodes: vec![pb::ExpandNode {
+                    prefix_tokens: vec![1, 2, 3],
+                    k: 1,
+                    temperature: 0.5,
+                    max_tokens: 8,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(failed.code(), Code::Unavailable, "{failed:?}");
+        assert!(!worker.engine_running());
+        let t = Instant::now();
+        for s in services {
+            loop {
+                let status = health_status(&url, s).await.unwrap();
+                if status
+                    == tonic_health::pb::health_check_response::ServingStatus::NotServing as i32
+                {
+                    break;
+                }
+                assert!(
+                    t.elapsed() < Duration::from_secs(5),
+                    "{s:?} still {status} after the engine thread died"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    });
+    std::fs::remove_dir_all(&dir).ok();
+}

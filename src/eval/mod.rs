@@ -709,7 +709,13 @@ async fn search_cell(
             let r = coordinator
                 .search(&question.question, system, &config)
                 .await?;
-            return Ok(remote::record(question, strategy_name(strategy), budget, seed, r));
+            return Ok(remote::record(
+                question,
+                strategy_name(strategy),
+                budget,
+                seed,
+                r,
+            ));
         }
     };
     let prompt = context.prompt(worker, &question.question)?;

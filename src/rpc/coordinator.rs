@@ -960,6 +960,9 @@ pub async fn serve(
 ) -> Result<(), tonic::transport::Error> {
     let mut builder = super::worker::server_builder(tls)?;
     let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status(super::LIVENESS, tonic_health::ServingStatus::Serving)
+        .await;
     // Serving while at least one worker is healthy, so a load balancer in front of several
     // coordinators routes around one whose workers are all gone.
     let pool = coordinator.pool().clone();

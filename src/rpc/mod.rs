@@ -18,6 +18,11 @@ pub mod pool;
 pub mod tls;
 pub mod worker;
 
+/// The health service name for liveness probes: SERVING while the process can work, through a
+/// drain included (readiness, `""` and the named service, turns NOT_SERVING when draining);
+/// NOT_SERVING on a worker whose engine thread has ended, which only a restart mends.
+pub const LIVENESS: &str = "liveness";
+
 /// The gRPC reflection service for Arbor's services (`--reflection`).
 pub(crate) fn reflection_service() -> tonic_reflection::server::v1::ServerReflectionServer<
     impl tonic_reflection::server::v1::ServerReflection,

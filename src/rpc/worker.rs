@@ -645,11 +645,34 @@ pub async fn serve(
 ) -> Result<(), tonic::transport::Error> {
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<WorkerServer<WorkerService>>().await;
+    reporter
+        .set_service_status(super::LIVENESS, tonic_health::ServingStatus::Serving)
+        .await;
     let reflection_service = reflection.then(super::reflection_service);
     let mut builder = server_builder(tls)?;
     let draining = service.draining.clone();
     let drain_timeout = service.drain_timeout;
     let worker = service.worker.clone();
+    // Health follows the engine thread: once it has ended (a pass panicked) every call fails,
+    // so the worker is neither ready nor alive, and an orchestrator restarts it.
+    let watched = worker.clone();
+    let watch_reporter = reporter.clone();
+    let engine_watch = tokio::spawn(async move {
+        while watched.engine_running() {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        tracing::error!("the engine thread has stopped: health NOT_SERVING, liveness included");
+        for name in ["", super::LIVENESS] {
+            watch_reporter
+                .set_service_status(name, tonic_health::ServingStatus::NotServing)
+                .await;
+        }
+        watch_reporter
+            .set_not_serving::<WorkerServer<WorkerService>>()
+            .await;
+    });
+    // Aborted when serving ends, on every path out.
+    let _engine_watch = AbortOnDrop(engine_watch);
     let intercepted = tonic::service::interceptor::InterceptedService::new(
         service.clone().into_server(),
         super::auth::Tokens::interceptor(service.auth.clone()),
@@ -692,6 +715,15 @@ pub async fn serve(
     match tokio::time::timeout(Duration::from_secs(5), server).await {
         Ok(served) => served,
         Err(_) => Ok(()),
+    }
+}
+
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -10,7 +10,7 @@
 //! **Architecture Invariant:** the worker is the only crate that sees both `arbor-search` and
 //! `arbor-model`; neither of them knows the other.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -147,6 +147,17 @@ pub(crate) struct Shared {
     usage: Mutex<Usage>,
     /// Calls sent to the engine thread and not yet answered.
     in_flight: AtomicUsize,
+    /// Set when the engine thread has ended (a panic in a pass, or every clone dropped).
+    engine_stopped: AtomicBool,
+}
+
+/// Marks the engine thread as ended when dropped: on return and on a panic's unwinding alike.
+struct EngineAlive(Arc<Shared>);
+
+impl Drop for EngineAlive {
+    fn drop(&mut self) {
+        self.0.engine_stopped.store(true, Ordering::SeqCst);
+    }
 }
 
 struct Inner {
@@ -190,6 +201,7 @@ impl LocalWorker {
             stats: Mutex::new(WorkerStats::default()),
             usage: Mutex::new(Usage::default()),
             in_flight: AtomicUsize::new(0),
+            engine_stopped: AtomicBool::new(false),
         });
         let info = ModelInfo {
             source: format!("{:?}", model.source),
@@ -204,7 +216,10 @@ impl LocalWorker {
             let (tokenizer, options, shared) = (tokenizer.clone(), options.clone(), shared.clone());
             std::thread::Builder::new()
                 .name("arbor-engine".into())
-                .spawn(move || runner::run(engine, tokenizer, options, shared, rx))
+                .spawn(move || {
+                    let _alive = EngineAlive(shared.clone());
+                    runner::run(engine, tokenizer, options, shared, rx)
+                })
                 .expect("spawning the engine thread");
         }
         LocalWorker {
@@ -257,6 +272,13 @@ impl LocalWorker {
     /// Counters so far.
     pub fn stats(&self) -> WorkerStats {
         self.inner.shared.stats.lock().expect("stats lock").clone()
+    }
+
+    /// Whether the engine thread still runs. It ends only if a pass panicked (or every clone
+    /// was dropped); then every call fails with [`WorkerError::Stopped`] and the servers report
+    /// the worker NOT_SERVING, liveness included.
+    pub fn engine_running(&self) -> bool {
+        !self.inner.shared.engine_stopped.load(Ordering::SeqCst)
     }
 
     /// Calls queued or running now (0 once every call has been answered or dropped).
