@@ -57,8 +57,9 @@ pub(crate) struct ServerOpsArgs {
     /// Example: --auth-token-file /etc/arbor/tokens
     #[arg(long, value_name = "FILE")]
     auth_token_file: Option<PathBuf>,
-    /// On SIGTERM or SIGINT: health turns NOT_SERVING (both `""` and the named service), new
-    /// work is refused with UNAVAILABLE, and work in flight gets this long to finish (then
+    /// On SIGTERM or SIGINT: health turns NOT_SERVING (both `""` and the named service; the
+    /// `liveness` service, for liveness probes, stays SERVING), new work is refused with
+    /// UNAVAILABLE, and work in flight gets this long to finish (then
     /// it is cancelled, a search ending with its best answer so far) before the process exits
     /// 0. A number of seconds, or with a unit: 500ms, 30s, 2m.
     /// Example: --drain-timeout 2m
