@@ -2278,6 +2278,7 @@ fn a_worker_whose_engine_thread_died_is_neither_ready_nor_alive() {
             .await
             .unwrap_err();
         assert_eq!(failed.code(), Code::Unavailable, "{failed:?}");
+        // The thread marks itself ended before its callers' replies are dropped.
         assert!(!worker.engine_running());
         let t = Instant::now();
         for s in services {

@@ -152,7 +152,9 @@ pub(crate) struct Shared {
 }
 
 /// Marks the engine thread as ended when dropped: on return and on a panic's unwinding alike.
-struct EngineAlive(Arc<Shared>);
+/// `runner::run` holds it below its state, so it drops first: a caller whose call failed
+/// because the thread ended already sees [`LocalWorker::engine_running`] false.
+pub(crate) struct EngineAlive(pub(crate) Arc<Shared>);
 
 impl Drop for EngineAlive {
     fn drop(&mut self) {
@@ -216,10 +218,7 @@ impl LocalWorker {
             let (tokenizer, options, shared) = (tokenizer.clone(), options.clone(), shared.clone());
             std::thread::Builder::new()
                 .name("arbor-engine".into())
-                .spawn(move || {
-                    let _alive = EngineAlive(shared.clone());
-                    runner::run(engine, tokenizer, options, shared, rx)
-                })
+                .spawn(move || runner::run(engine, tokenizer, options, shared, rx))
                 .expect("spawning the engine thread");
         }
         LocalWorker {

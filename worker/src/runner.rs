@@ -107,6 +107,8 @@ pub(crate) fn run(
         running: Default::default(),
         new_prompts: 0,
     };
+    // Dropped before `r` (and the reply channels it holds), on return or unwinding.
+    let _alive = crate::EngineAlive(r.shared.clone());
     loop {
         // Wait for work when idle; otherwise take whatever has arrived and keep decoding.
         if r.batcher.is_idle() {
