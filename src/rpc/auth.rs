@@ -18,7 +18,7 @@ use tonic::{Request, Status};
 /// Who made a call: the index of its token in the token file, or `None` on a server without
 /// tokens (where every caller is the same, anonymous owner).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
-pub struct Owner(Option<u32>);
+pub struct Owner(pub(crate) Option<u32>);
 
 impl Owner {
     /// The owner a call carries (set by [`Tokens::interceptor`]); anonymous when none.

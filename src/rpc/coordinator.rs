@@ -38,6 +38,11 @@ pub struct CoordinatorOptions {
     pub step_delimiter: String,
     /// Finished trees kept for `GetTree`.
     pub trees_kept: usize,
+    /// Most bytes the kept trees' JSON and DOT renderings may take together; the oldest go
+    /// first (a tree larger than this is not kept at all).
+    pub trees_kept_bytes: usize,
+    /// Largest tree rendering `GetTree` sends (RESOURCE_EXHAUSTED beyond, naming the limit).
+    pub tree_response_bytes_max: usize,
     /// Most prompt tokens (after the chat template).
     pub prompt_tokens_max: usize,
     /// The bearer tokens clients must present (`--auth-token-file`); `None`: no
@@ -67,6 +72,8 @@ impl Default for CoordinatorOptions {
             limits: SearchLimits::default(),
             step_delimiter: "\n\n".into(),
             trees_kept: 64,
+            trees_kept_bytes: 256 << 20,
+            tree_response_bytes_max: 64 << 20,
             prompt_tokens_max: 8192,
             auth: None,
             drain_timeout: Duration::from_secs(30),
@@ -91,6 +98,36 @@ struct TreeDump {
     request_id: String,
     json: String,
     dot: String,
+}
+
+impl TreeDump {
+    /// Bytes its renderings hold.
+    fn bytes(&self) -> usize {
+        self.json.len() + self.dot.len() + self.request_id.len()
+    }
+}
+
+/// Keeps `dump` (replacing an earlier tree of the same owner and id), then drops the oldest
+/// trees while more than `count` are kept or they hold more than `bytes` bytes.
+fn keep_tree(trees: &mut VecDeque<Arc<TreeDump>>, dump: Arc<TreeDump>, count: usize, bytes: usize) {
+    trees.retain(|t| (t.owner, &t.request_id) != (dump.owner, &dump.request_id));
+    trees.push_back(dump);
+    let mut held: usize = trees.iter().map(|t| t.bytes()).sum();
+    while trees.len() > count || (held > bytes && !trees.is_empty()) {
+        held -= trees.pop_front().map_or(0, |t| t.bytes());
+    }
+}
+
+/// RESOURCE_EXHAUSTED for a rendering larger than `max` bytes.
+fn check_tree_size(id: &str, tree: &str, max: usize) -> Result<(), Status> {
+    if tree.len() > max {
+        return Err(Status::resource_exhausted(format!(
+            "the tree of `{id}` renders to {} bytes, beyond the GetTree limit of {max} bytes \
+             (tree_response_bytes_max)",
+            tree.len()
+        )));
+    }
+    Ok(())
 }
 
 struct Inner {
@@ -511,14 +548,12 @@ impl Coordinator {
             json: serde_json::to_string(&tree.export()).unwrap_or_default(),
             dot: tree.to_dot(),
         });
-        {
-            let mut trees = inner.trees.lock().expect("trees lock");
-            trees.retain(|t| (t.owner, &t.request_id) != (spec.owner, &spec.request_id));
-            trees.push_back(dump);
-            while trees.len() > inner.options.trees_kept {
-                trees.pop_front();
-            }
-        }
+        keep_tree(
+            &mut inner.trees.lock().expect("trees lock"),
+            dump,
+            inner.options.trees_kept,
+            inner.options.trees_kept_bytes,
+        );
         if let Some(m) = &inner.options.metrics {
             let c = &outcome.costs;
             m.finished
@@ -914,14 +949,21 @@ impl SearchRpc for Coordinator {
             let Some(dump) = found else {
                 return Err(Status::not_found(format!(
                     "no running or finished search with request_id `{}` (the coordinator keeps \
-                     the last {} finished)",
-                    req.request_id, self.inner.options.trees_kept
+                     the last {} finished, in at most {} bytes of renderings)",
+                    req.request_id,
+                    self.inner.options.trees_kept,
+                    self.inner.options.trees_kept_bytes
                 )));
             };
             let tree = match format {
                 pb::TreeFormat::Json => dump.json.clone(),
                 pb::TreeFormat::Dot => dump.dot.clone(),
             };
+            check_tree_size(
+                &req.request_id,
+                &tree,
+                self.inner.options.tree_response_bytes_max,
+            )?;
             return Ok(Response::new(pb::GetTreeResponse {
                 tree,
                 running: false,
@@ -942,6 +984,11 @@ impl SearchRpc for Coordinator {
                 .map_err(|e| Status::internal(format!("rendering the tree: {e}")))?,
             pb::TreeFormat::Dot => tree.to_dot(),
         };
+        check_tree_size(
+            &req.request_id,
+            &tree,
+            self.inner.options.tree_response_bytes_max,
+        )?;
         Ok(Response::new(pb::GetTreeResponse {
             tree,
             running: !finished,
@@ -1083,4 +1130,64 @@ where
 /// The address a listener is bound to.
 pub fn local_addr(listener: &tokio::net::TcpListener) -> std::io::Result<SocketAddr> {
     listener.local_addr()
+}
+
+#[cfg(test)]
+mod tree_store_tests {
+    use super::*;
+
+    fn dump(owner: Option<u32>, id: &str, size: usize) -> Arc<TreeDump> {
+        Arc::new(TreeDump {
+            owner: Owner(owner),
+            request_id: id.into(),
+            json: "j".repeat(size),
+            dot: String::new(),
+        })
+    }
+
+    fn ids(trees: &VecDeque<Arc<TreeDump>>) -> Vec<&str> {
+        trees.iter().map(|t| t.request_id.as_str()).collect()
+    }
+
+    /// Kept trees are bounded by count and by bytes, the oldest dropped first; a tree larger
+    /// than the byte bound is not kept; a finished id replaces its earlier tree.
+    #[test]
+    fn kept_trees_stay_within_their_count_and_bytes() {
+        let mut trees = VecDeque::new();
+        for id in ["a", "b", "c"] {
+            keep_tree(&mut trees, dump(None, id, 999), 8, 3000);
+        }
+        assert_eq!(ids(&trees), ["a", "b", "c"]);
+        keep_tree(&mut trees, dump(None, "d", 999), 8, 3000);
+        assert_eq!(
+            ids(&trees),
+            ["b", "c", "d"],
+            "4000 bytes > 3000: the oldest goes"
+        );
+        keep_tree(&mut trees, dump(None, "e", 1), 2, 3000);
+        assert_eq!(ids(&trees), ["d", "e"], "count bound");
+        keep_tree(&mut trees, dump(Some(1), "e", 1), 8, 3000);
+        assert_eq!(
+            ids(&trees),
+            ["d", "e", "e"],
+            "another owner's id is another search"
+        );
+        keep_tree(&mut trees, dump(None, "e", 5), 8, 3000);
+        assert_eq!(trees.len(), 3, "the same owner's id replaces its tree");
+        keep_tree(&mut trees, dump(None, "huge", 4000), 8, 3000);
+        assert!(trees.is_empty(), "{:?}", ids(&trees));
+        assert!(trees.iter().map(|t| t.bytes()).sum::<usize>() <= 3000);
+    }
+
+    #[test]
+    fn a_tree_rendering_past_the_limit_is_refused_naming_it() {
+        assert!(check_tree_size("s", &"x".repeat(100), 100).is_ok());
+        let e = check_tree_size("s", &"x".repeat(101), 100).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            e.message().contains("101 bytes") && e.message().contains("tree_response_bytes_max"),
+            "{}",
+            e.message()
+        );
+    }
 }
