@@ -1,6 +1,7 @@
 //! `arbor`: test-time search over reasoning steps, on a native transformer engine.
 
 mod cli;
+mod coordinator_client;
 mod distill;
 mod eval;
 mod prm_cmd;

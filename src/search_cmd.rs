@@ -315,23 +315,11 @@ fn print_result(args: &SearchArgs, r: &pb::SearchResult) -> Result<()> {
 
 /// `arbor search --coordinator URL`: the same search on a remote coordinator, streamed.
 fn run_remote(args: &SearchArgs, url: &str, config: &SearchConfig) -> Result<()> {
-    let url = if url.contains("://") {
-        url.to_string()
-    } else {
-        format!("http://{url}")
+    let tls = arbor::rpc::tls::ClientTlsFiles {
+        ca: args.tls_ca.clone(),
+        cert: args.tls_cert.clone(),
+        key: args.tls_key.clone(),
     };
-    let tls = arbor::rpc::tls::ClientTls::load(
-        &arbor::rpc::tls::ClientTlsFiles {
-            ca: args.tls_ca.clone(),
-            cert: args.tls_cert.clone(),
-            key: args.tls_key.clone(),
-        },
-        "tls-",
-    )
-    .map_err(anyhow::Error::msg)?;
-    if tls.is_some() && !url.starts_with("https://") {
-        bail!("--tls-ca/--tls-cert need an https:// --coordinator (got {url})");
-    }
     let request = pb::SearchRequest {
         request_id: String::new(),
         question: args.question.clone(),
@@ -359,33 +347,7 @@ fn run_remote(args: &SearchArgs, url: &str, config: &SearchConfig) -> Result<()>
     );
     bar.enable_steady_tick(Duration::from_millis(200));
     let result = rt.block_on(async {
-        let channel = arbor::rpc::tls::connect(&url, tls.as_ref())
-            .await
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "--coordinator {url}: cannot connect: {}",
-                    arbor::rpc::tls::error_chain(&e)
-                )
-            })?;
-        // ARBOR_TOKEN: the bearer token of a coordinator started with --auth-token-file.
-        let token: Option<tonic::metadata::AsciiMetadataValue> = match std::env::var("ARBOR_TOKEN")
-        {
-            Ok(t) if !t.trim().is_empty() => Some(
-                format!("Bearer {}", t.trim())
-                    .parse()
-                    .map_err(|_| anyhow::anyhow!("ARBOR_TOKEN is not printable ASCII"))?,
-            ),
-            _ => None,
-        };
-        let mut client = pb::search_client::SearchClient::with_interceptor(
-            channel,
-            move |mut req: tonic::Request<()>| {
-                if let Some(t) = &token {
-                    req.metadata_mut().insert("authorization", t.clone());
-                }
-                Ok(req)
-            },
-        );
+        let (_, mut client) = crate::coordinator_client::connect(url, &tls).await?;
         let mut stream = client
             .search_stream(request)
             .await

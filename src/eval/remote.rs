@@ -16,75 +16,35 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use arbor::rpc::pb;
 use arbor_search::{equivalent, SearchConfig};
+use tonic::Code;
 
 use super::dataset::Question;
 use super::trace::{TraceCosts, TraceRecord};
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
-use tonic::{Code, Request, Status};
-
-/// Adds `authorization: Bearer TOKEN` (from `ARBOR_TOKEN`) to every call.
-#[derive(Clone)]
-pub(crate) struct Bearer(Option<tonic::metadata::AsciiMetadataValue>);
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(t) = &self.0 {
-            req.metadata_mut().insert("authorization", t.clone());
-        }
-        Ok(req)
-    }
-}
+use crate::coordinator_client;
 
 /// A connection to one coordinator.
 pub(crate) struct Coordinator {
     url: String,
-    client: pb::search_client::SearchClient<InterceptedService<Channel, Bearer>>,
+    client: coordinator_client::Client,
 }
 
 impl Coordinator {
-    /// Connects to `url` (`http://` is assumed without a scheme), over TLS for `https://` with
-    /// the CA in `tls_ca` when given; the token comes from `ARBOR_TOKEN`.
+    /// Connects to `url`, over TLS for `https://` with the CA in `tls_ca` when given; the token
+    /// comes from `ARBOR_TOKEN`.
     pub(crate) async fn connect(url: &str, tls_ca: Option<PathBuf>) -> Result<Self> {
-        let url = if url.contains("://") {
-            url.to_string()
-        } else {
-            format!("http://{url}")
+        let files = arbor::rpc::tls::ClientTlsFiles {
+            ca: tls_ca,
+            cert: None,
+            key: None,
         };
-        let tls = arbor::rpc::tls::ClientTls::load(
-            &arbor::rpc::tls::ClientTlsFiles {
-                ca: tls_ca,
-                cert: None,
-                key: None,
-            },
-            "tls-",
-        )
-        .map_err(anyhow::Error::msg)?;
-        if tls.is_some() && !url.starts_with("https://") {
-            bail!("--tls-ca needs an https:// --coordinator (got {url})");
-        }
-        let channel = arbor::rpc::tls::connect(&url, tls.as_ref())
-            .await
-            .map_err(|e| {
-                anyhow!(
-                    "--coordinator {url}: cannot connect: {}",
-                    arbor::rpc::tls::error_chain(&e)
-                )
-            })?;
-        let token = match std::env::var("ARBOR_TOKEN") {
-            Ok(t) if !t.trim().is_empty() => Some(
-                format!("Bearer {}", t.trim())
-                    .parse()
-                    .map_err(|_| anyhow!("ARBOR_TOKEN is not printable ASCII"))?,
-            ),
-            _ => None,
-        };
-        let client = pb::search_client::SearchClient::with_interceptor(channel, Bearer(token))
-            .max_decoding_message_size(64 << 20);
-        Ok(Coordinator { url, client })
+        let (url, client) = coordinator_client::connect(url, &files).await?;
+        Ok(Coordinator {
+            url,
+            client: client.max_decoding_message_size(64 << 20),
+        })
     }
 
     /// The coordinator's URL, as connected.
