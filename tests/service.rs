@@ -1486,6 +1486,57 @@ fn only_transport_failures_and_unavailable_take_a_worker_out_of_rotation() {
     });
 }
 
+/// A call spread over two workers where one fails for good keeps the other's samples: the
+/// error carries them (`PolicyError::partial`), so the search keeps that work and its cost.
+#[test]
+fn a_failed_expansion_group_keeps_the_other_groups_work() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        use arbor_search::Policy as _;
+        let good = Fake::new(|_| Ok(()));
+        let bad = Fake::new(|_| Err(tonic::Status::invalid_argument("nodes[0].k: poison")));
+        let urls = vec![good.serve().await, bad.serve().await];
+        let pool = fake_pool(&urls, PoolOptions::default()).await;
+        let remote =
+            arbor::rpc::pool::RemotePolicy::new(pool.clone(), vec![1, 2, 3], None, "\n\n".into());
+        let request = |node: u32| arbor_search::ProposeRequest {
+            node: arbor_search::NodeId::ROOT,
+            prompt: "p".into(),
+            steps: vec![],
+            k: 1 + node,
+            sampling: arbor_search::Sampling {
+                temperature: 0.5,
+                top_p: 1.0,
+                max_step_tokens: 4,
+                seed: u64::from(node),
+            },
+        };
+        // Two root nodes with no worker to prefer: one goes to each worker.
+        let e = remote
+            .propose(vec![request(0), request(1)])
+            .await
+            .expect_err("one worker refused its group");
+        assert!(e.message.contains("poison"), "{e}");
+        assert_eq!(e.partial.len(), 2, "one slot per request");
+        assert_eq!(good.calls().len(), 1);
+        assert_eq!(bad.calls().len(), 1, "INVALID_ARGUMENT is not re-sent");
+        let kept: Vec<_> = e.partial.iter().flatten().collect();
+        assert_eq!(
+            kept.len(),
+            1,
+            "the good worker's group is kept: {:?}",
+            e.partial
+        );
+        let i = e.partial.iter().position(Option::is_some).unwrap();
+        assert_eq!(
+            kept[0].steps.len(),
+            1 + i,
+            "the kept reply answers its own request"
+        );
+        assert_eq!(kept[0].cost.generated_tokens, (1 + i) as u64);
+    });
+}
+
 /// Re-sends back off exponentially with jitter: a worker that says RESOURCE_EXHAUSTED is not
 /// sent the call again at once, nor is another equally full one; and a retry budget stops
 /// re-sending when most calls fail.

@@ -428,8 +428,15 @@ impl<'a, P: Policy, S: Scorer> Io<'a, P, S> {
                 self.failed_in_row = 0;
                 Ok(Ok(replies))
             }
-            Err(e) => {
+            Err(mut e) => {
                 tracing::debug!(error = %e, "policy call failed");
+                // Work that did come back was paid for, and is kept when it fits the request.
+                for r in e.partial.iter().flatten() {
+                    self.costs.add_policy(&r.cost);
+                }
+                if e.partial.len() != expected {
+                    e.partial.clear();
+                }
                 self.stats.policy_errors += 1;
                 self.call_failed();
                 Ok(Err(e))
@@ -626,23 +633,33 @@ pub(crate) async fn expand_at<P: Policy, S: Scorer>(
             ),
         })
         .collect();
-    let replies = match io.propose(requests).await? {
-        Ok(replies) => replies,
+    // One reply per leaf, or why it has none (a call may fail for some of its leaves only).
+    let replies: Vec<Result<Proposals, String>> = match io.propose(requests).await? {
+        Ok(replies) => replies.into_iter().map(Ok).collect(),
+        Err(e) if e.partial.is_empty() => vec![Err(e.message); leaves.len()],
         Err(e) => {
-            for &(leaf, _) in leaves {
-                if flight.tree().node(leaf).is_widening() {
-                    // Its children stand; only the call for more of them failed.
-                    flight.tree_mut().abandon_expanding(leaf);
-                } else {
-                    io.fail(flight.tree_mut(), leaf, &e.message);
-                }
-            }
-            return Ok(Vec::new());
+            let message = e.message;
+            e.partial
+                .into_iter()
+                .map(|r| r.ok_or_else(|| message.clone()))
+                .collect()
         }
     };
     let max_depth = io.config.max_depth;
     let mut created = Vec::new();
     for (&(leaf, k), reply) in leaves.iter().zip(replies) {
+        let reply = match reply {
+            Ok(reply) => reply,
+            Err(message) => {
+                if flight.tree().node(leaf).is_widening() {
+                    // Its children stand; only the call for more of them failed.
+                    flight.tree_mut().abandon_expanding(leaf);
+                } else {
+                    io.fail(flight.tree_mut(), leaf, &message);
+                }
+                continue;
+            }
+        };
         let count = reply.steps.len();
         if count == 0 || count > k as usize {
             let reason = format!("policy returned {count} steps for k = {k}");

@@ -89,20 +89,40 @@ impl fmt::Display for Violation {
     }
 }
 
-/// A failed [`crate::Policy::propose`] call. The search marks the nodes of that batch failed and
-/// goes on.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// A failed [`crate::Policy::propose`] call. The search marks the nodes it has no reply for
+/// failed and goes on.
+///
+/// A call can fail in part: one served by several workers, say, where one worker failed and
+/// the others answered. [`PolicyError::partial`] carries the replies that did come, in request
+/// order, so the search keeps that work and charges what it cost.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("policy call failed: {message}")]
 pub struct PolicyError {
     /// What went wrong, for logs and the event stream.
     pub message: String,
+    /// The replies that did come, one slot per request in request order (`None` where the
+    /// request failed); empty when the whole call failed. A list of another length is ignored
+    /// (its costs are still charged).
+    pub partial: Vec<Option<crate::policy::Proposals>>,
 }
 
 impl PolicyError {
-    /// An error with the given message.
+    /// A call that failed as a whole.
     pub fn new(message: impl Into<String>) -> Self {
         PolicyError {
             message: message.into(),
+            partial: Vec::new(),
+        }
+    }
+
+    /// A call that failed in part: `replies` has one slot per request, `None` where it failed.
+    pub fn partial(
+        message: impl Into<String>,
+        replies: Vec<Option<crate::policy::Proposals>>,
+    ) -> Self {
+        PolicyError {
+            message: message.into(),
+            partial: replies,
         }
     }
 }

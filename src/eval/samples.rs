@@ -230,10 +230,18 @@ impl<T: Policy> Policy for Recording<'_, T> {
     async fn propose(&self, batch: Vec<ProposeRequest>) -> Result<Vec<Proposals>, PolicyError> {
         let nodes: Vec<NodeId> = batch.iter().map(|r| r.node).collect();
         let reply = self.inner.propose(batch).await;
-        if let Ok(replies) = &reply {
-            let mut log = self.policy_costs.lock().expect("cost log lock");
-            log.extend(nodes.iter().zip(replies).map(|(&n, r)| (n, r.cost)));
+        let mut log = self.policy_costs.lock().expect("cost log lock");
+        match &reply {
+            Ok(replies) => log.extend(nodes.iter().zip(replies).map(|(&n, r)| (n, r.cost))),
+            // The search keeps (and charges) the part of a call that did come back.
+            Err(e) => log.extend(
+                nodes
+                    .iter()
+                    .zip(&e.partial)
+                    .filter_map(|(&n, r)| r.as_ref().map(|r| (n, r.cost))),
+            ),
         }
+        drop(log);
         reply
     }
 }

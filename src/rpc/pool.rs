@@ -1139,17 +1139,29 @@ impl Policy for RemotePolicy {
         });
         let replies = futures_util::future::join_all(sends).await;
         let mut out: Vec<Option<Proposals>> = vec![None; batch.len()];
+        // A group that failed fails its own nodes only: the other groups' samples are kept
+        // (and their costs charged) through `PolicyError::partial`.
+        let mut failed: Option<String> = None;
         for (idx, reply) in replies {
-            let (resp, member) = reply.map_err(|s| {
-                PolicyError::new(format!("expansion failed: {}: {}", s.code(), s.message()))
-            })?;
+            let (resp, member) = match reply {
+                Ok(r) => r,
+                Err(s) => {
+                    failed.get_or_insert_with(|| {
+                        format!("expansion failed: {}: {}", s.code(), s.message())
+                    });
+                    continue;
+                }
+            };
             if resp.nodes.len() != idx.len() {
-                return Err(PolicyError::new(format!(
-                    "worker {} answered {} nodes for {}",
-                    member.url,
-                    resp.nodes.len(),
-                    idx.len()
-                )));
+                failed.get_or_insert_with(|| {
+                    format!(
+                        "worker {} answered {} nodes for {}",
+                        member.url,
+                        resp.nodes.len(),
+                        idx.len()
+                    )
+                });
+                continue;
             }
             let mut affinity = self.affinity.lock().expect("affinity lock");
             for (&i, node) in idx.iter().zip(resp.nodes) {
@@ -1191,10 +1203,14 @@ impl Policy for RemotePolicy {
                 });
             }
         }
-        Ok(out
-            .into_iter()
-            .map(|p| p.expect("every node was answered"))
-            .collect())
+        match failed {
+            None => Ok(out
+                .into_iter()
+                .map(|p| p.expect("every node was answered"))
+                .collect()),
+            Some(message) if out.iter().all(Option::is_none) => Err(PolicyError::new(message)),
+            Some(message) => Err(PolicyError::partial(message, out)),
+        }
     }
 }
 

@@ -366,3 +366,84 @@ fn a_step_cut_at_its_limit_after_stating_its_answer_ends_the_solution() {
         assert_eq!(node.state(), NodeState::Terminal, "{strategy}");
     }
 }
+
+/// Answers the first half of every call of two or more requests and fails the rest, returning
+/// the answered half as a partial result, as the service's worker pool does when one of the
+/// workers a call was spread over fails. Counts the tokens it returned and the requests it
+/// failed.
+struct HalfFails {
+    inner: GamePolicy,
+    returned_tokens: std::sync::atomic::AtomicU64,
+    failed_requests: std::sync::atomic::AtomicU64,
+}
+
+impl Policy for HalfFails {
+    async fn propose(&self, batch: Vec<ProposeRequest>) -> Result<Vec<Proposals>, PolicyError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let n = batch.len();
+        let replies = self.inner.propose(batch).await?;
+        let kept = if n < 2 { n } else { n / 2 };
+        let partial: Vec<Option<Proposals>> = replies
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| (i < kept).then_some(r))
+            .collect();
+        let tokens: u64 = partial
+            .iter()
+            .flatten()
+            .map(|r| r.cost.generated_tokens)
+            .sum();
+        self.returned_tokens.fetch_add(tokens, Relaxed);
+        if kept == n {
+            return Ok(partial.into_iter().flatten().collect());
+        }
+        self.failed_requests.fetch_add((n - kept) as u64, Relaxed);
+        Err(PolicyError::partial("worker b: UNAVAILABLE", partial))
+    }
+}
+
+/// A call that fails for some of its requests keeps the others' samples as tree nodes and
+/// charges what they cost: only the failed requests' nodes fail.
+#[test]
+fn a_call_that_fails_in_part_keeps_the_part_that_came_back() {
+    use std::sync::atomic::Ordering::Relaxed;
+    for strategy in [
+        r#"{"kind": "beam", "beam_width": 4, "proposals_per_beam": 2}"#,
+        r#"{"kind": "dvts", "beams": 8, "width": 2}"#,
+    ] {
+        let game = PathGame::new(3, 3, 0.8);
+        let policy = HalfFails {
+            inner: GamePolicy::new(game.clone()),
+            returned_tokens: 0.into(),
+            failed_requests: 0.into(),
+        };
+        let scorer = GameScorer::new(game.clone(), 0.25, 0.2);
+        let fields =
+            format!(r#""strategy": {strategy}, "budget": {{"max_generated_tokens": 600}}"#);
+        let (outcome, tree) = run(
+            game.prompt(),
+            config(&fields, 3),
+            &policy,
+            &scorer,
+            &SearchControl::new(),
+        );
+        let failed = policy.failed_requests.load(Relaxed);
+        assert!(failed > 0, "{strategy}: no call failed in part");
+        assert_eq!(
+            outcome.costs.generated_tokens,
+            policy.returned_tokens.load(Relaxed),
+            "{strategy}: the tokens of the replies that came back are charged, and only they"
+        );
+        let generated_in_tree: u64 = tree
+            .nodes()
+            .filter_map(|(_, n)| n.step())
+            .map(|s| s.token_ids.len() as u64)
+            .sum();
+        assert_eq!(
+            generated_in_tree, outcome.costs.generated_tokens,
+            "{strategy}: every charged token is in the tree"
+        );
+        assert!(outcome.stats.failed_nodes > 0, "{strategy}");
+        assert!(outcome.answer.is_some(), "{strategy}: no answer");
+    }
+}
