@@ -169,6 +169,33 @@ impl Engine {
         self.backend.config()
     }
 
+    /// Bytes of scratch memory kept between passes: the output buffers of
+    /// [`Engine::forward_at`] and the backend's pass buffers. They grow to the largest pass and
+    /// stay there until [`Engine::release_scratch`].
+    pub fn scratch_bytes(&self) -> usize {
+        let floats = self.logits.capacity()
+            + self.pass_logits.capacity()
+            + self.hidden.capacity()
+            + self.pass_hidden.capacity();
+        let picks = self.picks.capacity() + self.pass_picks.capacity();
+        floats * 4 + picks * std::mem::size_of::<(u32, f32)>() + self.backend.scratch_bytes()
+    }
+
+    /// Frees each scratch buffer larger than `keep_bytes` (a worker calls it when it goes
+    /// idle): a pass over many sequences, or one asking for many logit rows, would otherwise
+    /// hold its buffers (a vocabulary row of logits, 600 kB for a 152k vocabulary, per row) for
+    /// the life of the process. The next pass grows them again as it needs.
+    pub fn release_scratch(&mut self, keep_bytes: usize) {
+        use crate::backend::cpu::release;
+        release(&mut self.logits, keep_bytes);
+        release(&mut self.pass_logits, keep_bytes);
+        release(&mut self.hidden, keep_bytes);
+        release(&mut self.pass_hidden, keep_bytes);
+        release(&mut self.picks, keep_bytes);
+        release(&mut self.pass_picks, keep_bytes);
+        self.backend.release_scratch(keep_bytes);
+    }
+
     /// The backend's name.
     pub fn backend_name(&self) -> &'static str {
         self.backend.name()

@@ -261,6 +261,9 @@ pub struct WorkerMetrics {
     pub kv_blocks_in_use: IntGauge,
     /// `arbor_worker_kv_blocks_max`: KV cache blocks the worker may use (`--kv-blocks`).
     pub kv_blocks_max: IntGauge,
+    /// `arbor_worker_scratch_bytes`: pass buffers the engine keeps between passes (given back
+    /// when the worker goes idle).
+    pub scratch_bytes: IntGauge,
     /// `arbor_worker_prefix_cache_sequences`: sequences the prefix cache holds.
     pub prefix_cache_sequences: IntGauge,
     /// `arbor_worker_generation_tokens_total`: tokens generated (its rate: tokens per second).
@@ -318,6 +321,11 @@ impl WorkerMetrics {
                 "arbor_worker_kv_blocks_max",
                 "KV cache blocks the worker may use.",
             ),
+            scratch_bytes: gauge(
+                r,
+                "arbor_worker_scratch_bytes",
+                "Bytes of pass buffers the engine keeps between passes.",
+            ),
             prefix_cache_sequences: gauge(
                 r,
                 "arbor_worker_prefix_cache_sequences",
@@ -346,6 +354,7 @@ impl WorkerMetrics {
         self.calls_queued
             .set((worker.in_flight() as i64 - running).max(0));
         self.kv_blocks_in_use.set(usage.kv_blocks as i64);
+        self.scratch_bytes.set(usage.scratch_bytes as i64);
         self.prefix_cache_sequences
             .set(usage.cached_sequences as i64);
         catch_up(&self.forward_passes, stats.forward_passes);

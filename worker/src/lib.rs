@@ -125,6 +125,9 @@ pub struct Usage {
     pub cached_sequences: usize,
     /// Calls queued or decoding.
     pub running_calls: usize,
+    /// Bytes of pass buffers the engine keeps ([`arbor_model::Engine::scratch_bytes`]); those
+    /// over 8 MiB are freed when the worker goes idle.
+    pub scratch_bytes: usize,
 }
 
 /// What a worker runs, for clients and the coordinator.

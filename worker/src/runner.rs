@@ -88,6 +88,11 @@ struct Runner {
     new_prompts: usize,
 }
 
+/// The largest pass buffer an idle engine keeps: one holding the logits of a dozen sequences
+/// (a 152k vocabulary) stays, so small calls allocate nothing, while a large pass (hundreds of
+/// sequences, a long `Score` chunk) frees its buffers once the worker is idle.
+pub(crate) const SCRATCH_KEEP_BYTES: usize = 8 << 20;
+
 /// The engine thread's main loop; returns when every handle to the worker is gone and no call
 /// is left.
 pub(crate) fn run(
@@ -112,6 +117,11 @@ pub(crate) fn run(
     loop {
         // Wait for work when idle; otherwise take whatever has arrived and keep decoding.
         if r.batcher.is_idle() {
+            // Nothing to do: give back what the largest pass grew (see `SCRATCH_KEEP_BYTES`).
+            if r.engine.scratch_bytes() > SCRATCH_KEEP_BYTES {
+                r.engine.release_scratch(SCRATCH_KEEP_BYTES);
+                r.publish();
+            }
             match rx.recv() {
                 Ok(cmd) => r.command(cmd),
                 Err(_) => return,
@@ -356,6 +366,7 @@ impl Runner {
             kv_blocks: self.engine.kv_blocks_in_use(),
             cached_sequences: self.cache.len(),
             running_calls: self.running.len(),
+            scratch_bytes: self.engine.scratch_bytes(),
         };
     }
 }

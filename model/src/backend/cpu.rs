@@ -45,6 +45,33 @@ struct Scratch {
     sin: Vec<f32>,
 }
 
+impl Scratch {
+    fn vecs(&mut self) -> [&mut Vec<f32>; 11] {
+        let s = self;
+        [
+            &mut s.x,
+            &mut s.h,
+            &mut s.q,
+            &mut s.k,
+            &mut s.v,
+            &mut s.att,
+            &mut s.o,
+            &mut s.gate,
+            &mut s.up,
+            &mut s.cos,
+            &mut s.sin,
+        ]
+    }
+}
+
+/// Frees `v` (scratch: its contents do not matter) if it holds more than `keep_bytes`; the next
+/// pass allocates what it needs.
+pub(crate) fn release<T>(v: &mut Vec<T>, keep_bytes: usize) {
+    if v.capacity() * std::mem::size_of::<T>() > keep_bytes {
+        *v = Vec::new();
+    }
+}
+
 /// Runs a llama-style decoder on the CPU.
 pub struct CpuBackend {
     config: ModelConfig,
@@ -569,6 +596,24 @@ impl Backend for CpuBackend {
             let d = dst as usize * stride + lk * slab;
             self.kv.copy_within(s..s + n_tokens * cfg.kv_dim(), d);
         }
+    }
+
+    fn scratch_bytes(&self) -> usize {
+        let s = &self.scratch;
+        let floats: usize = [
+            &s.x, &s.h, &s.q, &s.k, &s.v, &s.att, &s.o, &s.gate, &s.up, &s.cos, &s.sin,
+        ]
+        .iter()
+        .map(|v| v.capacity())
+        .sum();
+        floats * 4 + s.acts.capacity_bytes()
+    }
+
+    fn release_scratch(&mut self, keep_bytes: usize) {
+        for v in self.scratch.vecs() {
+            release(v, keep_bytes);
+        }
+        self.scratch.acts.release(keep_bytes);
     }
 
     fn forward(

@@ -72,6 +72,19 @@ pub trait Backend: Send {
         hidden: &mut Vec<f32>,
     ) -> Result<()>;
 
+    /// Bytes of scratch memory the backend keeps between passes (buffers sized by the largest
+    /// pass so far; KV storage and weights are not scratch).
+    fn scratch_bytes(&self) -> usize {
+        0
+    }
+
+    /// Frees each scratch buffer larger than `keep_bytes`: called when the engine goes
+    /// idle, so one large pass does not hold its buffers for the life of the process. The
+    /// next pass grows them again as needed.
+    fn release_scratch(&mut self, keep_bytes: usize) {
+        let _ = keep_bytes;
+    }
+
     /// Like [`Backend::forward`], and also picks the next token after each token listed in
     /// `sample_for` with the matching draw, writing `(token, log_prob)` per entry into
     /// `picks`: the rows of `sample_for` are neither returned nor (on a device) read back.

@@ -56,6 +56,27 @@ pub struct QuantizedActs {
 }
 
 impl QuantizedActs {
+    /// Bytes its buffers hold.
+    pub(crate) fn capacity_bytes(&self) -> usize {
+        self.qs.capacity()
+            + 4 * (self.d.capacity()
+                + self.sums16.capacity()
+                + self.s32.capacity()
+                + self.q16.capacity())
+    }
+
+    /// Frees each buffer larger than `keep_bytes` (the next quantization allocates what it
+    /// needs).
+    pub(crate) fn release(&mut self, keep_bytes: usize) {
+        use crate::backend::cpu::release;
+        release(&mut self.qs, keep_bytes);
+        release(&mut self.d, keep_bytes);
+        release(&mut self.sums16, keep_bytes);
+        release(&mut self.s32, keep_bytes);
+        release(&mut self.q16, keep_bytes);
+        self.n_tokens = 0;
+    }
+
     /// Index (in blocks) of token `t`'s block `b` in the interleaved layout.
     fn block_index(&self, t: usize, b: usize) -> usize {
         let nb = self.cols / 32;

@@ -552,3 +552,43 @@ fn jobs_joining_mid_decode_match_running_alone_and_cancel_frees_everything() {
     );
     assert_eq!(e.kv_blocks_in_use(), 0);
 }
+
+/// A pass over many sequences grows the engine's buffers (a vocabulary row of logits per
+/// sequence, 600 kB here); `release_scratch` gives them back, and the next pass, growing them
+/// again, gives the same logits.
+#[test]
+fn released_scratch_is_given_back_and_regrown_to_the_same_logits() {
+    let m = model();
+    let vocab = m.config.vocab_size;
+    let prompt = m
+        .tokenizer
+        .encode("The capital of France is", false)
+        .unwrap();
+    let mut e = engine();
+    let run = |e: &mut arbor_model::Engine| {
+        let seqs: Vec<_> = (0..48).map(|_| e.new_sequence()).collect();
+        let entries: Vec<_> = seqs.iter().map(|&s| (s, &prompt[..])).collect();
+        let logits = e.forward(&entries).unwrap().to_vec();
+        for s in seqs {
+            e.free(s);
+        }
+        logits
+    };
+    let first = run(&mut e);
+    let grown = e.scratch_bytes();
+    assert!(
+        grown >= 2 * 48 * vocab * 4,
+        "{grown} bytes of scratch after a pass returning 48 rows of logits"
+    );
+    e.release_scratch(1 << 20);
+    let kept = e.scratch_bytes();
+    // At most 1 MiB in each of the engine's and the backend's buffers (under 24 of them).
+    assert!(kept <= 24 << 20, "{kept} bytes kept of {grown}");
+    assert!(kept < grown / 4, "{kept} bytes kept of {grown}");
+    let again = run(&mut e);
+    assert!(
+        first == again,
+        "the logits changed after the buffers were given back"
+    );
+    assert!(e.scratch_bytes() >= 2 * 48 * vocab * 4);
+}

@@ -538,3 +538,35 @@ fn device_picks_equal_the_host_reference() {
         .unwrap();
     check_device_picks(&mut gpu_engine(real), &prompt, 304, 16, "real model");
 }
+
+/// The wgpu backend drops its pass buffers (device memory and the host-visible read-back copy)
+/// on `release_scratch` and makes them again for the next pass, which gives the same logits.
+#[test]
+fn wgpu_pass_buffers_are_given_back_and_made_again() {
+    if skip() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("arbor-wgpu-release-{}", std::process::id()));
+    TinyModel::new("qwen2").write(&dir).unwrap();
+    let model = Model::load(&dir).unwrap();
+    let mut e = gpu_engine(&model);
+    let tokens: Vec<u32> = (0..40u32).map(|i| (i * 37 + 11) % 256).collect();
+    let run = |e: &mut Engine| {
+        let s = e.new_sequence();
+        let logits = e.forward_all_logits(&[(s, &tokens)]).unwrap().to_vec();
+        e.free(s);
+        logits
+    };
+    let first = run(&mut e);
+    let grown = e.scratch_bytes();
+    assert!(grown >= 2 * 40 * VOCAB * 4, "{grown} bytes of scratch");
+    e.release_scratch(0);
+    assert_eq!(e.scratch_bytes(), 0);
+    let again = run(&mut e);
+    assert!(
+        first == again,
+        "the logits changed after the buffers were made again"
+    );
+    assert!(e.scratch_bytes() >= grown / 2);
+    std::fs::remove_dir_all(&dir).ok();
+}

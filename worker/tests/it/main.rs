@@ -309,6 +309,35 @@ fn calls_beyond_the_limit_are_refused_as_overloaded() {
     wait_until_idle(&w);
 }
 
+/// An idle worker gives back what a large pass grew: 64 sequences decoding at once need a
+/// 152k-vocabulary row of logits each (39 MB), which the worker keeps only while busy. The
+/// next large call grows the buffers again and gets the same samples.
+#[test]
+fn an_idle_worker_gives_back_the_buffers_of_a_large_pass() {
+    let rt = runtime();
+    let w = worker();
+    let call = || vec![item(&w, "Once upon a time", 64, 3, 7)];
+    let first = rt.block_on(w.expand(call(), None)).unwrap();
+    wait_until_idle(&w);
+    let t = std::time::Instant::now();
+    loop {
+        let kept = w.usage().scratch_bytes;
+        if kept <= 12 << 20 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "an idle worker keeps {kept} bytes of pass buffers"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let again = rt.block_on(w.expand(call(), None)).unwrap();
+    for (a, b) in first[0].samples.iter().zip(&again[0].samples) {
+        assert_eq!(a.tokens, b.tokens);
+        assert_eq!(a.logprobs, b.logprobs);
+    }
+}
+
 fn wait_until_idle(w: &LocalWorker) {
     let t = std::time::Instant::now();
     while w.in_flight() != 0 {

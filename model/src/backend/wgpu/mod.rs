@@ -496,6 +496,44 @@ impl Backend for WgpuBackend {
         "wgpu"
     }
 
+    fn scratch_bytes(&self) -> usize {
+        self.scratch.as_ref().map_or(0, |s| {
+            [
+                &s.x,
+                &s.h,
+                &s.qkv,
+                &s.att,
+                &s.act,
+                &s.cs,
+                &s.tok,
+                &s.tables,
+                &s.sel,
+                &s.fin,
+                &s.logits,
+                &s.draws,
+                &s.picks,
+                &s.readback,
+            ]
+            .iter()
+            .map(|b| b.size() as usize)
+            .sum()
+        })
+    }
+
+    /// Drops the pass buffers (device memory, and the host-visible read-back buffer) when
+    /// their largest, the logits with their read-back copy, is past `keep_bytes`: the next pass
+    /// makes them again at its own size.
+    fn release_scratch(&mut self, keep_bytes: usize) {
+        let large = self
+            .scratch
+            .as_ref()
+            .is_some_and(|s| s.readback.size() as usize > keep_bytes);
+        if large {
+            self.bind_cache.clear();
+            self.scratch = None;
+        }
+    }
+
     fn config(&self) -> &ModelConfig {
         &self.config
     }
