@@ -521,6 +521,46 @@ fn killing_a_worker_mid_search_still_completes_the_search() {
     assert_eq!((result.answer, costs.generated_tokens), (answer, generated));
 }
 
+/// Every worker gone: a search gets UNAVAILABLE saying what failed (or, if it had found an
+/// answer before, that answer flagged `too_many_failures`), never an OK with nothing in it; a
+/// search sent while no worker is left is refused the same way, at once.
+#[test]
+fn a_search_whose_workers_are_all_gone_gets_unavailable_not_an_empty_ok() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut c = Cluster::start(1);
+    let req = request("gone", QUESTION, pb::Strategy::BestOfN, 2000, 3);
+    let mut client = c.client.clone();
+    let search = c.rt.spawn(async move { client.search(req).await });
+    c.busiest_once_under_way();
+    c.workers[0].kill();
+    c.workers.clear();
+    match c.rt.block_on(search).unwrap() {
+        Err(e) => {
+            assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+            assert!(e.message().contains("found no answer"), "{e:?}");
+        }
+        Ok(r) => {
+            let r = r.into_inner();
+            assert!(!r.answer.is_empty(), "an OK with no answer: {r:?}");
+            assert_eq!(r.termination, "too_many_failures", "{r:?}");
+        }
+    }
+    let t = Instant::now();
+    let mut client = c.client.clone();
+    let e =
+        c.rt.block_on(client.search(request("gone-2", QUESTION, pb::Strategy::BestOfN, 200, 3)))
+            .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("no healthy worker"), "{e:?}");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    // The tree of the failed search is kept, as for any other.
+    let tree = c.rt.block_on(client.get_tree(pb::GetTreeRequest {
+        request_id: "gone-2".into(),
+        ..Default::default()
+    }));
+    assert!(tree.is_ok(), "{tree:?}");
+}
+
 #[test]
 fn bad_requests_get_invalid_argument_naming_the_field_and_the_server_keeps_serving() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -925,6 +965,91 @@ fn sixteen_concurrent_searches_do_not_mix_results() {
 /// from it, and a search runs through both over TLS. The worker turns away a coordinator
 /// without a client certificate, one that trusts another CA, and plain `http://`, each named
 /// with why; the coordinator's own TLS server turns away a plaintext client.
+/// 256 searches at once against a limit of 4: every one is answered (its own, whole result)
+/// or refused with RESOURCE_EXHAUSTED naming the limit; none is lost, none fails another way,
+/// and the coordinator holds nothing afterwards.
+#[test]
+fn searches_past_the_limit_are_refused_and_none_is_lost() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::with_options(
+        vec![WorkerProcess::start()],
+        1,
+        PoolOptions::default(),
+        CoordinatorOptions {
+            limits: arbor::rpc::limits::SearchLimits {
+                searches_max: 4,
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    );
+    let results = c.rt.block_on(async {
+        let calls: Vec<_> = (0..256)
+            .map(|i| {
+                let mut client = c.client.clone();
+                let req = request(
+                    &format!("many-{i}"),
+                    &format!("What is {i} + 1?"),
+                    pb::Strategy::BestOfN,
+                    24,
+                    i,
+                );
+                tokio::spawn(async move { client.search(req).await.map(|r| r.into_inner()) })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for call in calls {
+            out.push(call.await.unwrap());
+        }
+        out
+    });
+    let (mut answered, mut refused) = (0, 0);
+    for (i, r) in results.iter().enumerate() {
+        match r {
+            Ok(r) => {
+                assert_eq!(r.request_id, format!("many-{i}"));
+                assert!(
+                    !r.answer.is_empty() || r.termination.starts_with("budget"),
+                    "{r:?}"
+                );
+                assert!(r.costs.unwrap().generated_tokens > 0, "{r:?}");
+                answered += 1;
+            }
+            Err(e) => {
+                assert_eq!(e.code(), Code::ResourceExhausted, "search {i}: {e:?}");
+                assert!(e.message().contains('4'), "the limit is named: {e:?}");
+                refused += 1;
+            }
+        }
+    }
+    eprintln!("256 searches against a limit of 4: {answered} answered, {refused} refused");
+    assert_eq!(answered + refused, 256);
+    assert!(answered >= 4, "only {answered} answered");
+    assert!(refused > 0, "nothing was refused: the limit did not hold");
+    // Every slot is free again: four more searches run at once.
+    let again = c.rt.block_on(async {
+        let calls: Vec<_> = (0..4)
+            .map(|i| {
+                let mut client = c.client.clone();
+                let req = request(
+                    &format!("after-{i}"),
+                    QUESTION,
+                    pb::Strategy::BestOfN,
+                    24,
+                    i,
+                );
+                tokio::spawn(async move { client.search(req).await })
+            })
+            .collect();
+        let mut ok = 0;
+        for call in calls {
+            ok += usize::from(call.await.unwrap().is_ok());
+        }
+        ok
+    });
+    assert_eq!(again, 4, "slots were still held after the burst");
+}
+
 #[test]
 fn workers_and_the_coordinator_serve_over_tls_with_client_certificates() {
     use arbor::rpc::tls::{self, ClientTls, ClientTlsFiles, ServerTls, ServerTlsFiles};

@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use arbor_model::{ChatMessage, Tokenizer};
 use arbor_search::{
-    CancelToken, Search, SearchConfig, SearchControl, SearchEvent, StrategyConfig, TreeTap,
+    CancelToken, Search, SearchConfig, SearchControl, SearchEvent, StrategyConfig, Termination,
+    TreeTap,
 };
 use arbor_worker::STEP_BY_STEP_SYSTEM_PROMPT;
 use dashmap::DashMap;
@@ -554,6 +555,44 @@ impl Coordinator {
             inner.options.trees_kept,
             inner.options.trees_kept_bytes,
         );
+        // A search that ended with nothing because its worker calls failed (every worker
+        // gone, say: best-of-N whose root expansion failed "completes" with no sample) is an
+        // error, not an OK with nothing in it. With an answer it is an OK, whose termination
+        // (`too_many_failures`) says when it ended early; one that ran out of budget or time
+        // is an OK as always.
+        let unanswered = outcome.answer.is_none()
+            && (outcome.stats.policy_errors > 0 || outcome.stats.scorer_errors > 0)
+            && matches!(
+                outcome.termination,
+                Termination::TooManyFailures | Termination::Exhausted | Termination::Completed
+            );
+        if unanswered {
+            let (code, last) = remote
+                .last_failure()
+                .unwrap_or((tonic::Code::Unavailable, "no worker answered".into()));
+            // Workers out of reach, full or out of rotation: worth sending again later. A call
+            // the workers refused for its content: not.
+            let code = match code {
+                tonic::Code::InvalidArgument
+                | tonic::Code::FailedPrecondition
+                | tonic::Code::OutOfRange => tonic::Code::Internal,
+                _ => tonic::Code::Unavailable,
+            };
+            let status = Status::new(
+                code,
+                format!(
+                    "search `{}` found no answer: {} worker calls failed ({} of {} workers \
+                     healthy now; the last failure: {last}); its tree is kept for GetTree",
+                    spec.request_id,
+                    outcome.stats.policy_errors + outcome.stats.scorer_errors,
+                    inner.pool.healthy(),
+                    inner.pool.members().len(),
+                ),
+            );
+            tracing::warn!(termination = %termination_name(outcome.termination), "{}", status.message());
+            self.count_failure(&status);
+            return Err(status);
+        }
         if let Some(m) = &inner.options.metrics {
             let c = &outcome.costs;
             m.finished

@@ -953,6 +953,8 @@ pub struct RemotePolicy {
     /// Calls that went to the preferred worker, and calls that had one.
     affinity_hits: AtomicU64,
     affinity_wanted: AtomicU64,
+    /// The code and message of the last call that failed, if any.
+    last_failure: Mutex<Option<(Code, String)>>,
 }
 
 impl std::fmt::Debug for RemotePolicy {
@@ -1028,6 +1030,7 @@ impl RemotePolicy {
             affinity: Mutex::new(HashMap::new()),
             affinity_hits: AtomicU64::new(0),
             affinity_wanted: AtomicU64::new(0),
+            last_failure: Mutex::new(None),
         }
     }
 
@@ -1047,8 +1050,24 @@ impl RemotePolicy {
         )
     }
 
-    fn no_worker() -> Status {
-        Status::unavailable("no healthy worker")
+    /// The code and message of the last worker call of this search that failed (after its
+    /// re-sends), if one did: what a search that found no answer reports.
+    pub fn last_failure(&self) -> Option<(Code, String)> {
+        self.last_failure.lock().expect("failure lock").clone()
+    }
+
+    fn failed(&self, status: &Status) {
+        *self.last_failure.lock().expect("failure lock") =
+            Some((status.code(), status.message().to_string()));
+    }
+
+    fn no_worker(&self) -> Status {
+        let status = Status::unavailable(format!(
+            "no healthy worker (0 of {} workers in rotation)",
+            self.pool.members().len()
+        ));
+        self.failed(&status);
+        status
     }
 }
 
@@ -1072,7 +1091,7 @@ impl Policy for RemotePolicy {
                 let m = self
                     .pool
                     .pick(preferred.as_deref(), &[], &planned)
-                    .ok_or_else(|| PolicyError::new(Self::no_worker().message().to_string()))?;
+                    .ok_or_else(|| PolicyError::new(self.no_worker().message().to_string()))?;
                 if preferred.as_deref() == Some(m.url()) {
                     self.affinity_hits.fetch_add(1, Ordering::Relaxed);
                 }
@@ -1146,6 +1165,7 @@ impl Policy for RemotePolicy {
             let (resp, member) = match reply {
                 Ok(r) => r,
                 Err(s) => {
+                    self.failed(&s);
                     failed.get_or_insert_with(|| {
                         format!("expansion failed: {}: {}", s.code(), s.message())
                     });
@@ -1236,7 +1256,7 @@ impl Scorer for RemotePolicy {
         let member = self
             .pool
             .pick(None, &[], &HashMap::new())
-            .ok_or_else(|| ScoreError::new(Self::no_worker().message().to_string()))?;
+            .ok_or_else(|| ScoreError::new(self.no_worker().message().to_string()))?;
         let (resp, _) = self
             .pool
             .call(
@@ -1257,6 +1277,7 @@ impl Scorer for RemotePolicy {
             ))
             .await
             .map_err(|s| {
+                self.failed(&s);
                 ScoreError::new(format!("scoring failed: {}: {}", s.code(), s.message()))
             })?;
         if resp.paths.len() != batch.len() {
