@@ -318,6 +318,9 @@ fn metrics_scraped_over_http_count_a_real_search_on_both_servers() {
     // The prefix cache keeps the samples' sequences, so blocks stay in use.
     assert!(w.sum("arbor_worker_kv_blocks_in_use", &[]) > 0.0);
     assert_eq!(w.sum("arbor_worker_calls_running", &[]), 0.0);
+    // An idle worker keeps no pass buffer over 8 MiB (a few small ones, at most).
+    let scratch = w.sum("arbor_worker_scratch_bytes", &[]);
+    assert!(scratch > 0.0 && scratch < 64.0 * 1048576.0, "{scratch}");
 
     for server in [&coord, &worker] {
         let (status, body) = server.get("/");
