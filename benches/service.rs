@@ -9,7 +9,11 @@
 //! 3. a whole search (MCTS, 256 generated tokens, GSM8K question 0): embedded, through a
 //!    coordinator with one worker, and with three; the overhead per expansion call is
 //!    (coordinated wall − embedded wall) / policy calls; and through a coordinator with one
-//!    worker recording metrics (`--metrics-listen`), against the same without.
+//!    worker recording metrics (`--metrics-listen`), against the same without; and secured:
+//!    a bearer token on both hops (`--auth-token-file` on a worker recording metrics too, the
+//!    coordinator sending it and requiring it of its client) with metrics on both servers.
+//!    The ratios are taken per round (the variants run moments apart) and shown with their
+//!    range, beside the range of two plain runs against each other: the noise.
 //!
 //! Rounds are interleaved and medians reported, so machine noise hits every variant alike.
 //! Options (env): `ARBOR_BENCH_ROUNDS` (default 3).
@@ -95,14 +99,19 @@ async fn coordinator_for(
     urls: &[String],
     model: &Model,
 ) -> SearchClient<tonic::transport::Channel> {
-    coordinator_with(urls, model, None).await
+    coordinator_with(urls, model, None, false).await
 }
 
-/// A coordinator over `urls`, recording its metrics in `registry` when given.
+/// The bearer token of the secured variant, on both hops.
+const TOKEN: &str = "bench-token-0123456789abcdef";
+
+/// A coordinator over `urls`, recording its metrics in `registry` when given; with `secured`,
+/// it sends [`TOKEN`] to its workers and requires it of its clients.
 async fn coordinator_with(
     urls: &[String],
     model: &Model,
     registry: Option<&prometheus::Registry>,
+    secured: bool,
 ) -> SearchClient<tonic::transport::Channel> {
     let pool = WorkerPool::connect(
         urls.iter()
@@ -110,6 +119,7 @@ async fn coordinator_with(
             .collect(),
         PoolOptions {
             metrics: registry.map(PoolMetrics::new),
+            auth_token: secured.then(|| TOKEN.to_string()),
             ..PoolOptions::default()
         },
     )
@@ -120,6 +130,7 @@ async fn coordinator_with(
         model.tokenizer.clone(),
         CoordinatorOptions {
             metrics: registry.map(SearchMetrics::new),
+            auth: secured.then(|| arbor::rpc::auth::Tokens::new([TOKEN.to_string()])),
             ..CoordinatorOptions::default()
         },
     );
@@ -175,11 +186,29 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let registry = prometheus::Registry::new();
-    let (mut one, mut three, mut one_metrics) = rt.block_on(async {
+    // The secured variant: a worker requiring the token and recording metrics, a coordinator
+    // sending it and requiring it of its clients, recording metrics.
+    let token_file = pki.join("tokens");
+    std::fs::write(&token_file, format!("{TOKEN}\n"))?;
+    let secured_worker = start_worker(&[
+        "--auth-token-file",
+        token_file.to_str().unwrap(),
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ]);
+    let secured_registry = prometheus::Registry::new();
+    let (mut one, mut three, mut one_metrics, mut secured) = rt.block_on(async {
         (
             coordinator_for(&urls[..1], &model).await,
             coordinator_for(&urls, &model).await,
-            coordinator_with(&urls[..1], &model, Some(&registry)).await,
+            coordinator_with(&urls[..1], &model, Some(&registry), false).await,
+            coordinator_with(
+                std::slice::from_ref(&secured_worker.1),
+                &model,
+                Some(&secured_registry),
+                true,
+            )
+            .await,
         )
     });
     let mut worker = rt.block_on(WorkerClient::connect(urls[0].clone()))?;
@@ -255,6 +284,10 @@ fn main() -> anyhow::Result<()> {
         ..Default::default()
     };
     let (mut emb, mut r1, mut r3, mut r1m) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut r1s = Vec::new();
+    // Per round: secured / plain, and metrics / plain, so each ratio pairs runs made moments
+    // apart.
+    let (mut ratio_secured, mut ratio_metrics) = (Vec::new(), Vec::new());
     let mut policy_calls = 0;
     for _ in 0..rounds {
         let mut c = strategy_config(Strategy::Mcts, 8, 0.7, 128);
@@ -273,18 +306,35 @@ fn main() -> anyhow::Result<()> {
         let o = rt.block_on(search.run(&fresh, &LogProbScorer, &SearchControl::new()))?;
         emb.push(t.elapsed().as_secs_f64());
         policy_calls = o.costs.policy_calls;
-        for (client, out) in [
-            (&mut one, &mut r1),
-            (&mut three, &mut r3),
-            (&mut one_metrics, &mut r1m),
+        for (client, out, token) in [
+            (&mut one, &mut r1, false),
+            (&mut three, &mut r3, false),
+            (&mut one_metrics, &mut r1m, false),
+            (&mut secured, &mut r1s, true),
         ] {
+            let mut req = tonic::Request::new(search_request());
+            if token {
+                req.metadata_mut()
+                    .insert("authorization", format!("Bearer {TOKEN}").parse()?);
+            }
             let t = Instant::now();
-            let r = rt.block_on(client.search(search_request()))?.into_inner();
+            let r = rt.block_on(client.search(req))?.into_inner();
             out.push(t.elapsed().as_secs_f64());
             assert_eq!(r.costs.unwrap().policy_calls, policy_calls, "same search");
         }
+        let plain = r1[r1.len() - 1];
+        ratio_metrics.push(r1m[r1m.len() - 1] / plain);
+        ratio_secured.push(r1s[r1s.len() - 1] / plain);
         std::thread::sleep(Duration::from_millis(200));
     }
+    // The plain runs against each other: how far two runs of the same thing differ here.
+    let noise: Vec<f64> = r1.windows(2).map(|w| w[1] / w[0]).collect();
+    let spread = |v: &[f64]| {
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().copied().fold(0.0, f64::max);
+        (lo, hi)
+    };
+    let r1s = median(r1s);
     let (emb, r1, r3, r1m) = (median(emb), median(r1), median(r3), median(r1m));
     let scraped = Exposition::new(registry, || {}).render();
     assert!(
@@ -321,10 +371,26 @@ fn main() -> anyhow::Result<()> {
             r / emb
         );
     }
+    let (m_lo, m_hi) = spread(&ratio_metrics);
     println!(
-        "| search, 1 worker, metrics recorded | {r1:.2} s (metrics off) | {r1m:.2} s | {:+.0} µs per call ({:.3}x) |",
+        "| search, 1 worker, metrics recorded | {r1:.2} s (metrics off) | {r1m:.2} s | {:+.0} µs per call ({:.3}x; rounds {m_lo:.3}-{m_hi:.3}x) |",
         (r1m - r1) * 1e6 / policy_calls as f64,
-        r1m / r1
+        median(ratio_metrics.clone()),
     );
+    let (s_lo, s_hi) = spread(&ratio_secured);
+    println!(
+        "| search, 1 worker, tokens on both hops + metrics on both servers | {r1:.2} s (neither) | {r1s:.2} s | {:+.0} µs per call ({:.3}x; rounds {s_lo:.3}-{s_hi:.3}x) |",
+        (r1s - r1) * 1e6 / policy_calls as f64,
+        median(ratio_secured.clone()),
+    );
+    if !noise.is_empty() {
+        let (n_lo, n_hi) = spread(&noise);
+        println!(
+            "| noise: one plain run against the next | | | {n_lo:.3}-{n_hi:.3}x |"
+        );
+    }
+    let scraped = Exposition::new(secured_registry, || {}).render();
+    assert!(scraped.contains("arbor_searches_finished_total"));
+    drop(secured_worker);
     Ok(())
 }
