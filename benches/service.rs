@@ -11,11 +11,13 @@
 //!    (coordinated wall − embedded wall) / policy calls; and through a coordinator with one
 //!    worker recording metrics (`--metrics-listen`), against the same without; and secured:
 //!    a bearer token on both hops (`--auth-token-file` on a worker recording metrics too, the
-//!    coordinator sending it and requiring it of its client) with metrics on both servers.
+//!    coordinator sending it and requiring it of its client) with metrics on both servers,
+//!    against a twin worker and coordinator with neither (each serving only its own searches).
 //!    The ratios are taken per round (the variants run moments apart) and shown with their
 //!    range, beside the range of two plain runs against each other: the noise.
 //!
-//! Rounds are interleaved and medians reported, so machine noise hits every variant alike.
+//! Rounds are interleaved (each starting at another variant) and medians reported, so machine
+//! noise hits every variant alike.
 //! Options (env): `ARBOR_BENCH_ROUNDS` (default 3).
 
 use std::io::{BufRead, BufReader};
@@ -196,8 +198,10 @@ fn main() -> anyhow::Result<()> {
         "--metrics-listen",
         "127.0.0.1:0",
     ]);
+    // Its twin: a worker of its own with neither, so that both serve only their own searches.
+    let twin_worker = start_worker(&[]);
     let secured_registry = prometheus::Registry::new();
-    let (mut one, mut three, mut one_metrics, mut secured) = rt.block_on(async {
+    let (mut one, mut three, mut one_metrics, mut secured, mut twin) = rt.block_on(async {
         (
             coordinator_for(&urls[..1], &model).await,
             coordinator_for(&urls, &model).await,
@@ -209,6 +213,7 @@ fn main() -> anyhow::Result<()> {
                 true,
             )
             .await,
+            coordinator_for(std::slice::from_ref(&twin_worker.1), &model).await,
         )
     });
     let mut worker = rt.block_on(WorkerClient::connect(urls[0].clone()))?;
@@ -284,12 +289,12 @@ fn main() -> anyhow::Result<()> {
         ..Default::default()
     };
     let (mut emb, mut r1, mut r3, mut r1m) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut r1s = Vec::new();
+    let (mut r1s, mut r1t) = (Vec::new(), Vec::new());
     // Per round: secured / plain, and metrics / plain, so each ratio pairs runs made moments
     // apart.
     let (mut ratio_secured, mut ratio_metrics) = (Vec::new(), Vec::new());
     let mut policy_calls = 0;
-    for _ in 0..rounds {
+    for round in 0..rounds {
         let mut c = strategy_config(Strategy::Mcts, 8, 0.7, 128);
         c.budget.max_generated_tokens = Some(BUDGET);
         c.seed = 1;
@@ -306,12 +311,16 @@ fn main() -> anyhow::Result<()> {
         let o = rt.block_on(search.run(&fresh, &LogProbScorer, &SearchControl::new()))?;
         emb.push(t.elapsed().as_secs_f64());
         policy_calls = o.costs.policy_calls;
-        for (client, out, token) in [
+        let mut variants = [
             (&mut one, &mut r1, false),
             (&mut three, &mut r3, false),
             (&mut one_metrics, &mut r1m, false),
             (&mut secured, &mut r1s, true),
-        ] {
+            (&mut twin, &mut r1t, false),
+        ];
+        // Each round starts at another variant, so none always runs first or last.
+        variants.rotate_left(round % 5);
+        for (client, out, token) in variants {
             let mut req = tonic::Request::new(search_request());
             if token {
                 req.metadata_mut()
@@ -324,7 +333,7 @@ fn main() -> anyhow::Result<()> {
         }
         let plain = r1[r1.len() - 1];
         ratio_metrics.push(r1m[r1m.len() - 1] / plain);
-        ratio_secured.push(r1s[r1s.len() - 1] / plain);
+        ratio_secured.push(r1s[r1s.len() - 1] / r1t[r1t.len() - 1]);
         std::thread::sleep(Duration::from_millis(200));
     }
     // The plain runs against each other: how far two runs of the same thing differ here.
@@ -334,7 +343,7 @@ fn main() -> anyhow::Result<()> {
         let hi = v.iter().copied().fold(0.0, f64::max);
         (lo, hi)
     };
-    let r1s = median(r1s);
+    let (r1s, r1t) = (median(r1s), median(r1t));
     let (emb, r1, r3, r1m) = (median(emb), median(r1), median(r3), median(r1m));
     let scraped = Exposition::new(registry, || {}).render();
     assert!(
@@ -379,8 +388,8 @@ fn main() -> anyhow::Result<()> {
     );
     let (s_lo, s_hi) = spread(&ratio_secured);
     println!(
-        "| search, 1 worker, tokens on both hops + metrics on both servers | {r1:.2} s (neither) | {r1s:.2} s | {:+.0} µs per call ({:.3}x; rounds {s_lo:.3}-{s_hi:.3}x) |",
-        (r1s - r1) * 1e6 / policy_calls as f64,
+        "| search, 1 worker, tokens on both hops + metrics on both servers | {r1t:.2} s (neither, twin worker) | {r1s:.2} s | {:+.0} µs per call ({:.3}x; rounds {s_lo:.3}-{s_hi:.3}x) |",
+        (r1s - r1t) * 1e6 / policy_calls as f64,
         median(ratio_secured.clone()),
     );
     if !noise.is_empty() {
@@ -391,6 +400,6 @@ fn main() -> anyhow::Result<()> {
     }
     let scraped = Exposition::new(secured_registry, || {}).render();
     assert!(scraped.contains("arbor_searches_finished_total"));
-    drop(secured_worker);
+    drop((secured_worker, twin_worker));
     Ok(())
 }
