@@ -17,36 +17,39 @@ TMP=$(mktemp -d)
 PIDS=()
 trap 'kill "${PIDS[@]}" 2>/dev/null || true; rm -rf "$TMP"' EXIT
 
-# Starts `arbor ARGS…`, waits for its "listening on ADDR" line, prints ADDR.
+# Starts `arbor ARGS…` in the background, waits for its "listening on ADDR" line, and sets ADDR.
 start() {
     local log=$TMP/log.$RANDOM
-    RAYON_NUM_THREADS=1 "$ARBOR" "$@" 2>"$log" &
+    RAYON_NUM_THREADS=1 "$ARBOR" "$@" >/dev/null 2>"$log" &
     PIDS+=($!)
     for _ in $(seq 600); do
-        local addr
-        addr=$(grep -m1 -oP 'listening on \K[0-9.:]+' "$log" || true)
-        if [ -n "$addr" ]; then echo "$addr"; return; fi
+        ADDR=$(grep -m1 -oP 'listening on \K[0-9.:]+' "$log" || true)
+        if [ -n "$ADDR" ]; then return; fi
         sleep 0.1
     done
     echo "no listening line from arbor $*" >&2; cat "$log" >&2; exit 1
 }
 
-run() { # run WORKERS OUT: one coordinator over WORKERS workers, the comparison through it
+run() { # run N OUT: one coordinator over N workers, the comparison through it; sets WALL
     local n=$1 out=$2 workers=()
-    for _ in $(seq "$n"); do workers+=("$(start worker --listen 127.0.0.1:0)"); done
-    local coord
-    coord=$(start serve --listen 127.0.0.1:0 --workers "$(IFS=,; echo "${workers[*]}")")
-    local t0=$(date +%s.%N)
-    "$ARBOR" eval --coordinator "http://$coord" --dataset "$DATA" --limit "$Q" \
+    for _ in $(seq "$n"); do start worker --listen 127.0.0.1:0; workers+=("$ADDR"); done
+    start serve --listen 127.0.0.1:0 --workers "$(IFS=,; echo "${workers[*]}")"
+    local t0 t1
+    t0=$(date +%s.%N)
+    "$ARBOR" eval --coordinator "http://$ADDR" --dataset "$DATA" --limit "$Q" \
         --strategies beam,weighted-best-of-n --budgets "$BUDGET" --concurrency $((8 * n)) \
         --out "$out" >/dev/null 2>"$out.log"
-    local t1=$(date +%s.%N)
-    kill "${PIDS[@]}" 2>/dev/null || true; wait 2>/dev/null || true; PIDS=()
-    echo "$t0 $t1" | awk '{printf "%.1f\n", $2 - $1}'
+    t1=$(date +%s.%N)
+    kill "${PIDS[@]}" 2>/dev/null || true
+    wait 2>/dev/null || true
+    PIDS=()
+    WALL=$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.1f", b - a}')
 }
 
-one=$(run 1 "$TMP/one")
-many=$(run "$W" "$TMP/many")
+run 1 "$TMP/one"
+one=$WALL
+run "$W" "$TMP/many"
+many=$WALL
 # The cells must agree: same answers and costs for the same seeds.
 key() { python3 -c '
 import json, sys

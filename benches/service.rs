@@ -394,9 +394,7 @@ fn main() -> anyhow::Result<()> {
     );
     if !noise.is_empty() {
         let (n_lo, n_hi) = spread(&noise);
-        println!(
-            "| noise: one plain run against the next | | | {n_lo:.3}-{n_hi:.3}x |"
-        );
+        println!("| noise: one plain run against the next | | | {n_lo:.3}-{n_hi:.3}x |");
     }
     let scraped = Exposition::new(secured_registry, || {}).render();
     assert!(scraped.contains("arbor_searches_finished_total"));

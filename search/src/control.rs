@@ -51,10 +51,11 @@ impl CancelToken {
     }
 }
 
-/// Copies of a running search's tree: the search copies its tree at the end of a round, where
-/// the tree is consistent (no call in flight, every backup done), at most every
-/// [`TreeTap::MIN_INTERVAL`], and once more when it ends; [`TreeTap::snapshot`] returns the
-/// latest copy. Clones share one tap.
+/// Copies of a running search's tree, made only while someone reads them: the search copies
+/// its tree at the end of a round, where the tree is consistent (no call in flight, every
+/// backup done), at most every [`TreeTap::MIN_INTERVAL`] and only within
+/// [`TreeTap::WANTED_FOR`] of a [`TreeTap::snapshot`], and once more when it ends. A tree nobody
+/// asks for is never copied while it runs. Clones share one tap.
 ///
 /// A copy costs O(nodes); the interval bounds that cost for large trees grown by fast rounds.
 /// A search without a tap makes none.
@@ -63,6 +64,11 @@ pub struct TreeTap {
     latest: Arc<watch::Sender<Option<TreeCopy>>>,
     /// When the last copy was made (tokio's clock, which tests can pause).
     copied_at: Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
+    /// Until when a reader wants fresh copies, and whether one waits for a copy not made yet
+    /// (set by `snapshot`; a round longer than the window still ends in a copy).
+    wanted: Arc<std::sync::Mutex<(Option<tokio::time::Instant>, bool)>>,
+    /// Copies made of the running tree (the final one not counted).
+    copies: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// A copy of the tree, and whether the search had ended when it was made.
@@ -78,20 +84,56 @@ impl TreeTap {
     /// Shortest time between two copies of a running search's tree.
     pub const MIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
+    /// How long after a read the search keeps copying at round ends (a reader that polls sees
+    /// fresh copies without waiting for a round each time).
+    pub const WANTED_FOR: std::time::Duration = std::time::Duration::from_secs(2);
+
+    /// How long a read waits for a copy fresher than [`TreeTap::MIN_INTERVAL`] before taking
+    /// an older one (a round can be long: a slow worker call).
+    pub const FRESH_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
     /// A tap no search has used yet.
     pub fn new() -> TreeTap {
         TreeTap {
             latest: Arc::new(watch::Sender::new(None)),
             copied_at: Arc::new(std::sync::Mutex::new(None)),
+            wanted: Arc::new(std::sync::Mutex::new((None, false))),
+            copies: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         }
     }
 
-    /// The latest copy of the tree, and whether it is the final one (the search had ended).
-    /// Before the search's first round has ended, waits for it; callers bound that with a
-    /// timeout.
+    /// Copies made of the running tree so far (the final copy not counted).
+    pub fn copies(&self) -> u64 {
+        self.copies.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// A recent copy of the tree, and whether it is the final one (the search had ended). Asks
+    /// the search for copies for the next [`TreeTap::WANTED_FOR`]; returns the latest at once
+    /// when it is final or younger than [`TreeTap::MIN_INTERVAL`], else the next one made
+    /// within [`TreeTap::FRESH_WAIT`], else the latest. With no copy yet, waits for the end of
+    /// the current round; callers bound that with a timeout.
     pub async fn snapshot(&self) -> (Arc<Tree>, bool) {
+        let now = tokio::time::Instant::now();
+        *self.wanted.lock().unwrap_or_else(|e| e.into_inner()) =
+            (Some(now + Self::WANTED_FOR), true);
         let mut rx = self.latest.subscribe();
-        // The sender lives in `self`, so the channel cannot close while we wait.
+        let fresh = self
+            .copied_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|t| now.duration_since(t) < Self::MIN_INTERVAL);
+        let current = rx.borrow_and_update().clone();
+        match current {
+            Some(copy) if copy.1 || fresh => return copy,
+            Some(older) => {
+                // The sender lives in `self`, so the channel cannot close while we wait.
+                return match tokio::time::timeout(Self::FRESH_WAIT, rx.changed()).await {
+                    Ok(_) => rx.borrow().clone().unwrap_or(older),
+                    Err(_) => older,
+                };
+            }
+            None => {}
+        }
         let copy = rx
             .wait_for(Option::is_some)
             .await
@@ -105,12 +147,20 @@ impl TreeTap {
     pub(crate) fn offer(&self, tree: &Tree) {
         let now = tokio::time::Instant::now();
         {
+            let mut wanted = self.wanted.lock().unwrap_or_else(|e| e.into_inner());
+            let (until, pending) = *wanted;
+            if !pending && until.is_none_or(|until| now > until) {
+                return;
+            }
             let mut at = self.copied_at.lock().unwrap_or_else(|e| e.into_inner());
             if at.is_some_and(|t| now.duration_since(t) < Self::MIN_INTERVAL) {
                 return;
             }
             *at = Some(now);
+            wanted.1 = false;
         }
+        self.copies
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.latest
             .send_replace(Some((Arc::new(tree.clone()), false)));
     }

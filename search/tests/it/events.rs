@@ -216,3 +216,68 @@ fn a_tree_tap_holds_the_tree_as_of_a_recent_round_and_the_final_tree_at_the_end(
     assert!(finished);
     assert_eq!(last.export(), search.tree().export());
 }
+
+/// A running tree nobody reads is never copied; a read asks the search for copies for
+/// `TreeTap::WANTED_FOR`, at most one every `TreeTap::MIN_INTERVAL`, and then they stop.
+#[test]
+fn a_tree_nobody_reads_is_not_copied_and_a_read_asks_for_copies_for_a_while() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    let policy = GamePolicy::with_faults(
+        game(),
+        arbor_search::synthetic::PolicyFaults {
+            latency: Some(std::time::Duration::from_millis(20)),
+            ..Default::default()
+        },
+    );
+    let scorer = GameScorer::new(game(), 0.25, 0.2);
+    let fields =
+        r#""strategy": {"kind": "mcts", "expand_k": 2}, "budget": {"max_generated_tokens": 8000}"#;
+    use arbor_search::TreeTap;
+    // Nobody reads: no copy while it runs; the final tree is there at the end.
+    let tap = TreeTap::new();
+    let control = SearchControl::new().with_tree_tap(tap.clone());
+    let mut search = Search::new(game().prompt().clone(), config(fields, 1)).unwrap();
+    let unread_time = rt.block_on(async {
+        let t = tokio::time::Instant::now();
+        search.run(&policy, &scorer, &control).await.unwrap();
+        t.elapsed()
+    });
+    assert_eq!(tap.copies(), 0, "a tree nobody read was copied");
+    let (last, finished) = rt.block_on(tap.snapshot());
+    assert!(finished);
+    assert_eq!(last.export(), search.tree().export());
+    assert!(
+        unread_time > TreeTap::WANTED_FOR * 2,
+        "the search must outlast the window for this test: {unread_time:?}"
+    );
+    // One read, 100 ms in: copies for the window, then none.
+    let tap = TreeTap::new();
+    let control = SearchControl::new().with_tree_tap(tap.clone());
+    let mut search = Search::new(game().prompt().clone(), config(fields, 1)).unwrap();
+    rt.block_on(async {
+        let run = search.run(&policy, &scorer, &control);
+        tokio::pin!(run);
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+            _ = &mut run => panic!("the search ended too soon for this test"),
+        }
+        tokio::select! {
+            (copy, finished) = tap.snapshot() => {
+                assert!(!finished);
+                copy.check_invariants().expect("a copy between rounds is consistent");
+            }
+            _ = &mut run => panic!("the search ended before the copy was made"),
+        }
+        run.await.unwrap();
+    });
+    let most = (TreeTap::WANTED_FOR.as_millis() / TreeTap::MIN_INTERVAL.as_millis()) as u64 + 2;
+    let copies = tap.copies();
+    assert!(
+        (1..=most).contains(&copies),
+        "{copies} copies for one read (at most {most})"
+    );
+}
