@@ -35,6 +35,10 @@ pub(crate) enum PrmAction {
     /// the held-out step accuracy and AUC printed and saved as JSON next to the head
     /// (FILE.json), with every labelled step in FILE.labels.jsonl.
     ///
+    /// Labels are kept as they are made (FILE.steps.jsonl, FILE.features.f32): run the same
+    /// command again, with more --questions if you like, and it resumes where it stopped. The
+    /// last --dev-split lines of --dataset (the development split) are never labelled.
+    ///
     /// Then search with it: arbor search --prm head.safetensors "..."
     ///
     /// Example (the token budget stops it after 20-40 minutes on 2 busy cores):
@@ -71,9 +75,16 @@ pub(crate) struct TrainArgs {
     /// Completions per step for its label.
     #[arg(long, default_value_t = 4)]
     rollouts: u32,
-    /// Where to write the head (safetensors); the report goes next to it.
+    /// Where to write the head (safetensors); the report goes next to it. The labels are
+    /// kept as they are made in FILE.steps.jsonl and FILE.features.f32: running the same
+    /// command again resumes, skipping the questions already labelled (--questions may grow).
     #[arg(long)]
     out: PathBuf,
+    /// Lines at the end of --dataset that are the development split (the last 500 of
+    /// GSM8K's training file): labelling a question there is refused, so no head is ever
+    /// trained on what evaluations report on. 0 turns the guard off.
+    #[arg(long, default_value_t = 500)]
+    dev_split: usize,
     /// Sampling temperature of solutions and completions.
     #[arg(long, default_value_t = 0.7)]
     temperature: f32,
@@ -381,6 +392,187 @@ fn model_identity(path: &Path) -> Result<(String, String)> {
     Ok((name, String::new()))
 }
 
+/// The labelling parameters a store was made with; a resumed run must match them.
+fn label_header(args: &TrainArgs, model_sha256: &str, d_model: usize) -> serde_json::Value {
+    serde_json::json!({
+        "arbor_prm_labels": 1,
+        "dataset": args.dataset.display().to_string(),
+        "model_sha256": model_sha256,
+        "d_model": d_model,
+        "samples": args.samples,
+        "rollouts": args.rollouts,
+        "temperature": args.temperature,
+        "max_tokens": args.max_tokens,
+        "rollout_max_tokens": args.rollout_max_tokens,
+        "max_steps": args.max_steps,
+        "steps_per_solution": args.steps_per_solution,
+        "seed": args.seed,
+    })
+}
+
+/// Labelled steps on disk as they are made, so a long labelling run can stop and resume:
+/// `PATH.steps.jsonl` (a header line, then one line per step and a `{"done": QUESTION}` line
+/// after each question's steps) and `PATH.features.f32` (each step's hidden state, `d_model`
+/// little-endian f32s, in the order of the step lines). A question counts only once its
+/// `done` line is written; anything after the last one (a run stopped mid-write) is dropped
+/// on resume.
+struct LabelStore {
+    steps: std::io::BufWriter<std::fs::File>,
+    features: std::io::BufWriter<std::fs::File>,
+    d_model: usize,
+}
+
+impl LabelStore {
+    /// Opens the store next to `out`, creating it with `header` or resuming it: returns the
+    /// store and the examples of every finished question. A store made with other parameters
+    /// is refused, naming the first that differs.
+    fn open(out: &Path, header: &serde_json::Value) -> Result<(LabelStore, Vec<Example>)> {
+        let steps_path = out.with_extension("steps.jsonl");
+        let features_path = out.with_extension("features.f32");
+        let d_model = header["d_model"].as_u64().unwrap_or(0) as usize;
+        let mut examples = Vec::new();
+        // Bytes of each file that hold finished questions.
+        let (mut keep_steps, mut keep_rows) = (0u64, 0usize);
+        if steps_path.exists() {
+            let text = std::fs::read_to_string(&steps_path)
+                .with_context(|| format!("reading {}", steps_path.display()))?;
+            let features = std::fs::read(&features_path).unwrap_or_default();
+            let rows_on_disk = features.len() / (4 * d_model.max(1));
+            let mut pending: Vec<Example> = Vec::new();
+            let mut offset = 0u64;
+            for (n, line) in text.split_inclusive('\n').enumerate() {
+                offset += line.len() as u64;
+                if !line.ends_with('\n') {
+                    break; // cut off mid-line
+                }
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                    break;
+                };
+                if n == 0 {
+                    if let Some(field) = header
+                        .as_object()
+                        .into_iter()
+                        .flatten()
+                        .find(|(k, want)| v.get(k.as_str()) != Some(want))
+                        .map(|(k, _)| k)
+                    {
+                        bail!(
+                            "{} was made with another `{field}` ({} there, {} now): use another \
+                             --out, or the same options",
+                            steps_path.display(),
+                            v.get(field).unwrap_or(&serde_json::Value::Null),
+                            header[field]
+                        );
+                    }
+                    keep_steps = offset;
+                    continue;
+                }
+                if v.get("done").is_some() {
+                    keep_rows += pending.len();
+                    examples.append(&mut pending);
+                    keep_steps = offset;
+                    continue;
+                }
+                let row = keep_rows + pending.len();
+                if row >= rows_on_disk {
+                    break; // its hidden state was never written
+                }
+                let feature = features[row * 4 * d_model..(row + 1) * 4 * d_model]
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect();
+                let field = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+                pending.push(Example {
+                    question: v["question"].as_u64().unwrap_or(0) as usize,
+                    sample: v["sample"].as_u64().unwrap_or(0) as usize,
+                    step: v["step"].as_u64().unwrap_or(0) as usize,
+                    text: v["text"].as_str().unwrap_or_default().to_string(),
+                    share: field("share") as f32,
+                    is_final: v["final"].as_bool().unwrap_or(false),
+                    confidence: field("confidence") as f32,
+                    feature,
+                });
+            }
+        }
+        let open = |path: &Path, keep: u64| -> Result<std::fs::File> {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("opening {}", path.display()))?;
+            f.set_len(keep)
+                .with_context(|| format!("truncating {}", path.display()))?;
+            Ok(f)
+        };
+        let steps_file = open(&steps_path, keep_steps)?;
+        let features_file = open(&features_path, (keep_rows * 4 * d_model) as u64)?;
+        let mut store = LabelStore {
+            steps: std::io::BufWriter::new(steps_file),
+            features: std::io::BufWriter::new(features_file),
+            d_model,
+        };
+        if keep_steps == 0 {
+            writeln!(store.steps, "{header}")?;
+            store.steps.flush()?;
+        }
+        Ok((store, examples))
+    }
+
+    /// Appends one finished question's steps (hidden states first, then the lines, then its
+    /// `done` line, each flushed).
+    fn append(&mut self, question: usize, examples: &[Example]) -> Result<()> {
+        for e in examples {
+            if e.feature.len() != self.d_model {
+                bail!(
+                    "a hidden state of {} values, not {}",
+                    e.feature.len(),
+                    self.d_model
+                );
+            }
+            for x in &e.feature {
+                self.features.write_all(&x.to_le_bytes())?;
+            }
+        }
+        self.features.flush()?;
+        for e in examples {
+            let line = serde_json::json!({
+                "question": e.question, "sample": e.sample, "step": e.step, "final": e.is_final,
+                "share": e.share, "confidence": e.confidence, "text": e.text,
+            });
+            writeln!(self.steps, "{line}")?;
+        }
+        writeln!(self.steps, "{}", serde_json::json!({ "done": question }))?;
+        self.steps.flush()?;
+        Ok(())
+    }
+}
+
+/// Refuses questions in the last `dev_split` lines of a dataset of `lines` lines.
+fn check_dev_split(
+    dataset: &Path,
+    lines: usize,
+    dev_split: usize,
+    offset: usize,
+    questions: usize,
+) -> Result<()> {
+    if dev_split == 0 {
+        return Ok(());
+    }
+    let first_dev = lines.saturating_sub(dev_split);
+    let last = offset + questions.min(lines.saturating_sub(offset));
+    if last > first_dev {
+        bail!(
+            "--offset {offset} --questions {questions} reaches line {} of {} ({} lines): its \
+             last {dev_split} lines are the development split, which a head is never trained \
+             on; keep --offset + --questions at most {first_dev} (or set --dev-split)",
+            last - 1,
+            dataset.display(),
+            lines
+        );
+    }
+    Ok(())
+}
+
 fn train(args: TrainArgs) -> Result<()> {
     if args.samples == 0 || args.rollouts == 0 || args.questions == 0 {
         bail!("--questions, --samples and --rollouts must be at least 1");
@@ -388,10 +580,36 @@ fn train(args: TrainArgs) -> Result<()> {
     if !(0.0..1.0).contains(&args.holdout) {
         bail!("--holdout must be in [0, 1)");
     }
-    let questions = read_questions(&args.dataset, args.offset, args.questions)?;
+    let lines = std::io::BufReader::new(
+        std::fs::File::open(&args.dataset)
+            .with_context(|| format!("--dataset {}", args.dataset.display()))?,
+    )
+    .lines()
+    .count();
+    check_dev_split(
+        &args.dataset,
+        lines,
+        args.dev_split,
+        args.offset,
+        args.questions,
+    )?;
+    let mut questions = read_questions(&args.dataset, args.offset, args.questions)?;
     let model_path = crate::cli::resolve_model(args.model.clone())?;
     let (model_name, model_sha256) = model_identity(&model_path)?;
     let (model, engine) = load_engine(Some(model_path), args.device)?;
+    let header = label_header(&args, &model_sha256, model.config.d_model);
+    let (mut store, resumed) = LabelStore::open(&args.out, &header)?;
+    let done: std::collections::HashSet<usize> = resumed.iter().map(|e| e.question).collect();
+    if !done.is_empty() {
+        eprintln!(
+            "resuming: {} questions already labelled ({} steps) in {}",
+            done.len(),
+            resumed.len(),
+            args.out.with_extension("steps.jsonl").display()
+        );
+    }
+    // Questions done before are skipped (a question that gave no step is done again: cheap).
+    questions.retain(|q| !done.contains(&q.index));
     let worker = LocalWorker::new(&model, engine, WorkerOptions::default());
     let started = Instant::now();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -411,7 +629,7 @@ fn train(args: TrainArgs) -> Result<()> {
     let examples: Vec<Example> = rt.block_on(async {
         let mut pending = questions.into_iter();
         let mut tasks = tokio::task::JoinSet::new();
-        let mut examples = Vec::new();
+        let mut examples = resumed;
         let mut started_questions = 0;
         loop {
             let over_budget = args
@@ -420,12 +638,17 @@ fn train(args: TrainArgs) -> Result<()> {
             while tasks.len() < args.in_flight.max(1) && !over_budget {
                 let Some(q) = pending.next() else { break };
                 started_questions += 1;
-                tasks.spawn(label_question(worker.clone(), args.clone(), q));
+                let index = q.index;
+                let job = label_question(worker.clone(), args.clone(), q);
+                tasks.spawn(async move { (index, job.await) });
             }
             let Some(done) = tasks.join_next().await else {
                 break;
             };
-            examples.extend(done??);
+            let (index, labelled) = done?;
+            let labelled = labelled?;
+            store.append(index, &labelled)?;
+            examples.extend(labelled);
             bar.inc(1);
             bar.set_message(format!(
                 "{} steps labelled, {} tokens generated",
@@ -608,6 +831,101 @@ mod tests {
             PrmConfig::ValueHead(_)
         ));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn example(question: usize, step: usize, d: usize) -> Example {
+        Example {
+            question,
+            sample: 1,
+            step,
+            text: format!("step {step} of {question}"),
+            share: 0.5,
+            is_final: step == 1,
+            confidence: 0.25,
+            feature: (0..d)
+                .map(|i| (question * 100 + step * 10 + i) as f32)
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn labels_resume_from_the_last_finished_question_and_refuse_other_options() {
+        let dir = std::env::temp_dir().join(format!("arbor-label-store-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = dir.join("head.safetensors");
+        let header = serde_json::json!({"arbor_prm_labels": 1, "d_model": 4, "samples": 2});
+        let (mut store, before) = LabelStore::open(&out, &header).unwrap();
+        assert!(before.is_empty());
+        store
+            .append(3, &[example(3, 0, 4), example(3, 1, 4)])
+            .unwrap();
+        store.append(5, &[example(5, 0, 4)]).unwrap();
+        drop(store);
+        // A run stopped mid-question: a step line and part of its hidden state, no `done`.
+        let steps = out.with_extension("steps.jsonl");
+        let features = out.with_extension("features.f32");
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&steps)
+            .unwrap();
+        writeln!(
+            f,
+            "{}",
+            serde_json::json!({"question": 7, "sample": 0, "step": 0})
+        )
+        .unwrap();
+        write!(f, "{{\"question\": 7, \"sam").unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&features)
+            .unwrap();
+        f.write_all(&[0u8; 10]).unwrap();
+        drop(f);
+        let (mut store, resumed) = LabelStore::open(&out, &header).unwrap();
+        let got: Vec<(usize, usize, Vec<f32>)> = resumed
+            .iter()
+            .map(|e| (e.question, e.step, e.feature.clone()))
+            .collect();
+        let want: Vec<(usize, usize, Vec<f32>)> =
+            [example(3, 0, 4), example(3, 1, 4), example(5, 0, 4)]
+                .into_iter()
+                .map(|e| (e.question, e.step, e.feature))
+                .collect();
+        assert_eq!(got, want);
+        assert!(resumed[1].is_final && !resumed[0].is_final);
+        assert_eq!(resumed[0].text, "step 0 of 3");
+        // The partial question was cut off both files.
+        assert_eq!(std::fs::metadata(&features).unwrap().len(), 3 * 4 * 4);
+        store.append(7, &[example(7, 0, 4)]).unwrap();
+        drop(store);
+        let (_, again) = LabelStore::open(&out, &header).unwrap();
+        assert_eq!(again.len(), 4);
+        assert_eq!(again[3].feature, example(7, 0, 4).feature);
+        // Other labelling options: refused, naming the option.
+        let other = serde_json::json!({"arbor_prm_labels": 1, "d_model": 4, "samples": 8});
+        let err = LabelStore::open(&out, &other).err().unwrap().to_string();
+        assert!(err.contains("`samples` (2 there, 8 now)"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_development_split_is_never_labelled() {
+        let d = Path::new("train.jsonl");
+        // GSM8K's training file: 7473 lines, the last 500 the development split.
+        assert!(check_dev_split(d, 7473, 500, 1000, 5973).is_ok());
+        let err = check_dev_split(d, 7473, 500, 1000, 5974)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("development split") && err.contains("6973"),
+            "{err}"
+        );
+        assert!(check_dev_split(d, 7473, 500, 7000, 10).is_err());
+        assert!(check_dev_split(d, 7473, 0, 7000, 10).is_ok());
+        // --questions past the end counts only the lines there are.
+        assert!(check_dev_split(d, 7473, 500, 6900, 1_000_000).is_err());
+        assert!(check_dev_split(d, 600, 500, 0, 100).is_ok());
+        assert!(check_dev_split(d, 600, 500, 0, 101).is_err());
     }
 
     #[test]

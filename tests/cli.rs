@@ -324,3 +324,94 @@ fn prm_options_explain_themselves() {
     let help = String::from_utf8_lossy(&out.stdout);
     assert!(help.contains("--prm head.safetensors"), "{help}");
 }
+
+/// `arbor prm train` keeps its labels as it makes them and resumes: a second run with more
+/// questions labels only the new one. It refuses the development split and a store made with
+/// other options, naming them. The real model, on a few short samples.
+#[test]
+fn prm_train_resumes_its_labels_and_keeps_off_the_development_split() {
+    let dir = std::env::temp_dir().join(format!("arbor-prm-resume-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // 600 GSM8K-style questions: with the default guard, the last 500 stand for the
+    // development split.
+    let dataset = dir.join("q.jsonl");
+    let lines: Vec<String> = (0..600)
+        .map(|i| {
+            let (a, b) = (i % 17 + 2, i % 5 + 3);
+            serde_json::json!({
+                "question": format!("Tom has {a} bags with {b} apples each. How many apples does he have?"),
+                "answer": format!("{a} * {b} = {}\n#### {}", a * b, a * b),
+            })
+            .to_string()
+        })
+        .collect();
+    std::fs::write(&dataset, lines.join("\n") + "\n").unwrap();
+    let out = dir.join("head.safetensors");
+    let run = |questions: &str, samples: &str| {
+        arbor()
+            .args(["prm", "train", "--dataset", dataset.to_str().unwrap()])
+            .args([
+                "--offset",
+                "0",
+                "--questions",
+                questions,
+                "--samples",
+                samples,
+            ])
+            .args([
+                "--rollouts",
+                "1",
+                "--max-tokens",
+                "40",
+                "--rollout-max-tokens",
+                "24",
+            ])
+            .args(["--steps-per-solution", "1", "--device", "cpu"])
+            .args(["--out", out.to_str().unwrap()])
+            .env("RAYON_NUM_THREADS", "2")
+            .output()
+            .unwrap()
+    };
+    let done_lines = || {
+        std::fs::read_to_string(out.with_extension("steps.jsonl"))
+            .unwrap()
+            .lines()
+            .filter(|l| l.starts_with("{\"done\""))
+            .count()
+    };
+    let first = run("1", "2");
+    let err = String::from_utf8_lossy(&first.stderr);
+    assert!(first.status.success(), "{err}");
+    assert_eq!(done_lines(), 1);
+    let features = std::fs::metadata(out.with_extension("features.f32"))
+        .unwrap()
+        .len();
+    assert!(
+        features > 0 && features % (896 * 4) == 0,
+        "{features} bytes of hidden states"
+    );
+    let second = run("2", "2");
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(second.status.success(), "{err}");
+    assert!(
+        err.contains("resuming: 1 questions already labelled"),
+        "{err}"
+    );
+    assert_eq!(done_lines(), 2, "only the new question was labelled");
+    // Other options than the store was made with.
+    let other = run("2", "3");
+    let err = String::from_utf8_lossy(&other.stderr);
+    assert!(!other.status.success());
+    assert!(err.contains("`samples` (2 there, 3 now)"), "{err}");
+    // Questions in the development split.
+    let dev = arbor()
+        .args(["prm", "train", "--dataset", dataset.to_str().unwrap()])
+        .args(["--offset", "90", "--questions", "20"])
+        .args(["--out", dir.join("other.safetensors").to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&dev.stderr);
+    assert!(!dev.status.success());
+    assert!(err.contains("development split"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
