@@ -365,6 +365,35 @@ async fn label_question(
     Ok(out)
 }
 
+/// Calibration of predicted probabilities `p` against `labels`, in `bins` equal-width bins:
+/// the expected calibration error (the count-weighted mean of |mean prediction − observed
+/// rate|) and, per non-empty bin, its range, count, mean prediction and observed rate (the
+/// points of a reliability plot).
+fn reliability(p: &[f32], labels: &[bool], bins: usize) -> (f64, Vec<serde_json::Value>) {
+    let mut sums = vec![(0usize, 0f64, 0usize); bins];
+    for (&x, &l) in p.iter().zip(labels) {
+        let b = ((f64::from(x) * bins as f64) as usize).min(bins - 1);
+        sums[b].0 += 1;
+        sums[b].1 += f64::from(x);
+        sums[b].2 += usize::from(l);
+    }
+    let total = p.len().max(1) as f64;
+    let mut ece = 0.0;
+    let mut out = Vec::new();
+    for (b, &(n, sum, pos)) in sums.iter().enumerate() {
+        if n == 0 {
+            continue;
+        }
+        let (mean, rate) = (sum / n as f64, pos as f64 / n as f64);
+        ece += n as f64 / total * (mean - rate).abs();
+        out.push(serde_json::json!({
+            "from": b as f64 / bins as f64, "to": (b + 1) as f64 / bins as f64,
+            "count": n, "mean_prediction": mean, "observed": rate,
+        }));
+    }
+    (ece, out)
+}
+
 /// A seeded shuffle (xorshift), so the split does not depend on a random-number crate.
 fn shuffled(mut items: Vec<usize>, seed: u64) -> Vec<usize> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -713,8 +742,26 @@ fn train(args: TrainArgs) -> Result<()> {
                 .unzip();
             auc(&p, &l)
         };
+        // Final steps of solutions with at least two steps: is a *reasoned* answer right?
+        // (One-step guesses are mostly wrong, which any score that spots them separates.)
+        let reasoned = |values: &[f32]| {
+            let (p, l): (Vec<f32>, Vec<bool>) = set
+                .iter()
+                .zip(values)
+                .zip(&labels)
+                .filter(|((e, _), _)| e.is_final && e.step >= 1)
+                .map(|((_, &p), &l)| (p, l))
+                .unzip();
+            auc(&p, &l)
+        };
+        let (ece, bins) = reliability(&p, &labels, 10);
         let questions: std::collections::BTreeSet<usize> = set.iter().map(|e| e.question).collect();
         serde_json::json!({
+            "reasoned_final_steps": set.iter().filter(|e| e.is_final && e.step >= 1).count(),
+            "auc_reasoned_final_steps": reasoned(&p),
+            "log_prob_confidence_auc_reasoned_final_steps": reasoned(&confidence),
+            "expected_calibration_error": ece,
+            "reliability": bins,
             "steps": set.len(),
             "final_steps": set.iter().filter(|e| e.is_final).count(),
             "questions": questions.len(),
@@ -769,15 +816,19 @@ fn train(args: TrainArgs) -> Result<()> {
         let f = |k: &str| m[k].as_f64().unwrap_or(f64::NAN);
         println!(
             "{name}: {} steps from {} questions, accuracy {:.3} (majority class {:.3}), \
-             AUC {:.3} (final steps {:.3}, others {:.3}; log-prob confidence {:.3})",
+             AUC {:.3} (final steps {:.3}, reasoned final steps {:.3}, others {:.3}; log-prob \
+             confidence {:.3}, on reasoned final steps {:.3}), calibration error {:.3}",
             m["steps"],
             m["questions"],
             f("accuracy"),
             f("majority_class_accuracy"),
             f("auc"),
             f("auc_final_steps"),
+            f("auc_reasoned_final_steps"),
             f("auc_other_steps"),
             f("log_prob_confidence_auc"),
+            f("log_prob_confidence_auc_reasoned_final_steps"),
+            f("expected_calibration_error"),
         )
     };
     show("train", &train_m);
@@ -926,6 +977,22 @@ mod tests {
         assert!(check_dev_split(d, 7473, 500, 6900, 1_000_000).is_err());
         assert!(check_dev_split(d, 600, 500, 0, 100).is_ok());
         assert!(check_dev_split(d, 600, 500, 0, 101).is_err());
+    }
+
+    #[test]
+    fn reliability_bins_predictions_and_measures_their_calibration() {
+        // Perfectly calibrated: 0.25 predicted, 1 in 4 positive; 0.95 predicted, all positive.
+        let p = [0.25, 0.25, 0.25, 0.25, 0.95, 0.95];
+        let l = [true, false, false, false, true, true];
+        let (ece, bins) = reliability(&p, &l, 10);
+        assert_eq!(bins.len(), 2);
+        assert_eq!(bins[0]["count"], 4);
+        assert!((bins[0]["observed"].as_f64().unwrap() - 0.25).abs() < 1e-9);
+        // |0.95 - 1| weighted 2 of 6.
+        assert!((ece - 0.05 * 2.0 / 6.0).abs() < 1e-6, "{ece}");
+        // A prediction of exactly 1 falls in the last bin.
+        let (_, bins) = reliability(&[1.0], &[true], 10);
+        assert_eq!(bins[0]["from"], 0.9);
     }
 
     #[test]
