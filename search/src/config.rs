@@ -188,6 +188,23 @@ pub struct RolloutConfig {
     /// Weight of the final answer's value in what a simulation backs up, in [0, 1]:
     /// `(1 - w) * leaf value + w * answer value` (AlphaGo's mix of value and rollout outcome).
     pub answer_weight: f64,
+    /// What a rollout's final answer is worth.
+    pub answer_value: AnswerValue,
+}
+
+/// The value of a rollout's final answer, in what its simulation backs up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AnswerValue {
+    /// The scorer's value of the final step.
+    #[default]
+    Score,
+    /// The share of the tree's final answers so far that agree with it (rStar's
+    /// self-consistency reward): needs no verifier, and favours the subtrees whose answers the
+    /// rest of the tree confirms.
+    Consistency,
+    /// The scorer's value times that share (a verifier and self-consistency together).
+    ScoreTimesConsistency,
 }
 
 impl Default for RolloutConfig {
@@ -196,6 +213,7 @@ impl Default for RolloutConfig {
             max_steps: 16,
             temperature: None,
             answer_weight: 0.5,
+            answer_value: AnswerValue::Score,
         }
     }
 }

@@ -120,6 +120,12 @@ impl Tally {
         }
     }
 
+    /// The share of final answers so far that are equivalent to `answer` (0 before any).
+    pub(crate) fn share(&self, answer: &Answer) -> f64 {
+        let votes = self.entries.get(&answer.key).map_or(0, |e| e.votes);
+        f64::from(votes) / f64::from(self.total.max(1))
+    }
+
     /// True before the first final answer.
     pub(crate) fn is_empty(&self) -> bool {
         self.total == 0

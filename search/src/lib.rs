@@ -48,9 +48,9 @@ mod tree;
 
 pub use answer::{equivalent, extract_answer, extract_raw, normalize, states_final_answer, Answer};
 pub use config::{
-    AnswerSelection, Backup, BeamConfig, BudgetConfig, ConvergenceConfig, DvtsConfig, MctsAnswer,
-    MctsConfig, RolloutConfig, SampleConfig, SamplingConfig, ScorerChoice, ScoringConfig,
-    SearchConfig, StrategyConfig, DEPTH_MAX, IN_FLIGHT_MAX, K_MAX, NODES_MAX,
+    AnswerSelection, AnswerValue, Backup, BeamConfig, BudgetConfig, ConvergenceConfig, DvtsConfig,
+    MctsAnswer, MctsConfig, RolloutConfig, SampleConfig, SamplingConfig, ScorerChoice,
+    ScoringConfig, SearchConfig, StrategyConfig, DEPTH_MAX, IN_FLIGHT_MAX, K_MAX, NODES_MAX,
 };
 pub use control::{BestAnswer, CancelToken, SearchControl, SearchEvent, TreeTap};
 pub use engine::{mix as mix_seed, select_answer, AnswerTally};

@@ -16,7 +16,7 @@
 //! [`crate::SearchConfig::max_children`] children and all of them are final or failed.
 //! The round's [`InFlight`] guard undoes whatever a round leaves half-done.
 
-use crate::config::MctsConfig;
+use crate::config::{AnswerValue, MctsConfig};
 use crate::engine::{expand, expand_at, score_nodes, Io, Tally};
 use crate::flight::InFlight;
 use crate::outcome::{Budget, Termination};
@@ -210,10 +210,23 @@ async fn round<P: Policy, S: Scorer>(
         let value = sim.start.and_then(|start| {
             let tree = flight.tree();
             let leaf_value = tree.node(start).score();
-            let answer_value = sim.end.and_then(|end| tree.node(end).score());
+            let answer_value = sim.end.and_then(|end| {
+                let node = tree.node(end);
+                let share = || node.answer().map(|a| tally.share(a));
+                match config.rollout.as_ref().map(|r| r.answer_value) {
+                    Some(AnswerValue::Consistency) => share(),
+                    Some(AnswerValue::ScoreTimesConsistency) => {
+                        node.score().zip(share()).map(|(v, s)| v * s)
+                    }
+                    Some(AnswerValue::Score) | None => node.score(),
+                }
+            });
             let w = config.rollout.as_ref().map_or(0.0, |r| r.answer_weight);
             match (leaf_value, answer_value) {
                 (Some(l), Some(a)) if sim.end != Some(start) => Some((1.0 - w) * l + w * a),
+                // A final answer revisited: its answer's value (its score, unless configured
+                // otherwise).
+                (l, a) if sim.end == Some(start) => a.or(l),
                 (l, a) => l.or(a),
             }
         });
