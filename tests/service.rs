@@ -960,11 +960,6 @@ fn sixteen_concurrent_searches_do_not_mix_results() {
     }
 }
 
-/// TLS end to end, with client certificates: a worker started with `--tls-cert`, `--tls-key`
-/// and `--tls-client-ca` serves a coordinator that trusts its CA and presents a certificate
-/// from it, and a search runs through both over TLS. The worker turns away a coordinator
-/// without a client certificate, one that trusts another CA, and plain `http://`, each named
-/// with why; the coordinator's own TLS server turns away a plaintext client.
 /// 256 searches at once against a limit of 4: every one is answered (its own, whole result)
 /// or refused with RESOURCE_EXHAUSTED naming the limit; none is lost, none fails another way,
 /// and the coordinator holds nothing afterwards.
@@ -1050,6 +1045,11 @@ fn searches_past_the_limit_are_refused_and_none_is_lost() {
     assert_eq!(again, 4, "slots were still held after the burst");
 }
 
+/// TLS end to end, with client certificates: a worker started with `--tls-cert`, `--tls-key`
+/// and `--tls-client-ca` serves a coordinator that trusts its CA and presents a certificate
+/// from it, and a search runs through both over TLS. The worker turns away a coordinator
+/// without a client certificate, one that trusts another CA, and plain `http://`, each named
+/// with why; the coordinator's own TLS server turns away a plaintext client.
 #[test]
 fn workers_and_the_coordinator_serve_over_tls_with_client_certificates() {
     use arbor::rpc::tls::{self, ClientTls, ClientTlsFiles, ServerTls, ServerTlsFiles};

@@ -186,7 +186,7 @@ impl Engine {
     /// hold its buffers (a vocabulary row of logits, 600 kB for a 152k vocabulary, per row) for
     /// the life of the process. The next pass grows them again as it needs.
     pub fn release_scratch(&mut self, keep_bytes: usize) {
-        use crate::backend::cpu::release;
+        use crate::backend::release;
         release(&mut self.logits, keep_bytes);
         release(&mut self.pass_logits, keep_bytes);
         release(&mut self.hidden, keep_bytes);

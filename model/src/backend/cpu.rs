@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
-use super::{rope_angles, Backend, ForwardBatch};
+use super::{release, rope_angles, Backend, ForwardBatch};
 use crate::arch::{DecoderWeights, ModelConfig, RopeStyle};
 use crate::error::{ModelError, Result};
 use crate::kv::KV_BLOCK_TOKENS;
@@ -61,14 +61,6 @@ impl Scratch {
             &mut s.cos,
             &mut s.sin,
         ]
-    }
-}
-
-/// Frees `v` (scratch: its contents do not matter) if it holds more than `keep_bytes`; the next
-/// pass allocates what it needs.
-pub(crate) fn release<T>(v: &mut Vec<T>, keep_bytes: usize) {
-    if v.capacity() * std::mem::size_of::<T>() > keep_bytes {
-        *v = Vec::new();
     }
 }
 

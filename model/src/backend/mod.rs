@@ -50,6 +50,14 @@ pub(crate) fn rope_angles(cfg: &ModelConfig, position: u32) -> impl Iterator<Ite
     })
 }
 
+/// Frees `v` (scratch: its contents do not matter) if it holds more than `keep_bytes`; the next
+/// pass allocates what it needs. For [`Backend::release_scratch`] and the engine's own buffers.
+pub(crate) fn release<T>(v: &mut Vec<T>, keep_bytes: usize) {
+    if v.capacity() * std::mem::size_of::<T>() > keep_bytes {
+        *v = Vec::new();
+    }
+}
+
 /// Runs the transformer. Implementations: [`cpu::CpuBackend`], [`wgpu::WgpuBackend`].
 pub trait Backend: Send {
     /// Short name for logs and statistics (`cpu`, `wgpu`).

@@ -68,7 +68,7 @@ impl QuantizedActs {
     /// Frees each buffer larger than `keep_bytes` (the next quantization allocates what it
     /// needs).
     pub(crate) fn release(&mut self, keep_bytes: usize) {
-        use crate::backend::cpu::release;
+        use crate::backend::release;
         release(&mut self.qs, keep_bytes);
         release(&mut self.d, keep_bytes);
         release(&mut self.sums16, keep_bytes);

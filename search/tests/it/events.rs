@@ -153,8 +153,9 @@ fn the_search_future_is_send() {
     assert_send(&entry);
 }
 
-#[test]
-fn a_tree_tap_holds_the_tree_as_of_a_recent_round_and_the_final_tree_at_the_end() {
+/// A runtime on a paused clock, and the game's policy taking 20 ms a call (so rounds take
+/// time that the clock can skip).
+fn paused_with_slow_rounds() -> (tokio::runtime::Runtime, GamePolicy) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .start_paused(true)
@@ -167,6 +168,12 @@ fn a_tree_tap_holds_the_tree_as_of_a_recent_round_and_the_final_tree_at_the_end(
             ..Default::default()
         },
     );
+    (rt, policy)
+}
+
+#[test]
+fn a_tree_tap_holds_the_tree_as_of_a_recent_round_and_the_final_tree_at_the_end() {
+    let (rt, policy) = paused_with_slow_rounds();
     let scorer = GameScorer::new(game(), 0.25, 0.2);
     let tap = arbor_search::TreeTap::new();
     let control = SearchControl::new().with_tree_tap(tap.clone());
@@ -221,18 +228,7 @@ fn a_tree_tap_holds_the_tree_as_of_a_recent_round_and_the_final_tree_at_the_end(
 /// `TreeTap::WANTED_FOR`, at most one every `TreeTap::MIN_INTERVAL`, and then they stop.
 #[test]
 fn a_tree_nobody_reads_is_not_copied_and_a_read_asks_for_copies_for_a_while() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .start_paused(true)
-        .build()
-        .unwrap();
-    let policy = GamePolicy::with_faults(
-        game(),
-        arbor_search::synthetic::PolicyFaults {
-            latency: Some(std::time::Duration::from_millis(20)),
-            ..Default::default()
-        },
-    );
+    let (rt, policy) = paused_with_slow_rounds();
     let scorer = GameScorer::new(game(), 0.25, 0.2);
     let fields =
         r#""strategy": {"kind": "mcts", "expand_k": 2}, "budget": {"max_generated_tokens": 8000}"#;
