@@ -170,6 +170,12 @@ fn main() -> anyhow::Result<()> {
     let allow_software = std::env::var_os("ARBOR_WGPU_ALLOW_SOFTWARE").is_some();
     let profile = std::env::var_os("ARBOR_BENCH_PROFILE").is_some();
     let threads = rayon::current_num_threads();
+    // The device's fixed costs first: at batch 1 on small models they, not bandwidth, bound
+    // a decode step (~120 dependent dispatches).
+    match arbor_model::backend::wgpu::dispatch_floor(allow_software, 2000) {
+        Ok(f) => eprintln!("dispatch floor: {f}"),
+        Err(e) => eprintln!("dispatch floor: not measured: {e}"),
+    }
     let mut rows = Vec::new();
     for name in shapes.split(',') {
         let t = Instant::now();

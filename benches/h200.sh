@@ -1,15 +1,18 @@
 #!/bin/bash
-# GPU speed on the lent H200, this build against a baseline build, in one run (ratios, not
-# absolute figures: the machine is shared). Run from /tmp there, after the recipe in
-# ../shared/GPU.md has joined the model into /tmp/model.gguf and unpacked, into /tmp:
+# GPU speed on the lent H200: this build against the previous release, llama.cpp CUDA and
+# transformers, in one session (ratios, not absolute figures: the machine is shared). Run from
+# the repo root there, after the recipe in ../shared/GPU.md has joined the model into
+# /tmp/model.gguf and unpacked into /tmp:
 #   arbor   this build's stripped release binary
-#   base    the baseline's (the previous release), for the same commands
+#   base    the previous release's, for the same commands
 #   bench   `cargo bench --no-run --bench backends`'s binary (target/release/deps/backends-*)
-# usage: h200.sh speed | bench [STEPS]
+# and, for the baselines, /tmp/llama.tar.xz (../shared/gpu/llamacpp-src.sh) and the gguf wheel
+# installed into /tmp/site.
+# usage: h200.sh speed | bench [STEPS] | llama-build | llama | hf | eval SECONDS [ARGS...]
 set -u
 export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
 export XDG_RUNTIME_DIR=/tmp
-cd /tmp
+here=$(cd "$(dirname "$0")" && pwd)
 Q="Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did Natalia sell altogether in April and May?"
 M="--model /tmp/model.gguf"
 case "${1:-}" in
@@ -18,7 +21,7 @@ speed)
   # (generated tokens over wall time, the search's own work included), each binary in turn.
   for b in arbor base; do
     echo "== $b generate, 256 tokens"
-    /tmp/$b generate $M --device gpu --chat --max-tokens 256 --temperature 0 --prompt "$Q" 2>&1 | tail -1
+    /tmp/$b generate $M --device gpu --chat --max-tokens 256 --temperature 0 --prompt "$Q" 2>&1 >/dev/null | tail -1
     for n in 16 64 256; do
       s=$(date +%s.%N)
       /tmp/$b search $M --device gpu --strategy best-of-n --n $n --budget-tokens 1000000 \
@@ -28,20 +31,54 @@ speed)
 print('== $b best-of-n $n: %d tokens in %.2f s = %.0f tok/s' % (c['generated_tokens'], w, c['generated_tokens']/w))"
     done
   done
-  echo "== greedy parity, 48 tokens"
+  echo "== greedy parity, 48 tokens, real model"
   /tmp/arbor generate $M --device gpu --chat --max-tokens 48 --temperature 0 --prompt "$Q" > /tmp/g.txt 2>/dev/null
   /tmp/arbor generate $M --device cpu --chat --max-tokens 48 --temperature 0 --prompt "$Q" > /tmp/c.txt 2>/dev/null
   if cmp -s /tmp/g.txt /tmp/c.txt; then echo "GPU == CPU"; else echo "GPU != CPU"; diff /tmp/g.txt /tmp/c.txt; fi
   ;;
 bench)
-  # The backends bench on the real model: decode at 1..256 sequences with device picks, and
-  # the host-pick rows (every logit read back) for the ratio; then where the time goes.
+  # The dispatch floor, then the backends bench on the real model: decode at 1..256 sequences
+  # with device picks, and the host-pick rows (every logit read back) for the ratio; then
+  # where the time goes.
   export ARBOR_BENCH_SHAPES=model ARBOR_BENCH_MODEL=/tmp/model.gguf ARBOR_BENCH_SKIP_CPU=1
-  ARBOR_BENCH_STEPS=${2:-32} timeout 240 /tmp/bench --bench 2>&1 | tail -30
+  ARBOR_BENCH_STEPS=${2:-32} timeout 240 /tmp/bench --bench 2>&1 | grep -v '^$' | tail -24
   ARBOR_BENCH_PROFILE=1 ARBOR_BENCH_STEPS=16 timeout 240 /tmp/bench --bench 2>&1 | grep profile
   ;;
+llama-build)
+  # llama.cpp with CUDA from its own source (about four minutes on 16 cores); in the
+  # background, so the next calls can go on. Log: /tmp/llama-build.log.
+  cd /tmp && rm -rf llama.cpp && tar xJf /tmp/llama.tar.xz && cd llama.cpp &&
+    setsid nohup bash -c "cmake -B build -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
+      -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+      -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF && \
+      cmake --build build -j16 --target llama-bench llama-batched-bench && echo BUILT" \
+      > /tmp/llama-build.log 2>&1 < /dev/null &
+  echo "llama.cpp build started"
+  ;;
+llama)
+  # llama.cpp CUDA on the same file: prefill (pp512) and one sequence (tg128), then 1 / 16 /
+  # 64 / 256 sequences decoding 128 tokens after a 128-token prompt.
+  b=/tmp/llama.cpp/build/bin
+  [ -x $b/llama-bench ] || { tail -5 /tmp/llama-build.log; exit 1; }
+  $b/llama-bench -m /tmp/model.gguf -ngl 99 -fa 1 -p 512 -n 128 -r 3 2>&1 | grep -E '^\|'
+  $b/llama-batched-bench -m /tmp/model.gguf -ngl 99 -fa on -c 70000 -b 2048 -ub 512 \
+    -npp 128 -ntg 128 -npl 1,16,64,256 2>&1 | grep -E '^\|'
+  ;;
+hf)
+  # transformers eager bf16 on the same file (benches/transformers_baseline.py).
+  PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 timeout 300 python3 "$here/transformers_baseline.py" \
+    /tmp/model.gguf --batches "${2:-1,32,128,512}" 2>&1 | grep -v Warning | tail -12
+  ;;
+eval)
+  # `arbor eval` on the GPU, timed; resumable, so several calls can finish one run.
+  secs=$2; shift 2
+  s=$(date +%s)
+  timeout "$secs" /tmp/arbor eval $M --device gpu "$@" > /tmp/eval.log 2>&1
+  echo "eval: exit $? after $(( $(date +%s) - s )) s"
+  tail -c 1500 /tmp/eval.log
+  ;;
 *)
-  echo "usage: $0 speed | bench [STEPS]" >&2
+  echo "usage: $0 speed | bench [STEPS] | llama-build | llama | hf | eval SECONDS [ARGS...]" >&2
   exit 2
   ;;
 esac

@@ -570,3 +570,18 @@ fn wgpu_pass_buffers_are_given_back_and_made_again() {
     assert!(e.scratch_bytes() >= grown / 2);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The dispatch-floor probe the backends bench prints: its chain of dependent dispatches
+/// counts every one (the probe fails if two overlapped) and its costs are finite.
+#[test]
+fn the_dispatch_floor_chain_counts_every_dispatch() {
+    if skip() {
+        return;
+    }
+    let f = arbor_model::backend::wgpu::dispatch_floor(true, 64).unwrap();
+    assert_eq!(f.dispatches, 64);
+    assert!(
+        f.us_per_dispatch.is_finite() && f.us_per_pass.is_finite() && f.us_per_round_trip > 0.0,
+        "{f}"
+    );
+}

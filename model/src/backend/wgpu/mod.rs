@@ -76,12 +76,14 @@ use crate::error::{ModelError, Result};
 use crate::kv::KV_BLOCK_TOKENS;
 use crate::sampling::Draw;
 
+mod floor;
 mod pipelines;
 mod profile;
 mod record;
 mod weights;
 use pipelines::Pipelines;
 use profile::Timestamps;
+pub use floor::{dispatch_floor, DispatchFloor};
 pub use profile::{PassProfile, SharedProfile};
 use record::{CachedGroup, Fused, HeadParams, NormParams, Recorder, SampleParams};
 use weights::{GpuLayer, GpuMatrix, Uploader};
