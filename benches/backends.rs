@@ -2,7 +2,7 @@
 //!
 //! `cargo bench --bench backends` builds weights in the shapes and storage types of published
 //! models ([`arbor_model::arch::preset`]; the values are pseudo-random, which does not change
-//! how long a kernel takes) and measures, on each backend: prefill of a 128-token prompt,
+//! how long a kernel takes) and measures, on each backend: prefill of a 512-token prompt,
 //! single-sequence decode, and aggregate decode of 8, 32 and 128 sequences forked from one
 //! prompt. It prints a Markdown table with the GPU/CPU ratio and the weight bandwidth the
 //! single-sequence decode reaches (bytes of the GPU's weight form read per token / time).
@@ -43,6 +43,8 @@ struct Figures {
 }
 
 const BATCHES: [usize; 6] = [8, 16, 32, 64, 128, 256];
+/// The prefill measurement's prompt, as llama-bench's pp512.
+const PREFILL_TOKENS: usize = 512;
 
 /// One decode step of `seqs`, each fed its token in `toks`, which the step replaces by the
 /// greedy next token: picked by the backend (`device`) or from logits read back.
@@ -95,18 +97,21 @@ fn measure(
 ) -> anyhow::Result<Figures> {
     let vocab = cfg.vocab_size as u32;
     let prompt: Vec<u32> = (0..128u32).map(|i| (i * 7919 + 13) % vocab).collect();
+    let long: Vec<u32> = (0..PREFILL_TOKENS as u32)
+        .map(|i| (i * 7919 + 13) % vocab)
+        .collect();
     let mut prefill = Vec::new();
     report(None);
     for rep in 0..4 {
         let s = engine.new_sequence();
         let t = Instant::now();
-        engine.forward(&[(s, &prompt)])?;
+        engine.forward(&[(s, &long)])?;
         if rep > 0 {
             prefill.push(t.elapsed().as_secs_f64());
         }
         engine.free(s);
     }
-    let prefill = prompt.len() as f64 / median(prefill);
+    let prefill = long.len() as f64 / median(prefill);
     report(Some("prefill"));
 
     let rate = |engine: &mut Engine, n: usize, device: bool| -> anyhow::Result<f64> {
@@ -191,61 +196,86 @@ fn main() -> anyhow::Result<()> {
             (cfg, weights)
         };
         eprintln!("{name}: weights in {:.1}s", t.elapsed().as_secs_f64());
-        let t = Instant::now();
-        let gpu = WgpuBackend::new(
-            cfg.clone(),
-            weights.clone(),
-            &WgpuOptions {
-                allow_software,
-                max_chunk_bytes: None,
-                tiled_min_workgroups: None,
-                profile,
-            },
-        )?;
-        let profile = gpu.profile();
-        let adapter = gpu.adapter().clone();
-        eprintln!(
-            "{name}: uploaded to {} in {:.1}s",
-            adapter.name,
-            t.elapsed().as_secs_f64()
-        );
         // The two backends must agree before their speeds mean anything: the logits of the
         // prompt's last token, relative to their scale.
         let prompt: Vec<u32> = (0..128u32)
             .map(|i| (i * 7919 + 13) % cfg.vocab_size as u32)
             .collect();
-        let mut ge = Engine::new(Box::new(gpu), EngineOptions::default());
-        let gs = ge.new_sequence();
-        let gl = ge.forward(&[(gs, &prompt)])?.to_vec();
-        let mut ce = Engine::new(
-            Box::new(CpuBackend::new(cfg.clone(), weights.clone())),
-            EngineOptions::default(),
-        );
-        let cs = ce.new_sequence();
-        let cl = ce.forward(&[(cs, &prompt)])?.to_vec();
-        drop(ce);
-        let scale = cl.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let worst = gl
-            .iter()
-            .zip(&cl)
-            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        eprintln!(
-            "{name}: wgpu vs cpu logits: worst difference {:.3}% of the scale {scale:.2}; argmax {} vs {}",
-            100.0 * worst / scale,
-            argmax(&gl),
-            argmax(&cl)
-        );
-        ge.free(gs);
-        let report = |what: Option<&str>| {
-            if let Some(p) = &profile {
-                let taken = PassProfile::take(p);
-                if let Some(what) = what {
-                    eprintln!("{name} wgpu profile, {what}: {taken}");
+        let cl = {
+            let mut ce = Engine::new(
+                Box::new(CpuBackend::new(cfg.clone(), weights.clone())),
+                EngineOptions::default(),
+            );
+            let cs = ce.new_sequence();
+            ce.forward(&[(cs, &prompt)])?.to_vec()
+        };
+        // With cooperative matrices where the adapter has them, then (for the ratio in the
+        // same run) with the f32 kernels.
+        let mut g = None;
+        let mut g_f32 = None;
+        let mut adapter = None;
+        for no_cooperative_matrix in [false, true] {
+            let t = Instant::now();
+            let gpu = WgpuBackend::new(
+                cfg.clone(),
+                weights.clone(),
+                &WgpuOptions {
+                    allow_software,
+                    profile,
+                    no_cooperative_matrix,
+                    ..Default::default()
+                },
+            )?;
+            let coop = gpu.cooperative_matrix();
+            let kernels = if coop { "cooperative matrices" } else { "f32 kernels" };
+            let profile = gpu.profile();
+            adapter = Some(gpu.adapter().clone());
+            eprintln!(
+                "{name}: uploaded to {} in {:.1}s ({kernels})",
+                gpu.adapter().name,
+                t.elapsed().as_secs_f64()
+            );
+            let mut ge = Engine::new(Box::new(gpu), EngineOptions::default());
+            let gs = ge.new_sequence();
+            let gl = ge.forward(&[(gs, &prompt)])?.to_vec();
+            let scale = cl.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let worst = gl
+                .iter()
+                .zip(&cl)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            eprintln!(
+                "{name} ({kernels}): wgpu vs cpu logits: worst difference {:.3}% of the scale {scale:.2}; argmax {} vs {}",
+                100.0 * worst / scale,
+                argmax(&gl),
+                argmax(&cl)
+            );
+            ge.free(gs);
+            let report = |what: Option<&str>| {
+                if let Some(p) = &profile {
+                    let taken = PassProfile::take(p);
+                    if let Some(what) = what {
+                        eprintln!("{name} wgpu profile ({kernels}), {what}: {taken}");
+                    }
+                }
+            };
+            let f = measure(ge, &cfg, steps, &report)?;
+            eprintln!("{name}: wgpu ({kernels}) {f:?}");
+            if coop {
+                g = Some(f);
+            } else {
+                g_f32 = Some(f);
+                if g.is_none() {
+                    // No cooperative matrices on this adapter: one measurement is all.
+                    break;
                 }
             }
+        }
+        let adapter = adapter.expect("measured at least once");
+        let (g, g_f32) = match (g, g_f32) {
+            (Some(g), f) => (g, f),
+            (None, Some(f)) => (f, None),
+            (None, None) => unreachable!("measured at least once"),
         };
-        let g = measure(ge, &cfg, steps, &report)?;
-        eprintln!("{name}: wgpu {g:?}");
         let c = if skip_cpu {
             None
         } else {
@@ -261,45 +291,50 @@ fn main() -> anyhow::Result<()> {
             eprintln!("{name}: cpu {c:?}");
             Some(c)
         };
-        rows.push((name.to_string(), cfg, adapter, g, c));
+        rows.push((name.to_string(), cfg, adapter, g, g_f32, c));
     }
     println!(
         "\nTokens/s (higher is better); CPU backend on {threads} threads; ratio = wgpu / cpu.\n"
     );
-    for (name, cfg, adapter, g, c) in &rows {
+    for (name, cfg, adapter, g, g_f32, c) in &rows {
         println!(
             "### {name} shapes on {} ({}, {})\n",
             adapter.name, adapter.backend, adapter.device_type
         );
-        println!("| measurement | wgpu | cpu | wgpu / cpu |");
-        println!("|---|---|---|---|");
-        let row = |label: String, gv: f64, cv: Option<f64>| match cv {
-            Some(cv) => println!("| {label} | {gv:.1} | {cv:.1} | {:.2}x |", gv / cv),
-            None => println!("| {label} | {gv:.1} | n/a | n/a |"),
+        if g_f32.is_some() {
+            println!("wgpu: batched products on cooperative matrices; \"f32 kernels\": the same backend without them.\n");
+            println!("| measurement | wgpu | f32 kernels | wgpu / f32 | cpu | wgpu / cpu |");
+            println!("|---|---|---|---|---|---|");
+        } else {
+            println!("| measurement | wgpu | cpu | wgpu / cpu |");
+            println!("|---|---|---|---|");
+        }
+        let row = |label: String, pick: &dyn Fn(&Figures) -> f64| {
+            let gv = pick(g);
+            let mut line = format!("| {label} | {gv:.1} |");
+            if let Some(f) = g_f32 {
+                let fv = pick(f);
+                line += &format!(" {fv:.1} | {:.2}x |", gv / fv);
+            }
+            match c.as_ref().map(pick) {
+                Some(cv) => line += &format!(" {cv:.1} | {:.2}x |", gv / cv),
+                None => line += " n/a | n/a |",
+            }
+            println!("{line}");
         };
-        row(
-            "prefill, 128-token prompt".into(),
-            g.prefill,
-            c.map(|c| c.prefill),
-        );
-        row("decode, 1 sequence".into(), g.decode1, c.map(|c| c.decode1));
+        row(format!("prefill, {PREFILL_TOKENS}-token prompt"), &|f| f.prefill);
+        row("decode, 1 sequence".into(), &|f| f.decode1);
         for (i, n) in BATCHES.iter().enumerate() {
             row(
                 format!("decode, {n} forked sequences (aggregate)"),
-                g.batched[i],
-                c.map(|c| c.batched[i]),
+                &|f| f.batched[i],
             );
         }
         let big = BATCHES[BATCHES.len() - 1];
-        row(
-            "decode, 1 sequence, host picks".into(),
-            g.host_picks.0,
-            c.map(|c| c.host_picks.0),
-        );
+        row("decode, 1 sequence, host picks".into(), &|f| f.host_picks.0);
         row(
             format!("decode, {big} forked sequences, host picks"),
-            g.host_picks.1,
-            c.map(|c| c.host_picks.1),
+            &|f| f.host_picks.1,
         );
         let bytes = gpu_weight_bytes(cfg);
         println!(

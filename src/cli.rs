@@ -267,6 +267,7 @@ pub(crate) fn backend_for(model: &Model, device: Device) -> Result<Box<dyn Backe
         max_chunk_bytes: None,
         tiled_min_workgroups: None,
         profile: false,
+        no_cooperative_matrix: std::env::var_os("ARBOR_WGPU_COOP").is_some_and(|v| v == "0"),
     };
     let t = Instant::now();
     match WgpuBackend::new(model.config.clone(), model.weights.clone(), &options) {

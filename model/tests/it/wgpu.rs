@@ -42,7 +42,7 @@ fn gpu_engine_with(
             allow_software: true,
             max_chunk_bytes,
             tiled_min_workgroups,
-            profile: false,
+            ..Default::default()
         },
     )
     .expect("opening the wgpu adapter");

@@ -123,6 +123,10 @@ pub struct WgpuOptions {
     /// timestamp queries inside passes (read through [`WgpuBackend::profile`]). Each pass
     /// then waits for the GPU, which costs a little; for benchmarks and tuning.
     pub profile: bool,
+    /// Keep the f32 kernels where the adapter offers cooperative matrices (tensor cores) for
+    /// batched products; the command line sets it from `ARBOR_WGPU_COOP=0`. For comparisons
+    /// and as the way out should a driver's cooperative matrices misbehave.
+    pub no_cooperative_matrix: bool,
 }
 
 /// Describes the adapter a backend runs on.
@@ -225,6 +229,21 @@ pub struct WgpuBackend {
     copy_staging: Option<wgpu::Buffer>,
 }
 
+/// Whether the adapter multiplies 16x16x16 f16 cooperative matrices into f32 in 32-wide
+/// subgroups, as `matmul_coop.wgsl` needs.
+fn cooperative_f16(adapter: &wgpu::Adapter) -> bool {
+    let needed = wgpu::Features::SHADER_F16 | wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+    let info = adapter.get_info();
+    adapter.features().contains(needed)
+        && info.subgroup_min_size == 32
+        && info.subgroup_max_size == 32
+        && adapter.cooperative_matrix_properties().iter().any(|c| {
+            (c.m_size, c.n_size, c.k_size) == (16, 16, 16)
+                && c.ab_type == wgpu::CooperativeScalarType::F16
+                && c.cr_type == wgpu::CooperativeScalarType::F32
+        })
+}
+
 fn device_err(what: &str, e: impl std::fmt::Display) -> ModelError {
     ModelError::Device(format!("{what}: {e}"))
 }
@@ -267,22 +286,35 @@ impl WgpuBackend {
         let timestamp_features =
             wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES;
         let has_timestamps = options.profile && adapter.features().contains(timestamp_features);
+        let coop = !options.no_cooperative_matrix && cooperative_f16(&adapter);
+        let mut required_features = wgpu::Features::empty();
+        if has_timestamps {
+            required_features |= timestamp_features;
+        }
+        if coop {
+            required_features |=
+                wgpu::Features::SHADER_F16 | wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+        }
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("arbor"),
-            required_features: if has_timestamps {
-                timestamp_features
-            } else {
-                wgpu::Features::empty()
-            },
+            required_features,
             required_limits: limits.clone(),
-            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            experimental_features: if coop {
+                // SAFETY: wgpu's experimental features may have bugs; the one asked for here,
+                // cooperative matrices, runs only `matmul_coop.wgsl`, whose results the
+                // backends bench and the H200 parity check compare with the CPU backend's, and
+                // ARBOR_WGPU_COOP=0 turns it off.
+                unsafe { wgpu::ExperimentalFeatures::enabled() }
+            } else {
+                wgpu::ExperimentalFeatures::disabled()
+            },
             memory_hints: wgpu::MemoryHints::Performance,
             trace: wgpu::Trace::Off,
         }))
         .map_err(|e| device_err("opening the GPU device", e))?;
         let max_binding =
             (limits.max_storage_buffer_binding_size as u64).min(limits.max_buffer_size) & !255;
-        tracing::info!(adapter = %info.name, backend = %info.backend, max_binding, "wgpu device open");
+        tracing::info!(adapter = %info.name, backend = %info.backend, max_binding, coop, "wgpu device open");
 
         device.on_uncaptured_error(Arc::new(|e: wgpu::Error| {
             tracing::error!("wgpu: {e}");
@@ -291,6 +323,7 @@ impl WgpuBackend {
             &device,
             &config,
             options.tiled_min_workgroups.unwrap_or(MIN_TILED_WORKGROUPS),
+            coop,
         );
         let max_chunk = options
             .max_chunk_bytes
@@ -366,6 +399,11 @@ impl WgpuBackend {
             pending_copies: Vec::new(),
             copy_staging: None,
         })
+    }
+
+    /// Whether batched products run on cooperative matrices (`matmul_coop.wgsl`).
+    pub fn cooperative_matrix(&self) -> bool {
+        self.pipelines.coop
     }
 
     /// The pass measurements, when made with [`WgpuOptions::profile`]; take them with

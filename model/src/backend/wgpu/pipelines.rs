@@ -15,7 +15,9 @@ pub(super) struct Pipelines {
     pub(super) device: wgpu::Device,
     /// Matrix kernels by [`MatShape`] and variant (`norm as usize * 2 + swiglu as usize`),
     /// compiled on first use: a pass uses a few of them.
-    pub(super) matmul: [[std::sync::OnceLock<Kernel>; 4]; 4],
+    pub(super) matmul: [[std::sync::OnceLock<Kernel>; 4]; 5],
+    /// Whether the device was opened with f16 cooperative matrices (`matmul_coop.wgsl`).
+    pub(super) coop: bool,
     /// The bind group layout every matrix kernel shares.
     pub(super) matmul_layout: wgpu::PipelineLayout,
     /// See [`WgpuOptions::tiled_min_workgroups`].
@@ -35,6 +37,7 @@ pub(super) enum MatShape {
     Tile = 1,
     TileRows = 2,
     Gemm = 3,
+    Coop = 4,
 }
 
 /// Rows and tokens of a `matmul_gemm.wgsl` workgroup's tile.
@@ -45,6 +48,9 @@ pub(super) const GEMM_TOKENS: u32 = 32;
 /// 7B shapes' (3584 and 18944 columns) 0.86x–0.93x, so longer rows keep the other kernels
 /// until it is tuned for them (BENCHMARKS.md).
 pub(super) const GEMM_MAX_COLS: usize = 1024;
+/// Rows and tokens of a `matmul_coop.wgsl` workgroup's tile.
+pub(super) const COOP_ROWS: u32 = 64;
+pub(super) const COOP_TOKENS: u32 = 32;
 
 /// Compiles a kernel; with `layout` absent, its bind group layout is derived from the bindings
 /// the shader uses.
@@ -79,6 +85,7 @@ impl Pipelines {
         device: &wgpu::Device,
         config: &ModelConfig,
         min_tiled_workgroups: u32,
+        coop: bool,
     ) -> Self {
         // Every matrix kernel binds the same seven buffers (`matmul_common.wgsl`), whichever
         // of them its variant reads, so one explicit layout serves all.
@@ -115,6 +122,7 @@ impl Pipelines {
         Pipelines {
             device: device.clone(),
             matmul: Default::default(),
+            coop,
             matmul_layout,
             rms_norm: compile(
                 device,
@@ -155,27 +163,7 @@ impl Pipelines {
     pub(super) fn matmul(&self, shape: MatShape, norm: bool, swiglu: bool) -> &Kernel {
         let variant = norm as usize * 2 + swiglu as usize;
         self.matmul[shape as usize][variant].get_or_init(|| {
-            let (kernel, tt, rt) = match shape {
-                MatShape::One => (include_str!("matmul.wgsl"), 1, 1),
-                MatShape::Tile => (include_str!("matmul.wgsl"), TOKENS_PER_TILE, 1),
-                MatShape::TileRows => (
-                    include_str!("matmul_rows.wgsl"),
-                    TOKENS_PER_TILE,
-                    ROWS_PER_THREAD,
-                ),
-                MatShape::Gemm => (include_str!("matmul_gemm.wgsl"), 1, 1),
-            };
-            let src = [
-                &format!("const NORM: bool = {norm};\nconst SWIGLU: bool = {swiglu};\n"),
-                include_str!("matmul_common.wgsl"),
-                kernel,
-            ]
-            .concat()
-            .replace("__TT__", &tt.to_string())
-            .replace("__RT__", &rt.to_string())
-            .replace("__ACC__", &(tt * rt).to_string())
-            .replace("__RED__", &(256 * tt).to_string())
-            .replace("__RSS__", &(64 * tt).to_string());
+            let src = matmul_source(shape, norm, swiglu);
             let label = format!("matmul_{shape:?}_norm{norm}_swiglu{swiglu}");
             compile(
                 &self.device,
@@ -185,5 +173,80 @@ impl Pipelines {
                 Some(&self.matmul_layout),
             )
         })
+    }
+}
+
+/// The source of a matrix kernel as [`Pipelines::matmul`] compiles it.
+pub(super) fn matmul_source(shape: MatShape, norm: bool, swiglu: bool) -> String {
+    let (kernel, tt, rt) = match shape {
+        MatShape::One => (include_str!("matmul.wgsl"), 1, 1),
+        MatShape::Tile => (include_str!("matmul.wgsl"), TOKENS_PER_TILE, 1),
+        MatShape::TileRows => (
+            include_str!("matmul_rows.wgsl"),
+            TOKENS_PER_TILE,
+            ROWS_PER_THREAD,
+        ),
+        MatShape::Gemm => (include_str!("matmul_gemm.wgsl"), 1, 1),
+        MatShape::Coop => (include_str!("matmul_coop.wgsl"), 1, 1),
+    };
+    let enables = if shape == MatShape::Coop {
+        "enable f16;\nenable wgpu_cooperative_matrix;\n"
+    } else {
+        ""
+    };
+    [
+        enables,
+        &format!("const NORM: bool = {norm};\nconst SWIGLU: bool = {swiglu};\n"),
+        include_str!("matmul_common.wgsl"),
+        kernel,
+    ]
+    .concat()
+    .replace("__TT__", &tt.to_string())
+    .replace("__RT__", &rt.to_string())
+    .replace("__ACC__", &(tt * rt).to_string())
+    .replace("__RED__", &(256 * tt).to_string())
+    .replace("__RSS__", &(64 * tt).to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every matrix kernel variant the backend may compile is valid WGSL and translates to
+    /// SPIR-V (what wgpu hands a Vulkan driver), the cooperative-matrix one included, which no
+    /// adapter in CI runs (lavapipe has no cooperative matrices).
+    #[test]
+    fn every_matrix_kernel_validates_and_translates_to_spirv() {
+        use naga::valid::{Capabilities, ValidationFlags, Validator};
+        for shape in [
+            MatShape::One,
+            MatShape::Tile,
+            MatShape::TileRows,
+            MatShape::Gemm,
+            MatShape::Coop,
+        ] {
+            for (norm, swiglu) in [(false, false), (false, true), (true, false), (true, true)] {
+                if norm && matches!(shape, MatShape::Gemm | MatShape::Coop) {
+                    continue; // const_assert !NORM: never built
+                }
+                let src = matmul_source(shape, norm, swiglu);
+                let module = naga::front::wgsl::parse_str(&src)
+                    .unwrap_or_else(|e| panic!("{shape:?} norm {norm} swiglu {swiglu}: {}", e.emit_to_string(&src)));
+                let info = Validator::new(
+                    ValidationFlags::all(),
+                    Capabilities::SHADER_FLOAT16 | Capabilities::COOPERATIVE_MATRIX,
+                )
+                .validate(&module)
+                .unwrap_or_else(|e| panic!("{shape:?} norm {norm} swiglu {swiglu}: {}", e.emit_to_string(&src)));
+                let words = naga::back::spv::write_vec(
+                    &module,
+                    &info,
+                    &naga::back::spv::Options::default(),
+                    None,
+                )
+                .unwrap_or_else(|e| panic!("{shape:?}: SPIR-V: {e}"));
+                assert!(words.len() > 100, "{shape:?}: {} SPIR-V words", words.len());
+            }
+        }
     }
 }

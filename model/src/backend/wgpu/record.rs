@@ -3,7 +3,9 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::pipelines::{Kernel, MatShape, Pipelines, GEMM_MAX_COLS, GEMM_ROWS, GEMM_TOKENS};
+use super::pipelines::{
+    Kernel, MatShape, Pipelines, COOP_ROWS, COOP_TOKENS, GEMM_MAX_COLS, GEMM_ROWS, GEMM_TOKENS,
+};
 use super::weights::GpuMatrix;
 use super::{PARAM_SLOT, ROWS_PER_THREAD, ROWS_PER_WG, TOKENS_PER_TILE};
 
@@ -208,7 +210,12 @@ impl<'a> Recorder<'a> {
             // matrix-matrix kernel for rows it is faster on, as long as its larger tiles still
             // make about a workgroup for each multiprocessor of a large GPU.
             let gemm_wgs = (*rows as u32).div_ceil(GEMM_ROWS) * (n as u32).div_ceil(GEMM_TOKENS);
-            let (shape, tt, rows_per_wg) = if n > TOKENS_PER_TILE as usize
+            let (shape, tt, rows_per_wg) = if pipes.coop
+                && n > TOKENS_PER_TILE as usize
+                && fused.norm.is_none()
+            {
+                (MatShape::Coop, COOP_TOKENS, COOP_ROWS)
+            } else if n > TOKENS_PER_TILE as usize
                 && fused.norm.is_none()
                 && w.cols <= GEMM_MAX_COLS
                 && gemm_wgs >= pipes.min_tiled_workgroups / 2
