@@ -253,27 +253,32 @@ impl Batcher {
             .map(|(&id, _)| id)
             .collect();
         new.sort();
-        let (prompt_rows, picks) = match self.pass(engine, &new) {
-            Ok(done) => done,
-            Err(e) if !new.is_empty() => {
-                // The new prompts may be what broke the pass (most often: the KV cache is full).
-                // Fail those jobs, which gives their blocks back, and run the live samples alone.
-                for &id in &new {
-                    finished.push((id, Err(e.clone())));
-                    self.cancel(engine, id);
-                }
-                new.clear();
-                match self.pass(engine, &new) {
-                    Ok(done) => done,
-                    Err(e) => {
-                        self.fail_all(engine, &e, &mut finished);
-                        return finished;
+        let (prompt_rows, picks) = loop {
+            match self.pass(engine, &new) {
+                Ok(done) => break done,
+                Err(e) if !new.is_empty() => {
+                    // The new prompts may be what broke the pass (most often: the KV cache is
+                    // full). Fail those jobs, which gives their blocks back, and run the live
+                    // samples alone.
+                    for &id in &new {
+                        finished.push((id, Err(e.clone())));
+                        self.cancel(engine, id);
                     }
+                    new.clear();
                 }
-            }
-            Err(e) => {
-                self.fail_all(engine, &e, &mut finished);
-                return finished;
+                Err(e @ ModelError::KvCacheFull { .. }) if self.jobs.len() > 1 => {
+                    // The live samples outgrew the cache. Preempt the youngest job (the least
+                    // work lost) instead of failing them all: it gives its blocks back and
+                    // finishes with `KvCacheFull`, which a caller may run again once others
+                    // have finished (the worker does); its seeded samples come out the same.
+                    let youngest = *self.jobs.keys().max().expect("more than one job");
+                    finished.push((youngest, Err(e)));
+                    self.cancel(engine, youngest);
+                }
+                Err(e) => {
+                    self.fail_all(engine, &e, &mut finished);
+                    return finished;
+                }
             }
         };
         let vocab = engine.config().vocab_size;

@@ -112,6 +112,9 @@ pub struct WorkerStats {
     pub generated_tokens: u64,
     /// Calls cancelled or timed out before they finished.
     pub cancelled_calls: u64,
+    /// Times a call found the KV cache full while others held it and waited for them
+    /// (instead of failing); it ran again once blocks were given back.
+    pub deferred_calls: u64,
 }
 
 /// A snapshot of the engine's state, published after every pass.
@@ -171,6 +174,23 @@ struct Inner {
     options: WorkerOptions,
     shared: Arc<Shared>,
     info: ModelInfo,
+    /// The engine thread, joined when the last handle goes (see `Drop`).
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Inner {
+    /// Closes the channel and waits for the engine thread to finish its calls and drop the
+    /// engine. Without the wait, a command-line run returned from `main` while the thread was
+    /// still tearing down the GPU device, which crashed NVIDIA's Vulkan driver at exit
+    /// (`arbor search --device gpu` printed its answer, then died of SIGSEGV).
+    fn drop(&mut self) {
+        drop(std::mem::replace(&mut self.tx, crossbeam_channel::unbounded().0));
+        if let Some(thread) = self.thread.take() {
+            if thread.thread().id() != std::thread::current().id() {
+                let _ = thread.join();
+            }
+        }
+    }
 }
 
 /// A policy backed by a local engine, which runs on its own thread. Cheap to clone (shared
@@ -217,13 +237,13 @@ impl LocalWorker {
         };
         let (tx, rx) = crossbeam_channel::unbounded();
         let tokenizer = model.tokenizer.clone();
-        {
+        let thread = {
             let (tokenizer, options, shared) = (tokenizer.clone(), options.clone(), shared.clone());
             std::thread::Builder::new()
                 .name("arbor-engine".into())
                 .spawn(move || runner::run(engine, tokenizer, options, shared, rx))
-                .expect("spawning the engine thread");
-        }
+                .expect("spawning the engine thread")
+        };
         LocalWorker {
             inner: Arc::new(Inner {
                 tokenizer,
@@ -231,6 +251,7 @@ impl LocalWorker {
                 options,
                 shared,
                 info,
+                thread: Some(thread),
             }),
         }
     }

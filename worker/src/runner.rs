@@ -84,6 +84,10 @@ struct Runner {
     batcher: Batcher,
     cache: PrefixCache,
     running: std::collections::HashMap<JobId, Running>,
+    /// Calls that found the KV cache full while other calls held it: they start again, oldest
+    /// first, as calls finish and give their blocks back, so a burst larger than the cache
+    /// queues instead of failing.
+    deferred: std::collections::VecDeque<Running>,
     /// Prompts submitted since the last pass (they are prefilled in the next one).
     new_prompts: usize,
 }
@@ -110,11 +114,16 @@ pub(crate) fn run(
         batcher: Batcher::new(),
         cache: PrefixCache::default(),
         running: Default::default(),
+        deferred: Default::default(),
         new_prompts: 0,
     };
     // Dropped before `r` (and the reply channels it holds), on return or unwinding.
     let _alive = crate::EngineAlive(r.shared.clone());
     loop {
+        // Deferred calls go first once nothing else holds the cache.
+        if r.batcher.is_idle() {
+            r.resume_deferred();
+        }
         // Wait for work when idle; otherwise take whatever has arrived and keep decoding.
         if r.batcher.is_idle() {
             // Nothing to do: give back what the largest pass grew (see `SCRATCH_KEEP_BYTES`).
@@ -242,6 +251,28 @@ impl Runner {
             })
             .collect();
         let mut replies = Vec::with_capacity(gone.len());
+        let mut kept = std::collections::VecDeque::with_capacity(self.deferred.len());
+        for r in std::mem::take(&mut self.deferred) {
+            if r.reply.is_closed() || r.deadline.is_some_and(|d| now >= d) {
+                let late = !r.reply.is_closed();
+                self.shared
+                    .stats
+                    .lock()
+                    .expect("stats lock")
+                    .cancelled_calls += 1;
+                replies.push((
+                    r.reply,
+                    if late {
+                        WorkerError::DeadlineExceeded
+                    } else {
+                        WorkerError::Cancelled
+                    },
+                ));
+            } else {
+                kept.push_back(r);
+            }
+        }
+        self.deferred = kept;
         for (id, late) in gone {
             self.batcher.cancel(&mut self.engine, id);
             let r = self.running.remove(&id).expect("listed");
@@ -273,11 +304,17 @@ impl Runner {
             .batcher
             .step(&mut self.engine, &self.tokenizer, |_, _, _, _| {});
         self.shared.stats.lock().expect("stats lock").forward_passes += 1;
+        let mut freed = false;
         for (id, result) in finished {
             let Some(r) = self.running.remove(&id) else {
                 continue;
             };
+            freed |= result.is_ok();
             self.finish(r, result);
+        }
+        // A finished call gave its blocks back: one deferred call may start in the next pass.
+        if freed {
+            self.resume_one();
         }
         self.cache.evict(
             &mut self.engine,
@@ -299,6 +336,16 @@ impl Runner {
                 );
                 self.cache.clear(&mut self.engine);
                 self.start(r.items, r.deadline, r.reply, true);
+                return;
+            }
+            // Other calls hold the cache: wait for them instead of failing.
+            Err(ModelError::KvCacheFull { .. }) if !self.batcher.is_idle() => {
+                tracing::debug!(
+                    deferred = self.deferred.len() + 1,
+                    "KV cache full: the call waits for others to finish"
+                );
+                self.shared.stats.lock().expect("stats lock").deferred_calls += 1;
+                self.deferred.push_back(r);
                 return;
             }
             Err(e) => {
@@ -354,6 +401,21 @@ impl Runner {
         self.answer(r.reply, Ok(results));
     }
 
+    /// Starts the oldest deferred call, if any.
+    fn resume_one(&mut self) {
+        if let Some(r) = self.deferred.pop_front() {
+            self.start(r.items, r.deadline, r.reply, r.retried);
+        }
+    }
+
+    /// With nothing running, starts deferred calls until one is running (a call that fails
+    /// alone in an empty cache gets its error).
+    fn resume_deferred(&mut self) {
+        while self.batcher.is_idle() && !self.deferred.is_empty() {
+            self.resume_one();
+        }
+    }
+
     fn answer<T>(&self, reply: Reply<T>, result: Result<T, WorkerError>) {
         self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
         let _ = reply.send(result);
@@ -365,7 +427,7 @@ impl Runner {
             sequences: self.engine.n_sequences(),
             kv_blocks: self.engine.kv_blocks_in_use(),
             cached_sequences: self.cache.len(),
-            running_calls: self.running.len(),
+            running_calls: self.running.len() + self.deferred.len(),
             scratch_bytes: self.engine.scratch_bytes(),
         };
     }

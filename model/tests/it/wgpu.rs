@@ -26,6 +26,11 @@ fn skip() -> bool {
     true
 }
 
+/// Whether batched products run on cooperative matrices on this adapter (never on lavapipe).
+fn coop() -> bool {
+    arbor_model::backend::wgpu::cooperative_matrix_available()
+}
+
 fn gpu_engine(model: &Model) -> Engine {
     gpu_engine_with(model, None, None)
 }
@@ -108,21 +113,24 @@ fn wgpu_backend_matches_the_f32_reference_on_the_tiny_model() {
             e.forward_all_logits(&[(s, &tokens)]).unwrap().to_vec()
         };
         let small_chunks = Some((7 * VOCAB * 4) as u64);
+        // On cooperative matrices (an H200, not lavapipe) a product of more than 8 tokens
+        // takes its inputs in f16, so paths that split it differently agree to f16 rounding.
+        let tol = if coop() { 0.01 * scale } else { 1e-4 };
         let diff = max_diff(&logits_with(small_chunks, None), &ours);
-        assert!(diff <= 1e-4, "{arch}: split pass differs by {diff}");
+        assert!(diff <= tol, "{arch}: split pass differs by {diff}");
         // Every batched product on the kernel with several rows a thread (which a model this
         // small never gets by default); with the same small chunks, whose row counts (124, 60)
         // end mid-workgroup.
         let diff = max_diff(&logits_with(small_chunks, Some(0)), &ours);
         assert!(
-            diff <= 1e-4,
+            diff <= tol,
             "{arch}: tiled matrix kernel differs by {diff}"
         );
         // Without the small chunks the pass keeps all 300 tokens, so every product of more
         // than 8 tokens runs on the tiled matrix-matrix kernel (`matmul_gemm.wgsl`).
         let diff = max_diff(&logits_with(None, Some(0)), &ours);
         assert!(
-            diff <= 1e-4,
+            diff <= tol,
             "{arch}: matrix-matrix kernel differs by {diff}"
         );
         assert!(
@@ -181,8 +189,11 @@ fn decode_steps_match_the_prefill_of_the_same_tokens() {
                 let row = &want[pos * VOCAB..(pos + 1) * VOCAB];
                 for seq in 0..seqs.len() {
                     let d = max_diff(&got[seq * VOCAB..(seq + 1) * VOCAB], row);
+                    // The prefill's products run on cooperative matrices (f16 inputs) where
+                    // the adapter has them; the decode steps' never do.
+                    let tol = if coop() { 3e-3 } else { 1e-4 };
                     assert!(
-                        d <= 1e-4 * scale.max(1.0),
+                        d <= tol * scale.max(1.0),
                         "{arch} {style:?}: position {pos}, sequence {seq} differs by {d} (scale {scale})"
                     );
                     worst = worst.max(d);

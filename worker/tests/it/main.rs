@@ -238,6 +238,79 @@ fn concurrent_calls_share_forward_passes_and_match_running_alone() {
     assert_eq!(w.in_flight(), 0);
 }
 
+/// A burst of calls that together need more KV blocks than the cache has, each fitting alone:
+/// calls that find the cache full wait for others to finish instead of failing (before, a
+/// decode pass that outgrew the cache failed every call in it), and each gets exactly the
+/// samples it gets alone. A call too large for the empty cache still fails, naming the limit.
+#[test]
+fn a_burst_larger_than_the_kv_cache_waits_instead_of_failing() {
+    let rt = runtime();
+    let prompts = [
+        "def fib(n):\n",
+        "The capital of France is",
+        "Once upon a time",
+        "Water boils at",
+        "The first prime numbers are",
+        "import numpy as np\n",
+    ];
+    // 4 samples of 40 tokens after a short prompt: about 13 blocks of 16 tokens a call.
+    let call = |w: &LocalWorker, i: usize| vec![item(w, prompts[i], 4, 40, i as u64)];
+    let big = worker();
+    let alone: Vec<_> = (0..prompts.len())
+        .map(|i| rt.block_on(big.expand(call(&big, i), None)).unwrap())
+        .collect();
+    // 24 blocks: room for one call at a time, not for six.
+    let w = worker_with(
+        EngineOptions {
+            kv_blocks_max: 24,
+            batch_tokens_max: 512,
+        },
+        WorkerOptions {
+            prefix_cache_entries_max: 0,
+            ..WorkerOptions::default()
+        },
+    );
+    let (together, too_big) = rt.block_on(async {
+        let calls: Vec<_> = (0..prompts.len())
+            .map(|i| {
+                let w = w.clone();
+                let items = call(&w, i);
+                tokio::spawn(async move { w.expand(items, None).await })
+            })
+            .collect();
+        // 8 samples of 200 tokens need about 100 blocks: more than the whole cache.
+        let huge = {
+            let w = w.clone();
+            let items = vec![item(&w, prompts[0], 8, 200, 9)];
+            tokio::spawn(async move { w.expand(items, None).await })
+        };
+        let mut out = Vec::new();
+        for c in calls {
+            out.push(c.await.unwrap());
+        }
+        (out, huge.await.unwrap())
+    });
+    for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
+        let t = t.as_ref().unwrap_or_else(|e| panic!("call {i} failed: {e}"));
+        for (sa, st) in a[0].samples.iter().zip(&t[0].samples) {
+            assert_eq!(sa.tokens, st.tokens, "call {i}");
+            assert_eq!(sa.logprobs, st.logprobs, "call {i}");
+        }
+    }
+    match too_big {
+        Err(WorkerError::Model(e)) => assert!(
+            e.to_string().contains("limit is 24 blocks"),
+            "the error names the limit: {e}"
+        ),
+        other => panic!("a call larger than the cache must fail: {other:?}"),
+    }
+    let s = w.stats();
+    assert!(s.deferred_calls > 0, "some calls had to wait: {s:?}");
+    assert_eq!(s.propose_calls, prompts.len() as u64);
+    assert_eq!(w.in_flight(), 0);
+    assert_eq!(w.engine_usage(), (0, 0, 0), "every block given back");
+}
+
 /// A caller that goes away (a dropped future: a cancelled RPC, a client that hung up) stops its
 /// decoding at the next pass and gives its sequences back.
 #[test]

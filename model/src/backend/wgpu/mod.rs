@@ -142,6 +142,21 @@ pub struct AdapterSummary {
     pub software: bool,
 }
 
+/// Whether the adapter a [`WgpuBackend`] would open runs batched products on cooperative
+/// matrices (f16 inputs, f32 sums), so results of passes of more than 8 tokens agree with the
+/// f32 kernels' to f16 rounding rather than f32's (tests pick their tolerance by it).
+pub fn cooperative_matrix_available() -> bool {
+    let instance = instance();
+    pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
+        power_preference: wgpu::PowerPreference::HighPerformance,
+        force_fallback_adapter: false,
+        compatible_surface: None,
+        apply_limit_buckets: false,
+    }))
+    .is_ok_and(|a| cooperative_f16(&a))
+        && std::env::var_os("ARBOR_WGPU_COOP").is_none_or(|v| v != "0")
+}
+
 /// Lists the compute adapters wgpu can see.
 pub fn adapters() -> Vec<AdapterSummary> {
     let instance = instance();
