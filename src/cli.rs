@@ -119,8 +119,9 @@ enum ModelAction {
 pub(crate) enum Device {
     /// Native CPU backend (SIMD, all cores).
     Cpu,
-    /// wgpu compute shaders (Vulkan, Metal or DX12) on the first hardware GPU. A software
-    /// adapter (Mesa's lavapipe) is used only with ARBOR_WGPU_ALLOW_SOFTWARE=1.
+    /// wgpu compute shaders (Vulkan, Metal or DX12) on the first hardware GPU, batched products
+    /// on its tensor cores where it has cooperative matrices (ARBOR_WGPU_COOP=0: f32 kernels).
+    /// A software adapter (Mesa's lavapipe) is used only with ARBOR_WGPU_ALLOW_SOFTWARE=1.
     Gpu,
     /// A hardware GPU when wgpu finds one, else the CPU.
     Auto,

@@ -33,6 +33,14 @@
 //!   32 tokens a workgroup, weights staged column-major with the activations in workgroup
 //!   memory, a 4 × 2 block of sums per thread, no reduction across threads); only for
 //!   rows of at most 1024 columns, since it measured slower on longer rows;
+//! - `matmul_coop.wgsl`: the same product on cooperative matrices (tensor cores), taken instead
+//!   of the three batched kernels above for every product of more than 8 tokens where the
+//!   adapter multiplies 16x16x16 f16 tiles into f32 in 32-wide subgroups (NVIDIA): weights
+//!   dequantized and activations clamped to f16 in workgroup memory, 64 rows x 32 tokens a
+//!   workgroup of four subgroups. On an H200 it made 512-token prefill 2.6x and 256-sequence
+//!   decode 2.5x faster, and 16-32 sequences 4-12% slower (BENCHMARKS.md). Results agree
+//!   with the f32 kernels' to f16 rounding, not bit for bit; `ARBOR_WGPU_COOP=0`
+//!   ([`WgpuOptions::no_cooperative_matrix`]) turns it off;
 //! - `rms_norm.wgsl`, `rope_kv.wgsl` (RoPE plus the write of the rotated key and the value into
 //!   the paged KV cache), `attention.wgsl` (paged attention through the block tables, 256
 //!   positions a tile, online softmax, the head dimension compiled in so its loops unroll).
@@ -64,9 +72,11 @@
 //! stream): a decode step reads back 8 bytes a sequence instead of 600 kB of logits, and the
 //! host no longer sorts or exponentiates 151,936 values per sequence.
 //!
-//! **Not yet**, and what limits speed today: 1.5 bytes a weight where native Q4_K needs 0.56
-//! (one weight form keeps one kernel per shape); the host waits for each step before encoding
-//! the next; f32 KV; the tiled kernel on long rows.
+//! **Not yet**, and what limits speed today (H200, `floor.rs` and the backends bench): a
+//! single-sequence step is 2.3 ms of GPU time, of which ~120 dependent dispatches are only
+//! 0.2 ms (1.85 µs each): the matrix-vector kernels reach 313 GB/s, reading 1.5 bytes a weight
+//! where native Q4_K needs 0.56; submitting a step costs 0.7 ms of host time; the host waits
+//! for each step before encoding the next; f32 KV.
 
 use std::sync::Arc;
 
