@@ -337,6 +337,12 @@ fn bad_datasets_and_arguments_are_refused_before_any_model_work() {
         &["eval", "--dataset", bad, "--budgets", "256,0"],
         "--budgets",
     );
+    let good = dir.join("good.jsonl");
+    std::fs::write(&good, "{\"question\": \"q\", \"answer\": \"#### 1\"}\n").unwrap();
+    check(
+        &["eval", "--dataset", good.to_str().unwrap(), "--kv-blocks", "0", "--out", out],
+        "--kv-blocks must be at least 1",
+    );
     check(&["eval", "report", out], "no traces");
     check(&["distill", "--traces", out, "--out", out], "no traces");
     std::fs::remove_dir_all(&dir).unwrap();
@@ -352,6 +358,7 @@ fn eval_help_teaches_the_command() {
         "--budgets",
         "--no-sample-reuse",
         "--concurrency",
+        "--kv-blocks",
         "--prm",
         "logprob",
         "Examples",

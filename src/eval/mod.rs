@@ -24,10 +24,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use arbor_search::{equivalent, Search, SearchControl, StrategyConfig, K_MAX};
+use arbor_model::EngineOptions;
 use arbor_worker::{LocalWorker, WorkerOptions};
 use tokio::task::JoinSet;
 
-use crate::cli::{load_engine, Device};
+use crate::cli::{load_engine_with, Device};
 use crate::search_cmd::{SearchKnobs, Strategy};
 use dataset::Question;
 use prm::{Prm, PrmChoice};
@@ -85,6 +86,12 @@ struct RunArgs {
     /// worker).
     #[arg(long, default_value_t = 2)]
     concurrency: usize,
+    /// KV cache blocks of 16 tokens of the embedded worker (about 0.4 MB each for the default
+    /// model). Calls that find it full wait for others, so a small cache costs speed, not
+    /// cells: on a large GPU with many searches in flight raise it (128 searches at 2048
+    /// tokens outgrow the default).
+    #[arg(long, default_value_t = 8192)]
+    kv_blocks: usize,
     /// The process reward model that values steps, as `arbor search --prm` takes it: `logprob`
     /// (the policy's own confidence, free), `judge` (the policy asked whether each step is
     /// right), `rollout` (agreement of cheap rollouts; their tokens count against the budget),
@@ -305,6 +312,9 @@ fn validate(a: &RunArgs) -> Result<()> {
     if a.concurrency == 0 {
         bail!("--concurrency must be at least 1");
     }
+    if a.kv_blocks == 0 {
+        bail!("--kv-blocks must be at least 1");
+    }
     if a.n == 0 || a.sample_tokens == 0 {
         bail!("--n and --sample-tokens must be at least 1");
     }
@@ -444,7 +454,14 @@ fn run_grid(a: RunArgs) -> Result<()> {
                 Runner::Remote(coordinator)
             }
             None => {
-                let (model, engine) = load_engine(a.model.clone(), a.device)?;
+                let (model, engine) = load_engine_with(
+                    a.model.clone(),
+                    a.device,
+                    EngineOptions {
+                        kv_blocks_max: a.kv_blocks,
+                        ..EngineOptions::default()
+                    },
+                )?;
                 let worker = LocalWorker::new(&model, engine, WorkerOptions::default());
                 let prm = a.prm.build(&worker)?;
                 Runner::Embedded { worker, prm }

@@ -34,11 +34,12 @@
 //!   memory, a 4 × 2 block of sums per thread, no reduction across threads); only for
 //!   rows of at most 1024 columns, since it measured slower on longer rows;
 //! - `matmul_coop.wgsl`: the same product on cooperative matrices (tensor cores), taken instead
-//!   of the three batched kernels above for every product of more than 8 tokens where the
+//!   of the three batched kernels above for every product of more than 32 tokens where the
 //!   adapter multiplies 16x16x16 f16 tiles into f32 in 32-wide subgroups (NVIDIA): weights
 //!   dequantized and activations clamped to f16 in workgroup memory, 64 rows x 32 tokens a
 //!   workgroup of four subgroups. On an H200 it made 512-token prefill 2.6x and 256-sequence
-//!   decode 2.5x faster, and 16-32 sequences 4-12% slower (BENCHMARKS.md). Results agree
+//!   decode 2.5x faster, 16 and 32 sequences 7-12% slower, so those keep the f32 kernels
+//!   (`COOP_MIN_TOKENS` in `pipelines.rs`; BENCHMARKS.md). Results agree
 //!   with the f32 kernels' to f16 rounding, not bit for bit; `ARBOR_WGPU_COOP=0`
 //!   ([`WgpuOptions::no_cooperative_matrix`]) turns it off;
 //! - `rms_norm.wgsl`, `rope_kv.wgsl` (RoPE plus the write of the rotated key and the value into
@@ -153,7 +154,7 @@ pub struct AdapterSummary {
 }
 
 /// Whether the adapter a [`WgpuBackend`] would open runs batched products on cooperative
-/// matrices (f16 inputs, f32 sums), so results of passes of more than 8 tokens agree with the
+/// matrices (f16 inputs, f32 sums), so results of passes of more than 32 tokens agree with the
 /// f32 kernels' to f16 rounding rather than f32's (tests pick their tolerance by it).
 pub fn cooperative_matrix_available() -> bool {
     let instance = instance();

@@ -4,7 +4,8 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::pipelines::{
-    Kernel, MatShape, Pipelines, COOP_ROWS, COOP_TOKENS, GEMM_MAX_COLS, GEMM_ROWS, GEMM_TOKENS,
+    Kernel, MatShape, Pipelines, COOP_MIN_TOKENS, COOP_ROWS, COOP_TOKENS, GEMM_MAX_COLS, GEMM_ROWS,
+    GEMM_TOKENS,
 };
 use super::weights::GpuMatrix;
 use super::{PARAM_SLOT, ROWS_PER_THREAD, ROWS_PER_WG, TOKENS_PER_TILE};
@@ -211,7 +212,7 @@ impl<'a> Recorder<'a> {
             // make about a workgroup for each multiprocessor of a large GPU.
             let gemm_wgs = (*rows as u32).div_ceil(GEMM_ROWS) * (n as u32).div_ceil(GEMM_TOKENS);
             let (shape, tt, rows_per_wg) = if pipes.coop
-                && n > TOKENS_PER_TILE as usize
+                && n > COOP_MIN_TOKENS
                 && fused.norm.is_none()
             {
                 (MatShape::Coop, COOP_TOKENS, COOP_ROWS)
