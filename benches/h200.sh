@@ -9,6 +9,7 @@
 # and, for the baselines, /tmp/llama.tar.xz (../shared/gpu/llamacpp-src.sh) and the gguf wheel
 # installed into /tmp/site.
 # usage: h200.sh speed | bench [STEPS] | llama-build | llama | hf | eval SECONDS [ARGS...]
+#        | arbor SECONDS SUBCOMMAND [ARGS...]
 set -u
 export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
 export XDG_RUNTIME_DIR=/tmp
@@ -42,7 +43,9 @@ bench)
   # where the time goes.
   export ARBOR_BENCH_SHAPES=model ARBOR_BENCH_MODEL=/tmp/model.gguf ARBOR_BENCH_SKIP_CPU=1
   ARBOR_BENCH_STEPS=${2:-32} timeout 240 /tmp/bench --bench 2>&1 | grep -v '^$' | tail -24
-  ARBOR_BENCH_PROFILE=1 ARBOR_BENCH_STEPS=16 timeout 240 /tmp/bench --bench 2>&1 | grep profile
+  # Host phases and each kernel's GPU time, per measurement (the whole log in /tmp/profile.log).
+  ARBOR_BENCH_PROFILE=1 ARBOR_BENCH_STEPS=16 timeout 240 /tmp/bench --bench > /tmp/profile.log 2>&1
+  grep -A12 'profile' /tmp/profile.log | grep -v '^--$' | head -200
   ;;
 llama-build)
   # llama.cpp with CUDA from its own source (about four minutes on 16 cores); in the
@@ -69,16 +72,18 @@ hf)
   PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 timeout 300 python3 "$here/transformers_baseline.py" \
     /tmp/model.gguf --batches "${2:-1,32,128,512}" 2>&1 | grep -v Warning | tail -12
   ;;
-eval)
-  # `arbor eval` on the GPU, timed; resumable, so several calls can finish one run.
-  secs=$2; shift 2
+eval|arbor)
+  # `arbor eval ARGS` (or `arbor ARGS`: any subcommand, e.g. `prm train`) on the GPU, timed
+  # and stopped after SECONDS; eval and prm train resume, so several calls can finish one run.
+  what=$1; secs=$2; shift 2
+  [ "$what" = eval ] && set -- eval $M --device gpu "$@"
   s=$(date +%s)
-  timeout "$secs" /tmp/arbor eval $M --device gpu "$@" > /tmp/eval.log 2>&1
-  echo "eval: exit $? after $(( $(date +%s) - s )) s"
-  tail -c 1500 /tmp/eval.log
+  timeout "$secs" /tmp/arbor "$@" > /tmp/$what.log 2>&1
+  echo "$what: exit $? after $(( $(date +%s) - s )) s"
+  tail -c 1500 /tmp/$what.log
   ;;
 *)
-  echo "usage: $0 speed | bench [STEPS] | llama-build | llama | hf | eval SECONDS [ARGS...]" >&2
+  echo "usage: $0 speed | bench [STEPS] | llama-build | llama | hf | eval SECONDS [ARGS...] | arbor SECONDS SUBCOMMAND [ARGS...]" >&2
   exit 2
   ;;
 esac

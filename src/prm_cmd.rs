@@ -19,7 +19,7 @@ use arbor_worker::prm::{
 use arbor_worker::{ExpandItem, LocalWorker, WorkerOptions};
 use clap::ValueEnum;
 
-use crate::cli::{load_engine, Device};
+use crate::cli::{load_engine_with, Device};
 
 /// `arbor prm` subcommands.
 #[derive(clap::Subcommand, Debug)]
@@ -107,6 +107,11 @@ pub(crate) struct TrainArgs {
     /// Questions labelled at once (their sequences share forward passes).
     #[arg(long, default_value_t = 2)]
     in_flight: usize,
+    /// KV cache blocks of 16 tokens (about 0.4 MB each for the default model). Calls that find
+    /// it full wait for others, so a small cache costs speed, not labels: raise it on a large
+    /// GPU with many questions in flight.
+    #[arg(long, default_value_t = 8192)]
+    kv_blocks: usize,
     /// Hidden units of the head (0: logistic regression).
     #[arg(long, default_value_t = 0)]
     hidden: usize,
@@ -625,7 +630,17 @@ fn train(args: TrainArgs) -> Result<()> {
     let mut questions = read_questions(&args.dataset, args.offset, args.questions)?;
     let model_path = crate::cli::resolve_model(args.model.clone())?;
     let (model_name, model_sha256) = model_identity(&model_path)?;
-    let (model, engine) = load_engine(Some(model_path), args.device)?;
+    if args.kv_blocks == 0 {
+        anyhow::bail!("--kv-blocks must be at least 1");
+    }
+    let (model, engine) = load_engine_with(
+        Some(model_path),
+        args.device,
+        arbor_model::EngineOptions {
+            kv_blocks_max: args.kv_blocks,
+            ..arbor_model::EngineOptions::default()
+        },
+    )?;
     let header = label_header(&args, &model_sha256, model.config.d_model);
     let (mut store, resumed) = LabelStore::open(&args.out, &header)?;
     let done: std::collections::HashSet<usize> = resumed.iter().map(|e| e.question).collect();
