@@ -299,6 +299,45 @@ fn eval_runs_the_grid_resumes_reports_and_distills() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A search whose worker calls fail (here: a KV cache of 2 blocks, too small for any prompt)
+/// must not count as a wrong answer: its cells stay out of the traces, the run says so and
+/// fails, and running the same command again (with room) retries exactly those cells.
+#[test]
+fn failed_worker_calls_leave_their_cells_out_and_a_rerun_retries_them() {
+    let dir = temp_dir("failed");
+    let data = dir.join("one.jsonl");
+    std::fs::write(&data, gsm8k_lines().lines().next().unwrap().to_string() + "\n").unwrap();
+    let out_dir = dir.join("out");
+    let run = |extra: &[&str]| {
+        arbor()
+            .args(["eval", "--dataset", data.to_str().unwrap()])
+            .args(["--out", out_dir.to_str().unwrap()])
+            .args(["--strategies", "beam,best-of-n", "--budgets", "64", "--device", "cpu"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["--kv-blocks", "2"]);
+    assert!(!out.status.success(), "failed cells make the run fail");
+    let err = stderr(&out);
+    assert!(
+        err.contains("searches failed because worker calls failed")
+            && err.contains("KV cache is full")
+            && err.contains("run the same command again"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(trace_lines(&out_dir).len(), 0, "no cell recorded as wrong");
+    let out = succeed(run(&[]), "the rerun");
+    let _ = out;
+    let lines = trace_lines(&out_dir);
+    assert_eq!(lines.len(), 2, "both cells ran on the second run");
+    for l in &lines {
+        assert!(l["costs"]["generated_tokens"].as_u64().unwrap() > 0, "{l}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn bad_datasets_and_arguments_are_refused_before_any_model_work() {
     let dir = temp_dir("bad");

@@ -437,6 +437,8 @@ fn run_grid(a: RunArgs) -> Result<()> {
         grid - todo,
         traces_path.display()
     );
+    // Searches whose worker calls failed, and the first one's error.
+    let mut failed: (u64, Option<String>) = (0, None);
     if todo > 0 {
         // One runtime for the run: a coordinator's channel lives on the runtime it was made on.
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -478,7 +480,7 @@ fn run_grid(a: RunArgs) -> Result<()> {
         } else {
             None
         };
-        execute(
+        failed = execute(
             runtime,
             context,
             jobs,
@@ -491,7 +493,18 @@ fn run_grid(a: RunArgs) -> Result<()> {
     let Some((records, _)) = trace::read_jsonl::<TraceRecord>(&traces_path)? else {
         bail!("{} vanished during the run", traces_path.display());
     };
-    write_report(&a.out, &records)
+    if !records.is_empty() || failed.0 == 0 {
+        write_report(&a.out, &records)?;
+    }
+    if let (n @ 1.., Some(first)) = failed {
+        bail!(
+            "{n} searches failed because worker calls failed; their cells are not in {} (the \
+             report covers the others): run the same command again to retry them. The first: \
+             {first}",
+            traces_path.display()
+        );
+    }
+    Ok(())
 }
 
 /// Each question's stored sampling run: its chunks, in order.
@@ -580,7 +593,7 @@ fn execute(
     concurrency: usize,
     traces: &mut JsonlAppender,
     mut samples_out: Option<&mut JsonlAppender>,
-) -> Result<()> {
+) -> Result<(u64, Option<String>)> {
     let bar = indicatif::ProgressBar::new(todo as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
@@ -592,6 +605,7 @@ fn execute(
     bar.set_message("accuracy so far: -");
     bar.enable_steady_tick(Duration::from_millis(500));
     let (mut finished, mut correct) = (0u64, 0u64);
+    let mut failed: (u64, Option<String>) = (0, None);
     let result = runtime.block_on(async {
         let mut pending = jobs.into_iter();
         let mut running = JoinSet::new();
@@ -609,6 +623,14 @@ fn execute(
             };
             let done = match joined {
                 Ok(Ok(done)) => done,
+                // A cell whose worker calls failed is left out; the others go on.
+                Ok(Err(e)) if e.downcast_ref::<samples::CellFailed>().is_some() => {
+                    tracing::warn!("{e:#}");
+                    failed.0 += 1;
+                    failed.1.get_or_insert_with(|| format!("{e:#}"));
+                    bar.inc(1);
+                    continue;
+                }
                 Ok(Err(e)) => return Err(e),
                 Err(e) => return Err(anyhow::anyhow!("a search task failed: {e}")),
             };
@@ -637,7 +659,7 @@ fn execute(
         "arbor eval: ran {finished} cells, {correct} correct ({:.1}%)",
         100.0 * correct as f64 / finished.max(1) as f64
     );
-    Ok(())
+    Ok(failed)
 }
 
 async fn run_job(context: &Shared, job: Job) -> Result<JobDone> {
@@ -723,9 +745,19 @@ async fn search_cell(
         Runner::Embedded { worker, prm } => (worker, prm),
         Runner::Remote(coordinator) => {
             let system = context.settings.system.as_deref();
+            // Whatever fails here fails this cell only; the run goes on and a later one
+            // retries it.
             let r = coordinator
                 .search(&question.question, system, &config)
-                .await?;
+                .await
+                .map_err(|e| samples::CellFailed(format!("{e:#}")))?;
+            if r.termination == "too_many_failures" {
+                return Err(samples::CellFailed(format!(
+                    "the search ended after too many failed worker calls (answer {:?})",
+                    r.answer
+                ))
+                .into());
+            }
             return Ok(remote::record(
                 question,
                 strategy_name(strategy),
@@ -737,7 +769,11 @@ async fn search_cell(
     };
     let prompt = context.prompt(worker, &question.question)?;
     let mut search = Search::new(prompt, config)?;
-    let outcome = search.run(worker, prm, &SearchControl::new()).await?;
+    let (policy, scorer) = (samples::Recording::new(worker), samples::Recording::new(prm));
+    let outcome = search
+        .run(&policy, &scorer, &SearchControl::new())
+        .await?;
+    samples::check_calls(&policy, &scorer)?;
     let tree = search.tree();
     let path = outcome
         .answer

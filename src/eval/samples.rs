@@ -214,6 +214,8 @@ pub(crate) struct Recording<'a, T> {
     policy_costs: Mutex<Vec<(NodeId, PolicyCost)>>,
     /// Per request: the node scored and the tokens the scorer computed.
     scorer_tokens: Mutex<Vec<(NodeId, u64)>>,
+    /// Calls that failed, and the last one's error.
+    failures: Mutex<(u64, Option<String>)>,
 }
 
 impl<'a, T> Recording<'a, T> {
@@ -222,7 +224,45 @@ impl<'a, T> Recording<'a, T> {
             inner,
             policy_costs: Mutex::new(Vec::new()),
             scorer_tokens: Mutex::new(Vec::new()),
+            failures: Mutex::new((0, None)),
         }
+    }
+
+    fn failed(&self, error: String) {
+        let mut f = self.failures.lock().expect("failure lock");
+        f.0 += 1;
+        f.1 = Some(error);
+    }
+
+    /// `N calls failed; the last: ERROR`, if any call failed.
+    pub(crate) fn failure(&self) -> Option<String> {
+        let f = self.failures.lock().expect("failure lock");
+        f.1.as_ref().map(|e| {
+            let calls = if f.0 == 1 { "call" } else { "calls" };
+            format!("{} {calls} failed; the last: {e}", f.0)
+        })
+    }
+}
+
+/// A cell whose search lost worker calls: its result would count a failure as a wrong answer,
+/// so it is left out of the traces (the next run of the same command retries it).
+#[derive(Debug)]
+pub(crate) struct CellFailed(pub(crate) String);
+
+impl std::fmt::Display for CellFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for CellFailed {}
+
+/// Fails the cell if any call of `policy` or `scorer` failed.
+pub(crate) fn check_calls<P, S>(policy: &Recording<P>, scorer: &Recording<S>) -> Result<()> {
+    match (policy.failure(), scorer.failure()) {
+        (None, None) => Ok(()),
+        (Some(p), _) => Err(CellFailed(format!("worker {p}")).into()),
+        (None, Some(s)) => Err(CellFailed(format!("scorer {s}")).into()),
     }
 }
 
@@ -242,6 +282,9 @@ impl<T: Policy> Policy for Recording<'_, T> {
             ),
         }
         drop(log);
+        if let Err(e) = &reply {
+            self.failed(e.to_string());
+        }
         reply
     }
 }
@@ -250,6 +293,9 @@ impl<T: Scorer> Scorer for Recording<'_, T> {
     async fn score(&self, batch: Vec<ScoreRequest>) -> Result<Vec<StepScores>, ScoreError> {
         let nodes: Vec<NodeId> = batch.iter().map(|r| r.node).collect();
         let reply = self.inner.score(batch).await;
+        if let Err(e) = &reply {
+            self.failed(e.to_string());
+        }
         if let Ok(replies) = &reply {
             let mut log = self.scorer_tokens.lock().expect("cost log lock");
             log.extend(
@@ -278,6 +324,7 @@ pub(crate) async fn run_chunk<P: Policy, S: Scorer>(
     let scorer = Recording::new(scorer);
     let mut search = Search::new(prompt, config)?;
     let outcome = search.run(&policy, &scorer, &SearchControl::new()).await?;
+    check_calls(&policy, &scorer)?;
     let policy_costs = policy.policy_costs.into_inner().expect("cost log lock");
     let scorer_tokens = scorer.scorer_tokens.into_inner().expect("cost log lock");
     let mut by_node: HashMap<NodeId, PolicyCost> = HashMap::new();
