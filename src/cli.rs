@@ -54,8 +54,10 @@ enum Command {
     /// chosen path), samples.jsonl, run.json, summary.csv, summary.md, and
     /// accuracy_vs_generated.{png,svg} / accuracy_vs_computed.{png,svg}. Running the same command
     /// again resumes: finished cells are skipped; --limit, --offset, --strategies and --budgets
-    /// may grow. best-of-n, weighted-best-of-n and majority are read off one sampling run per
-    /// question (prefixes of its samples that fit each budget) unless --no-sample-reuse.
+    /// may grow. A search whose worker calls failed is not recorded (a failure is not a wrong
+    /// answer): the run says how many and fails, and running it again retries them.
+    /// best-of-n, weighted-best-of-n and majority are read off one sampling run per question
+    /// (prefixes of its samples that fit each budget) unless --no-sample-reuse.
     ///
     /// Examples:
     ///   arbor eval --dataset gsm8k/train.jsonl --limit 50 --budgets 256,512,1024 --out runs/cmp
