@@ -17,7 +17,8 @@
 //! `ARBOR_WGPU_ALLOW_SOFTWARE=1` (measure on a software adapter such as lavapipe),
 //! `ARBOR_BENCH_PROFILE=1` (after each measurement, print where the wgpu passes' time went:
 //! host phases and each kernel's GPU time; the timing itself then includes waiting for every
-//! pass).
+//! pass), `ARBOR_WGPU_MATVEC_LANES` (threads a row in the single-token kernel, as the command
+//! line takes it), `ARBOR_BENCH_LANES=8,16,32,64` (then also single-sequence decode at each).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -174,6 +175,16 @@ fn main() -> anyhow::Result<()> {
     let skip_cpu = std::env::var_os("ARBOR_BENCH_SKIP_CPU").is_some();
     let allow_software = std::env::var_os("ARBOR_WGPU_ALLOW_SOFTWARE").is_some();
     let profile = std::env::var_os("ARBOR_BENCH_PROFILE").is_some();
+    let matvec_lanes: Option<u32> = std::env::var("ARBOR_WGPU_MATVEC_LANES")
+        .ok()
+        .map(|v| v.parse().expect("ARBOR_WGPU_MATVEC_LANES: 8, 16, 32 or 64"));
+    let sweep: Vec<u32> = std::env::var("ARBOR_BENCH_LANES")
+        .map(|v| {
+            v.split(',')
+                .map(|l| l.trim().parse().expect("ARBOR_BENCH_LANES: e.g. 8,16,32,64"))
+                .collect()
+        })
+        .unwrap_or_default();
     let threads = rayon::current_num_threads();
     // The device's fixed costs first: at batch 1 on small models they, not bandwidth, bound
     // a decode step (~120 dependent dispatches).
@@ -223,6 +234,7 @@ fn main() -> anyhow::Result<()> {
                     allow_software,
                     profile,
                     no_cooperative_matrix,
+                    matvec_lanes,
                     ..Default::default()
                 },
             )?;
@@ -291,6 +303,33 @@ fn main() -> anyhow::Result<()> {
             eprintln!("{name}: cpu {c:?}");
             Some(c)
         };
+        // The single-token kernel at each lane count asked for, one sequence decoding.
+        for lanes in &sweep {
+            let gpu = WgpuBackend::new(
+                cfg.clone(),
+                weights.clone(),
+                &WgpuOptions {
+                    allow_software,
+                    matvec_lanes: Some(*lanes),
+                    ..Default::default()
+                },
+            )?;
+            let mut e = Engine::new(Box::new(gpu), EngineOptions::default());
+            let vocab = cfg.vocab_size as u32;
+            let prompt: Vec<u32> = (0..128u32).map(|i| (i * 7919 + 13) % vocab).collect();
+            let s = e.new_sequence();
+            e.forward(&[(s, &prompt)])?;
+            let mut tok = [7u32];
+            decode_step(&mut e, &[s], &mut tok, true)?;
+            let t = Instant::now();
+            for _ in 0..steps {
+                decode_step(&mut e, &[s], &mut tok, true)?;
+            }
+            eprintln!(
+                "{name}: decode, 1 sequence, {lanes} lanes a row: {:.1} tokens/s",
+                steps as f64 / t.elapsed().as_secs_f64()
+            );
+        }
         rows.push((name.to_string(), cfg, adapter, g, g_f32, c));
     }
     println!(

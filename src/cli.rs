@@ -271,6 +271,12 @@ pub(crate) fn backend_for(model: &Model, device: Device) -> Result<Box<dyn Backe
         tiled_min_workgroups: None,
         profile: false,
         no_cooperative_matrix: std::env::var_os("ARBOR_WGPU_COOP").is_some_and(|v| v == "0"),
+        matvec_lanes: match std::env::var("ARBOR_WGPU_MATVEC_LANES") {
+            Ok(v) => Some(v.parse().map_err(|_| {
+                anyhow::anyhow!("ARBOR_WGPU_MATVEC_LANES={v}: give 8, 16, 32 or 64")
+            })?),
+            Err(_) => None,
+        },
     };
     let t = Instant::now();
     match WgpuBackend::new(model.config.clone(), model.weights.clone(), &options) {

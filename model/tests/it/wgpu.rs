@@ -122,10 +122,7 @@ fn wgpu_backend_matches_the_f32_reference_on_the_tiny_model() {
         // small never gets by default); with the same small chunks, whose row counts (124, 60)
         // end mid-workgroup.
         let diff = max_diff(&logits_with(small_chunks, Some(0)), &ours);
-        assert!(
-            diff <= tol,
-            "{arch}: tiled matrix kernel differs by {diff}"
-        );
+        assert!(diff <= tol, "{arch}: tiled matrix kernel differs by {diff}");
         // Without the small chunks the pass keeps all 300 tokens, so every product of more
         // than 8 tokens runs on the tiled matrix-matrix kernel (`matmul_gemm.wgsl`).
         let diff = max_diff(&logits_with(None, Some(0)), &ours);
@@ -595,4 +592,56 @@ fn the_dispatch_floor_chain_counts_every_dispatch() {
         f.us_per_dispatch.is_finite() && f.us_per_pass.is_finite() && f.us_per_round_trip > 0.0,
         "{f}"
     );
+}
+
+/// The single-token kernel with 8, 16 or 32 threads a row (`WgpuOptions::matvec_lanes`, a
+/// tuning knob) gives the 64-thread kernel's logits on decode steps, the fused norm and SwiGLU
+/// variants included, up to f32 summation order; a lane count it cannot run is refused.
+#[test]
+fn the_single_token_kernel_agrees_at_every_lane_count() {
+    if skip() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("arbor-wgpu-lanes-{}", std::process::id()));
+    TinyModel::new("qwen2").write(&dir).unwrap();
+    let model = Model::load(&dir).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    let tokens: Vec<u32> = (0..24u32).map(|i| (i * 29 + 3) % 256).collect();
+    let decode = |lanes: u32| {
+        let backend = WgpuBackend::new(
+            model.config.clone(),
+            model.weights.clone(),
+            &WgpuOptions {
+                allow_software: true,
+                matvec_lanes: Some(lanes),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let mut e = Engine::new(Box::new(backend), EngineOptions::default());
+        let s = e.new_sequence();
+        e.forward(&[(s, &tokens[..16])]).unwrap();
+        let mut out = Vec::new();
+        for &t in &tokens[16..] {
+            out.extend_from_slice(e.forward(&[(s, &[t][..])]).unwrap());
+        }
+        out
+    };
+    let want = decode(64);
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    for lanes in [8, 16, 32] {
+        let d = max_diff(&decode(lanes), &want);
+        assert!(d <= 1e-4 * scale.max(1.0), "{lanes} lanes: differs by {d} (scale {scale})");
+    }
+    let refused = WgpuBackend::new(
+        model.config.clone(),
+        model.weights.clone(),
+        &WgpuOptions {
+            allow_software: true,
+            matvec_lanes: Some(12),
+            ..Default::default()
+        },
+    );
+    let err = refused.err().expect("12 lanes is refused").to_string();
+    assert!(err.contains("matvec_lanes") && err.contains("8, 16, 32 or 64"), "{err}");
 }

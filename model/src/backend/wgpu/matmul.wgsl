@@ -1,4 +1,5 @@
-// One row per 64 threads: the kernel for single tokens (TT = 1) and small batches.
+// One row per LANES threads (64; for single tokens, as the backend is told): the kernel for
+// single tokens (TT = 1) and small batches.
 //
 // W is stored as one unsigned byte per weight (`wq`, four to a word) and a (scale, min) pair per
 // 16 weights (`wsm`), so that W[r, c] = scale * u - min; every GGUF block format unpacks to this
@@ -7,7 +8,7 @@
 // them. Reading a weight group once for TT tokens is what makes batched decoding cheaper per
 // token than one token at a time.
 
-const ROWS_PER_WG: u32 = 4u;
+const ROWS_PER_WG: u32 = WG / LANES;
 
 @compute @workgroup_size(256)
 fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {

@@ -31,7 +31,8 @@ struct Params {
 @group(0) @binding(6) var<storage, read> gam: array<vec4<f32>>;
 
 const TT: u32 = __TT__u;
-const LANES: u32 = 64u;
+// Threads sharing a row: 64, or for the single-token kernel [`WgpuOptions::matvec_lanes`].
+const LANES: u32 = __LANES__u;
 const WG: u32 = 256u;
 
 var<workgroup> red: array<f32, __RED__>;

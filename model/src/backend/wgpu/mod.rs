@@ -73,6 +73,10 @@
 //! stream): a decode step reads back 8 bytes a sequence instead of 600 kB of logits, and the
 //! host no longer sorts or exponentiates 151,936 values per sequence.
 //!
+//! **Tuning.** [`WgpuOptions::matvec_lanes`] (`ARBOR_WGPU_MATVEC_LANES`) sets how many threads
+//! share a row in the single-token kernel; `ARBOR_BENCH_LANES=8,16,32,64` in the backends bench
+//! measures each, to be chosen on the H200 (today's default, 64, is the measured one).
+//!
 //! **Not yet**, and what limits speed today (H200, `floor.rs` and the backends bench): a
 //! single-sequence step is 2.3 ms of GPU time, of which ~120 dependent dispatches are only
 //! 0.2 ms (1.85 µs each): the matrix-vector kernels reach 313 GB/s, reading 1.5 bytes a weight
@@ -92,9 +96,9 @@ mod pipelines;
 mod profile;
 mod record;
 mod weights;
+pub use floor::{dispatch_floor, DispatchFloor};
 use pipelines::Pipelines;
 use profile::Timestamps;
-pub use floor::{dispatch_floor, DispatchFloor};
 pub use profile::{PassProfile, SharedProfile};
 use record::{CachedGroup, Fused, HeadParams, NormParams, Recorder, SampleParams};
 use weights::{GpuLayer, GpuMatrix, Uploader};
@@ -138,6 +142,11 @@ pub struct WgpuOptions {
     /// batched products; the command line sets it from `ARBOR_WGPU_COOP=0`. For comparisons
     /// and as the way out should a driver's cooperative matrices misbehave.
     pub no_cooperative_matrix: bool,
+    /// Threads that share one row in the single-token matrix-vector kernel: 8, 16, 32 or 64
+    /// (default 64; the command line reads `ARBOR_WGPU_MATVEC_LANES`). Fewer lanes give each
+    /// thread more of a short row to read and a shorter reduction, and a workgroup more rows;
+    /// which is fastest depends on the GPU and the row length (the backends bench measures it).
+    pub matvec_lanes: Option<u32>,
 }
 
 /// Describes the adapter a backend runs on.
@@ -287,6 +296,15 @@ impl WgpuBackend {
                 config.head_dim
             )));
         }
+        let matvec_lanes = options.matvec_lanes.unwrap_or(64);
+        if ![8, 16, 32, 64].contains(&matvec_lanes) {
+            return Err(ModelError::invalid(
+                "matvec_lanes",
+                format!(
+                    "{matvec_lanes}: the single-token kernel takes 8, 16, 32 or 64 lanes a row"
+                ),
+            ));
+        }
         let instance = instance();
         let adapter = pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
             power_preference: wgpu::PowerPreference::HighPerformance,
@@ -350,6 +368,7 @@ impl WgpuBackend {
             &config,
             options.tiled_min_workgroups.unwrap_or(MIN_TILED_WORKGROUPS),
             coop,
+            matvec_lanes,
         );
         let max_chunk = options
             .max_chunk_bytes

@@ -18,6 +18,8 @@ pub(super) struct Pipelines {
     pub(super) matmul: [[std::sync::OnceLock<Kernel>; 4]; 5],
     /// Whether the device was opened with f16 cooperative matrices (`matmul_coop.wgsl`).
     pub(super) coop: bool,
+    /// Threads sharing a row in the single-token kernel ([`super::WgpuOptions::matvec_lanes`]).
+    pub(super) matvec_lanes: u32,
     /// The bind group layout every matrix kernel shares.
     pub(super) matmul_layout: wgpu::PipelineLayout,
     /// See [`WgpuOptions::tiled_min_workgroups`].
@@ -90,6 +92,7 @@ impl Pipelines {
         config: &ModelConfig,
         min_tiled_workgroups: u32,
         coop: bool,
+        matvec_lanes: u32,
     ) -> Self {
         // Every matrix kernel binds the same seven buffers (`matmul_common.wgsl`), whichever
         // of them its variant reads, so one explicit layout serves all.
@@ -127,6 +130,7 @@ impl Pipelines {
             device: device.clone(),
             matmul: Default::default(),
             coop,
+            matvec_lanes,
             matmul_layout,
             rms_norm: compile(
                 device,
@@ -167,7 +171,7 @@ impl Pipelines {
     pub(super) fn matmul(&self, shape: MatShape, norm: bool, swiglu: bool) -> &Kernel {
         let variant = norm as usize * 2 + swiglu as usize;
         self.matmul[shape as usize][variant].get_or_init(|| {
-            let src = matmul_source(shape, norm, swiglu);
+            let src = matmul_source(shape, norm, swiglu, self.matvec_lanes);
             let label = format!("matmul_{shape:?}_norm{norm}_swiglu{swiglu}");
             compile(
                 &self.device,
@@ -181,7 +185,17 @@ impl Pipelines {
 }
 
 /// The source of a matrix kernel as [`Pipelines::matmul`] compiles it.
-pub(super) fn matmul_source(shape: MatShape, norm: bool, swiglu: bool) -> String {
+pub(super) fn matmul_source(
+    shape: MatShape,
+    norm: bool,
+    swiglu: bool,
+    matvec_lanes: u32,
+) -> String {
+    let lanes = if shape == MatShape::One {
+        matvec_lanes
+    } else {
+        64
+    };
     let (kernel, tt, rt) = match shape {
         MatShape::One => (include_str!("matmul.wgsl"), 1, 1),
         MatShape::Tile => (include_str!("matmul.wgsl"), TOKENS_PER_TILE, 1),
@@ -207,6 +221,7 @@ pub(super) fn matmul_source(shape: MatShape, norm: bool, swiglu: bool) -> String
     .concat()
     .replace("__TT__", &tt.to_string())
     .replace("__RT__", &rt.to_string())
+    .replace("__LANES__", &lanes.to_string())
     .replace("__ACC__", &(tt * rt).to_string())
     .replace("__RED__", &(256 * tt).to_string())
     .replace("__RSS__", &(64 * tt).to_string())
@@ -233,23 +248,37 @@ mod tests {
                 if norm && matches!(shape, MatShape::Gemm | MatShape::Coop) {
                     continue; // const_assert !NORM: never built
                 }
-                let src = matmul_source(shape, norm, swiglu);
-                let module = naga::front::wgsl::parse_str(&src)
-                    .unwrap_or_else(|e| panic!("{shape:?} norm {norm} swiglu {swiglu}: {}", e.emit_to_string(&src)));
-                let info = Validator::new(
-                    ValidationFlags::all(),
-                    Capabilities::SHADER_FLOAT16 | Capabilities::COOPERATIVE_MATRIX,
-                )
-                .validate(&module)
-                .unwrap_or_else(|e| panic!("{shape:?} norm {norm} swiglu {swiglu}: {}", e.emit_to_string(&src)));
-                let words = naga::back::spv::write_vec(
-                    &module,
-                    &info,
-                    &naga::back::spv::Options::default(),
-                    None,
-                )
-                .unwrap_or_else(|e| panic!("{shape:?}: SPIR-V: {e}"));
-                assert!(words.len() > 100, "{shape:?}: {} SPIR-V words", words.len());
+                for lanes in [8, 16, 32, 64] {
+                    if lanes != 64 && shape != MatShape::One {
+                        continue; // only the single-token kernel takes other lane counts
+                    }
+                    let src = matmul_source(shape, norm, swiglu, lanes);
+                    let module = naga::front::wgsl::parse_str(&src).unwrap_or_else(|e| {
+                        panic!(
+                            "{shape:?} norm {norm} swiglu {swiglu}: {}",
+                            e.emit_to_string(&src)
+                        )
+                    });
+                    let info = Validator::new(
+                        ValidationFlags::all(),
+                        Capabilities::SHADER_FLOAT16 | Capabilities::COOPERATIVE_MATRIX,
+                    )
+                    .validate(&module)
+                    .unwrap_or_else(|e| {
+                        panic!(
+                            "{shape:?} norm {norm} swiglu {swiglu}: {}",
+                            e.emit_to_string(&src)
+                        )
+                    });
+                    let words = naga::back::spv::write_vec(
+                        &module,
+                        &info,
+                        &naga::back::spv::Options::default(),
+                        None,
+                    )
+                    .unwrap_or_else(|e| panic!("{shape:?}: SPIR-V: {e}"));
+                    assert!(words.len() > 100, "{shape:?}: {} SPIR-V words", words.len());
+                }
             }
         }
     }

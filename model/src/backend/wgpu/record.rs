@@ -211,28 +211,26 @@ impl<'a> Recorder<'a> {
             // matrix-matrix kernel for rows it is faster on, as long as its larger tiles still
             // make about a workgroup for each multiprocessor of a large GPU.
             let gemm_wgs = (*rows as u32).div_ceil(GEMM_ROWS) * (n as u32).div_ceil(GEMM_TOKENS);
-            let (shape, tt, rows_per_wg) = if pipes.coop
-                && n > COOP_MIN_TOKENS
-                && fused.norm.is_none()
-            {
-                (MatShape::Coop, COOP_TOKENS, COOP_ROWS)
-            } else if n > TOKENS_PER_TILE as usize
-                && fused.norm.is_none()
-                && w.cols <= GEMM_MAX_COLS
-                && gemm_wgs >= pipes.min_tiled_workgroups / 2
-            {
-                (MatShape::Gemm, GEMM_TOKENS, GEMM_ROWS)
-            } else if n == 1 {
-                (MatShape::One, 1, ROWS_PER_WG)
-            } else if tiled_wgs >= pipes.min_tiled_workgroups {
-                (
-                    MatShape::TileRows,
-                    TOKENS_PER_TILE,
-                    ROWS_PER_WG * ROWS_PER_THREAD,
-                )
-            } else {
-                (MatShape::Tile, TOKENS_PER_TILE, ROWS_PER_WG)
-            };
+            let (shape, tt, rows_per_wg) =
+                if pipes.coop && n > COOP_MIN_TOKENS && fused.norm.is_none() {
+                    (MatShape::Coop, COOP_TOKENS, COOP_ROWS)
+                } else if n > TOKENS_PER_TILE as usize
+                    && fused.norm.is_none()
+                    && w.cols <= GEMM_MAX_COLS
+                    && gemm_wgs >= pipes.min_tiled_workgroups / 2
+                {
+                    (MatShape::Gemm, GEMM_TOKENS, GEMM_ROWS)
+                } else if n == 1 {
+                    (MatShape::One, 1, 256 / pipes.matvec_lanes)
+                } else if tiled_wgs >= pipes.min_tiled_workgroups {
+                    (
+                        MatShape::TileRows,
+                        TOKENS_PER_TILE,
+                        ROWS_PER_WG * ROWS_PER_THREAD,
+                    )
+                } else {
+                    (MatShape::Tile, TOKENS_PER_TILE, ROWS_PER_WG)
+                };
             let pipe = pipes.matmul(shape, fused.norm.is_some(), fused.swiglu);
             let params = MatParams {
                 rows: *rows as u32,
