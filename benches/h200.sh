@@ -47,7 +47,7 @@ bench)
   # where the time goes.
   export ARBOR_BENCH_SHAPES=model ARBOR_BENCH_MODEL=/tmp/model.gguf ARBOR_BENCH_SKIP_CPU=1
   ARBOR_BENCH_LANES=8,16,32,64 ARBOR_BENCH_STEPS=${2:-32} timeout 240 /tmp/bench --bench 2>&1 |
-    grep -v '^$' | grep -E 'lanes|dispatch floor|logits|^\|' 
+    grep -v '^$' | grep -E 'lanes|dispatch floor|logits|GB/s|###|^\|'
   # Host phases and each kernel's GPU time, per measurement (the whole log in /tmp/profile.log).
   ARBOR_BENCH_PROFILE=1 ARBOR_BENCH_STEPS=16 timeout 240 /tmp/bench --bench > /tmp/profile.log 2>&1
   grep -A12 'profile' /tmp/profile.log | grep -v '^--$' | head -200
