@@ -7,7 +7,7 @@
 #   base    the previous release's, for the same commands
 #   bench   `cargo bench --no-run --bench backends`'s binary (target/release/deps/backends-*)
 # and, for the baselines, /tmp/llama.tar.xz (../shared/gpu/llamacpp-src.sh) and the gguf wheel
-# installed into /tmp/site. A call carries at most 64 MiB with the tracked tree (6.3 MB), so the
+# installed into /tmp/site. A call carries at most 64 MiB with the tracked tree (8.1 MB), so the
 # model went in ten 50 MB chunks (`split -b 50000000 -d -a 2 MODEL .gpu/q/q`), one a call, the
 # binaries, wheel and tarball beside the first four; with the start, about 3 minutes.
 # 2026-12-05: speed ~2.5 min, bench ~1 min, hf ~2.5 min (1 min of it loading), llama ~10 s
