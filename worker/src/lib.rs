@@ -180,11 +180,15 @@ struct Inner {
 
 impl Drop for Inner {
     /// Closes the channel and waits for the engine thread to finish its calls and drop the
-    /// engine. Without the wait, a command-line run returned from `main` while the thread was
-    /// still tearing down the GPU device, which crashed NVIDIA's Vulkan driver at exit
-    /// (`arbor search --device gpu` printed its answer, then died of SIGSEGV).
+    /// engine. Without the wait, a command-line run returned from `main` while the thread could
+    /// still be tearing down the GPU device: the likely cause of `arbor search --device gpu`
+    /// dying of SIGSEGV at exit, after its answer, on NVIDIA's Vulkan driver (an H200; not
+    /// re-checked there yet).
     fn drop(&mut self) {
-        drop(std::mem::replace(&mut self.tx, crossbeam_channel::unbounded().0));
+        drop(std::mem::replace(
+            &mut self.tx,
+            crossbeam_channel::unbounded().0,
+        ));
         if let Some(thread) = self.thread.take() {
             if thread.thread().id() != std::thread::current().id() {
                 let _ = thread.join();

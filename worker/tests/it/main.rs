@@ -238,6 +238,74 @@ fn concurrent_calls_share_forward_passes_and_match_running_alone() {
     assert_eq!(w.in_flight(), 0);
 }
 
+/// The CPU backend, noting when it is dropped.
+struct NotesDrop {
+    inner: CpuBackend,
+    dropped: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for NotesDrop {
+    fn drop(&mut self) {
+        self.dropped
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl arbor_model::backend::Backend for NotesDrop {
+    fn name(&self) -> &'static str {
+        "notes-drop"
+    }
+    fn config(&self) -> &arbor_model::ModelConfig {
+        self.inner.config()
+    }
+    fn ensure_kv_blocks(&mut self, n_blocks: usize) -> arbor_model::Result<()> {
+        self.inner.ensure_kv_blocks(n_blocks)
+    }
+    fn copy_kv_block(&mut self, src: u32, dst: u32, n_tokens: usize) {
+        self.inner.copy_kv_block(src, dst, n_tokens)
+    }
+    fn forward(
+        &mut self,
+        batch: &arbor_model::backend::ForwardBatch<'_>,
+        logits: &mut Vec<f32>,
+        hidden: &mut Vec<f32>,
+    ) -> arbor_model::Result<()> {
+        self.inner.forward(batch, logits, hidden)
+    }
+}
+
+/// When the last handle to a worker goes, its engine (and so a GPU device) is dropped before
+/// the drop returns: a command that returns from `main` right after no longer races the
+/// engine thread's teardown (the likely cause of a SIGSEGV at exit on NVIDIA's driver).
+#[test]
+fn dropping_the_last_worker_handle_drops_the_engine_before_it_returns() {
+    let m = model();
+    let dropped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let backend = NotesDrop {
+        inner: CpuBackend::new(m.config.clone(), m.weights.clone()),
+        dropped: dropped.clone(),
+    };
+    let w = LocalWorker::new(
+        m,
+        Engine::new(Box::new(backend), EngineOptions::default()),
+        WorkerOptions::default(),
+    );
+    let rt = runtime();
+    let other = w.clone();
+    rt.block_on(w.expand(vec![item(&w, "Hello", 1, 2, 0)], None))
+        .unwrap();
+    drop(w);
+    assert!(
+        !dropped.load(std::sync::atomic::Ordering::SeqCst),
+        "another handle keeps the engine"
+    );
+    drop(other);
+    assert!(
+        dropped.load(std::sync::atomic::Ordering::SeqCst),
+        "the engine is gone once the last handle is"
+    );
+}
+
 /// A burst of calls that together need more KV blocks than the cache has, each fitting alone:
 /// calls that find the cache full wait for others to finish instead of failing (before, a
 /// decode pass that outgrew the cache failed every call in it), and each gets exactly the
@@ -291,7 +359,9 @@ fn a_burst_larger_than_the_kv_cache_waits_instead_of_failing() {
         (out, huge.await.unwrap())
     });
     for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
-        let t = t.as_ref().unwrap_or_else(|e| panic!("call {i} failed: {e}"));
+        let t = t
+            .as_ref()
+            .unwrap_or_else(|e| panic!("call {i} failed: {e}"));
         for (sa, st) in a[0].samples.iter().zip(&t[0].samples) {
             assert_eq!(sa.tokens, st.tokens, "call {i}");
             assert_eq!(sa.logprobs, st.logprobs, "call {i}");
