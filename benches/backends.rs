@@ -181,7 +181,11 @@ fn main() -> anyhow::Result<()> {
     let sweep: Vec<u32> = std::env::var("ARBOR_BENCH_LANES")
         .map(|v| {
             v.split(',')
-                .map(|l| l.trim().parse().expect("ARBOR_BENCH_LANES: e.g. 8,16,32,64"))
+                .map(|l| {
+                    l.trim()
+                        .parse()
+                        .expect("ARBOR_BENCH_LANES: e.g. 8,16,32,64")
+                })
                 .collect()
         })
         .unwrap_or_default();
@@ -239,7 +243,11 @@ fn main() -> anyhow::Result<()> {
                 },
             )?;
             let coop = gpu.cooperative_matrix();
-            let kernels = if coop { "cooperative matrices" } else { "f32 kernels" };
+            let kernels = if coop {
+                "cooperative matrices"
+            } else {
+                "f32 kernels"
+            };
             let profile = gpu.profile();
             adapter = Some(gpu.adapter().clone());
             eprintln!(
@@ -361,13 +369,14 @@ fn main() -> anyhow::Result<()> {
             }
             println!("{line}");
         };
-        row(format!("prefill, {PREFILL_TOKENS}-token prompt"), &|f| f.prefill);
+        row(format!("prefill, {PREFILL_TOKENS}-token prompt"), &|f| {
+            f.prefill
+        });
         row("decode, 1 sequence".into(), &|f| f.decode1);
         for (i, n) in BATCHES.iter().enumerate() {
-            row(
-                format!("decode, {n} forked sequences (aggregate)"),
-                &|f| f.batched[i],
-            );
+            row(format!("decode, {n} forked sequences (aggregate)"), &|f| {
+                f.batched[i]
+            });
         }
         let big = BATCHES[BATCHES.len() - 1];
         row("decode, 1 sequence, host picks".into(), &|f| f.host_picks.0);

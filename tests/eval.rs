@@ -306,13 +306,24 @@ fn eval_runs_the_grid_resumes_reports_and_distills() {
 fn failed_worker_calls_leave_their_cells_out_and_a_rerun_retries_them() {
     let dir = temp_dir("failed");
     let data = dir.join("one.jsonl");
-    std::fs::write(&data, gsm8k_lines().lines().next().unwrap().to_string() + "\n").unwrap();
+    std::fs::write(
+        &data,
+        gsm8k_lines().lines().next().unwrap().to_string() + "\n",
+    )
+    .unwrap();
     let out_dir = dir.join("out");
     let run = |extra: &[&str]| {
         arbor()
             .args(["eval", "--dataset", data.to_str().unwrap()])
             .args(["--out", out_dir.to_str().unwrap()])
-            .args(["--strategies", "beam,best-of-n", "--budgets", "64", "--device", "cpu"])
+            .args([
+                "--strategies",
+                "beam,best-of-n",
+                "--budgets",
+                "64",
+                "--device",
+                "cpu",
+            ])
             .args(extra)
             .output()
             .unwrap()
@@ -379,7 +390,15 @@ fn bad_datasets_and_arguments_are_refused_before_any_model_work() {
     let good = dir.join("good.jsonl");
     std::fs::write(&good, "{\"question\": \"q\", \"answer\": \"#### 1\"}\n").unwrap();
     check(
-        &["eval", "--dataset", good.to_str().unwrap(), "--kv-blocks", "0", "--out", out],
+        &[
+            "eval",
+            "--dataset",
+            good.to_str().unwrap(),
+            "--kv-blocks",
+            "0",
+            "--out",
+            out,
+        ],
         "--kv-blocks must be at least 1",
     );
     check(&["eval", "report", out], "no traces");

@@ -23,8 +23,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use arbor_search::{equivalent, Search, SearchControl, StrategyConfig, K_MAX};
 use arbor_model::EngineOptions;
+use arbor_search::{equivalent, Search, SearchControl, StrategyConfig, K_MAX};
 use arbor_worker::{LocalWorker, WorkerOptions};
 use tokio::task::JoinSet;
 
@@ -769,10 +769,11 @@ async fn search_cell(
     };
     let prompt = context.prompt(worker, &question.question)?;
     let mut search = Search::new(prompt, config)?;
-    let (policy, scorer) = (samples::Recording::new(worker), samples::Recording::new(prm));
-    let outcome = search
-        .run(&policy, &scorer, &SearchControl::new())
-        .await?;
+    let (policy, scorer) = (
+        samples::Recording::new(worker),
+        samples::Recording::new(prm),
+    );
+    let outcome = search.run(&policy, &scorer, &SearchControl::new()).await?;
     samples::check_calls(&policy, &scorer)?;
     let tree = search.tree();
     let path = outcome

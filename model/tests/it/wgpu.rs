@@ -631,7 +631,10 @@ fn the_single_token_kernel_agrees_at_every_lane_count() {
     let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
     for lanes in [8, 16, 32] {
         let d = max_diff(&decode(lanes), &want);
-        assert!(d <= 1e-4 * scale.max(1.0), "{lanes} lanes: differs by {d} (scale {scale})");
+        assert!(
+            d <= 1e-4 * scale.max(1.0),
+            "{lanes} lanes: differs by {d} (scale {scale})"
+        );
     }
     let refused = WgpuBackend::new(
         model.config.clone(),
@@ -643,5 +646,8 @@ fn the_single_token_kernel_agrees_at_every_lane_count() {
         },
     );
     let err = refused.err().expect("12 lanes is refused").to_string();
-    assert!(err.contains("matvec_lanes") && err.contains("8, 16, 32 or 64"), "{err}");
+    assert!(
+        err.contains("matvec_lanes") && err.contains("8, 16, 32 or 64"),
+        "{err}"
+    );
 }
