@@ -160,6 +160,19 @@ pub(crate) fn run(
     }
 }
 
+impl Running {
+    /// Why the call should end now: its caller went away, or its deadline passed.
+    fn abandoned(&self, now: Instant) -> Option<WorkerError> {
+        if self.reply.is_closed() {
+            Some(WorkerError::Cancelled)
+        } else if self.deadline.is_some_and(|d| now >= d) {
+            Some(WorkerError::DeadlineExceeded)
+        } else {
+            None
+        }
+    }
+}
+
 impl Runner {
     fn command(&mut self, cmd: Command) {
         match cmd {
@@ -234,60 +247,34 @@ impl Runner {
         self.publish();
     }
 
-    /// Cancels calls nobody waits for any more and calls past their deadline.
+    /// Cancels calls nobody waits for any more and calls past their deadline, running or
+    /// deferred.
     fn drop_abandoned(&mut self) {
         let now = Instant::now();
-        let gone: Vec<(JobId, bool)> = self
+        let gone: Vec<(JobId, WorkerError)> = self
             .running
             .iter()
-            .filter_map(|(&id, r)| {
-                if r.reply.is_closed() {
-                    Some((id, false))
-                } else if r.deadline.is_some_and(|d| now >= d) {
-                    Some((id, true))
-                } else {
-                    None
-                }
-            })
+            .filter_map(|(&id, r)| r.abandoned(now).map(|e| (id, e)))
             .collect();
         let mut replies = Vec::with_capacity(gone.len());
+        for (id, err) in gone {
+            self.batcher.cancel(&mut self.engine, id);
+            let r = self.running.remove(&id).expect("listed");
+            replies.push((r.reply, err));
+        }
         let mut kept = std::collections::VecDeque::with_capacity(self.deferred.len());
         for r in std::mem::take(&mut self.deferred) {
-            if r.reply.is_closed() || r.deadline.is_some_and(|d| now >= d) {
-                let late = !r.reply.is_closed();
-                self.shared
-                    .stats
-                    .lock()
-                    .expect("stats lock")
-                    .cancelled_calls += 1;
-                replies.push((
-                    r.reply,
-                    if late {
-                        WorkerError::DeadlineExceeded
-                    } else {
-                        WorkerError::Cancelled
-                    },
-                ));
-            } else {
-                kept.push_back(r);
+            match r.abandoned(now) {
+                Some(err) => replies.push((r.reply, err)),
+                None => kept.push_back(r),
             }
         }
         self.deferred = kept;
-        for (id, late) in gone {
-            self.batcher.cancel(&mut self.engine, id);
-            let r = self.running.remove(&id).expect("listed");
-            self.shared
-                .stats
-                .lock()
-                .expect("stats lock")
-                .cancelled_calls += 1;
-            let err = if late {
-                WorkerError::DeadlineExceeded
-            } else {
-                WorkerError::Cancelled
-            };
-            replies.push((r.reply, err));
-        }
+        self.shared
+            .stats
+            .lock()
+            .expect("stats lock")
+            .cancelled_calls += replies.len() as u64;
         // The usage snapshot must show the freed sequences before a caller wakes up.
         self.publish();
         for (reply, err) in replies {

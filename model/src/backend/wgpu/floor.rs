@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use super::{device_err, instance, summary, AdapterSummary};
+use super::{adapter, device_err, summary, AdapterSummary};
 use crate::error::Result;
 
 /// The device's fixed costs, measured by [`dispatch_floor`].
@@ -66,14 +66,7 @@ fn main() { v[0] = v[0] + 1u; }
 /// Measures [`DispatchFloor`] with a chain of `dispatches` dependent dispatches (each reads
 /// the word the last one wrote, so they cannot overlap); checks the chain's count.
 pub fn dispatch_floor(allow_software: bool, dispatches: u32) -> Result<DispatchFloor> {
-    let instance = instance();
-    let adapter = pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
-        power_preference: wgpu::PowerPreference::HighPerformance,
-        force_fallback_adapter: false,
-        compatible_surface: None,
-        apply_limit_buckets: false,
-    }))
-    .map_err(|e| device_err("no GPU adapter", e))?;
+    let adapter = adapter().map_err(|e| device_err("no GPU adapter", e))?;
     let info_raw = adapter.get_info();
     let info = summary(&info_raw);
     if info.software && !allow_software {

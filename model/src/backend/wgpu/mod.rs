@@ -166,14 +166,7 @@ pub struct AdapterSummary {
 /// matrices (f16 inputs, f32 sums), so results of passes of more than 32 tokens agree with the
 /// f32 kernels' to f16 rounding rather than f32's (tests pick their tolerance by it).
 pub fn cooperative_matrix_available() -> bool {
-    let instance = instance();
-    pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
-        power_preference: wgpu::PowerPreference::HighPerformance,
-        force_fallback_adapter: false,
-        compatible_surface: None,
-        apply_limit_buckets: false,
-    }))
-    .is_ok_and(|a| cooperative_f16(&a))
+    adapter().is_ok_and(|a| cooperative_f16(&a))
         && std::env::var_os("ARBOR_WGPU_COOP").is_none_or(|v| v != "0")
 }
 
@@ -184,6 +177,16 @@ pub fn adapters() -> Vec<AdapterSummary> {
         .iter()
         .map(|a| summary(&a.get_info()))
         .collect()
+}
+
+/// The adapter a backend opens: the first high-performance one.
+fn adapter() -> std::result::Result<wgpu::Adapter, wgpu::RequestAdapterError> {
+    pollster::block_on(instance().request_adapter(&wgpu::RequestAdapterOptions {
+        power_preference: wgpu::PowerPreference::HighPerformance,
+        force_fallback_adapter: false,
+        compatible_surface: None,
+        apply_limit_buckets: false,
+    }))
 }
 
 fn instance() -> wgpu::Instance {
@@ -305,14 +308,7 @@ impl WgpuBackend {
                 ),
             ));
         }
-        let instance = instance();
-        let adapter = pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
-            power_preference: wgpu::PowerPreference::HighPerformance,
-            force_fallback_adapter: false,
-            compatible_surface: None,
-            apply_limit_buckets: false,
-        }))
-        .map_err(|e| {
+        let adapter = adapter().map_err(|e| {
             device_err(
                 "no GPU adapter (install a Vulkan driver, e.g. mesa-vulkan-drivers, or use --device cpu)",
                 e,
