@@ -18,7 +18,10 @@
 //! `ARBOR_BENCH_PROFILE=1` (after each measurement, print where the wgpu passes' time went:
 //! host phases and each kernel's GPU time; the timing itself then includes waiting for every
 //! pass), `ARBOR_WGPU_MATVEC_LANES` (threads a row in the single-token kernel, as the command
-//! line takes it), `ARBOR_BENCH_LANES=8,16,32,64` (then also single-sequence decode at each).
+//! line takes it), `ARBOR_BENCH_LANES=8,16,32,64` (then also decode at each). After the table's
+//! measurements, decode of 1 and 16 sequences is measured again with the weights stored as a
+//! byte a weight (`ARBOR_WGPU_PACK=0`, the form before packing) and at each lane count, each
+//! against the default in the same run.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -155,15 +158,47 @@ fn measure(
     })
 }
 
-/// Bytes of weights a single-token pass reads in the GPU's form (a byte per weight plus 8
-/// bytes of scale and min per 16 weights), embeddings excluded (one row is read per token).
-fn gpu_weight_bytes(cfg: &ModelConfig) -> f64 {
-    let d = cfg.d_model as f64;
-    let q = (cfg.n_heads * cfg.head_dim) as f64;
-    let kv = cfg.kv_dim() as f64;
-    let per_layer = (q + 2.0 * kv) * d + q * d + 3.0 * cfg.ffn_dim as f64 * d;
-    let weights = per_layer * cfg.n_layers as f64 + cfg.vocab_size as f64 * d;
-    weights * 1.5
+/// Single-sequence and 16-sequence decode rates of a backend made with `options`, and the
+/// bytes of weights it holds.
+fn decode_only(
+    cfg: &ModelConfig,
+    weights: &Arc<DecoderWeights>,
+    options: &WgpuOptions,
+    allow_software: bool,
+    steps: usize,
+) -> anyhow::Result<(f64, f64, f64)> {
+    let gpu = WgpuBackend::new(
+        cfg.clone(),
+        weights.clone(),
+        &WgpuOptions {
+            allow_software,
+            ..options.clone()
+        },
+    )?;
+    let bytes = gpu.weight_bytes() as f64;
+    let mut e = Engine::new(Box::new(gpu), EngineOptions::default());
+    let vocab = cfg.vocab_size as u32;
+    let prompt: Vec<u32> = (0..128u32).map(|i| (i * 7919 + 13) % vocab).collect();
+    let mut rates = [0f64; 2];
+    for (slot, n) in [1usize, 16].into_iter().enumerate() {
+        let root = e.new_sequence();
+        e.forward(&[(root, &prompt)])?;
+        let mut seqs = vec![root];
+        for _ in 1..n {
+            seqs.push(e.fork(root)?);
+        }
+        let mut toks: Vec<u32> = (0..n as u32).map(|i| (i * 31 + 7) % vocab).collect();
+        decode_step(&mut e, &seqs, &mut toks, true)?;
+        let t = Instant::now();
+        for _ in 0..steps {
+            decode_step(&mut e, &seqs, &mut toks, true)?;
+        }
+        rates[slot] = (n * steps) as f64 / t.elapsed().as_secs_f64();
+        for s in seqs {
+            e.free(s);
+        }
+    }
+    Ok((rates[0], rates[1], bytes))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -229,6 +264,7 @@ fn main() -> anyhow::Result<()> {
         let mut g = None;
         let mut g_f32 = None;
         let mut adapter = None;
+        let mut weight_bytes = 0.0;
         for no_cooperative_matrix in [false, true] {
             let t = Instant::now();
             let gpu = WgpuBackend::new(
@@ -243,6 +279,7 @@ fn main() -> anyhow::Result<()> {
                 },
             )?;
             let coop = gpu.cooperative_matrix();
+            weight_bytes = gpu.weight_bytes() as f64;
             let kernels = if coop {
                 "cooperative matrices"
             } else {
@@ -311,39 +348,46 @@ fn main() -> anyhow::Result<()> {
             eprintln!("{name}: cpu {c:?}");
             Some(c)
         };
-        // The single-token kernel at each lane count asked for, one sequence decoding.
+        // Variants of the backend against its defaults, in the same run: the weights as a
+        // byte a weight (the form before packing), and the single-token kernel at each lane
+        // count asked for; one sequence and 16 decoding.
+        let base = WgpuOptions {
+            matvec_lanes,
+            ..Default::default()
+        };
+        let mut variants = vec![(
+            "a byte a weight (ARBOR_WGPU_PACK=0)".to_string(),
+            WgpuOptions {
+                byte_weights: true,
+                ..base.clone()
+            },
+        )];
         for lanes in &sweep {
-            let gpu = WgpuBackend::new(
-                cfg.clone(),
-                weights.clone(),
-                &WgpuOptions {
-                    allow_software,
+            variants.push((
+                format!("{lanes} lanes a row"),
+                WgpuOptions {
                     matvec_lanes: Some(*lanes),
                     ..Default::default()
                 },
-            )?;
-            let mut e = Engine::new(Box::new(gpu), EngineOptions::default());
-            let vocab = cfg.vocab_size as u32;
-            let prompt: Vec<u32> = (0..128u32).map(|i| (i * 7919 + 13) % vocab).collect();
-            let s = e.new_sequence();
-            e.forward(&[(s, &prompt)])?;
-            let mut tok = [7u32];
-            decode_step(&mut e, &[s], &mut tok, true)?;
-            let t = Instant::now();
-            for _ in 0..steps {
-                decode_step(&mut e, &[s], &mut tok, true)?;
-            }
+            ));
+        }
+        let (d1, d16, _) = decode_only(&cfg, &weights, &base, allow_software, steps)?;
+        for (label, options) in variants {
+            let (v1, v16, bytes) = decode_only(&cfg, &weights, &options, allow_software, steps)?;
             eprintln!(
-                "{name}: decode, 1 sequence, {lanes} lanes a row: {:.1} tokens/s",
-                steps as f64 / t.elapsed().as_secs_f64()
+                "{name}: decode with {label}: 1 sequence {v1:.1} tokens/s ({:.2}x the default's \
+                 {d1:.1}), 16 sequences {v16:.1} ({:.2}x {d16:.1}); {:.2} GB of weights",
+                v1 / d1,
+                v16 / d16,
+                bytes / 1e9
             );
         }
-        rows.push((name.to_string(), cfg, adapter, g, g_f32, c));
+        rows.push((name.to_string(), weight_bytes, adapter, g, g_f32, c));
     }
     println!(
         "\nTokens/s (higher is better); CPU backend on {threads} threads; ratio = wgpu / cpu.\n"
     );
-    for (name, cfg, adapter, g, g_f32, c) in &rows {
+    for (name, weight_bytes, adapter, g, g_f32, c) in &rows {
         println!(
             "### {name} shapes on {} ({}, {})\n",
             adapter.name, adapter.backend, adapter.device_type
@@ -384,7 +428,7 @@ fn main() -> anyhow::Result<()> {
             format!("decode, {big} forked sequences, host picks"),
             &|f| f.host_picks.1,
         );
-        let bytes = gpu_weight_bytes(cfg);
+        let bytes = *weight_bytes;
         println!(
             "\nsingle-sequence decode reads {:.2} GB of weights per token: {:.0} GB/s on the GPU; \
              device picks / host picks: 1 sequence {:.2}x, {big} sequences {:.2}x\n",

@@ -122,7 +122,8 @@ pub(crate) enum Device {
     /// Native CPU backend (SIMD, all cores).
     Cpu,
     /// wgpu compute shaders (Vulkan, Metal or DX12) on the first hardware GPU, batched products
-    /// on its tensor cores where it has cooperative matrices (ARBOR_WGPU_COOP=0: f32 kernels).
+    /// on its tensor cores where it has cooperative matrices (ARBOR_WGPU_COOP=0: f32 kernels),
+    /// weights packed in as few bits as hold them exactly (ARBOR_WGPU_PACK=0: a byte a weight).
     /// A software adapter (Mesa's lavapipe) is used only with ARBOR_WGPU_ALLOW_SOFTWARE=1.
     Gpu,
     /// A hardware GPU when wgpu finds one, else the CPU.
@@ -277,6 +278,7 @@ pub(crate) fn backend_for(model: &Model, device: Device) -> Result<Box<dyn Backe
             })?),
             Err(_) => None,
         },
+        byte_weights: std::env::var_os("ARBOR_WGPU_PACK").is_some_and(|v| v == "0"),
     };
     let t = Instant::now();
     match WgpuBackend::new(model.config.clone(), model.weights.clone(), &options) {

@@ -303,8 +303,10 @@ pub fn preset(name: &str) -> Option<ModelConfig> {
 }
 
 impl DecoderWeights {
-    /// Weights in the shapes of `cfg` and the storage types of a Q4_K_M file (Q8_0 matrices,
-    /// Q4_K `ffn_down` where its width allows), filled with deterministic pseudo-random values.
+    /// Weights in the shapes of `cfg` and the storage types of the default model's Q4_K_M file
+    /// (Q5_0 projections; `attn_v` Q8_0 and Q5_0 and `ffn_down` Q6_K and Q4_K in alternate
+    /// layers, where the widths allow; Q8_0 output and embeddings), prepared as the loader
+    /// prepares a file's, filled with deterministic pseudo-random values.
     ///
     /// For speed measurements where the real file cannot go: a kernel takes the same time
     /// whatever the weights' values. The values are kept small so activations stay finite.
@@ -325,46 +327,53 @@ impl DecoderWeights {
                 let v = next().to_le_bytes();
                 chunk.copy_from_slice(&v[..chunk.len()]);
             }
-            // A small positive f16 scale (and min) at each block's head: 2^-10 to 2^-9.
+            // A small positive f16 scale (and min) in each block: 2^-10 to 2^-9 (Q6_K's, times
+            // its 8-bit sub-block scales, 2^-4 of that).
             let scale = half::f16::from_f32(0.0015).to_le_bytes();
             for blk in bytes.chunks_mut(ty.block_bytes()) {
                 match ty {
-                    GgmlType::Q8_0 => blk[0..2].copy_from_slice(&scale),
+                    GgmlType::Q8_0 | GgmlType::Q5_0 => blk[0..2].copy_from_slice(&scale),
                     GgmlType::Q4K => {
                         blk[0..2].copy_from_slice(&scale);
                         blk[2..4].copy_from_slice(&scale);
                     }
-                    _ => unreachable!("synthetic weights use Q8_0 and Q4_K"),
+                    GgmlType::Q6K => {
+                        blk[208..210].copy_from_slice(&half::f16::from_f32(0.0001).to_le_bytes())
+                    }
+                    _ => unreachable!("synthetic weights use Q8_0, Q5_0, Q4_K and Q6_K"),
                 }
             }
-            QMatrix::new(name, ty, rows, cols, Storage::Owned(bytes.into()))
+            QMatrix::new(name, ty, rows, cols, Storage::Owned(bytes.into()))?
+                .into_matmul_ready(name)
         };
         let d = cfg.d_model;
         let q_dim = cfg.n_heads * cfg.head_dim;
         let kv = cfg.kv_dim();
-        let down_ty = if cfg.ffn_dim % 256 == 0 {
-            GgmlType::Q4K
-        } else {
-            GgmlType::Q8_0
-        };
         let q8 = GgmlType::Q8_0;
+        let q5 = |cols: usize| if cols % 32 == 0 { GgmlType::Q5_0 } else { q8 };
+        let down_ty = |l: usize| match (cfg.ffn_dim % 256 == 0, l % 2) {
+            (false, _) => q8,
+            (true, 0) => GgmlType::Q6K,
+            (true, _) => GgmlType::Q4K,
+        };
         let ones = |n: usize| vec![1.0f32; n];
         let small = |n: usize| vec![0.01f32; n];
         let mut layers = Vec::with_capacity(cfg.n_layers);
-        for _ in 0..cfg.n_layers {
+        for l in 0..cfg.n_layers {
+            let v_ty = if l % 2 == 0 { q8 } else { q5(d) };
             layers.push(LayerWeights {
                 attn_norm: ones(d),
-                wq: matrix("attn_q", q8, q_dim, d)?,
-                wk: matrix("attn_k", q8, kv, d)?,
-                wv: matrix("attn_v", q8, kv, d)?,
+                wq: matrix("attn_q", q5(d), q_dim, d)?,
+                wk: matrix("attn_k", q5(d), kv, d)?,
+                wv: matrix("attn_v", v_ty, kv, d)?,
                 bq: Some(small(q_dim)),
                 bk: Some(small(kv)),
                 bv: Some(small(kv)),
-                wo: matrix("attn_output", q8, d, q_dim)?,
+                wo: matrix("attn_output", q5(q_dim), d, q_dim)?,
                 ffn_norm: ones(d),
-                w_gate: matrix("ffn_gate", q8, cfg.ffn_dim, d)?,
-                w_up: matrix("ffn_up", q8, cfg.ffn_dim, d)?,
-                w_down: matrix("ffn_down", down_ty, d, cfg.ffn_dim)?,
+                w_gate: matrix("ffn_gate", q5(d), cfg.ffn_dim, d)?,
+                w_up: matrix("ffn_up", q5(d), cfg.ffn_dim, d)?,
+                w_down: matrix("ffn_down", down_ty(l), d, cfg.ffn_dim)?,
             });
         }
         Ok(DecoderWeights {
@@ -373,5 +382,42 @@ impl DecoderWeights {
             out_norm: ones(d),
             output: matrix("output", q8, cfg.vocab_size, d)?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{preset, DecoderWeights, ModelConfig};
+    use crate::backend::cpu::CpuBackend;
+    use crate::quant::GgmlType;
+    use crate::{Engine, EngineOptions};
+
+    /// The benches' synthetic weights carry the default model's storage types (as the loader
+    /// prepares them) and give finite logits through all of its layers.
+    #[test]
+    fn synthetic_weights_have_the_default_models_types_and_finite_logits() {
+        let cfg = ModelConfig {
+            d_model: 256,
+            n_heads: 4,
+            n_kv_heads: 2,
+            ffn_dim: 512,
+            vocab_size: 1000,
+            ..preset("qwen2.5-0.5b").unwrap()
+        };
+        let w = std::sync::Arc::new(DecoderWeights::synthetic(&cfg, 42).unwrap());
+        let (l0, l1) = (&w.layers[0], &w.layers[1]);
+        assert_eq!(l0.wq.ty, GgmlType::Q5x4);
+        assert_eq!((l0.wv.ty, l1.wv.ty), (GgmlType::Q8_0, GgmlType::Q5x4));
+        assert_eq!((l0.w_down.ty, l1.w_down.ty), (GgmlType::Q6K, GgmlType::Q4K));
+        assert_eq!(w.output.ty, GgmlType::Q8_0);
+        let mut e = Engine::new(
+            Box::new(CpuBackend::new(cfg.clone(), w)),
+            EngineOptions::default(),
+        );
+        let s = e.new_sequence();
+        let tokens: Vec<u32> = (0..16).map(|i| i * 37 % 1000).collect();
+        let logits = e.forward(&[(s, &tokens)]).unwrap();
+        assert!(logits.iter().all(|v| v.is_finite()));
+        assert!(logits.iter().any(|v| *v != 0.0));
     }
 }

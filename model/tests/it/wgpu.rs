@@ -651,3 +651,63 @@ fn the_single_token_kernel_agrees_at_every_lane_count() {
         "{err}"
     );
 }
+
+/// Weights packed into the fewest bits that hold them (4-bit Q4_K, 5-bit Q5_0, 6-bit Q6_K,
+/// bytes for Q8_0, f16 scale pairs where exact) give the logits of the byte-a-weight form
+/// bit for bit, in every matrix kernel a lavapipe pass takes: the one-token kernel (decode
+/// steps), the several-rows kernel and the tiled matrix-matrix kernel (a prefill with
+/// `tiled_min_workgroups` 0 and without). And they take much less memory.
+#[test]
+fn packed_weights_give_the_byte_forms_logits_bit_for_bit_on_the_real_model() {
+    if skip() {
+        return;
+    }
+    let model = super::model();
+    let prompt: Vec<u32> = (0..40u32).map(|i| (i * 7919 + 13) % 150_000).collect();
+    let run = |byte_weights: bool, tiled_min_workgroups: Option<u32>| {
+        let backend = WgpuBackend::new(
+            model.config.clone(),
+            model.weights.clone(),
+            &WgpuOptions {
+                allow_software: true,
+                byte_weights,
+                tiled_min_workgroups,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let bytes = backend.weight_bytes();
+        let mut e = Engine::new(Box::new(backend), EngineOptions::default());
+        let s = e.new_sequence();
+        let mut out = e.forward(&[(s, &prompt[..32])]).unwrap().to_vec();
+        for &t in &prompt[32..35] {
+            out.extend_from_slice(e.forward(&[(s, &[t][..])]).unwrap());
+        }
+        (bytes, out)
+    };
+    for tiled in [None, Some(0)] {
+        let (bytes, want) = run(true, tiled);
+        let (packed, got) = run(false, tiled);
+        assert_eq!(got.len(), want.len());
+        let differing = got
+            .iter()
+            .zip(&want)
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count();
+        assert_eq!(differing, 0, "tiled {tiled:?}: {differing} logits differ");
+        let c = &model.config;
+        let per_layer = (c.n_heads * c.head_dim + 2 * c.kv_dim()) * c.d_model
+            + c.n_heads * c.head_dim * c.d_model
+            + 3 * c.ffn_dim * c.d_model;
+        let weights = (per_layer * c.n_layers + c.vocab_size * c.d_model) as u64;
+        let (per_weight, packed_per_weight) = (
+            bytes as f64 / weights as f64,
+            packed as f64 / weights as f64,
+        );
+        eprintln!("bytes a weight: {per_weight:.3} as bytes, {packed_per_weight:.3} packed");
+        assert!((per_weight - 1.5).abs() < 0.01, "{per_weight}");
+        // 0.92: Q5_0 in 0.75 bytes a weight, Q8_0 (the output projection, half the V
+        // matrices) in 1.125, Q6_K in 1.25, Q4_K in 0.75.
+        assert!(packed_per_weight < 0.65 * per_weight, "{packed_per_weight}");
+    }
+}

@@ -1,9 +1,8 @@
 // One row per LANES threads (64; for single tokens, as the backend is told): the kernel for
 // single tokens (TT = 1) and small batches.
 //
-// W is stored as one unsigned byte per weight (`wq`, four to a word) and a (scale, min) pair per
-// 16 weights (`wsm`), so that W[r, c] = scale * u - min; every GGUF block format unpacks to this
-// exactly. A workgroup computes ROWS_PER_WG rows for TT tokens: LANES threads split a row's
+// W[r, c] = scale * u - min, every GGUF block format exactly, read a 16-weight group at a time
+// through matmul_common.wgsl's `wgroup` and `wscale`. A workgroup computes ROWS_PER_WG rows for TT tokens: LANES threads split a row's
 // 16-weight groups, each keeps TT partial sums, and a tree reduction in workgroup memory adds
 // them. Reading a weight group once for TT tokens is what makes batched decoding cheaper per
 // token than one token at a time.
@@ -25,10 +24,9 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
     let groups = p.cols / 16u;
     let xrow = p.cols / 4u;
     if (r < p.rows) {
-        let gbase = r * groups;
         for (var g = lane; g < groups; g += LANES) {
-            let sm = wsm[gbase + g];
-            let w = wq[gbase + g];
+            let sm = wscale(r, g);
+            let w = wgroup(r, g);
             let w0 = bytes(w.x);
             let w1 = bytes(w.y);
             let w2 = bytes(w.z);

@@ -42,9 +42,9 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
             let g = k0 / 16u + gl;
             let base = row * BK + gl * 16u;
             if (g < groups) {
-                let src = min(r0 + row, last) * groups + g;
-                let sm = wsm[src];
-                let w = wq[src];
+                let src = min(r0 + row, last);
+                let sm = wscale(src, g);
+                let w = wgroup(src, g);
                 let q = array<vec4<f32>, 4>(
                     sm.x * bytes(w.x) - vec4<f32>(sm.y),
                     sm.x * bytes(w.y) - vec4<f32>(sm.y),

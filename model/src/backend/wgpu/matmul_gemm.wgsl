@@ -5,8 +5,7 @@
 // matmul_rows.wgsl, no partial sums cross threads, so there is no reduction per output: the
 // work per weight is one multiply-add per token.
 //
-// W is stored as one unsigned byte per weight (`wq`, four to a word) and a (scale, min) pair per
-// 16 weights (`wsm`), W[r, c] = scale * u - min. Never used with NORM (larger passes run
+// W[r, c] = scale * u - min, read through matmul_common.wgsl's `wgroup` and `wscale`. Never used with NORM (larger passes run
 // rms_norm.wgsl first); SWIGLU pairs stay within a thread's TR rows.
 
 // No token-tile sums of squares here: the backend never fuses the norm into this kernel.
@@ -53,9 +52,9 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
             let g = k0 / 16u + gl;
             let base = gl * 4u * BM + row;
             if (g < groups) {
-                let src = min(r0 + row, last) * groups + g;
-                let sm = wsm[src];
-                let w = wq[src];
+                let src = min(r0 + row, last);
+                let sm = wscale(src, g);
+                let w = wgroup(src, g);
                 ws[base] = sm.x * bytes(w.x) - vec4<f32>(sm.y);
                 ws[base + BM] = sm.x * bytes(w.y) - vec4<f32>(sm.y);
                 ws[base + 2u * BM] = sm.x * bytes(w.z) - vec4<f32>(sm.y);

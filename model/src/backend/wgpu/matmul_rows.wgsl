@@ -1,9 +1,8 @@
 // Several rows per thread: matmul.wgsl's batched kernel with register tiling over rows, for
 // batches with enough rows to fill the GPU (the backend picks it by workgroup count).
 //
-// W is stored as one unsigned byte per weight (`wq`, four to a word) and a (scale, min) pair per
-// 16 weights (`wsm`), so that W[r, c] = scale * u - min; every GGUF block format unpacks to this
-// exactly. A workgroup computes 4 * RT rows for TT tokens: four sets of LANES threads, each set
+// W[r, c] = scale * u - min, every GGUF block format exactly, read a 16-weight group at a time
+// through matmul_common.wgsl's `wgroup` and `wscale`. A workgroup computes 4 * RT rows for TT tokens: four sets of LANES threads, each set
 // on RT rows, split the rows' 16-weight groups; every thread keeps RT * TT partial sums, and a
 // tree reduction in workgroup memory adds them, row by row. Reading a weight group once for TT
 // tokens is what makes batched decoding cheaper per token than one token at a time; reading a
@@ -38,8 +37,8 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
         var w: array<vec4<u32>, RT>;
         for (var i = 0u; i < RT; i++) {
             let row = min(r0 + i, last);
-            sm[i] = wsm[row * groups + g];
-            w[i] = wq[row * groups + g];
+            sm[i] = wscale(row, g);
+            w[i] = wgroup(row, g);
         }
         var g0 = vec4<f32>(1.0);
         var g1 = g0;

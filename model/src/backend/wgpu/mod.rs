@@ -1,11 +1,15 @@
 //! The wgpu backend: the same decoder as [`super::cpu`], with every step of the forward pass a
 //! WGSL compute shader (Vulkan, Metal or DX12 through wgpu).
 //!
-//! - **Weights** are uploaded once, in one form for every GGUF type: an unsigned byte per weight
-//!   plus a `(scale, min)` pair per 16 weights (`QMatrix::unpack_row_unsigned`), so one matrix
-//!   kernel serves Q8_0, Q4_K, Q6_K and the types converted to Q8_0 at load, exactly. Q, K and V
-//!   are fused into one matrix, and so are the MLP's gate and up projections. A matrix larger
-//!   than the device's largest storage binding is split into row chunks.
+//! - **Weights** are uploaded once. Every GGUF type unpacks exactly to an unsigned integer per
+//!   weight plus a `(scale, min)` pair per 16 weights (`QMatrix::unpack_row_unsigned`), and
+//!   each matrix is stored in the fewest bits that hold those values unchanged
+//!   (`weights.rs`: 4, 5, 6 or 8 bits a weight, pairs per 32 where blocks share them, f16
+//!   pairs where exact; 0.92 bytes a weight for the default model against 1.5 for bytes and
+//!   f32 pairs). The matrix kernels decode every format through one pair of functions, so
+//!   one kernel serves all types, bit for bit. Q, K and V are fused into one matrix, and so
+//!   are the MLP's gate and up projections. A matrix larger than the device's largest
+//!   storage binding is split into row chunks.
 //! - **KV cache**: one buffer per layer, `[block][K, V][slot][kv_dim]` in f32, addressed through
 //!   the block tables the engine hands over, exactly as the CPU backend's. Forking and
 //!   copy-on-write stay in the engine; `copy_kv_block` is a buffer-to-buffer copy.
@@ -79,8 +83,8 @@
 //!
 //! **Not yet**, and what limits speed today (H200, `floor.rs` and the backends bench): a
 //! single-sequence step is 2.3 ms of GPU time, of which ~120 dependent dispatches are only
-//! 0.2 ms (1.85 µs each): the matrix-vector kernels reach 313 GB/s, reading 1.5 bytes a weight
-//! where native Q4_K needs 0.56; submitting a step costs 0.7 ms of host time; the host waits
+//! 0.2 ms (1.85 µs each): the matrix-vector kernels reached 313 GB/s reading 1.5 bytes a
+//! weight (the packed 0.92 is not yet measured there); submitting a step costs 0.7 ms of host time; the host waits
 //! for each step before encoding the next; f32 KV.
 
 use std::sync::Arc;
@@ -147,6 +151,11 @@ pub struct WgpuOptions {
     /// thread more of a short row to read and a shorter reduction, and a workgroup more rows;
     /// which is fastest depends on the GPU and the row length (the backends bench measures it).
     pub matvec_lanes: Option<u32>,
+    /// Store every weight matrix as a byte a weight with f32 `(scale, min)` pairs per 16
+    /// weights (1.5 bytes a weight), the form before packing, instead of the fewest bits that
+    /// hold it exactly (`weights.rs`; 0.92 bytes a weight for the default model). The results
+    /// are the same bit for bit; for comparisons (the command line reads `ARBOR_WGPU_PACK=0`).
+    pub byte_weights: bool,
 }
 
 /// Describes the adapter a backend runs on.
@@ -352,8 +361,10 @@ impl WgpuBackend {
             trace: wgpu::Trace::Off,
         }))
         .map_err(|e| device_err("opening the GPU device", e))?;
-        let max_binding =
-            (limits.max_storage_buffer_binding_size as u64).min(limits.max_buffer_size) & !255;
+        let max_binding = limits
+            .max_storage_buffer_binding_size
+            .min(limits.max_buffer_size)
+            & !255;
         tracing::info!(adapter = %info.name, backend = %info.backend, max_binding, coop, "wgpu device open");
 
         device.on_uncaptured_error(Arc::new(|e: wgpu::Error| {
@@ -372,6 +383,7 @@ impl WgpuBackend {
         let up = Uploader {
             device: &device,
             max_chunk,
+            bytes_only: options.byte_weights,
         };
         let scope = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let out_norm = up.f32("output_norm", &weights.out_norm);
@@ -451,6 +463,17 @@ impl WgpuBackend {
     /// [`PassProfile::take`].
     pub fn profile(&self) -> Option<SharedProfile> {
         self.profile.clone()
+    }
+
+    /// Bytes of weight matrices on the device: what one token's pass reads (norms and biases
+    /// aside), for bandwidth figures.
+    pub fn weight_bytes(&self) -> u64 {
+        self.output.bytes()
+            + self
+                .layers
+                .iter()
+                .map(|l| l.qkv.bytes() + l.wo.bytes() + l.gate_up.bytes() + l.down.bytes())
+                .sum::<u64>()
     }
 
     /// The adapter this backend runs on.

@@ -21,6 +21,9 @@ pub(super) struct MatParams {
     pub(super) accumulate: u32,
     pub(super) has_bias: u32,
     pub(super) eps: f32,
+    /// The weights' storage format ([`super::weights::Format::word`]).
+    pub(super) fmt: u32,
+    pub(super) pad: [u32; 3],
 }
 
 #[repr(C)]
@@ -202,7 +205,8 @@ impl<'a> Recorder<'a> {
         fused: Fused<'_>,
         dummy: &wgpu::Buffer,
     ) {
-        for (start, rows, q, sm) in &w.chunks {
+        for c in &w.chunks {
+            let (start, rows) = (&c.start, &c.rows);
             // Several rows a thread read each token's activations fewer times, but make fewer
             // workgroups: take them only when there are still enough to fill the GPU.
             let tiles = (n as u32).div_ceil(TOKENS_PER_TILE);
@@ -241,14 +245,16 @@ impl<'a> Recorder<'a> {
                 accumulate: fused.accumulate as u32,
                 has_bias: fused.bias.is_some() as u32,
                 eps: fused.norm.map_or(0.0, |n| n.1),
+                fmt: c.format.word(),
+                pad: [0; 3],
             };
             self.add(
                 pipe,
                 label,
                 params,
                 &[
-                    q,
-                    sm,
+                    &c.q,
+                    &c.sm,
                     x,
                     y,
                     fused.bias.unwrap_or(dummy),
