@@ -1,5 +1,5 @@
-// Causal attention over the paged KV cache: one workgroup of TILE threads per (token, query
-// head). The token attends to positions 0..=pos of its sequence, read through its block table,
+// Causal attention over the paged KV cache: one workgroup of TILE threads per (query head,
+// token). The token attends to positions 0..=pos of its sequence, read through its block table,
 // TILE positions at a time with an online softmax (running max and sum), so any context length
 // fits in fixed workgroup memory.
 //
@@ -60,8 +60,10 @@ var<workgroup> part: array<vec4<f32>, TILE>;
 
 @compute @workgroup_size(256)
 fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
-    let i = wid.x;
-    let h = wid.y;
+    // Heads fastest: the query heads that share a key head run as neighbouring workgroups, so
+    // the keys and values one of them reads from memory the others find in the L2 cache.
+    let i = wid.y;
+    let h = wid.x;
     let c = lid % COLS;
     let g = lid / COLS;
     let kv4 = p.kv_dim / 4u;

@@ -1020,7 +1020,7 @@ impl WgpuBackend {
                 "attention",
                 heads(scale.to_bits(), fused_rope),
                 &[&s.qkv, &s.tok, &s.tables, &self.kv[l], &s.att, &s.cs],
-                (nt, cfg.n_heads as u32, 1),
+                (cfg.n_heads as u32, nt, 1),
             );
             let residual = Fused {
                 accumulate: true,

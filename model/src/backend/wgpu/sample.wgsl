@@ -72,6 +72,21 @@ fn sum_u(lid: u32, v: u32) -> u32 {
     return r;
 }
 
+// The logits of indices i0 + k * WG, k = 0..4, of the row at `base` (0 past the row's end).
+// Every strided pass over a row goes through this, four independent loads at a time, so a
+// thread has four in flight instead of one: a decode step samples each row with one
+// workgroup, and with a single sequence that one workgroup streams the whole row several
+// times. Each pass still visits a thread's indices in increasing order, so sums are added in
+// the same order as one at a time (`sampling::pick` mirrors it).
+fn quad(base: u32, vocab: u32, i0: u32) -> array<f32, 4> {
+    var v: array<f32, 4>;
+    for (var k = 0u; k < 4u; k++) {
+        let i = i0 + k * WG;
+        v[k] = logits[base + min(i, vocab - 1u)];
+    }
+    return v;
+}
+
 // Weight of a token after the thresholds (0 when cut): exp(logit / T - max / T).
 fn weight(v: f32, inv_t: f32, max_s: f32, min_key: u32, min_w: f32) -> f32 {
     let s = v * inv_t;
@@ -98,11 +113,14 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
     // Largest logit (the first on ties) and the log-sum-exp.
     var best = -3.4e38;
     var best_i = 0xffffffffu;
-    for (var i = lid; i < vocab; i += WG) {
-        let v = logits[base + i];
-        if (v > best) {
-            best = v;
-            best_i = i;
+    for (var i0 = lid; i0 < vocab; i0 += 4u * WG) {
+        let v = quad(base, vocab, i0);
+        for (var k = 0u; k < 4u; k++) {
+            let i = i0 + k * WG;
+            if (i < vocab && v[k] > best) {
+                best = v[k];
+                best_i = i;
+            }
         }
     }
     red_f[lid] = best;
@@ -122,8 +140,13 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
     let mx = workgroupUniformLoad(&red_f[0]);
     let argmax = workgroupUniformLoad(&red_u[0]);
     var se = 0.0;
-    for (var i = lid; i < vocab; i += WG) {
-        se += exp(logits[base + i] - mx);
+    for (var i0 = lid; i0 < vocab; i0 += 4u * WG) {
+        let v = quad(base, vocab, i0);
+        for (var k = 0u; k < 4u; k++) {
+            if (i0 + k * WG < vocab) {
+                se += exp(v[k] - mx);
+            }
+        }
     }
     let log_z = mx + log(sum_f(lid, se));
 
@@ -142,9 +165,12 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
         for (var bit = 31i; bit >= 0i; bit--) {
             let cand = min_key | (1u << u32(bit));
             var c = 0u;
-            for (var i = lid; i < vocab; i += WG) {
-                if (key(logits[base + i] * inv_t) >= cand) {
-                    c += 1u;
+            for (var i0 = lid; i0 < vocab; i0 += 4u * WG) {
+                let v = quad(base, vocab, i0);
+                for (var k = 0u; k < 4u; k++) {
+                    if (i0 + k * WG < vocab && key(v[k] * inv_t) >= cand) {
+                        c += 1u;
+                    }
                 }
             }
             if (sum_u(lid, c) >= d.top_k) {
@@ -157,8 +183,13 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
     var min_w = 0.0;
     if (d.top_p < 1.0) {
         var m = 0.0;
-        for (var i = lid; i < vocab; i += WG) {
-            m += weight(logits[base + i], inv_t, max_s, min_key, 0.0);
+        for (var i0 = lid; i0 < vocab; i0 += 4u * WG) {
+            let v = quad(base, vocab, i0);
+            for (var k = 0u; k < 4u; k++) {
+                if (i0 + k * WG < vocab) {
+                    m += weight(v[k], inv_t, max_s, min_key, 0.0);
+                }
+            }
         }
         let goal = d.top_p * sum_f(lid, m);
         var bits = 0u;
@@ -166,10 +197,13 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
             let cand = bits | (1u << u32(bit));
             let cw = bitcast<f32>(cand);
             var mass = 0.0;
-            for (var i = lid; i < vocab; i += WG) {
-                let w = weight(logits[base + i], inv_t, max_s, min_key, 0.0);
-                if (w >= cw) {
-                    mass += w;
+            for (var i0 = lid; i0 < vocab; i0 += 4u * WG) {
+                let v = quad(base, vocab, i0);
+                for (var k = 0u; k < 4u; k++) {
+                    let w = weight(v[k], inv_t, max_s, min_key, 0.0);
+                    if (i0 + k * WG < vocab && w >= cw) {
+                        mass += w;
+                    }
                 }
             }
             if (sum_f(lid, mass) >= goal) {
