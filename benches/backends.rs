@@ -18,10 +18,11 @@
 //! `ARBOR_BENCH_PROFILE=1` (after each measurement, print where the wgpu passes' time went:
 //! host phases and each kernel's GPU time; the timing itself then includes waiting for every
 //! pass), `ARBOR_WGPU_MATVEC_LANES` (threads a row in the single-token kernel, as the command
-//! line takes it), `ARBOR_BENCH_LANES=8,16,32,64` (then also decode at each). After the table's
-//! measurements, decode of 1 and 16 sequences is measured again with the weights stored as a
-//! byte a weight (`ARBOR_WGPU_PACK=0`, the form before packing) and at each lane count, each
-//! against the default in the same run.
+//! line takes it), `ARBOR_BENCH_LANES=8,16,32,64` (then also decode at each). After the table,
+//! variants are measured back to back with the default: the weights as a byte a weight
+//! (`ARBOR_WGPU_PACK=0`, the form before packing; 1 and 16 sequences), 64-token
+//! cooperative-matrix tiles (`ARBOR_WGPU_COOP_TOKENS=64`; prefill, 128 and 256 sequences;
+//! only where the adapter has cooperative matrices) and each lane count (1 and 16 sequences).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -158,15 +159,17 @@ fn measure(
     })
 }
 
-/// Single-sequence and 16-sequence decode rates of a backend made with `options`, and the
+/// Rates of a backend made with `options`: prefill of a `PREFILL_TOKENS` prompt when
+/// `prefill`, then decode of each count of forked sequences in `batches` (tokens/s); and the
 /// bytes of weights it holds.
-fn decode_only(
+fn variant_rates(
     cfg: &ModelConfig,
     weights: &Arc<DecoderWeights>,
     options: &WgpuOptions,
     allow_software: bool,
     steps: usize,
-) -> anyhow::Result<(f64, f64, f64)> {
+    (prefill, batches): (bool, &[usize]),
+) -> anyhow::Result<(Vec<f64>, f64)> {
     let gpu = WgpuBackend::new(
         cfg.clone(),
         weights.clone(),
@@ -178,9 +181,25 @@ fn decode_only(
     let bytes = gpu.weight_bytes() as f64;
     let mut e = Engine::new(Box::new(gpu), EngineOptions::default());
     let vocab = cfg.vocab_size as u32;
+    let mut rates = Vec::new();
+    if prefill {
+        let long: Vec<u32> = (0..PREFILL_TOKENS as u32)
+            .map(|i| (i * 7919 + 13) % vocab)
+            .collect();
+        let mut times = Vec::new();
+        for rep in 0..4 {
+            let s = e.new_sequence();
+            let t = Instant::now();
+            e.forward(&[(s, &long)])?;
+            if rep > 0 {
+                times.push(t.elapsed().as_secs_f64());
+            }
+            e.free(s);
+        }
+        rates.push(long.len() as f64 / median(times));
+    }
     let prompt: Vec<u32> = (0..128u32).map(|i| (i * 7919 + 13) % vocab).collect();
-    let mut rates = [0f64; 2];
-    for (slot, n) in [1usize, 16].into_iter().enumerate() {
+    for &n in batches {
         let root = e.new_sequence();
         e.forward(&[(root, &prompt)])?;
         let mut seqs = vec![root];
@@ -193,12 +212,12 @@ fn decode_only(
         for _ in 0..steps {
             decode_step(&mut e, &seqs, &mut toks, true)?;
         }
-        rates[slot] = (n * steps) as f64 / t.elapsed().as_secs_f64();
+        rates.push((n * steps) as f64 / t.elapsed().as_secs_f64());
         for s in seqs {
             e.free(s);
         }
     }
-    Ok((rates[0], rates[1], bytes))
+    Ok((rates, bytes))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -348,20 +367,31 @@ fn main() -> anyhow::Result<()> {
             eprintln!("{name}: cpu {c:?}");
             Some(c)
         };
-        // Variants of the backend against its defaults, in the same run: the weights as a
-        // byte a weight (the form before packing), and the single-token kernel at each lane
-        // count asked for; one sequence and 16 decoding.
+        // Variants of the backend against its defaults, measured back to back: the weights as
+        // a byte a weight (the form before packing), 64-token cooperative-matrix tiles (where
+        // the adapter has them), and the single-token kernel at each lane count asked for.
         let base = WgpuOptions {
             matvec_lanes,
             ..Default::default()
         };
-        let mut variants = vec![(
-            "a byte a weight (ARBOR_WGPU_PACK=0)".to_string(),
+        let mut variants: Vec<(String, WgpuOptions, (bool, &[usize]))> = vec![(
+            "a byte a weight (ARBOR_WGPU_PACK=0)".into(),
             WgpuOptions {
                 byte_weights: true,
                 ..base.clone()
             },
+            (false, &[1, 16]),
         )];
+        if g_f32.is_some() {
+            variants.push((
+                "64-token cooperative tiles (ARBOR_WGPU_COOP_TOKENS=64)".into(),
+                WgpuOptions {
+                    coop_tokens: Some(64),
+                    ..base.clone()
+                },
+                (true, &[128, 256]),
+            ));
+        }
         for lanes in &sweep {
             variants.push((
                 format!("{lanes} lanes a row"),
@@ -369,16 +399,30 @@ fn main() -> anyhow::Result<()> {
                     matvec_lanes: Some(*lanes),
                     ..Default::default()
                 },
+                (false, &[1, 16]),
             ));
         }
-        let (d1, d16, _) = decode_only(&cfg, &weights, &base, allow_software, steps)?;
-        for (label, options) in variants {
-            let (v1, v16, bytes) = decode_only(&cfg, &weights, &options, allow_software, steps)?;
+        for (label, options, what) in &variants {
+            let (want, _) = variant_rates(&cfg, &weights, &base, allow_software, steps, *what)?;
+            let (got, bytes) =
+                variant_rates(&cfg, &weights, options, allow_software, steps, *what)?;
+            let names = what
+                .0
+                .then(|| format!("prefill {PREFILL_TOKENS}"))
+                .into_iter()
+                .chain(what.1.iter().map(|&n| match n {
+                    1 => "1 sequence".to_string(),
+                    n => format!("{n} sequences"),
+                }));
+            let figures: Vec<String> = names
+                .zip(got.iter().zip(&want))
+                .map(|(n, (g, w))| {
+                    format!("{n} {g:.1} tokens/s ({:.2}x the default's {w:.1})", g / w)
+                })
+                .collect();
             eprintln!(
-                "{name}: decode with {label}: 1 sequence {v1:.1} tokens/s ({:.2}x the default's \
-                 {d1:.1}), 16 sequences {v16:.1} ({:.2}x {d16:.1}); {:.2} GB of weights",
-                v1 / d1,
-                v16 / d16,
+                "{name}: with {label}: {}; {:.3} GB of weights",
+                figures.join(", "),
                 bytes / 1e9
             );
         }

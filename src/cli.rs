@@ -279,6 +279,13 @@ pub(crate) fn backend_for(model: &Model, device: Device) -> Result<Box<dyn Backe
             Err(_) => None,
         },
         byte_weights: std::env::var_os("ARBOR_WGPU_PACK").is_some_and(|v| v == "0"),
+        coop_tokens: match std::env::var("ARBOR_WGPU_COOP_TOKENS") {
+            Ok(v) => Some(
+                v.parse()
+                    .map_err(|_| anyhow::anyhow!("ARBOR_WGPU_COOP_TOKENS={v}: give 32 or 64"))?,
+            ),
+            Err(_) => None,
+        },
     };
     let t = Instant::now();
     match WgpuBackend::new(model.config.clone(), model.weights.clone(), &options) {

@@ -130,6 +130,29 @@ fn wgpu_backend_matches_the_f32_reference_on_the_tiny_model() {
             diff <= tol,
             "{arch}: matrix-matrix kernel differs by {diff}"
         );
+        // Cooperative matrices with 64-token tiles (`WgpuOptions::coop_tokens`) for the
+        // products of 300 tokens: the same logits to f16 rounding. Only an adapter with
+        // cooperative matrices (an H200) runs them; elsewhere the option changes nothing.
+        let wide = {
+            let backend = WgpuBackend::new(
+                model.config.clone(),
+                model.weights.clone(),
+                &WgpuOptions {
+                    allow_software: true,
+                    coop_tokens: Some(64),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            let mut e = Engine::new(Box::new(backend), EngineOptions::default());
+            let s = e.new_sequence();
+            e.forward_all_logits(&[(s, &tokens)]).unwrap().to_vec()
+        };
+        let diff = max_diff(&wide, &ours);
+        assert!(
+            diff <= tol,
+            "{arch}: 64-token cooperative tiles differ by {diff}"
+        );
         assert!(
             worst <= 0.05 * scale && worst <= 1.1 * cpu_worst,
             "{arch}: worst logit error {worst} against the f32 reference (CPU backend {cpu_worst}, scale {scale})"
@@ -648,6 +671,23 @@ fn the_single_token_kernel_agrees_at_every_lane_count() {
     let err = refused.err().expect("12 lanes is refused").to_string();
     assert!(
         err.contains("matvec_lanes") && err.contains("8, 16, 32 or 64"),
+        "{err}"
+    );
+    let refused = WgpuBackend::new(
+        model.config.clone(),
+        model.weights.clone(),
+        &WgpuOptions {
+            allow_software: true,
+            coop_tokens: Some(48),
+            ..Default::default()
+        },
+    );
+    let err = refused
+        .err()
+        .expect("48-token tiles are refused")
+        .to_string();
+    assert!(
+        err.contains("coop_tokens") && err.contains("32 or 64"),
         "{err}"
     );
 }

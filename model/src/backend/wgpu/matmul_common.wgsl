@@ -1,8 +1,9 @@
 // Declarations shared by the matrix kernels (matmul.wgsl, matmul_rows.wgsl, matmul_gemm.wgsl,
-// matmul_coop.wgsl), which the backend prepends to each, after the compile-time switches NORM
-// and SWIGLU: the parameters, the bindings, the token tile TT, the reduction buffers, and the
-// decoding of the weights' storage formats (weights.rs `Format`) into one form: 16 weights as
-// four words of four unsigned bytes, and their (scale, min) pair, W = scale * u - min.
+// matmul_coop.wgsl), which the backend prepends to each, after the compile-time switches NORM,
+// SWIGLU and PACKED (weights of 4 to 6 bits; false: 8): the parameters, the bindings, the token
+// tile TT, the reduction buffers, and the decoding of the weights' storage formats (weights.rs
+// `Format`) into one form: 16 weights as four words of four unsigned bytes, and their
+// (scale, min) pair, W = scale * u - min.
 //
 // What the kernels compute, for each token t of the tile and each row r:
 //   v = sum_c W[r, c] * x'[t, c] (+ bias[row_offset + r])
@@ -64,10 +65,10 @@ fn spread1(b: u32) -> u32 {
 // Group g (16 weights) of row r of the chunk: weight j in byte j % 4 of word j / 4.
 fn wgroup(r: u32, g: u32) -> vec4<u32> {
     let groups = p.cols / 16u;
-    let bits = p.fmt & 0xffu;
-    if (bits == 8u) {
+    if (!PACKED) {
         return wq[r * groups + g];
     }
+    let bits = p.fmt & 0xffu;
     // A 32-weight unit: its low nibbles in one 16-byte word, then bits - 4 bit planes.
     let unit = r * (groups / 2u) + g / 2u;
     let n = wq[unit];

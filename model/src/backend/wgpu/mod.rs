@@ -80,6 +80,9 @@
 //! **Tuning.** [`WgpuOptions::matvec_lanes`] (`ARBOR_WGPU_MATVEC_LANES`) sets how many threads
 //! share a row in the single-token kernel; `ARBOR_BENCH_LANES=8,16,32,64` in the backends bench
 //! measures each, to be chosen on the H200 (today's default, 64, is the measured one).
+//! [`WgpuOptions::coop_tokens`] (`ARBOR_WGPU_COOP_TOKENS=64`) gives products of 128 tokens or
+//! more 64-token cooperative tiles; [`WgpuOptions::byte_weights`] (`ARBOR_WGPU_PACK=0`) keeps
+//! the unpacked weights. The backends bench measures both against the defaults in one run.
 //!
 //! **Not yet**, and what limits speed today (H200, `floor.rs` and the backends bench): a
 //! single-sequence step is 2.3 ms of GPU time, of which ~120 dependent dispatches are only
@@ -156,6 +159,11 @@ pub struct WgpuOptions {
     /// hold it exactly (`weights.rs`; 0.92 bytes a weight for the default model). The results
     /// are the same bit for bit; for comparisons (the command line reads `ARBOR_WGPU_PACK=0`).
     pub byte_weights: bool,
+    /// Tokens of a cooperative-matrix tile: 32 (default), or 64, which then serves products
+    /// of at least 128 tokens (each dequantized weight feeds twice the tokens, at twice the
+    /// workgroup memory). Not yet measured on a GPU, hence not the default; the command line
+    /// reads `ARBOR_WGPU_COOP_TOKENS`, and the backends bench compares both.
+    pub coop_tokens: Option<u32>,
 }
 
 /// Describes the adapter a backend runs on.
@@ -308,6 +316,13 @@ impl WgpuBackend {
                 config.head_dim
             )));
         }
+        let coop_tokens = options.coop_tokens.unwrap_or(32);
+        if ![32, 64].contains(&coop_tokens) {
+            return Err(ModelError::invalid(
+                "coop_tokens",
+                format!("{coop_tokens}: a cooperative-matrix tile takes 32 or 64 tokens"),
+            ));
+        }
         let matvec_lanes = options.matvec_lanes.unwrap_or(64);
         if ![8, 16, 32, 64].contains(&matvec_lanes) {
             return Err(ModelError::invalid(
@@ -375,6 +390,7 @@ impl WgpuBackend {
             &config,
             options.tiled_min_workgroups.unwrap_or(MIN_TILED_WORKGROUPS),
             coop,
+            coop && coop_tokens == 64,
             matvec_lanes,
         );
         let max_chunk = options

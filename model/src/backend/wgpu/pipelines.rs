@@ -13,11 +13,13 @@ pub(super) struct Kernel {
 
 pub(super) struct Pipelines {
     pub(super) device: wgpu::Device,
-    /// Matrix kernels by [`MatShape`] and variant (`norm as usize * 2 + swiglu as usize`),
-    /// compiled on first use: a pass uses a few of them.
-    pub(super) matmul: [[std::sync::OnceLock<Kernel>; 4]; 5],
+    /// Matrix kernels by [`MatShape`] and variant (`packed as usize * 4 + norm as usize * 2 +
+    /// swiglu as usize`), compiled on first use: a pass uses a few of them.
+    pub(super) matmul: [[std::sync::OnceLock<Kernel>; 8]; 6],
     /// Whether the device was opened with f16 cooperative matrices (`matmul_coop.wgsl`).
     pub(super) coop: bool,
+    /// Whether products of at least twice [`COOP_WIDE_TOKENS`] tokens take 64-token tiles.
+    pub(super) coop_wide: bool,
     /// Threads sharing a row in the single-token kernel ([`super::WgpuOptions::matvec_lanes`]).
     pub(super) matvec_lanes: u32,
     /// The bind group layout every matrix kernel shares.
@@ -40,6 +42,8 @@ pub(super) enum MatShape {
     TileRows = 2,
     Gemm = 3,
     Coop = 4,
+    /// `matmul_coop.wgsl` with 64-token tiles ([`super::WgpuOptions::coop_tokens`]).
+    CoopWide = 5,
 }
 
 /// Rows and tokens of a `matmul_gemm.wgsl` workgroup's tile.
@@ -53,6 +57,9 @@ pub(super) const GEMM_MAX_COLS: usize = 1024;
 /// Rows and tokens of a `matmul_coop.wgsl` workgroup's tile.
 pub(super) const COOP_ROWS: u32 = 64;
 pub(super) const COOP_TOKENS: u32 = 32;
+/// Tokens of the wide variant's tile (`MatShape::CoopWide`), taken for products of at least
+/// twice as many tokens when [`super::WgpuOptions::coop_tokens`] asks for it.
+pub(super) const COOP_WIDE_TOKENS: u32 = 64;
 /// Products of more tokens than this run on cooperative matrices. On an H200 (real model,
 /// decode of N sequences against the f32 kernels): 16 → 0.88x, 32 → 0.93x, 64 → 1.33x,
 /// 256 → 2.46x, 512-token prefill 2.62x.
@@ -92,6 +99,7 @@ impl Pipelines {
         config: &ModelConfig,
         min_tiled_workgroups: u32,
         coop: bool,
+        coop_wide: bool,
         matvec_lanes: u32,
     ) -> Self {
         // Every matrix kernel binds the same seven buffers (`matmul_common.wgsl`), whichever
@@ -130,6 +138,7 @@ impl Pipelines {
             device: device.clone(),
             matmul: Default::default(),
             coop,
+            coop_wide,
             matvec_lanes,
             matmul_layout,
             rms_norm: compile(
@@ -164,18 +173,25 @@ impl Pipelines {
         }
     }
 
-    /// A matrix kernel, with the RMS norm of its input fused in (`norm`) and the SwiGLU
-    /// epilogue (`swiglu`) as compile-time switches: a switch read at run time would cost
-    /// every product the registers of the fused code (measured: the output projection 1.7x
-    /// slower on one token).
-    pub(super) fn matmul(&self, shape: MatShape, norm: bool, swiglu: bool) -> &Kernel {
-        let variant = norm as usize * 2 + swiglu as usize;
+    /// A matrix kernel, with the RMS norm of its input fused in (`norm`), the SwiGLU
+    /// epilogue (`swiglu`) and weights of fewer than 8 bits (`packed`, weights.rs) as
+    /// compile-time switches: a switch read at run time would cost every product the
+    /// registers of the code it guards (measured: the fused norm made the output projection
+    /// 1.7x slower on one token).
+    pub(super) fn matmul(
+        &self,
+        shape: MatShape,
+        norm: bool,
+        swiglu: bool,
+        packed: bool,
+    ) -> &Kernel {
+        let variant = packed as usize * 4 + norm as usize * 2 + swiglu as usize;
         self.matmul[shape as usize][variant].get_or_init(|| {
-            let src = matmul_source(shape, norm, swiglu, self.matvec_lanes);
-            let label = format!("matmul_{shape:?}_norm{norm}_swiglu{swiglu}");
+            let src = matmul_source(shape, norm, swiglu, packed, self.matvec_lanes);
+            let label = format!("matmul_{shape:?}_norm{norm}_swiglu{swiglu}_packed{packed}");
             compile(
                 &self.device,
-                16 + (shape as u8) * 4 + variant as u8,
+                16 + (shape as u8) * 8 + variant as u8,
                 &label,
                 src,
                 Some(&self.matmul_layout),
@@ -189,6 +205,7 @@ pub(super) fn matmul_source(
     shape: MatShape,
     norm: bool,
     swiglu: bool,
+    packed: bool,
     matvec_lanes: u32,
 ) -> String {
     let lanes = if shape == MatShape::One {
@@ -205,16 +222,23 @@ pub(super) fn matmul_source(
             ROWS_PER_THREAD,
         ),
         MatShape::Gemm => (include_str!("matmul_gemm.wgsl"), 1, 1),
-        MatShape::Coop => (include_str!("matmul_coop.wgsl"), 1, 1),
+        MatShape::Coop | MatShape::CoopWide => (include_str!("matmul_coop.wgsl"), 1, 1),
     };
-    let enables = if shape == MatShape::Coop {
+    let bn = if shape == MatShape::CoopWide {
+        COOP_WIDE_TOKENS
+    } else {
+        COOP_TOKENS
+    };
+    let enables = if matches!(shape, MatShape::Coop | MatShape::CoopWide) {
         "enable f16;\nenable wgpu_cooperative_matrix;\n"
     } else {
         ""
     };
     [
         enables,
-        &format!("const NORM: bool = {norm};\nconst SWIGLU: bool = {swiglu};\n"),
+        &format!(
+            "const NORM: bool = {norm};\nconst SWIGLU: bool = {swiglu};\nconst PACKED: bool = {packed};\n"
+        ),
         include_str!("matmul_common.wgsl"),
         kernel,
     ]
@@ -225,6 +249,10 @@ pub(super) fn matmul_source(
     .replace("__ACC__", &(tt * rt).to_string())
     .replace("__RED__", &(256 * tt).to_string())
     .replace("__RSS__", &(64 * tt).to_string())
+    .replace("__BN__", &bn.to_string())
+    .replace("__WIDE__", if bn == COOP_WIDE_TOKENS { "    " } else { "//" })
+    .replace("__XS__", &(bn * 32).to_string())
+    .replace("__CS__", &(COOP_ROWS * bn).to_string())
 }
 
 #[cfg(test)]
@@ -243,19 +271,23 @@ mod tests {
             MatShape::TileRows,
             MatShape::Gemm,
             MatShape::Coop,
+            MatShape::CoopWide,
         ] {
             for (norm, swiglu) in [(false, false), (false, true), (true, false), (true, true)] {
-                if norm && matches!(shape, MatShape::Gemm | MatShape::Coop) {
+                if norm && matches!(shape, MatShape::Gemm | MatShape::Coop | MatShape::CoopWide) {
                     continue; // const_assert !NORM: never built
                 }
-                for lanes in [8, 16, 32, 64] {
+                for (lanes, packed) in [8, 16, 32, 64]
+                    .into_iter()
+                    .flat_map(|l| [(l, false), (l, true)])
+                {
                     if lanes != 64 && shape != MatShape::One {
                         continue; // only the single-token kernel takes other lane counts
                     }
-                    let src = matmul_source(shape, norm, swiglu, lanes);
+                    let src = matmul_source(shape, norm, swiglu, packed, lanes);
                     let module = naga::front::wgsl::parse_str(&src).unwrap_or_else(|e| {
                         panic!(
-                            "{shape:?} norm {norm} swiglu {swiglu}: {}",
+                            "{shape:?} norm {norm} swiglu {swiglu} packed {packed}: {}",
                             e.emit_to_string(&src)
                         )
                     });

@@ -4,8 +4,8 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::pipelines::{
-    Kernel, MatShape, Pipelines, COOP_MIN_TOKENS, COOP_ROWS, COOP_TOKENS, GEMM_MAX_COLS, GEMM_ROWS,
-    GEMM_TOKENS,
+    Kernel, MatShape, Pipelines, COOP_MIN_TOKENS, COOP_ROWS, COOP_TOKENS, COOP_WIDE_TOKENS,
+    GEMM_MAX_COLS, GEMM_ROWS, GEMM_TOKENS,
 };
 use super::weights::GpuMatrix;
 use super::{PARAM_SLOT, ROWS_PER_THREAD, ROWS_PER_WG, TOKENS_PER_TILE};
@@ -216,7 +216,9 @@ impl<'a> Recorder<'a> {
             // make about a workgroup for each multiprocessor of a large GPU.
             let gemm_wgs = (*rows as u32).div_ceil(GEMM_ROWS) * (n as u32).div_ceil(GEMM_TOKENS);
             let (shape, tt, rows_per_wg) =
-                if pipes.coop && n > COOP_MIN_TOKENS && fused.norm.is_none() {
+                if pipes.coop_wide && n >= 2 * COOP_WIDE_TOKENS as usize && fused.norm.is_none() {
+                    (MatShape::CoopWide, COOP_WIDE_TOKENS, COOP_ROWS)
+                } else if pipes.coop && n > COOP_MIN_TOKENS && fused.norm.is_none() {
                     (MatShape::Coop, COOP_TOKENS, COOP_ROWS)
                 } else if n > TOKENS_PER_TILE as usize
                     && fused.norm.is_none()
@@ -235,7 +237,12 @@ impl<'a> Recorder<'a> {
                 } else {
                     (MatShape::Tile, TOKENS_PER_TILE, ROWS_PER_WG)
                 };
-            let pipe = pipes.matmul(shape, fused.norm.is_some(), fused.swiglu);
+            let pipe = pipes.matmul(
+                shape,
+                fused.norm.is_some(),
+                fused.swiglu,
+                c.format.bits != 8,
+            );
             let params = MatParams {
                 rows: *rows as u32,
                 cols: w.cols as u32,

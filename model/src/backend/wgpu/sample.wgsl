@@ -218,8 +218,17 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
     let start = min(lid * chunk, vocab);
     let end = min(start + chunk, vocab);
     var cs = 0.0;
-    for (var i = start; i < end; i++) {
-        cs += weight(logits[base + i], inv_t, max_s, min_key, min_w);
+    // Four loads in flight, added in index order.
+    for (var i0 = start; i0 < end; i0 += 4u) {
+        var v: array<f32, 4>;
+        for (var k = 0u; k < 4u; k++) {
+            v[k] = logits[base + min(i0 + k, vocab - 1u)];
+        }
+        for (var k = 0u; k < 4u; k++) {
+            if (i0 + k < end) {
+                cs += weight(v[k], inv_t, max_s, min_key, min_w);
+            }
+        }
     }
     red_f[lid] = cs;
     workgroupBarrier();
