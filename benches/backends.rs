@@ -159,6 +159,9 @@ fn measure(
     })
 }
 
+/// What a variant measures: prefill (or not), and decode of these counts of sequences.
+type Measure = (bool, &'static [usize]);
+
 /// Rates of a backend made with `options`: prefill of a `PREFILL_TOKENS` prompt when
 /// `prefill`, then decode of each count of forked sequences in `batches` (tokens/s); and the
 /// bytes of weights it holds.
@@ -168,7 +171,7 @@ fn variant_rates(
     options: &WgpuOptions,
     allow_software: bool,
     steps: usize,
-    (prefill, batches): (bool, &[usize]),
+    (prefill, batches): Measure,
 ) -> anyhow::Result<(Vec<f64>, f64)> {
     let gpu = WgpuBackend::new(
         cfg.clone(),
@@ -374,7 +377,7 @@ fn main() -> anyhow::Result<()> {
             matvec_lanes,
             ..Default::default()
         };
-        let mut variants: Vec<(String, WgpuOptions, (bool, &[usize]))> = vec![(
+        let mut variants: Vec<(String, WgpuOptions, Measure)> = vec![(
             "a byte a weight (ARBOR_WGPU_PACK=0)".into(),
             WgpuOptions {
                 byte_weights: true,
