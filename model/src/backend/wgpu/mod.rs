@@ -160,8 +160,8 @@ pub struct WgpuOptions {
     /// are the same bit for bit; for comparisons (the command line reads `ARBOR_WGPU_PACK=0`).
     pub byte_weights: bool,
     /// Tokens of a cooperative-matrix tile: 32 (default), or 64, which then serves products
-    /// of at least 128 tokens (each dequantized weight feeds twice the tokens, at twice the
-    /// workgroup memory). Not yet measured on a GPU, hence not the default; the command line
+    /// of at least 128 tokens (64 columns a step too: each dequantized weight feeds twice the
+    /// tokens, at 32 KiB of workgroup memory instead of 14). Not yet measured on a GPU, hence not the default; the command line
     /// reads `ARBOR_WGPU_COOP_TOKENS`, and the backends bench compares both.
     pub coop_tokens: Option<u32>,
 }

@@ -57,8 +57,8 @@ pub(super) const GEMM_MAX_COLS: usize = 1024;
 /// Rows and tokens of a `matmul_coop.wgsl` workgroup's tile.
 pub(super) const COOP_ROWS: u32 = 64;
 pub(super) const COOP_TOKENS: u32 = 32;
-/// Tokens of the wide variant's tile (`MatShape::CoopWide`), taken for products of at least
-/// twice as many tokens when [`super::WgpuOptions::coop_tokens`] asks for it.
+/// Tokens (and columns a step) of the wide variant's tile (`MatShape::CoopWide`), taken for
+/// products of at least twice as many tokens when [`super::WgpuOptions::coop_tokens`] asks.
 pub(super) const COOP_WIDE_TOKENS: u32 = 64;
 /// Products of more tokens than this run on cooperative matrices. On an H200 (real model,
 /// decode of N sequences against the f32 kernels): 16 → 0.88x, 32 → 0.93x, 64 → 1.33x,
@@ -251,7 +251,9 @@ pub(super) fn matmul_source(
     .replace("__RSS__", &(64 * tt).to_string())
     .replace("__BN__", &bn.to_string())
     .replace("__WIDE__", if bn == COOP_WIDE_TOKENS { "    " } else { "//" })
-    .replace("__XS__", &(bn * 32).to_string())
+    .replace("__BK__", &bn.to_string())
+    .replace("__WS__", &(COOP_ROWS * bn).to_string())
+    .replace("__XS__", &(bn * bn).to_string())
     .replace("__CS__", &(COOP_ROWS * bn).to_string())
 }
 
