@@ -22,7 +22,9 @@
 //! variants are measured back to back with the default: the weights as a byte a weight
 //! (`ARBOR_WGPU_PACK=0`, the form before packing; 1 and 16 sequences), 64-token
 //! cooperative-matrix tiles (`ARBOR_WGPU_COOP_TOKENS=64`; prefill, 128 and 256 sequences;
-//! only where the adapter has cooperative matrices) and each lane count (1 and 16 sequences).
+//! only where the adapter has cooperative matrices), grouped-query attention
+//! (`ARBOR_WGPU_GQA_MIN_TOKENS=1`; prefill, 1, 16, 128 and 256 sequences) and each lane count
+//! (1 and 16 sequences).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -395,6 +397,14 @@ fn main() -> anyhow::Result<()> {
                 (true, &[128, 256]),
             ));
         }
+        variants.push((
+            "grouped-query attention (ARBOR_WGPU_GQA_MIN_TOKENS=1)".into(),
+            WgpuOptions {
+                gqa_min_tokens: Some(1),
+                ..base.clone()
+            },
+            (true, &[1, 16, 128, 256]),
+        ));
         for lanes in &sweep {
             variants.push((
                 format!("{lanes} lanes a row"),

@@ -286,6 +286,12 @@ pub(crate) fn backend_for(model: &Model, device: Device) -> Result<Box<dyn Backe
             ),
             Err(_) => None,
         },
+        gqa_min_tokens: match std::env::var("ARBOR_WGPU_GQA_MIN_TOKENS") {
+            Ok(v) => Some(v.parse().map_err(|_| {
+                anyhow::anyhow!("ARBOR_WGPU_GQA_MIN_TOKENS={v}: give a number of tokens")
+            })?),
+            Err(_) => None,
+        },
     };
     let t = Instant::now();
     match WgpuBackend::new(model.config.clone(), model.weights.clone(), &options) {

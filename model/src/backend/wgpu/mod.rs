@@ -82,7 +82,9 @@
 //! measures each, to be chosen on the H200 (today's default, 64, is the measured one).
 //! [`WgpuOptions::coop_tokens`] (`ARBOR_WGPU_COOP_TOKENS=64`) gives products of 128 tokens or
 //! more 64-token cooperative tiles; [`WgpuOptions::byte_weights`] (`ARBOR_WGPU_PACK=0`) keeps
-//! the unpacked weights. The backends bench measures both against the defaults in one run.
+//! the unpacked weights; [`WgpuOptions::gqa_min_tokens`] (`ARBOR_WGPU_GQA_MIN_TOKENS`) runs
+//! attention a workgroup per key head (`attention_gqa.wgsl`) in passes of that many tokens.
+//! The backends bench measures each against the defaults in one run.
 //!
 //! **Not yet**, and what limits speed today (H200, `floor.rs` and the backends bench): a
 //! single-sequence step is 2.3 ms of GPU time, of which ~120 dependent dispatches are only
@@ -164,6 +166,12 @@ pub struct WgpuOptions {
     /// tokens, at 32 KiB of workgroup memory instead of 14). Not yet measured on a GPU, hence not the default; the command line
     /// reads `ARBOR_WGPU_COOP_TOKENS`, and the backends bench compares both.
     pub coop_tokens: Option<u32>,
+    /// Passes of at least this many tokens run attention with one workgroup per key head
+    /// and token, covering the query heads that share it (`attention_gqa.wgsl`: each key and
+    /// value read once for all of them), after a separate RoPE dispatch; smaller ones keep a
+    /// workgroup per query head with RoPE fused in. Default: never, until measured on a GPU;
+    /// the command line reads `ARBOR_WGPU_GQA_MIN_TOKENS`, the backends bench compares.
+    pub gqa_min_tokens: Option<u32>,
 }
 
 /// Describes the adapter a backend runs on.
@@ -271,6 +279,8 @@ pub struct WgpuBackend {
     max_binding: u64,
     /// Largest weight chunk and logits buffer ([`WgpuOptions::max_chunk_bytes`]).
     max_chunk: u64,
+    /// See [`WgpuOptions::gqa_min_tokens`].
+    gqa_min_tokens: Option<u32>,
     /// See [`WgpuOptions::profile`].
     profile: Option<SharedProfile>,
     /// Timestamp queries, when profiling on a device that has them inside passes.
@@ -462,6 +472,7 @@ impl WgpuBackend {
             dummy,
             max_binding,
             max_chunk,
+            gqa_min_tokens: options.gqa_min_tokens,
             profile: options.profile.then(SharedProfile::default),
             timestamps: None,
             has_timestamps,
@@ -987,7 +998,12 @@ impl WgpuBackend {
                 .all(|&q| !std::mem::replace(&mut seen[q as usize], true))
         };
         let interleaved = cfg.rope_style == RopeStyle::Interleaved;
-        let fused_rope = match (one_per_sequence, interleaved) {
+        let gqa = self
+            .pipelines
+            .attention_gqa
+            .as_ref()
+            .filter(|_| self.gqa_min_tokens.is_some_and(|m| n >= m as usize));
+        let fused_rope = match (one_per_sequence && gqa.is_none(), interleaved) {
             (false, _) => 0,
             (true, false) => 1,
             (true, true) => 2,
@@ -1031,13 +1047,22 @@ impl WgpuBackend {
                     (nt, 1, 1),
                 );
             }
-            rec.add(
-                &p.attention,
-                "attention",
-                heads(scale.to_bits(), fused_rope),
-                &[&s.qkv, &s.tok, &s.tables, &self.kv[l], &s.att, &s.cs],
-                (cfg.n_heads as u32, nt, 1),
-            );
+            match gqa {
+                Some(kernel) => rec.add(
+                    kernel,
+                    "attention",
+                    heads(scale.to_bits(), 0),
+                    &[&s.qkv, &s.tok, &s.tables, &self.kv[l], &s.att],
+                    (cfg.n_kv_heads as u32, nt, 1),
+                ),
+                None => rec.add(
+                    &p.attention,
+                    "attention",
+                    heads(scale.to_bits(), fused_rope),
+                    &[&s.qkv, &s.tok, &s.tables, &self.kv[l], &s.att, &s.cs],
+                    (cfg.n_heads as u32, nt, 1),
+                ),
+            }
             let residual = Fused {
                 accumulate: true,
                 ..Fused::default()

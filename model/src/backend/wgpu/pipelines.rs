@@ -29,8 +29,15 @@ pub(super) struct Pipelines {
     pub(super) rms_norm: Kernel,
     pub(super) rope_kv: Kernel,
     pub(super) attention: Kernel,
+    /// `attention_gqa.wgsl`, where the model's query heads per key head are at most
+    /// [`GQA_MAX_GROUP`].
+    pub(super) attention_gqa: Option<Kernel>,
     pub(super) sample: Kernel,
 }
+
+/// Most query heads per key head `attention_gqa.wgsl` takes (its workgroup memory grows with
+/// them: 21 KiB at 7 heads of 64 dimensions).
+pub(super) const GQA_MAX_GROUP: usize = 8;
 
 /// The matrix kernels: one row per 64 threads for one token (`matmul.wgsl`, TT = 1) or for a
 /// tile of tokens, several rows a thread for a tile (`matmul_rows.wgsl`), and the tiled
@@ -162,6 +169,23 @@ impl Pipelines {
                 include_str!("attention.wgsl").replace("__HD__", &config.head_dim.to_string()),
                 None,
             ),
+            attention_gqa: {
+                let g = config.n_heads / config.n_kv_heads;
+                (config.n_heads % config.n_kv_heads == 0 && g <= GQA_MAX_GROUP).then(|| {
+                    let cols = config.head_dim / 4;
+                    compile(
+                        device,
+                        6,
+                        "attention_gqa",
+                        include_str!("attention_gqa.wgsl")
+                            .replace("__HD__", &config.head_dim.to_string())
+                            .replace("__G__", &g.to_string())
+                            .replace("__QS__", &(g * cols).to_string())
+                            .replace("__GT__", &(g * 256).to_string()),
+                        None,
+                    )
+                })
+            },
             sample: compile(
                 device,
                 5,
