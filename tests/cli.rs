@@ -398,6 +398,56 @@ fn prm_train_resumes_its_labels_and_keeps_off_the_development_split() {
         "{err}"
     );
     assert_eq!(done_lines(), 2, "only the new question was labelled");
+    // Another head from the same labels (`--labels`), with its data fingerprinted.
+    let soft = dir.join("soft.safetensors");
+    let again = arbor()
+        .args(["prm", "train", "--dataset", dataset.to_str().unwrap()])
+        .args(["--offset", "0", "--questions", "2", "--samples", "2"])
+        .args([
+            "--rollouts",
+            "1",
+            "--max-tokens",
+            "40",
+            "--rollout-max-tokens",
+            "24",
+        ])
+        .args([
+            "--steps-per-solution",
+            "1",
+            "--device",
+            "cpu",
+            "--target",
+            "soft",
+        ])
+        .args([
+            "--labels",
+            out.to_str().unwrap(),
+            "--out",
+            soft.to_str().unwrap(),
+        ])
+        .env("RAYON_NUM_THREADS", "2")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(again.status.success(), "{err}");
+    assert!(
+        err.contains("resuming: 2 questions already labelled"),
+        "{err}"
+    );
+    assert_eq!(done_lines(), 2, "nothing was labelled again");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(soft.with_extension("json")).unwrap())
+            .unwrap();
+    assert_eq!(report["target"], "soft");
+    assert_eq!(
+        report["labels_sha256"].as_str().unwrap().len(),
+        64,
+        "{report}"
+    );
+    assert!(
+        report["fit"]["epochs_run"].as_u64().unwrap() > 0,
+        "{report}"
+    );
     // Other options than the store was made with.
     let other = run("2", "3");
     let err = String::from_utf8_lossy(&other.stderr);
@@ -414,4 +464,75 @@ fn prm_train_resumes_its_labels_and_keeps_off_the_development_split() {
     assert!(!dev.status.success());
     assert!(err.contains("development split"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A head shipped with Arbor is chosen by name (`--prm arbor-gsm8k-v0`), with its provenance
+/// beside it in `heads/`, and a policy of another shape is refused, naming both.
+#[test]
+fn builtin_heads_are_chosen_by_name_and_refuse_another_policy() {
+    let report: serde_json::Value =
+        serde_json::from_str(include_str!("../heads/arbor-gsm8k-v0.json")).unwrap();
+    assert!(report["command"]
+        .as_str()
+        .unwrap()
+        .contains("arbor prm train"));
+    assert_eq!(report["labels_sha256"].as_str().unwrap().len(), 64);
+    assert_eq!(
+        report["model_sha256"],
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+    );
+    let home = std::env::temp_dir().join(format!("arbor-builtin-head-{}", std::process::id()));
+    let tiny = home.join("tiny");
+    arbor_model::tiny::TinyModel::new("qwen2")
+        .write(&tiny)
+        .unwrap();
+    let out = arbor()
+        .args([
+            "search",
+            "--model",
+            tiny.to_str().unwrap(),
+            "--prm",
+            "arbor-gsm8k-v0",
+        ])
+        .args(["--budget-tokens", "16", "What is 2 + 2?"])
+        .env("ARBOR_HOME", &home)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("arbor-gsm8k-v0.safetensors")
+            && err.contains("but the policy is 2 layers of width 64"),
+        "{err}"
+    );
+    // Written once under $ARBOR_HOME/heads, byte for byte the shipped file.
+    let written = std::fs::read(home.join("heads/arbor-gsm8k-v0.safetensors")).unwrap();
+    assert_eq!(
+        written,
+        include_bytes!("../heads/arbor-gsm8k-v0.safetensors")
+    );
+    // The default model (from the usual cache, where the head goes too) takes it, and the
+    // search values its steps with it.
+    let out = arbor()
+        .args([
+            "search",
+            "--prm",
+            "arbor-gsm8k-v0",
+            "--strategy",
+            "best-of-n",
+            "--n",
+            "2",
+        ])
+        .args(["--budget-tokens", "120", "--json", "What is 2 + 2?"])
+        .env("RAYON_NUM_THREADS", "2")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        result["costs"]["prm_tokens_computed"].as_u64().unwrap() > 0,
+        "{result}"
+    );
+    std::fs::remove_dir_all(&home).ok();
 }

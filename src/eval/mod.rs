@@ -95,8 +95,8 @@ struct RunArgs {
     /// The process reward model that values steps, as `arbor search --prm` takes it: `logprob`
     /// (the policy's own confidence, free), `judge` (the policy asked whether each step is
     /// right), `rollout` (agreement of cheap rollouts; their tokens count against the budget),
-    /// a value head from `arbor prm train` (FILE.safetensors), or a JSON file with any PRM
-    /// configuration.
+    /// a value head from `arbor prm train` (FILE.safetensors), a shipped head by name
+    /// (`arbor-gsm8k-v0`), or a JSON file with any PRM configuration.
     #[arg(long, default_value = "logprob", value_parser = parse_prm_arg)]
     prm: PrmChoice,
     /// Output folder: traces, summary, plots. Running again with the same folder resumes.

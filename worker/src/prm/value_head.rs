@@ -4,7 +4,9 @@
 //!
 //! File format (`*.safetensors`, f32): `mean` and `inv_std` `[d_model]` standardise the hidden
 //! state; then either `w1` `[h, d_model]`, `b1` `[h]`, ReLU, `w2` `[1, h]`, `b2` `[1]`, or (no
-//! hidden layer) `w2` `[1, d_model]`, `b2` `[1]`; the value is `sigmoid(...)`. The metadata
+//! hidden layer) `w2` `[1, d_model]`, `b2` `[1]`; the value is `sigmoid(a * z + b)` of that
+//! output `z`, with the Platt calibration `calibration` `[2]` = `(a, b)` fitted on validation
+//! questions (absent in older files: `(1, 0)`). The metadata
 //! (string pairs) name the format, the model (file name, SHA-256, architecture, widths) and the
 //! layer read (`final_norm`: after the last block and the final norm, the only one supported).
 
@@ -115,6 +117,24 @@ pub struct ValueHead {
     hidden: Option<Linear>,
     /// The output layer (one row).
     out: Linear,
+    /// Platt scaling `(a, b)` of the output: `sigmoid(a * z + b)`.
+    calibration: [f32; 2],
+}
+
+/// How [`ValueHead::fit_validated`] went.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FitReport {
+    /// Adam steps taken (fewer than [`FitOptions::epochs`] when stopped early).
+    pub epochs_run: usize,
+    /// The step whose weights were kept: the lowest validation loss.
+    pub best_epoch: usize,
+    /// Mean cross-entropy on the validation set at that step, before calibration (NaN
+    /// without a validation set).
+    pub validation_loss: f64,
+    /// The same after calibration.
+    pub calibrated_validation_loss: f64,
+    /// The Platt scaling fitted on the validation set, `(a, b)`.
+    pub calibration: [f32; 2],
 }
 
 /// Settings of [`ValueHead::fit`].
@@ -130,6 +150,9 @@ pub struct FitOptions {
     pub l2: f32,
     /// Seed of the initial weights.
     pub seed: u64,
+    /// With a validation set: stop after this many steps without a lower validation loss,
+    /// keeping the best weights.
+    pub patience: usize,
 }
 
 impl Default for FitOptions {
@@ -140,12 +163,74 @@ impl Default for FitOptions {
             learning_rate: 0.01,
             l2: 1e-2,
             seed: 0,
+            patience: 100,
         }
     }
 }
 
 fn sigmoid(z: f32) -> f32 {
     1.0 / (1.0 + (-z).exp())
+}
+
+/// Cross-entropy of prediction `p` against target `y` in [0, 1].
+fn cross_entropy(p: f32, y: f32) -> f64 {
+    let p = (p as f64).clamp(1e-7, 1.0 - 1e-7);
+    let y = y as f64;
+    -(y * p.ln() + (1.0 - y) * (1.0 - p).ln())
+}
+
+/// Platt scaling: the `(a, b)` minimising the cross-entropy of `sigmoid(a * z + b)` against
+/// `ys`, by Newton's method from `(1, 0)`, each step halved until the loss falls (a tiny ridge
+/// keeps the Hessian invertible when `z` separates the labels perfectly).
+fn platt(zs: &[f32], ys: &[f32]) -> [f32; 2] {
+    let loss = |a: f64, b: f64| -> f64 {
+        zs.iter()
+            .zip(ys)
+            .map(|(&z, &y)| cross_entropy(sigmoid((a * z as f64 + b) as f32), y))
+            .sum()
+    };
+    let (mut a, mut b) = (1.0f64, 0.0f64);
+    let mut current = loss(a, b);
+    for _ in 0..100 {
+        let (mut ga, mut gb, mut haa, mut hab, mut hbb) = (0.0, 0.0, 1e-6, 0.0, 1e-6);
+        for (&z, &y) in zs.iter().zip(ys) {
+            let z = z as f64;
+            let p = 1.0 / (1.0 + (-(a * z + b)).exp());
+            let (r, w) = (p - y as f64, p * (1.0 - p));
+            ga += r * z;
+            gb += r;
+            haa += w * z * z;
+            hab += w * z;
+            hbb += w;
+        }
+        let det = haa * hbb - hab * hab;
+        if det <= 0.0 || !det.is_finite() {
+            break;
+        }
+        let (da, db) = ((hbb * ga - hab * gb) / det, (haa * gb - hab * ga) / det);
+        let mut step = 1.0;
+        let next = loop {
+            let (na, nb) = (a - step * da, b - step * db);
+            let l = loss(na, nb);
+            if l <= current || step < 1e-6 {
+                break (na, nb, l);
+            }
+            step /= 2.0;
+        };
+        if next.2 > current {
+            break;
+        }
+        let moved = (next.0 - a).abs() + (next.1 - b).abs();
+        (a, b, current) = next;
+        if moved < 1e-9 {
+            break;
+        }
+    }
+    if a.is_finite() && b.is_finite() {
+        [a as f32, b as f32]
+    } else {
+        [1.0, 0.0]
+    }
 }
 
 /// Adam state of one parameter vector.
@@ -186,14 +271,42 @@ impl ValueHead {
             Some(layer) => layer.apply(&x).into_iter().map(|v| v.max(0.0)).collect(),
             None => x,
         };
-        sigmoid(self.out.apply(&h)[0])
+        let [a, b] = self.calibration;
+        sigmoid(a * self.out.apply(&h)[0] + b)
+    }
+
+    /// The output before calibration and the sigmoid.
+    fn logit(&self, hidden: &[f32]) -> f32 {
+        let uncalibrated = ValueHead {
+            calibration: [1.0, 0.0],
+            ..self.clone()
+        };
+        let p = uncalibrated.predict(hidden).clamp(1e-7, 1.0 - 1e-7);
+        (p / (1.0 - p)).ln()
     }
 
     /// Fits a head to hidden states `xs` and targets `ys` in [0, 1] (hard or soft labels) by
     /// full-batch Adam on the cross-entropy plus an L2 penalty. Features are standardised
     /// with the training set's mean and deviation.
     pub fn fit(meta: HeadMeta, xs: &[Vec<f32>], ys: &[f32], o: &FitOptions) -> ValueHead {
+        Self::fit_validated(meta, (xs, ys), (&[], &[]), o).0
+    }
+
+    /// [`ValueHead::fit`] with a validation set (examples from other questions than the
+    /// training set's): every 5 steps the validation loss is measured, the weights with the
+    /// lowest are kept, and training stops after [`FitOptions::patience`] steps without a new
+    /// lowest (early stopping). Then the output is calibrated on the validation set (Platt
+    /// scaling: `sigmoid(a * z + b)` with `a`, `b` minimising its cross-entropy), so that a
+    /// value of 0.7 means about 70% of such steps reach the answer. Without a validation set
+    /// this is `fit`: every step taken, no calibration.
+    pub fn fit_validated(
+        meta: HeadMeta,
+        (xs, ys): (&[Vec<f32>], &[f32]),
+        (vxs, vys): (&[Vec<f32>], &[f32]),
+        o: &FitOptions,
+    ) -> (ValueHead, FitReport) {
         assert_eq!(xs.len(), ys.len(), "one target per example");
+        assert_eq!(vxs.len(), vys.len(), "one target per validation example");
         assert!(!xs.is_empty(), "no examples");
         let d = xs[0].len();
         let n = xs.len() as f32;
@@ -251,7 +364,35 @@ impl ValueHead {
         };
         let (mut adam_w1, mut adam_b1) = (Adam::new(h * d), Adam::new(h));
         let (mut adam_w2, mut adam_b2) = (Adam::new(width), Adam::new(1));
+        let snapshot = |hidden: &Option<Linear>, out: &Linear| ValueHead {
+            meta: meta.clone(),
+            mean: mean.clone(),
+            inv_std: inv_std.clone(),
+            hidden: hidden.clone(),
+            out: out.clone(),
+            calibration: [1.0, 0.0],
+        };
+        let loss = |head: &ValueHead| -> f64 {
+            let total: f64 = vxs
+                .iter()
+                .zip(vys)
+                .map(|(x, &y)| cross_entropy(head.predict(x), y))
+                .sum();
+            total / vxs.len() as f64
+        };
+        let validate = !vxs.is_empty();
+        let mut best: Option<(f64, usize, Option<Linear>, Linear)> = None;
+        let mut epochs_run = 0;
         for epoch in 1..=o.epochs {
+            if validate && (epoch - 1) % 5 == 0 {
+                let l = loss(&snapshot(&hidden, &out));
+                if best.as_ref().is_none_or(|b| l < b.0) {
+                    best = Some((l, epoch - 1, hidden.clone(), out.clone()));
+                } else if epoch - 1 - best.as_ref().map_or(0, |b| b.1) >= o.patience {
+                    break;
+                }
+            }
+            epochs_run = epoch;
             let mut g_w2 = vec![0f32; width];
             let mut g_b2 = 0f32;
             let mut g_w1 = vec![0f32; h * d];
@@ -289,13 +430,31 @@ impl ValueHead {
                 adam_b1.step(&mut l.b, &g_b1, o.learning_rate, t);
             }
         }
-        ValueHead {
-            meta,
-            mean,
-            inv_std,
-            hidden,
-            out,
+        let mut best_epoch = epochs_run;
+        if validate {
+            let l = loss(&snapshot(&hidden, &out));
+            if best.as_ref().is_none_or(|b| l < b.0) {
+                best = Some((l, epochs_run, hidden.clone(), out.clone()));
+            }
+            let b = best.take().expect("measured at least once");
+            (best_epoch, hidden, out) = (b.1, b.2, b.3);
         }
+        let mut head = snapshot(&hidden, &out);
+        let mut report = FitReport {
+            epochs_run,
+            best_epoch,
+            validation_loss: f64::NAN,
+            calibrated_validation_loss: f64::NAN,
+            calibration: [1.0, 0.0],
+        };
+        if validate {
+            report.validation_loss = loss(&head);
+            let zs: Vec<f32> = vxs.iter().map(|x| head.logit(x)).collect();
+            head.calibration = platt(&zs, vys);
+            report.calibration = head.calibration;
+            report.calibrated_validation_loss = loss(&head);
+        }
+        (head, report)
     }
 
     /// Writes the head as safetensors with its metadata.
@@ -315,6 +474,7 @@ impl ValueHead {
         }
         tensors.push(("w2", vec![1, self.out.cols], &self.out.w));
         tensors.push(("b2", vec![1], &self.out.b));
+        tensors.push(("calibration", vec![2], &self.calibration));
         let bytes: Vec<Vec<u8>> = tensors
             .iter()
             .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
@@ -382,7 +542,15 @@ impl ValueHead {
             None
         };
         let width = if h > 0 { h } else { d };
+        let calibration = match st.tensor("calibration") {
+            Ok(_) => {
+                let c = tensor("calibration", &[2])?;
+                [c[0], c[1]]
+            }
+            Err(_) => [1.0, 0.0],
+        };
         Ok(ValueHead {
+            calibration,
             mean: tensor("mean", &[d])?,
             inv_std: tensor("inv_std", &[d])?,
             hidden,
@@ -615,6 +783,7 @@ mod tests {
                 learning_rate: 0.05,
                 l2: 1e-4,
                 seed: 3,
+                ..FitOptions::default()
             };
             let head = ValueHead::fit(meta(d, hidden), &xs, &ys, &o);
             let p: Vec<f32> = test_x.iter().map(|x| head.predict(x)).collect();
@@ -635,6 +804,71 @@ mod tests {
                 assert_eq!(back.predict(x), head.predict(x));
             }
         }
+    }
+
+    /// With a validation set, a head that would overfit noisy labels stops early at the lowest
+    /// validation loss, and its calibration lowers that loss further and travels with the file.
+    #[test]
+    fn validated_fits_stop_early_and_calibrate() {
+        let d = 8;
+        // Labels flipped for a third of the points: a wide MLP trained long overfits them.
+        let noisy = |n, seed| {
+            let (xs, mut ys) = synthetic(n, d, seed);
+            for (i, y) in ys.iter_mut().enumerate() {
+                if i % 3 == 0 {
+                    *y = 1.0 - *y;
+                }
+            }
+            (xs, ys)
+        };
+        let (xs, ys) = noisy(120, 1);
+        let (vx, vy) = noisy(120, 2);
+        let o = FitOptions {
+            hidden_units: 32,
+            epochs: 3000,
+            learning_rate: 0.05,
+            l2: 0.0,
+            seed: 3,
+            patience: 50,
+        };
+        let (head, report) = ValueHead::fit_validated(meta(d, 32), (&xs, &ys), (&vx, &vy), &o);
+        assert!(report.epochs_run < 3000, "{report:?}");
+        assert!(report.epochs_run >= report.best_epoch + 50, "{report:?}");
+        assert!(
+            report.calibrated_validation_loss <= report.validation_loss + 1e-9,
+            "{report:?}"
+        );
+        assert_ne!(report.calibration, [1.0, 0.0]);
+        // The full run, without validation, ends with a higher validation loss.
+        let full = ValueHead::fit(meta(d, 32), &xs, &ys, &o);
+        let loss = |h: &ValueHead| {
+            vx.iter()
+                .zip(&vy)
+                .map(|(x, &y)| cross_entropy(h.predict(x), y))
+                .sum::<f64>()
+                / vx.len() as f64
+        };
+        assert!(
+            loss(&full) > report.validation_loss,
+            "{} vs {report:?}",
+            loss(&full)
+        );
+        let path =
+            std::env::temp_dir().join(format!("arbor-head-cal-{}.safetensors", std::process::id()));
+        head.save(&path).unwrap();
+        let back = ValueHead::load(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(back, head);
+    }
+
+    /// Platt scaling recovers a known slope and offset.
+    #[test]
+    fn platt_scaling_recovers_a_known_calibration() {
+        // Logits z whose true probability is sigmoid(0.5 z - 1), with expected labels.
+        let zs: Vec<f32> = (-40..=40).map(|i| i as f32 / 4.0).collect();
+        let ys: Vec<f32> = zs.iter().map(|&z| sigmoid(0.5 * z - 1.0)).collect();
+        let [a, b] = platt(&zs, &ys);
+        assert!((a - 0.5).abs() < 1e-3 && (b + 1.0).abs() < 1e-3, "{a} {b}");
     }
 
     #[test]

@@ -477,6 +477,7 @@ fn prm_value_head_scores_real_paths_with_a_head_fitted_here() {
         learning_rate: 0.01,
         l2: 1e-3,
         seed: 1,
+        ..FitOptions::default()
     };
     let head = ValueHead::fit(meta, &xs, &ys, &options);
     let path =
