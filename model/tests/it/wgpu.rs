@@ -518,7 +518,11 @@ fn check_device_picks(e: &mut Engine, prompt: &[u32], next: u32, n: usize, what:
                 "{what}: draw {j} {d:?} picked {token} (mass {before}..{after}) on the device, \
                  {want} on the host"
             );
-            inexact += 1;
+            // The probes of the mass's ends (uniform 0 and 0.999999) sit where f32 rounding
+            // of the total decides: they may differ, within rounding, without counting.
+            if d.uniform > 0.0 && d.uniform < 0.999 {
+                inexact += 1;
+            }
         }
         let lp_want = if token == want {
             want_lp
@@ -533,7 +537,8 @@ fn check_device_picks(e: &mut Engine, prompt: &[u32], next: u32, n: usize, what:
     }
     assert!(
         inexact * 10 <= n,
-        "{what}: {inexact} of {n} picks differ from the reference (each within rounding)"
+        "{what}: {inexact} of {n} picks inside the mass differ from the reference (each \
+         within rounding)"
     );
     // The draws must exercise the sampler, not all land on the argmax.
     assert!(

@@ -72,6 +72,19 @@ pub(super) const COOP_WIDE_TOKENS: u32 = 64;
 /// 256 → 2.46x, 512-token prefill 2.62x.
 pub(super) const COOP_MIN_TOKENS: usize = 32;
 
+/// Threads of `sample.wgsl`'s workgroup: 1024, or the device's most if fewer (a power of
+/// two, at least 64). One workgroup picks a row, streaming its logits several times, so with a
+/// single sequence its threads are the only ones reading.
+pub(super) fn sample_workgroup(device: &wgpu::Device) -> u32 {
+    let l = device.limits();
+    let most = l
+        .max_compute_invocations_per_workgroup
+        .min(l.max_compute_workgroup_size_x)
+        .min(1024)
+        .max(64);
+    1 << (31 - most.leading_zeros())
+}
+
 /// Compiles a kernel; with `layout` absent, its bind group layout is derived from the bindings
 /// the shader uses.
 pub(super) fn compile(
@@ -190,7 +203,8 @@ impl Pipelines {
                 device,
                 5,
                 "sample",
-                include_str!("sample.wgsl").into(),
+                include_str!("sample.wgsl")
+                    .replace("__WG__", &sample_workgroup(device).to_string()),
                 None,
             ),
             min_tiled_workgroups,

@@ -31,9 +31,10 @@ struct Draw {
 @group(0) @binding(2) var<storage, read> draws: array<Draw>;
 @group(0) @binding(3) var<storage, read_write> picks: array<vec2<u32>>;
 
-const WG: u32 = 256u;
-var<workgroup> red_f: array<f32, 256>;
-var<workgroup> red_u: array<u32, 256>;
+// Threads of the workgroup: 1024, or the device's most if fewer (a power of two).
+const WG: u32 = __WG__u;
+var<workgroup> red_f: array<f32, WG>;
+var<workgroup> red_u: array<u32, WG>;
 var<workgroup> wg_draw: Draw;
 var<workgroup> found: atomic<u32>;
 
@@ -72,17 +73,22 @@ fn sum_u(lid: u32, v: u32) -> u32 {
     return r;
 }
 
-// The logits of indices i0 + k * WG, k = 0..4, of the row at `base` (0 past the row's end).
-// Every strided pass over a row goes through this, four independent loads at a time, so a
-// thread has four in flight instead of one: a decode step samples each row with one
-// workgroup, and with a single sequence that one workgroup streams the whole row several
-// times. Each pass still visits a thread's indices in increasing order, so sums are added in
-// the same order as one at a time (`sampling::pick` mirrors it).
-fn quad(base: u32, vocab: u32, i0: u32) -> array<f32, 4> {
-    var v: array<f32, 4>;
-    for (var k = 0u; k < 4u; k++) {
-        let i = i0 + k * WG;
-        v[k] = logits[base + min(i, vocab - 1u)];
+// A strided pass over a row takes it in blocks of 16 logits a thread: the quads (four
+// consecutive logits) q0, q0 + WG, q0 + 2 WG and q0 + 3 WG. The sixteen loads are independent,
+// so a thread has them all in flight: a decode step samples each row with one workgroup, and
+// with a single sequence that one workgroup streams the whole row several times. A thread
+// still visits its indices in increasing order (ties go to the first index).
+//
+// Index of element e (0..16) of the block starting at quad q0.
+fn at(q0: u32, e: u32) -> u32 {
+    return 4u * (q0 + (e / 4u) * WG) + e % 4u;
+}
+
+// The block's logits (past the row's end: the last logit, which callers skip).
+fn block(base: u32, vocab: u32, q0: u32) -> array<f32, 16> {
+    var v: array<f32, 16>;
+    for (var e = 0u; e < 16u; e++) {
+        v[e] = logits[base + min(at(q0, e), vocab - 1u)];
     }
     return v;
 }
@@ -100,7 +106,7 @@ fn weight(v: f32, inv_t: f32, max_s: f32, min_key: u32, min_w: f32) -> f32 {
     return w;
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(__WG__)
 fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
     let vocab = p.vocab;
     let base = (p.first_row + wid.x) * vocab;
@@ -113,12 +119,12 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
     // Largest logit (the first on ties) and the log-sum-exp.
     var best = -3.4e38;
     var best_i = 0xffffffffu;
-    for (var i0 = lid; i0 < vocab; i0 += 4u * WG) {
-        let v = quad(base, vocab, i0);
-        for (var k = 0u; k < 4u; k++) {
-            let i = i0 + k * WG;
-            if (i < vocab && v[k] > best) {
-                best = v[k];
+    for (var q0 = lid; 4u * q0 < vocab; q0 += 4u * WG) {
+        let v = block(base, vocab, q0);
+        for (var e = 0u; e < 16u; e++) {
+            let i = at(q0, e);
+            if (i < vocab && v[e] > best) {
+                best = v[e];
                 best_i = i;
             }
         }
@@ -140,11 +146,11 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
     let mx = workgroupUniformLoad(&red_f[0]);
     let argmax = workgroupUniformLoad(&red_u[0]);
     var se = 0.0;
-    for (var i0 = lid; i0 < vocab; i0 += 4u * WG) {
-        let v = quad(base, vocab, i0);
-        for (var k = 0u; k < 4u; k++) {
-            if (i0 + k * WG < vocab) {
-                se += exp(v[k] - mx);
+    for (var q0 = lid; 4u * q0 < vocab; q0 += 4u * WG) {
+        let v = block(base, vocab, q0);
+        for (var e = 0u; e < 16u; e++) {
+            if (at(q0, e) < vocab) {
+                se += exp(v[e] - mx);
             }
         }
     }
@@ -165,10 +171,10 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
         for (var bit = 31i; bit >= 0i; bit--) {
             let cand = min_key | (1u << u32(bit));
             var c = 0u;
-            for (var i0 = lid; i0 < vocab; i0 += 4u * WG) {
-                let v = quad(base, vocab, i0);
-                for (var k = 0u; k < 4u; k++) {
-                    if (i0 + k * WG < vocab && key(v[k] * inv_t) >= cand) {
+            for (var q0 = lid; 4u * q0 < vocab; q0 += 4u * WG) {
+                let v = block(base, vocab, q0);
+                for (var e = 0u; e < 16u; e++) {
+                    if (at(q0, e) < vocab && key(v[e] * inv_t) >= cand) {
                         c += 1u;
                     }
                 }
@@ -183,11 +189,11 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
     var min_w = 0.0;
     if (d.top_p < 1.0) {
         var m = 0.0;
-        for (var i0 = lid; i0 < vocab; i0 += 4u * WG) {
-            let v = quad(base, vocab, i0);
-            for (var k = 0u; k < 4u; k++) {
-                if (i0 + k * WG < vocab) {
-                    m += weight(v[k], inv_t, max_s, min_key, 0.0);
+        for (var q0 = lid; 4u * q0 < vocab; q0 += 4u * WG) {
+            let v = block(base, vocab, q0);
+            for (var e = 0u; e < 16u; e++) {
+                if (at(q0, e) < vocab) {
+                    m += weight(v[e], inv_t, max_s, min_key, 0.0);
                 }
             }
         }
@@ -197,11 +203,11 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
             let cand = bits | (1u << u32(bit));
             let cw = bitcast<f32>(cand);
             var mass = 0.0;
-            for (var i0 = lid; i0 < vocab; i0 += 4u * WG) {
-                let v = quad(base, vocab, i0);
-                for (var k = 0u; k < 4u; k++) {
-                    let w = weight(v[k], inv_t, max_s, min_key, 0.0);
-                    if (i0 + k * WG < vocab && w >= cw) {
+            for (var q0 = lid; 4u * q0 < vocab; q0 += 4u * WG) {
+                let v = block(base, vocab, q0);
+                for (var e = 0u; e < 16u; e++) {
+                    let w = weight(v[e], inv_t, max_s, min_key, 0.0);
+                    if (at(q0, e) < vocab && w >= cw) {
                         mass += w;
                     }
                 }
