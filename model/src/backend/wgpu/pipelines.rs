@@ -80,8 +80,7 @@ pub(super) fn sample_workgroup(device: &wgpu::Device) -> u32 {
     let most = l
         .max_compute_invocations_per_workgroup
         .min(l.max_compute_workgroup_size_x)
-        .min(1024)
-        .max(64);
+        .clamp(64, 1024);
     1 << (31 - most.leading_zeros())
 }
 
