@@ -5,6 +5,7 @@
 //! fused; matrices past the largest storage binding (or one dispatch's reach) are split into
 //! row chunks.
 
+use rayon::prelude::*;
 use wgpu::util::DeviceExt;
 
 use super::{MAX_WORKGROUPS_PER_DIM, ROWS_PER_WG};
@@ -87,13 +88,26 @@ impl Format {
             let extra = (self.bits - 4) as usize;
             out = vec![0u32; units * (4 + extra)];
             let (nibbles, planes) = out.split_at_mut(units * 4);
-            for (k, w) in u.chunks_exact(32).enumerate() {
-                for (j, &v) in w.iter().enumerate() {
-                    nibbles[k * 4 + j / 8] |= (v as u32 & 15) << (4 * (j % 8));
-                    for p in 0..extra {
-                        planes[k * extra + p] |= ((v as u32 >> (4 + p)) & 1) << j;
+            // Units in parallel: a large model packs hundreds of millions of weights.
+            nibbles
+                .par_chunks_mut(4)
+                .zip(u.par_chunks(32))
+                .for_each(|(n, w)| {
+                    for (j, &v) in w.iter().enumerate() {
+                        n[j / 8] |= (v as u32 & 15) << (4 * (j % 8));
                     }
-                }
+                });
+            if extra > 0 {
+                planes
+                    .par_chunks_mut(extra)
+                    .zip(u.par_chunks(32))
+                    .for_each(|(pl, w)| {
+                        for (j, &v) in w.iter().enumerate() {
+                            for (p, word) in pl.iter_mut().enumerate() {
+                                *word |= ((v as u32 >> (4 + p)) & 1) << j;
+                            }
+                        }
+                    });
             }
         }
         out.resize(out.len().next_multiple_of(4), 0);
