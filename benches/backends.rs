@@ -24,7 +24,7 @@
 //! cooperative-matrix tiles (`ARBOR_WGPU_COOP_TOKENS=64`; prefill, 128 and 256 sequences;
 //! only where the adapter has cooperative matrices), grouped-query attention
 //! (`ARBOR_WGPU_GQA_MIN_TOKENS=1`; prefill, 1, 16, 128 and 256 sequences) and each lane count
-//! (1 and 16 sequences).
+//! (1 and 16 sequences); `ARBOR_BENCH_VARIANTS=0` skips them.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -414,6 +414,9 @@ fn main() -> anyhow::Result<()> {
                 },
                 (false, &[1, 16]),
             ));
+        }
+        if std::env::var_os("ARBOR_BENCH_VARIANTS").is_some_and(|v| v == "0") {
+            variants.clear();
         }
         for (label, options, what) in &variants {
             let (want, _) = variant_rates(&cfg, &weights, &base, allow_software, steps, *what)?;

@@ -12,7 +12,8 @@
 # binaries, wheel and tarball beside the first four; with the start, about 3 minutes.
 # 2026-12-05: speed ~2.5 min, bench ~1 min, hf ~2.5 min (1 min of it loading), llama ~10 s
 # after a ~5 min background build.
-# usage: h200.sh speed | bench [STEPS] | llama-build | llama | hf | eval SECONDS [ARGS...]
+# usage: h200.sh quick [STEPS] | speed | bench [STEPS] | llama-build | llama | hf
+#        | eval SECONDS [ARGS...]
 #        | arbor SECONDS SUBCOMMAND [ARGS...]
 set -u
 export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
@@ -41,15 +42,27 @@ print('== $b best-of-n $n: %d tokens in %.2f s = %.0f tok/s' % (c['generated_tok
   /tmp/arbor generate $M --device cpu --chat --max-tokens 48 --temperature 0 --prompt "$Q" > /tmp/c.txt 2>/dev/null
   if cmp -s /tmp/g.txt /tmp/c.txt; then echo "GPU == CPU"; else echo "GPU != CPU"; diff /tmp/g.txt /tmp/c.txt; fi
   ;;
+quick)
+  # Needs no model (call 1 can run it): the backends bench on synthetic weights of the default
+  # model's shapes and storage types, its variants against the defaults, then where a pass's
+  # time goes, kernel by kernel (the whole log in /tmp/profile.log).
+  export ARBOR_BENCH_SKIP_CPU=1
+  ARBOR_BENCH_LANES=16,32 ARBOR_BENCH_STEPS=${2:-32} timeout 300 /tmp/bench --bench 2>&1 |
+    grep -v '^$' | grep -E 'lanes|dispatch floor|logits|GB/s|with |###|^\|'
+  ARBOR_BENCH_VARIANTS=0 ARBOR_BENCH_PROFILE=1 ARBOR_BENCH_STEPS=16 timeout 200 /tmp/bench --bench \
+    > /tmp/profile.log 2>&1
+  grep -A12 'profile' /tmp/profile.log | grep -v '^--$' | head -150
+  ;;
 bench)
   # The dispatch floor, then the backends bench on the real model: decode at 1..256 sequences
   # with device picks, and the host-pick rows (every logit read back) for the ratio; then
   # where the time goes.
   export ARBOR_BENCH_SHAPES=model ARBOR_BENCH_MODEL=/tmp/model.gguf ARBOR_BENCH_SKIP_CPU=1
   ARBOR_BENCH_LANES=8,16,32,64 ARBOR_BENCH_STEPS=${2:-32} timeout 240 /tmp/bench --bench 2>&1 |
-    grep -v '^$' | grep -E 'lanes|dispatch floor|logits|GB/s|###|^\|'
+    grep -v '^$' | grep -E 'lanes|dispatch floor|logits|GB/s|with |###|^\|'
   # Host phases and each kernel's GPU time, per measurement (the whole log in /tmp/profile.log).
-  ARBOR_BENCH_PROFILE=1 ARBOR_BENCH_STEPS=16 timeout 240 /tmp/bench --bench > /tmp/profile.log 2>&1
+  ARBOR_BENCH_VARIANTS=0 ARBOR_BENCH_PROFILE=1 ARBOR_BENCH_STEPS=16 timeout 240 /tmp/bench --bench \
+    > /tmp/profile.log 2>&1
   grep -A12 'profile' /tmp/profile.log | grep -v '^--$' | head -200
   ;;
 llama-build)
@@ -88,7 +101,7 @@ eval|arbor)
   tail -c 1500 /tmp/$what.log
   ;;
 *)
-  echo "usage: $0 speed | bench [STEPS] | llama-build | llama | hf | eval SECONDS [ARGS...] | arbor SECONDS SUBCOMMAND [ARGS...]" >&2
+  echo "usage: $0 quick [STEPS] | speed | bench [STEPS] | llama-build | llama | hf | eval SECONDS [ARGS...] | arbor SECONDS SUBCOMMAND [ARGS...]" >&2
   exit 2
   ;;
 esac
