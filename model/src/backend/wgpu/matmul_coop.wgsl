@@ -1,9 +1,7 @@
 // The tensor-core form of matmul_gemm.wgsl, for adapters with cooperative matrices (16x16x16,
 // f16 x f16 -> f32): a workgroup of four 32-wide subgroups computes a BM-row by BN-token tile
-// of y, stepping through the columns BK at a time: BN = BK = 32, or 64 for the wide variant
-// (each dequantized weight then serves twice the tokens, and a barrier pair twice the
-// multiply-adds; lines marked __WIDE__ are kept only there). Each step dequantizes the tile's
-// weights to f16 and converts its activations to f16 in workgroup memory; each subgroup then multiplies
+// of y, stepping through the columns BK at a time. Each step dequantizes the tile's weights to
+// f16 and converts its activations to f16 in workgroup memory; each subgroup then multiplies
 // its 16 rows by the tile's BN tokens with cooperative multiply-adds, accumulating in f32.
 // The finished tile goes through workgroup memory to the same epilogue as the other kernels
 // (bias, accumulate, SwiGLU pairs).
@@ -15,15 +13,15 @@
 const_assert !NORM;
 
 const BM: u32 = 64u;
-const BN: u32 = __BN__u;
-const BK: u32 = __BK__u;
+const BN: u32 = 32u;
+const BK: u32 = 32u;
 const F16_MAX: f32 = 65504.0;
 
 // Weights row-major (ws[row * BK + k]), activations token-major (xs[t * BK + k], which is the
 // product's B = x^T column-major), results column-major (cs[t * BM + row]).
-var<workgroup> ws: array<f16, __WS__>; // BM * BK
-var<workgroup> xs: array<f16, __XS__>; // BN * BK
-var<workgroup> cs: array<f32, __CS__>; // BM * BN
+var<workgroup> ws: array<f16, 2048>; // BM * BK
+var<workgroup> xs: array<f16, 1024>; // BN * BK
+var<workgroup> cs: array<f32, 2048>; // BM * BN
 
 @compute @workgroup_size(128)
 fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
@@ -36,13 +34,11 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
     let last = p.rows - 1u;
     var c0 = coop_mat16x16<f32, C>();
     var c1 = coop_mat16x16<f32, C>();
-__WIDE__var c2 = coop_mat16x16<f32, C>();
-__WIDE__var c3 = coop_mat16x16<f32, C>();
     for (var k0 = 0u; k0 < p.cols; k0 += BK) {
-        // Weights: BM rows x BK/16 groups of 16, BK / 32 (row, group) pairs per thread.
-        for (var e = lid; e < BM * (BK / 16u); e += 128u) {
-            let row = e / (BK / 16u);
-            let gl = e % (BK / 16u);
+        // Weights: BM rows x BK/16 groups of 16, one (row, group) per thread.
+        {
+            let row = lid / 2u;
+            let gl = lid % 2u;
             let g = k0 / 16u + gl;
             let base = row * BK + gl * 16u;
             if (g < groups) {
@@ -68,7 +64,7 @@ __WIDE__var c3 = coop_mat16x16<f32, C>();
                 }
             }
         }
-        // Activations: BN tokens x BK/4 vec4s, BN * BK / 512 per thread.
+        // Activations: BN tokens x BK/4 vec4s, two per thread.
         for (var e = lid; e < BN * (BK / 4u); e += 128u) {
             let t = e / (BK / 4u);
             let c4 = e % (BK / 4u);
@@ -95,13 +91,6 @@ __WIDE__var c3 = coop_mat16x16<f32, C>();
             let ib1 = 16u * BK + kk;
             let b1 = coopLoad<coop_mat16x16<f16, B>>(&xs[ib1], sb);
             c1 = coopMultiplyAdd(a, b1, c1);
-            // The wide variant's two more 16-token tiles (lines the backend keeps only there).
-__WIDE__    let ib2 = 32u * BK + kk;
-__WIDE__    let b2 = coopLoad<coop_mat16x16<f16, B>>(&xs[ib2], sb);
-__WIDE__    c2 = coopMultiplyAdd(a, b2, c2);
-__WIDE__    let ib3 = 48u * BK + kk;
-__WIDE__    let b3 = coopLoad<coop_mat16x16<f16, B>>(&xs[ib3], sb);
-__WIDE__    c3 = coopMultiplyAdd(a, b3, c3);
         }
         workgroupBarrier();
     }
@@ -111,10 +100,6 @@ __WIDE__    c3 = coopMultiplyAdd(a, b3, c3);
         coopStore(c0, &cs[ic0], sc);
         let ic1 = 16u * BM + sg * 16u;
         coopStore(c1, &cs[ic1], sc);
-__WIDE__let ic2 = 32u * BM + sg * 16u;
-__WIDE__coopStore(c2, &cs[ic2], sc);
-__WIDE__let ic3 = 48u * BM + sg * 16u;
-__WIDE__coopStore(c3, &cs[ic3], sc);
     }
     workgroupBarrier();
     for (var e = lid; e < BM * BN; e += 128u) {

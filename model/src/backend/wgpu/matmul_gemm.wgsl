@@ -44,21 +44,42 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
     for (var i = 0u; i < TR * TN; i++) {
         acc[i] = 0.0;
     }
+    // Software pipelining: step k0's tile is read from memory into registers during step
+    // k0 - BK's arithmetic, then staged in workgroup memory, so the loads' latency overlaps
+    // the multiply-adds instead of following them. Weights: BM rows x BK/16 groups, one
+    // (row, group) per thread of the first 128; activations: BN tokens x K4 vec4s, one per
+    // thread.
+    let wrow = lid / (BK / 16u);
+    let gl = lid % (BK / 16u);
+    let loads_w = lid < BM * (BK / 16u);
+    let tx = lid / K4;
+    let c4 = lid % K4;
+    var nsm = vec2<f32>(0.0);
+    var nw = vec4<u32>(0u);
+    var nvalid = false;
+    var nx = vec4<f32>(0.0);
+    // Step 0's tile.
+    {
+        let g = gl;
+        nvalid = loads_w && g < groups;
+        if (nvalid) {
+            let src = min(r0 + wrow, last);
+            nsm = wscale(src, g);
+            nw = wgroup(src, g);
+        }
+        nx = vec4<f32>(0.0);
+        if (t0 + tx < p.n_tok && c4 < xrow) {
+            nx = x[(t0 + tx) * xrow + c4];
+        }
+    }
     for (var k0 = 0u; k0 < p.cols; k0 += BK) {
-        // Weights: BM rows x BK/16 groups, one (row, group) per thread of the first 128.
-        if (lid < BM * (BK / 16u)) {
-            let row = lid / (BK / 16u);
-            let gl = lid % (BK / 16u);
-            let g = k0 / 16u + gl;
-            let base = gl * 4u * BM + row;
-            if (g < groups) {
-                let src = min(r0 + row, last);
-                let sm = wscale(src, g);
-                let w = wgroup(src, g);
-                ws[base] = sm.x * bytes(w.x) - vec4<f32>(sm.y);
-                ws[base + BM] = sm.x * bytes(w.y) - vec4<f32>(sm.y);
-                ws[base + 2u * BM] = sm.x * bytes(w.z) - vec4<f32>(sm.y);
-                ws[base + 3u * BM] = sm.x * bytes(w.w) - vec4<f32>(sm.y);
+        if (loads_w) {
+            let base = gl * 4u * BM + wrow;
+            if (nvalid) {
+                ws[base] = nsm.x * bytes(nw.x) - vec4<f32>(nsm.y);
+                ws[base + BM] = nsm.x * bytes(nw.y) - vec4<f32>(nsm.y);
+                ws[base + 2u * BM] = nsm.x * bytes(nw.z) - vec4<f32>(nsm.y);
+                ws[base + 3u * BM] = nsm.x * bytes(nw.w) - vec4<f32>(nsm.y);
             } else {
                 ws[base] = vec4<f32>(0.0);
                 ws[base + BM] = vec4<f32>(0.0);
@@ -66,17 +87,23 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
                 ws[base + 3u * BM] = vec4<f32>(0.0);
             }
         }
-        // Activations: BN tokens x K4 vec4s, one per thread.
-        {
-            let t = lid / K4;
-            let c4 = lid % K4;
-            var v = vec4<f32>(0.0);
-            if (t0 + t < p.n_tok && k0 / 4u + c4 < xrow) {
-                v = x[(t0 + t) * xrow + k0 / 4u + c4];
-            }
-            xs[lid] = v;
-        }
+        xs[lid] = nx;
         workgroupBarrier();
+        // The next step's tile, in flight during this step's arithmetic.
+        let k1 = k0 + BK;
+        if (k1 < p.cols) {
+            let g = k1 / 16u + gl;
+            nvalid = loads_w && g < groups;
+            if (nvalid) {
+                let src = min(r0 + wrow, last);
+                nsm = wscale(src, g);
+                nw = wgroup(src, g);
+            }
+            nx = vec4<f32>(0.0);
+            if (t0 + tx < p.n_tok && k1 / 4u + c4 < xrow) {
+                nx = x[(t0 + tx) * xrow + k1 / 4u + c4];
+            }
+        }
         for (var k = 0u; k < K4; k++) {
             let w0 = ws[k * BM + local_row(tr, 0u)];
             let w1 = ws[k * BM + local_row(tr, 1u)];

@@ -35,7 +35,8 @@
 //!   kernel;
 //! - `matmul_gemm.wgsl`: a tiled matrix-matrix kernel for passes of more than 8 tokens (64 rows ×
 //!   32 tokens a workgroup, weights staged column-major with the activations in workgroup
-//!   memory, a 4 × 2 block of sums per thread, no reduction across threads); only for
+//!   memory, a 4 × 2 block of sums per thread, no reduction across threads, the next step's
+//!   tile read during this one's arithmetic); only for
 //!   rows of at most 1024 columns, since it measured slower on longer rows;
 //! - `matmul_coop.wgsl`: the same product on cooperative matrices (tensor cores), taken instead
 //!   of the three batched kernels above for every product of more than 32 tokens where the
@@ -45,7 +46,8 @@
 //!   decode 2.5x faster, 16 and 32 sequences 7-12% slower, so those keep the f32 kernels
 //!   (`COOP_MIN_TOKENS` in `pipelines.rs`; BENCHMARKS.md). Results agree
 //!   with the f32 kernels' to f16 rounding, not bit for bit; `ARBOR_WGPU_COOP=0`
-//!   ([`WgpuOptions::no_cooperative_matrix`]) turns it off;
+//!   ([`WgpuOptions::no_cooperative_matrix`]) turns it off; `matmul_coop_wide.wgsl` is a
+//!   larger, software-pipelined tile, a candidate ([`WgpuOptions::coop_tokens`]);
 //! - `rms_norm.wgsl`, `rope_kv.wgsl` (RoPE plus the write of the rotated key and the value into
 //!   the paged KV cache), `attention.wgsl` (paged attention through the block tables, 256
 //!   positions a tile, online softmax, the head dimension compiled in so its loops unroll).
@@ -162,8 +164,9 @@ pub struct WgpuOptions {
     /// are the same bit for bit; for comparisons (the command line reads `ARBOR_WGPU_PACK=0`).
     pub byte_weights: bool,
     /// Tokens of a cooperative-matrix tile: 32 (default), or 64, which then serves products
-    /// of at least 128 tokens (64 columns a step too: each dequantized weight feeds twice the
-    /// tokens, at 32 KiB of workgroup memory instead of 14). Not yet measured on a GPU, hence not the default; the command line
+    /// of at least 128 tokens with `matmul_coop_wide.wgsl` (64 columns a step too, and the
+    /// next step's tile read during this one's multiply-adds: each dequantized weight feeds
+    /// twice the tokens, at 32 KiB of workgroup memory instead of 14). Not yet measured on a GPU, hence not the default; the command line
     /// reads `ARBOR_WGPU_COOP_TOKENS`, and the backends bench compares both.
     pub coop_tokens: Option<u32>,
     /// Passes of at least this many tokens run attention with one workgroup per key head

@@ -49,7 +49,8 @@ pub(super) enum MatShape {
     TileRows = 2,
     Gemm = 3,
     Coop = 4,
-    /// `matmul_coop.wgsl` with 64-token tiles ([`super::WgpuOptions::coop_tokens`]).
+    /// `matmul_coop_wide.wgsl`: 64-token tiles, software pipelined
+    /// ([`super::WgpuOptions::coop_tokens`]).
     CoopWide = 5,
 }
 
@@ -259,12 +260,8 @@ pub(super) fn matmul_source(
             ROWS_PER_THREAD,
         ),
         MatShape::Gemm => (include_str!("matmul_gemm.wgsl"), 1, 1),
-        MatShape::Coop | MatShape::CoopWide => (include_str!("matmul_coop.wgsl"), 1, 1),
-    };
-    let bn = if shape == MatShape::CoopWide {
-        COOP_WIDE_TOKENS
-    } else {
-        COOP_TOKENS
+        MatShape::Coop => (include_str!("matmul_coop.wgsl"), 1, 1),
+        MatShape::CoopWide => (include_str!("matmul_coop_wide.wgsl"), 1, 1),
     };
     let enables = if matches!(shape, MatShape::Coop | MatShape::CoopWide) {
         "enable f16;\nenable wgpu_cooperative_matrix;\n"
@@ -286,12 +283,6 @@ pub(super) fn matmul_source(
     .replace("__ACC__", &(tt * rt).to_string())
     .replace("__RED__", &(256 * tt).to_string())
     .replace("__RSS__", &(64 * tt).to_string())
-    .replace("__BN__", &bn.to_string())
-    .replace("__WIDE__", if bn == COOP_WIDE_TOKENS { "    " } else { "//" })
-    .replace("__BK__", &bn.to_string())
-    .replace("__WS__", &(COOP_ROWS * bn).to_string())
-    .replace("__XS__", &(bn * bn).to_string())
-    .replace("__CS__", &(COOP_ROWS * bn).to_string())
 }
 
 #[cfg(test)]
