@@ -567,6 +567,16 @@ fn validate(engine: &Engine, requests: &[GenRequest]) -> Result<()> {
 }
 
 /// Takes `tok` (with log-probability `lp`) as `l`'s next token and decides whether it has finished.
+/// Whether the text of `tokens`' last few tokens holds one of `stop`: a stop string of `B`
+/// bytes that ends in the last token spans at most `B + 1` tokens (each is at least a byte),
+/// and 3 more cover a character split across tokens at the window's start, whose bytes alone
+/// decode to replacement characters.
+fn tail_may_stop(tokenizer: &Tokenizer, tokens: &[u32], stop: &[String]) -> Result<bool> {
+    let longest = stop.iter().map(|s| s.len()).max().unwrap_or(0);
+    let tail = tokenizer.decode(&tokens[tokens.len().saturating_sub(longest + 4)..])?;
+    Ok(stop.iter().any(|s| tail.contains(s.as_str())))
+}
+
 fn accept_token(
     l: &mut Live,
     tok: u32,
@@ -595,6 +605,12 @@ fn accept_token(
         }
         return Ok(());
     }
+    // Only the last tokens' text can hold a stop string that was not there a token ago, so
+    // the whole text is decoded (and searched) only when that tail holds one, or at the end:
+    // decoding it at every token made a long sample's stop checks quadratic in its length.
+    if !tail_may_stop(tokenizer, &l.out.tokens, &r.stop)? && l.out.tokens.len() < r.max_tokens {
+        return Ok(());
+    }
     l.out.text = tokenizer.decode(&l.out.tokens)?;
     let first_stop = r
         .stop
@@ -611,4 +627,47 @@ fn accept_token(
         l.done = true;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tail_may_stop;
+
+    /// Wherever a stop string first appears in the decoded text, token after token, the tail
+    /// check sees it too: random sequences of pieces, characters split across byte tokens
+    /// included, on the tiny model's byte-level tokenizer.
+    #[test]
+    fn the_tail_sees_every_stop_string_the_whole_text_shows() {
+        let dir = std::env::temp_dir().join(format!("arbor-tail-stop-{}", std::process::id()));
+        crate::tiny::TinyModel::new("qwen2").write(&dir).unwrap();
+        let model = crate::Model::load(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).ok();
+        let tok = &model.tokenizer;
+        let mut pool: Vec<u32> = Vec::new();
+        for piece in ["\n", "a", "b", " ", "c", "é", "ab", "x"] {
+            pool.extend(tok.encode(piece, false).unwrap());
+        }
+        pool.sort_unstable();
+        pool.dedup();
+        let stops: Vec<String> = ["\n\n", "é", "ab c", "b\nx"].map(String::from).to_vec();
+        let mut rng = crate::tiny::Rng(7);
+        let mut seen = 0;
+        for _ in 0..300 {
+            let mut tokens = Vec::new();
+            for _ in 0..40 {
+                let r = ((rng.next_f32() + 0.25) * 2.0 * pool.len() as f32) as usize;
+                tokens.push(pool[r.min(pool.len() - 1)]);
+                let text = tok.decode(&tokens).unwrap();
+                if stops.iter().any(|s| text.contains(s.as_str())) {
+                    assert!(
+                        tail_may_stop(tok, &tokens, &stops).unwrap(),
+                        "{tokens:?}: {text:?} holds a stop string its tail does not"
+                    );
+                    seen += 1;
+                    break;
+                }
+            }
+        }
+        assert!(seen > 100, "only {seen} sequences reached a stop string");
+    }
 }
