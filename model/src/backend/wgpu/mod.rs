@@ -91,8 +91,9 @@
 //! **Not yet**, and what limits speed today (H200, `floor.rs` and the backends bench): a
 //! single-sequence step is 2.3 ms of GPU time, of which ~120 dependent dispatches are only
 //! 0.2 ms (1.85 µs each): the matrix-vector kernels reached 313 GB/s reading 1.5 bytes a
-//! weight (the packed 0.92 is not yet measured there); submitting a step costs 0.7 ms of host time; the host waits
-//! for each step before encoding the next; f32 KV.
+//! weight (the packed 0.92 is not yet measured there); submitting a step costs 0.7 ms of host
+//! time; the host waits for each step before encoding the next (multi-step decoding, with the
+//! embeddings gathered on the GPU, would overlap them); f32 KV.
 
 use std::sync::Arc;
 

@@ -1,6 +1,7 @@
 // Picks the next token of sampled rows on the device, one workgroup a row, so a decode step
 // reads back 8 bytes a sequence (token, log-probability) instead of a row of logits.
-// `sampling::pick` is the reference, computed the same way:
+// `sampling::pick` is the reference (in f64; the test allows rounding-level differences),
+// computed the same way:
 // - the log-probability is under the model's own distribution: max, then sum of exp;
 // - temperature 0 takes the first largest logit;
 // - top-k and top-p are thresholds found by a bitwise search over the values' bits (32 counting
