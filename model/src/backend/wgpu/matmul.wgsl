@@ -2,10 +2,10 @@
 // single tokens (TT = 1) and small batches.
 //
 // W[r, c] = scale * u - min, every GGUF block format exactly, read a 16-weight group at a time
-// through matmul_common.wgsl's `wgroup` and `wscale`. A workgroup computes ROWS_PER_WG rows for TT tokens: LANES threads split a row's
-// 16-weight groups, each keeps TT partial sums, and a tree reduction in workgroup memory adds
-// them. Reading a weight group once for TT tokens is what makes batched decoding cheaper per
-// token than one token at a time.
+// through matmul_common.wgsl's `wgroup` and `wscale`. A workgroup computes ROWS_PER_WG rows for TT
+// tokens: LANES threads split a row's 16-weight groups, each keeps TT partial sums, and a tree
+// reduction in workgroup memory adds them. Reading a weight group once for TT tokens is what makes
+// batched decoding cheaper per token than one token at a time.
 
 const ROWS_PER_WG: u32 = WG / LANES;
 

@@ -5,8 +5,8 @@
 // matmul_rows.wgsl, no partial sums cross threads, so there is no reduction per output: the
 // work per weight is one multiply-add per token.
 //
-// W[r, c] = scale * u - min, read through matmul_common.wgsl's `wgroup` and `wscale`. Never used with NORM (larger passes run
-// rms_norm.wgsl first); SWIGLU pairs stay within a thread's TR rows.
+// W[r, c] = scale * u - min, read through matmul_common.wgsl's `wgroup` and `wscale`. Never used
+// with NORM (larger passes run rms_norm.wgsl first); SWIGLU pairs stay within a thread's TR rows.
 
 // No token-tile sums of squares here: the backend never fuses the norm into this kernel.
 const_assert !NORM;

@@ -2,13 +2,13 @@
 // batches with enough rows to fill the GPU (the backend picks it by workgroup count).
 //
 // W[r, c] = scale * u - min, every GGUF block format exactly, read a 16-weight group at a time
-// through matmul_common.wgsl's `wgroup` and `wscale`. A workgroup computes 4 * RT rows for TT tokens: four sets of LANES threads, each set
-// on RT rows, split the rows' 16-weight groups; every thread keeps RT * TT partial sums, and a
-// tree reduction in workgroup memory adds them, row by row. Reading a weight group once for TT
-// tokens is what makes batched decoding cheaper per token than one token at a time; reading a
-// token's activations once for RT rows keeps the loads of activations (TT of them per weight
-// group) from dominating the batched kernel. RT is even, so a thread's rows hold whole
-// (gate, up) pairs.
+// through matmul_common.wgsl's `wgroup` and `wscale`. A workgroup computes 4 * RT rows for TT
+// tokens: four sets of LANES threads, each set on RT rows, split the rows' 16-weight groups; every
+// thread keeps RT * TT partial sums, and a tree reduction in workgroup memory adds them, row by
+// row. Reading a weight group once for TT tokens is what makes batched decoding cheaper per token
+// than one token at a time; reading a token's activations once for RT rows keeps the loads of
+// activations (TT of them per weight group) from dominating the batched kernel. RT is even, so a
+// thread's rows hold whole (gate, up) pairs.
 
 const RT: u32 = __RT__u;
 const ROWS_PER_WG: u32 = 4u * RT;

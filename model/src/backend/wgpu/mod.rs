@@ -167,8 +167,9 @@ pub struct WgpuOptions {
     /// Tokens of a cooperative-matrix tile: 32 (default), or 64, which then serves products
     /// of at least 128 tokens with `matmul_coop_wide.wgsl` (64 columns a step too, and the
     /// next step's tile read during this one's multiply-adds: each dequantized weight feeds
-    /// twice the tokens, at 32 KiB of workgroup memory instead of 14). Not yet measured on a GPU, hence not the default; the command line
-    /// reads `ARBOR_WGPU_COOP_TOKENS`, and the backends bench compares both.
+    /// twice the tokens, at 32 KiB of workgroup memory instead of 14). Not yet measured on a
+    /// GPU, hence not the default; the command line reads `ARBOR_WGPU_COOP_TOKENS`, and the
+    /// backends bench compares both.
     pub coop_tokens: Option<u32>,
     /// Passes of at least this many tokens run attention with one workgroup per key head
     /// and token, covering the query heads that share it (`attention_gqa.wgsl`: each key and

@@ -24,8 +24,9 @@ use crate::quant::QMatrix;
 ///   blocks), else per 16; as two f16 (scale in the low half) where both convert exactly, else
 ///   two f32.
 ///
-/// The default model (mostly Q5_0) takes 0.92 bytes a weight this way against 1.5 as bytes
-/// with f32 pairs per 16 (Q5_0 0.75, Q8_0 1.125, Q6_K 1.25, Q4_K 0.75); [`super::WgpuOptions::byte_weights`] keeps that older form.
+/// The default model (mostly Q5_0) takes 0.92 bytes a weight this way against 1.5 as bytes with f32
+/// pairs per 16 (Q5_0 0.75, Q8_0 1.125, Q6_K 1.25, Q4_K 0.75); [`super::WgpuOptions::byte_weights`]
+/// keeps that older form.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Format {
     pub(super) bits: u32,
