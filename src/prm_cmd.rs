@@ -160,12 +160,12 @@ pub(crate) struct TrainArgs {
     device: Device,
 }
 
-/// Value heads shipped with Arbor, by name: the head file and the report of the `arbor prm
-/// train` run that made it (its command, the labels' SHA-256, the policy's, held-out AUCs).
-pub(crate) const BUILTIN_HEADS: &[(&str, &[u8], &str)] = &[(
+/// Value heads shipped with Arbor, by name. Beside each in `heads/`, NAME.json is the report
+/// of the `arbor prm train` run that made it (its command, the labels' SHA-256, the policy's,
+/// held-out AUCs).
+pub(crate) const BUILTIN_HEADS: &[(&str, &[u8])] = &[(
     "arbor-gsm8k-v0",
     include_bytes!("../heads/arbor-gsm8k-v0.safetensors"),
-    include_str!("../heads/arbor-gsm8k-v0.json"),
 )];
 
 /// A built-in head's file under `$ARBOR_HOME/heads/`, written there on first use (and again
@@ -185,7 +185,7 @@ fn builtin_head(name: &str, bytes: &[u8]) -> Result<PathBuf> {
 /// `--prm`: a JSON file with a PRM configuration, a value head file, a built-in head's name
 /// ([`BUILTIN_HEADS`]), or a kind's name.
 pub(crate) fn parse_prm(spec: &str) -> Result<PrmConfig> {
-    if let Some((name, bytes, _)) = BUILTIN_HEADS.iter().find(|(n, _, _)| *n == spec) {
+    if let Some((name, bytes)) = BUILTIN_HEADS.iter().find(|(n, _)| *n == spec) {
         return Ok(PrmConfig::ValueHead(ValueHeadConfig {
             path: builtin_head(name, bytes)?,
         }));
@@ -479,7 +479,6 @@ fn model_identity(path: &Path) -> Result<(String, String)> {
     Ok((name, String::new()))
 }
 
-/// The labelling parameters a store was made with; a resumed run must match them.
 /// SHA-256 (hex) of the label store's two files, steps then features: the fingerprint of the
 /// data a head was trained on.
 fn labels_digest(base: &Path) -> Result<String> {
@@ -494,6 +493,7 @@ fn labels_digest(base: &Path) -> Result<String> {
     Ok(format!("{:x}", h.finalize()))
 }
 
+/// The labelling parameters a store was made with; a resumed run must match them.
 fn label_header(args: &TrainArgs, model_sha256: &str, d_model: usize) -> serde_json::Value {
     serde_json::json!({
         "arbor_prm_labels": 1,
