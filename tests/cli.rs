@@ -347,7 +347,7 @@ fn prm_train_resumes_its_labels_and_keeps_off_the_development_split() {
         .collect();
     std::fs::write(&dataset, lines.join("\n") + "\n").unwrap();
     let out = dir.join("head.safetensors");
-    let run = |questions: &str, samples: &str| {
+    let run_to = |questions: &str, samples: &str, out: &std::path::Path, extra: &[&str]| {
         arbor()
             .args(["prm", "train", "--dataset", dataset.to_str().unwrap()])
             .args([
@@ -368,10 +368,12 @@ fn prm_train_resumes_its_labels_and_keeps_off_the_development_split() {
             ])
             .args(["--steps-per-solution", "1", "--device", "cpu"])
             .args(["--out", out.to_str().unwrap()])
+            .args(extra)
             .env("RAYON_NUM_THREADS", "2")
             .output()
             .unwrap()
     };
+    let run = |questions: &str, samples: &str| run_to(questions, samples, &out, &[]);
     let done_lines = || {
         std::fs::read_to_string(out.with_extension("steps.jsonl"))
             .unwrap()
@@ -400,34 +402,8 @@ fn prm_train_resumes_its_labels_and_keeps_off_the_development_split() {
     assert_eq!(done_lines(), 2, "only the new question was labelled");
     // Another head from the same labels (`--labels`), with its data fingerprinted.
     let soft = dir.join("soft.safetensors");
-    let again = arbor()
-        .args(["prm", "train", "--dataset", dataset.to_str().unwrap()])
-        .args(["--offset", "0", "--questions", "2", "--samples", "2"])
-        .args([
-            "--rollouts",
-            "1",
-            "--max-tokens",
-            "40",
-            "--rollout-max-tokens",
-            "24",
-        ])
-        .args([
-            "--steps-per-solution",
-            "1",
-            "--device",
-            "cpu",
-            "--target",
-            "soft",
-        ])
-        .args([
-            "--labels",
-            out.to_str().unwrap(),
-            "--out",
-            soft.to_str().unwrap(),
-        ])
-        .env("RAYON_NUM_THREADS", "2")
-        .output()
-        .unwrap();
+    let labels = ["--target", "soft", "--labels", out.to_str().unwrap()];
+    let again = run_to("2", "2", &soft, &labels);
     let err = String::from_utf8_lossy(&again.stderr);
     assert!(again.status.success(), "{err}");
     assert!(

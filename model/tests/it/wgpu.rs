@@ -40,11 +40,9 @@ fn gpu_engine_with(
     max_chunk_bytes: Option<u64>,
     tiled_min_workgroups: Option<u32>,
 ) -> Engine {
-    let backend = WgpuBackend::new(
-        model.config.clone(),
-        model.weights.clone(),
-        &WgpuOptions {
-            allow_software: true,
+    let backend = gpu_backend(
+        model,
+        WgpuOptions {
             max_chunk_bytes,
             tiled_min_workgroups,
             ..Default::default()
@@ -53,6 +51,18 @@ fn gpu_engine_with(
     .expect("opening the wgpu adapter");
     eprintln!("wgpu adapter: {:?}", backend.adapter());
     Engine::new(Box::new(backend), EngineOptions::default())
+}
+
+/// A wgpu backend for `model` with `options`, a software adapter allowed.
+fn gpu_backend(model: &Model, options: WgpuOptions) -> arbor_model::Result<WgpuBackend> {
+    WgpuBackend::new(
+        model.config.clone(),
+        model.weights.clone(),
+        &WgpuOptions {
+            allow_software: true,
+            ..options
+        },
+    )
 }
 
 /// The largest absolute difference between two equally long slices.
@@ -134,11 +144,9 @@ fn wgpu_backend_matches_the_f32_reference_on_the_tiny_model() {
         // products of 300 tokens: the same logits to f16 rounding. Only an adapter with
         // cooperative matrices (an H200) runs them; elsewhere the option changes nothing.
         let wide = {
-            let backend = WgpuBackend::new(
-                model.config.clone(),
-                model.weights.clone(),
-                &WgpuOptions {
-                    allow_software: true,
+            let backend = gpu_backend(
+                &model,
+                WgpuOptions {
                     coop_tokens: Some(64),
                     ..Default::default()
                 },
@@ -678,11 +686,9 @@ fn the_single_token_kernel_agrees_at_every_lane_count() {
         err.contains("matvec_lanes") && err.contains("8, 16, 32 or 64"),
         "{err}"
     );
-    let refused = WgpuBackend::new(
-        model.config.clone(),
-        model.weights.clone(),
-        &WgpuOptions {
-            allow_software: true,
+    let refused = gpu_backend(
+        &model,
+        WgpuOptions {
             coop_tokens: Some(48),
             ..Default::default()
         },
@@ -710,11 +716,9 @@ fn packed_weights_give_the_byte_forms_logits_bit_for_bit_on_the_real_model() {
     let model = super::model();
     let prompt: Vec<u32> = (0..40u32).map(|i| (i * 7919 + 13) % 150_000).collect();
     let run = |byte_weights: bool, tiled_min_workgroups: Option<u32>| {
-        let backend = WgpuBackend::new(
-            model.config.clone(),
-            model.weights.clone(),
-            &WgpuOptions {
-                allow_software: true,
+        let backend = gpu_backend(
+            model,
+            WgpuOptions {
                 byte_weights,
                 tiled_min_workgroups,
                 ..Default::default()
@@ -777,11 +781,9 @@ fn grouped_query_attention_agrees_with_the_per_head_kernel() {
         let vocab = model.config.vocab_size as u32;
         let prompt: Vec<u32> = (0..len).map(|i| (i * 7919 + 13) % vocab).collect();
         let run = |gqa_min_tokens: Option<u32>| {
-            let backend = WgpuBackend::new(
-                model.config.clone(),
-                model.weights.clone(),
-                &WgpuOptions {
-                    allow_software: true,
+            let backend = gpu_backend(
+                model,
+                WgpuOptions {
                     gqa_min_tokens,
                     ..Default::default()
                 },

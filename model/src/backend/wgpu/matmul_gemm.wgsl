@@ -31,15 +31,39 @@ fn local_row(tr: u32, i: u32) -> u32 {
     return 2u * tr + 32u * (i / 2u) + i % 2u;
 }
 
+// A thread's share of step k0's tile, read from memory: one weight group (raw) if it is one
+// of the first 128 threads and the group exists, and one vec4 of activations (zeros past the
+// ends).
+struct Tile {
+    sm: vec2<f32>,
+    w: vec4<u32>,
+    valid: bool,
+    x: vec4<f32>,
+}
+
+fn read_tile(k0: u32, lid: u32, r0: u32, t0: u32) -> Tile {
+    var t = Tile(vec2<f32>(0.0), vec4<u32>(0u), false, vec4<f32>(0.0));
+    let g = k0 / 16u + lid % (BK / 16u);
+    t.valid = lid < BM * (BK / 16u) && g < p.cols / 16u;
+    if (t.valid) {
+        let src = min(r0 + lid / (BK / 16u), p.rows - 1u);
+        t.sm = wscale(src, g);
+        t.w = wgroup(src, g);
+    }
+    let tx = lid / K4;
+    let c4 = lid % K4;
+    if (t0 + tx < p.n_tok && k0 / 4u + c4 < p.cols / 4u) {
+        t.x = x[(t0 + tx) * (p.cols / 4u) + k0 / 4u + c4];
+    }
+    return t;
+}
+
 @compute @workgroup_size(256)
 fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
     let tr = lid % (BM / TR);
     let tn = lid / (BM / TR);
     let r0 = wid.x * BM;
     let t0 = wid.y * BN;
-    let groups = p.cols / 16u;
-    let xrow = p.cols / 4u;
-    let last = p.rows - 1u;
     var acc: array<f32, 8>; // TR * TN
     for (var i = 0u; i < TR * TN; i++) {
         acc[i] = 0.0;
@@ -52,34 +76,15 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
     let wrow = lid / (BK / 16u);
     let gl = lid % (BK / 16u);
     let loads_w = lid < BM * (BK / 16u);
-    let tx = lid / K4;
-    let c4 = lid % K4;
-    var nsm = vec2<f32>(0.0);
-    var nw = vec4<u32>(0u);
-    var nvalid = false;
-    var nx = vec4<f32>(0.0);
-    // Step 0's tile.
-    {
-        let g = gl;
-        nvalid = loads_w && g < groups;
-        if (nvalid) {
-            let src = min(r0 + wrow, last);
-            nsm = wscale(src, g);
-            nw = wgroup(src, g);
-        }
-        nx = vec4<f32>(0.0);
-        if (t0 + tx < p.n_tok && c4 < xrow) {
-            nx = x[(t0 + tx) * xrow + c4];
-        }
-    }
+    var nt = read_tile(0u, lid, r0, t0);
     for (var k0 = 0u; k0 < p.cols; k0 += BK) {
         if (loads_w) {
             let base = gl * 4u * BM + wrow;
-            if (nvalid) {
-                ws[base] = nsm.x * bytes(nw.x) - vec4<f32>(nsm.y);
-                ws[base + BM] = nsm.x * bytes(nw.y) - vec4<f32>(nsm.y);
-                ws[base + 2u * BM] = nsm.x * bytes(nw.z) - vec4<f32>(nsm.y);
-                ws[base + 3u * BM] = nsm.x * bytes(nw.w) - vec4<f32>(nsm.y);
+            if (nt.valid) {
+                ws[base] = nt.sm.x * bytes(nt.w.x) - vec4<f32>(nt.sm.y);
+                ws[base + BM] = nt.sm.x * bytes(nt.w.y) - vec4<f32>(nt.sm.y);
+                ws[base + 2u * BM] = nt.sm.x * bytes(nt.w.z) - vec4<f32>(nt.sm.y);
+                ws[base + 3u * BM] = nt.sm.x * bytes(nt.w.w) - vec4<f32>(nt.sm.y);
             } else {
                 ws[base] = vec4<f32>(0.0);
                 ws[base + BM] = vec4<f32>(0.0);
@@ -87,22 +92,11 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
                 ws[base + 3u * BM] = vec4<f32>(0.0);
             }
         }
-        xs[lid] = nx;
+        xs[lid] = nt.x;
         workgroupBarrier();
         // The next step's tile, in flight during this step's arithmetic.
-        let k1 = k0 + BK;
-        if (k1 < p.cols) {
-            let g = k1 / 16u + gl;
-            nvalid = loads_w && g < groups;
-            if (nvalid) {
-                let src = min(r0 + wrow, last);
-                nsm = wscale(src, g);
-                nw = wgroup(src, g);
-            }
-            nx = vec4<f32>(0.0);
-            if (t0 + tx < p.n_tok && k1 / 4u + c4 < xrow) {
-                nx = x[(t0 + tx) * xrow + k1 / 4u + c4];
-            }
+        if (k0 + BK < p.cols) {
+            nt = read_tile(k0 + BK, lid, r0, t0);
         }
         for (var k = 0u; k < K4; k++) {
             let w0 = ws[k * BM + local_row(tr, 0u)];
