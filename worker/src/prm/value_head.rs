@@ -22,6 +22,7 @@ use super::classifier::Linear;
 use super::reader::{read_paths, PathLayout, Probe, Read};
 use super::{invalid, model_error, worker_error, PrmError};
 use crate::LocalWorker;
+use rayon::prelude::*;
 
 /// The `format` metadata value of a value head file.
 pub const FORMAT: &str = "arbor-value-head/1";
@@ -233,6 +234,37 @@ fn platt(zs: &[f32], ys: &[f32]) -> [f32; 2] {
     }
 }
 
+/// Examples a parallel task sums the gradient over (fixed, so the sum's order is too).
+const GRADIENT_CHUNK: usize = 512;
+
+/// The loss's gradient with respect to the head's parameters: output layer (`w2`, `b2`) and,
+/// for a head with a hidden layer, that layer (`w1`, `b1`).
+struct Gradient {
+    w2: Vec<f32>,
+    b2: f32,
+    w1: Vec<f32>,
+    b1: Vec<f32>,
+}
+
+impl Gradient {
+    fn zero(width: usize, hidden: usize, d: usize) -> Self {
+        Gradient {
+            w2: vec![0.0; width],
+            b2: 0.0,
+            w1: vec![0.0; hidden * d],
+            b1: vec![0.0; hidden],
+        }
+    }
+
+    fn add(&mut self, o: &Gradient) {
+        let sum = |a: &mut [f32], b: &[f32]| a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+        sum(&mut self.w2, &o.w2);
+        self.b2 += o.b2;
+        sum(&mut self.w1, &o.w1);
+        sum(&mut self.b1, &o.b1);
+    }
+}
+
 /// Adam state of one parameter vector.
 struct Adam {
     m: Vec<f32>,
@@ -373,11 +405,12 @@ impl ValueHead {
             calibration: [1.0, 0.0],
         };
         let loss = |head: &ValueHead| -> f64 {
-            let total: f64 = vxs
-                .iter()
+            let each: Vec<f64> = vxs
+                .par_iter()
                 .zip(vys)
                 .map(|(x, &y)| cross_entropy(head.predict(x), y))
-                .sum();
+                .collect();
+            let total: f64 = each.iter().sum();
             total / vxs.len() as f64
         };
         let validate = !vxs.is_empty();
@@ -393,31 +426,47 @@ impl ValueHead {
                 }
             }
             epochs_run = epoch;
-            let mut g_w2 = vec![0f32; width];
-            let mut g_b2 = 0f32;
-            let mut g_w1 = vec![0f32; h * d];
-            let mut g_b1 = vec![0f32; h];
-            for (z, &y) in zs.iter().zip(ys) {
-                let act: Vec<f32> = match &hidden {
-                    Some(l) => l.apply(z).into_iter().map(|v| v.max(0.0)).collect(),
-                    None => z.clone(),
-                };
-                let p = sigmoid(out.apply(&act)[0]);
-                let dz = (p - y) / n;
-                g_w2.iter_mut().zip(&act).for_each(|(g, a)| *g += dz * a);
-                g_b2 += dz;
-                if let Some(l) = &hidden {
-                    for j in 0..h {
-                        if act[j] > 0.0 {
-                            let dh = dz * out.w[j];
-                            g_b1[j] += dh;
-                            let row = &mut g_w1[j * d..(j + 1) * d];
-                            row.iter_mut().zip(z).for_each(|(g, x)| *g += dh * x);
+            // The gradient, summed over fixed chunks of examples in parallel and the chunks'
+            // sums added in order: the same result on any number of threads.
+            let parts: Vec<Gradient> = zs
+                .par_chunks(GRADIENT_CHUNK)
+                .zip(ys.par_chunks(GRADIENT_CHUNK))
+                .map(|(zc, yc)| {
+                    let mut g = Gradient::zero(width, h, d);
+                    for (z, &y) in zc.iter().zip(yc) {
+                        let act: Vec<f32> = match &hidden {
+                            Some(l) => l.apply(z).into_iter().map(|v| v.max(0.0)).collect(),
+                            None => Vec::new(),
+                        };
+                        let act: &[f32] = if hidden.is_some() { &act } else { z };
+                        let p = sigmoid(out.apply(act)[0]);
+                        let dz = (p - y) / n;
+                        g.w2.iter_mut().zip(act).for_each(|(g, a)| *g += dz * a);
+                        g.b2 += dz;
+                        if hidden.is_some() {
+                            for j in 0..h {
+                                if act[j] > 0.0 {
+                                    let dh = dz * out.w[j];
+                                    g.b1[j] += dh;
+                                    let row = &mut g.w1[j * d..(j + 1) * d];
+                                    row.iter_mut().zip(z).for_each(|(g, x)| *g += dh * x);
+                                }
+                            }
                         }
                     }
-                    debug_assert_eq!(l.cols, d);
-                }
+                    g
+                })
+                .collect();
+            let mut total = Gradient::zero(width, h, d);
+            for part in &parts {
+                total.add(part);
             }
+            let Gradient {
+                w2: mut g_w2,
+                b2: g_b2,
+                w1: mut g_w1,
+                b1: g_b1,
+            } = total;
             g_w2.iter_mut()
                 .zip(&out.w)
                 .for_each(|(g, w)| *g += o.l2 * w);
