@@ -915,6 +915,25 @@ fn train(args: TrainArgs) -> Result<()> {
     let report_path = args.out.with_extension("json");
     std::fs::write(&report_path, serde_json::to_string_pretty(&report)?)
         .with_context(|| format!("writing {}", report_path.display()))?;
+    let plot_path = args.out.with_extension("reliability.png");
+    let bins: Vec<crate::eval::plot::Bin> = test_m["reliability"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|b| {
+            let f = |k: &str| b[k].as_f64().unwrap_or(f64::NAN);
+            (f("mean_prediction"), f("observed"), f("count") as usize)
+        })
+        .collect();
+    let title = format!(
+        "Reliability on {} held-out steps ({} questions), calibration error {:.3}",
+        test_m["steps"],
+        test_m["questions"],
+        test_m["expected_calibration_error"]
+            .as_f64()
+            .unwrap_or(f64::NAN)
+    );
+    crate::eval::plot::write_reliability(&plot_path, &title, &bins)?;
     let labels_path = args.out.with_extension("labels.jsonl");
     let mut labels = std::io::BufWriter::new(
         std::fs::File::create(&labels_path)
@@ -966,9 +985,10 @@ fn train(args: TrainArgs) -> Result<()> {
     }
     show("held out", &test_m);
     println!(
-        "head: {}  report: {}  labels: {}  ({} tokens generated, {:.0}s)",
+        "head: {}  report: {}  reliability plot: {}  labels: {}  ({} tokens generated, {:.0}s)",
         args.out.display(),
         report_path.display(),
+        plot_path.display(),
         labels_path.display(),
         s.generated_tokens,
         started.elapsed().as_secs_f64()

@@ -424,6 +424,14 @@ fn prm_train_resumes_its_labels_and_keeps_off_the_development_split() {
         report["fit"]["epochs_run"].as_u64().unwrap() > 0,
         "{report}"
     );
+    // The held-out reliability plot, as PNG and SVG beside the head.
+    let png = std::fs::read(dir.join("soft.reliability.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    let svg = std::fs::read_to_string(dir.join("soft.reliability.svg")).unwrap();
+    assert!(
+        svg.contains("<svg") && svg.contains("held-out steps"),
+        "{svg}"
+    );
     // Other options than the store was made with.
     let other = run("2", "3");
     let err = String::from_utf8_lossy(&other.stderr);

@@ -9,7 +9,7 @@
 //! `--coordinator URL` the cells run as searches on a coordinator and its workers ([`remote`]).
 
 mod dataset;
-mod plot;
+pub(crate) mod plot;
 pub(crate) mod prm;
 mod remote;
 mod samples;

@@ -1,4 +1,5 @@
-//! Accuracy-against-compute plots, one line per strategy, as PNG and SVG with `plotters`.
+//! Accuracy-against-compute plots, one line per strategy, and value heads' reliability plots,
+//! as PNG and SVG with `plotters`.
 //!
 //! Text is drawn with Noto Sans embedded in the binary (`ttf-noto-sans`) through plotters'
 //! `ab_glyph` feature, so the PNG renders the same on a machine without any installed font; the
@@ -93,6 +94,76 @@ pub(crate) fn write_all(dir: &Path, rows: &[Row]) -> Result<()> {
         draw(SVGBackend::new(&svg, SIZE).into_drawing_area(), rows, axis)
             .map_err(|e| anyhow!("drawing {}: {e}", svg.display()))?;
     }
+    Ok(())
+}
+
+/// One bin of a reliability plot: mean predicted probability, observed positive rate, count.
+pub(crate) type Bin = (f64, f64, usize);
+
+/// Writes `png` and the same name with `.svg`: a value head's reliability plot (observed positive
+/// rate against mean prediction per bin, point area by count, the diagonal for reference).
+pub(crate) fn write_reliability(png: &Path, title: &str, bins: &[Bin]) -> Result<()> {
+    register_font();
+    draw_reliability(
+        BitMapBackend::new(png, SIZE).into_drawing_area(),
+        title,
+        bins,
+    )
+    .map_err(|e| anyhow!("drawing {}: {e}", png.display()))?;
+    let svg = png.with_extension("svg");
+    draw_reliability(SVGBackend::new(&svg, SIZE).into_drawing_area(), title, bins)
+        .map_err(|e| anyhow!("drawing {}: {e}", svg.display()))?;
+    Ok(())
+}
+
+fn draw_reliability<DB: DrawingBackend>(
+    root: DrawingArea<DB, Shift>,
+    title: &str,
+    bins: &[Bin],
+) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, (FAMILY, 22))
+        .margin(20)
+        .x_label_area_size(56)
+        .y_label_area_size(64)
+        .build_cartesian_2d(0f64..1f64, 0f64..1f64)?;
+    chart
+        .configure_mesh()
+        .x_desc("mean predicted value in the bin")
+        .y_desc("share of the bin's steps labelled right")
+        .light_line_style(RGBColor(242, 242, 242))
+        .label_style((FAMILY, 15))
+        .axis_desc_style((FAMILY, 17))
+        .draw()?;
+    chart
+        .draw_series(LineSeries::new(
+            [(0.0, 0.0), (1.0, 1.0)],
+            RGBColor(150, 150, 150).stroke_width(1),
+        ))?
+        .label("perfect calibration")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], RGBColor(150, 150, 150)));
+    let colour = COLOURS[1];
+    chart
+        .draw_series(LineSeries::new(
+            bins.iter().map(|b| (b.0, b.1)),
+            colour.stroke_width(2),
+        ))?
+        .label("held-out steps (point area: count)")
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], colour.stroke_width(3)));
+    let most = bins.iter().map(|b| b.2).max().unwrap_or(1).max(1) as f64;
+    chart.draw_series(bins.iter().map(|b| {
+        let r = 3.0 + 12.0 * (b.2 as f64 / most).sqrt();
+        Circle::new((b.0, b.1), r as i32, colour.mix(0.7).filled())
+    }))?;
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .label_font((FAMILY, 15))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
     Ok(())
 }
 
