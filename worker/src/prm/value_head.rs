@@ -444,11 +444,11 @@ impl ValueHead {
                         g.w2.iter_mut().zip(act).for_each(|(g, a)| *g += dz * a);
                         g.b2 += dz;
                         if hidden.is_some() {
-                            for j in 0..h {
-                                if act[j] > 0.0 {
-                                    let dh = dz * out.w[j];
-                                    g.b1[j] += dh;
-                                    let row = &mut g.w1[j * d..(j + 1) * d];
+                            let units = act.iter().zip(&out.w).zip(&mut g.b1);
+                            for (((&a, &w), b1), row) in units.zip(g.w1.chunks_mut(d)) {
+                                if a > 0.0 {
+                                    let dh = dz * w;
+                                    *b1 += dh;
                                     row.iter_mut().zip(z).for_each(|(g, x)| *g += dh * x);
                                 }
                             }
