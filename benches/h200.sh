@@ -48,7 +48,7 @@ quick)
   # time goes, kernel by kernel (the whole log in /tmp/profile.log).
   export ARBOR_BENCH_SKIP_CPU=1
   ARBOR_BENCH_LANES=16,32 ARBOR_BENCH_STEPS=${2:-32} timeout 300 /tmp/bench --bench 2>&1 |
-    grep -v '^$' | grep -E 'lanes|dispatch floor|logits|GB/s|with |###|^\|'
+    grep --line-buffered -v '^$' | grep --line-buffered -E 'lanes|dispatch floor|logits|GB/s|with |###|^\|'
   ARBOR_BENCH_VARIANTS=0 ARBOR_BENCH_PROFILE=1 ARBOR_BENCH_STEPS=16 timeout 200 /tmp/bench --bench \
     > /tmp/profile.log 2>&1
   grep -A12 'profile' /tmp/profile.log | grep -v '^--$' | head -150
