@@ -820,6 +820,34 @@ mod tests {
     }
 
     #[test]
+    fn a_fit_is_the_same_on_any_number_of_threads() {
+        // More examples than one gradient chunk, so several tasks sum parts of it.
+        let d = 8;
+        let (xs, ys) = synthetic(3 * GRADIENT_CHUNK + 7, d, 5);
+        let (vxs, vys) = synthetic(100, d, 6);
+        for hidden in [0, 4] {
+            let o = FitOptions {
+                hidden_units: hidden,
+                epochs: 30,
+                seed: 9,
+                ..FitOptions::default()
+            };
+            let fit_on = |threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                pool.install(|| {
+                    ValueHead::fit_validated(meta(d, hidden), (&xs, &ys), (&vxs, &vys), &o).0
+                })
+            };
+            let one = fit_on(1);
+            assert_eq!(one, fit_on(3), "hidden {hidden}");
+            assert_ne!(one.out.w, vec![0.0; one.out.w.len()], "it trained");
+        }
+    }
+
+    #[test]
     fn heads_learn_a_separable_rule_and_round_trip_through_a_file() {
         let d = 8;
         let (xs, ys) = synthetic(400, d, 1);
