@@ -13,7 +13,7 @@
 # 2026-12-05: speed ~2.5 min, bench ~1 min, hf ~2.5 min (1 min of it loading), llama ~10 s
 # after a ~5 min background build.
 # usage: h200.sh quick [STEPS] | speed | bench [STEPS] | llama-build | llama | hf
-#        | eval SECONDS [ARGS...]
+#        | label [SECONDS] | eval SECONDS [ARGS...]
 #        | arbor SECONDS SUBCOMMAND [ARGS...]
 set -u
 export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
@@ -90,6 +90,36 @@ hf)
   PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 timeout 300 python3 "$here/transformers_baseline.py" \
     /tmp/model.gguf --batches "${2:-1,32,128,512}" 2>&1 | grep -v Warning | tail -12
   ;;
+label)
+  # Verifier labels on the GPU (issue 17): `prm train` on training questions from 1000 (never
+  # the development split) for SECONDS, resuming /tmp/lab/v1, then heads fitted on the CPU to
+  # what is labelled so far, one per target and penalty, in parallel. Heads, reports and
+  # reliability plots go to $OUT/heads, the labels (xz) to $OUT.
+  L=/tmp/lab/v1; mkdir -p /tmp/lab /tmp/heads
+  C="--dataset /tmp/train.jsonl --offset 1000 --samples 8 --rollouts 2 --steps-per-solution 1 $M --labels $L"
+  s=$(date +%s)
+  timeout "${2:-300}" /tmp/arbor prm train $C --questions 2600 --in-flight 128 --kv-blocks 98304 \
+    --device gpu --out /tmp/heads/first.safetensors > /tmp/label.log 2>&1
+  echo "labelling: exit $? after $(( $(date +%s) - s )) s"; tail -c 400 /tmp/label.log; echo
+  # Heads are fitted on the questions labelled without a gap, so none is labelled again.
+  K=$(python3 -c "
+import json
+q = {json.loads(l).get('question') for l in open('$L.steps.jsonl')}
+k = 0
+while 1000 + k in q: k += 1
+print(k)")
+  echo "questions labelled from 1000 without a gap: $K"
+  fit() { n=$1; shift; timeout 150 /tmp/arbor prm train $C --questions "$K" --device cpu \
+    --epochs 3000 --out /tmp/heads/$n.safetensors "$@" > /tmp/heads/$n.log 2>&1; }
+  fit hard-l1 --target hard --l2 1 & fit hard-l10 --target hard --l2 10 &
+  fit outcome-l1 --target outcome --l2 1 & fit outcome-l10 --target outcome --l2 10 &
+  fit soft-l1 --target soft --l2 1 & fit hard-h64 --target hard --l2 1 --hidden 64 --epochs 600 &
+  wait
+  for f in /tmp/heads/*.log; do echo "== $f"; grep -E '^(held out|validation)' "$f"; done
+  mkdir -p "$OUT/heads"
+  cp /tmp/heads/*.safetensors /tmp/heads/*.json /tmp/heads/*.png "$OUT/heads/" 2>/dev/null
+  xz -T8 -c $L.steps.jsonl > "$OUT/steps.jsonl.xz"
+  ;;
 eval|arbor)
   # `arbor eval ARGS` (or `arbor ARGS`: any subcommand, e.g. `prm train`) on the GPU, timed
   # and stopped after SECONDS; eval and prm train resume, so several calls can finish one run.
@@ -101,7 +131,7 @@ eval|arbor)
   tail -c 1500 /tmp/$what.log
   ;;
 *)
-  echo "usage: $0 quick [STEPS] | speed | bench [STEPS] | llama-build | llama | hf | eval SECONDS [ARGS...] | arbor SECONDS SUBCOMMAND [ARGS...]" >&2
+  echo "usage: $0 quick [STEPS] | speed | bench [STEPS] | llama-build | llama | hf | label [SECONDS] | eval SECONDS [ARGS...] | arbor SECONDS SUBCOMMAND [ARGS...]" >&2
   exit 2
   ;;
 esac
