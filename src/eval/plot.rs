@@ -156,15 +156,7 @@ fn draw_reliability<DB: DrawingBackend>(
         let r = 3.0 + 12.0 * (b.2 as f64 / most).sqrt();
         Circle::new((b.0, b.1), r as i32, colour.mix(0.7).filled())
     }))?;
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .label_font((FAMILY, 15))
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()?;
-    root.present()?;
-    Ok(())
+    legend_and_present(&mut chart, &root)
 }
 
 /// One strategy's points: (x, accuracy %, CI low %, CI high %), by budget.
@@ -278,6 +270,14 @@ fn draw<DB: DrawingBackend>(
             )
         }))?;
     }
+    legend_and_present(&mut chart, &root)
+}
+
+/// Draws the legend in the upper left corner and writes the plot out.
+fn legend_and_present<'a, DB: DrawingBackend + 'a, CT: plotters::coord::CoordTranslate>(
+    chart: &mut ChartContext<'a, DB, CT>,
+    root: &DrawingArea<DB, Shift>,
+) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
     chart
         .configure_series_labels()
         .position(SeriesLabelPosition::UpperLeft)
@@ -285,8 +285,7 @@ fn draw<DB: DrawingBackend>(
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .draw()?;
-    root.present()?;
-    Ok(())
+    root.present()
 }
 
 #[cfg(test)]
