@@ -241,6 +241,85 @@ pub(crate) fn resolve_model(path: Option<PathBuf>) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// How often [`Progress`] writes a line where stderr is not a terminal.
+const PROGRESS_LINE_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A long job's progress: a bar on a terminal; where stderr is a file or a pipe (a job under
+/// `nohup`, CI), where a bar would draw nothing, a plain line a minute with the same counts and
+/// message, so a log shows how far the job is and when it will end.
+pub(crate) struct Progress {
+    bar: indicatif::ProgressBar,
+    unit: &'static str,
+    /// When the last plain line was written; `None` on a terminal.
+    last_line: Option<std::sync::Mutex<Instant>>,
+}
+
+impl Progress {
+    /// A bar of `len` `unit`s ("questions", "cells"), drawn as `{pos}/{len} unit, {msg}`.
+    pub(crate) fn new(len: u64, unit: &'static str) -> Progress {
+        let bar = indicatif::ProgressBar::new(len);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(&format!(
+                "{{elapsed_precise}} [{{bar:30}}] {{pos}}/{{len}} {unit}, {{eta}} left; {{msg}}"
+            ))
+            .expect("static template")
+            .progress_chars("=> "),
+        );
+        let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        Progress {
+            bar,
+            unit,
+            last_line: (!terminal).then(|| std::sync::Mutex::new(Instant::now())),
+        }
+    }
+
+    /// `n` more done, and the message after the counts.
+    pub(crate) fn advance(&self, n: u64, message: String) {
+        self.bar.inc(n);
+        self.bar.set_message(message);
+        let Some(last) = &self.last_line else { return };
+        let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
+        if last.elapsed() >= PROGRESS_LINE_EVERY {
+            *last = Instant::now();
+            eprintln!("{}", self.line());
+        }
+    }
+
+    /// The plain line: counts, elapsed time, time left and the message.
+    fn line(&self) -> String {
+        let b = &self.bar;
+        format!(
+            "{}/{} {} after {}, about {} left; {}",
+            b.position(),
+            b.length().unwrap_or(0),
+            self.unit,
+            indicatif::HumanDuration(b.elapsed()),
+            indicatif::HumanDuration(b.eta()),
+            b.message()
+        )
+    }
+
+    /// A line above the bar (or in the log).
+    pub(crate) fn println(&self, line: String) {
+        if self.last_line.is_some() {
+            eprintln!("{line}");
+        } else {
+            self.bar.println(line);
+        }
+    }
+
+    /// Ticks the bar twice a second (elapsed time moves while nothing finishes).
+    pub(crate) fn steady(&self) {
+        self.bar
+            .enable_steady_tick(std::time::Duration::from_millis(500));
+    }
+
+    /// Clears the bar.
+    pub(crate) fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}
+
 pub(crate) fn load_engine(model: Option<PathBuf>, device: Device) -> Result<(Model, Engine)> {
     load_engine_with(model, device, EngineOptions::default())
 }
@@ -390,4 +469,18 @@ fn cmd_model_list() -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod progress_tests {
+    use super::Progress;
+
+    #[test]
+    fn the_plain_progress_line_has_the_counts_and_the_message() {
+        let p = Progress::new(10, "questions");
+        p.advance(3, "12 steps labelled".into());
+        let line = p.line();
+        assert!(line.starts_with("3/10 questions after "), "{line}");
+        assert!(line.ends_with("left; 12 steps labelled"), "{line}");
+    }
 }

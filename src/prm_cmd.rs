@@ -731,14 +731,7 @@ fn train(args: TrainArgs) -> Result<()> {
         .worker_threads(1)
         .enable_all()
         .build()?;
-    let bar = indicatif::ProgressBar::new(questions.len() as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{elapsed_precise} [{bar:30}] {pos}/{len} questions, {msg} (eta {eta})",
-        )
-        .expect("static template")
-        .progress_chars("=> "),
-    );
+    let bar = crate::cli::Progress::new(questions.len() as u64, "questions");
     let args = Arc::new(args);
     let n_questions = questions.len();
     let examples: Vec<Example> = rt.block_on(async {
@@ -764,12 +757,14 @@ fn train(args: TrainArgs) -> Result<()> {
             let labelled = labelled?;
             store.append(index, &labelled)?;
             examples.extend(labelled);
-            bar.inc(1);
-            bar.set_message(format!(
-                "{} steps labelled, {} tokens generated",
-                examples.len(),
-                worker.stats().generated_tokens
-            ));
+            bar.advance(
+                1,
+                format!(
+                    "{} steps labelled, {} tokens generated",
+                    examples.len(),
+                    worker.stats().generated_tokens
+                ),
+            );
         }
         if started_questions < n_questions {
             bar.println(format!(
@@ -778,7 +773,7 @@ fn train(args: TrainArgs) -> Result<()> {
         }
         anyhow::Ok(examples)
     })?;
-    bar.finish_and_clear();
+    bar.finish();
     let label_secs = started.elapsed().as_secs_f64();
     if examples.is_empty() {
         bail!("no step was labelled");

@@ -584,6 +584,22 @@ fn plan(
     jobs
 }
 
+/// The progress line's message: accuracy so far, and failed cells if any.
+fn eval_status(correct: u64, finished: u64, failed: u64) -> String {
+    let mut s = if finished == 0 {
+        "accuracy so far: -".to_string()
+    } else {
+        format!(
+            "accuracy so far: {correct}/{finished} = {:.1}%",
+            100.0 * correct as f64 / finished as f64
+        )
+    };
+    if failed > 0 {
+        s.push_str(&format!(", {failed} failed (left out, rerun to retry)"));
+    }
+    s
+}
+
 /// Runs `jobs`, `concurrency` at a time on one runtime, writing each result as it comes.
 fn execute(
     runtime: tokio::runtime::Runtime,
@@ -594,16 +610,9 @@ fn execute(
     traces: &mut JsonlAppender,
     mut samples_out: Option<&mut JsonlAppender>,
 ) -> Result<(u64, Option<String>)> {
-    let bar = indicatif::ProgressBar::new(todo as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{elapsed_precise} [{bar:30}] {pos}/{len} cells, {eta} left; {msg}",
-        )
-        .expect("static template")
-        .progress_chars("=> "),
-    );
-    bar.set_message("accuracy so far: -");
-    bar.enable_steady_tick(Duration::from_millis(500));
+    let bar = crate::cli::Progress::new(todo as u64, "cells");
+    bar.advance(0, eval_status(0, 0, 0));
+    bar.steady();
     let (mut finished, mut correct) = (0u64, 0u64);
     let mut failed: (u64, Option<String>) = (0, None);
     let result = runtime.block_on(async {
@@ -628,7 +637,7 @@ fn execute(
                     tracing::warn!("{e:#}");
                     failed.0 += 1;
                     failed.1.get_or_insert_with(|| format!("{e:#}"));
-                    bar.inc(1);
+                    bar.advance(1, eval_status(correct, finished, failed.0));
                     continue;
                 }
                 Ok(Err(e)) => return Err(e),
@@ -644,14 +653,13 @@ fn execute(
                 finished += 1;
                 correct += u64::from(record.correct);
             }
-            bar.inc(done.records.len() as u64);
-            bar.set_message(format!(
-                "accuracy so far: {correct}/{finished} = {:.1}%",
-                100.0 * correct as f64 / finished.max(1) as f64
-            ));
+            bar.advance(
+                done.records.len() as u64,
+                eval_status(correct, finished, failed.0),
+            );
         }
     });
-    bar.finish_and_clear();
+    bar.finish();
     // Abandoned tasks (after an error) are dropped with the runtime; their cells run next time.
     runtime.shutdown_timeout(Duration::from_secs(1));
     result?;
