@@ -1,8 +1,5 @@
-//! Adapters: which one a backend opens, what it can do (cooperative matrices), and their
-//! summaries for `arbor devices`.
-
-#[allow(unused_imports)] // named in the docs
-use super::WgpuBackend;
+//! Adapters: which one a backend opens, what it can do (cooperative matrices), and a summary
+//! of each that wgpu can see.
 
 /// Describes the adapter a backend runs on.
 #[derive(Debug, Clone)]
@@ -17,7 +14,7 @@ pub struct AdapterSummary {
     pub software: bool,
 }
 
-/// Whether the adapter a [`WgpuBackend`] would open runs batched products on cooperative
+/// Whether the adapter a [`WgpuBackend`](super::WgpuBackend) would open runs batched products on cooperative
 /// matrices (f16 inputs, f32 sums), so results of passes of more than 32 tokens agree with the
 /// f32 kernels' to f16 rounding rather than f32's (tests pick their tolerance by it).
 pub fn cooperative_matrix_available() -> bool {
