@@ -434,16 +434,15 @@ impl ValueHead {
                 .map(|(zc, yc)| {
                     let mut g = Gradient::zero(width, h, d);
                     for (z, &y) in zc.iter().zip(yc) {
-                        let act: Vec<f32> = match &hidden {
-                            Some(l) => l.apply(z).into_iter().map(|v| v.max(0.0)).collect(),
-                            None => Vec::new(),
-                        };
-                        let act: &[f32] = if hidden.is_some() { &act } else { z };
+                        let relu: Option<Vec<f32>> = hidden
+                            .as_ref()
+                            .map(|l| l.apply(z).into_iter().map(|v| v.max(0.0)).collect());
+                        let act: &[f32] = relu.as_deref().unwrap_or(z);
                         let p = sigmoid(out.apply(act)[0]);
                         let dz = (p - y) / n;
                         g.w2.iter_mut().zip(act).for_each(|(g, a)| *g += dz * a);
                         g.b2 += dz;
-                        if hidden.is_some() {
+                        if relu.is_some() {
                             let units = act.iter().zip(&out.w).zip(&mut g.b1);
                             for (((&a, &w), b1), row) in units.zip(g.w1.chunks_mut(d)) {
                                 if a > 0.0 {
