@@ -10,9 +10,11 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use arbor_model::fetch::{sha256_file, DEFAULT_MODEL};
-use arbor_model::{SamplingParams, StopReason};
+use arbor_model::{HiddenLayer, SamplingParams, StopReason};
 use arbor_search::{equivalent, extract_answer, ScoreRequest, Step};
-use arbor_worker::prm::value_head::{accuracy, auc, step_hidden_states, FitOptions, HeadMeta};
+use arbor_worker::prm::value_head::{
+    accuracy, auc, step_hidden_states, FitOptions, HeadMeta, LAYER_FINAL_NORM,
+};
 use arbor_worker::prm::{
     split_into_steps, LabelTokenConfig, PrmConfig, RolloutValueConfig, ValueHead, ValueHeadConfig,
 };
@@ -121,6 +123,16 @@ pub(crate) struct TrainArgs {
     /// GPU with many questions in flight.
     #[arg(long, default_value_t = 8192)]
     kv_blocks: usize,
+    /// Where the policy's hidden states are read, and kept with the labels: `final_norm`
+    /// (after the last block and the final norm), `block.B` (the residual stream after block
+    /// B, counted from 0, scaled to unit RMS), or several, comma-separated
+    /// (`block.8,block.16,final_norm`), kept side by side so that heads on each can be
+    /// compared on the same labels (--head-layers).
+    #[arg(long, default_value = "final_norm")]
+    layers: String,
+    /// The layers the head reads: some of --layers (default: all of them, side by side).
+    #[arg(long)]
+    head_layers: Option<String>,
     /// Hidden units of the head (0: logistic regression).
     #[arg(long, default_value_t = 0)]
     hidden: usize,
@@ -302,6 +314,7 @@ fn sampling(args: &TrainArgs, seed: u64) -> SamplingParams {
 async fn label_question(
     worker: LocalWorker,
     args: Arc<TrainArgs>,
+    layers: Arc<Vec<HiddenLayer>>,
     q: Question,
 ) -> Result<Vec<Example>> {
     let tok = worker.tokenizer().clone();
@@ -395,7 +408,7 @@ async fn label_question(
             steps: steps.iter().cloned().map(Arc::new).collect(),
         })
         .collect();
-    let features = step_hidden_states(&worker, &requests)
+    let features = step_hidden_states(&worker, &requests, &layers)
         .await
         .map_err(|e| anyhow::anyhow!(e.message))?;
     let mut out = Vec::new();
@@ -495,7 +508,7 @@ fn labels_digest(base: &Path) -> Result<String> {
 
 /// The labelling parameters a store was made with; a resumed run must match them.
 fn label_header(args: &TrainArgs, model_sha256: &str, d_model: usize) -> serde_json::Value {
-    serde_json::json!({
+    let mut header = serde_json::json!({
         "arbor_prm_labels": 1,
         "dataset": args.dataset.display().to_string(),
         "model_sha256": model_sha256,
@@ -508,13 +521,27 @@ fn label_header(args: &TrainArgs, model_sha256: &str, d_model: usize) -> serde_j
         "max_steps": args.max_steps,
         "steps_per_solution": args.steps_per_solution,
         "seed": args.seed,
-    })
+    });
+    // Stores of the final layer alone (all of them before `--layers`) name no layers.
+    if args.layers != LAYER_FINAL_NORM {
+        header["layers"] = args.layers.clone().into();
+    }
+    header
+}
+
+/// `d_model` values per layer a store's header names (`layers`; none: the final layer).
+fn store_width(header: &serde_json::Value) -> usize {
+    let d_model = header["d_model"].as_u64().unwrap_or(0) as usize;
+    let layers = header["layers"]
+        .as_str()
+        .map_or(1, |l| l.split(',').count());
+    d_model * layers
 }
 
 /// Labelled steps on disk as they are made, so a long labelling run can stop and resume:
 /// `PATH.steps.jsonl` (a header line, then one line per step and a `{"done": QUESTION}` line
-/// after each question's steps) and `PATH.features.f32` (each step's hidden state, `d_model`
-/// little-endian f32s, in the order of the step lines). A question counts only once its
+/// after each question's steps) and `PATH.features.f32` (each step's hidden states, `d_model`
+/// little-endian f32s per layer of the header's `layers`, in the order of the step lines). A question counts only once its
 /// `done` line is written; anything after the last one (a run stopped mid-write) is dropped
 /// on resume.
 struct LabelStore {
@@ -530,7 +557,8 @@ impl LabelStore {
     fn open(out: &Path, header: &serde_json::Value) -> Result<(LabelStore, Vec<Example>)> {
         let steps_path = out.with_extension("steps.jsonl");
         let features_path = out.with_extension("features.f32");
-        let d_model = header["d_model"].as_u64().unwrap_or(0) as usize;
+        // Values per step.
+        let d_model = store_width(header);
         let mut examples = Vec::new();
         // Bytes of each file that hold finished questions.
         let (mut keep_steps, mut keep_rows) = (0u64, 0usize);
@@ -711,6 +739,23 @@ fn train(args: TrainArgs) -> Result<()> {
             ..arbor_model::EngineOptions::default()
         },
     )?;
+    let n_layers = model.config.n_layers;
+    let layers = HiddenLayer::parse_list(&args.layers, n_layers)
+        .map_err(|e| anyhow::anyhow!("--layers: {e}"))?;
+    let head_layers = match &args.head_layers {
+        None => layers.clone(),
+        Some(list) => {
+            let chosen = HiddenLayer::parse_list(list, n_layers)
+                .map_err(|e| anyhow::anyhow!("--head-layers: {e}"))?;
+            if let Some(missing) = chosen.iter().find(|l| !layers.contains(l)) {
+                bail!(
+                    "--head-layers: {missing} is not among the layers labelled (--layers {})",
+                    args.layers
+                );
+            }
+            chosen
+        }
+    };
     let header = label_header(&args, &model_sha256, model.config.d_model);
     let labels_base = args.labels.clone().unwrap_or_else(|| args.out.clone());
     let (mut store, resumed) = LabelStore::open(&labels_base, &header)?;
@@ -733,8 +778,9 @@ fn train(args: TrainArgs) -> Result<()> {
         .build()?;
     let bar = crate::cli::Progress::new(questions.len() as u64, "questions");
     let args = Arc::new(args);
+    let read_layers = Arc::new(layers.clone());
     let n_questions = questions.len();
-    let examples: Vec<Example> = rt.block_on(async {
+    let mut examples: Vec<Example> = rt.block_on(async {
         let mut pending = questions.into_iter();
         let mut tasks = tokio::task::JoinSet::new();
         let mut examples = resumed;
@@ -747,7 +793,7 @@ fn train(args: TrainArgs) -> Result<()> {
                 let Some(q) = pending.next() else { break };
                 started_questions += 1;
                 let index = q.index;
-                let job = label_question(worker.clone(), args.clone(), q);
+                let job = label_question(worker.clone(), args.clone(), read_layers.clone(), q);
                 tasks.spawn(async move { (index, job.await) });
             }
             let Some(done) = tasks.join_next().await else {
@@ -777,6 +823,20 @@ fn train(args: TrainArgs) -> Result<()> {
     let label_secs = started.elapsed().as_secs_f64();
     if examples.is_empty() {
         bail!("no step was labelled");
+    }
+    // The head's layers, out of those kept side by side.
+    if head_layers != layers {
+        let d = model.config.d_model;
+        let at: Vec<usize> = head_layers
+            .iter()
+            .map(|l| layers.iter().position(|k| k == l).expect("checked above"))
+            .collect();
+        for e in &mut examples {
+            e.feature = at
+                .iter()
+                .flat_map(|&k| e.feature[k * d..(k + 1) * d].iter().copied())
+                .collect();
+        }
     }
 
     // Hold out whole questions.
@@ -810,7 +870,8 @@ fn train(args: TrainArgs) -> Result<()> {
         Target::Hard | Target::Outcome => f32::from(e.share > 0.0),
         Target::Soft => e.share,
     };
-    let meta = HeadMeta::new(&model_name, &model_sha256, &model.config, args.hidden);
+    let meta =
+        HeadMeta::new(&model_name, &model_sha256, &model.config, args.hidden).reading(&head_layers);
     let options = FitOptions {
         hidden_units: args.hidden,
         epochs: args.epochs,
@@ -894,6 +955,7 @@ fn train(args: TrainArgs) -> Result<()> {
         "samples": args.samples,
         "rollouts": args.rollouts,
         "target": format!("{:?}", args.target).to_lowercase(),
+        "layers": HiddenLayer::list(&head_layers),
         "hidden_units": args.hidden,
         "labels": match args.target {
             Target::Outcome => "final steps only: 1 when the solution's answer is right",

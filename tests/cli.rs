@@ -432,6 +432,38 @@ fn prm_train_resumes_its_labels_and_keeps_off_the_development_split() {
         svg.contains("<svg") && svg.contains("held-out steps"),
         "{svg}"
     );
+    // A store of two layers side by side, and a head on one of them.
+    let mid = dir.join("mid.safetensors");
+    let layers = [
+        "--layers",
+        "block.11,final_norm",
+        "--head-layers",
+        "block.11",
+    ];
+    let two = run_to("1", "2", &mid, &layers);
+    let err = String::from_utf8_lossy(&two.stderr);
+    assert!(two.status.success(), "{err}");
+    let features = std::fs::metadata(mid.with_extension("features.f32"))
+        .unwrap()
+        .len();
+    assert!(
+        features > 0 && features % (2 * 896 * 4) == 0,
+        "{features} bytes of hidden states at two layers"
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(mid.with_extension("json")).unwrap())
+            .unwrap();
+    assert_eq!(report["layers"], "block.11");
+    let absent = [
+        "--layers",
+        "block.11,final_norm",
+        "--head-layers",
+        "block.3",
+    ];
+    let refused = run_to("1", "2", &dir.join("absent.safetensors"), &absent);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(err.contains("--head-layers: block.3 is not among"), "{err}");
     // Other options than the store was made with.
     let other = run("2", "3");
     let err = String::from_utf8_lossy(&other.stderr);

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use crate::arch::ModelConfig;
-use crate::backend::{Backend, ForwardBatch};
+use crate::backend::{Backend, ForwardBatch, HiddenLayer};
 use crate::error::{ModelError, Result};
 use crate::kv::{BlockAllocator, KV_BLOCK_TOKENS};
 use crate::sampling::Draw;
@@ -56,6 +56,8 @@ pub struct Engine {
     hidden: Vec<f32>,
     /// Hidden states of one pass, reused between calls.
     pass_hidden: Vec<f32>,
+    /// Where hidden states are read ([`Engine::set_hidden_layers`]).
+    hidden_layers: Vec<HiddenLayer>,
     /// Picked tokens, entry after entry, reused between calls.
     picks: Vec<(u32, f32)>,
     /// Picks of one pass, reused between calls.
@@ -159,6 +161,7 @@ impl Engine {
             pass_logits: Vec::new(),
             hidden: Vec::new(),
             pass_hidden: Vec::new(),
+            hidden_layers: vec![HiddenLayer::Final],
             picks: Vec::new(),
             pass_picks: Vec::new(),
         }
@@ -167,6 +170,40 @@ impl Engine {
     /// The model's hyper-parameters.
     pub fn config(&self) -> &ModelConfig {
         self.backend.config()
+    }
+
+    /// Sets where the hidden states that passes return are read: each requested hidden state
+    /// is then `d_model` values per layer listed, in this order. The default is
+    /// `[HiddenLayer::Final]`. An empty list, a repeated layer or a block the model lacks is
+    /// refused, and the setting is left as it was.
+    pub fn set_hidden_layers(&mut self, layers: &[HiddenLayer]) -> Result<()> {
+        let n_layers = self.config().n_layers;
+        if layers.is_empty() {
+            return Err(ModelError::invalid("hidden_layers", "no layer given"));
+        }
+        for (i, layer) in layers.iter().enumerate() {
+            if let HiddenLayer::Block(b) = layer {
+                if *b >= n_layers {
+                    return Err(ModelError::invalid(
+                        "hidden_layers",
+                        format!("{layer}: the model has {n_layers} blocks"),
+                    ));
+                }
+            }
+            if layers[..i].contains(layer) {
+                return Err(ModelError::invalid(
+                    "hidden_layers",
+                    format!("{layer} is listed twice"),
+                ));
+            }
+        }
+        self.hidden_layers = layers.to_vec();
+        Ok(())
+    }
+
+    /// Where hidden states are read ([`Engine::set_hidden_layers`]).
+    pub fn hidden_layers(&self) -> &[HiddenLayer] {
+        &self.hidden_layers
     }
 
     /// Bytes of scratch memory kept between passes: the output buffers of
@@ -294,9 +331,10 @@ impl Engine {
         Ok(self.forward_every(entries, false)?.logits)
     }
 
-    /// Like [`Engine::forward`], but returns the final hidden state (after the last block and
-    /// the final norm) at *every* appended token, entry after entry (`Σ tokens * d_model`),
-    /// and computes no logits: what a reward or value head reads.
+    /// Like [`Engine::forward`], but returns the hidden state (by default after the last block
+    /// and the final norm; see [`Engine::set_hidden_layers`]) at *every* appended token, entry
+    /// after entry (`Σ tokens * d_model` per layer read), and computes no logits: what a reward
+    /// or value head reads.
     pub fn forward_hidden(&mut self, entries: &[(SeqId, &[u32])]) -> Result<&[f32]> {
         Ok(self.forward_every(entries, true)?.hidden)
     }
@@ -335,7 +373,8 @@ impl Engine {
     pub fn forward_at(&mut self, entries: &[ForwardEntry<'_>]) -> Result<ForwardOutputs<'_>> {
         self.validate(entries)?;
         let vocab = self.config().vocab_size;
-        let d = self.config().d_model;
+        // Values per hidden state: `d_model` per layer read.
+        let d = self.config().d_model * self.hidden_layers.len();
         // Output rows per entry: (token offset, row), for logits and for hidden states.
         let mut logit_rows: Vec<Vec<(usize, usize)>> = Vec::with_capacity(entries.len());
         let mut hidden_rows: Vec<Vec<(usize, usize)>> = Vec::with_capacity(entries.len());
@@ -535,6 +574,7 @@ impl Engine {
             block_tables: &tables,
             logits_for,
             hidden_for,
+            hidden_layers: &self.hidden_layers,
         };
         self.backend
             .forward_sampled(&batch, sample_for, draws, outputs, picks)?;

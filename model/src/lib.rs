@@ -26,7 +26,7 @@ pub mod tiny;
 mod tokenizer;
 
 pub use arch::{ModelConfig, RopeStyle};
-pub use backend::{Backend, ForwardBatch};
+pub use backend::{Backend, ForwardBatch, HiddenLayer};
 pub use engine::{Engine, EngineOptions, ForwardEntry, ForwardOutputs, SeqId};
 pub use error::{ModelError, Result};
 pub use generate::{GenOutput, GenRequest, StopReason};

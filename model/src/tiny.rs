@@ -168,6 +168,16 @@ impl TinyModel {
     /// The final hidden state (after the last block and the final norm) at every token,
     /// computed the plain way in f32.
     pub fn reference_hidden(&self, tokens: &[u32]) -> Vec<Vec<f32>> {
+        self.reference_hidden_at(tokens, crate::HiddenLayer::Final)
+    }
+
+    /// The hidden state at `layer` (see [`crate::HiddenLayer`]) at every token, computed the
+    /// plain way in f32.
+    pub fn reference_hidden_at(&self, tokens: &[u32], layer: crate::HiddenLayer) -> Vec<Vec<f32>> {
+        let blocks = match layer {
+            crate::HiddenLayer::Final => LAYERS,
+            crate::HiddenLayer::Block(b) => b + 1,
+        };
         let w: HashMap<&str, &[f32]> = self
             .tensors
             .iter()
@@ -181,7 +191,7 @@ impl TinyModel {
             .map(|&t| g("model.embed_tokens.weight")[t as usize * D..(t as usize + 1) * D].to_vec())
             .collect();
         let kv = KV_HEADS * HD;
-        for l in 0..LAYERS {
+        for l in 0..blocks {
             let p = |s: &str| format!("model.layers.{l}.{s}");
             let add = |mut v: Vec<f32>, b: &[f32]| {
                 v.iter_mut().zip(b).for_each(|(x, y)| *x += y);
@@ -237,7 +247,12 @@ impl TinyModel {
                 x.iter_mut().zip(&down).for_each(|(a, b)| *a += b);
             }
         }
-        xs.iter().map(|x| rms(x, g("model.norm.weight"))).collect()
+        let ones = vec![1f32; D];
+        let weight = match layer {
+            crate::HiddenLayer::Final => g("model.norm.weight"),
+            crate::HiddenLayer::Block(_) => &ones,
+        };
+        xs.iter().map(|x| rms(x, weight)).collect()
     }
 
     /// The logits after every token, computed the plain way in f32.

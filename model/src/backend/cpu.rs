@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
-use super::{release, rope_angles, Backend, ForwardBatch};
+use super::{release, rope_angles, Backend, ForwardBatch, HiddenLayer};
 use crate::arch::{DecoderWeights, ModelConfig, RopeStyle};
 use crate::error::{ModelError, Result};
 use crate::kv::KV_BLOCK_TOKENS;
@@ -677,6 +677,21 @@ impl CpuBackend {
             }
         }
         let scale = 1.0 / (hd as f32).sqrt();
+        let (mh, nl) = (batch.hidden_for.len(), batch.hidden_layers.len());
+        hidden.resize(mh * nl * d, 0.0);
+        // Hidden states read at layer `k` of `hidden_layers`, normalised with `weight`.
+        let read_hidden = |x: &[f32], k: usize, weight: &[f32], hidden: &mut Vec<f32>| {
+            for (j, &i) in batch.hidden_for.iter().enumerate() {
+                let row = &mut hidden[(j * nl + k) * d..(j * nl + k + 1) * d];
+                rms_norm(
+                    &x[i as usize * d..(i as usize + 1) * d],
+                    weight,
+                    cfg.rms_eps,
+                    row,
+                );
+            }
+        };
+        let ones = vec![1.0f32; d];
 
         for (l, lw) in w.layers.iter().enumerate() {
             rms_norm(&s.x, &lw.attn_norm, cfg.rms_eps, &mut s.h);
@@ -768,14 +783,18 @@ impl CpuBackend {
             for (x, o) in s.x.iter_mut().zip(&s.o) {
                 *x += o;
             }
+            for (k, layer) in batch.hidden_layers.iter().enumerate() {
+                if *layer == HiddenLayer::Block(l) {
+                    read_hidden(&s.x, k, &ones, hidden);
+                }
+            }
         }
 
         // Final hidden states: the selected rows, normalised in f32 (never quantized).
-        let mh = batch.hidden_for.len();
-        hidden.resize(mh * d, 0.0);
-        for (j, &i) in batch.hidden_for.iter().enumerate() {
-            let (i, row) = (i as usize, &mut hidden[j * d..(j + 1) * d]);
-            rms_norm(&s.x[i * d..(i + 1) * d], &w.out_norm, cfg.rms_eps, row);
+        for (k, layer) in batch.hidden_layers.iter().enumerate() {
+            if *layer == HiddenLayer::Final {
+                read_hidden(&s.x, k, &w.out_norm, hidden);
+            }
         }
         let m = batch.logits_for.len();
         logits.resize(m * cfg.vocab_size, 0.0);
@@ -880,6 +899,7 @@ mod tests {
                 block_tables: &tables,
                 logits_for: &[],
                 hidden_for: &[],
+                hidden_layers: &[],
             };
             let run = |vector: bool| {
                 let task = AttentionTask {

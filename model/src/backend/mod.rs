@@ -32,10 +32,75 @@ pub struct ForwardBatch<'a> {
     pub block_tables: &'a [Vec<u32>],
     /// Indices of the tokens whose next-token logits are wanted, in output order.
     pub logits_for: &'a [u32],
-    /// Indices of the tokens whose final hidden state is wanted, in output order: the residual
-    /// stream after the last block and the final norm, the vector the output projection (or a
-    /// reward model's head) reads. Empty for plain decoding.
+    /// Indices of the tokens whose hidden states are wanted, in output order. Empty for plain
+    /// decoding.
     pub hidden_for: &'a [u32],
+    /// Where each of those tokens' hidden states are read, in output order: for each token of
+    /// `hidden_for`, `d_model` values per layer listed here. Usually `[HiddenLayer::Final]`.
+    pub hidden_layers: &'a [HiddenLayer],
+}
+
+/// Where a hidden state is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HiddenLayer {
+    /// After the last block and the final norm: the vector the output projection (or a reward
+    /// model's head) reads. Written `final_norm`.
+    Final,
+    /// The residual stream after block `b` (0-based), scaled to a root-mean-square of one (the
+    /// scale a norm would give it, without the norm's weight). Written `block.B`.
+    Block(usize),
+}
+
+impl HiddenLayer {
+    /// Parses `final_norm` or `block.B`, checking `B` against the model's `n_layers`.
+    pub fn parse(s: &str, n_layers: usize) -> std::result::Result<HiddenLayer, String> {
+        if s == "final_norm" {
+            return Ok(HiddenLayer::Final);
+        }
+        let b = s
+            .strip_prefix("block.")
+            .and_then(|b| b.parse::<usize>().ok())
+            .ok_or_else(|| format!("{s:?} is neither `final_norm` nor `block.B`"))?;
+        if b >= n_layers {
+            return Err(format!(
+                "{s:?}: the model's blocks are block.0 to block.{}",
+                n_layers.saturating_sub(1)
+            ));
+        }
+        Ok(HiddenLayer::Block(b))
+    }
+
+    /// Parses a comma-separated list of layers (`block.11,final_norm`); empty or repeated
+    /// entries are refused.
+    pub fn parse_list(s: &str, n_layers: usize) -> std::result::Result<Vec<HiddenLayer>, String> {
+        let mut out: Vec<HiddenLayer> = Vec::new();
+        for part in s.split(',') {
+            let layer = HiddenLayer::parse(part.trim(), n_layers)?;
+            if out.contains(&layer) {
+                return Err(format!("{layer} is listed twice in {s:?}"));
+            }
+            out.push(layer);
+        }
+        Ok(out)
+    }
+
+    /// `layers` as `parse_list` reads them.
+    pub fn list(layers: &[HiddenLayer]) -> String {
+        layers
+            .iter()
+            .map(|l| l.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+impl std::fmt::Display for HiddenLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HiddenLayer::Final => f.write_str("final_norm"),
+            HiddenLayer::Block(b) => write!(f, "block.{b}"),
+        }
+    }
 }
 
 /// RoPE angles of the `head_dim / 2` dimension pairs at `position`, as llama.cpp computes them:
@@ -70,8 +135,8 @@ pub trait Backend: Send {
     /// (copy-on-write of a shared, partly filled block).
     fn copy_kv_block(&mut self, src: u32, dst: u32, n_tokens: usize);
     /// Runs the batch, writing its keys and values into the KV storage,
-    /// `logits_for.len() * vocab_size` logits into `logits` and `hidden_for.len() * d_model`
-    /// final hidden states into `hidden`. A backend skips the output projection when
+    /// `logits_for.len() * vocab_size` logits into `logits` and
+    /// `hidden_for.len() * hidden_layers.len() * d_model` hidden states into `hidden`. A backend skips the output projection when
     /// `logits_for` is empty.
     fn forward(
         &mut self,

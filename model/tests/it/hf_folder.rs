@@ -3,7 +3,7 @@
 
 use arbor_model::backend::cpu::CpuBackend;
 use arbor_model::tiny::{TinyModel, D, EXTRA_0, KV_HEADS, VOCAB};
-use arbor_model::{Engine, EngineOptions, ForwardEntry, Model, ModelError};
+use arbor_model::{Engine, EngineOptions, ForwardEntry, HiddenLayer, Model, ModelError};
 
 fn write_folder_for(dir: &std::path::Path, arch: &str) {
     TinyModel::new(arch).write(dir).unwrap();
@@ -197,6 +197,72 @@ fn hidden_states_match_the_plain_reference_at_chosen_offsets() {
             .unwrap_err();
         assert!(err.to_string().contains("offset"), "{err}");
         assert_eq!(e.seq_len(s4), Some(0));
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Hidden states read after a middle block, and several layers at once, match the plain
+/// reference; the engine refuses layers the model lacks and keeps its setting.
+#[test]
+fn hidden_states_of_any_layer_match_the_plain_reference() {
+    let dir = std::env::temp_dir().join(format!("arbor-hf-layers-{}", std::process::id()));
+    write_folder(&dir);
+    let tiny = TinyModel::new("qwen2");
+    let model = Model::load(&dir).unwrap();
+    let a = model.tokenizer.encode("abc ab! step one", false).unwrap();
+    let layers = [
+        HiddenLayer::Block(0),
+        HiddenLayer::Final,
+        HiddenLayer::Block(1),
+    ];
+    let refs: Vec<Vec<Vec<f32>>> = layers
+        .iter()
+        .map(|&l| tiny.reference_hidden_at(&a, l))
+        .collect();
+    // A middle block's state differs from the final one: the test can tell them apart.
+    assert!(refs[0][3]
+        .iter()
+        .zip(&refs[1][3])
+        .any(|(x, y)| (x - y).abs() > 0.1));
+    let mut e = engine_for(&model);
+    for bad in [
+        vec![],
+        vec![HiddenLayer::Block(2)],
+        vec![HiddenLayer::Final, HiddenLayer::Final],
+    ] {
+        let err = e.set_hidden_layers(&bad).unwrap_err();
+        assert!(err.to_string().contains("hidden_layers"), "{err}");
+        assert_eq!(e.hidden_layers(), &[HiddenLayer::Final]);
+    }
+    e.set_hidden_layers(&layers).unwrap();
+    let s = e.new_sequence();
+    let every = e.forward_hidden(&[(s, &a)]).unwrap().to_vec();
+    assert_eq!(every.len(), a.len() * layers.len() * D);
+    for (o, row) in every.chunks(layers.len() * D).enumerate() {
+        for (k, got) in row.chunks(D).enumerate() {
+            let want = &refs[k][o];
+            // The tolerance of the final norm's test: 5% of the layer's largest element.
+            let scale = refs[k].iter().flatten().fold(0f32, |m, v| m.max(v.abs()));
+            for (i, (g, w)) in got.iter().zip(want).enumerate() {
+                assert!(
+                    (g - w).abs() <= 0.05 * scale,
+                    "{} offset {o} element {i}: {g} vs reference {w}",
+                    layers[k]
+                );
+            }
+        }
+    }
+    // The names round-trip.
+    let list = HiddenLayer::list(&layers);
+    assert_eq!(list, "block.0,final_norm,block.1");
+    assert_eq!(HiddenLayer::parse_list(&list, 2).unwrap(), layers);
+    for (bad, says) in [
+        ("block.2", "block.0 to block.1"),
+        ("layer.1", "neither"),
+        ("block.1,block.1", "twice"),
+    ] {
+        let err = HiddenLayer::parse_list(bad, 2).unwrap_err();
+        assert!(err.contains(says), "{bad}: {err}");
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }

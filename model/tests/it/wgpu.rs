@@ -8,7 +8,7 @@ use arbor_model::backend::cpu::CpuBackend;
 use arbor_model::backend::wgpu::{WgpuBackend, WgpuOptions};
 use arbor_model::sampling::{kept_weights, log_prob, pick, Draw};
 use arbor_model::tiny::{TinyModel, D, VOCAB};
-use arbor_model::{Engine, EngineOptions, ForwardEntry, Model};
+use arbor_model::{Engine, EngineOptions, ForwardEntry, HiddenLayer, Model};
 
 fn skip() -> bool {
     if !arbor_model::backend::wgpu::adapters().is_empty() {
@@ -307,19 +307,33 @@ fn wgpu_hidden_states_match_the_f32_reference_on_the_tiny_model() {
     tiny.write(&dir).unwrap();
     let model = Model::load(&dir).unwrap();
     let tokens: Vec<u32> = (0..40u32).map(|i| (i * 53 + 5) % 256).collect();
-    let reference = tiny.reference_hidden(&tokens);
+    // A middle block's state, the final one, and the last block's without the norm's weight,
+    // read in one pass.
+    let layers = [
+        HiddenLayer::Block(0),
+        HiddenLayer::Final,
+        HiddenLayer::Block(1),
+    ];
+    let references: Vec<Vec<Vec<f32>>> = layers
+        .iter()
+        .map(|&l| tiny.reference_hidden_at(&tokens, l))
+        .collect();
     let at = [0u32, 17, 39];
     let rel = |e: &mut Engine| -> Vec<f32> {
+        e.set_hidden_layers(&layers).unwrap();
         let s = e.new_sequence();
         let out = e
             .forward_at(&[ForwardEntry::hidden_at(s, &tokens, &at)])
             .unwrap()
             .hidden
             .to_vec();
-        at.iter()
+        assert_eq!(out.len(), at.len() * layers.len() * D);
+        let wanted = at
+            .iter()
+            .flat_map(|&p| references.iter().map(move |r| &r[p as usize]));
+        wanted
             .zip(out.chunks(D))
-            .map(|(&p, got)| {
-                let want = &reference[p as usize];
+            .map(|(want, got)| {
                 let norm = want.iter().map(|v| v * v).sum::<f32>().sqrt();
                 let err = got
                     .iter()

@@ -12,7 +12,7 @@
 use std::path::{Path, PathBuf};
 
 use arbor_model::safetensors_folder::SafetensorsFolder;
-use arbor_model::{ChatMessage, ModelError};
+use arbor_model::{ChatMessage, HiddenLayer, ModelError};
 use arbor_search::{ScoreCost, ScoreError, ScoreRequest, Scorer, StepScores};
 use serde::{Deserialize, Serialize};
 
@@ -273,7 +273,13 @@ impl Scorer for ClassifierScorer {
         let readouts = self
             .reader
             .with_engine_and_cache(move |engine, _, _| {
-                read_paths(engine, None, &layouts, &Probe::Inline, &Read::Hidden)
+                read_paths(
+                    engine,
+                    None,
+                    &layouts,
+                    &Probe::Inline,
+                    &Read::Hidden(vec![HiddenLayer::Final]),
+                )
             })
             .await
             .map_err(worker_error)?

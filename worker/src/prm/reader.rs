@@ -8,7 +8,7 @@
 //! the probe. Paths are advanced step by step, all paths of a call in the same passes, and the
 //! longest prefix the worker's prefix cache holds is forked instead of recomputed.
 
-use arbor_model::{Engine, ForwardEntry, ModelError, SeqId};
+use arbor_model::{Engine, ForwardEntry, HiddenLayer, ModelError, SeqId};
 
 use crate::cache::PrefixCache;
 
@@ -28,8 +28,8 @@ pub(crate) struct PathLayout {
 pub(crate) enum Read {
     /// The next-token logits of these vocabulary ids.
     Logits(Vec<u32>),
-    /// The final hidden state (`d_model` values).
-    Hidden,
+    /// The hidden states at these layers (`d_model` values each, in this order).
+    Hidden(Vec<HiddenLayer>),
 }
 
 /// Where to read.
@@ -66,12 +66,19 @@ pub(crate) fn read_paths(
     what: &Read,
 ) -> Result<Vec<PathReadout>, ModelError> {
     let mut cursors: Vec<Cursor> = paths.iter().map(|_| Cursor { seq: None, len: 0 }).collect();
+    let before = engine.hidden_layers().to_vec();
+    if let Read::Hidden(layers) = what {
+        engine.set_hidden_layers(layers)?;
+    }
     let result = read_with(engine, &mut cache, paths, probe, what, &mut cursors);
     for c in cursors {
         if let Some(seq) = c.seq {
             engine.free(seq);
         }
     }
+    engine
+        .set_hidden_layers(&before)
+        .expect("the engine's own setting is valid");
     result
 }
 
@@ -91,7 +98,10 @@ fn read_with(
         })
         .collect();
     let rounds = paths.iter().map(|p| p.step_ends.len()).max().unwrap_or(0);
-    let width = engine.config().d_model;
+    let width = match what {
+        Read::Hidden(layers) => engine.config().d_model * layers.len(),
+        Read::Logits(_) => 0,
+    };
     let vocab = engine.config().vocab_size;
     for round in 0..rounds {
         // Phase 1: bring every path's main sequence to the end of this step, reading inline.
@@ -155,7 +165,7 @@ fn read_with(
                     let at: &[u32] = if read.is_some() { at } else { &[] };
                     match what {
                         Read::Logits(_) => ForwardEntry::logits_at(c.seq.expect("set"), tokens, at),
-                        Read::Hidden => ForwardEntry::hidden_at(c.seq.expect("set"), tokens, at),
+                        Read::Hidden(_) => ForwardEntry::hidden_at(c.seq.expect("set"), tokens, at),
                     }
                 })
                 .collect();
@@ -205,7 +215,7 @@ fn read_with(
                 .iter()
                 .map(|&f| match what {
                     Read::Logits(_) => ForwardEntry::logits_at(f, probe_tokens, &last),
-                    Read::Hidden => ForwardEntry::hidden_at(f, probe_tokens, &last),
+                    Read::Hidden(_) => ForwardEntry::hidden_at(f, probe_tokens, &last),
                 })
                 .collect();
             let result = engine.forward_at(&entries).map(|o| {
@@ -236,6 +246,6 @@ fn take_row(
             let r = &logits[row * vocab..(row + 1) * vocab];
             ids.iter().map(|&id| r[id as usize]).collect()
         }
-        Read::Hidden => hidden[row * width..(row + 1) * width].to_vec(),
+        Read::Hidden(_) => hidden[row * width..(row + 1) * width].to_vec(),
     }
 }

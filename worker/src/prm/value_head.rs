@@ -1,19 +1,22 @@
 //! The learned value head: a small model (logistic regression, or one hidden ReLU layer) on the
-//! policy's own final hidden state at the last token of each step, trained by `arbor prm train`
-//! on Monte-Carlo labels and stored as safetensors with its metadata.
+//! policy's own hidden states at the last token of each step (the final one, a middle block's,
+//! or several side by side), trained by `arbor prm train` on Monte-Carlo labels and stored as
+//! safetensors with its metadata.
 //!
-//! File format (`*.safetensors`, f32): `mean` and `inv_std` `[d_model]` standardise the hidden
-//! state; then either `w1` `[h, d_model]`, `b1` `[h]`, ReLU, `w2` `[1, h]`, `b2` `[1]`, or (no
-//! hidden layer) `w2` `[1, d_model]`, `b2` `[1]`; the value is `sigmoid(a * z + b)` of that
+//! File format (`*.safetensors`, f32), with `n` = `d_model` times the layers read: `mean` and
+//! `inv_std` `[n]` standardise the hidden states; then either `w1` `[h, n]`, `b1` `[h]`, ReLU,
+//! `w2` `[1, h]`, `b2` `[1]`, or (no hidden layer) `w2` `[1, n]`, `b2` `[1]`; the value is
+//! `sigmoid(a * z + b)` of that
 //! output `z`, with the Platt calibration `calibration` `[2]` = `(a, b)` fitted on validation
 //! questions (absent in older files: `(1, 0)`). The metadata
 //! (string pairs) name the format, the model (file name, SHA-256, architecture, widths) and the
-//! layer read (`final_norm`: after the last block and the final norm, the only one supported).
+//! layers read (`layer`: [`HiddenLayer::parse_list`]'s form, e.g. `final_norm`, after the last
+//! block and the final norm, or `block.11,final_norm`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use arbor_model::ModelConfig;
+use arbor_model::{HiddenLayer, ModelConfig};
 use arbor_search::{ScoreCost, ScoreError, ScoreRequest, Scorer, StepScores};
 use safetensors::tensor::{Dtype, TensorView};
 use serde::{Deserialize, Serialize};
@@ -26,7 +29,7 @@ use rayon::prelude::*;
 
 /// The `format` metadata value of a value head file.
 pub const FORMAT: &str = "arbor-value-head/1";
-/// The only layer read so far: the final hidden state after the final norm.
+/// The layer read by default: the final hidden state after the final norm.
 pub const LAYER_FINAL_NORM: &str = "final_norm";
 
 /// Settings of the value-head PRM.
@@ -46,11 +49,12 @@ pub struct HeadMeta {
     pub model_sha256: String,
     /// The policy's architecture.
     pub architecture: String,
-    /// Width of the hidden state the head reads.
+    /// Width of the policy's hidden state.
     pub d_model: usize,
     /// Blocks of the policy.
     pub n_layers: usize,
-    /// Where the hidden state is read ([`LAYER_FINAL_NORM`]).
+    /// Where the hidden states are read: [`HiddenLayer::list`]'s form, e.g.
+    /// [`LAYER_FINAL_NORM`] or `block.11,final_norm`.
     pub layer: String,
     /// Hidden units of the head (0: logistic regression).
     pub hidden_units: usize,
@@ -68,6 +72,23 @@ impl HeadMeta {
             layer: LAYER_FINAL_NORM.into(),
             hidden_units: hidden,
         }
+    }
+
+    /// The same, reading the hidden states at `layers`.
+    pub fn reading(mut self, layers: &[HiddenLayer]) -> Self {
+        self.layer = HiddenLayer::list(layers);
+        self
+    }
+
+    /// The layers read.
+    pub fn layers(&self) -> Result<Vec<HiddenLayer>, String> {
+        HiddenLayer::parse_list(&self.layer, self.n_layers)
+            .map_err(|e| format!("metadata `layer`: {e}"))
+    }
+
+    /// Width of the head's input: `d_model` per layer read.
+    pub fn input_width(&self) -> usize {
+        self.d_model * self.layer.split(',').count()
     }
 
     fn to_map(&self) -> HashMap<String, String> {
@@ -95,7 +116,7 @@ impl HeadMeta {
         if get("format")? != FORMAT {
             return Err(format!("metadata `format` is not {FORMAT}"));
         }
-        Ok(HeadMeta {
+        let meta = HeadMeta {
             model_name: get("model_name")?,
             model_sha256: get("model_sha256")?,
             architecture: get("architecture")?,
@@ -103,7 +124,9 @@ impl HeadMeta {
             n_layers: num("n_layers")?,
             layer: get("layer")?,
             hidden_units: num("hidden_units")?,
-        })
+        };
+        meta.layers()?;
+        Ok(meta)
     }
 }
 
@@ -341,6 +364,7 @@ impl ValueHead {
         assert_eq!(vxs.len(), vys.len(), "one target per validation example");
         assert!(!xs.is_empty(), "no examples");
         let d = xs[0].len();
+        assert_eq!(d, meta.input_width(), "d_model features per layer read");
         let n = xs.len() as f32;
         let mut mean = vec![0f32; d];
         for x in xs {
@@ -511,7 +535,7 @@ impl ValueHead {
             path: path.into(),
             reason,
         };
-        let d = self.meta.d_model;
+        let d = self.meta.input_width();
         let mut tensors: Vec<(&str, Vec<usize>, &[f32])> = vec![
             ("mean", vec![d], &self.mean),
             ("inv_std", vec![d], &self.inv_std),
@@ -578,7 +602,7 @@ impl ValueHead {
             }
             Ok(v)
         };
-        let (d, h) = (meta.d_model, meta.hidden_units);
+        let (d, h) = (meta.input_width(), meta.hidden_units);
         let hidden = if h > 0 {
             Some(Linear {
                 w: tensor("w1", &[h, d])?,
@@ -613,14 +637,17 @@ impl ValueHead {
     }
 }
 
-/// The policy's final hidden state at the last token of every step of every request (the
-/// features a value head reads), and the tokens computed for each request. Runs on the
+/// The policy's hidden states at `layers` (`d_model` values each, side by side) at the last
+/// token of every step of every request (the features a value head reads), and the tokens
+/// computed for each request. Runs on the
 /// policy's engine and forks its prefix cache, so a path the policy just wrote costs about one
 /// token per step.
 pub async fn step_hidden_states(
     worker: &LocalWorker,
     batch: &[ScoreRequest],
+    layers: &[HiddenLayer],
 ) -> Result<Vec<(Vec<Vec<f32>>, u64)>, ScoreError> {
+    let read = Read::Hidden(layers.to_vec());
     let tok = worker.tokenizer();
     let mut layouts = Vec::with_capacity(batch.len());
     for r in batch {
@@ -639,7 +666,7 @@ pub async fn step_hidden_states(
     }
     let readouts = worker
         .with_engine_and_cache(move |engine, _, cache| {
-            read_paths(engine, Some(cache), &layouts, &Probe::Inline, &Read::Hidden)
+            read_paths(engine, Some(cache), &layouts, &Probe::Inline, &read)
         })
         .await
         .map_err(worker_error)?
@@ -654,6 +681,8 @@ pub async fn step_hidden_states(
 #[derive(Debug)]
 pub struct ValueHeadScorer {
     head: ValueHead,
+    /// The layers the head reads (its metadata's `layer`).
+    layers: Vec<HiddenLayer>,
     worker: LocalWorker,
 }
 
@@ -683,12 +712,7 @@ impl ValueHeadScorer {
                 m.model_name, m.architecture, m.n_layers, m.d_model, c.n_layers, c.d_model
             ));
         }
-        if m.layer != LAYER_FINAL_NORM {
-            return Err(format!(
-                "reads layer {:?}; only {LAYER_FINAL_NORM} is supported",
-                m.layer
-            ));
-        }
+        let layers = m.layers()?;
         if !policy.model_info().source.contains(&m.model_name) {
             tracing::warn!(
                 trained_on = %m.model_name,
@@ -698,6 +722,7 @@ impl ValueHeadScorer {
         }
         Ok(ValueHeadScorer {
             head,
+            layers,
             worker: policy.clone(),
         })
     }
@@ -710,7 +735,7 @@ impl ValueHeadScorer {
 
 impl Scorer for ValueHeadScorer {
     async fn score(&self, batch: Vec<ScoreRequest>) -> Result<Vec<StepScores>, ScoreError> {
-        let features = step_hidden_states(&self.worker, &batch).await?;
+        let features = step_hidden_states(&self.worker, &batch, &self.layers).await?;
         Ok(features
             .into_iter()
             .map(|(rows, tokens)| StepScores {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use arbor_model::backend::cpu::CpuBackend;
 use arbor_model::tiny::{matvec, Rng, TinyModel, D, EXTRA_0};
-use arbor_model::{Engine, EngineOptions, Model, SamplingParams};
+use arbor_model::{Engine, EngineOptions, HiddenLayer, Model, SamplingParams};
 use arbor_search::{
     Aggregation, ScoreRequest, Scorer, ScorerChoice, Search, SearchConfig, SearchControl, Step,
 };
@@ -429,7 +429,9 @@ fn prm_value_head_scores_real_paths_with_a_head_fitted_here() {
         request_from_texts(w.tokenizer(), &prompt, &RIGHT).unwrap(),
         request_from_texts(w.tokenizer(), &prompt, &wrong).unwrap(),
     ];
-    let features = rt.block_on(step_hidden_states(&w, &requests)).unwrap();
+    let features = rt
+        .block_on(step_hidden_states(&w, &requests, &[HiddenLayer::Final]))
+        .unwrap();
     let d = model().config.d_model;
     // The same hidden states, the plain way: the whole path in one fresh sequence.
     for (r, (rows, _)) in requests.iter().zip(&features) {
@@ -497,6 +499,44 @@ fn prm_value_head_scores_real_paths_with_a_head_fitted_here() {
         got[0].scores[2] > 0.5 && got[1].scores[2] < 0.5,
         "the head fits its own training steps: {got:?}"
     );
+    // A middle block's state beside the final one: the final part is what was read alone, the
+    // middle one differs, and a head on the middle block scores with what it was fitted on.
+    let layers = [HiddenLayer::Block(11), HiddenLayer::Final];
+    let both = rt
+        .block_on(step_hidden_states(&w, &requests, &layers))
+        .unwrap();
+    let mut middle = Vec::new();
+    for ((rows, _), (finals, _)) in both.iter().zip(&features) {
+        for (row, fin) in rows.iter().zip(finals) {
+            assert_eq!(row.len(), 2 * d);
+            let err = row[d..]
+                .iter()
+                .zip(fin)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(err < 1e-3, "the final layer read beside another: {err}");
+            let apart = row[..d].iter().zip(fin).any(|(a, b)| (a - b).abs() > 0.1);
+            assert!(apart, "block.11 reads the same values as final_norm");
+            middle.push(row[..d].to_vec());
+        }
+    }
+    let meta = HeadMeta::new("policy.gguf", "", &model().config, 0).reading(&layers[..1]);
+    let head = ValueHead::fit(meta, &middle, &ys, &options);
+    let path =
+        std::env::temp_dir().join(format!("arbor-prm-mid-{}.safetensors", std::process::id()));
+    head.save(&path).unwrap();
+    let config = PrmConfig::ValueHead(ValueHeadConfig { path: path.clone() });
+    let scorer = prm::build(&config, &w).unwrap();
+    let got = rt.block_on(scorer.score(requests.clone())).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    let scores: Vec<f32> = got.iter().flat_map(|r| r.scores.clone()).collect();
+    for (s, row) in scores.iter().zip(&middle) {
+        assert!(
+            (s - head.predict(row)).abs() < 1e-4,
+            "{s} vs {}",
+            head.predict(row)
+        );
+    }
     // Solutions the policy just wrote are read from its prefix cache for one token each,
     // also when a finished one is held whole (forked and truncated back one token).
     let item = ExpandItem {

@@ -218,6 +218,8 @@ pub struct WgpuBackend {
     pipelines: Pipelines,
     layers: Vec<GpuLayer>,
     out_norm: wgpu::Buffer,
+    /// `d_model` ones: the weight of the norm that scales a middle layer's hidden states.
+    ones: wgpu::Buffer,
     output: GpuMatrix,
     /// One buffer per layer.
     kv: Vec<wgpu::Buffer>,
@@ -351,6 +353,7 @@ impl WgpuBackend {
         };
         let scope = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let out_norm = up.f32("output_norm", &weights.out_norm);
+        let ones = up.f32("ones", &vec![1.0; config.d_model]);
         let output = up.matrix("output", &[&weights.output])?;
         let mut layers = Vec::with_capacity(config.n_layers);
         for (l, lw) in weights.layers.iter().enumerate() {
@@ -400,6 +403,7 @@ impl WgpuBackend {
             pipelines,
             layers,
             out_norm,
+            ones,
             output,
             kv: Vec::new(),
             kv_blocks: 0,
@@ -684,7 +688,9 @@ impl Backend for WgpuBackend {
         if batch.logits_for.len() + sample_for.len() <= rows_max {
             return self.forward_pass(batch, (sample_for, draws), (logits, hidden), picks);
         }
-        let (vocab, d) = (self.config.vocab_size, self.config.d_model);
+        let vocab = self.config.vocab_size;
+        // Per hidden row: `d_model` values for each layer read.
+        let d = self.config.d_model * batch.hidden_layers.len();
         logits.resize(batch.logits_for.len() * vocab, 0.0);
         hidden.resize(batch.hidden_for.len() * d, 0.0);
         picks.clear();
@@ -727,6 +733,7 @@ impl Backend for WgpuBackend {
                 block_tables: batch.block_tables,
                 logits_for: &lf,
                 hidden_for: &hf,
+                hidden_layers: batch.hidden_layers,
             };
             self.forward_pass(
                 &part,

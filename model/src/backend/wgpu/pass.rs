@@ -6,7 +6,7 @@ use super::profile::{self, Timestamps};
 use super::record::{Fused, HeadParams, NormParams, Recorder, SampleParams};
 use super::{device_err, WgpuBackend, TOKENS_PER_TILE};
 use crate::arch::RopeStyle;
-use crate::backend::{rope_angles, ForwardBatch};
+use crate::backend::{rope_angles, ForwardBatch, HiddenLayer};
 use crate::error::Result;
 use crate::kv::KV_BLOCK_TOKENS;
 use crate::sampling::Draw;
@@ -80,10 +80,11 @@ impl WgpuBackend {
             sample_for.len(),
             batch.hidden_for.len(),
         );
+        let nl = batch.hidden_layers.len();
         // Rows through the output projection: returned ones, then sampled ones.
         let m = ml + ms;
         logits.resize(ml * cfg.vocab_size, 0.0);
-        hidden.resize(mh * cfg.d_model, 0.0);
+        hidden.resize(mh * nl * cfg.d_model, 0.0);
         picks.clear();
         picks.resize(ms, (0, 0.0));
         if n == 0 {
@@ -130,13 +131,13 @@ impl WgpuBackend {
         sel.extend_from_slice(sample_for);
         sel.extend_from_slice(batch.hidden_for);
 
-        self.ensure_scratch(n, m, m + mh, tables.len().max(1))?;
+        self.ensure_scratch(n, m, m + mh * nl, tables.len().max(1))?;
         let per_layer = 4
             + self.layers[0].qkv.chunks.len()
             + self.layers[0].gate_up.chunks.len()
             + self.layers[0].wo.chunks.len()
             + self.layers[0].down.chunks.len();
-        let slots = per_layer * cfg.n_layers + 3 + self.output.chunks.len();
+        let slots = per_layer * cfg.n_layers + 3 + nl + self.output.chunks.len();
         self.ensure_params(slots);
         if self.has_timestamps && !self.timestamps.as_ref().is_some_and(|t| t.fits(slots)) {
             self.timestamps = Some(Timestamps::new(
@@ -171,11 +172,15 @@ impl WgpuBackend {
             dispatches: Vec::new(),
             cache: &mut self.bind_cache,
         };
-        let norm = |rows: usize, use_sel: bool| NormParams {
+        // `sel`: the rows read are `sel[from..]`, written from output row `to`.
+        let norm = |rows: usize, sel: Option<(usize, usize)>| NormParams {
             n_rows: rows as u32,
             d: d as u32,
             eps: cfg.rms_eps,
-            use_sel: use_sel as u32,
+            use_sel: sel.is_some() as u32,
+            sel_from: sel.map_or(0, |s| s.0 as u32),
+            out_from: sel.map_or(0, |s| s.1 as u32),
+            pad: [0; 2],
         };
         let heads = |word5: u32, rope: u32| HeadParams {
             n_heads: cfg.n_heads as u32,
@@ -219,7 +224,7 @@ impl WgpuBackend {
                 fuse_norm,
                 (&s.x, &s.h),
                 &lw.attn_norm,
-                norm(n, false),
+                norm(n, None),
                 &self.dummy,
             );
             rec.matmul(
@@ -272,7 +277,7 @@ impl WgpuBackend {
                 fuse_norm,
                 (&s.x, &s.h),
                 &lw.ffn_norm,
-                norm(n, false),
+                norm(n, None),
                 &self.dummy,
             );
             rec.matmul(
@@ -301,18 +306,41 @@ impl WgpuBackend {
                 residual,
                 &self.dummy,
             );
+            // Hidden states read after this block: `fin` holds the logits rows, then for each
+            // layer of `hidden_layers` its `mh` rows.
+            for (k, layer) in batch.hidden_layers.iter().enumerate() {
+                if mh > 0 && *layer == HiddenLayer::Block(l) {
+                    rec.add(
+                        &p.rms_norm,
+                        "hidden",
+                        norm(mh, Some((m, m + k * mh))),
+                        &[&s.x, &self.ones, &s.fin, &s.sel],
+                        (mh as u32, 1, 1),
+                    );
+                }
+            }
         }
-        // Final norm of the selected rows (logits rows, then hidden rows), then the output
-        // projection of the logits rows.
-        let rows_out = m + mh;
-        if rows_out > 0 {
+        // Final norm of the selected rows (logits rows, then hidden rows read there), then the
+        // output projection of the logits rows.
+        if m > 0 {
             rec.add(
                 &p.rms_norm,
                 "final_norm",
-                norm(rows_out, true),
+                norm(m, Some((0, 0))),
                 &[&s.x, &self.out_norm, &s.fin, &s.sel],
-                (rows_out as u32, 1, 1),
+                (m as u32, 1, 1),
             );
+        }
+        for (k, layer) in batch.hidden_layers.iter().enumerate() {
+            if mh > 0 && *layer == HiddenLayer::Final {
+                rec.add(
+                    &p.rms_norm,
+                    "final_norm",
+                    norm(mh, Some((m, m + k * mh))),
+                    &[&s.x, &self.out_norm, &s.fin, &s.sel],
+                    (mh as u32, 1, 1),
+                );
+            }
         }
         if m > 0 {
             rec.matmul(
@@ -347,7 +375,7 @@ impl WgpuBackend {
         let total = rec.dispatches.len();
         let n_ts = total as u32 + 1;
         let logits_bytes = (ml * cfg.vocab_size * 4) as u64;
-        let hidden_bytes = (mh * d * 4) as u64;
+        let hidden_bytes = (mh * nl * d * 4) as u64;
         let picks_bytes = (ms * 8) as u64;
         let mut first = 0;
         let mut piece = 8;
@@ -462,9 +490,14 @@ impl WgpuBackend {
                 .map_err(|e| device_err("reading results back", e))?;
             let floats: &[f32] = bytemuck::cast_slice(&view);
             let (rows, rest) = floats.split_at(ml * cfg.vocab_size);
-            let (states, picked) = rest.split_at(mh * d);
+            let (states, picked) = rest.split_at(mh * nl * d);
             logits.copy_from_slice(rows);
-            hidden.copy_from_slice(states);
+            // Layer after layer on the device; token after token (its layers together) out.
+            for (k, layer_rows) in states.chunks_exact((mh * d).max(1)).enumerate() {
+                for (j, row) in layer_rows.chunks_exact(d).enumerate() {
+                    hidden[(j * nl + k) * d..(j * nl + k + 1) * d].copy_from_slice(row);
+                }
+            }
             for (out, pair) in picks.iter_mut().zip(picked.chunks_exact(2)) {
                 *out = (pair[0].to_bits(), pair[1]);
             }

@@ -33,6 +33,10 @@ pub(super) struct NormParams {
     pub(super) d: u32,
     pub(super) eps: f32,
     pub(super) use_sel: u32,
+    /// With `use_sel`: the first entry of `sel` read, and the first output row written.
+    pub(super) sel_from: u32,
+    pub(super) out_from: u32,
+    pub(super) pad: [u32; 2],
 }
 
 #[repr(C)]

@@ -1,12 +1,16 @@
-// out[j] = x[src] / sqrt(mean(x[src]^2) + eps) * w, one workgroup per output row; src is j, or
-// sel[j] when `use_sel` is set (the final norm of the rows whose logits or hidden states are
-// wanted).
+// out[o] = x[src] / sqrt(mean(x[src]^2) + eps) * w, one workgroup per output row j; src and o
+// are j, or, when `use_sel` is set, sel[sel_from + j] and out_from + j (the norms of the rows
+// whose logits or hidden states are wanted).
 
 struct Params {
     n_rows: u32,
     d: u32,
     eps: f32,
     use_sel: u32,
+    sel_from: u32,
+    out_from: u32,
+    pad0: u32,
+    pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -21,8 +25,10 @@ var<workgroup> red: array<f32, 256>;
 fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
     let j = wid.x;
     var src = j;
+    var o = j;
     if (p.use_sel != 0u) {
-        src = sel[j];
+        src = sel[p.sel_from + j];
+        o = p.out_from + j;
     }
     let xb = src * p.d;
     var ss = 0.0;
@@ -39,7 +45,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
         workgroupBarrier();
     }
     let scale = 1.0 / sqrt(red[0] / f32(p.d) + p.eps);
-    let ob = j * p.d;
+    let ob = o * p.d;
     for (var i = lid; i < p.d; i += 256u) {
         out[ob + i] = x[xb + i] * scale * w[i];
     }
