@@ -93,10 +93,12 @@ hf)
 label)
   # Verifier labels on the GPU (issue 17): `prm train` on training questions from 1000 (never
   # the development split) for SECONDS, resuming /tmp/lab/v1, then heads fitted on the CPU to
-  # what is labelled so far, one per target and penalty, in parallel. Heads, reports and
+  # what is labelled so far, one per layer, target and penalty, in parallel. Heads, reports and
   # reliability plots go to $OUT/heads, the labels (xz) to $OUT.
   L=/tmp/lab/v1; mkdir -p /tmp/lab /tmp/heads
-  C="--dataset /tmp/train.jsonl --offset 1000 --samples 8 --rollouts 2 --steps-per-solution 1 $M --labels $L"
+  # Hidden states of five layers side by side, so heads on each compare on the same labels.
+  LAYERS=block.5,block.11,block.15,block.19,final_norm
+  C="--dataset /tmp/train.jsonl --offset 1000 --samples 8 --rollouts 2 --steps-per-solution 1 $M --labels $L --layers $LAYERS"
   s=$(date +%s)
   timeout "${2:-300}" /tmp/arbor prm train $C --questions 2600 --in-flight 128 --kv-blocks 98304 \
     --device gpu --out /tmp/heads/first.safetensors > /tmp/label.log 2>&1
@@ -111,9 +113,12 @@ print(k)")
   echo "questions labelled from 1000 without a gap: $K"
   fit() { n=$1; shift; timeout 150 /tmp/arbor prm train $C --questions "$K" --device cpu \
     --epochs 3000 --out /tmp/heads/$n.safetensors "$@" > /tmp/heads/$n.log 2>&1; }
-  fit hard-l1 --target hard --l2 1 & fit hard-l10 --target hard --l2 10 &
-  fit outcome-l1 --target outcome --l2 1 & fit outcome-l10 --target outcome --l2 10 &
-  fit soft-l1 --target soft --l2 1 & fit hard-h64 --target hard --l2 1 --hidden 64 --epochs 600 &
+  for l in final_norm block.11 block.15 block.19 all; do
+    h=$l; [ $l = all ] && h=$LAYERS
+    fit hard-l1-$l --target hard --l2 1 --head-layers $h &
+    fit hard-l10-$l --target hard --l2 10 --head-layers $h &
+    fit outcome-l1-$l --target outcome --l2 1 --head-layers $h &
+  done
   wait
   for f in /tmp/heads/*.log; do echo "== $f"; grep -E '^(held out|validation)' "$f"; done
   mkdir -p "$OUT/heads"
