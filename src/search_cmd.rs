@@ -52,7 +52,7 @@ pub(crate) struct SearchArgs {
     seed: u64,
     /// Score steps with a process reward model: `judge` (the policy asked whether each step
     /// is right), `rollout` (agreement of cheap rollouts), a value head from `arbor prm train`
-    /// (FILE.safetensors), a head shipped with Arbor by name (`arbor-gsm8k-v0`: heads/ in the
+    /// (FILE.safetensors), a head shipped with Arbor by name (`arbor-gsm8k-v1`: heads/ in the
     /// repository says how it was made and how well it does), or a JSON file with any PRM
     /// configuration, e.g.
     /// {"kind": "classifier", "model": "Qwen2.5-Math-PRM-7B/"} (see README). Without it, steps

@@ -482,58 +482,70 @@ fn prm_train_resumes_its_labels_and_keeps_off_the_development_split() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// A head shipped with Arbor is chosen by name (`--prm arbor-gsm8k-v0`), with its provenance
+/// A head shipped with Arbor is chosen by name (`--prm arbor-gsm8k-v1`), with its provenance
 /// beside it in `heads/`, and a policy of another shape is refused, naming both.
 #[test]
 fn builtin_heads_are_chosen_by_name_and_refuse_another_policy() {
-    let report: serde_json::Value =
-        serde_json::from_str(include_str!("../heads/arbor-gsm8k-v0.json")).unwrap();
-    assert!(report["command"]
-        .as_str()
-        .unwrap()
-        .contains("arbor prm train"));
-    assert_eq!(report["labels_sha256"].as_str().unwrap().len(), 64);
-    assert_eq!(
-        report["model_sha256"],
-        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
-    );
+    let reports: [(&str, &str, &[u8]); 2] = [
+        (
+            "arbor-gsm8k-v0",
+            include_str!("../heads/arbor-gsm8k-v0.json"),
+            include_bytes!("../heads/arbor-gsm8k-v0.safetensors"),
+        ),
+        (
+            "arbor-gsm8k-v1",
+            include_str!("../heads/arbor-gsm8k-v1.json"),
+            include_bytes!("../heads/arbor-gsm8k-v1.safetensors"),
+        ),
+    ];
     let home = std::env::temp_dir().join(format!("arbor-builtin-head-{}", std::process::id()));
     let tiny = home.join("tiny");
     arbor_model::tiny::TinyModel::new("qwen2")
         .write(&tiny)
         .unwrap();
-    let out = arbor()
-        .args([
-            "search",
-            "--model",
-            tiny.to_str().unwrap(),
-            "--prm",
-            "arbor-gsm8k-v0",
-        ])
-        .args(["--budget-tokens", "16", "What is 2 + 2?"])
-        .env("ARBOR_HOME", &home)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
-    assert!(
-        err.contains("arbor-gsm8k-v0.safetensors")
-            && err.contains("but the policy is 2 layers of width 64"),
-        "{err}"
-    );
-    // Written once under $ARBOR_HOME/heads, byte for byte the shipped file.
-    let written = std::fs::read(home.join("heads/arbor-gsm8k-v0.safetensors")).unwrap();
+    for (name, report, bytes) in reports {
+        let report: serde_json::Value = serde_json::from_str(report).unwrap();
+        assert!(report["command"]
+            .as_str()
+            .unwrap()
+            .contains("arbor prm train"));
+        assert_eq!(report["labels_sha256"].as_str().unwrap().len(), 64);
+        assert_eq!(
+            report["model_sha256"],
+            "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+        );
+        let out = arbor()
+            .args(["search", "--model", tiny.to_str().unwrap(), "--prm", name])
+            .args(["--budget-tokens", "16", "What is 2 + 2?"])
+            .env("ARBOR_HOME", &home)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{err}");
+        assert!(
+            err.contains(&format!("{name}.safetensors"))
+                && err.contains("but the policy is 2 layers of width 64"),
+            "{err}"
+        );
+        // Written once under $ARBOR_HOME/heads, byte for byte the shipped file.
+        let written = std::fs::read(home.join(format!("heads/{name}.safetensors"))).unwrap();
+        assert_eq!(written, bytes);
+    }
+    // v1 reads five layers of the policy, and was held out from questions it never saw.
+    let v1: serde_json::Value =
+        serde_json::from_str(include_str!("../heads/arbor-gsm8k-v1.json")).unwrap();
     assert_eq!(
-        written,
-        include_bytes!("../heads/arbor-gsm8k-v0.safetensors")
+        v1["layers"],
+        "block.5,block.11,block.15,block.19,final_norm"
     );
+    assert!(v1["held_out"]["questions"].as_u64().unwrap() >= 150, "{v1}");
     // The default model (from the usual cache, where the head goes too) takes it, and the
     // search values its steps with it.
     let out = arbor()
         .args([
             "search",
             "--prm",
-            "arbor-gsm8k-v0",
+            "arbor-gsm8k-v1",
             "--strategy",
             "best-of-n",
             "--n",

@@ -96,7 +96,8 @@ struct RunArgs {
     /// (the policy's own confidence, free), `judge` (the policy asked whether each step is
     /// right), `rollout` (agreement of cheap rollouts; their tokens count against the budget),
     /// a value head from `arbor prm train` (FILE.safetensors), a shipped head by name
-    /// (`arbor-gsm8k-v0`), or a JSON file with any PRM configuration.
+    /// (`arbor-gsm8k-v1`, held-out AUC 0.79 on reasoned final answers), or a JSON file with any
+    /// PRM configuration.
     #[arg(long, default_value = "logprob", value_parser = parse_prm_arg)]
     prm: PrmChoice,
     /// Output folder: traces, summary, plots. Running again with the same folder resumes.
