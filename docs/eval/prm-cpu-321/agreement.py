@@ -1,7 +1,7 @@
 """Held-out AUCs of a value head against two label-free signals, with 95% intervals from
 resampling questions (2,000 bootstrap draws).
 
-usage: python3 agreement.py HEAD.labels.jsonl SAMPLES
+usage: python3 agreement.py HEAD.labels.jsonl[.xz] SAMPLES
 
 - head: the value `arbor prm train` wrote for each held-out step (HEAD.labels.jsonl);
 - confidence: the policy's mean token probability over the step;
@@ -10,7 +10,7 @@ usage: python3 agreement.py HEAD.labels.jsonl SAMPLES
   the number is the last one in the final step's text, which is how GSM8K answers end.
 Reasoned final steps are final steps of solutions of two or more steps.
 """
-import collections, json, random, re, sys
+import collections, json, lzma, random, re, sys
 
 def answer(text):
     m = re.findall(r"-?\d[\d,]*\.?\d*", text)
@@ -24,7 +24,8 @@ def auc(rows, key):
     wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a in pos for b in neg)
     return wins / len(pos) / len(neg)
 
-labelled = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+opener = lzma.open if sys.argv[1].endswith(".xz") else open
+labelled = [json.loads(l) for l in opener(sys.argv[1], "rt") if l.strip()]
 samples = int(sys.argv[2])
 finals = collections.defaultdict(list)
 for e in labelled:
