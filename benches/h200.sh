@@ -92,16 +92,15 @@ hf)
   ;;
 label)
   # Verifier labels on the GPU (issue 17): `prm train` on training questions from 1000 (never
-  # the development split) for SECONDS, resuming /tmp/lab/v1, then heads fitted on the CPU to
-  # what is labelled so far, one per layer, target and penalty, in parallel. Heads, reports and
-  # reliability plots go to $OUT/heads, the labels (xz) to $OUT.
-  L=/tmp/lab/v1; mkdir -p /tmp/lab /tmp/heads
-  # Hidden states of five layers side by side, so heads on each compare on the same labels.
-  LAYERS=block.5,block.11,block.15,block.19,final_norm
-  C="--dataset /tmp/train.jsonl --offset 1000 --samples 8 --rollouts 2 --steps-per-solution 1 $M --labels $L --layers $LAYERS"
+  # the development split) for SECONDS, resuming /tmp/lab/v1 (hidden states of the default
+  # `--layers auto`), then heads fitted on the CPU to what is labelled so far, one per target
+  # and penalty, in parallel. Heads, reports, plots and their labelled steps come back as one
+  # file, $OUT/heads.tar.xz (the device returns only a few files a call).
+  L=/tmp/lab/v1; H=/tmp/heads; mkdir -p /tmp/lab; rm -rf $H; mkdir -p $H
+  C="--dataset /tmp/train.jsonl --offset 1000 --samples 8 --rollouts 2 --steps-per-solution 1 $M --labels $L"
   s=$(date +%s)
-  timeout "${2:-300}" /tmp/arbor prm train $C --questions 2600 --in-flight 128 --kv-blocks 98304 \
-    --device gpu --out /tmp/heads/first.safetensors > /tmp/label.log 2>&1
+  timeout "${2:-300}" /tmp/arbor prm train $C --questions 5000 --in-flight 128 --kv-blocks 98304 \
+    --device gpu --out /tmp/lab/first.safetensors > /tmp/label.log 2>&1
   echo "labelling: exit $? after $(( $(date +%s) - s )) s"; tail -c 400 /tmp/label.log; echo
   # Heads are fitted on the questions labelled without a gap, so none is labelled again.
   K=$(python3 -c "
@@ -112,18 +111,13 @@ while 1000 + k in q: k += 1
 print(k)")
   echo "questions labelled from 1000 without a gap: $K"
   fit() { n=$1; shift; timeout 150 /tmp/arbor prm train $C --questions "$K" --device cpu \
-    --epochs 3000 --out /tmp/heads/$n.safetensors "$@" > /tmp/heads/$n.log 2>&1; }
-  for l in final_norm block.11 block.15 block.19 all; do
-    h=$l; [ $l = all ] && h=$LAYERS
-    fit hard-l1-$l --target hard --l2 1 --head-layers $h &
-    fit hard-l10-$l --target hard --l2 10 --head-layers $h &
-    fit outcome-l1-$l --target outcome --l2 1 --head-layers $h &
-  done
+    --epochs 3000 --out $H/$n.safetensors "$@" > $H/$n.log 2>&1; }
+  fit hard-l01 --target hard --l2 0.1 & fit hard-l003 --target hard --l2 0.03 &
+  fit hard-l03 --target hard --l2 0.3 & fit outcome-l01 --target outcome --l2 0.1 &
+  fit hard-l01-h64 --target hard --l2 0.1 --hidden 64 --epochs 600 &
   wait
-  for f in /tmp/heads/*.log; do echo "== $f"; grep -E '^(held out|validation)' "$f"; done
-  mkdir -p "$OUT/heads"
-  cp /tmp/heads/*.safetensors /tmp/heads/*.json /tmp/heads/*.png "$OUT/heads/" 2>/dev/null
-  xz -T8 -c $L.steps.jsonl > "$OUT/steps.jsonl.xz"
+  for f in $H/*.log; do echo "== $f"; grep -E '^(held out|validation)' "$f"; done
+  (cd $H && tar cf - *.safetensors *.json *.svg *.labels.jsonl *.log 2>/dev/null) | xz -T8 > "$OUT/heads.tar.xz"
   ;;
 eval|arbor)
   # `arbor eval ARGS` (or `arbor ARGS`: any subcommand, e.g. `prm train`) on the GPU, timed
