@@ -23,7 +23,8 @@
 //! (`ARBOR_WGPU_PACK=0`, the form before packing; 1 and 16 sequences), 64-token
 //! cooperative-matrix tiles (`ARBOR_WGPU_COOP_TOKENS=64`; prefill, 128 and 256 sequences;
 //! only where the adapter has cooperative matrices), grouped-query attention
-//! (`ARBOR_WGPU_GQA_MIN_TOKENS=1`; prefill, 1, 16, 128 and 256 sequences) and each lane count
+//! (`ARBOR_WGPU_GQA_MIN_TOKENS=1`; prefill, 1, 16, 128 and 256 sequences), two and four rows a
+//! thread for single tokens (`ARBOR_WGPU_MATVEC_ROWS`; 1 sequence) and each lane count
 //! (1 and 16 sequences); `ARBOR_BENCH_VARIANTS=0` skips them.
 
 use std::sync::Arc;
@@ -374,7 +375,8 @@ fn main() -> anyhow::Result<()> {
         };
         // Variants of the backend against its defaults, measured back to back: the weights as
         // a byte a weight (the form before packing), 64-token cooperative-matrix tiles (where
-        // the adapter has them), and the single-token kernel at each lane count asked for.
+        // the adapter has them), the rows kernel for single tokens, grouped-query attention,
+        // and the single-token kernel at each lane count asked for.
         let base = WgpuOptions {
             matvec_lanes,
             ..Default::default()
@@ -395,6 +397,16 @@ fn main() -> anyhow::Result<()> {
                     ..base.clone()
                 },
                 (true, &[128, 256]),
+            ));
+        }
+        for rows in [2, 4] {
+            variants.push((
+                format!("{rows} rows a thread for single tokens (ARBOR_WGPU_MATVEC_ROWS={rows})"),
+                WgpuOptions {
+                    matvec_rows: Some(rows),
+                    ..base.clone()
+                },
+                (false, &[1]),
             ));
         }
         variants.push((

@@ -357,6 +357,14 @@ pub(crate) fn backend_for(model: &Model, device: Device) -> Result<Box<dyn Backe
             })?),
             Err(_) => None,
         },
+        matvec_rows: match std::env::var("ARBOR_WGPU_MATVEC_ROWS") {
+            Ok(v) => {
+                Some(v.parse().map_err(|_| {
+                    anyhow::anyhow!("ARBOR_WGPU_MATVEC_ROWS={v}: give 1, 2, 4 or 8")
+                })?)
+            }
+            Err(_) => None,
+        },
         byte_weights: std::env::var_os("ARBOR_WGPU_PACK").is_some_and(|v| v == "0"),
         coop_tokens: match std::env::var("ARBOR_WGPU_COOP_TOKENS") {
             Ok(v) => Some(

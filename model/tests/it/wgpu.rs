@@ -645,8 +645,9 @@ fn the_dispatch_floor_chain_counts_every_dispatch() {
 }
 
 /// The single-token kernel with 8, 16 or 32 threads a row (`WgpuOptions::matvec_lanes`, a
-/// tuning knob) gives the 64-thread kernel's logits on decode steps, the fused norm and SwiGLU
-/// variants included, up to f32 summation order; a lane count it cannot run is refused.
+/// tuning knob), and the rows kernel with 2, 4 or 8 rows a thread (`matvec_rows`), give the
+/// 64-thread kernel's logits on decode steps, the fused norm and SwiGLU variants included, up
+/// to f32 summation order; a count they cannot run is refused.
 #[test]
 fn the_single_token_kernel_agrees_at_every_lane_count() {
     if skip() {
@@ -657,13 +658,16 @@ fn the_single_token_kernel_agrees_at_every_lane_count() {
     let model = Model::load(&dir).unwrap();
     std::fs::remove_dir_all(&dir).ok();
     let tokens: Vec<u32> = (0..24u32).map(|i| (i * 29 + 3) % 256).collect();
-    let decode = |lanes: u32| {
+    let decode = |lanes: u32, rows: u32| {
         let backend = WgpuBackend::new(
             model.config.clone(),
             model.weights.clone(),
             &WgpuOptions {
                 allow_software: true,
                 matvec_lanes: Some(lanes),
+                matvec_rows: Some(rows),
+                // The tiny model's matrices are small: take the rows kernel on every one.
+                tiled_min_workgroups: Some(0),
                 ..Default::default()
             },
         )
@@ -677,13 +681,21 @@ fn the_single_token_kernel_agrees_at_every_lane_count() {
         }
         out
     };
-    let want = decode(64);
+    let want = decode(64, 1);
     let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
     for lanes in [8, 16, 32] {
-        let d = max_diff(&decode(lanes), &want);
+        let d = max_diff(&decode(lanes, 1), &want);
         assert!(
             d <= 1e-4 * scale.max(1.0),
             "{lanes} lanes: differs by {d} (scale {scale})"
+        );
+    }
+    // The rows kernel for single tokens, at each rows-a-thread count.
+    for rows in [2, 4, 8] {
+        let d = max_diff(&decode(64, rows), &want);
+        assert!(
+            d <= 1e-4 * scale.max(1.0),
+            "{rows} rows a thread: differs by {d} (scale {scale})"
         );
     }
     let refused = WgpuBackend::new(
@@ -698,6 +710,20 @@ fn the_single_token_kernel_agrees_at_every_lane_count() {
     let err = refused.err().expect("12 lanes is refused").to_string();
     assert!(
         err.contains("matvec_lanes") && err.contains("8, 16, 32 or 64"),
+        "{err}"
+    );
+    let refused = WgpuBackend::new(
+        model.config.clone(),
+        model.weights.clone(),
+        &WgpuOptions {
+            allow_software: true,
+            matvec_rows: Some(3),
+            ..Default::default()
+        },
+    );
+    let err = refused.err().expect("3 rows is refused").to_string();
+    assert!(
+        err.contains("matvec_rows") && err.contains("1, 2, 4 or 8"),
         "{err}"
     );
     let refused = gpu_backend(

@@ -79,7 +79,9 @@
 //! stream): a decode step reads back 8 bytes a sequence instead of 600 kB of logits, and the
 //! host no longer sorts or exponentiates 151,936 values per sequence.
 //!
-//! **Tuning.** [`WgpuOptions::matvec_lanes`] (`ARBOR_WGPU_MATVEC_LANES`) sets how many threads
+//! **Tuning.** [`WgpuOptions::matvec_rows`] (`ARBOR_WGPU_MATVEC_ROWS`) gives single tokens a
+//! kernel that reads several rows a thread. [`WgpuOptions::matvec_lanes`]
+//! (`ARBOR_WGPU_MATVEC_LANES`) sets how many threads
 //! share a row in the single-token kernel; `ARBOR_BENCH_LANES=8,16,32,64` in the backends bench
 //! measures each, to be chosen on the H200 (today's default, 64, is the measured one).
 //! [`WgpuOptions::coop_tokens`] (`ARBOR_WGPU_COOP_TOKENS=64`) gives products of 128 tokens or
@@ -163,6 +165,12 @@ pub struct WgpuOptions {
     /// thread more of a short row to read and a shorter reduction, and a workgroup more rows;
     /// which is fastest depends on the GPU and the row length (the backends bench measures it).
     pub matvec_lanes: Option<u32>,
+    /// Rows a thread reads for single tokens: 2, 4 or 8 run `matmul_rows.wgsl` for one token
+    /// on matrices with enough rows to fill the GPU that way (the activations and norm weights
+    /// read once for that many rows, not once a row); 1 (the default) keeps `matmul.wgsl`.
+    /// Not yet measured on a GPU; the command line reads `ARBOR_WGPU_MATVEC_ROWS`, the
+    /// backends bench compares.
+    pub matvec_rows: Option<u32>,
     /// Store every weight matrix as a byte a weight with f32 `(scale, min)` pairs per 16
     /// weights (1.5 bytes a weight), the form before packing, instead of the fewest bits that
     /// hold it exactly (`weights.rs`; 0.92 bytes a weight for the default model). The results
@@ -273,6 +281,15 @@ impl WgpuBackend {
                 format!("{coop_tokens}: a cooperative-matrix tile takes 32 or 64 tokens"),
             ));
         }
+        let matvec_rows = options.matvec_rows.unwrap_or(1);
+        if ![1, 2, 4, 8].contains(&matvec_rows) {
+            return Err(ModelError::invalid(
+                "matvec_rows",
+                format!(
+                    "{matvec_rows}: the single-token rows kernel takes 1, 2, 4 or 8 rows a thread"
+                ),
+            ));
+        }
         let matvec_lanes = options.matvec_lanes.unwrap_or(64);
         if ![8, 16, 32, 64].contains(&matvec_lanes) {
             return Err(ModelError::invalid(
@@ -341,7 +358,7 @@ impl WgpuBackend {
             options.tiled_min_workgroups.unwrap_or(MIN_TILED_WORKGROUPS),
             coop,
             coop && coop_tokens == 64,
-            matvec_lanes,
+            (matvec_lanes, matvec_rows),
         );
         let max_chunk = options
             .max_chunk_bytes

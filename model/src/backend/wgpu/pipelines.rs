@@ -15,13 +15,16 @@ pub(super) struct Pipelines {
     pub(super) device: wgpu::Device,
     /// Matrix kernels by [`MatShape`] and variant (`packed as usize * 4 + norm as usize * 2 +
     /// swiglu as usize`), compiled on first use: a pass uses a few of them.
-    pub(super) matmul: [[std::sync::OnceLock<Kernel>; 8]; 6],
+    pub(super) matmul: [[std::sync::OnceLock<Kernel>; 8]; 7],
     /// Whether the device was opened with f16 cooperative matrices (`matmul_coop.wgsl`).
     pub(super) coop: bool,
     /// Whether products of at least twice [`COOP_WIDE_TOKENS`] tokens take 64-token tiles.
     pub(super) coop_wide: bool,
     /// Threads sharing a row in the single-token kernel ([`super::WgpuOptions::matvec_lanes`]).
     pub(super) matvec_lanes: u32,
+    /// Rows a thread of the single-token rows kernel ([`super::WgpuOptions::matvec_rows`]; 1:
+    /// that kernel is not used).
+    pub(super) matvec_rows: u32,
     /// The bind group layout every matrix kernel shares.
     pub(super) matmul_layout: wgpu::PipelineLayout,
     /// See [`WgpuOptions::tiled_min_workgroups`].
@@ -52,6 +55,10 @@ pub(super) enum MatShape {
     /// `matmul_coop_wide.wgsl`: 64-token tiles, software pipelined
     /// ([`super::WgpuOptions::coop_tokens`]).
     CoopWide = 5,
+    /// `matmul_rows.wgsl` for one token: each thread reads a weight group of several rows
+    /// against one read of the activations (and norm weights) it shares
+    /// ([`super::WgpuOptions::matvec_rows`]).
+    OneRows = 6,
 }
 
 /// Rows and tokens of a `matmul_gemm.wgsl` workgroup's tile.
@@ -120,7 +127,7 @@ impl Pipelines {
         min_tiled_workgroups: u32,
         coop: bool,
         coop_wide: bool,
-        matvec_lanes: u32,
+        (matvec_lanes, matvec_rows): (u32, u32),
     ) -> Self {
         // Every matrix kernel binds the same seven buffers (`matmul_common.wgsl`), whichever
         // of them its variant reads, so one explicit layout serves all.
@@ -160,6 +167,7 @@ impl Pipelines {
             coop,
             coop_wide,
             matvec_lanes,
+            matvec_rows,
             matmul_layout,
             rms_norm: compile(
                 device,
@@ -225,7 +233,13 @@ impl Pipelines {
     ) -> &Kernel {
         let variant = packed as usize * 4 + norm as usize * 2 + swiglu as usize;
         self.matmul[shape as usize][variant].get_or_init(|| {
-            let src = matmul_source(shape, norm, swiglu, packed, self.matvec_lanes);
+            let src = matmul_source(
+                shape,
+                norm,
+                swiglu,
+                packed,
+                (self.matvec_lanes, self.matvec_rows),
+            );
             let label = format!("matmul_{shape:?}_norm{norm}_swiglu{swiglu}_packed{packed}");
             compile(
                 &self.device,
@@ -244,7 +258,7 @@ pub(super) fn matmul_source(
     norm: bool,
     swiglu: bool,
     packed: bool,
-    matvec_lanes: u32,
+    (matvec_lanes, matvec_rows): (u32, u32),
 ) -> String {
     let lanes = if shape == MatShape::One {
         matvec_lanes
@@ -262,6 +276,7 @@ pub(super) fn matmul_source(
         MatShape::Gemm => (include_str!("matmul_gemm.wgsl"), 1, 1),
         MatShape::Coop => (include_str!("matmul_coop.wgsl"), 1, 1),
         MatShape::CoopWide => (include_str!("matmul_coop_wide.wgsl"), 1, 1),
+        MatShape::OneRows => (include_str!("matmul_rows.wgsl"), 1, matvec_rows),
     };
     let enables = if matches!(shape, MatShape::Coop | MatShape::CoopWide) {
         "enable f16;\nenable wgpu_cooperative_matrix;\n"
@@ -302,6 +317,7 @@ mod tests {
             MatShape::Gemm,
             MatShape::Coop,
             MatShape::CoopWide,
+            MatShape::OneRows,
         ] {
             for (norm, swiglu) in [(false, false), (false, true), (true, false), (true, true)] {
                 if norm && matches!(shape, MatShape::Gemm | MatShape::Coop | MatShape::CoopWide) {
@@ -311,10 +327,19 @@ mod tests {
                     .into_iter()
                     .flat_map(|l| [(l, false), (l, true)])
                 {
-                    if lanes != 64 && shape != MatShape::One {
-                        continue; // only the single-token kernel takes other lane counts
+                    if lanes != 64 && !matches!(shape, MatShape::One | MatShape::OneRows) {
+                        continue; // only the single-token kernels take other counts
                     }
-                    let src = matmul_source(shape, norm, swiglu, packed, lanes);
+                    if shape == MatShape::OneRows && lanes == 64 {
+                        continue; // 2, 4 and 8 rows a thread (from 8, 16 and 32)
+                    }
+                    // The rows kernel for one token, at each rows-a-thread count.
+                    let rows = if shape == MatShape::OneRows {
+                        lanes / 4
+                    } else {
+                        1
+                    };
+                    let src = matmul_source(shape, norm, swiglu, packed, (lanes, rows));
                     let module = naga::front::wgsl::parse_str(&src).unwrap_or_else(|e| {
                         panic!(
                             "{shape:?} norm {norm} swiglu {swiglu} packed {packed}: {}",

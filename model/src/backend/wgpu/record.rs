@@ -230,6 +230,11 @@ impl<'a> Recorder<'a> {
                     && gemm_wgs >= pipes.min_tiled_workgroups / 2
                 {
                     (MatShape::Gemm, GEMM_TOKENS, GEMM_ROWS)
+                } else if n == 1
+                    && pipes.matvec_rows > 1
+                    && (*rows as u32).div_ceil(4 * pipes.matvec_rows) >= pipes.min_tiled_workgroups
+                {
+                    (MatShape::OneRows, 1, 4 * pipes.matvec_rows)
                 } else if n == 1 {
                     (MatShape::One, 1, 256 / pipes.matvec_lanes)
                 } else if tiled_wgs >= pipes.min_tiled_workgroups {
