@@ -399,6 +399,16 @@ fn main() -> anyhow::Result<()> {
                 (true, &[128, 256]),
             ));
         }
+        if g_f32.is_some() {
+            variants.push((
+                "cooperative matrices from 9 tokens (ARBOR_WGPU_COOP_MIN_TOKENS=8)".into(),
+                WgpuOptions {
+                    coop_min_tokens: Some(8),
+                    ..base.clone()
+                },
+                (false, &[16, 32]),
+            ));
+        }
         for rows in [2, 4] {
             variants.push((
                 format!("{rows} rows a thread for single tokens (ARBOR_WGPU_MATVEC_ROWS={rows})"),

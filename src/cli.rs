@@ -357,6 +357,12 @@ pub(crate) fn backend_for(model: &Model, device: Device) -> Result<Box<dyn Backe
             })?),
             Err(_) => None,
         },
+        coop_min_tokens: match std::env::var("ARBOR_WGPU_COOP_MIN_TOKENS") {
+            Ok(v) => Some(v.parse().map_err(|_| {
+                anyhow::anyhow!("ARBOR_WGPU_COOP_MIN_TOKENS={v}: give a count of tokens, 8 to 4096")
+            })?),
+            Err(_) => None,
+        },
         matvec_rows: match std::env::var("ARBOR_WGPU_MATVEC_ROWS") {
             Ok(v) => {
                 Some(v.parse().map_err(|_| {

@@ -726,6 +726,21 @@ fn the_single_token_kernel_agrees_at_every_lane_count() {
         err.contains("matvec_rows") && err.contains("1, 2, 4 or 8"),
         "{err}"
     );
+    // Cooperative products below a tile of tokens would need the fused norm they lack.
+    let refused = WgpuBackend::new(
+        model.config.clone(),
+        model.weights.clone(),
+        &WgpuOptions {
+            allow_software: true,
+            coop_min_tokens: Some(4),
+            ..Default::default()
+        },
+    );
+    let err = refused.err().expect("4 tokens is refused").to_string();
+    assert!(
+        err.contains("coop_min_tokens") && err.contains("8 to 4096"),
+        "{err}"
+    );
     let refused = gpu_backend(
         &model,
         WgpuOptions {

@@ -171,6 +171,12 @@ pub struct WgpuOptions {
     /// Not yet measured on a GPU; the command line reads `ARBOR_WGPU_MATVEC_ROWS`, the
     /// backends bench compares.
     pub matvec_rows: Option<u32>,
+    /// Products of more tokens than this run on cooperative matrices where the adapter has
+    /// them (default 32, `pipelines.rs`). On an H100, 16 sequences spent 223 µs a layer in
+    /// gate_up on the f32 kernel and 64 sequences 84 µs on the cooperative one, which may pay
+    /// from fewer tokens; the command line reads `ARBOR_WGPU_COOP_MIN_TOKENS`, the backends
+    /// bench compares 8.
+    pub coop_min_tokens: Option<u32>,
     /// Store every weight matrix as a byte a weight with f32 `(scale, min)` pairs per 16
     /// weights (1.5 bytes a weight), the form before packing, instead of the fewest bits that
     /// hold it exactly (`weights.rs`; 0.92 bytes a weight for the default model). The results
@@ -281,6 +287,18 @@ impl WgpuBackend {
                 format!("{coop_tokens}: a cooperative-matrix tile takes 32 or 64 tokens"),
             ));
         }
+        let coop_min_tokens = options
+            .coop_min_tokens
+            .unwrap_or(pipelines::COOP_MIN_TOKENS as u32);
+        if !(TOKENS_PER_TILE..=4096).contains(&coop_min_tokens) {
+            return Err(ModelError::invalid(
+                "coop_min_tokens",
+                format!(
+                    "{coop_min_tokens}: give {TOKENS_PER_TILE} to 4096 (smaller products fuse \
+                     the norm, which the cooperative kernel does not)"
+                ),
+            ));
+        }
         let matvec_rows = options.matvec_rows.unwrap_or(1);
         if ![1, 2, 4, 8].contains(&matvec_rows) {
             return Err(ModelError::invalid(
@@ -355,7 +373,10 @@ impl WgpuBackend {
         let pipelines = Pipelines::new(
             &device,
             &config,
-            options.tiled_min_workgroups.unwrap_or(MIN_TILED_WORKGROUPS),
+            (
+                options.tiled_min_workgroups.unwrap_or(MIN_TILED_WORKGROUPS),
+                coop_min_tokens as usize,
+            ),
             coop,
             coop && coop_tokens == 64,
             (matvec_lanes, matvec_rows),

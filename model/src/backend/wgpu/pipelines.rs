@@ -29,6 +29,9 @@ pub(super) struct Pipelines {
     pub(super) matmul_layout: wgpu::PipelineLayout,
     /// See [`WgpuOptions::tiled_min_workgroups`].
     pub(super) min_tiled_workgroups: u32,
+    /// Products of more tokens than this run on cooperative matrices
+    /// ([`super::WgpuOptions::coop_min_tokens`], default [`COOP_MIN_TOKENS`]).
+    pub(super) coop_min_tokens: usize,
     pub(super) rms_norm: Kernel,
     pub(super) rope_kv: Kernel,
     pub(super) attention: Kernel,
@@ -124,7 +127,7 @@ impl Pipelines {
     pub(super) fn new(
         device: &wgpu::Device,
         config: &ModelConfig,
-        min_tiled_workgroups: u32,
+        (min_tiled_workgroups, coop_min_tokens): (u32, usize),
         coop: bool,
         coop_wide: bool,
         (matvec_lanes, matvec_rows): (u32, u32),
@@ -216,6 +219,7 @@ impl Pipelines {
                 None,
             ),
             min_tiled_workgroups,
+            coop_min_tokens,
         }
     }
 

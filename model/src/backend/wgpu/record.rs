@@ -4,8 +4,8 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::pipelines::{
-    Kernel, MatShape, Pipelines, COOP_MIN_TOKENS, COOP_ROWS, COOP_TOKENS, COOP_WIDE_TOKENS,
-    GEMM_MAX_COLS, GEMM_ROWS, GEMM_TOKENS,
+    Kernel, MatShape, Pipelines, COOP_ROWS, COOP_TOKENS, COOP_WIDE_TOKENS, GEMM_MAX_COLS,
+    GEMM_ROWS, GEMM_TOKENS,
 };
 use super::weights::GpuMatrix;
 use super::{PARAM_SLOT, ROWS_PER_THREAD, ROWS_PER_WG, TOKENS_PER_TILE};
@@ -222,7 +222,7 @@ impl<'a> Recorder<'a> {
             let (shape, tt, rows_per_wg) =
                 if pipes.coop_wide && n >= 2 * COOP_WIDE_TOKENS as usize && fused.norm.is_none() {
                     (MatShape::CoopWide, COOP_WIDE_TOKENS, COOP_ROWS)
-                } else if pipes.coop && n > COOP_MIN_TOKENS && fused.norm.is_none() {
+                } else if pipes.coop && n > pipes.coop_min_tokens && fused.norm.is_none() {
                     (MatShape::Coop, COOP_TOKENS, COOP_ROWS)
                 } else if n > TOKENS_PER_TILE as usize
                     && fused.norm.is_none()
