@@ -408,6 +408,15 @@ fn main() -> anyhow::Result<()> {
                 },
                 (false, &[16, 32]),
             ));
+            variants.push((
+                "f32 kernels where cooperative tiles are few (ARBOR_WGPU_COOP_MIN_WORKGROUPS=64)"
+                    .into(),
+                WgpuOptions {
+                    coop_min_workgroups: Some(64),
+                    ..base.clone()
+                },
+                (true, &[64, 128, 256]),
+            ));
         }
         for rows in [2, 4] {
             variants.push((

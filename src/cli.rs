@@ -363,6 +363,12 @@ pub(crate) fn backend_for(model: &Model, device: Device) -> Result<Box<dyn Backe
             })?),
             Err(_) => None,
         },
+        coop_min_workgroups: match std::env::var("ARBOR_WGPU_COOP_MIN_WORKGROUPS") {
+            Ok(v) => Some(v.parse().map_err(|_| {
+                anyhow::anyhow!("ARBOR_WGPU_COOP_MIN_WORKGROUPS={v}: give a count of workgroups")
+            })?),
+            Err(_) => None,
+        },
         matvec_rows: match std::env::var("ARBOR_WGPU_MATVEC_ROWS") {
             Ok(v) => {
                 Some(v.parse().map_err(|_| {

@@ -177,6 +177,12 @@ pub struct WgpuOptions {
     /// from fewer tokens; the command line reads `ARBOR_WGPU_COOP_MIN_TOKENS`, the backends
     /// bench compares 8.
     pub coop_min_tokens: Option<u32>,
+    /// Cooperative products that would make fewer workgroups (64-row by 32-token tiles) than
+    /// this keep the f32 kernels (default 0: none do). On an H100 at 64 sequences the
+    /// cooperative kernel took 287 µs a layer on down's 896 rows (28 tiles for 132
+    /// multiprocessors); the command line reads `ARBOR_WGPU_COOP_MIN_WORKGROUPS`, the backends
+    /// bench compares 64.
+    pub coop_min_workgroups: Option<u32>,
     /// Store every weight matrix as a byte a weight with f32 `(scale, min)` pairs per 16
     /// weights (1.5 bytes a weight), the form before packing, instead of the fewest bits that
     /// hold it exactly (`weights.rs`; 0.92 bytes a weight for the default model). The results
@@ -376,6 +382,7 @@ impl WgpuBackend {
             (
                 options.tiled_min_workgroups.unwrap_or(MIN_TILED_WORKGROUPS),
                 coop_min_tokens as usize,
+                options.coop_min_workgroups.unwrap_or(0),
             ),
             coop,
             coop && coop_tokens == 64,

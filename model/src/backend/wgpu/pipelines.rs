@@ -32,6 +32,9 @@ pub(super) struct Pipelines {
     /// Products of more tokens than this run on cooperative matrices
     /// ([`super::WgpuOptions::coop_min_tokens`], default [`COOP_MIN_TOKENS`]).
     pub(super) coop_min_tokens: usize,
+    /// Cooperative products that would make fewer workgroups than this keep the f32
+    /// kernels ([`super::WgpuOptions::coop_min_workgroups`], default 0).
+    pub(super) coop_min_workgroups: u32,
     pub(super) rms_norm: Kernel,
     pub(super) rope_kv: Kernel,
     pub(super) attention: Kernel,
@@ -127,7 +130,7 @@ impl Pipelines {
     pub(super) fn new(
         device: &wgpu::Device,
         config: &ModelConfig,
-        (min_tiled_workgroups, coop_min_tokens): (u32, usize),
+        (min_tiled_workgroups, coop_min_tokens, coop_min_workgroups): (u32, usize, u32),
         coop: bool,
         coop_wide: bool,
         (matvec_lanes, matvec_rows): (u32, u32),
@@ -220,6 +223,20 @@ impl Pipelines {
             ),
             min_tiled_workgroups,
             coop_min_tokens,
+            coop_min_workgroups,
+        }
+    }
+
+    /// The settings that choose each product's kernel.
+    pub(super) fn choice(&self) -> super::record::KernelChoice {
+        super::record::KernelChoice {
+            coop: self.coop,
+            coop_wide: self.coop_wide,
+            coop_min_tokens: self.coop_min_tokens,
+            coop_min_workgroups: self.coop_min_workgroups,
+            min_tiled_workgroups: self.min_tiled_workgroups,
+            matvec_lanes: self.matvec_lanes,
+            matvec_rows: self.matvec_rows,
         }
     }
 

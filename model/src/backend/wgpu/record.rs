@@ -76,6 +76,68 @@ pub(super) struct Fused<'b> {
     pub(super) swiglu: bool,
 }
 
+/// The settings that choose each product's kernel ([`Pipelines::choice`]).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct KernelChoice {
+    pub(super) coop: bool,
+    pub(super) coop_wide: bool,
+    pub(super) coop_min_tokens: usize,
+    pub(super) coop_min_workgroups: u32,
+    pub(super) min_tiled_workgroups: u32,
+    pub(super) matvec_lanes: u32,
+    pub(super) matvec_rows: u32,
+}
+
+impl KernelChoice {
+    /// The kernel for `rows` rows of `cols` columns times `n` tokens (`norm`: the input's
+    /// RMS norm fused in), its tile of tokens, and its rows a workgroup.
+    pub(super) fn shape(
+        &self,
+        rows: usize,
+        cols: usize,
+        n: usize,
+        norm: bool,
+    ) -> (MatShape, u32, u32) {
+        let rows = rows as u32;
+        // Several rows a thread read each token's activations fewer times, but make fewer
+        // workgroups: take them only when there are still enough to fill the GPU.
+        let tiles = (n as u32).div_ceil(TOKENS_PER_TILE);
+        let tiled_wgs = rows.div_ceil(ROWS_PER_WG * ROWS_PER_THREAD) * tiles;
+        // Past one tile of tokens (where the norm is never fused), the tiled
+        // matrix-matrix kernel for rows it is faster on, as long as its larger tiles still
+        // make about a workgroup for each multiprocessor of a large GPU.
+        let gemm_wgs = rows.div_ceil(GEMM_ROWS) * (n as u32).div_ceil(GEMM_TOKENS);
+        let coop_wgs = rows.div_ceil(COOP_ROWS) * (n as u32).div_ceil(COOP_TOKENS);
+        let coop = self.coop && coop_wgs >= self.coop_min_workgroups;
+        if self.coop_wide && n >= 2 * COOP_WIDE_TOKENS as usize && !norm {
+            (MatShape::CoopWide, COOP_WIDE_TOKENS, COOP_ROWS)
+        } else if coop && n > self.coop_min_tokens && !norm {
+            (MatShape::Coop, COOP_TOKENS, COOP_ROWS)
+        } else if n > TOKENS_PER_TILE as usize
+            && !norm
+            && cols <= GEMM_MAX_COLS
+            && gemm_wgs >= self.min_tiled_workgroups / 2
+        {
+            (MatShape::Gemm, GEMM_TOKENS, GEMM_ROWS)
+        } else if n == 1
+            && self.matvec_rows > 1
+            && rows.div_ceil(4 * self.matvec_rows) >= self.min_tiled_workgroups
+        {
+            (MatShape::OneRows, 1, 4 * self.matvec_rows)
+        } else if n == 1 {
+            (MatShape::One, 1, 256 / self.matvec_lanes)
+        } else if tiled_wgs >= self.min_tiled_workgroups {
+            (
+                MatShape::TileRows,
+                TOKENS_PER_TILE,
+                ROWS_PER_WG * ROWS_PER_THREAD,
+            )
+        } else {
+            (MatShape::Tile, TOKENS_PER_TILE, ROWS_PER_WG)
+        }
+    }
+}
+
 /// A bind group made for dispatch slot `k`: reused while slot `k` runs the same kernel on the
 /// same buffers (a decode step skips `rope_kv`, so a slot's dispatch can change between passes).
 pub(super) struct CachedGroup {
@@ -211,41 +273,8 @@ impl<'a> Recorder<'a> {
     ) {
         for c in &w.chunks {
             let (start, rows) = (&c.start, &c.rows);
-            // Several rows a thread read each token's activations fewer times, but make fewer
-            // workgroups: take them only when there are still enough to fill the GPU.
-            let tiles = (n as u32).div_ceil(TOKENS_PER_TILE);
-            let tiled_wgs = (*rows as u32).div_ceil(ROWS_PER_WG * ROWS_PER_THREAD) * tiles;
-            // Past one tile of tokens (where the norm is never fused), the tiled
-            // matrix-matrix kernel for rows it is faster on, as long as its larger tiles still
-            // make about a workgroup for each multiprocessor of a large GPU.
-            let gemm_wgs = (*rows as u32).div_ceil(GEMM_ROWS) * (n as u32).div_ceil(GEMM_TOKENS);
             let (shape, tt, rows_per_wg) =
-                if pipes.coop_wide && n >= 2 * COOP_WIDE_TOKENS as usize && fused.norm.is_none() {
-                    (MatShape::CoopWide, COOP_WIDE_TOKENS, COOP_ROWS)
-                } else if pipes.coop && n > pipes.coop_min_tokens && fused.norm.is_none() {
-                    (MatShape::Coop, COOP_TOKENS, COOP_ROWS)
-                } else if n > TOKENS_PER_TILE as usize
-                    && fused.norm.is_none()
-                    && w.cols <= GEMM_MAX_COLS
-                    && gemm_wgs >= pipes.min_tiled_workgroups / 2
-                {
-                    (MatShape::Gemm, GEMM_TOKENS, GEMM_ROWS)
-                } else if n == 1
-                    && pipes.matvec_rows > 1
-                    && (*rows as u32).div_ceil(4 * pipes.matvec_rows) >= pipes.min_tiled_workgroups
-                {
-                    (MatShape::OneRows, 1, 4 * pipes.matvec_rows)
-                } else if n == 1 {
-                    (MatShape::One, 1, 256 / pipes.matvec_lanes)
-                } else if tiled_wgs >= pipes.min_tiled_workgroups {
-                    (
-                        MatShape::TileRows,
-                        TOKENS_PER_TILE,
-                        ROWS_PER_WG * ROWS_PER_THREAD,
-                    )
-                } else {
-                    (MatShape::Tile, TOKENS_PER_TILE, ROWS_PER_WG)
-                };
+                pipes.choice().shape(*rows, w.cols, n, fused.norm.is_some());
             let pipe = pipes.matmul(
                 shape,
                 fused.norm.is_some(),
@@ -283,5 +312,62 @@ impl<'a> Recorder<'a> {
                 ),
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DEFAULTS: KernelChoice = KernelChoice {
+        coop: true,
+        coop_wide: false,
+        coop_min_tokens: 32,
+        coop_min_workgroups: 0,
+        min_tiled_workgroups: 256,
+        matvec_lanes: 64,
+        matvec_rows: 1,
+    };
+
+    /// The tuning options change the kernels of the products they name and no others (the
+    /// default model's shapes: down 896 rows of 4864 columns, gate_up 9728 of 896).
+    #[test]
+    fn tuning_options_choose_the_kernels_they_name() {
+        let shape = |c: KernelChoice, rows, cols, n, norm| c.shape(rows, cols, n, norm).0;
+        // Defaults: one token on the single-row kernel, 16 tokens on f32, 64 cooperative.
+        assert_eq!(shape(DEFAULTS, 9728, 896, 1, true), MatShape::One);
+        assert_eq!(shape(DEFAULTS, 9728, 896, 16, false), MatShape::Gemm);
+        assert_eq!(shape(DEFAULTS, 896, 4864, 64, false), MatShape::Coop);
+        // Rows a thread for single tokens, where the rows fill the GPU.
+        let rows = KernelChoice {
+            matvec_rows: 2,
+            ..DEFAULTS
+        };
+        assert_eq!(shape(rows, 9728, 896, 1, true), MatShape::OneRows);
+        assert_eq!(rows.shape(9728, 896, 1, true).2, 8);
+        assert_eq!(shape(rows, 896, 4864, 1, false), MatShape::One);
+        assert_eq!(shape(rows, 9728, 896, 2, true), MatShape::TileRows);
+        // Cooperative matrices from 9 tokens, never with the norm fused (up to 8 tokens).
+        let early = KernelChoice {
+            coop_min_tokens: 8,
+            ..DEFAULTS
+        };
+        assert_eq!(shape(early, 9728, 896, 16, false), MatShape::Coop);
+        assert_eq!(shape(early, 9728, 896, 8, true), MatShape::TileRows);
+        // Too few cooperative tiles: down's 896 rows at 64 tokens make 28.
+        let few = KernelChoice {
+            coop_min_workgroups: 64,
+            ..DEFAULTS
+        };
+        assert_eq!(shape(few, 896, 4864, 64, false), MatShape::TileRows);
+        assert_eq!(shape(few, 9728, 896, 64, false), MatShape::Coop);
+        assert_eq!(shape(few, 896, 4864, 256, false), MatShape::Coop);
+        // Without cooperative matrices none of this matters.
+        let none = KernelChoice {
+            coop: false,
+            coop_min_tokens: 8,
+            ..DEFAULTS
+        };
+        assert_eq!(shape(none, 9728, 896, 16, false), MatShape::Gemm);
     }
 }
