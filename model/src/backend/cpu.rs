@@ -691,7 +691,17 @@ impl CpuBackend {
                 );
             }
         };
-        let ones = vec![1.0f32; d];
+        // The weight of a middle block's norm, made only for a pass that reads one.
+        let reads_block = mh > 0
+            && batch
+                .hidden_layers
+                .iter()
+                .any(|l| matches!(l, HiddenLayer::Block(_)));
+        let ones = if reads_block {
+            vec![1.0f32; d]
+        } else {
+            Vec::new()
+        };
 
         for (l, lw) in w.layers.iter().enumerate() {
             rms_norm(&s.x, &lw.attn_norm, cfg.rms_eps, &mut s.h);
