@@ -338,6 +338,18 @@ pub(crate) fn load_engine_with(
     Ok((model, engine))
 }
 
+/// The number in environment variable `name`, if set; `hint` says what it takes when it is not
+/// a number.
+fn env_number(name: &str, hint: &str) -> Result<Option<u32>> {
+    match std::env::var(name) {
+        Ok(v) => Ok(Some(
+            v.parse()
+                .map_err(|_| anyhow::anyhow!("{name}={v}: {hint}"))?,
+        )),
+        Err(_) => Ok(None),
+    }
+}
+
 /// The backend `--device` asks for: `gpu` fails with the reason when there is no usable GPU;
 /// `auto` falls back to the CPU, saying why at info level.
 pub(crate) fn backend_for(model: &Model, device: Device) -> Result<Box<dyn Backend>> {
@@ -351,46 +363,19 @@ pub(crate) fn backend_for(model: &Model, device: Device) -> Result<Box<dyn Backe
         tiled_min_workgroups: None,
         profile: false,
         no_cooperative_matrix: std::env::var_os("ARBOR_WGPU_COOP").is_some_and(|v| v == "0"),
-        matvec_lanes: match std::env::var("ARBOR_WGPU_MATVEC_LANES") {
-            Ok(v) => Some(v.parse().map_err(|_| {
-                anyhow::anyhow!("ARBOR_WGPU_MATVEC_LANES={v}: give 8, 16, 32 or 64")
-            })?),
-            Err(_) => None,
-        },
-        coop_min_tokens: match std::env::var("ARBOR_WGPU_COOP_MIN_TOKENS") {
-            Ok(v) => Some(v.parse().map_err(|_| {
-                anyhow::anyhow!("ARBOR_WGPU_COOP_MIN_TOKENS={v}: give a count of tokens, 8 to 4096")
-            })?),
-            Err(_) => None,
-        },
-        coop_min_workgroups: match std::env::var("ARBOR_WGPU_COOP_MIN_WORKGROUPS") {
-            Ok(v) => Some(v.parse().map_err(|_| {
-                anyhow::anyhow!("ARBOR_WGPU_COOP_MIN_WORKGROUPS={v}: give a count of workgroups")
-            })?),
-            Err(_) => None,
-        },
-        matvec_rows: match std::env::var("ARBOR_WGPU_MATVEC_ROWS") {
-            Ok(v) => {
-                Some(v.parse().map_err(|_| {
-                    anyhow::anyhow!("ARBOR_WGPU_MATVEC_ROWS={v}: give 1, 2, 4 or 8")
-                })?)
-            }
-            Err(_) => None,
-        },
+        matvec_lanes: env_number("ARBOR_WGPU_MATVEC_LANES", "give 8, 16, 32 or 64")?,
+        coop_min_tokens: env_number(
+            "ARBOR_WGPU_COOP_MIN_TOKENS",
+            "give a count of tokens, 8 to 4096",
+        )?,
+        coop_min_workgroups: env_number(
+            "ARBOR_WGPU_COOP_MIN_WORKGROUPS",
+            "give a count of workgroups",
+        )?,
+        matvec_rows: env_number("ARBOR_WGPU_MATVEC_ROWS", "give 1, 2, 4 or 8")?,
         byte_weights: std::env::var_os("ARBOR_WGPU_PACK").is_some_and(|v| v == "0"),
-        coop_tokens: match std::env::var("ARBOR_WGPU_COOP_TOKENS") {
-            Ok(v) => Some(
-                v.parse()
-                    .map_err(|_| anyhow::anyhow!("ARBOR_WGPU_COOP_TOKENS={v}: give 32 or 64"))?,
-            ),
-            Err(_) => None,
-        },
-        gqa_min_tokens: match std::env::var("ARBOR_WGPU_GQA_MIN_TOKENS") {
-            Ok(v) => Some(v.parse().map_err(|_| {
-                anyhow::anyhow!("ARBOR_WGPU_GQA_MIN_TOKENS={v}: give a number of tokens")
-            })?),
-            Err(_) => None,
-        },
+        coop_tokens: env_number("ARBOR_WGPU_COOP_TOKENS", "give 32 or 64")?,
+        gqa_min_tokens: env_number("ARBOR_WGPU_GQA_MIN_TOKENS", "give a number of tokens")?,
     };
     let t = Instant::now();
     match WgpuBackend::new(model.config.clone(), model.weights.clone(), &options) {

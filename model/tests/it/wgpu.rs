@@ -698,49 +698,40 @@ fn the_single_token_kernel_agrees_at_every_lane_count() {
             "{rows} rows a thread: differs by {d} (scale {scale})"
         );
     }
-    let refused = WgpuBackend::new(
-        model.config.clone(),
-        model.weights.clone(),
-        &WgpuOptions {
-            allow_software: true,
-            matvec_lanes: Some(12),
-            ..Default::default()
-        },
-    );
-    let err = refused.err().expect("12 lanes is refused").to_string();
-    assert!(
-        err.contains("matvec_lanes") && err.contains("8, 16, 32 or 64"),
-        "{err}"
-    );
-    let refused = WgpuBackend::new(
-        model.config.clone(),
-        model.weights.clone(),
-        &WgpuOptions {
-            allow_software: true,
-            matvec_rows: Some(3),
-            ..Default::default()
-        },
-    );
-    let err = refused.err().expect("3 rows is refused").to_string();
-    assert!(
-        err.contains("matvec_rows") && err.contains("1, 2, 4 or 8"),
-        "{err}"
-    );
-    // Cooperative products below a tile of tokens would need the fused norm they lack.
-    let refused = WgpuBackend::new(
-        model.config.clone(),
-        model.weights.clone(),
-        &WgpuOptions {
-            allow_software: true,
-            coop_min_tokens: Some(4),
-            ..Default::default()
-        },
-    );
-    let err = refused.err().expect("4 tokens is refused").to_string();
-    assert!(
-        err.contains("coop_min_tokens") && err.contains("8 to 4096"),
-        "{err}"
-    );
+    // Counts a kernel cannot run are refused, naming the option and what it takes (cooperative
+    // products below a tile of tokens would need the fused norm they lack).
+    for (options, field, takes) in [
+        (
+            WgpuOptions {
+                matvec_lanes: Some(12),
+                ..Default::default()
+            },
+            "matvec_lanes",
+            "8, 16, 32 or 64",
+        ),
+        (
+            WgpuOptions {
+                matvec_rows: Some(3),
+                ..Default::default()
+            },
+            "matvec_rows",
+            "1, 2, 4 or 8",
+        ),
+        (
+            WgpuOptions {
+                coop_min_tokens: Some(4),
+                ..Default::default()
+            },
+            "coop_min_tokens",
+            "8 to 4096",
+        ),
+    ] {
+        let err = gpu_backend(&model, options)
+            .err()
+            .unwrap_or_else(|| panic!("{field}: refused"))
+            .to_string();
+        assert!(err.contains(field) && err.contains(takes), "{err}");
+    }
     let refused = gpu_backend(
         &model,
         WgpuOptions {
