@@ -23,7 +23,9 @@
 //! (`ARBOR_WGPU_PACK=0`, the form before packing; 1 and 16 sequences), 64-token
 //! cooperative-matrix tiles (`ARBOR_WGPU_COOP_TOKENS=64`; prefill, 128 and 256 sequences;
 //! only where the adapter has cooperative matrices), grouped-query attention
-//! (`ARBOR_WGPU_GQA_MIN_TOKENS=1`; prefill, 1, 16, 128 and 256 sequences), two and four rows a
+//! (`ARBOR_WGPU_GQA_MIN_TOKENS=1`; prefill, 1, 16, 128 and 256 sequences), products of few
+//! tiles split over their columns (`ARBOR_WGPU_SPLIT_K=512`; prefill, 16, 64 and 256
+//! sequences; with cooperative matrices also from 9 tokens at 16 and 32), two and four rows a
 //! thread for single tokens (`ARBOR_WGPU_MATVEC_ROWS`; 1 sequence) and each lane count
 //! (1 and 16 sequences); `ARBOR_BENCH_VARIANTS=0` skips them.
 
@@ -417,7 +419,26 @@ fn main() -> anyhow::Result<()> {
                 },
                 (true, &[64, 128, 256]),
             ));
+            variants.push((
+                "split columns, cooperative from 9 tokens (ARBOR_WGPU_SPLIT_K=512 \
+                 ARBOR_WGPU_COOP_MIN_TOKENS=8)"
+                    .into(),
+                WgpuOptions {
+                    split_k_workgroups: Some(512),
+                    coop_min_tokens: Some(8),
+                    ..base.clone()
+                },
+                (false, &[16, 32]),
+            ));
         }
+        variants.push((
+            "products of few tiles split their columns (ARBOR_WGPU_SPLIT_K=512)".into(),
+            WgpuOptions {
+                split_k_workgroups: Some(512),
+                ..base.clone()
+            },
+            (true, &[16, 64, 256]),
+        ));
         for rows in [2, 4] {
             variants.push((
                 format!("{rows} rows a thread for single tokens (ARBOR_WGPU_MATVEC_ROWS={rows})"),

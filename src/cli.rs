@@ -373,6 +373,10 @@ pub(crate) fn backend_for(model: &Model, device: Device) -> Result<Box<dyn Backe
             "give a count of workgroups",
         )?,
         matvec_rows: env_number("ARBOR_WGPU_MATVEC_ROWS", "give 1, 2, 4 or 8")?,
+        split_k_workgroups: env_number(
+            "ARBOR_WGPU_SPLIT_K",
+            "give a count of workgroups, 0 (no splits) to 2048",
+        )?,
         byte_weights: std::env::var_os("ARBOR_WGPU_PACK").is_some_and(|v| v == "0"),
         coop_tokens: env_number("ARBOR_WGPU_COOP_TOKENS", "give 32 or 64")?,
         gqa_min_tokens: env_number("ARBOR_WGPU_GQA_MIN_TOKENS", "give a number of tokens")?,

@@ -859,3 +859,90 @@ fn grouped_query_attention_agrees_with_the_per_head_kernel() {
         );
     }
 }
+
+/// Tiled products split over their columns (`WgpuOptions::split_k_workgroups`) give the
+/// unsplit logits to f32 summation order: a 300-token prefill of every product on the tiled
+/// matrix-matrix kernel (the qkv bias, the residual sums, the SwiGLU pairs and the output
+/// projection all finished by the reduction), the same with weights in small chunks (rows
+/// that start mid-matrix), and a batched decode step of 12 sequences. The profile shows the
+/// reductions ran. A target past the largest is refused.
+#[test]
+fn split_products_give_the_unsplit_logits() {
+    if skip() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("arbor-wgpu-split-{}", std::process::id()));
+    TinyModel::new("qwen2").write(&dir).unwrap();
+    let model = Model::load(&dir).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    let tokens: Vec<u32> = (0..300u32).map(|i| (i * 37 + 11) % 256).collect();
+    let prompts: Vec<Vec<u32>> = (0..12u32)
+        .map(|s| (0..5 + s).map(|i| (i * 13 + s * 7 + 1) % 256).collect())
+        .collect();
+    let run = |split: Option<u32>, chunk: Option<u64>| {
+        let backend = gpu_backend(
+            &model,
+            WgpuOptions {
+                split_k_workgroups: split,
+                max_chunk_bytes: chunk,
+                // Every product of more than 8 tokens on the tiled kernel, which splits.
+                tiled_min_workgroups: Some(0),
+                profile: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let profile = backend.profile().expect("profiling was asked for");
+        let mut e = Engine::new(Box::new(backend), EngineOptions::default());
+        let s = e.new_sequence();
+        let mut out = e.forward_all_logits(&[(s, &tokens)]).unwrap().to_vec();
+        let seqs: Vec<_> = prompts.iter().map(|_| e.new_sequence()).collect();
+        let first: Vec<_> = seqs
+            .iter()
+            .zip(&prompts)
+            .map(|(&s, p)| (s, &p[..p.len() - 1]))
+            .collect();
+        e.forward(&first).unwrap();
+        let step: Vec<_> = seqs
+            .iter()
+            .zip(&prompts)
+            .map(|(&s, p)| (s, &p[p.len() - 1..]))
+            .collect();
+        out.extend_from_slice(e.forward(&step).unwrap());
+        let p = arbor_model::backend::wgpu::PassProfile::take(&profile);
+        // Timestamps inside passes are optional in wgpu (lavapipe has them): without them,
+        // no count of reductions.
+        let timed = !p.kernels.is_empty();
+        (
+            out,
+            timed.then(|| p.kernels.get("split_sum").map_or(0, |k| k.0)),
+        )
+    };
+    let (whole, none) = run(None, None);
+    assert!(none.is_none_or(|n| n == 0), "nothing splits by default");
+    let scale = whole.iter().fold(0f32, |m, v| m.max(v.abs()));
+    for chunk in [None, Some((7 * VOCAB * 4) as u64)] {
+        let (split, reductions) = run(Some(2048), chunk);
+        let d = max_diff(&split, &whole);
+        eprintln!("chunks {chunk:?}: {reductions:?} reductions, differs by {d} (scale {scale})");
+        assert!(
+            d <= 1e-4 * scale.max(1.0),
+            "chunks {chunk:?}: differs by {d}"
+        );
+        assert!(reductions.is_none_or(|n| n > 0), "no product split");
+    }
+    let err = gpu_backend(
+        &model,
+        WgpuOptions {
+            split_k_workgroups: Some(4096),
+            ..Default::default()
+        },
+    )
+    .err()
+    .expect("4096 is refused")
+    .to_string();
+    assert!(
+        err.contains("split_k_workgroups") && err.contains("2048"),
+        "{err}"
+    );
+}

@@ -1,9 +1,9 @@
 // Declarations shared by the matrix kernels (matmul.wgsl, matmul_rows.wgsl, matmul_gemm.wgsl,
 // matmul_coop.wgsl), which the backend prepends to each, after the compile-time switches NORM,
-// SWIGLU and PACKED (weights of 4 to 6 bits; false: 8): the parameters, the bindings, the token
-// tile TT, the reduction buffers, and the decoding of the weights' storage formats (weights.rs
-// `Format`) into one form: 16 weights as four words of four unsigned bytes, and their
-// (scale, min) pair, W = scale * u - min.
+// SWIGLU, SPLIT (the tiled kernels only: see matmul_reduce.wgsl) and PACKED (weights of 4 to 6
+// bits; false: 8): the parameters, the bindings, the token tile TT, the reduction buffers, and
+// the decoding of the weights' storage formats (weights.rs `Format`) into one form: 16 weights
+// as four words of four unsigned bytes, and their (scale, min) pair, W = scale * u - min.
 //
 // What the kernels compute, for each token t of the tile and each row r:
 //   v = sum_c W[r, c] * x'[t, c] (+ bias[row_offset + r])
@@ -26,7 +26,8 @@ struct Params {
     // The weights' format: bits a weight (4, 5, 6 or 8), bit 8 set for a (scale, min) pair per
     // 32 weights instead of 16, bit 9 for pairs as two f16 instead of two f32.
     fmt: u32,
-    pad0: u32,
+    // Columns a workgroup sums when the kernel is compiled with SPLIT (matmul_reduce.wgsl).
+    k_split: u32,
     pad1: u32,
     pad2: u32,
 }

@@ -4,7 +4,8 @@
 // f16 and converts its activations to f16 in workgroup memory; each subgroup then multiplies
 // its 16 rows by the tile's BN tokens with cooperative multiply-adds, accumulating in f32.
 // The finished tile goes through workgroup memory to the same epilogue as the other kernels
-// (bias, accumulate, SwiGLU pairs).
+// (bias, accumulate, SwiGLU pairs). With SPLIT, workgroup z sums only columns
+// [z * k_split, (z + 1) * k_split) and writes its raw partial sums for matmul_reduce.wgsl.
 //
 // f16 overflow: activations are clamped to +-65504 before the conversion (as llama.cpp does);
 // weights (scale * u - min) are far inside the range. Never used with NORM (larger passes run
@@ -34,7 +35,9 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
     let last = p.rows - 1u;
     var c0 = coop_mat16x16<f32, C>();
     var c1 = coop_mat16x16<f32, C>();
-    for (var k0 = 0u; k0 < p.cols; k0 += BK) {
+    let kb = select(0u, wid.z * p.k_split, SPLIT);
+    let ke = select(p.cols, min(kb + p.k_split, p.cols), SPLIT);
+    for (var k0 = kb; k0 < ke; k0 += BK) {
         // Weights: BM rows x BK/16 groups of 16, one (row, group) per thread.
         {
             let row = lid / 2u;
@@ -108,6 +111,10 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
         let t = t0 + lt;
         let r = r0 + lr;
         if (t >= p.n_tok || r >= p.rows) {
+            continue;
+        }
+        if (SPLIT) {
+            y[(wid.z * p.n_tok + t) * p.rows + r] = cs[e];
             continue;
         }
         let row = p.row_offset + r;

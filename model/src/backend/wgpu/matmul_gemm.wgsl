@@ -7,6 +7,8 @@
 //
 // W[r, c] = scale * u - min, read through matmul_common.wgsl's `wgroup` and `wscale`. Never used
 // with NORM (larger passes run rms_norm.wgsl first); SWIGLU pairs stay within a thread's TR rows.
+// With SPLIT, workgroup z sums only columns [z * k_split, (z + 1) * k_split) and writes its raw
+// partial sums for matmul_reduce.wgsl to add up and finish.
 
 // No token-tile sums of squares here: the backend never fuses the norm into this kernel.
 const_assert !NORM;
@@ -76,8 +78,10 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
     let wrow = lid / (BK / 16u);
     let gl = lid % (BK / 16u);
     let loads_w = lid < BM * (BK / 16u);
-    var nt = read_tile(0u, lid, r0, t0);
-    for (var k0 = 0u; k0 < p.cols; k0 += BK) {
+    let kb = select(0u, wid.z * p.k_split, SPLIT);
+    let ke = select(p.cols, min(kb + p.k_split, p.cols), SPLIT);
+    var nt = read_tile(kb, lid, r0, t0);
+    for (var k0 = kb; k0 < ke; k0 += BK) {
         if (loads_w) {
             let base = gl * 4u * BM + wrow;
             if (nt.valid) {
@@ -95,7 +99,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
         xs[lid] = nt.x;
         workgroupBarrier();
         // The next step's tile, in flight during this step's arithmetic.
-        if (k0 + BK < p.cols) {
+        if (k0 + BK < ke) {
             nt = read_tile(k0 + BK, lid, r0, t0);
         }
         for (var k = 0u; k < K4; k++) {
@@ -121,6 +125,10 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
         for (var i = 0u; i < TR; i++) {
             let r = r0 + local_row(tr, i);
             if (r >= p.rows) {
+                continue;
+            }
+            if (SPLIT) {
+                y[(wid.z * p.n_tok + t) * p.rows + r] = acc[i * TN + j];
                 continue;
             }
             let row = p.row_offset + r;

@@ -87,8 +87,10 @@
 //! [`WgpuOptions::coop_tokens`] (`ARBOR_WGPU_COOP_TOKENS=64`) gives products of 128 tokens or
 //! more 64-token cooperative tiles; [`WgpuOptions::byte_weights`] (`ARBOR_WGPU_PACK=0`) keeps
 //! the unpacked weights; [`WgpuOptions::gqa_min_tokens`] (`ARBOR_WGPU_GQA_MIN_TOKENS`) runs
-//! attention a workgroup per key head (`attention_gqa.wgsl`) in passes of that many tokens.
-//! The backends bench measures each against the defaults in one run.
+//! attention a workgroup per key head (`attention_gqa.wgsl`) in passes of that many tokens;
+//! [`WgpuOptions::split_k_workgroups`] (`ARBOR_WGPU_SPLIT_K`) splits the columns of tiled
+//! products with too few tiles to fill the GPU, a second dispatch (`matmul_reduce.wgsl`)
+//! adding the ranges up. The backends bench measures each against the defaults in one run.
 //!
 //! **Not yet**, and what limits speed today (H200, `floor.rs` and the backends bench): a
 //! single-sequence step is 2.3 ms of GPU time, of which ~120 dependent dispatches are only
@@ -183,6 +185,17 @@ pub struct WgpuOptions {
     /// multiprocessors); the command line reads `ARBOR_WGPU_COOP_MIN_WORKGROUPS`, the backends
     /// bench compares 64.
     pub coop_min_workgroups: Option<u32>,
+    /// Tiled products (the matrix-matrix and cooperative kernels, batches of more than 8
+    /// tokens) whose 64-row by 32-token tiles make fewer workgroups than this split their
+    /// columns into up to 16 ranges, each summed by workgroups of its own, and add the ranges
+    /// up in a second dispatch (`matmul_reduce.wgsl`); default 0: none split. Every workgroup
+    /// of those kernels walks all the columns of its tile, so down's 896 rows of 4,864
+    /// columns at 64 sequences (28 tiles) left most of an H100's 132 multiprocessors idle
+    /// (287 µs a layer, against 84 µs for gate_up's twice the work). At most 2,048; costs
+    /// `2 × value × 8 KiB` of partial sums. The results differ from the unsplit ones by f32
+    /// summation order. Not yet measured on a GPU; the command line reads
+    /// `ARBOR_WGPU_SPLIT_K`, the backends bench compares 512.
+    pub split_k_workgroups: Option<u32>,
     /// Store every weight matrix as a byte a weight with f32 `(scale, min)` pairs per 16
     /// weights (1.5 bytes a weight), the form before packing, instead of the fewest bits that
     /// hold it exactly (`weights.rs`; 0.92 bytes a weight for the default model). The results
@@ -222,6 +235,9 @@ struct Scratch {
     sel: wgpu::Buffer,
     fin: wgpu::Buffer,
     logits: wgpu::Buffer,
+    /// Partial sums of products split over their columns
+    /// ([`WgpuOptions::split_k_workgroups`]; absent when none split).
+    part: Option<wgpu::Buffer>,
     /// One [`Draw`] per sampled row, and the `(token, log-prob bits)` picked.
     draws: wgpu::Buffer,
     picks: wgpu::Buffer,
@@ -305,6 +321,16 @@ impl WgpuBackend {
                 ),
             ));
         }
+        let split_k_workgroups = options.split_k_workgroups.unwrap_or(0);
+        if split_k_workgroups > record::MAX_SPLIT_K_WORKGROUPS {
+            return Err(ModelError::invalid(
+                "split_k_workgroups",
+                format!(
+                    "{split_k_workgroups}: give 0 (no splits) to {}",
+                    record::MAX_SPLIT_K_WORKGROUPS
+                ),
+            ));
+        }
         let matvec_rows = options.matvec_rows.unwrap_or(1);
         if ![1, 2, 4, 8].contains(&matvec_rows) {
             return Err(ModelError::invalid(
@@ -383,6 +409,7 @@ impl WgpuBackend {
                 options.tiled_min_workgroups.unwrap_or(MIN_TILED_WORKGROUPS),
                 coop_min_tokens as usize,
                 options.coop_min_workgroups.unwrap_or(0),
+                split_k_workgroups,
             ),
             coop,
             coop && coop_tokens == 64,
@@ -587,6 +614,10 @@ impl WgpuBackend {
             sel: self.storage("sel", rows_out as u64 * 4)?,
             fin: self.storage("fin", fin_bytes)?,
             logits: self.storage("logits", logits_bytes)?,
+            part: match self.pipelines.split_k_workgroups {
+                0 => None,
+                w => Some(self.storage("partial sums", record::split_part_bytes(w))?),
+            },
             draws: self.storage("draws", logit_rows as u64 * 16)?,
             picks: self.storage("picks", picks_bytes)?,
             readback,
@@ -632,7 +663,8 @@ impl Backend for WgpuBackend {
                 &s.picks,
                 &s.readback,
             ]
-            .iter()
+            .into_iter()
+            .chain(&s.part)
             .map(|b| b.size() as usize)
             .sum()
         })

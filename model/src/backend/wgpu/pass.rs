@@ -132,12 +132,18 @@ impl WgpuBackend {
         sel.extend_from_slice(batch.hidden_for);
 
         self.ensure_scratch(n, m, m + mh * nl, tables.len().max(1))?;
-        let per_layer = 4
-            + self.layers[0].qkv.chunks.len()
-            + self.layers[0].gate_up.chunks.len()
-            + self.layers[0].wo.chunks.len()
-            + self.layers[0].down.chunks.len();
-        let slots = per_layer * cfg.n_layers + 3 + nl + self.output.chunks.len();
+        // A product takes a dispatch a chunk, or two where it splits its columns.
+        let products = if self.scratch.as_ref().is_some_and(|s| s.part.is_some()) {
+            2
+        } else {
+            1
+        };
+        let per_layer = 4 + products
+            * (self.layers[0].qkv.chunks.len()
+                + self.layers[0].gate_up.chunks.len()
+                + self.layers[0].wo.chunks.len()
+                + self.layers[0].down.chunks.len());
+        let slots = per_layer * cfg.n_layers + 3 + nl + products * self.output.chunks.len();
         self.ensure_params(slots);
         if self.has_timestamps && !self.timestamps.as_ref().is_some_and(|t| t.fits(slots)) {
             self.timestamps = Some(Timestamps::new(
@@ -171,6 +177,7 @@ impl WgpuBackend {
             blob: Vec::new(),
             dispatches: Vec::new(),
             cache: &mut self.bind_cache,
+            part: s.part.as_ref(),
         };
         // `sel`: the rows read are `sel[from..]`, written from output row `to`.
         let norm = |rows: usize, sel: Option<(usize, usize)>| NormParams {

@@ -13,9 +13,11 @@ pub(super) struct Kernel {
 
 pub(super) struct Pipelines {
     pub(super) device: wgpu::Device,
-    /// Matrix kernels by [`MatShape`] and variant (`packed as usize * 4 + norm as usize * 2 +
-    /// swiglu as usize`), compiled on first use: a pass uses a few of them.
-    pub(super) matmul: [[std::sync::OnceLock<Kernel>; 8]; 7],
+    /// Matrix kernels by [`MatShape`] and variant (`split as usize * 8 + packed as usize * 4 +
+    /// norm as usize * 2 + swiglu as usize`), compiled on first use: a pass uses a few of them.
+    pub(super) matmul: [[std::sync::OnceLock<Kernel>; 16]; 7],
+    /// `matmul_reduce.wgsl`: adds up and finishes the partial sums of a split product.
+    pub(super) matmul_reduce: Kernel,
     /// Whether the device was opened with f16 cooperative matrices (`matmul_coop.wgsl`).
     pub(super) coop: bool,
     /// Whether products of at least twice [`COOP_WIDE_TOKENS`] tokens take 64-token tiles.
@@ -35,6 +37,9 @@ pub(super) struct Pipelines {
     /// Cooperative products that would make fewer workgroups than this keep the f32
     /// kernels ([`super::WgpuOptions::coop_min_workgroups`], default 0).
     pub(super) coop_min_workgroups: u32,
+    /// Tiled products of fewer workgroups than this split their columns
+    /// ([`super::WgpuOptions::split_k_workgroups`], default 0: none).
+    pub(super) split_k_workgroups: u32,
     pub(super) rms_norm: Kernel,
     pub(super) rope_kv: Kernel,
     pub(super) attention: Kernel,
@@ -130,7 +135,12 @@ impl Pipelines {
     pub(super) fn new(
         device: &wgpu::Device,
         config: &ModelConfig,
-        (min_tiled_workgroups, coop_min_tokens, coop_min_workgroups): (u32, usize, u32),
+        (min_tiled_workgroups, coop_min_tokens, coop_min_workgroups, split_k_workgroups): (
+            u32,
+            usize,
+            u32,
+            u32,
+        ),
         coop: bool,
         coop_wide: bool,
         (matvec_lanes, matvec_rows): (u32, u32),
@@ -175,6 +185,13 @@ impl Pipelines {
             matvec_lanes,
             matvec_rows,
             matmul_layout,
+            matmul_reduce: compile(
+                device,
+                7,
+                "matmul_reduce",
+                include_str!("matmul_reduce.wgsl").into(),
+                None,
+            ),
             rms_norm: compile(
                 device,
                 2,
@@ -224,6 +241,7 @@ impl Pipelines {
             min_tiled_workgroups,
             coop_min_tokens,
             coop_min_workgroups,
+            split_k_workgroups,
         }
     }
 
@@ -234,6 +252,7 @@ impl Pipelines {
             coop_wide: self.coop_wide,
             coop_min_tokens: self.coop_min_tokens,
             coop_min_workgroups: self.coop_min_workgroups,
+            split_k_workgroups: self.split_k_workgroups,
             min_tiled_workgroups: self.min_tiled_workgroups,
             matvec_lanes: self.matvec_lanes,
             matvec_rows: self.matvec_rows,
@@ -241,8 +260,8 @@ impl Pipelines {
     }
 
     /// A matrix kernel, with the RMS norm of its input fused in (`norm`), the SwiGLU
-    /// epilogue (`swiglu`) and weights of fewer than 8 bits (`packed`, weights.rs) as
-    /// compile-time switches: a switch read at run time would cost every product the
+    /// epilogue (`swiglu`), weights of fewer than 8 bits (`packed`, weights.rs) and partial
+    /// sums over a range of columns (`split`, the tiled kernels only) as compile-time switches: a switch read at run time would cost every product the
     /// registers of the code it guards (measured: the fused norm made the output projection
     /// 1.7x slower on one token).
     pub(super) fn matmul(
@@ -251,20 +270,24 @@ impl Pipelines {
         norm: bool,
         swiglu: bool,
         packed: bool,
+        split: bool,
     ) -> &Kernel {
-        let variant = packed as usize * 4 + norm as usize * 2 + swiglu as usize;
+        let variant =
+            split as usize * 8 + packed as usize * 4 + norm as usize * 2 + swiglu as usize;
         self.matmul[shape as usize][variant].get_or_init(|| {
             let src = matmul_source(
                 shape,
                 norm,
                 swiglu,
                 packed,
+                split,
                 (self.matvec_lanes, self.matvec_rows),
             );
-            let label = format!("matmul_{shape:?}_norm{norm}_swiglu{swiglu}_packed{packed}");
+            let label =
+                format!("matmul_{shape:?}_norm{norm}_swiglu{swiglu}_packed{packed}_split{split}");
             compile(
                 &self.device,
-                16 + (shape as u8) * 8 + variant as u8,
+                16 + (shape as u8) * 16 + variant as u8,
                 &label,
                 src,
                 Some(&self.matmul_layout),
@@ -279,8 +302,13 @@ pub(super) fn matmul_source(
     norm: bool,
     swiglu: bool,
     packed: bool,
+    split: bool,
     (matvec_lanes, matvec_rows): (u32, u32),
 ) -> String {
+    assert!(
+        !split || matches!(shape, MatShape::Gemm | MatShape::Coop),
+        "only the tiled kernels split their columns"
+    );
     let lanes = if shape == MatShape::One {
         matvec_lanes
     } else {
@@ -307,7 +335,8 @@ pub(super) fn matmul_source(
     [
         enables,
         &format!(
-            "const NORM: bool = {norm};\nconst SWIGLU: bool = {swiglu};\nconst PACKED: bool = {packed};\n"
+            "const NORM: bool = {norm};\nconst SWIGLU: bool = {swiglu};\n\
+             const PACKED: bool = {packed};\nconst SPLIT: bool = {split};\n"
         ),
         include_str!("matmul_common.wgsl"),
         kernel,
@@ -360,32 +389,39 @@ mod tests {
                     } else {
                         1
                     };
-                    let src = matmul_source(shape, norm, swiglu, packed, (lanes, rows));
-                    let module = naga::front::wgsl::parse_str(&src).unwrap_or_else(|e| {
-                        panic!(
-                            "{shape:?} norm {norm} swiglu {swiglu} packed {packed}: {}",
-                            e.emit_to_string(&src)
+                    let splits: &[bool] = if matches!(shape, MatShape::Gemm | MatShape::Coop) {
+                        &[false, true]
+                    } else {
+                        &[false]
+                    };
+                    for &split in splits {
+                        let src = matmul_source(shape, norm, swiglu, packed, split, (lanes, rows));
+                        let module = naga::front::wgsl::parse_str(&src).unwrap_or_else(|e| {
+                            panic!(
+                                "{shape:?} norm {norm} swiglu {swiglu} packed {packed}: {}",
+                                e.emit_to_string(&src)
+                            )
+                        });
+                        let info = Validator::new(
+                            ValidationFlags::all(),
+                            Capabilities::SHADER_FLOAT16 | Capabilities::COOPERATIVE_MATRIX,
                         )
-                    });
-                    let info = Validator::new(
-                        ValidationFlags::all(),
-                        Capabilities::SHADER_FLOAT16 | Capabilities::COOPERATIVE_MATRIX,
-                    )
-                    .validate(&module)
-                    .unwrap_or_else(|e| {
-                        panic!(
-                            "{shape:?} norm {norm} swiglu {swiglu}: {}",
-                            e.emit_to_string(&src)
+                        .validate(&module)
+                        .unwrap_or_else(|e| {
+                            panic!(
+                                "{shape:?} norm {norm} swiglu {swiglu}: {}",
+                                e.emit_to_string(&src)
+                            )
+                        });
+                        let words = naga::back::spv::write_vec(
+                            &module,
+                            &info,
+                            &naga::back::spv::Options::default(),
+                            None,
                         )
-                    });
-                    let words = naga::back::spv::write_vec(
-                        &module,
-                        &info,
-                        &naga::back::spv::Options::default(),
-                        None,
-                    )
-                    .unwrap_or_else(|e| panic!("{shape:?}: SPIR-V: {e}"));
-                    assert!(words.len() > 100, "{shape:?}: {} SPIR-V words", words.len());
+                        .unwrap_or_else(|e| panic!("{shape:?}: SPIR-V: {e}"));
+                        assert!(words.len() > 100, "{shape:?}: {} SPIR-V words", words.len());
+                    }
                 }
             }
         }

@@ -23,7 +23,40 @@ pub(super) struct MatParams {
     pub(super) eps: f32,
     /// The weights' storage format ([`super::weights::Format::word`]).
     pub(super) fmt: u32,
-    pub(super) pad: [u32; 3],
+    /// Columns a workgroup of a split product sums (`SPLIT` kernels; see
+    /// [`KernelChoice::split_k`]).
+    pub(super) k_split: u32,
+    pub(super) pad: [u32; 2],
+}
+
+/// `matmul_reduce.wgsl`'s parameters: a split product's shape and what finishes it.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+pub(super) struct SplitParams {
+    pub(super) rows: u32,
+    pub(super) n_tok: u32,
+    pub(super) splits: u32,
+    pub(super) y_stride: u32,
+    pub(super) row_offset: u32,
+    pub(super) accumulate: u32,
+    pub(super) has_bias: u32,
+    pub(super) swiglu: u32,
+}
+
+/// Most column ranges one product is split into.
+pub(super) const MAX_SPLITS: u32 = 16;
+/// Columns of one step of the tiled kernels: a split covers a whole number of them.
+const SPLIT_STEP: u32 = 32;
+/// Largest [`KernelChoice::split_k_workgroups`]: the reduction's one-dimensional dispatch of
+/// up to 16 workgroups per split workgroup stays within a dimension's 65,535.
+pub(super) const MAX_SPLIT_K_WORKGROUPS: u32 = 2048;
+
+/// Bytes of partial sums a split product may need at most with `split_k_workgroups`: splits
+/// are only taken by products of fewer workgroups (`w`) than that, and at most
+/// `ceil(split_k_workgroups / w)` of them, so splits times workgroups stay under twice
+/// `split_k_workgroups`, each workgroup a tile of 64 rows by 32 tokens.
+pub(super) fn split_part_bytes(split_k_workgroups: u32) -> u64 {
+    2 * split_k_workgroups as u64 * (GEMM_ROWS * GEMM_TOKENS) as u64 * 4
 }
 
 #[repr(C)]
@@ -83,6 +116,7 @@ pub(super) struct KernelChoice {
     pub(super) coop_wide: bool,
     pub(super) coop_min_tokens: usize,
     pub(super) coop_min_workgroups: u32,
+    pub(super) split_k_workgroups: u32,
     pub(super) min_tiled_workgroups: u32,
     pub(super) matvec_lanes: u32,
     pub(super) matvec_rows: u32,
@@ -136,6 +170,37 @@ impl KernelChoice {
             (MatShape::Tile, TOKENS_PER_TILE, ROWS_PER_WG)
         }
     }
+
+    /// How a product on `shape` making `workgroups` workgroups splits its `cols` columns:
+    /// `(splits, columns a split)`, or `None` to run whole. Only the tiled kernels
+    /// (`Gemm`, `Coop`) split, and only below [`Self::split_k_workgroups`]: each of their
+    /// workgroups steps through every column of its tile, so a product of few row tiles
+    /// (down's 896 rows make 14) leaves most of a large GPU idle while a few workgroups walk
+    /// thousands of columns. Split, each range is summed by workgroups of its own and
+    /// `matmul_reduce.wgsl` adds the ranges up: enough splits to reach the target, at most
+    /// [`MAX_SPLITS`], each a whole number of 32-column steps.
+    pub(super) fn split_k(
+        &self,
+        shape: MatShape,
+        workgroups: u32,
+        cols: usize,
+    ) -> Option<(u32, u32)> {
+        if !matches!(shape, MatShape::Gemm | MatShape::Coop)
+            || workgroups == 0
+            || workgroups >= self.split_k_workgroups
+        {
+            return None;
+        }
+        let steps = (cols as u32).div_ceil(SPLIT_STEP);
+        let want = self
+            .split_k_workgroups
+            .div_ceil(workgroups)
+            .min(MAX_SPLITS)
+            .min(steps);
+        let per = steps.div_ceil(want.max(1)) * SPLIT_STEP;
+        let splits = (cols as u32).div_ceil(per);
+        (splits > 1).then_some((splits, per))
+    }
 }
 
 /// A bind group made for dispatch slot `k`: reused while slot `k` runs the same kernel on the
@@ -167,6 +232,8 @@ pub(super) struct Recorder<'a> {
     pub(super) blob: Vec<u8>,
     pub(super) dispatches: Vec<Dispatch<'a>>,
     pub(super) cache: &'a mut Vec<Option<CachedGroup>>,
+    /// Partial sums of split products ([`split_part_bytes`] of them), where the backend splits.
+    pub(super) part: Option<&'a wgpu::Buffer>,
 }
 
 impl<'a> Recorder<'a> {
@@ -271,15 +338,67 @@ impl<'a> Recorder<'a> {
         fused: Fused<'_>,
         dummy: &wgpu::Buffer,
     ) {
+        let choice = pipes.choice();
         for c in &w.chunks {
             let (start, rows) = (&c.start, &c.rows);
-            let (shape, tt, rows_per_wg) =
-                pipes.choice().shape(*rows, w.cols, n, fused.norm.is_some());
+            let (shape, tt, rows_per_wg) = choice.shape(*rows, w.cols, n, fused.norm.is_some());
+            let size = (
+                (*rows as u32).div_ceil(rows_per_wg),
+                (n as u32).div_ceil(tt),
+                1,
+            );
+            let split = self.part.and_then(|part| {
+                let (splits, per) = choice.split_k(shape, size.0 * size.1, w.cols)?;
+                let bytes = splits as u64 * n as u64 * *rows as u64 * 4;
+                (bytes <= part.size()).then_some((part, splits, per))
+            });
+            if let Some((part, splits, per)) = split {
+                let pipe = pipes.matmul(shape, false, fused.swiglu, c.format.bits != 8, true);
+                let params = MatParams {
+                    rows: *rows as u32,
+                    cols: w.cols as u32,
+                    n_tok: n as u32,
+                    y_stride: *rows as u32,
+                    row_offset: 0,
+                    accumulate: 0,
+                    has_bias: 0,
+                    eps: 0.0,
+                    fmt: c.format.word(),
+                    k_split: per,
+                    pad: [0; 2],
+                };
+                self.add(
+                    pipe,
+                    label,
+                    params,
+                    &[&c.q, &c.sm, x, part, dummy, dummy],
+                    (size.0, size.1, splits),
+                );
+                let outputs = n as u32 * (*rows as u32 / (1 + fused.swiglu as u32));
+                self.add(
+                    &pipes.matmul_reduce,
+                    "split_sum",
+                    SplitParams {
+                        rows: *rows as u32,
+                        n_tok: n as u32,
+                        splits,
+                        y_stride: y_stride as u32,
+                        row_offset: *start as u32,
+                        accumulate: fused.accumulate as u32,
+                        has_bias: fused.bias.is_some() as u32,
+                        swiglu: fused.swiglu as u32,
+                    },
+                    &[part, y, fused.bias.unwrap_or(dummy)],
+                    (outputs.div_ceil(256), 1, 1),
+                );
+                continue;
+            }
             let pipe = pipes.matmul(
                 shape,
                 fused.norm.is_some(),
                 fused.swiglu,
                 c.format.bits != 8,
+                false,
             );
             let params = MatParams {
                 rows: *rows as u32,
@@ -291,7 +410,8 @@ impl<'a> Recorder<'a> {
                 has_bias: fused.bias.is_some() as u32,
                 eps: fused.norm.map_or(0.0, |n| n.1),
                 fmt: c.format.word(),
-                pad: [0; 3],
+                k_split: 0,
+                pad: [0; 2],
             };
             self.add(
                 pipe,
@@ -305,11 +425,7 @@ impl<'a> Recorder<'a> {
                     fused.bias.unwrap_or(dummy),
                     fused.norm.map_or(dummy, |n| n.0),
                 ],
-                (
-                    (*rows as u32).div_ceil(rows_per_wg),
-                    (n as u32).div_ceil(tt),
-                    1,
-                ),
+                size,
             );
         }
     }
@@ -324,6 +440,7 @@ mod tests {
         coop_wide: false,
         coop_min_tokens: 32,
         coop_min_workgroups: 0,
+        split_k_workgroups: 0,
         min_tiled_workgroups: 256,
         matvec_lanes: 64,
         matvec_rows: 1,
@@ -369,5 +486,52 @@ mod tests {
             ..DEFAULTS
         };
         assert_eq!(shape(none, 9728, 896, 16, false), MatShape::Gemm);
+    }
+
+    /// Products of few tiles split their columns into whole 32-column steps, enough ranges to
+    /// reach the target and no more than 16, every range holding columns; the tiles times the
+    /// ranges stay within the partial-sum buffer's bound; other kernels never split.
+    #[test]
+    fn few_tiles_split_their_columns_within_the_partial_sums_bound() {
+        assert_eq!(DEFAULTS.split_k(MatShape::Coop, 28, 4864), None);
+        let split = KernelChoice {
+            split_k_workgroups: 512,
+            ..DEFAULTS
+        };
+        // down at 64 sequences: 14 row tiles x 2 token tiles.
+        assert_eq!(split.split_k(MatShape::Coop, 28, 4864), Some((16, 320)));
+        // gate_up at 16 sequences on the f32 tiles: 152 workgroups, 4 ranges of 7 steps.
+        assert_eq!(split.split_k(MatShape::Gemm, 152, 896), Some((4, 224)));
+        assert_eq!(split.split_k(MatShape::Coop, 304, 896), Some((2, 448)));
+        // Enough workgroups already, a kernel without the SPLIT variant, one step of columns.
+        assert_eq!(split.split_k(MatShape::Coop, 1216, 896), None);
+        assert_eq!(split.split_k(MatShape::TileRows, 28, 4864), None);
+        assert_eq!(split.split_k(MatShape::Gemm, 4, 32), None);
+        for target in [1, 64, 512, MAX_SPLIT_K_WORKGROUPS] {
+            let c = KernelChoice {
+                split_k_workgroups: target,
+                ..DEFAULTS
+            };
+            let bound = split_part_bytes(target);
+            for rows in [16, 64, 100, 896, 1152, 9728] {
+                for n in [9, 16, 33, 64, 256, 512] {
+                    for cols in [64, 96, 896, 4864, 18944] {
+                        let wgs = (rows as u32).div_ceil(COOP_ROWS) * (n as u32).div_ceil(32);
+                        let Some((splits, per)) = c.split_k(MatShape::Coop, wgs, cols) else {
+                            continue;
+                        };
+                        let what = format!("{target}: {rows}x{cols}, {n} tokens");
+                        assert!(splits > 1 && splits <= MAX_SPLITS, "{what}: {splits}");
+                        assert_eq!(per % 32, 0, "{what}");
+                        assert!(
+                            (splits - 1) * per < cols as u32 && splits * per >= cols as u32,
+                            "{what}: {splits} x {per}"
+                        );
+                        let bytes = splits as u64 * n as u64 * rows as u64 * 4;
+                        assert!(bytes <= bound, "{what}: {bytes} > {bound}");
+                    }
+                }
+            }
+        }
     }
 }
