@@ -305,6 +305,11 @@ impl Engine {
         self.alloc.in_use()
     }
 
+    /// Most KV blocks that may exist at once ([`EngineOptions::kv_blocks_max`]).
+    pub fn kv_blocks_max(&self) -> usize {
+        self.alloc.limit()
+    }
+
     /// Appends `tokens` to each listed sequence, runs the model over them, and returns the
     /// next-token logits after the last token of each entry (`entries.len() * vocab_size`).
     ///

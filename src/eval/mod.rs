@@ -35,6 +35,9 @@ use prm::{Prm, PrmChoice};
 use samples::SampleChunk;
 use trace::{JsonlAppender, TraceCosts, TraceRecord};
 
+/// KV blocks the embedded worker may hold per search in flight, by default (`--kv-blocks`).
+const KV_BLOCKS_PER_SEARCH: usize = 256;
+
 /// `arbor eval` and `arbor eval report`.
 #[derive(clap::Args, Debug)]
 #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
@@ -86,12 +89,14 @@ struct RunArgs {
     /// worker).
     #[arg(long, default_value_t = 2)]
     concurrency: usize,
-    /// KV cache blocks of 16 tokens of the embedded worker (about 0.4 MB each for the default
-    /// model). Calls that find it full wait for others, so a small cache costs speed, not
-    /// cells: on a large GPU with many searches in flight raise it (128 searches at 2048
-    /// tokens outgrow the default).
-    #[arg(long, default_value_t = 8192)]
-    kv_blocks: usize,
+    /// Most KV cache blocks of 16 tokens the embedded worker may hold (about 0.4 MB each for
+    /// the default model; made as needed, not up front). Default: 8,192, or 256 per search in
+    /// flight where that is more (4,096 tokens each: its live samples and the prefixes the
+    /// worker keeps for its next calls). Calls that find the cache full wait for others, so a
+    /// small one costs speed, not cells: a cache too small for the searches in flight
+    /// recomputes their prompts instead of reusing them.
+    #[arg(long)]
+    kv_blocks: Option<usize>,
     /// The process reward model that values steps, as `arbor search --prm` takes it: `logprob`
     /// (the policy's own confidence, free), `judge` (the policy asked whether each step is
     /// right), `rollout` (agreement of cheap rollouts; their tokens count against the budget),
@@ -313,7 +318,7 @@ fn validate(a: &RunArgs) -> Result<()> {
     if a.concurrency == 0 {
         bail!("--concurrency must be at least 1");
     }
-    if a.kv_blocks == 0 {
+    if a.kv_blocks == Some(0) {
         bail!("--kv-blocks must be at least 1");
     }
     if a.n == 0 || a.sample_tokens == 0 {
@@ -461,7 +466,10 @@ fn run_grid(a: RunArgs) -> Result<()> {
                     a.model.clone(),
                     a.device,
                     EngineOptions {
-                        kv_blocks_max: a.kv_blocks,
+                        kv_blocks_max: a.kv_blocks.unwrap_or_else(|| {
+                            (KV_BLOCKS_PER_SEARCH * a.concurrency)
+                                .max(EngineOptions::default().kv_blocks_max)
+                        }),
                         ..EngineOptions::default()
                     },
                 )?;

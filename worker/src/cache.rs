@@ -62,24 +62,91 @@ impl PrefixCache {
         });
     }
 
+    /// Gives back least recently used sequences while more than `entries_max` are held or
+    /// more than `blocks_max` KV blocks are in use (by anyone: a sequence given back frees only
+    /// the blocks no other sequence shares). Sorts once, however many go.
     pub(crate) fn evict(&mut self, engine: &mut Engine, entries_max: usize, blocks_max: usize) {
-        while !self.entries.is_empty()
-            && (self.entries.len() > entries_max || engine.kv_blocks_in_use() > blocks_max)
-        {
-            let (i, _) = self
-                .entries
-                .iter()
-                .enumerate()
-                .min_by_key(|(_, e)| e.last_used)
-                .expect("non-empty");
-            let e = self.entries.swap_remove(i);
-            engine.free(e.seq);
+        let over = |held: usize, engine: &Engine| {
+            held > 0 && (held > entries_max || engine.kv_blocks_in_use() > blocks_max)
+        };
+        if !over(self.entries.len(), engine) {
+            return;
         }
+        let mut order: Vec<usize> = (0..self.entries.len()).collect();
+        order.sort_by_key(|&i| self.entries[i].last_used);
+        let mut gone = vec![false; self.entries.len()];
+        let mut held = self.entries.len();
+        for i in order {
+            if !over(held, engine) {
+                break;
+            }
+            engine.free(self.entries[i].seq);
+            gone[i] = true;
+            held -= 1;
+        }
+        let mut i = 0;
+        self.entries.retain(|_| {
+            i += 1;
+            !gone[i - 1]
+        });
     }
 
     pub(crate) fn clear(&mut self, engine: &mut Engine) {
         for e in self.entries.drain(..) {
             engine.free(e.seq);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arbor_model::backend::cpu::CpuBackend;
+    use arbor_model::tiny::TinyModel;
+    use arbor_model::{EngineOptions, Model};
+
+    /// Least recently used entries go first, only as many as the limits need, and a lookup
+    /// counts as a use.
+    #[test]
+    fn eviction_gives_back_the_least_recently_used_until_under_the_limits() {
+        let dir = std::env::temp_dir().join(format!("arbor-cache-evict-{}", std::process::id()));
+        TinyModel::new("qwen2").write(&dir).unwrap();
+        let model = Model::load(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).ok();
+        let mut engine = Engine::new(
+            Box::new(CpuBackend::new(model.config.clone(), model.weights.clone())),
+            EngineOptions {
+                kv_blocks_max: 64,
+                batch_tokens_max: 512,
+            },
+        );
+        let mut cache = PrefixCache::default();
+        // Five unshared sequences of 48 tokens: three blocks each.
+        let paths: Vec<Vec<u32>> = (0..5u32)
+            .map(|i| (0..48u32).map(|t| (t * 7 + i * 31 + 1) % 256).collect())
+            .collect();
+        for p in &paths {
+            let s = engine.new_sequence();
+            engine.forward(&[(s, p)]).unwrap();
+            cache.insert(p.clone(), s, &mut engine);
+        }
+        assert_eq!(engine.kv_blocks_in_use(), 15);
+        let longer = |i: usize| [&paths[i][..], &[5]].concat();
+        // Entries 0 and 3 used again: 1, 2 and 4 are the least recent, in that order.
+        assert_eq!(cache.lookup(&longer(0)).map(|h| h.1), Some(48));
+        assert_eq!(cache.lookup(&longer(3)).map(|h| h.1), Some(48));
+        // At most 9 blocks: 1 and 2 go, not 4.
+        cache.evict(&mut engine, 100, 9);
+        assert_eq!((cache.len(), engine.kv_blocks_in_use()), (3, 9));
+        for (i, kept) in [(0, true), (1, false), (2, false), (3, true), (4, true)] {
+            assert_eq!(cache.lookup(&longer(i)).is_some(), kept, "entry {i}");
+        }
+        // Within both limits: nothing goes. At most one entry: the last one used stays.
+        cache.evict(&mut engine, 3, 9);
+        assert_eq!(cache.len(), 3);
+        cache.evict(&mut engine, 1, 100);
+        assert_eq!(cache.len(), 1);
+        assert!(cache.lookup(&longer(4)).is_some());
+        assert_eq!(engine.kv_blocks_in_use(), 3);
     }
 }

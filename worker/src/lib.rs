@@ -36,11 +36,15 @@ pub struct WorkerOptions {
     pub step_delimiter: String,
     /// Top-k applied to every sampled token (0 = off).
     pub top_k: usize,
-    /// Most sequences the prefix cache keeps (0 disables it).
+    /// Most sequences the prefix cache keeps (0 disables it; default 4,096).
     pub prefix_cache_entries_max: usize,
     /// The prefix cache gives back its least recently used sequences while more KV blocks
-    /// than this are in use.
-    pub prefix_cache_blocks_max: usize,
+    /// than this are in use, by it and by the calls running. Default (`None`): seven eighths
+    /// of the engine's blocks ([`arbor_model::EngineOptions::kv_blocks_max`]), keeping an
+    /// eighth free for the passes to come. (A fixed 4,096 of 8,192 emptied the cache whenever
+    /// the calls running held more: at 128 searches in flight on a GPU it kept almost nothing,
+    /// and prompts were computed 4x over.)
+    pub prefix_cache_blocks_max: Option<usize>,
     /// Most calls queued or running at once; more are refused with
     /// [`WorkerError::Overloaded`] instead of queueing without bound.
     pub calls_in_flight_max: usize,
@@ -64,8 +68,8 @@ impl Default for WorkerOptions {
         WorkerOptions {
             step_delimiter: "\n\n".into(),
             top_k: 0,
-            prefix_cache_entries_max: 512,
-            prefix_cache_blocks_max: 4096,
+            prefix_cache_entries_max: 4096,
+            prefix_cache_blocks_max: None,
             calls_in_flight_max: 256,
             on_pass: None,
         }

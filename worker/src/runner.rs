@@ -303,25 +303,30 @@ impl Runner {
         if freed {
             self.resume_one();
         }
-        self.cache.evict(
-            &mut self.engine,
-            self.options.prefix_cache_entries_max,
-            self.options.prefix_cache_blocks_max,
-        );
+        self.evict();
         self.publish();
     }
 
     fn finish(&mut self, r: Running, result: JobResult) {
         let (mut outputs, stats) = match result {
             Ok(done) => done,
-            // The cache's own blocks may be what fills the KV pool: give them all back and try
-            // once more from scratch (a failed job gave its own sequences back already).
+            // The cache's own blocks may be what fills the KV pool: make room and try once more
+            // (a failed job gave its own sequences back already). Alone, the call gets the
+            // whole pool; beside others, the least recently used entries go until a quarter of
+            // the pool is free, so the others' cached prefixes mostly stay.
             Err(ModelError::KvCacheFull { .. }) if self.cache.len() > 0 && !r.retried => {
+                let cached = self.cache.len();
+                if self.batcher.is_idle() {
+                    self.cache.clear(&mut self.engine);
+                } else {
+                    let max = self.engine.kv_blocks_max();
+                    self.cache.evict(&mut self.engine, cached, max - max / 4);
+                }
                 tracing::info!(
-                    cached = self.cache.len(),
-                    "KV cache full: dropping the prefix cache and retrying"
+                    cached,
+                    kept = self.cache.len(),
+                    "KV cache full: prefix cache entries given back, the call retried"
                 );
-                self.cache.clear(&mut self.engine);
                 self.start(r.items, r.deadline, r.reply, true);
                 return;
             }
@@ -379,13 +384,24 @@ impl Runner {
             })
             .collect();
         // The usage snapshot must be current before the caller wakes up.
+        self.evict();
+        self.publish();
+        self.answer(r.reply, Ok(results));
+    }
+
+    /// Gives back least recently used cache entries past the options' limits
+    /// ([`WorkerOptions::prefix_cache_blocks_max`]).
+    fn evict(&mut self) {
+        let max = self.engine.kv_blocks_max();
+        let blocks_max = self
+            .options
+            .prefix_cache_blocks_max
+            .unwrap_or(max - max / 8);
         self.cache.evict(
             &mut self.engine,
             self.options.prefix_cache_entries_max,
-            self.options.prefix_cache_blocks_max,
+            blocks_max,
         );
-        self.publish();
-        self.answer(r.reply, Ok(results));
     }
 
     /// Starts the oldest deferred call, if any.

@@ -42,7 +42,7 @@ fn a_full_kv_pool_drops_the_prefix_cache_instead_of_failing_the_search() {
             batch_tokens_max: 512,
         },
         WorkerOptions {
-            prefix_cache_blocks_max: 10_000,
+            prefix_cache_blocks_max: Some(10_000),
             ..WorkerOptions::default()
         },
     );
@@ -379,6 +379,57 @@ fn a_burst_larger_than_the_kv_cache_waits_instead_of_failing() {
     assert_eq!(s.propose_calls, prompts.len() as u64);
     assert_eq!(w.in_flight(), 0);
     assert_eq!(w.engine_usage(), (0, 0, 0), "every block given back");
+}
+
+/// The prefix cache keeps what it holds while the calls running use most of the KV pool (up
+/// to seven eighths by default): a sample's path is still cached after another call held over
+/// half the pool, so continuing it computes only the new tokens. (With the cache's old fixed
+/// limit, half the default pool, 128 searches in flight on a GPU emptied it every pass.)
+#[test]
+fn the_prefix_cache_keeps_prefixes_while_running_calls_hold_most_blocks() {
+    let rt = runtime();
+    // 64 blocks of 16 tokens.
+    let w = worker_with(
+        EngineOptions {
+            kv_blocks_max: 64,
+            batch_tokens_max: 512,
+        },
+        WorkerOptions::default(),
+    );
+    let first = rt
+        .block_on(w.expand(vec![item(&w, "Once upon a time", 1, 24, 1)], None))
+        .unwrap();
+    let path: Vec<u32> = w
+        .tokenizer()
+        .encode("Once upon a time", false)
+        .unwrap()
+        .into_iter()
+        .chain(first[0].samples[0].tokens.iter().copied())
+        .collect();
+    // 4 samples of 150 tokens: about 40 blocks while they decode, and cached after.
+    let before = w.stats().prompt_tokens_computed;
+    let busy = rt
+        .block_on(w.expand(vec![item(&w, "1, 2, 3, 4, 5, 6,", 4, 150, 2)], None))
+        .unwrap();
+    let held: usize = busy[0].samples.iter().map(|s| s.tokens.len()).sum();
+    assert!(
+        held >= 400,
+        "the busy call held over half the pool: {held} tokens"
+    );
+    assert!(w.stats().prompt_tokens_computed > before);
+    // Continue the first call's sample: its whole path comes from the cache.
+    let next = ExpandItem {
+        prompt: path.clone(),
+        ..item(&w, "", 1, 8, 3)
+    };
+    let cont = rt.block_on(w.expand(vec![next], None)).unwrap();
+    assert_eq!(
+        cont[0].prompt_tokens_reused as usize,
+        path.len() - 1,
+        "the first path was still cached: {:?}",
+        w.engine_usage()
+    );
+    assert_eq!(cont[0].prompt_tokens_computed, 1);
 }
 
 /// A caller that goes away (a dropped future: a cancelled RPC, a client that hung up) stops its
