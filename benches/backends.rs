@@ -18,7 +18,7 @@
 //! `ARBOR_BENCH_PROFILE=1` (after each measurement, print where the wgpu passes' time went:
 //! host phases and each kernel's GPU time; the timing itself then includes waiting for every
 //! pass), `ARBOR_WGPU_MATVEC_LANES` (threads a row in the single-token kernel, as the command
-//! line takes it), `ARBOR_BENCH_LANES=8,16,32,64` (then also decode at each). After the table,
+//! line takes it), `ARBOR_WGPU_SPLIT_K` (likewise), `ARBOR_BENCH_LANES=8,16,32,64` (then also decode at each). After the table,
 //! variants are measured back to back with the default: the weights as a byte a weight
 //! (`ARBOR_WGPU_PACK=0`, the form before packing; 1 and 16 sequences), 64-token
 //! cooperative-matrix tiles (`ARBOR_WGPU_COOP_TOKENS=64`; prefill, 128 and 256 sequences;
@@ -240,6 +240,12 @@ fn main() -> anyhow::Result<()> {
     let matvec_lanes: Option<u32> = std::env::var("ARBOR_WGPU_MATVEC_LANES")
         .ok()
         .map(|v| v.parse().expect("ARBOR_WGPU_MATVEC_LANES: 8, 16, 32 or 64"));
+    // Taken by the main measurement too, so a profile can show where a split product's time
+    // goes.
+    let split_k_workgroups: Option<u32> = std::env::var("ARBOR_WGPU_SPLIT_K").ok().map(|v| {
+        v.parse()
+            .expect("ARBOR_WGPU_SPLIT_K: a count of workgroups")
+    });
     let sweep: Vec<u32> = std::env::var("ARBOR_BENCH_LANES")
         .map(|v| {
             v.split(',')
@@ -302,6 +308,7 @@ fn main() -> anyhow::Result<()> {
                     profile,
                     no_cooperative_matrix,
                     matvec_lanes,
+                    split_k_workgroups,
                     ..Default::default()
                 },
             )?;
