@@ -86,7 +86,8 @@ struct RunArgs {
     seed: u64,
     /// Searches in flight at once, all through one shared model worker (or, with
     /// --coordinator, on the coordinator: give it about the pool's capacity, e.g. 16 per
-    /// worker).
+    /// worker). The default suits a CPU; a GPU's batches fill at 64 to 128 (the H200 runs in
+    /// docs/eval used 128).
     #[arg(long, default_value_t = 2)]
     concurrency: usize,
     /// Most KV cache blocks of 16 tokens the embedded worker may hold (about 0.4 MB each for

@@ -310,18 +310,31 @@ impl Runner {
     fn finish(&mut self, r: Running, result: JobResult) {
         let (mut outputs, stats) = match result {
             Ok(done) => done,
-            // The cache's own blocks may be what fills the KV pool: make room and try once more
-            // (a failed job gave its own sequences back already). Alone, the call gets the
-            // whole pool; beside others, the least recently used entries go until a quarter of
-            // the pool is free, so the others' cached prefixes mostly stay.
-            Err(ModelError::KvCacheFull { .. }) if self.cache.len() > 0 && !r.retried => {
+            // Alone, only the cache's own blocks can stand in the way: give them all back and
+            // try again (a failed job gave its own sequences back already; a second failure
+            // finds the cache empty and is the call's error).
+            Err(ModelError::KvCacheFull { .. })
+                if self.batcher.is_idle() && self.cache.len() > 0 =>
+            {
+                tracing::info!(
+                    cached = self.cache.len(),
+                    "KV cache full: the prefix cache given back, the call retried"
+                );
+                self.cache.clear(&mut self.engine);
+                self.start(r.items, r.deadline, r.reply, true);
+                return;
+            }
+            // Beside others, once: the least recently used entries go until what the call
+            // lacked, and at least a quarter of the pool, is free, so the others' cached
+            // prefixes mostly stay.
+            Err(ModelError::KvCacheFull { needed, .. })
+                if !self.batcher.is_idle() && self.cache.len() > 0 && !r.retried =>
+            {
+                let max = self.engine.kv_blocks_max();
                 let cached = self.cache.len();
-                if self.batcher.is_idle() {
-                    self.cache.clear(&mut self.engine);
-                } else {
-                    let max = self.engine.kv_blocks_max();
-                    self.cache.evict(&mut self.engine, cached, max - max / 4);
-                }
+                let free = needed.max(max / 4);
+                self.cache
+                    .evict(&mut self.engine, cached, max.saturating_sub(free));
                 tracing::info!(
                     cached,
                     kept = self.cache.len(),

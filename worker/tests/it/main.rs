@@ -327,58 +327,89 @@ fn a_burst_larger_than_the_kv_cache_waits_instead_of_failing() {
     let alone: Vec<_> = (0..prompts.len())
         .map(|i| rt.block_on(big.expand(call(&big, i), None)).unwrap())
         .collect();
-    // 24 blocks: room for one call at a time, not for six.
-    let w = worker_with(
-        EngineOptions {
-            kv_blocks_max: 24,
-            batch_tokens_max: 512,
-        },
-        WorkerOptions {
-            prefix_cache_entries_max: 0,
-            ..WorkerOptions::default()
-        },
-    );
-    let (together, too_big) = rt.block_on(async {
-        let calls: Vec<_> = (0..prompts.len())
-            .map(|i| {
+    // 3 samples of 100 counting tokens: about 21 blocks, which fit only when nothing else
+    // (finished calls' cached sequences included) holds any.
+    let large = |w: &LocalWorker| vec![item(w, "1, 2, 3, 4, 5, 6,", 3, 100, 7)];
+    let large_alone = rt.block_on(big.expand(large(&big), None)).unwrap();
+    let large_tokens: usize = large_alone[0].samples.iter().map(|s| s.tokens.len()).sum();
+    assert!(large_tokens >= 270, "{large_tokens} tokens");
+    // 24 blocks: room for one call at a time, not for six; without the prefix cache, and with
+    // it (then finished calls' sequences hold blocks the others need, and are given back).
+    for cache in [false, true] {
+        let w = worker_with(
+            EngineOptions {
+                kv_blocks_max: 24,
+                batch_tokens_max: 512,
+            },
+            WorkerOptions {
+                prefix_cache_entries_max: if cache { 4096 } else { 0 },
+                ..WorkerOptions::default()
+            },
+        );
+        let (together, too_big) = rt.block_on(async {
+            let calls: Vec<_> = (0..prompts.len())
+                .map(|i| {
+                    let w = w.clone();
+                    let items = call(&w, i);
+                    tokio::spawn(async move { w.expand(items, None).await })
+                })
+                .collect();
+            // 8 samples of 200 tokens need about 100 blocks: more than the whole cache.
+            let huge = {
                 let w = w.clone();
-                let items = call(&w, i);
+                let items = vec![item(&w, prompts[0], 8, 200, 9)];
                 tokio::spawn(async move { w.expand(items, None).await })
-            })
-            .collect();
-        // 8 samples of 200 tokens need about 100 blocks: more than the whole cache.
-        let huge = {
-            let w = w.clone();
-            let items = vec![item(&w, prompts[0], 8, 200, 9)];
-            tokio::spawn(async move { w.expand(items, None).await })
-        };
-        let mut out = Vec::new();
-        for c in calls {
-            out.push(c.await.unwrap());
+            };
+            let large = {
+                let w = w.clone();
+                let items = large(&w);
+                tokio::spawn(async move { w.expand(items, None).await })
+            };
+            let mut out = Vec::new();
+            for c in calls {
+                out.push(c.await.unwrap());
+            }
+            out.push(large.await.unwrap());
+            (out, huge.await.unwrap())
+        });
+        for (i, (a, t)) in alone
+            .iter()
+            .chain(std::iter::once(&large_alone))
+            .zip(&together)
+            .enumerate()
+        {
+            let t = t
+                .as_ref()
+                .unwrap_or_else(|e| panic!("cache {cache}: call {i} failed: {e}"));
+            for (sa, st) in a[0].samples.iter().zip(&t[0].samples) {
+                assert_eq!(sa.tokens, st.tokens, "cache {cache}: call {i}");
+                assert_eq!(sa.logprobs, st.logprobs, "cache {cache}: call {i}");
+            }
         }
-        (out, huge.await.unwrap())
-    });
-    for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
-        let t = t
-            .as_ref()
-            .unwrap_or_else(|e| panic!("call {i} failed: {e}"));
-        for (sa, st) in a[0].samples.iter().zip(&t[0].samples) {
-            assert_eq!(sa.tokens, st.tokens, "call {i}");
-            assert_eq!(sa.logprobs, st.logprobs, "call {i}");
+        match too_big {
+            Err(WorkerError::Model(e)) => assert!(
+                e.to_string().contains("limit is 24 blocks"),
+                "the error names the limit: {e}"
+            ),
+            other => panic!("a call larger than the cache must fail: {other:?}"),
+        }
+        let s = w.stats();
+        assert!(
+            s.deferred_calls > 0 || cache,
+            "some calls had to wait: {s:?}"
+        );
+        assert_eq!(s.propose_calls, prompts.len() as u64 + 1);
+        assert_eq!(w.in_flight(), 0);
+        let (live, blocks, cached) = w.engine_usage();
+        assert_eq!(
+            live, cached,
+            "cache {cache}: only cached sequences are left"
+        );
+        assert!(blocks <= 24);
+        if !cache {
+            assert_eq!((live, blocks), (0, 0), "every block given back");
         }
     }
-    match too_big {
-        Err(WorkerError::Model(e)) => assert!(
-            e.to_string().contains("limit is 24 blocks"),
-            "the error names the limit: {e}"
-        ),
-        other => panic!("a call larger than the cache must fail: {other:?}"),
-    }
-    let s = w.stats();
-    assert!(s.deferred_calls > 0, "some calls had to wait: {s:?}");
-    assert_eq!(s.propose_calls, prompts.len() as u64);
-    assert_eq!(w.in_flight(), 0);
-    assert_eq!(w.engine_usage(), (0, 0, 0), "every block given back");
 }
 
 /// The prefix cache keeps what it holds while the calls running use most of the KV pool (up
@@ -430,6 +461,53 @@ fn the_prefix_cache_keeps_prefixes_while_running_calls_hold_most_blocks() {
         w.engine_usage()
     );
     assert_eq!(cont[0].prompt_tokens_computed, 1);
+}
+
+/// A call that needs nearly the whole KV pool, made while another call decodes and the prefix
+/// cache holds blocks: the cache gives back what it can and the call waits; when it runs alone
+/// it gets the whole pool (the cache emptied), and its samples are those it gets on a worker
+/// of its own.
+#[test]
+fn a_call_that_needs_the_whole_pool_waits_and_then_gets_it() {
+    let rt = runtime();
+    // 3 samples of 100 counting tokens: about 21 blocks of the 24.
+    let large = |w: &LocalWorker| vec![item(w, "1, 2, 3, 4, 5, 6,", 3, 100, 7)];
+    let big = worker();
+    let want = rt.block_on(big.expand(large(&big), None)).unwrap();
+    let w = worker_with(
+        EngineOptions {
+            kv_blocks_max: 24,
+            batch_tokens_max: 512,
+        },
+        WorkerOptions::default(),
+    );
+    // Cached sequences holding blocks, then a long call holding more.
+    rt.block_on(w.expand(vec![item(&w, "Once upon a time", 2, 40, 1)], None))
+        .unwrap();
+    assert!(w.engine_usage().2 > 0, "the cache holds sequences");
+    let got = rt.block_on(async {
+        let long = {
+            let w = w.clone();
+            let items = vec![item(&w, "import numpy as np\n", 1, 160, 2)];
+            tokio::spawn(async move { w.expand(items, None).await })
+        };
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let got = w.expand(large(&w), None).await;
+        long.await.unwrap().unwrap();
+        got
+    });
+    let got = got.unwrap_or_else(|e| panic!("the large call failed: {e}"));
+    assert!(
+        w.stats().deferred_calls > 0,
+        "it had to wait: {:?}",
+        w.stats()
+    );
+    for (a, b) in want[0].samples.iter().zip(&got[0].samples) {
+        assert_eq!(a.tokens, b.tokens);
+    }
+    let (live, blocks, cached) = w.engine_usage();
+    assert_eq!(live, cached);
+    assert!(blocks <= 24);
 }
 
 /// A caller that goes away (a dropped future: a cancelled RPC, a client that hung up) stops its
