@@ -151,6 +151,15 @@ pub(crate) struct TrainArgs {
     /// (heads/arbor-gsm8k-v1.json).
     #[arg(long, default_value_t = 0.1)]
     l2: f32,
+    /// Weight of a ranking loss among each question's final steps (every right answer above
+    /// every wrong one of the same question, Bradley–Terry), added to the per-step
+    /// cross-entropy; 0: none. The cross-entropy mostly learns which questions are hard,
+    /// which does little to choose among one question's samples (best-of-N); the report's
+    /// `selection` figures (majority, weighted, best-of-N, oracle) show what each weight
+    /// does: choose it on the validation figures, never the held-out ones. The calibration
+    /// keeps the ranking's order.
+    #[arg(long, default_value_t = 0.0)]
+    pairwise: f32,
     /// Share of questions held out for evaluation.
     #[arg(long, default_value_t = 0.2)]
     holdout: f64,
@@ -266,6 +275,52 @@ struct Example {
     /// the head must beat: the `log_prob` scorer).
     confidence: f32,
     feature: Vec<f32>,
+}
+
+/// Choosing among each question's samples by their final steps (`values`: the head's, one per
+/// example of `set`): the share of questions with an answered sample where majority vote
+/// (ties to the larger value sum), the vote weighted by value (weighted best-of-N), the
+/// single highest value (best-of-N) and any sample (the oracle, pass@N) are right.
+fn selection(set: &[&Example], values: &[f32]) -> serde_json::Value {
+    /// A question's answers: key -> (votes, value sum, right).
+    type Answers = HashMap<String, (u32, f64, bool)>;
+    let mut votes: std::collections::BTreeMap<usize, Answers> = Default::default();
+    let mut best: HashMap<usize, (f32, bool)> = HashMap::new();
+    for (e, &v) in set.iter().zip(values) {
+        if !e.is_final {
+            continue;
+        }
+        let Some(answer) = arbor_search::extract_answer(&e.text) else {
+            continue;
+        };
+        let right = e.share > 0.0;
+        let slot = votes
+            .entry(e.question)
+            .or_default()
+            .entry(answer.key)
+            .or_insert((0, 0.0, right));
+        slot.0 += 1;
+        slot.1 += f64::from(v);
+        let b = best.entry(e.question).or_insert((v, right));
+        if v > b.0 {
+            *b = (v, right);
+        }
+    }
+    let n = votes.len().max(1) as f64;
+    let share =
+        |pick: &dyn Fn(&Answers) -> bool| votes.values().filter(|a| pick(a)).count() as f64 / n;
+    let top = |a: &Answers, key: &dyn Fn(&(u32, f64, bool)) -> f64| {
+        a.values()
+            .max_by(|x, y| key(x).total_cmp(&key(y)))
+            .is_some_and(|x| x.2)
+    };
+    serde_json::json!({
+        "questions": votes.len(),
+        "majority": share(&|a| top(a, &|x| f64::from(x.0) + x.1 * 1e-9)),
+        "weighted_best_of_n": share(&|a| top(a, &|x| x.1)),
+        "best_of_n": best.values().filter(|b| b.1).count() as f64 / n,
+        "oracle": share(&|a| a.values().any(|x| x.2)),
+    })
 }
 
 fn read_questions(path: &Path, offset: usize, n: usize) -> Result<Vec<Question>> {
@@ -909,12 +964,27 @@ fn train(args: TrainArgs) -> Result<()> {
         l2: args.l2,
         seed: args.seed,
         patience: args.patience,
+        pairwise: args.pairwise,
     };
+    if !(args.pairwise >= 0.0 && args.pairwise.is_finite()) {
+        bail!("--pairwise {}: give a weight of 0 or more", args.pairwise);
+    }
     let xs: Vec<Vec<f32>> = train.iter().map(|e| e.feature.clone()).collect();
     let ys: Vec<f32> = train.iter().map(|e| target(e)).collect();
     let vxs: Vec<Vec<f32>> = val.iter().map(|e| e.feature.clone()).collect();
     let vys: Vec<f32> = val.iter().map(|e| target(e)).collect();
-    let (head, fit) = ValueHead::fit_validated(meta, (&xs, &ys), (&vxs, &vys), &options);
+    // The ranking's groups: each question's final steps.
+    let groups = |set: &[&Example]| -> Vec<Option<u32>> {
+        set.iter()
+            .map(|e| e.is_final.then_some(e.question as u32))
+            .collect()
+    };
+    let (head, fit) = ValueHead::fit_ranked(
+        meta,
+        (&xs, &ys, &groups(&train)),
+        (&vxs, &vys, &groups(&val)),
+        &options,
+    );
     head.save(&args.out)?;
 
     let metrics = |set: &[&Example]| {
@@ -963,6 +1033,7 @@ fn train(args: TrainArgs) -> Result<()> {
             "auc_final_steps": auc_where(true),
             "auc_other_steps": auc_where(false),
             "log_prob_confidence_auc": auc(&confidence, &labels),
+            "selection": selection(set, &p),
         })
     };
     let (train_m, val_m, test_m) = (metrics(&train), metrics(&val), metrics(&test));

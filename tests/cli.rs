@@ -400,9 +400,17 @@ fn prm_train_resumes_its_labels_and_keeps_off_the_development_split() {
         "{err}"
     );
     assert_eq!(done_lines(), 2, "only the new question was labelled");
-    // Another head from the same labels (`--labels`), with its data fingerprinted.
+    // Another head from the same labels (`--labels`), with its data fingerprinted, and a
+    // ranking loss among each question's final steps.
     let soft = dir.join("soft.safetensors");
-    let labels = ["--target", "soft", "--labels", out.to_str().unwrap()];
+    let labels = [
+        "--target",
+        "soft",
+        "--pairwise",
+        "5",
+        "--labels",
+        out.to_str().unwrap(),
+    ];
     let again = run_to("2", "2", &soft, &labels);
     let err = String::from_utf8_lossy(&again.stderr);
     assert!(again.status.success(), "{err}");
@@ -423,6 +431,32 @@ fn prm_train_resumes_its_labels_and_keeps_off_the_development_split() {
     assert!(
         report["fit"]["epochs_run"].as_u64().unwrap() > 0,
         "{report}"
+    );
+    // How the head chooses among each question's samples, beside the oracle.
+    for set in ["train", "validation", "held_out"] {
+        let s = &report[set]["selection"];
+        let oracle = s["oracle"].as_f64().unwrap();
+        for rule in ["majority", "weighted_best_of_n", "best_of_n"] {
+            let v = s[rule]
+                .as_f64()
+                .unwrap_or_else(|| panic!("{set} {rule}: {report}"));
+            assert!(
+                (0.0..=oracle).contains(&v),
+                "{set} {rule} {v} > oracle {oracle}"
+            );
+        }
+    }
+    let negative = run_to(
+        "2",
+        "2",
+        &dir.join("neg.safetensors"),
+        &["--pairwise=-1", "--labels", out.to_str().unwrap()],
+    );
+    let err = String::from_utf8_lossy(&negative.stderr);
+    assert!(!negative.status.success());
+    assert!(
+        err.contains("--pairwise -1: give a weight of 0 or more"),
+        "{err}"
     );
     // The held-out reliability plot, as PNG and SVG beside the head.
     let png = std::fs::read(dir.join("soft.reliability.png")).unwrap();

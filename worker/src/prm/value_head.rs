@@ -177,6 +177,9 @@ pub struct FitOptions {
     /// With a validation set: stop after this many steps without a lower validation loss,
     /// keeping the best weights.
     pub patience: usize,
+    /// Weight of a ranking loss within each group of examples ([`ValueHead::fit_ranked`]),
+    /// added to the mean cross-entropy; 0 (the default): none.
+    pub pairwise: f32,
 }
 
 impl Default for FitOptions {
@@ -188,6 +191,7 @@ impl Default for FitOptions {
             l2: 1e-2,
             seed: 0,
             patience: 100,
+            pairwise: 0.0,
         }
     }
 }
@@ -197,15 +201,54 @@ fn sigmoid(z: f32) -> f32 {
 }
 
 /// Cross-entropy of prediction `p` against target `y` in [0, 1].
+/// Every (right, wrong) pair of examples within one group: `(i, j)` with `ys[i] > 0.5 >=
+/// ys[j]` and `groups[i] == groups[j]`.
+fn ranked_pairs(groups: &[Option<u32>], ys: &[f32]) -> Vec<(usize, usize)> {
+    let mut by_group: std::collections::BTreeMap<u32, Vec<usize>> = Default::default();
+    for (i, g) in groups.iter().enumerate() {
+        if let Some(g) = g {
+            by_group.entry(*g).or_default().push(i);
+        }
+    }
+    let mut pairs = Vec::new();
+    for members in by_group.values() {
+        for &i in members.iter().filter(|&&i| ys[i] > 0.5) {
+            for &j in members.iter().filter(|&&j| ys[j] <= 0.5) {
+                pairs.push((i, j));
+            }
+        }
+    }
+    pairs
+}
+
+/// Mean of `log(1 + exp(z_j - z_i))` over `pairs`.
+fn pair_loss(zs: &[f32], pairs: &[(usize, usize)]) -> f64 {
+    let total: f64 = pairs
+        .iter()
+        .map(|&(i, j)| {
+            let d = f64::from(zs[j] - zs[i]);
+            // log(1 + e^d), without overflow.
+            d.max(0.0) + (-d.abs()).exp().ln_1p()
+        })
+        .sum();
+    total / pairs.len().max(1) as f64
+}
+
 fn cross_entropy(p: f32, y: f32) -> f64 {
     let p = (p as f64).clamp(1e-7, 1.0 - 1e-7);
     let y = y as f64;
     -(y * p.ln() + (1.0 - y) * (1.0 - p).ln())
 }
 
+/// Smallest slope of a calibration: it may flatten the head's order, never reverse it.
+const PLATT_SLOPE_MIN: f64 = 1e-3;
+
 /// Platt scaling: the `(a, b)` minimising the cross-entropy of `sigmoid(a * z + b)` against
 /// `ys`, by Newton's method from `(1, 0)`, each step halved until the loss falls (a tiny ridge
-/// keeps the Hessian invertible when `z` separates the labels perfectly).
+/// keeps the Hessian invertible when `z` separates the labels perfectly). The slope is kept at
+/// [`PLATT_SLOPE_MIN`] or more (then `b` alone is fitted): a head trained to rank one
+/// question's samples may order steps of different questions against their labels, and a
+/// calibration that turned it around would undo the ranking.
 fn platt(zs: &[f32], ys: &[f32]) -> [f32; 2] {
     let loss = |a: f64, b: f64| -> f64 {
         zs.iter()
@@ -248,6 +291,22 @@ fn platt(zs: &[f32], ys: &[f32]) -> [f32; 2] {
         (a, b, current) = next;
         if moved < 1e-9 {
             break;
+        }
+    }
+    if a < PLATT_SLOPE_MIN {
+        a = PLATT_SLOPE_MIN;
+        for _ in 0..100 {
+            let (mut g, mut h) = (0.0, 1e-6);
+            for (&z, &y) in zs.iter().zip(ys) {
+                let p = 1.0 / (1.0 + (-(a * z as f64 + b)).exp());
+                g += p - y as f64;
+                h += p * (1.0 - p);
+            }
+            let step = g / h;
+            b -= step;
+            if step.abs() < 1e-9 || !b.is_finite() {
+                break;
+            }
         }
     }
     if a.is_finite() && b.is_finite() {
@@ -360,8 +419,35 @@ impl ValueHead {
         (vxs, vys): (&[Vec<f32>], &[f32]),
         o: &FitOptions,
     ) -> (ValueHead, FitReport) {
+        Self::fit_ranked(meta, (xs, ys, &[]), (vxs, vys, &[]), o)
+    }
+
+    /// [`ValueHead::fit_validated`] with examples in groups (`Some(g)`: the samples' final
+    /// steps of one question; `None` or an empty slice: none) and, with
+    /// [`FitOptions::pairwise`] above 0, a ranking loss within each group added to the
+    /// cross-entropy: the mean over every pair (right `i`, wrong `j`) of one group of
+    /// `log(1 + exp(z_j - z_i))` (Bradley–Terry, as reward models are trained), times the
+    /// weight. The cross-entropy alone rewards telling easy questions from hard ones, which
+    /// does nothing to choose among one question's samples; the ranking loss is about exactly
+    /// that. The validation loss (early stopping) is the same sum.
+    pub fn fit_ranked(
+        meta: HeadMeta,
+        (xs, ys, groups): (&[Vec<f32>], &[f32], &[Option<u32>]),
+        (vxs, vys, vgroups): (&[Vec<f32>], &[f32], &[Option<u32>]),
+        o: &FitOptions,
+    ) -> (ValueHead, FitReport) {
         assert_eq!(xs.len(), ys.len(), "one target per example");
         assert_eq!(vxs.len(), vys.len(), "one target per validation example");
+        assert!(
+            groups.is_empty() || groups.len() == xs.len(),
+            "one group per example"
+        );
+        assert!(
+            vgroups.is_empty() || vgroups.len() == vxs.len(),
+            "one group per validation example"
+        );
+        let pairs = ranked_pairs(groups, ys);
+        let vpairs = ranked_pairs(vgroups, vys);
         assert!(!xs.is_empty(), "no examples");
         let d = xs[0].len();
         assert_eq!(d, meta.input_width(), "d_model features per layer read");
@@ -435,7 +521,12 @@ impl ValueHead {
                 .map(|(x, &y)| cross_entropy(head.predict(x), y))
                 .collect();
             let total: f64 = each.iter().sum();
-            total / vxs.len() as f64
+            let mut l = total / vxs.len() as f64;
+            if o.pairwise > 0.0 && !vpairs.is_empty() {
+                let zs: Vec<f32> = vxs.par_iter().map(|x| head.logit(x)).collect();
+                l += f64::from(o.pairwise) * pair_loss(&zs, &vpairs);
+            }
+            l
         };
         let validate = !vxs.is_empty();
         let mut best: Option<(f64, usize, Option<Linear>, Linear)> = None;
@@ -450,20 +541,41 @@ impl ValueHead {
                 }
             }
             epochs_run = epoch;
+            // The ranking loss's gradient by each example's logit (zero for examples in no
+            // pair, and for all without it).
+            let mut ranked = vec![0f32; zs.len()];
+            if o.pairwise > 0.0 && !pairs.is_empty() {
+                let forward = |z: &Vec<f32>| match &hidden {
+                    Some(l) => {
+                        let relu: Vec<f32> = l.apply(z).into_iter().map(|v| v.max(0.0)).collect();
+                        out.apply(&relu)[0]
+                    }
+                    None => out.apply(z)[0],
+                };
+                let logits: Vec<f32> = zs.par_iter().map(forward).collect();
+                let scale = o.pairwise / pairs.len() as f32;
+                for &(i, j) in &pairs {
+                    // d/dz_i log(1 + exp(z_j - z_i)) = -sigmoid(z_j - z_i).
+                    let s = sigmoid(logits[j] - logits[i]) * scale;
+                    ranked[i] -= s;
+                    ranked[j] += s;
+                }
+            }
             // The gradient, summed over fixed chunks of examples in parallel and the chunks'
             // sums added in order: the same result on any number of threads.
             let parts: Vec<Gradient> = zs
                 .par_chunks(GRADIENT_CHUNK)
                 .zip(ys.par_chunks(GRADIENT_CHUNK))
-                .map(|(zc, yc)| {
+                .zip(ranked.par_chunks(GRADIENT_CHUNK))
+                .map(|((zc, yc), rc)| {
                     let mut g = Gradient::zero(width, h, d);
-                    for (z, &y) in zc.iter().zip(yc) {
+                    for ((z, &y), &r) in zc.iter().zip(yc).zip(rc) {
                         let relu: Option<Vec<f32>> = hidden
                             .as_ref()
                             .map(|l| l.apply(z).into_iter().map(|v| v.max(0.0)).collect());
                         let act: &[f32] = relu.as_deref().unwrap_or(z);
                         let p = sigmoid(out.apply(act)[0]);
-                        let dz = (p - y) / n;
+                        let dz = (p - y) / n + r;
                         g.w2.iter_mut().zip(act).for_each(|(g, a)| *g += dz * a);
                         g.b2 += dz;
                         if relu.is_some() {
@@ -832,6 +944,89 @@ mod tests {
         (xs, ys)
     }
 
+    /// Eight samples of each of `questions` questions, as final steps: a sample is right when
+    /// its question's ease plus its own quality is positive; its one informative feature is
+    /// its quality minus twice the ease, so across questions a high feature means a hard
+    /// question (mostly wrong) and within one a better sample.
+    fn ranked_synthetic(questions: u32, seed: u64) -> (Vec<Vec<f32>>, Vec<f32>, Vec<Option<u32>>) {
+        let mut s = seed;
+        let mut next = || {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        let (mut xs, mut ys, mut groups) = (Vec::new(), Vec::new(), Vec::new());
+        for q in 0..questions {
+            let ease = 4.0 * next();
+            for _ in 0..8 {
+                let quality = 2.0 * next();
+                xs.push(vec![quality - 2.0 * ease, next(), next(), next()]);
+                ys.push(if ease + quality > 0.0 { 1.0 } else { 0.0 });
+                groups.push(Some(q));
+            }
+        }
+        (xs, ys, groups)
+    }
+
+    /// Where telling questions apart and telling one question's samples apart pull a feature
+    /// opposite ways, the cross-entropy alone learns the first and picks within a question
+    /// worse than chance; with the ranking loss the head's best pick is right whenever any
+    /// sample is (nearly).
+    #[test]
+    fn the_ranking_loss_teaches_the_choice_among_one_questions_samples() {
+        let (xs, ys, groups) = ranked_synthetic(300, 11);
+        let (vxs, vys, vgroups) = ranked_synthetic(60, 12);
+        let (txs, tys, _) = ranked_synthetic(200, 13);
+        // Best-of-8 on the test questions: right when the highest-valued sample is right.
+        let best_of_8 = |head: &ValueHead| {
+            let mut right = 0;
+            for q in 0..200 {
+                let best = (8 * q..8 * q + 8)
+                    .max_by(|&a, &b| head.predict(&txs[a]).total_cmp(&head.predict(&txs[b])))
+                    .unwrap();
+                right += (tys[best] > 0.5) as usize;
+            }
+            right as f64 / 200.0
+        };
+        let oracle = (0..200)
+            .filter(|q| (8 * q..8 * q + 8).any(|i| tys[i] > 0.5))
+            .count() as f64
+            / 200.0;
+        let chance = tys.iter().sum::<f32>() as f64 / tys.len() as f64;
+        let fit = |pairwise: f32| {
+            let o = FitOptions {
+                epochs: 400,
+                learning_rate: 0.05,
+                pairwise,
+                ..FitOptions::default()
+            };
+            ValueHead::fit_ranked(meta(4, 0), (&xs, &ys, &groups), (&vxs, &vys, &vgroups), &o).0
+        };
+        let ranked_head = fit(10.0);
+        let (pointwise, ranked) = (best_of_8(&fit(0.0)), best_of_8(&ranked_head));
+        // Its calibration flattens the values (across questions the feature runs against the
+        // labels) but keeps their order.
+        assert!(ranked_head.calibration[0] > 0.0);
+        eprintln!("best of 8: cross-entropy {pointwise}, ranked {ranked}, chance {chance}, oracle {oracle}");
+        assert!(pointwise < chance, "{pointwise} vs chance {chance}");
+        assert!(ranked > oracle - 0.03, "{ranked} vs oracle {oracle}");
+        // Without groups the weight changes nothing.
+        let o = FitOptions {
+            epochs: 50,
+            pairwise: 1.0,
+            ..FitOptions::default()
+        };
+        let a = ValueHead::fit_ranked(meta(4, 0), (&xs, &ys, &[]), (&vxs, &vys, &[]), &o).0;
+        let b = ValueHead::fit_validated(
+            meta(4, 0),
+            (&xs, &ys),
+            (&vxs, &vys),
+            &FitOptions { pairwise: 0.0, ..o },
+        );
+        assert_eq!(a, b.0);
+    }
+
     #[test]
     fn auc_and_accuracy_by_hand() {
         let labels = [true, false, true, false];
@@ -931,6 +1126,7 @@ mod tests {
             l2: 0.0,
             seed: 3,
             patience: 50,
+            pairwise: 0.0,
         };
         let (head, report) = ValueHead::fit_validated(meta(d, 32), (&xs, &ys), (&vx, &vy), &o);
         assert!(report.epochs_run < 3000, "{report:?}");
