@@ -120,8 +120,16 @@ print(k)")
   fit hard-l01 --target hard --l2 0.1 & fit hard-l003 --target hard --l2 0.03 &
   fit hard-l03 --target hard --l2 0.3 & fit outcome-l01 --target outcome --l2 0.1 &
   fit hard-l01-h64 --target hard --l2 0.1 --hidden 64 --epochs 600 &
+  # With the ranking loss among each question's samples (best-of-N selection; choose the
+  # weight by the validation `selection` figures).
+  fit hard-l01-pw3 --target hard --l2 0.1 --pairwise 3 & fit hard-l01-pw10 --target hard --l2 0.1 --pairwise 10 &
   wait
   for f in $H/*.log; do echo "== $f"; grep -E '^(held out|validation)' "$f"; done
+  for f in $H/*.json; do python3 -c "
+import json, sys
+r = json.load(open('$f'))
+for s in ('validation', 'held_out'):
+    print('$f', s, json.dumps(r[s].get('selection')))" 2>/dev/null; done
   (cd $H && tar cf - *.safetensors *.json *.svg *.labels.jsonl *.log 2>/dev/null) | xz -T8 > "$OUT/heads.tar.xz"
   ;;
 eval|arbor)
