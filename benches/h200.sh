@@ -10,6 +10,7 @@
 # installed into /tmp/site. A call carries at most 64 MiB with the tracked tree (8.1 MB), so the
 # model went in ten 50 MB chunks (`split -b 50000000 -d -a 2 MODEL .gpu/q/q`), one a call, the
 # binaries, wheel and tarball beside the first four; with the start, about 3 minutes.
+# label SECONDS: labelling for SECONDS, then up to 4 min of fits (keep SECONDS <= 340).
 # 2026-12-05: speed ~2.5 min, bench ~1 min, hf ~2.5 min (1 min of it loading), llama ~10 s
 # after a ~5 min background build.
 # usage: h200.sh quick [STEPS] | speed | bench [STEPS] | llama-build | llama | hf
@@ -115,7 +116,7 @@ k = 0
 while 1000 + k in q: k += 1
 print(k)")
   echo "questions labelled from 1000 without a gap: $K"
-  fit() { n=$1; shift; timeout 150 /tmp/arbor prm train $C --questions "$K" --device cpu \
+  fit() { n=$1; shift; timeout 240 /tmp/arbor prm train $C --questions "$K" --device cpu \
     --epochs 3000 --out $H/$n.safetensors "$@" > $H/$n.log 2>&1; }
   fit hard-l01 --target hard --l2 0.1 & fit hard-l003 --target hard --l2 0.03 &
   fit hard-l03 --target hard --l2 0.3 & fit outcome-l01 --target outcome --l2 0.1 &
