@@ -107,6 +107,16 @@ fn eval_runs_the_grid_resumes_reports_and_distills() {
         "{}",
         stderr(&first)
     );
+    // The last line says how fast the worker generated and how much prompt it recomputed.
+    let last = stderr(&first)
+        .lines()
+        .rfind(|l| l.starts_with("arbor eval: ran 6 cells"))
+        .map(str::to_owned)
+        .unwrap_or_else(|| panic!("{}", stderr(&first)));
+    assert!(
+        last.contains("tokens/s generated") && last.contains("prompt tokens computed per token"),
+        "{last}"
+    );
     let traces = trace_lines(&out_dir);
     assert_eq!(traces.len(), 6);
     let cells: BTreeSet<(u64, String)> = traces

@@ -20,7 +20,7 @@ pub(crate) mod trace;
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use arbor_model::EngineOptions;
@@ -594,8 +594,9 @@ fn plan(
     jobs
 }
 
-/// The progress line's message: accuracy so far, and failed cells if any.
-fn eval_status(correct: u64, finished: u64, failed: u64) -> String {
+/// The progress line's message: accuracy so far, failed cells if any, and (`speed`) how fast
+/// the embedded worker generates.
+fn eval_status(correct: u64, finished: u64, failed: u64, speed: Option<String>) -> String {
     let mut s = if finished == 0 {
         "accuracy so far: -".to_string()
     } else {
@@ -607,7 +608,30 @@ fn eval_status(correct: u64, finished: u64, failed: u64) -> String {
     if failed > 0 {
         s.push_str(&format!(", {failed} failed (left out, rerun to retry)"));
     }
+    if let Some(speed) = speed {
+        s.push_str("; ");
+        s.push_str(&speed);
+    }
     s
+}
+
+/// The embedded worker's generated tokens per second since `started`, and the prompt tokens
+/// it computed per token generated (what the prefix cache failed to reuse); `None` on a
+/// coordinator, whose workers count their own.
+fn worker_speed(context: &Shared, started: Instant) -> Option<String> {
+    let Runner::Embedded { worker, .. } = &context.runner else {
+        return None;
+    };
+    let s = worker.stats();
+    if s.generated_tokens == 0 {
+        return None;
+    }
+    let secs = started.elapsed().as_secs_f64().max(1e-3);
+    Some(format!(
+        "{:.0} tokens/s generated, {:.2} prompt tokens computed per token",
+        s.generated_tokens as f64 / secs,
+        s.prompt_tokens_computed as f64 / s.generated_tokens as f64
+    ))
 }
 
 /// Runs `jobs`, `concurrency` at a time on one runtime, writing each result as it comes.
@@ -621,7 +645,8 @@ fn execute(
     mut samples_out: Option<&mut JsonlAppender>,
 ) -> Result<(u64, Option<String>)> {
     let bar = crate::cli::Progress::new(todo as u64, "cells");
-    bar.advance(0, eval_status(0, 0, 0));
+    let started = Instant::now();
+    bar.advance(0, eval_status(0, 0, 0, None));
     bar.steady();
     let (mut finished, mut correct) = (0u64, 0u64);
     let mut failed: (u64, Option<String>) = (0, None);
@@ -647,7 +672,8 @@ fn execute(
                     tracing::warn!("{e:#}");
                     failed.0 += 1;
                     failed.1.get_or_insert_with(|| format!("{e:#}"));
-                    bar.advance(1, eval_status(correct, finished, failed.0));
+                    let speed = worker_speed(&context, started);
+                    bar.advance(1, eval_status(correct, finished, failed.0, speed));
                     continue;
                 }
                 Ok(Err(e)) => return Err(e),
@@ -665,17 +691,19 @@ fn execute(
             }
             bar.advance(
                 done.records.len() as u64,
-                eval_status(correct, finished, failed.0),
+                eval_status(correct, finished, failed.0, worker_speed(&context, started)),
             );
         }
     });
     bar.finish();
+    let speed = worker_speed(&context, started);
     // Abandoned tasks (after an error) are dropped with the runtime; their cells run next time.
     runtime.shutdown_timeout(Duration::from_secs(1));
     result?;
     eprintln!(
-        "arbor eval: ran {finished} cells, {correct} correct ({:.1}%)",
-        100.0 * correct as f64 / finished.max(1) as f64
+        "arbor eval: ran {finished} cells, {correct} correct ({:.1}%){}",
+        100.0 * correct as f64 / finished.max(1) as f64,
+        speed.map_or(String::new(), |s| format!("; {s}"))
     );
     Ok(failed)
 }
