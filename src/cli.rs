@@ -373,6 +373,7 @@ pub(crate) fn backend_for(model: &Model, device: Device) -> Result<Box<dyn Backe
             "give a count of workgroups",
         )?,
         matvec_rows: env_number("ARBOR_WGPU_MATVEC_ROWS", "give 1, 2, 4 or 8")?,
+        matvec_subgroups: std::env::var_os("ARBOR_WGPU_MATVEC_SUBGROUP").is_some_and(|v| v == "1"),
         split_k_workgroups: env_number(
             "ARBOR_WGPU_SPLIT_K",
             "give a count of workgroups, 0 (no splits) to 2048",

@@ -698,6 +698,34 @@ fn the_single_token_kernel_agrees_at_every_lane_count() {
             "{rows} rows a thread: differs by {d} (scale {scale})"
         );
     }
+    // The subgroup kernel (lavapipe's subgroups are 8 lanes, so its sums also cross
+    // subgroups through workgroup memory).
+    let sub = WgpuBackend::new(
+        model.config.clone(),
+        model.weights.clone(),
+        &WgpuOptions {
+            allow_software: true,
+            matvec_subgroups: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    if sub.matvec_subgroups() {
+        let mut e = Engine::new(Box::new(sub), EngineOptions::default());
+        let s = e.new_sequence();
+        e.forward(&[(s, &tokens[..16])]).unwrap();
+        let mut out = Vec::new();
+        for &t in &tokens[16..] {
+            out.extend_from_slice(e.forward(&[(s, &[t][..])]).unwrap());
+        }
+        let d = max_diff(&out, &want);
+        assert!(
+            d <= 1e-4 * scale.max(1.0),
+            "subgroups: differs by {d} (scale {scale})"
+        );
+    } else {
+        eprintln!("this adapter has no subgroups: the subgroup kernel did not run");
+    }
     // Counts a kernel cannot run are refused, naming the option and what it takes (cooperative
     // products below a tile of tokens would need the fused norm they lack).
     for (options, field, takes) in [

@@ -80,7 +80,8 @@
 //! host no longer sorts or exponentiates 151,936 values per sequence.
 //!
 //! **Tuning.** [`WgpuOptions::matvec_rows`] (`ARBOR_WGPU_MATVEC_ROWS`) gives single tokens a
-//! kernel that reads several rows a thread. [`WgpuOptions::matvec_lanes`]
+//! kernel that reads several rows a thread; [`WgpuOptions::matvec_subgroups`]
+//! (`ARBOR_WGPU_MATVEC_SUBGROUP=1`) one that sums on subgroups. [`WgpuOptions::matvec_lanes`]
 //! (`ARBOR_WGPU_MATVEC_LANES`) sets how many threads
 //! share a row in the single-token kernel; `ARBOR_BENCH_LANES=8,16,32,64` in the backends bench
 //! measures each, to be chosen on the H200 (today's default, 64, is the measured one).
@@ -173,6 +174,12 @@ pub struct WgpuOptions {
     /// Not yet measured on a GPU; the command line reads `ARBOR_WGPU_MATVEC_ROWS`, the
     /// backends bench compares.
     pub matvec_rows: Option<u32>,
+    /// Single tokens on `matmul_sub.wgsl`: a row per 32 threads, eight rows a workgroup, its
+    /// sums by subgroup shuffles instead of a tree of barriers (as llama.cpp's Vulkan
+    /// matrix-vector kernels), where the adapter has subgroups; elsewhere the option changes
+    /// nothing. Not yet measured on a GPU; the command line reads
+    /// `ARBOR_WGPU_MATVEC_SUBGROUP=1`, the backends bench compares.
+    pub matvec_subgroups: bool,
     /// Products of more tokens than this run on cooperative matrices where the adapter has
     /// them (default 32, `pipelines.rs`). On an H100, 16 sequences spent 223 µs a layer in
     /// gate_up on the f32 kernel and 64 sequences 84 µs on the cooperative one, which may pay
@@ -368,7 +375,12 @@ impl WgpuBackend {
             wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES;
         let has_timestamps = options.profile && adapter.features().contains(timestamp_features);
         let coop = !options.no_cooperative_matrix && cooperative_f16(&adapter);
+        let subgroups =
+            options.matvec_subgroups && adapter.features().contains(wgpu::Features::SUBGROUP);
         let mut required_features = wgpu::Features::empty();
+        if subgroups {
+            required_features |= wgpu::Features::SUBGROUP;
+        }
         if has_timestamps {
             required_features |= timestamp_features;
         }
@@ -413,7 +425,7 @@ impl WgpuBackend {
             ),
             coop,
             coop && coop_tokens == 64,
-            (matvec_lanes, matvec_rows),
+            (matvec_lanes, matvec_rows, subgroups),
         );
         let max_chunk = options
             .max_chunk_bytes
@@ -498,6 +510,12 @@ impl WgpuBackend {
     /// Whether batched products run on cooperative matrices (`matmul_coop.wgsl`).
     pub fn cooperative_matrix(&self) -> bool {
         self.pipelines.coop
+    }
+
+    /// Whether single tokens run on the subgroup kernel ([`WgpuOptions::matvec_subgroups`],
+    /// where the adapter has subgroups).
+    pub fn matvec_subgroups(&self) -> bool {
+        self.pipelines.matvec_subgroups
     }
 
     /// The pass measurements, when made with [`WgpuOptions::profile`]; take them with

@@ -15,7 +15,7 @@ pub(super) struct Pipelines {
     pub(super) device: wgpu::Device,
     /// Matrix kernels by [`MatShape`] and variant (`split as usize * 8 + packed as usize * 4 +
     /// norm as usize * 2 + swiglu as usize`), compiled on first use: a pass uses a few of them.
-    pub(super) matmul: [[std::sync::OnceLock<Kernel>; 16]; 7],
+    pub(super) matmul: [[std::sync::OnceLock<Kernel>; 16]; 8],
     /// `matmul_reduce.wgsl`: adds up and finishes the partial sums of a split product.
     pub(super) matmul_reduce: Kernel,
     /// Whether the device was opened with f16 cooperative matrices (`matmul_coop.wgsl`).
@@ -27,6 +27,9 @@ pub(super) struct Pipelines {
     /// Rows a thread of the single-token rows kernel ([`super::WgpuOptions::matvec_rows`]; 1:
     /// that kernel is not used).
     pub(super) matvec_rows: u32,
+    /// Whether single tokens take the subgroup kernel (`matmul_sub.wgsl`,
+    /// [`super::WgpuOptions::matvec_subgroups`]; the device was opened with subgroups).
+    pub(super) matvec_subgroups: bool,
     /// The bind group layout every matrix kernel shares.
     pub(super) matmul_layout: wgpu::PipelineLayout,
     /// See [`WgpuOptions::tiled_min_workgroups`].
@@ -70,6 +73,9 @@ pub(super) enum MatShape {
     /// against one read of the activations (and norm weights) it shares
     /// ([`super::WgpuOptions::matvec_rows`]).
     OneRows = 6,
+    /// `matmul_sub.wgsl`: one token, a row per 32 threads, sums on subgroups
+    /// ([`super::WgpuOptions::matvec_subgroups`]).
+    OneSub = 7,
 }
 
 /// Rows and tokens of a `matmul_gemm.wgsl` workgroup's tile.
@@ -143,7 +149,7 @@ impl Pipelines {
         ),
         coop: bool,
         coop_wide: bool,
-        (matvec_lanes, matvec_rows): (u32, u32),
+        (matvec_lanes, matvec_rows, matvec_subgroups): (u32, u32, bool),
     ) -> Self {
         // Every matrix kernel binds the same seven buffers (`matmul_common.wgsl`), whichever
         // of them its variant reads, so one explicit layout serves all.
@@ -184,6 +190,7 @@ impl Pipelines {
             coop_wide,
             matvec_lanes,
             matvec_rows,
+            matvec_subgroups,
             matmul_layout,
             matmul_reduce: compile(
                 device,
@@ -256,6 +263,7 @@ impl Pipelines {
             min_tiled_workgroups: self.min_tiled_workgroups,
             matvec_lanes: self.matvec_lanes,
             matvec_rows: self.matvec_rows,
+            matvec_subgroups: self.matvec_subgroups,
         }
     }
 
@@ -326,11 +334,11 @@ pub(super) fn matmul_source(
         MatShape::Coop => (include_str!("matmul_coop.wgsl"), 1, 1),
         MatShape::CoopWide => (include_str!("matmul_coop_wide.wgsl"), 1, 1),
         MatShape::OneRows => (include_str!("matmul_rows.wgsl"), 1, matvec_rows),
+        MatShape::OneSub => (include_str!("matmul_sub.wgsl"), 1, 1),
     };
-    let enables = if matches!(shape, MatShape::Coop | MatShape::CoopWide) {
-        "enable f16;\nenable wgpu_cooperative_matrix;\n"
-    } else {
-        ""
+    let enables = match shape {
+        MatShape::Coop | MatShape::CoopWide => "enable f16;\nenable wgpu_cooperative_matrix;\n",
+        _ => "",
     };
     [
         enables,
@@ -368,6 +376,7 @@ mod tests {
             MatShape::Coop,
             MatShape::CoopWide,
             MatShape::OneRows,
+            MatShape::OneSub,
         ] {
             for (norm, swiglu) in [(false, false), (false, true), (true, false), (true, true)] {
                 if norm && matches!(shape, MatShape::Gemm | MatShape::Coop | MatShape::CoopWide) {
@@ -404,7 +413,9 @@ mod tests {
                         });
                         let info = Validator::new(
                             ValidationFlags::all(),
-                            Capabilities::SHADER_FLOAT16 | Capabilities::COOPERATIVE_MATRIX,
+                            Capabilities::SHADER_FLOAT16
+                                | Capabilities::COOPERATIVE_MATRIX
+                                | Capabilities::SUBGROUP,
                         )
                         .validate(&module)
                         .unwrap_or_else(|e| {

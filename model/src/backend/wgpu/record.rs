@@ -120,6 +120,7 @@ pub(super) struct KernelChoice {
     pub(super) min_tiled_workgroups: u32,
     pub(super) matvec_lanes: u32,
     pub(super) matvec_rows: u32,
+    pub(super) matvec_subgroups: bool,
 }
 
 impl KernelChoice {
@@ -153,6 +154,8 @@ impl KernelChoice {
             && gemm_wgs >= self.min_tiled_workgroups / 2
         {
             (MatShape::Gemm, GEMM_TOKENS, GEMM_ROWS)
+        } else if n == 1 && self.matvec_subgroups {
+            (MatShape::OneSub, 1, 8)
         } else if n == 1
             && self.matvec_rows > 1
             && rows.div_ceil(4 * self.matvec_rows) >= self.min_tiled_workgroups
@@ -444,6 +447,7 @@ mod tests {
         min_tiled_workgroups: 256,
         matvec_lanes: 64,
         matvec_rows: 1,
+        matvec_subgroups: false,
     };
 
     /// The tuning options change the kernels of the products they name and no others (the
