@@ -1064,6 +1064,25 @@ mod tests {
             assert_eq!(one, fit_on(3), "hidden {hidden}");
             assert_ne!(one.out.w, vec![0.0; one.out.w.len()], "it trained");
         }
+        // With the ranking loss: 1,600 examples in 200 groups.
+        let (xs, ys, groups) = ranked_synthetic(200, 7);
+        let (vxs, vys, vgroups) = ranked_synthetic(20, 8);
+        let o = FitOptions {
+            hidden_units: 4,
+            epochs: 30,
+            pairwise: 3.0,
+            ..FitOptions::default()
+        };
+        let fit_on = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                ValueHead::fit_ranked(meta(4, 4), (&xs, &ys, &groups), (&vxs, &vys, &vgroups), &o).0
+            })
+        };
+        assert_eq!(fit_on(1), fit_on(3), "ranked");
     }
 
     #[test]
