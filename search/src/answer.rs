@@ -243,6 +243,11 @@ fn strip_markup(raw: &str) -> String {
         ("°", ""),
         ("\\$", ""),
         ("$", ""),
+        // Inline and display math delimiters.
+        ("\\(", ""),
+        ("\\)", ""),
+        ("\\[", ""),
+        ("\\]", ""),
         ("\u{2212}", "-"),
     ] {
         s = s.replace(from, to);
@@ -268,8 +273,16 @@ fn matching_brace(s: &str, open: usize) -> Option<usize> {
     None
 }
 
-/// `x = 5` → `5`: a single variable on the left of `=` is not part of the answer.
+/// `x = 5` → `5`: a single variable on the left of `=` is not part of the answer. And an
+/// answer that ends `= N` states N, whatever comes before (`48 + 24 = 72`, `a total of
+/// 48 + 24 = 72 clips`): the number after the last `=` is the answer.
 fn strip_assignment(s: &str) -> &str {
+    if let Some((_, rhs)) = s.rsplit_once('=') {
+        let rhs = rhs.trim();
+        if parse_number(rhs).is_some() {
+            return rhs;
+        }
+    }
     match s.split_once('=') {
         Some((lhs, rhs))
             if !rhs.contains('=')
@@ -483,6 +496,17 @@ mod tests {
         check_key("18 dollars.", "18");
         check_key("50%", "50");
         check_key("x = 5", "5");
+        // A result after `=` is the answer, whatever its left side; math delimiters go.
+        check_key("48 + 24 = 72", "72");
+        check_key("\\( 48 + 24 = 72 \\)", "72");
+        check_key("\\[48 \\times 2 = 96\\]", "96");
+        check_key(
+            "Natalia sold 48 clips in April and 24 clips in May, making a total of \\( 48 + 24 = 72 \\) clips",
+            "72",
+        );
+        check_key("$12 \\times 5 = $60", "60");
+        check_key("a = b", "b");
+        check_key("x = 5 + y", "5+y");
         check_key("90^\\circ", "90");
         check_key("\\text{(B)}", "(b)");
         check_key("\\boxed{42}", "42");
