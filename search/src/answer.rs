@@ -3,8 +3,9 @@
 //! Extraction looks, in order, for `\boxed{...}` (nested braces allowed), a GSM8K `#### N` line,
 //! "the answer is ...", and finally the last number in the text. Normalisation turns numbers into
 //! exact reduced fractions (commas, `$`, units, trailing zeros and `\frac{a}{b}` all vanish, so
-//! `3/4`, `0.75` and `\frac{3}{4}` are one answer) and other text into a lowercase form without
-//! whitespace.
+//! `3/4`, `0.75` and `\frac{3}{4}` are one answer), plain arithmetic into its value, and a
+//! statement ending `= N` into N (so `48 + 24`, `48 + 24 = 72` and `\( 48 + 24 = 72 \)` vote
+//! with `72`), and other text into a lowercase form without whitespace.
 
 use std::fmt;
 
@@ -195,7 +196,7 @@ fn number_end(bytes: &[u8], mut i: usize) -> usize {
 pub fn normalize(raw: &str) -> String {
     let text = strip_markup(raw);
     let text = strip_assignment(&text);
-    match parse_number(text) {
+    match parse_number(text).or_else(|| arithmetic(text)) {
         Some(n) => n.to_string(),
         None => {
             let mut key: String = text
@@ -279,7 +280,7 @@ fn matching_brace(s: &str, open: usize) -> Option<usize> {
 fn strip_assignment(s: &str) -> &str {
     if let Some((_, rhs)) = s.rsplit_once('=') {
         let rhs = rhs.trim();
-        if parse_number(rhs).is_some() {
+        if parse_number(rhs).or_else(|| arithmetic(rhs)).is_some() {
             return rhs;
         }
     }
@@ -406,6 +407,111 @@ fn divide(a: Rational, b: Rational) -> Option<Rational> {
 }
 
 /// `1,234.50` or `3/4` (no sign), exactly.
+/// The exact value of plain arithmetic on numbers (`48 + 24`, `$13 + $36 * 2`, `(3 + 5) / 2`,
+/// `12 \\times 5`): `+ - * / × ÷ ·`, `\\times`, `\\cdot`, `\\div` and parentheses, with the usual
+/// precedence; `None` for anything else (a letter, a unit, a comma list) or on overflow. An
+/// answer written as a sum is the sum.
+fn arithmetic(s: &str) -> Option<Rational> {
+    let s = s
+        .replace("\\times", "*")
+        .replace("\\cdot", "*")
+        .replace("\\div", "/")
+        .replace(['×', '·'], "*")
+        .replace('÷', "/");
+    let bytes = s.as_bytes();
+    let mut tokens: Vec<Result<Rational, u8>> = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        let c = bytes[i];
+        if c.is_ascii_whitespace() {
+            i += 1;
+        } else if b"+-*/()".contains(&c) {
+            tokens.push(Err(c));
+            i += 1;
+        } else if c.is_ascii_digit() || c == b'.' {
+            // A number without its own '/' (that is division here).
+            let mut end = i;
+            while end < bytes.len()
+                && (bytes[end].is_ascii_digit()
+                    || bytes[end] == b'.'
+                    || (bytes[end] == b','
+                        && bytes.len() >= end + 4
+                        && bytes[end + 1..end + 4].iter().all(u8::is_ascii_digit)))
+            {
+                end += 1;
+            }
+            tokens.push(Ok(parse_plain(&s[i..end])?));
+            i = end;
+        } else {
+            return None;
+        }
+    }
+    if !tokens
+        .iter()
+        .any(|t| matches!(t, Err(b'+' | b'-' | b'*' | b'/')))
+    {
+        return None;
+    }
+    let mut at = 0;
+    let value = sum(&tokens, &mut at)?;
+    (at == tokens.len()).then_some(value)
+}
+
+fn sum(tokens: &[Result<Rational, u8>], at: &mut usize) -> Option<Rational> {
+    let mut v = product(tokens, at)?;
+    while let Some(&Err(op @ (b'+' | b'-'))) = tokens.get(*at) {
+        *at += 1;
+        let r = product(tokens, at)?;
+        let r = if op == b'-' {
+            Rational::new(r.num.checked_neg()?, r.den)?
+        } else {
+            r
+        };
+        v = Rational::new(
+            v.num
+                .checked_mul(r.den)?
+                .checked_add(r.num.checked_mul(v.den)?)?,
+            v.den.checked_mul(r.den)?,
+        )?;
+    }
+    Some(v)
+}
+
+fn product(tokens: &[Result<Rational, u8>], at: &mut usize) -> Option<Rational> {
+    let mut v = factor(tokens, at)?;
+    while let Some(&Err(op @ (b'*' | b'/'))) = tokens.get(*at) {
+        *at += 1;
+        let r = factor(tokens, at)?;
+        v = if op == b'*' {
+            Rational::new(v.num.checked_mul(r.num)?, v.den.checked_mul(r.den)?)?
+        } else {
+            divide(v, r)?
+        };
+    }
+    Some(v)
+}
+
+fn factor(tokens: &[Result<Rational, u8>], at: &mut usize) -> Option<Rational> {
+    match tokens.get(*at)? {
+        Ok(v) => {
+            *at += 1;
+            Some(*v)
+        }
+        Err(b'-') => {
+            *at += 1;
+            let v = factor(tokens, at)?;
+            Rational::new(v.num.checked_neg()?, v.den)
+        }
+        Err(b'(') => {
+            *at += 1;
+            let v = sum(tokens, at)?;
+            (tokens.get(*at) == Some(&Err(b')'))).then(|| *at += 1)?;
+            Some(v)
+        }
+        _ => None,
+    }
+}
+
 fn parse_plain(s: &str) -> Option<Rational> {
     if let Some((a, b)) = s.split_once('/') {
         return divide(parse_plain(a)?, parse_plain(b)?);
@@ -505,12 +611,26 @@ mod tests {
             "72",
         );
         check_key("$12 \\times 5 = $60", "60");
+        check_key("$13 + $36 = $13 + 36", "49");
         check_key("a = b", "b");
         check_key("x = 5 + y", "5+y");
         check_key("90^\\circ", "90");
         check_key("\\text{(B)}", "(b)");
         check_key("\\boxed{42}", "42");
-        check_key("3 + 4", "3+4");
+        // Plain arithmetic is its value; anything else in it keeps the text.
+        check_key("3 + 4", "7");
+        check_key("48 + 24", "72");
+        check_key("$13 + ($9 * 4) + ($5 * 3)", "64");
+        check_key("12 \\times 5 - 1", "59");
+        check_key("(3 + 5) / 2", "4");
+        check_key("10 / 4", "2.5");
+        check_key("2 * -3", "-6");
+        check_key("1,000 + 1", "1001");
+        check_key("3 + x", "3+x");
+        check_key("4 apples + 2", "4apples+2");
+        check_key("(1 + 2", "(1+2");
+        check_key("5 / 0", "5/0");
+        check_key("3 +", "3+");
         check_key("(2, 3)", "(2,3)");
         check_key(
             "1000000000000000000000000000000000000",
