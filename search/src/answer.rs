@@ -365,6 +365,10 @@ impl fmt::Display for Rational {
 /// Parses `-1,234.50`, `3/4`, `\frac{3}{4}`, `$5`, `12 apples`, `50%`; `None` for anything else.
 fn parse_number(s: &str) -> Option<Rational> {
     let s = s.trim();
+    // No number, with its unit, is this long (and nested fractions recurse).
+    if s.len() > ARITHMETIC_MAX {
+        return None;
+    }
     let (negative, body) = match s.strip_prefix('-') {
         Some(rest) => (true, rest.trim_start()),
         None => (false, s.strip_prefix('+').unwrap_or(s)),
@@ -407,11 +411,18 @@ fn divide(a: Rational, b: Rational) -> Option<Rational> {
 }
 
 /// `1,234.50` or `3/4` (no sign), exactly.
+/// Longest text [`arithmetic`] evaluates, in bytes.
+const ARITHMETIC_MAX: usize = 200;
+
 /// The exact value of plain arithmetic on numbers (`48 + 24`, `$13 + $36 * 2`, `(3 + 5) / 2`,
 /// `12 \\times 5`): `+ - * / × ÷ ·`, `\\times`, `\\cdot`, `\\div` and parentheses, with the usual
 /// precedence; `None` for anything else (a letter, a unit, a comma list) or on overflow. An
 /// answer written as a sum is the sum.
 fn arithmetic(s: &str) -> Option<Rational> {
+    // Longer text is not an answer written as a sum (and bounds the parser's recursion).
+    if s.len() > ARITHMETIC_MAX {
+        return None;
+    }
     let s = s
         .replace("\\times", "*")
         .replace("\\cdot", "*")
@@ -631,6 +642,11 @@ mod tests {
         check_key("(1 + 2", "(1+2");
         check_key("5 / 0", "5/0");
         check_key("3 +", "3+");
+        // Nesting deeper than any answer is text, not a stack overflow.
+        let deep = format!("{}1{}", "(".repeat(100_000), ")".repeat(100_000));
+        assert_eq!(normalize(&deep).len(), 200_001);
+        let fracs = format!("{}1{}", "\\frac{".repeat(50_000), "}{2}".repeat(50_000));
+        assert!(!normalize(&fracs).is_empty());
         check_key("(2, 3)", "(2,3)");
         check_key(
             "1000000000000000000000000000000000000",
