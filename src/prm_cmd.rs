@@ -11,7 +11,9 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use arbor_model::fetch::{sha256_file, DEFAULT_MODEL};
 use arbor_model::{HiddenLayer, SamplingParams, StopReason};
-use arbor_search::{equivalent, extract_answer, ScoreRequest, Step};
+use arbor_search::{
+    equivalent, extract_answer, select_answer, Answer, AnswerSelection, ScoreRequest, Step,
+};
 use arbor_worker::prm::value_head::{accuracy, auc, step_hidden_states, FitOptions, HeadMeta};
 use arbor_worker::prm::{
     split_into_steps, LabelTokenConfig, PrmConfig, RolloutValueConfig, ValueHead, ValueHeadConfig,
@@ -278,48 +280,35 @@ struct Example {
 }
 
 /// Choosing among each question's samples by their final steps (`values`: the head's, one per
-/// example of `set`): the share of questions with an answered sample where majority vote
-/// (ties to the larger value sum), the vote weighted by value (weighted best-of-N), the
-/// single highest value (best-of-N) and any sample (the oracle, pass@N) are right.
+/// example of `set`): the share of questions with an answered sample where the search's own
+/// rules ([`select_answer`]: majority vote, the vote weighted by value, the single highest
+/// value) and any sample (the oracle, pass@N) are right.
 fn selection(set: &[&Example], values: &[f32]) -> serde_json::Value {
-    /// A question's answers: key -> (votes, value sum, right).
-    type Answers = HashMap<String, (u32, f64, bool)>;
-    let mut votes: std::collections::BTreeMap<usize, Answers> = Default::default();
-    let mut best: HashMap<usize, (f32, bool)> = HashMap::new();
+    // Each question's answered finals: (answer, value), and whether each is right.
+    type Finals = (Vec<(Answer, Option<f64>)>, Vec<bool>);
+    let mut finals: std::collections::BTreeMap<usize, Finals> = Default::default();
     for (e, &v) in set.iter().zip(values) {
-        if !e.is_final {
-            continue;
-        }
-        let Some(answer) = arbor_search::extract_answer(&e.text) else {
+        let Some(answer) = extract_answer(&e.text).filter(|_| e.is_final) else {
             continue;
         };
-        let right = e.share > 0.0;
-        let slot = votes
-            .entry(e.question)
-            .or_default()
-            .entry(answer.key)
-            .or_insert((0, 0.0, right));
-        slot.0 += 1;
-        slot.1 += f64::from(v);
-        let b = best.entry(e.question).or_insert((v, right));
-        if v > b.0 {
-            *b = (v, right);
-        }
+        let f = finals.entry(e.question).or_default();
+        f.0.push((answer, Some(f64::from(v))));
+        f.1.push(e.share > 0.0);
     }
-    let n = votes.len().max(1) as f64;
-    let share =
-        |pick: &dyn Fn(&Answers) -> bool| votes.values().filter(|a| pick(a)).count() as f64 / n;
-    let top = |a: &Answers, key: &dyn Fn(&(u32, f64, bool)) -> f64| {
-        a.values()
-            .max_by(|x, y| key(x).total_cmp(&key(y)))
-            .is_some_and(|x| x.2)
+    let n = finals.len().max(1) as f64;
+    let rate = |rule: AnswerSelection| {
+        finals
+            .values()
+            .filter(|(candidates, right)| select_answer(candidates, rule).is_some_and(|i| right[i]))
+            .count() as f64
+            / n
     };
     serde_json::json!({
-        "questions": votes.len(),
-        "majority": share(&|a| top(a, &|x| f64::from(x.0) + x.1 * 1e-9)),
-        "weighted_best_of_n": share(&|a| top(a, &|x| x.1)),
-        "best_of_n": best.values().filter(|b| b.1).count() as f64 / n,
-        "oracle": share(&|a| a.values().any(|x| x.2)),
+        "questions": finals.len(),
+        "majority": rate(AnswerSelection::Majority),
+        "weighted_best_of_n": rate(AnswerSelection::WeightedVote),
+        "best_of_n": rate(AnswerSelection::BestValue),
+        "oracle": finals.values().filter(|f| f.1.contains(&true)).count() as f64 / n,
     })
 }
 
