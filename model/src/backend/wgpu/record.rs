@@ -355,53 +355,12 @@ impl<'a> Recorder<'a> {
                 let bytes = splits as u64 * n as u64 * *rows as u64 * 4;
                 (bytes <= part.size()).then_some((part, splits, per))
             });
-            if let Some((part, splits, per)) = split {
-                let pipe = pipes.matmul(shape, false, fused.swiglu, c.format.bits != 8, true);
-                let params = MatParams {
-                    rows: *rows as u32,
-                    cols: w.cols as u32,
-                    n_tok: n as u32,
-                    y_stride: *rows as u32,
-                    row_offset: 0,
-                    accumulate: 0,
-                    has_bias: 0,
-                    eps: 0.0,
-                    fmt: c.format.word(),
-                    k_split: per,
-                    pad: [0; 2],
-                };
-                self.add(
-                    pipe,
-                    label,
-                    params,
-                    &[&c.q, &c.sm, x, part, dummy, dummy],
-                    (size.0, size.1, splits),
-                );
-                let outputs = n as u32 * (*rows as u32 / (1 + fused.swiglu as u32));
-                self.add(
-                    &pipes.matmul_reduce,
-                    "split_sum",
-                    SplitParams {
-                        rows: *rows as u32,
-                        n_tok: n as u32,
-                        splits,
-                        y_stride: y_stride as u32,
-                        row_offset: *start as u32,
-                        accumulate: fused.accumulate as u32,
-                        has_bias: fused.bias.is_some() as u32,
-                        swiglu: fused.swiglu as u32,
-                    },
-                    &[part, y, fused.bias.unwrap_or(dummy)],
-                    (outputs.div_ceil(256), 1, 1),
-                );
-                continue;
-            }
             let pipe = pipes.matmul(
                 shape,
                 fused.norm.is_some(),
                 fused.swiglu,
                 c.format.bits != 8,
-                false,
+                split.is_some(),
             );
             let params = MatParams {
                 rows: *rows as u32,
@@ -416,19 +375,45 @@ impl<'a> Recorder<'a> {
                 k_split: 0,
                 pad: [0; 2],
             };
+            let bias = fused.bias.unwrap_or(dummy);
+            let Some((part, splits, per)) = split else {
+                let gam = fused.norm.map_or(dummy, |n| n.0);
+                self.add(pipe, label, params, &[&c.q, &c.sm, x, y, bias, gam], size);
+                continue;
+            };
+            // Raw partial sums into `part` (never with the norm: tiled kernels take none),
+            // then the reduction finishes them into `y` as `params` says.
+            let partial = MatParams {
+                y_stride: *rows as u32,
+                row_offset: 0,
+                accumulate: 0,
+                has_bias: 0,
+                k_split: per,
+                ..params
+            };
             self.add(
                 pipe,
                 label,
-                params,
-                &[
-                    &c.q,
-                    &c.sm,
-                    x,
-                    y,
-                    fused.bias.unwrap_or(dummy),
-                    fused.norm.map_or(dummy, |n| n.0),
-                ],
-                size,
+                partial,
+                &[&c.q, &c.sm, x, part, dummy, dummy],
+                (size.0, size.1, splits),
+            );
+            let outputs = n as u32 * (*rows as u32 / (1 + fused.swiglu as u32));
+            self.add(
+                &pipes.matmul_reduce,
+                "split_sum",
+                SplitParams {
+                    rows: params.rows,
+                    n_tok: params.n_tok,
+                    splits,
+                    y_stride: params.y_stride,
+                    row_offset: params.row_offset,
+                    accumulate: params.accumulate,
+                    has_bias: params.has_bias,
+                    swiglu: fused.swiglu as u32,
+                },
+                &[part, y, bias],
+                (outputs.div_ceil(256), 1, 1),
             );
         }
     }
