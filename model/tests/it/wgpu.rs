@@ -658,6 +658,17 @@ fn the_single_token_kernel_agrees_at_every_lane_count() {
     let model = Model::load(&dir).unwrap();
     std::fs::remove_dir_all(&dir).ok();
     let tokens: Vec<u32> = (0..24u32).map(|i| (i * 29 + 3) % 256).collect();
+    // 16 tokens prefilled, then one decode step a token: every step's logits.
+    let decode_on = |backend: WgpuBackend| {
+        let mut e = Engine::new(Box::new(backend), EngineOptions::default());
+        let s = e.new_sequence();
+        e.forward(&[(s, &tokens[..16])]).unwrap();
+        let mut out = Vec::new();
+        for &t in &tokens[16..] {
+            out.extend_from_slice(e.forward(&[(s, &[t][..])]).unwrap());
+        }
+        out
+    };
     let decode = |lanes: u32, rows: u32| {
         let backend = WgpuBackend::new(
             model.config.clone(),
@@ -672,14 +683,7 @@ fn the_single_token_kernel_agrees_at_every_lane_count() {
             },
         )
         .unwrap();
-        let mut e = Engine::new(Box::new(backend), EngineOptions::default());
-        let s = e.new_sequence();
-        e.forward(&[(s, &tokens[..16])]).unwrap();
-        let mut out = Vec::new();
-        for &t in &tokens[16..] {
-            out.extend_from_slice(e.forward(&[(s, &[t][..])]).unwrap());
-        }
-        out
+        decode_on(backend)
     };
     let want = decode(64, 1);
     let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -711,14 +715,7 @@ fn the_single_token_kernel_agrees_at_every_lane_count() {
     )
     .unwrap();
     if sub.matvec_subgroups() {
-        let mut e = Engine::new(Box::new(sub), EngineOptions::default());
-        let s = e.new_sequence();
-        e.forward(&[(s, &tokens[..16])]).unwrap();
-        let mut out = Vec::new();
-        for &t in &tokens[16..] {
-            out.extend_from_slice(e.forward(&[(s, &[t][..])]).unwrap());
-        }
-        let d = max_diff(&out, &want);
+        let d = max_diff(&decode_on(sub), &want);
         assert!(
             d <= 1e-4 * scale.max(1.0),
             "subgroups: differs by {d} (scale {scale})"

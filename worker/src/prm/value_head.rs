@@ -1038,6 +1038,15 @@ mod tests {
         assert_eq!(accuracy(&[0.9, 0.4, 0.4, 0.6], &labels), 0.5);
     }
 
+    /// `f` run on a pool of `threads` threads.
+    fn on_threads<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(f)
+    }
+
     #[test]
     fn a_fit_is_the_same_on_any_number_of_threads() {
         // More examples than one gradient chunk, so several tasks sum parts of it.
@@ -1051,12 +1060,8 @@ mod tests {
                 seed: 9,
                 ..FitOptions::default()
             };
-            let fit_on = |threads: usize| {
-                let pool = rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .build()
-                    .unwrap();
-                pool.install(|| {
+            let fit_on = |threads| {
+                on_threads(threads, || {
                     ValueHead::fit_validated(meta(d, hidden), (&xs, &ys), (&vxs, &vys), &o).0
                 })
             };
@@ -1073,12 +1078,8 @@ mod tests {
             pairwise: 3.0,
             ..FitOptions::default()
         };
-        let fit_on = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            pool.install(|| {
+        let fit_on = |threads| {
+            on_threads(threads, || {
                 ValueHead::fit_ranked(meta(4, 4), (&xs, &ys, &groups), (&vxs, &vys, &vgroups), &o).0
             })
         };
