@@ -27,6 +27,7 @@ speed)
   # Single-sequence decode (generate prints tokens/s) and best-of-n at 16 / 64 / 256 samples
   # (generated tokens over wall time, the search's own work included), each binary in turn.
   for b in arbor base; do
+    [ -x /tmp/$b ] || { echo "== no /tmp/$b: skipped"; continue; }
     echo "== $b generate, 256 tokens"
     /tmp/$b generate $M --device gpu --chat --max-tokens 256 --temperature 0 --prompt "$Q" 2>&1 >/dev/null | tail -1
     for n in 16 64 256; do
