@@ -81,8 +81,8 @@
 //!
 //! **Tuning.** [`WgpuOptions::matvec_rows`] (`ARBOR_WGPU_MATVEC_ROWS`) gives single tokens a
 //! kernel that reads several rows a thread; [`WgpuOptions::matvec_subgroups`]
-//! (`ARBOR_WGPU_MATVEC_SUBGROUP=1`) one that sums on subgroups. [`WgpuOptions::matvec_lanes`]
-//! (`ARBOR_WGPU_MATVEC_LANES`) sets how many threads
+//! (`ARBOR_WGPU_MATVEC_SUBGROUP=1`) gives products of up to 16 tokens kernels that sum on
+//! subgroups. [`WgpuOptions::matvec_lanes`] (`ARBOR_WGPU_MATVEC_LANES`) sets how many threads
 //! share a row in the single-token kernel; `ARBOR_BENCH_LANES=8,16,32,64` in the backends bench
 //! measures each, to be chosen on the H200 (today's default, 64, is the measured one).
 //! [`WgpuOptions::coop_tokens`] (`ARBOR_WGPU_COOP_TOKENS=64`) gives products of 128 tokens or
@@ -174,11 +174,13 @@ pub struct WgpuOptions {
     /// Not yet measured on a GPU; the command line reads `ARBOR_WGPU_MATVEC_ROWS`, the
     /// backends bench compares.
     pub matvec_rows: Option<u32>,
-    /// Single tokens on `matmul_sub.wgsl`: a row per 32 threads, eight rows a workgroup, its
-    /// sums by subgroup shuffles instead of a tree of barriers (as llama.cpp's Vulkan
-    /// matrix-vector kernels), where the adapter has subgroups; elsewhere the option changes
-    /// nothing. Not yet measured on a GPU; the command line reads
-    /// `ARBOR_WGPU_MATVEC_SUBGROUP=1`, the backends bench compares.
+    /// Products of up to 16 tokens on `matmul_sub.wgsl`: a row per 32 threads, eight rows a
+    /// workgroup, its sums by subgroup shuffles instead of a tree of barriers (as llama.cpp's
+    /// Vulkan matrix-vector kernels); from 2 tokens in tiles of 8, each weight group read once
+    /// for the whole tile as in `matmul.wgsl`'s tiles. Products that cooperative matrices take
+    /// (more than [`WgpuOptions::coop_min_tokens`] tokens) keep them; where the adapter has no
+    /// subgroups the option changes nothing. Not yet measured on a GPU; the command line reads
+    /// `ARBOR_WGPU_MATVEC_SUBGROUP=1`, the backends bench compares at 1, 8 and 16 sequences.
     pub matvec_subgroups: bool,
     /// Products of more tokens than this run on cooperative matrices where the adapter has
     /// them (default 32, `pipelines.rs`). On an H100, 16 sequences spent 223 µs a layer in
@@ -512,8 +514,8 @@ impl WgpuBackend {
         self.pipelines.coop
     }
 
-    /// Whether single tokens run on the subgroup kernel ([`WgpuOptions::matvec_subgroups`],
-    /// where the adapter has subgroups).
+    /// Whether products of up to 16 tokens run on the subgroup kernels
+    /// ([`WgpuOptions::matvec_subgroups`], where the adapter has subgroups).
     pub fn matvec_subgroups(&self) -> bool {
         self.pipelines.matvec_subgroups
     }

@@ -15,7 +15,7 @@ pub(super) struct Pipelines {
     pub(super) device: wgpu::Device,
     /// Matrix kernels by [`MatShape`] and variant (`split as usize * 8 + packed as usize * 4 +
     /// norm as usize * 2 + swiglu as usize`), compiled on first use: a pass uses a few of them.
-    pub(super) matmul: [[std::sync::OnceLock<Kernel>; 16]; 8],
+    pub(super) matmul: [[std::sync::OnceLock<Kernel>; 16]; 9],
     /// `matmul_reduce.wgsl`: adds up and finishes the partial sums of a split product.
     pub(super) matmul_reduce: Kernel,
     /// Whether the device was opened with f16 cooperative matrices (`matmul_coop.wgsl`).
@@ -27,8 +27,9 @@ pub(super) struct Pipelines {
     /// Rows a thread of the single-token rows kernel ([`super::WgpuOptions::matvec_rows`]; 1:
     /// that kernel is not used).
     pub(super) matvec_rows: u32,
-    /// Whether single tokens take the subgroup kernel (`matmul_sub.wgsl`,
-    /// [`super::WgpuOptions::matvec_subgroups`]; the device was opened with subgroups).
+    /// Whether products of up to [`SUB_MAX_TOKENS`] tokens take the subgroup kernels
+    /// (`matmul_sub.wgsl`, [`super::WgpuOptions::matvec_subgroups`]; the device was opened
+    /// with subgroups).
     pub(super) matvec_subgroups: bool,
     /// The bind group layout every matrix kernel shares.
     pub(super) matmul_layout: wgpu::PipelineLayout,
@@ -76,7 +77,16 @@ pub(super) enum MatShape {
     /// `matmul_sub.wgsl`: one token, a row per 32 threads, sums on subgroups
     /// ([`super::WgpuOptions::matvec_subgroups`]).
     OneSub = 7,
+    /// `matmul_sub.wgsl` for a tile of [`TOKENS_PER_TILE`] tokens, each weight group read once
+    /// for all of them: products of 2 to [`SUB_MAX_TOKENS`] tokens
+    /// ([`super::WgpuOptions::matvec_subgroups`]).
+    TileSub = 8,
 }
+
+/// Rows a workgroup of the subgroup kernels (`matmul_sub.wgsl`: 256 threads, 32 a row).
+pub(super) const SUB_ROWS: u32 = 8;
+/// Most tokens a product takes the subgroup kernels for (two tiles), where they are asked for.
+pub(super) const SUB_MAX_TOKENS: usize = 16;
 
 /// Rows and tokens of a `matmul_gemm.wgsl` workgroup's tile.
 pub(super) const GEMM_ROWS: u32 = 64;
@@ -335,7 +345,12 @@ pub(super) fn matmul_source(
         MatShape::CoopWide => (include_str!("matmul_coop_wide.wgsl"), 1, 1),
         MatShape::OneRows => (include_str!("matmul_rows.wgsl"), 1, matvec_rows),
         MatShape::OneSub => (include_str!("matmul_sub.wgsl"), 1, 1),
+        MatShape::TileSub => (include_str!("matmul_sub.wgsl"), TOKENS_PER_TILE, 1),
     };
+    // The subgroup kernels reduce through workgroup memory of their own (16 KiB at a tile of
+    // 8 tokens): the tree kernels' buffers, which they never read, are kept to one word.
+    let sub = matches!(shape, MatShape::OneSub | MatShape::TileSub);
+    let (red, rss) = if sub { (1, 1) } else { (256 * tt, 64 * tt) };
     let enables = match shape {
         MatShape::Coop | MatShape::CoopWide => "enable f16;\nenable wgpu_cooperative_matrix;\n",
         _ => "",
@@ -354,8 +369,8 @@ pub(super) fn matmul_source(
     .replace("__RT__", &rt.to_string())
     .replace("__LANES__", &lanes.to_string())
     .replace("__ACC__", &(tt * rt).to_string())
-    .replace("__RED__", &(256 * tt).to_string())
-    .replace("__RSS__", &(64 * tt).to_string())
+    .replace("__RED__", &red.to_string())
+    .replace("__RSS__", &rss.to_string())
 }
 
 #[cfg(test)]
@@ -377,6 +392,7 @@ mod tests {
             MatShape::CoopWide,
             MatShape::OneRows,
             MatShape::OneSub,
+            MatShape::TileSub,
         ] {
             for (norm, swiglu) in [(false, false), (false, true), (true, false), (true, true)] {
                 if norm && matches!(shape, MatShape::Gemm | MatShape::Coop | MatShape::CoopWide) {

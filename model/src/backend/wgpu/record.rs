@@ -5,7 +5,7 @@ use bytemuck::{Pod, Zeroable};
 
 use super::pipelines::{
     Kernel, MatShape, Pipelines, COOP_ROWS, COOP_TOKENS, COOP_WIDE_TOKENS, GEMM_MAX_COLS,
-    GEMM_ROWS, GEMM_TOKENS,
+    GEMM_ROWS, GEMM_TOKENS, SUB_MAX_TOKENS, SUB_ROWS,
 };
 use super::weights::GpuMatrix;
 use super::{PARAM_SLOT, ROWS_PER_THREAD, ROWS_PER_WG, TOKENS_PER_TILE};
@@ -148,14 +148,20 @@ impl KernelChoice {
             (MatShape::CoopWide, COOP_WIDE_TOKENS, COOP_ROWS)
         } else if coop && n > self.coop_min_tokens && !norm {
             (MatShape::Coop, COOP_TOKENS, COOP_ROWS)
+        } else if self.matvec_subgroups && n <= SUB_MAX_TOKENS {
+            // Up to two tiles of tokens on subgroups, the norm fused or not (a tile's NORM
+            // variant takes each token's own RMS).
+            if n == 1 {
+                (MatShape::OneSub, 1, SUB_ROWS)
+            } else {
+                (MatShape::TileSub, TOKENS_PER_TILE, SUB_ROWS)
+            }
         } else if n > TOKENS_PER_TILE as usize
             && !norm
             && cols <= GEMM_MAX_COLS
             && gemm_wgs >= self.min_tiled_workgroups / 2
         {
             (MatShape::Gemm, GEMM_TOKENS, GEMM_ROWS)
-        } else if n == 1 && self.matvec_subgroups {
-            (MatShape::OneSub, 1, 8)
         } else if n == 1
             && self.matvec_rows > 1
             && rows.div_ceil(4 * self.matvec_rows) >= self.min_tiled_workgroups
@@ -475,6 +481,30 @@ mod tests {
             ..DEFAULTS
         };
         assert_eq!(shape(none, 9728, 896, 16, false), MatShape::Gemm);
+        // Subgroups for up to 16 tokens, the norm fused or not, eight rows a workgroup and
+        // a tile of 8 tokens; past that, and where cooperative matrices start earlier, the
+        // other kernels.
+        let sub = KernelChoice {
+            matvec_subgroups: true,
+            ..DEFAULTS
+        };
+        assert_eq!(sub.shape(9728, 896, 1, true), (MatShape::OneSub, 1, 8));
+        assert_eq!(shape(sub, 896, 4864, 1, false), MatShape::OneSub);
+        assert_eq!(sub.shape(9728, 896, 2, true), (MatShape::TileSub, 8, 8));
+        assert_eq!(shape(sub, 9728, 896, 8, true), MatShape::TileSub);
+        assert_eq!(shape(sub, 896, 4864, 8, false), MatShape::TileSub);
+        assert_eq!(shape(sub, 9728, 896, 16, false), MatShape::TileSub);
+        assert_eq!(shape(sub, 9728, 896, 17, false), MatShape::Gemm);
+        assert_eq!(shape(sub, 896, 4864, 64, false), MatShape::Coop);
+        let sub_early = KernelChoice {
+            coop_min_tokens: 8,
+            ..sub
+        };
+        assert_eq!(shape(sub_early, 9728, 896, 8, true), MatShape::TileSub);
+        assert_eq!(shape(sub_early, 9728, 896, 16, false), MatShape::Coop);
+        // Without them, the same products keep their kernels.
+        assert_eq!(shape(DEFAULTS, 9728, 896, 8, true), MatShape::TileRows);
+        assert_eq!(shape(DEFAULTS, 896, 4864, 8, false), MatShape::Tile);
     }
 
     /// Products of few tiles split their columns into whole 32-column steps, enough ranges to
