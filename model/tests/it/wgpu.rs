@@ -774,6 +774,119 @@ fn the_single_token_kernel_agrees_at_every_lane_count() {
     );
 }
 
+/// The subgroup kernels for small batches (`WgpuOptions::matvec_subgroups`: tiles of 8 tokens
+/// up to 16) give the default kernels' logits on decode steps of 2, 5, 8, 12 and 16 sequences,
+/// up to f32 summation order: one tile partly filled, one full, two; the norm fused (up to 8
+/// tokens) and not. Every sequence has its own prompt length and its own token each step, so
+/// a token read, normalised or written at another token's place changes the logits. The
+/// prompts (1 to 4 tokens each) run on the same kernels.
+#[test]
+fn the_subgroup_kernels_agree_on_small_batches() {
+    if skip() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("arbor-wgpu-sub-{}", std::process::id()));
+    TinyModel::new("qwen2").write(&dir).unwrap();
+    let model = Model::load(&dir).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    // Each sequence's prompt, then three decode steps of the whole batch: every step's logits.
+    let decode = |backend: WgpuBackend, n: u32| {
+        let mut e = Engine::new(Box::new(backend), EngineOptions::default());
+        let seqs: Vec<_> = (0..n)
+            .map(|i| {
+                let s = e.new_sequence();
+                let prompt: Vec<u32> = (0..1 + i % 4)
+                    .map(|j| (i * 41 + j * 17 + 5) % 256)
+                    .collect();
+                e.forward(&[(s, &prompt)]).unwrap();
+                s
+            })
+            .collect();
+        let mut out = Vec::new();
+        for step in 0..3u32 {
+            let toks: Vec<[u32; 1]> = (0..n).map(|i| [(i * 29 + step * 53 + 7) % 256]).collect();
+            let entries: Vec<_> = seqs.iter().zip(&toks).map(|(s, t)| (*s, &t[..])).collect();
+            out.extend_from_slice(e.forward(&entries).unwrap());
+        }
+        out
+    };
+    let backend = |matvec_subgroups: bool| {
+        gpu_backend(
+            &model,
+            WgpuOptions {
+                matvec_subgroups,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
+    if !backend(true).matvec_subgroups() {
+        eprintln!("this adapter has no subgroups: the subgroup kernels did not run");
+        return;
+    }
+    for n in [2, 5, 8, 12, 16] {
+        let want = decode(backend(false), n);
+        let got = decode(backend(true), n);
+        assert_eq!(got.len(), want.len());
+        assert_eq!(want.len(), 3 * n as usize * VOCAB);
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = max_diff(&got, &want);
+        assert!(
+            d <= 1e-4 * scale.max(1.0),
+            "{n} sequences: differs by {d} (scale {scale})"
+        );
+        // The sequences' logits differ from one another: a token's result in another's place
+        // would not pass for it.
+        assert!(
+            max_diff(&want[..VOCAB], &want[VOCAB..2 * VOCAB]) > 1e-3 * scale,
+            "{n} sequences: the first two sequences' logits agree"
+        );
+    }
+}
+
+/// The same on the real model, whose packed weights (4 to 6 bits) the tiny model's do not
+/// reach: a 5-token prompt (one tile, the norm fused), then one step of 12 forked sequences
+/// (two tiles), each fed its own token.
+#[test]
+fn the_subgroup_kernels_agree_on_the_real_models_packed_weights() {
+    if skip() {
+        return;
+    }
+    let model = super::model();
+    let prompt: Vec<u32> = (0..5u32).map(|i| (i * 7919 + 13) % 150_000).collect();
+    let step = |matvec_subgroups: bool| {
+        let backend = gpu_backend(
+            model,
+            WgpuOptions {
+                matvec_subgroups,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        if matvec_subgroups && !backend.matvec_subgroups() {
+            return None;
+        }
+        let mut e = Engine::new(Box::new(backend), EngineOptions::default());
+        let root = e.new_sequence();
+        e.forward(&[(root, &prompt)]).unwrap();
+        let mut seqs = vec![root];
+        for _ in 1..12 {
+            seqs.push(e.fork(root).unwrap());
+        }
+        let toks: Vec<[u32; 1]> = (0..12u32).map(|i| [(i * 7919 + 101) % 150_000]).collect();
+        let entries: Vec<_> = seqs.iter().zip(&toks).map(|(s, t)| (*s, &t[..])).collect();
+        Some(e.forward(&entries).unwrap().to_vec())
+    };
+    let Some(got) = step(true) else {
+        eprintln!("this adapter has no subgroups: the subgroup kernels did not run");
+        return;
+    };
+    let want = step(false).unwrap();
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = max_diff(&got, &want);
+    assert!(d <= 1e-4 * scale.max(1.0), "differs by {d} (scale {scale})");
+}
+
 /// Weights packed into the fewest bits that hold them (4-bit Q4_K, 5-bit Q5_0, 6-bit Q6_K,
 /// bytes for Q8_0, f16 scale pairs where exact) give the logits of the byte-a-weight form
 /// bit for bit, in every matrix kernel a lavapipe pass takes: the one-token kernel (decode
