@@ -26,8 +26,8 @@
 //! (`ARBOR_WGPU_GQA_MIN_TOKENS=1`; prefill, 1, 16, 128 and 256 sequences), products of few
 //! tiles split over their columns (`ARBOR_WGPU_SPLIT_K=512`; prefill, 16, 64 and 256
 //! sequences; with cooperative matrices also from 9 tokens at 16 and 32), two and four rows a
-//! thread for single tokens (`ARBOR_WGPU_MATVEC_ROWS`; 1 sequence), the subgroup kernel for
-//! single tokens (`ARBOR_WGPU_MATVEC_SUBGROUP=1`; 1 sequence) and each lane count
+//! thread for single tokens (`ARBOR_WGPU_MATVEC_ROWS`; 1 sequence), the subgroup kernels for
+//! up to 16 tokens (`ARBOR_WGPU_MATVEC_SUBGROUP=1`; 1, 8 and 16 sequences) and each lane count
 //! (1 and 16 sequences); `ARBOR_BENCH_VARIANTS=0` skips them.
 
 use std::sync::Arc;
@@ -448,12 +448,12 @@ fn main() -> anyhow::Result<()> {
             (true, &[16, 64, 256]),
         ));
         variants.push((
-            "the subgroup kernel for single tokens (ARBOR_WGPU_MATVEC_SUBGROUP=1)".into(),
+            "the subgroup kernels for up to 16 tokens (ARBOR_WGPU_MATVEC_SUBGROUP=1)".into(),
             WgpuOptions {
                 matvec_subgroups: true,
                 ..base.clone()
             },
-            (false, &[1]),
+            (false, &[1, 8, 16]),
         ));
         for rows in [2, 4] {
             variants.push((
