@@ -23,9 +23,11 @@
 //! (`ARBOR_WGPU_PACK=0`, the form before packing; 1 and 16 sequences), 64-token
 //! cooperative-matrix tiles (`ARBOR_WGPU_COOP_TOKENS=64`; prefill, 128 and 256 sequences;
 //! only where the adapter has cooperative matrices), grouped-query attention
-//! (`ARBOR_WGPU_GQA_MIN_TOKENS=1`; prefill, 1, 16, 128 and 256 sequences), products of few
-//! tiles split over their columns (`ARBOR_WGPU_SPLIT_K=512`; prefill, 16, 64 and 256
-//! sequences; with cooperative matrices also from 9 tokens at 16 and 32), two and four rows a
+//! (`ARBOR_WGPU_GQA_MIN_TOKENS=1`; prefill, 1, 16, 128 and 256 sequences), the defaults of
+//! before 2026-12-06: products whose columns never split (`ARBOR_WGPU_SPLIT_K=0`; prefill,
+//! 16, 64 and 256 sequences) and cooperative matrices only from 33 tokens
+//! (`ARBOR_WGPU_COOP_MIN_TOKENS=32`; 16 and 32 sequences; both: also 64 and 256),
+//! cooperative matrices from 2 tokens (`ARBOR_WGPU_COOP_MIN_TOKENS=1`; 2, 4 and 8), two and four rows a
 //! thread for single tokens (`ARBOR_WGPU_MATVEC_ROWS`; 1 sequence), the subgroup kernels for
 //! up to 16 tokens (`ARBOR_WGPU_MATVEC_SUBGROUP=1`; 1, 8 and 16 sequences) and each lane count
 //! (1 and 16 sequences); `ARBOR_BENCH_VARIANTS=0` skips them.
@@ -411,12 +413,24 @@ fn main() -> anyhow::Result<()> {
         }
         if g_f32.is_some() {
             variants.push((
-                "cooperative matrices from 9 tokens (ARBOR_WGPU_COOP_MIN_TOKENS=8)".into(),
+                "cooperative matrices from 33 tokens, the default before 2026-12-06 \
+                 (ARBOR_WGPU_COOP_MIN_TOKENS=32)"
+                    .into(),
                 WgpuOptions {
-                    coop_min_tokens: Some(8),
+                    coop_min_tokens: Some(32),
                     ..base.clone()
                 },
                 (false, &[16, 32]),
+            ));
+            variants.push((
+                "cooperative matrices from 2 tokens, the norm unfused up to 8 \
+                 (ARBOR_WGPU_COOP_MIN_TOKENS=1)"
+                    .into(),
+                WgpuOptions {
+                    coop_min_tokens: Some(1),
+                    ..base.clone()
+                },
+                (false, &[2, 4, 8]),
             ));
             variants.push((
                 "f32 kernels where cooperative tiles are few (ARBOR_WGPU_COOP_MIN_WORKGROUPS=64)"
@@ -428,21 +442,21 @@ fn main() -> anyhow::Result<()> {
                 (true, &[64, 128, 256]),
             ));
             variants.push((
-                "split columns, cooperative from 9 tokens (ARBOR_WGPU_SPLIT_K=512 \
-                 ARBOR_WGPU_COOP_MIN_TOKENS=8)"
+                "neither, the kernels before 2026-12-06 (ARBOR_WGPU_SPLIT_K=0 \
+                 ARBOR_WGPU_COOP_MIN_TOKENS=32)"
                     .into(),
                 WgpuOptions {
-                    split_k_workgroups: Some(512),
-                    coop_min_tokens: Some(8),
+                    split_k_workgroups: Some(0),
+                    coop_min_tokens: Some(32),
                     ..base.clone()
                 },
-                (false, &[16, 32]),
+                (true, &[16, 32, 64, 256]),
             ));
         }
         variants.push((
-            "products of few tiles split their columns (ARBOR_WGPU_SPLIT_K=512)".into(),
+            "no column splits (ARBOR_WGPU_SPLIT_K=0)".into(),
             WgpuOptions {
-                split_k_workgroups: Some(512),
+                split_k_workgroups: Some(0),
                 ..base.clone()
             },
             (true, &[16, 64, 256]),

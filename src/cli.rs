@@ -366,7 +366,7 @@ pub(crate) fn backend_for(model: &Model, device: Device) -> Result<Box<dyn Backe
         matvec_lanes: env_number("ARBOR_WGPU_MATVEC_LANES", "give 8, 16, 32 or 64")?,
         coop_min_tokens: env_number(
             "ARBOR_WGPU_COOP_MIN_TOKENS",
-            "give a count of tokens, 8 to 4096",
+            "give a count of tokens, 1 to 4096",
         )?,
         coop_min_workgroups: env_number(
             "ARBOR_WGPU_COOP_MIN_WORKGROUPS",

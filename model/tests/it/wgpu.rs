@@ -744,11 +744,11 @@ fn the_single_token_kernel_agrees_at_every_lane_count() {
         ),
         (
             WgpuOptions {
-                coop_min_tokens: Some(4),
+                coop_min_tokens: Some(0),
                 ..Default::default()
             },
             "coop_min_tokens",
-            "8 to 4096",
+            "1 (cooperative from 2 tokens) to 4096",
         ),
     ] {
         let err = gpu_backend(&model, options)
@@ -1002,8 +1002,9 @@ fn grouped_query_attention_agrees_with_the_per_head_kernel() {
 /// unsplit logits to f32 summation order: a 300-token prefill of every product on the tiled
 /// matrix-matrix kernel (the qkv bias, the residual sums, the SwiGLU pairs and the output
 /// projection all finished by the reduction), the same with weights in small chunks (rows
-/// that start mid-matrix), and a batched decode step of 12 sequences. The profile shows the
-/// reductions ran. A target past the largest is refused.
+/// that start mid-matrix), and a batched decode step of 12 sequences, at the largest target
+/// and at the default's. The profile shows the reductions ran. A target past the largest is
+/// refused.
 #[test]
 fn split_products_give_the_unsplit_logits() {
     if skip() {
@@ -1056,16 +1057,23 @@ fn split_products_give_the_unsplit_logits() {
             timed.then(|| p.kernels.get("split_sum").map_or(0, |k| k.0)),
         )
     };
-    let (whole, none) = run(None, None);
-    assert!(none.is_none_or(|n| n == 0), "nothing splits by default");
+    let (whole, none) = run(Some(0), None);
+    assert!(none.is_none_or(|n| n == 0), "nothing splits at 0");
     let scale = whole.iter().fold(0f32, |m, v| m.max(v.abs()));
-    for chunk in [None, Some((7 * VOCAB * 4) as u64)] {
-        let (split, reductions) = run(Some(2048), chunk);
+    for (target, chunk) in [
+        (Some(2048), None),
+        (Some(2048), Some((7 * VOCAB * 4) as u64)),
+        (None, None),
+    ] {
+        let (split, reductions) = run(target, chunk);
         let d = max_diff(&split, &whole);
-        eprintln!("chunks {chunk:?}: {reductions:?} reductions, differs by {d} (scale {scale})");
+        eprintln!(
+            "target {target:?}, chunks {chunk:?}: {reductions:?} reductions, differs by {d} \
+             (scale {scale})"
+        );
         assert!(
             d <= 1e-4 * scale.max(1.0),
-            "chunks {chunk:?}: differs by {d}"
+            "target {target:?}, chunks {chunk:?}: differs by {d}"
         );
         assert!(reductions.is_none_or(|n| n > 0), "no product split");
     }

@@ -39,11 +39,11 @@
 //!   tile read during this one's arithmetic); only for
 //!   rows of at most 1024 columns, since it measured slower on longer rows;
 //! - `matmul_coop.wgsl`: the same product on cooperative matrices (tensor cores), taken instead
-//!   of the three batched kernels above for every product of more than 32 tokens where the
+//!   of the three batched kernels above for every product of more than 8 tokens where the
 //!   adapter multiplies 16x16x16 f16 tiles into f32 in 32-wide subgroups (NVIDIA): weights
 //!   dequantized and activations clamped to f16 in workgroup memory, 64 rows x 32 tokens a
 //!   workgroup of four subgroups. On an H200 it made 512-token prefill 2.6x and 256-sequence
-//!   decode 2.5x faster, 16 and 32 sequences 7-12% slower, so those keep the f32 kernels
+//!   decode 2.5x faster; 16 and 32 sequences gain only with their columns split
 //!   (`COOP_MIN_TOKENS` in `pipelines.rs`; BENCHMARKS.md). Results agree
 //!   with the f32 kernels' to f16 rounding, not bit for bit; `ARBOR_WGPU_COOP=0`
 //!   ([`WgpuOptions::no_cooperative_matrix`]) turns it off; `matmul_coop_wide.wgsl` is a
@@ -89,8 +89,8 @@
 //! more 64-token cooperative tiles; [`WgpuOptions::byte_weights`] (`ARBOR_WGPU_PACK=0`) keeps
 //! the unpacked weights; [`WgpuOptions::gqa_min_tokens`] (`ARBOR_WGPU_GQA_MIN_TOKENS`) runs
 //! attention a workgroup per key head (`attention_gqa.wgsl`) in passes of that many tokens;
-//! [`WgpuOptions::split_k_workgroups`] (`ARBOR_WGPU_SPLIT_K`) splits the columns of tiled
-//! products with too few tiles to fill the GPU, a second dispatch (`matmul_reduce.wgsl`)
+//! [`WgpuOptions::split_k_workgroups`] (`ARBOR_WGPU_SPLIT_K`, default 512) splits the columns
+//! of tiled products with too few tiles to fill the GPU, a second dispatch (`matmul_reduce.wgsl`)
 //! adding the ranges up. The backends bench measures each against the defaults in one run.
 //!
 //! **Not yet**, and what limits speed today (H200, `floor.rs` and the backends bench): a
@@ -171,22 +171,25 @@ pub struct WgpuOptions {
     /// Rows a thread reads for single tokens: 2, 4 or 8 run `matmul_rows.wgsl` for one token
     /// on matrices with enough rows to fill the GPU that way (the activations and norm weights
     /// read once for that many rows, not once a row); 1 (the default) keeps `matmul.wgsl`.
-    /// Not yet measured on a GPU; the command line reads `ARBOR_WGPU_MATVEC_ROWS`, the
-    /// backends bench compares.
+    /// On an H100 (2026-12-06) 2 and 4 ran one sequence at 0.98x and 0.93x, hence not the
+    /// default; the command line reads `ARBOR_WGPU_MATVEC_ROWS`, the backends bench compares.
     pub matvec_rows: Option<u32>,
     /// Products of up to 16 tokens on `matmul_sub.wgsl`: a row per 32 threads, eight rows a
     /// workgroup, its sums by subgroup shuffles instead of a tree of barriers (as llama.cpp's
     /// Vulkan matrix-vector kernels); from 2 tokens in tiles of 8, each weight group read once
     /// for the whole tile as in `matmul.wgsl`'s tiles. Products that cooperative matrices take
     /// (more than [`WgpuOptions::coop_min_tokens`] tokens) keep them; where the adapter has no
-    /// subgroups the option changes nothing. Not yet measured on a GPU; the command line reads
+    /// subgroups the option changes nothing. On an H100 (2026-12-06): 1.05x at 1 sequence,
+    /// 0.91x at 8, 1.01x at 16, hence not the default; the command line reads
     /// `ARBOR_WGPU_MATVEC_SUBGROUP=1`, the backends bench compares at 1, 8 and 16 sequences.
     pub matvec_subgroups: bool,
     /// Products of more tokens than this run on cooperative matrices where the adapter has
-    /// them (default 32, `pipelines.rs`). On an H100, 16 sequences spent 223 µs a layer in
-    /// gate_up on the f32 kernel and 64 sequences 84 µs on the cooperative one, which may pay
-    /// from fewer tokens; the command line reads `ARBOR_WGPU_COOP_MIN_TOKENS`, the backends
-    /// bench compares 8.
+    /// them (default 8: `COOP_MIN_TOKENS` in `pipelines.rs`; 1 to 4,096; below 8, passes of
+    /// up to 8 tokens run the RMS norms as dispatches of their own instead of fusing them into
+    /// the products, so that their products can take cooperative tiles). With splits (below),
+    /// 16 and 32 sequences ran 2.5x-2.8x faster than on the f32 kernels (H100); the command
+    /// line reads `ARBOR_WGPU_COOP_MIN_TOKENS`, the backends bench compares 32 (the default
+    /// before 2026-12-06).
     pub coop_min_tokens: Option<u32>,
     /// Cooperative products that would make fewer workgroups (64-row by 32-token tiles) than
     /// this keep the f32 kernels (default 0: none do). On an H100 at 64 sequences the
@@ -197,13 +200,14 @@ pub struct WgpuOptions {
     /// Tiled products (the matrix-matrix and cooperative kernels, batches of more than 8
     /// tokens) whose 64-row by 32-token tiles make fewer workgroups than this split their
     /// columns into up to 16 ranges, each summed by workgroups of its own, and add the ranges
-    /// up in a second dispatch (`matmul_reduce.wgsl`); default 0: none split. Every workgroup
+    /// up in a second dispatch (`matmul_reduce.wgsl`); default 512, 0: none split. Every workgroup
     /// of those kernels walks all the columns of its tile, so down's 896 rows of 4,864
     /// columns at 64 sequences (28 tiles) left most of an H100's 132 multiprocessors idle
     /// (287 µs a layer, against 84 µs for gate_up's twice the work). At most 2,048; costs
     /// `2 × value × 8 KiB` of partial sums. The results differ from the unsplit ones by f32
-    /// summation order. Not yet measured on a GPU; the command line reads
-    /// `ARBOR_WGPU_SPLIT_K`, the backends bench compares 512.
+    /// summation order. On an H100 (2026-12-06) 512 made 64 sequences 1.92x faster and
+    /// 16 and 256 sequences 1.20x; the command line reads `ARBOR_WGPU_SPLIT_K`, the backends
+    /// bench compares 0.
     pub split_k_workgroups: Option<u32>,
     /// Store every weight matrix as a byte a weight with f32 `(scale, min)` pairs per 16
     /// weights (1.5 bytes a weight), the form before packing, instead of the fewest bits that
@@ -213,9 +217,9 @@ pub struct WgpuOptions {
     /// Tokens of a cooperative-matrix tile: 32 (default), or 64, which then serves products
     /// of at least 128 tokens with `matmul_coop_wide.wgsl` (64 columns a step too, and the
     /// next step's tile read during this one's multiply-adds: each dequantized weight feeds
-    /// twice the tokens, at 32 KiB of workgroup memory instead of 14). Not yet measured on a
-    /// GPU, hence not the default; the command line reads `ARBOR_WGPU_COOP_TOKENS`, and the
-    /// backends bench compares both.
+    /// twice the tokens, at 32 KiB of workgroup memory instead of 14). On an H100 it ran at
+    /// 0.61x-0.64x, hence not the default; the command line reads `ARBOR_WGPU_COOP_TOKENS`,
+    /// and the backends bench compares both.
     pub coop_tokens: Option<u32>,
     /// Passes of at least this many tokens run attention with one workgroup per key head
     /// and token, covering the query heads that share it (`attention_gqa.wgsl`: each key and
@@ -321,16 +325,15 @@ impl WgpuBackend {
         let coop_min_tokens = options
             .coop_min_tokens
             .unwrap_or(pipelines::COOP_MIN_TOKENS as u32);
-        if !(TOKENS_PER_TILE..=4096).contains(&coop_min_tokens) {
+        if !(1..=4096).contains(&coop_min_tokens) {
             return Err(ModelError::invalid(
                 "coop_min_tokens",
-                format!(
-                    "{coop_min_tokens}: give {TOKENS_PER_TILE} to 4096 (smaller products fuse \
-                     the norm, which the cooperative kernel does not)"
-                ),
+                format!("{coop_min_tokens}: give 1 (cooperative from 2 tokens) to 4096"),
             ));
         }
-        let split_k_workgroups = options.split_k_workgroups.unwrap_or(0);
+        let split_k_workgroups = options
+            .split_k_workgroups
+            .unwrap_or(record::DEFAULT_SPLIT_K_WORKGROUPS);
         if split_k_workgroups > record::MAX_SPLIT_K_WORKGROUPS {
             return Err(ModelError::invalid(
                 "split_k_workgroups",

@@ -4,7 +4,7 @@
 
 use super::profile::{self, Timestamps};
 use super::record::{Fused, HeadParams, NormParams, Recorder, SampleParams};
-use super::{device_err, WgpuBackend, TOKENS_PER_TILE};
+use super::{device_err, WgpuBackend};
 use crate::arch::RopeStyle;
 use crate::backend::{rope_angles, ForwardBatch, HiddenLayer};
 use crate::error::Result;
@@ -221,10 +221,7 @@ impl WgpuBackend {
         };
         let scale = 1.0 / (hd as f32).sqrt();
         let nt = n as u32;
-        // Up to one tile of tokens, the RMS norms are fused into the products that read them,
-        // saving two dispatches a layer; in larger passes the products are bound by arithmetic,
-        // where the fused norm's extra work per weight costs more than a dispatch.
-        let fuse_norm = n <= TOKENS_PER_TILE as usize;
+        let fuse_norm = self.pipelines.choice().fuse_norm(n);
         for (l, lw) in self.layers.iter().enumerate() {
             let (input, fused_norm) = rec.normed(
                 p,

@@ -102,10 +102,12 @@ pub(super) const COOP_TOKENS: u32 = 32;
 /// Tokens (and columns a step) of the wide variant's tile (`MatShape::CoopWide`), taken for
 /// products of at least twice as many tokens when [`super::WgpuOptions::coop_tokens`] asks.
 pub(super) const COOP_WIDE_TOKENS: u32 = 64;
-/// Products of more tokens than this run on cooperative matrices. On an H200 (real model,
-/// decode of N sequences against the f32 kernels): 16 → 0.88x, 32 → 0.93x, 64 → 1.33x,
-/// 256 → 2.46x, 512-token prefill 2.62x.
-pub(super) const COOP_MIN_TOKENS: usize = 32;
+/// Products of more tokens than this run on cooperative matrices (up to 8 tokens the norm is
+/// otherwise fused into the product, which the cooperative kernel does not do). Unsplit, they lost to the f32 kernels at 16 and 32 sequences (H200: 0.88x, 0.93x); with
+/// their columns split where tiles are few ([`super::record::DEFAULT_SPLIT_K_WORKGROUPS`]) they
+/// made 16 and 32 sequences 2.54x and 2.83x faster than the f32 kernels unsplit (H100,
+/// 2026-12-06, BENCHMARKS.md).
+pub(super) const COOP_MIN_TOKENS: usize = 8;
 
 /// Threads of `sample.wgsl`'s workgroup: 1024, or the device's most if fewer (a power of
 /// two, at least 64). One workgroup picks a row, streaming its logits several times, so with a

@@ -50,6 +50,11 @@ const SPLIT_STEP: u32 = 32;
 /// Largest [`KernelChoice::split_k_workgroups`]: the reduction's one-dimensional dispatch of
 /// up to 16 workgroups per split workgroup stays within a dimension's 65,535.
 pub(super) const MAX_SPLIT_K_WORKGROUPS: u32 = 2048;
+/// [`super::WgpuOptions::split_k_workgroups`]'s default. On an H100 (default model's shapes,
+/// 2026-12-06) splitting below 512 workgroups made 64 sequences 1.92x faster, 16 and 256
+/// sequences 1.20x and a 512-token prefill 1.04x; with cooperative matrices from 9 tokens,
+/// 16 and 32 sequences 2.54x and 2.83x.
+pub(super) const DEFAULT_SPLIT_K_WORKGROUPS: u32 = 512;
 
 /// Bytes of partial sums a split product may need at most with `split_k_workgroups`: splits
 /// are only taken by products of fewer workgroups (`w`) than that, and at most
@@ -178,6 +183,14 @@ impl KernelChoice {
         } else {
             (MatShape::Tile, TOKENS_PER_TILE, ROWS_PER_WG)
         }
+    }
+
+    /// Whether a pass of `n` tokens fuses the RMS norms into the products that read them: up
+    /// to one tile of tokens (saving two dispatches a layer; larger passes are bound by
+    /// arithmetic, where the fused norm's extra work per weight costs more than a dispatch),
+    /// unless cooperative matrices take products of that many tokens (they never fuse it).
+    pub(super) fn fuse_norm(&self, n: usize) -> bool {
+        n <= TOKENS_PER_TILE as usize && !(self.coop && n > self.coop_min_tokens)
     }
 
     /// How a product on `shape` making `workgroups` workgroups splits its `cols` columns:
@@ -429,7 +442,9 @@ impl<'a> Recorder<'a> {
 mod tests {
     use super::*;
 
-    const DEFAULTS: KernelChoice = KernelChoice {
+    /// A fixed choice the cases below vary one field of (the shipped defaults differ:
+    /// cooperative matrices from 9 tokens, splits below 512 workgroups).
+    const BASE: KernelChoice = KernelChoice {
         coop: true,
         coop_wide: false,
         coop_min_tokens: 32,
@@ -446,14 +461,14 @@ mod tests {
     #[test]
     fn tuning_options_choose_the_kernels_they_name() {
         let shape = |c: KernelChoice, rows, cols, n, norm| c.shape(rows, cols, n, norm).0;
-        // Defaults: one token on the single-row kernel, 16 tokens on f32, 64 cooperative.
-        assert_eq!(shape(DEFAULTS, 9728, 896, 1, true), MatShape::One);
-        assert_eq!(shape(DEFAULTS, 9728, 896, 16, false), MatShape::Gemm);
-        assert_eq!(shape(DEFAULTS, 896, 4864, 64, false), MatShape::Coop);
+        // One token on the single-row kernel, 16 tokens on f32, 64 cooperative.
+        assert_eq!(shape(BASE, 9728, 896, 1, true), MatShape::One);
+        assert_eq!(shape(BASE, 9728, 896, 16, false), MatShape::Gemm);
+        assert_eq!(shape(BASE, 896, 4864, 64, false), MatShape::Coop);
         // Rows a thread for single tokens, where the rows fill the GPU.
         let rows = KernelChoice {
             matvec_rows: 2,
-            ..DEFAULTS
+            ..BASE
         };
         assert_eq!(shape(rows, 9728, 896, 1, true), MatShape::OneRows);
         assert_eq!(rows.shape(9728, 896, 1, true).2, 8);
@@ -462,14 +477,25 @@ mod tests {
         // Cooperative matrices from 9 tokens, never with the norm fused (up to 8 tokens).
         let early = KernelChoice {
             coop_min_tokens: 8,
-            ..DEFAULTS
+            ..BASE
         };
         assert_eq!(shape(early, 9728, 896, 16, false), MatShape::Coop);
         assert_eq!(shape(early, 9728, 896, 8, true), MatShape::TileRows);
+        assert!(early.fuse_norm(8) && !early.fuse_norm(9));
+        // From 2 tokens: passes of 2 to 8 tokens then leave the norm unfused, so their
+        // products can take the cooperative kernel; single tokens keep theirs.
+        let two = KernelChoice {
+            coop_min_tokens: 1,
+            ..BASE
+        };
+        assert!(two.fuse_norm(1) && !two.fuse_norm(2) && !two.fuse_norm(8));
+        assert_eq!(shape(two, 9728, 896, 2, two.fuse_norm(2)), MatShape::Coop);
+        assert_eq!(shape(two, 896, 4864, 8, two.fuse_norm(8)), MatShape::Coop);
+        assert_eq!(shape(two, 9728, 896, 1, two.fuse_norm(1)), MatShape::One);
         // Too few cooperative tiles: down's 896 rows at 64 tokens make 28.
         let few = KernelChoice {
             coop_min_workgroups: 64,
-            ..DEFAULTS
+            ..BASE
         };
         assert_eq!(shape(few, 896, 4864, 64, false), MatShape::TileRows);
         assert_eq!(shape(few, 9728, 896, 64, false), MatShape::Coop);
@@ -478,15 +504,20 @@ mod tests {
         let none = KernelChoice {
             coop: false,
             coop_min_tokens: 8,
-            ..DEFAULTS
+            ..BASE
         };
         assert_eq!(shape(none, 9728, 896, 16, false), MatShape::Gemm);
+        assert!(KernelChoice {
+            coop_min_tokens: 1,
+            ..none
+        }
+        .fuse_norm(8));
         // Subgroups for up to 16 tokens, the norm fused or not, eight rows a workgroup and
         // a tile of 8 tokens; past that, and where cooperative matrices start earlier, the
         // other kernels.
         let sub = KernelChoice {
             matvec_subgroups: true,
-            ..DEFAULTS
+            ..BASE
         };
         assert_eq!(sub.shape(9728, 896, 1, true), (MatShape::OneSub, 1, 8));
         assert_eq!(shape(sub, 896, 4864, 1, false), MatShape::OneSub);
@@ -503,8 +534,8 @@ mod tests {
         assert_eq!(shape(sub_early, 9728, 896, 8, true), MatShape::TileSub);
         assert_eq!(shape(sub_early, 9728, 896, 16, false), MatShape::Coop);
         // Without them, the same products keep their kernels.
-        assert_eq!(shape(DEFAULTS, 9728, 896, 8, true), MatShape::TileRows);
-        assert_eq!(shape(DEFAULTS, 896, 4864, 8, false), MatShape::Tile);
+        assert_eq!(shape(BASE, 9728, 896, 8, true), MatShape::TileRows);
+        assert_eq!(shape(BASE, 896, 4864, 8, false), MatShape::Tile);
     }
 
     /// Products of few tiles split their columns into whole 32-column steps, enough ranges to
@@ -512,10 +543,10 @@ mod tests {
     /// ranges stay within the partial-sum buffer's bound; other kernels never split.
     #[test]
     fn few_tiles_split_their_columns_within_the_partial_sums_bound() {
-        assert_eq!(DEFAULTS.split_k(MatShape::Coop, 28, 4864), None);
+        assert_eq!(BASE.split_k(MatShape::Coop, 28, 4864), None);
         let split = KernelChoice {
             split_k_workgroups: 512,
-            ..DEFAULTS
+            ..BASE
         };
         // down at 64 sequences: 14 row tiles x 2 token tiles.
         assert_eq!(split.split_k(MatShape::Coop, 28, 4864), Some((16, 320)));
@@ -529,7 +560,7 @@ mod tests {
         for target in [1, 64, 512, MAX_SPLIT_K_WORKGROUPS] {
             let c = KernelChoice {
                 split_k_workgroups: target,
-                ..DEFAULTS
+                ..BASE
             };
             let bound = split_part_bytes(target);
             for rows in [16, 64, 100, 896, 1152, 9728] {
