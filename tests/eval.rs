@@ -107,14 +107,17 @@ fn eval_runs_the_grid_resumes_reports_and_distills() {
         "{}",
         stderr(&first)
     );
-    // The last line says how fast the worker generated and how much prompt it recomputed.
+    // The last line says how fast the worker generated, in how many passes of how many
+    // tokens, and how much prompt it recomputed.
     let last = stderr(&first)
         .lines()
         .rfind(|l| l.starts_with("arbor eval: ran 6 cells"))
         .map(str::to_owned)
         .unwrap_or_else(|| panic!("{}", stderr(&first)));
     assert!(
-        last.contains("tokens/s generated") && last.contains("prompt tokens computed per token"),
+        last.contains("tokens/s generated in")
+            && last.contains("passes/s of")
+            && last.contains("prompt tokens computed per token"),
         "{last}"
     );
     let traces = trace_lines(&out_dir);

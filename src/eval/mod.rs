@@ -615,9 +615,11 @@ fn eval_status(correct: u64, finished: u64, failed: u64, speed: Option<String>) 
     s
 }
 
-/// The embedded worker's generated tokens per second since `started`, and the prompt tokens
-/// it computed per token generated (what the prefix cache failed to reuse); `None` on a
-/// coordinator, whose workers count their own.
+/// The embedded worker's generated tokens per second since `started`, its forward passes per
+/// second and tokens a pass (generated and prompt: small passes mean the searches in flight
+/// keep too few sequences decoding; large slow ones, the model's own speed), and the prompt
+/// tokens it computed per token generated (what the prefix cache failed to reuse); `None` on
+/// a coordinator, whose workers count their own.
 fn worker_speed(context: &Shared, started: Instant) -> Option<String> {
     let Runner::Embedded { worker, .. } = &context.runner else {
         return None;
@@ -627,9 +629,13 @@ fn worker_speed(context: &Shared, started: Instant) -> Option<String> {
         return None;
     }
     let secs = started.elapsed().as_secs_f64().max(1e-3);
+    let passes = s.forward_passes.max(1) as f64;
     Some(format!(
-        "{:.0} tokens/s generated, {:.2} prompt tokens computed per token",
+        "{:.0} tokens/s generated in {:.0} passes/s of {:.0} tokens, {:.2} prompt tokens \
+         computed per token",
         s.generated_tokens as f64 / secs,
+        s.forward_passes as f64 / secs,
+        (s.generated_tokens + s.prompt_tokens_computed) as f64 / passes,
         s.prompt_tokens_computed as f64 / s.generated_tokens as f64
     ))
 }
