@@ -27,7 +27,8 @@
 //! before 2026-12-06: products whose columns never split (`ARBOR_WGPU_SPLIT_K=0`; prefill,
 //! 16, 64 and 256 sequences) and cooperative matrices only from 33 tokens
 //! (`ARBOR_WGPU_COOP_MIN_TOKENS=32`; 16 and 32 sequences; both: also 64 and 256),
-//! cooperative matrices from 2 tokens (`ARBOR_WGPU_COOP_MIN_TOKENS=1`; 2, 4 and 8), two and four rows a
+//! or from 9 tokens with the norm fused up to 8 (`ARBOR_WGPU_COOP_MIN_TOKENS=8`; 2, 4 and 8),
+//! two and four rows a
 //! thread for single tokens (`ARBOR_WGPU_MATVEC_ROWS`; 1 sequence), the subgroup kernels for
 //! up to 16 tokens (`ARBOR_WGPU_MATVEC_SUBGROUP=1`; 1, 8 and 16 sequences) and each lane count
 //! (1 and 16 sequences); `ARBOR_BENCH_VARIANTS=0` skips them.
@@ -423,11 +424,11 @@ fn main() -> anyhow::Result<()> {
                 (false, &[16, 32]),
             ));
             variants.push((
-                "cooperative matrices from 2 tokens, the norm unfused up to 8 \
-                 (ARBOR_WGPU_COOP_MIN_TOKENS=1)"
+                "cooperative matrices from 9 tokens, the norm fused up to 8 \
+                 (ARBOR_WGPU_COOP_MIN_TOKENS=8)"
                     .into(),
                 WgpuOptions {
-                    coop_min_tokens: Some(1),
+                    coop_min_tokens: Some(8),
                     ..base.clone()
                 },
                 (false, &[2, 4, 8]),

@@ -39,7 +39,7 @@
 //!   tile read during this one's arithmetic); only for
 //!   rows of at most 1024 columns, since it measured slower on longer rows;
 //! - `matmul_coop.wgsl`: the same product on cooperative matrices (tensor cores), taken instead
-//!   of the three batched kernels above for every product of more than 8 tokens where the
+//!   of the three batched kernels above for every product of 2 tokens or more where the
 //!   adapter multiplies 16x16x16 f16 tiles into f32 in 32-wide subgroups (NVIDIA): weights
 //!   dequantized and activations clamped to f16 in workgroup memory, 64 rows x 32 tokens a
 //!   workgroup of four subgroups. On an H200 it made 512-token prefill 2.6x and 256-sequence
@@ -184,12 +184,13 @@ pub struct WgpuOptions {
     /// `ARBOR_WGPU_MATVEC_SUBGROUP=1`, the backends bench compares at 1, 8 and 16 sequences.
     pub matvec_subgroups: bool,
     /// Products of more tokens than this run on cooperative matrices where the adapter has
-    /// them (default 8: `COOP_MIN_TOKENS` in `pipelines.rs`; 1 to 4,096; below 8, passes of
-    /// up to 8 tokens run the RMS norms as dispatches of their own instead of fusing them into
-    /// the products, so that their products can take cooperative tiles). With splits (below),
-    /// 16 and 32 sequences ran 2.5x-2.8x faster than on the f32 kernels (H100); the command
-    /// line reads `ARBOR_WGPU_COOP_MIN_TOKENS`, the backends bench compares 32 (the default
-    /// before 2026-12-06).
+    /// them (default 1: from 2 tokens, `COOP_MIN_TOKENS` in `pipelines.rs`; 1 to 4,096; below
+    /// 8, passes of up to 8 tokens run the RMS norms as dispatches of their own instead of
+    /// fusing them into the products, so that their products can take cooperative tiles).
+    /// With splits (below), on an H100: 2 to 8 sequences 1.2x-1.5x faster than from 9 tokens,
+    /// 16 and 32 sequences 2.1x-2.4x faster than from 33; the command line reads
+    /// `ARBOR_WGPU_COOP_MIN_TOKENS`, the backends bench compares 8 and 32 (the defaults
+    /// before).
     pub coop_min_tokens: Option<u32>,
     /// Cooperative products that would make fewer workgroups (64-row by 32-token tiles) than
     /// this keep the f32 kernels (default 0: none do). On an H100 at 64 sequences the
@@ -206,8 +207,8 @@ pub struct WgpuOptions {
     /// (287 µs a layer, against 84 µs for gate_up's twice the work). At most 2,048; costs
     /// `2 × value × 8 KiB` of partial sums. The results differ from the unsplit ones by f32
     /// summation order. On an H100 (2026-12-06) 512 made 64 sequences 1.92x faster and
-    /// 16 and 256 sequences 1.20x; the command line reads `ARBOR_WGPU_SPLIT_K`, the backends
-    /// bench compares 0.
+    /// 16 and 256 sequences 1.20x (2.9x at 16 with cooperative matrices from 2 tokens); the
+    /// command line reads `ARBOR_WGPU_SPLIT_K`, the backends bench compares 0.
     pub split_k_workgroups: Option<u32>,
     /// Store every weight matrix as a byte a weight with f32 `(scale, min)` pairs per 16
     /// weights (1.5 bytes a weight), the form before packing, instead of the fewest bits that

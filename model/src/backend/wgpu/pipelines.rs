@@ -102,12 +102,14 @@ pub(super) const COOP_TOKENS: u32 = 32;
 /// Tokens (and columns a step) of the wide variant's tile (`MatShape::CoopWide`), taken for
 /// products of at least twice as many tokens when [`super::WgpuOptions::coop_tokens`] asks.
 pub(super) const COOP_WIDE_TOKENS: u32 = 64;
-/// Products of more tokens than this run on cooperative matrices (up to 8 tokens the norm is
-/// otherwise fused into the product, which the cooperative kernel does not do). Unsplit, they lost to the f32 kernels at 16 and 32 sequences (H200: 0.88x, 0.93x); with
-/// their columns split where tiles are few ([`super::record::DEFAULT_SPLIT_K_WORKGROUPS`]) they
-/// made 16 and 32 sequences 2.54x and 2.83x faster than the f32 kernels unsplit (H100,
-/// 2026-12-06, BENCHMARKS.md).
-pub(super) const COOP_MIN_TOKENS: usize = 8;
+/// Products of more tokens than this run on cooperative matrices: every product of 2 tokens
+/// or more (passes of 2 to 8 tokens then run the RMS norms as dispatches of their own rather
+/// than fused into the products, which the cooperative kernel does not do). Unsplit, they
+/// lost to the f32 kernels at 16 and 32 sequences (H200: 0.88x, 0.93x); with their columns
+/// split where tiles are few ([`super::record::DEFAULT_SPLIT_K_WORKGROUPS`]), on an H100
+/// (2026-12-06, BENCHMARKS.md): 2, 4 and 8 sequences 1.19x, 1.31x and 1.54x faster than from
+/// 9 tokens, 16 and 32 sequences 2.1x and 2.4x faster than from 33.
+pub(super) const COOP_MIN_TOKENS: usize = 1;
 
 /// Threads of `sample.wgsl`'s workgroup: 1024, or the device's most if fewer (a power of
 /// two, at least 64). One workgroup picks a row, streaming its logits several times, so with a

@@ -52,8 +52,8 @@ const SPLIT_STEP: u32 = 32;
 pub(super) const MAX_SPLIT_K_WORKGROUPS: u32 = 2048;
 /// [`super::WgpuOptions::split_k_workgroups`]'s default. On an H100 (default model's shapes,
 /// 2026-12-06) splitting below 512 workgroups made 64 sequences 1.92x faster, 16 and 256
-/// sequences 1.20x and a 512-token prefill 1.04x; with cooperative matrices from 9 tokens,
-/// 16 and 32 sequences 2.54x and 2.83x.
+/// sequences 1.20x and a 512-token prefill 1.04x; with cooperative matrices from 2 tokens,
+/// 16 and 32 sequences 2.5x and 2.8x.
 pub(super) const DEFAULT_SPLIT_K_WORKGROUPS: u32 = 512;
 
 /// Bytes of partial sums a split product may need at most with `split_k_workgroups`: splits
@@ -443,7 +443,7 @@ mod tests {
     use super::*;
 
     /// A fixed choice the cases below vary one field of (the shipped defaults differ:
-    /// cooperative matrices from 9 tokens, splits below 512 workgroups).
+    /// cooperative matrices from 2 tokens, splits below 512 workgroups).
     const BASE: KernelChoice = KernelChoice {
         coop: true,
         coop_wide: false,
