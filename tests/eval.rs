@@ -158,6 +158,26 @@ fn eval_runs_the_grid_resumes_reports_and_distills() {
         if correct {
             assert!(!t["path"].as_array().unwrap().is_empty(), "{t}");
         }
+        // Every distinct final answer the cell reached: the chosen one among them, a right
+        // one marked where the cell was right, no more votes than samples that fit.
+        let found = t["candidates"].as_array().unwrap_or_else(|| panic!("{t}"));
+        let keys: Vec<String> = found
+            .iter()
+            .map(|c| arbor_search::normalize(c["answer"].as_str().unwrap()))
+            .collect();
+        if let Some(key) = t["answer_key"].as_str() {
+            assert!(keys.iter().any(|k| k == key), "{t}");
+        }
+        let distinct: BTreeSet<&String> = keys.iter().collect();
+        assert_eq!(distinct.len(), keys.len(), "grouped by equivalence: {t}");
+        if correct {
+            assert!(found.iter().any(|c| c["correct"] == true), "{t}");
+        }
+        let votes: u64 = found.iter().map(|c| c["votes"].as_u64().unwrap()).sum();
+        assert!(votes >= 1 || t["answer"].is_null(), "{t}");
+        if derived {
+            assert!(votes <= t["samples"].as_u64().unwrap(), "{t}");
+        }
     }
     let samples = std::fs::read_to_string(out_dir.join("samples.jsonl")).unwrap();
     let covered: Vec<u64> = samples

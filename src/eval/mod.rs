@@ -33,7 +33,7 @@ use crate::search_cmd::{SearchKnobs, Strategy};
 use dataset::Question;
 use prm::{Prm, PrmChoice};
 use samples::SampleChunk;
-use trace::{JsonlAppender, TraceCosts, TraceRecord};
+use trace::{JsonlAppender, TraceCandidate, TraceCosts, TraceRecord};
 
 /// KV blocks the embedded worker may hold per search in flight, by default (`--kv-blocks`).
 const KV_BLOCKS_PER_SEARCH: usize = 256;
@@ -858,6 +858,18 @@ async fn search_cell(
         termination: arbor::strategy::termination_name(outcome.termination),
         derived_from_samples: false,
         samples: None,
+        candidates: Some(
+            outcome
+                .candidates
+                .iter()
+                .map(|c| TraceCandidate {
+                    answer: c.answer.raw.clone(),
+                    votes: c.votes,
+                    weight: c.weight,
+                    correct: equivalent(&c.answer.raw, &question.gold),
+                })
+                .collect(),
+        ),
         path,
     })
 }
@@ -922,6 +934,18 @@ async fn sample_cells(
                 termination: "derived".into(),
                 derived_from_samples: true,
                 samples: Some(derived.samples),
+                candidates: Some(
+                    derived
+                        .candidates
+                        .into_iter()
+                        .map(|(answer, votes, weight)| TraceCandidate {
+                            correct: equivalent(&answer, &question.gold),
+                            answer,
+                            votes,
+                            weight,
+                        })
+                        .collect(),
+                ),
                 path: chosen.map(|s| s.path.clone()).unwrap_or_default(),
             }
         })

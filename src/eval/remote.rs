@@ -145,6 +145,7 @@ pub(crate) fn record(
         termination: r.termination,
         derived_from_samples: false,
         samples: None,
+        candidates: None,
         path: r.path,
     }
 }

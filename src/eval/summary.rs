@@ -42,6 +42,9 @@ pub(crate) struct Row {
     pub(crate) no_answer: u64,
     /// Cells whose search ended `exhausted`.
     pub(crate) exhausted: u64,
+    /// Cells among whose final answers the gold answer was, where every cell recorded its
+    /// answers (`None` otherwise: older traces, a coordinator's).
+    pub(crate) found: Option<u64>,
 }
 
 impl Row {
@@ -108,6 +111,14 @@ pub(crate) fn summarize(records: &[TraceRecord]) -> Vec<Row> {
                     .iter()
                     .filter(|c| c.termination == "exhausted")
                     .count() as u64,
+                found: cells
+                    .iter()
+                    .map(|c| {
+                        c.candidates
+                            .as_ref()
+                            .map(|all| all.iter().any(|a| a.correct) as u64)
+                    })
+                    .sum(),
             }
         })
         .collect()
@@ -180,6 +191,31 @@ pub(crate) fn to_markdown(rows: &[Row]) -> String {
             "\n\\* Read off one sampling run per question: the longest prefix of complete samples \
              whose generated tokens fit the budget, chosen by the strategy's own rule \
              (`derived_from_samples` in the traces).\n",
+        );
+    }
+    if rows.iter().any(|r| r.found.is_some()) {
+        out.push_str(
+            "\n| strategy | budget | gold among its answers | chosen when among them |\n\
+             |---|---:|---:|---:|\n",
+        );
+        for r in rows {
+            let Some(found) = r.found else { continue };
+            // A right chosen answer is always among the cell's answers.
+            let _ = writeln!(
+                out,
+                "| {} | {} | {:.1}% ({found}/{}) | {:.1}% ({}/{found}) |",
+                r.strategy,
+                r.budget,
+                100.0 * found as f64 / r.n.max(1) as f64,
+                r.n,
+                100.0 * r.correct as f64 / found.max(1) as f64,
+                r.correct,
+            );
+        }
+        out.push_str(
+            "\nGold among its answers: the cell reached the gold answer in at least one final \
+             answer (for sampling rows, pass@N of the samples within the budget); chosen: how \
+             often its rule then picked it (`candidates` in the traces).\n",
         );
     }
     out
@@ -355,6 +391,13 @@ mod tests {
             termination: "completed".into(),
             derived_from_samples: strategy == "majority",
             samples: None,
+            // The right answer was reached in every right cell and in one wrong mcts cell.
+            candidates: Some(vec![crate::eval::trace::TraceCandidate {
+                answer: "1".into(),
+                votes: 1,
+                weight: 0.5,
+                correct: correct || (strategy == "mcts" && generated == 500),
+            }]),
             path: Vec::new(),
         }
     }
@@ -396,6 +439,20 @@ mod tests {
         assert!(md.contains("| majority* | 256 | 2 | 50.0% (1/2) |"), "{md}");
         assert!(md.contains("| 2 | 510 |"), "the no-answer column: {md}");
         assert!(md.contains("\\* Read off one sampling run"), "{md}");
+        assert!(
+            md.contains("| mcts | 512 | 100.0% (2/2) | 50.0% (1/2) |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| majority | 256 | 50.0% (1/2) | 100.0% (1/1) |"),
+            "{md}"
+        );
+        // Without recorded answers in every cell of a row, no figure for it.
+        let mut old = records.clone();
+        old[1].candidates = None;
+        let md = to_markdown(&summarize(&old));
+        assert!(!md.contains("| mcts | 512 | 100.0%"), "{md}");
+        assert!(md.contains("| majority | 512 | 100.0% (1/1) |"), "{md}");
     }
 
     #[test]

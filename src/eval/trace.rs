@@ -35,6 +35,19 @@ impl TraceCosts {
     }
 }
 
+/// One distinct final answer a cell's search reached (answers grouped by equivalence).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct TraceCandidate {
+    /// The answer as first written.
+    pub(crate) answer: String,
+    /// How many final answers were equivalent to it.
+    pub(crate) votes: u32,
+    /// The sum of their values (what a weighted vote adds up).
+    pub(crate) weight: f64,
+    /// Whether it equals the gold answer.
+    pub(crate) correct: bool,
+}
+
 /// One finished cell.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct TraceRecord {
@@ -68,6 +81,12 @@ pub(crate) struct TraceRecord {
     /// For derived cells: how many samples fit the budget.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) samples: Option<u32>,
+    /// Every distinct final answer the cell reached, most votes first (absent in traces
+    /// written before they were recorded, and from a coordinator, whose replies carry only
+    /// the chosen one): whether the gold answer was found at all, and which rule would have
+    /// chosen it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) candidates: Option<Vec<TraceCandidate>>,
     /// The chosen reasoning path, one entry per step.
     pub(crate) path: Vec<String>,
 }
@@ -176,6 +195,7 @@ mod tests {
             termination: "completed".into(),
             derived_from_samples: false,
             samples: None,
+            candidates: None,
             path: vec!["step".into(), "The answer is 7.".into()],
         }
     }
