@@ -177,7 +177,7 @@ pub(crate) fn derive(chunks: &[SampleChunk], budget: u64, strategy: Strategy) ->
         }
     }
     // Most votes first; among equals, the first reached (a stable sort keeps that order).
-    groups.sort_by(|a, b| b.2.cmp(&a.2));
+    groups.sort_by_key(|g| std::cmp::Reverse(g.2));
 
     let part = |x: u64, share: f64| (x as f64 * share).round() as u64;
     let mut costs = TraceCosts::default();
