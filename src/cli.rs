@@ -329,13 +329,23 @@ pub(crate) fn load_engine_with(
     device: Device,
     options: EngineOptions,
 ) -> Result<(Model, Engine)> {
+    let (model, backend) = load_model_and_backend(model, device)?;
+    let engine = Engine::new(backend, options);
+    Ok((model, engine))
+}
+
+/// The model (fetched on first use when none is named) and the backend `device` gives it, for
+/// callers whose engine options depend on the backend.
+pub(crate) fn load_model_and_backend(
+    model: Option<PathBuf>,
+    device: Device,
+) -> Result<(Model, Box<dyn Backend>)> {
     let path = resolve_model(model)?;
     let t = Instant::now();
     let model = Model::load(&path).with_context(|| format!("loading {}", path.display()))?;
     tracing::info!(secs = t.elapsed().as_secs_f64(), "model loaded");
     let backend = backend_for(&model, device)?;
-    let engine = Engine::new(backend, options);
-    Ok((model, engine))
+    Ok((model, backend))
 }
 
 /// The number in environment variable `name`, if set; `hint` says what it takes when it is not

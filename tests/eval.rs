@@ -107,6 +107,12 @@ fn eval_runs_the_grid_resumes_reports_and_distills() {
         "{}",
         stderr(&first)
     );
+    // Without --concurrency, the CPU worker's default, said.
+    assert!(
+        stderr(&first).contains("2 searches in flight (this worker's default"),
+        "{}",
+        stderr(&first)
+    );
     // The last line says how fast the worker generated, in how many passes of how many
     // tokens, and how much prompt it recomputed.
     let last = stderr(&first)

@@ -23,12 +23,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use arbor_model::EngineOptions;
+use arbor_model::{Engine, EngineOptions};
 use arbor_search::{equivalent, Search, SearchControl, StrategyConfig, K_MAX};
 use arbor_worker::{LocalWorker, WorkerOptions};
 use tokio::task::JoinSet;
 
-use crate::cli::{load_engine_with, Device};
+use crate::cli::{load_model_and_backend, Device};
 use crate::search_cmd::{SearchKnobs, Strategy};
 use dataset::Question;
 use prm::{Prm, PrmChoice};
@@ -37,6 +37,12 @@ use trace::{JsonlAppender, TraceCandidate, TraceCosts, TraceRecord};
 
 /// KV blocks the embedded worker may hold per search in flight, by default (`--kv-blocks`).
 const KV_BLOCKS_PER_SEARCH: usize = 256;
+/// Searches in flight when `--concurrency` is not given: a GPU's batches fill at 64 to 128
+/// sequences decoding; two keep a CPU's cores busy; a coordinator's pool of one worker takes
+/// about 16.
+const GPU_CONCURRENCY: usize = 128;
+const CPU_CONCURRENCY: usize = 2;
+const COORDINATOR_CONCURRENCY: usize = 16;
 
 /// `arbor eval` and `arbor eval report`.
 #[derive(clap::Args, Debug)]
@@ -86,10 +92,10 @@ struct RunArgs {
     seed: u64,
     /// Searches in flight at once, all through one shared model worker (or, with
     /// --coordinator, on the coordinator: give it about the pool's capacity, e.g. 16 per
-    /// worker). The default suits a CPU; a GPU's batches fill at 64 to 128 (the H200 runs in
-    /// docs/eval used 128).
-    #[arg(long, default_value_t = 2)]
-    concurrency: usize,
+    /// worker). Default: 128 on a GPU (its batches fill at 64 to 128; the runs in docs/eval
+    /// used 128), 2 on the CPU, 16 on a coordinator
+    #[arg(long)]
+    concurrency: Option<usize>,
     /// Most KV cache blocks of 16 tokens the embedded worker may hold (about 0.4 MB each for
     /// the default model; made as needed, not up front). Default: 8,192, or 256 per search in
     /// flight where that is more (4,096 tokens each: its live samples and the prefixes the
@@ -316,7 +322,7 @@ fn validate(a: &RunArgs) -> Result<()> {
     if a.budgets.is_empty() || a.budgets.contains(&0) {
         bail!("--budgets: give one or more budgets of at least 1 token");
     }
-    if a.concurrency == 0 {
+    if a.concurrency == Some(0) {
         bail!("--concurrency must be at least 1");
     }
     if a.kv_blocks == Some(0) {
@@ -452,7 +458,7 @@ fn run_grid(a: RunArgs) -> Result<()> {
             .worker_threads(2)
             .enable_all()
             .build()?;
-        let runner = match &a.coordinator {
+        let (runner, concurrency) = match &a.coordinator {
             Some(url) => {
                 let connect = remote::Coordinator::connect(url, a.tls_ca.clone());
                 let coordinator = runtime.block_on(connect)?;
@@ -460,25 +466,37 @@ fn run_grid(a: RunArgs) -> Result<()> {
                     "arbor eval: cells run on the coordinator at {}",
                     coordinator.url()
                 );
-                Runner::Remote(coordinator)
+                let concurrency = a.concurrency.unwrap_or(COORDINATOR_CONCURRENCY);
+                (Runner::Remote(coordinator), concurrency)
             }
             None => {
-                let (model, engine) = load_engine_with(
-                    a.model.clone(),
-                    a.device,
+                let (model, backend) = load_model_and_backend(a.model.clone(), a.device)?;
+                let concurrency = a.concurrency.unwrap_or(if backend.name() == "cpu" {
+                    CPU_CONCURRENCY
+                } else {
+                    GPU_CONCURRENCY
+                });
+                let engine = Engine::new(
+                    backend,
                     EngineOptions {
                         kv_blocks_max: a.kv_blocks.unwrap_or_else(|| {
-                            (KV_BLOCKS_PER_SEARCH * a.concurrency)
+                            (KV_BLOCKS_PER_SEARCH * concurrency)
                                 .max(EngineOptions::default().kv_blocks_max)
                         }),
                         ..EngineOptions::default()
                     },
-                )?;
+                );
                 let worker = LocalWorker::new(&model, engine, WorkerOptions::default());
                 let prm = a.prm.build(&worker)?;
-                Runner::Embedded { worker, prm }
+                (Runner::Embedded { worker, prm }, concurrency)
             }
         };
+        if a.concurrency.is_none() {
+            eprintln!(
+                "arbor eval: {concurrency} searches in flight (this worker's default; \
+                 --concurrency sets it)"
+            );
+        }
         let context = Arc::new(Shared {
             runner,
             prm_choice: a.prm.clone(),
@@ -495,7 +513,7 @@ fn run_grid(a: RunArgs) -> Result<()> {
             context,
             jobs,
             todo,
-            a.concurrency,
+            concurrency,
             &mut traces,
             samples_out.as_mut(),
         )?;
