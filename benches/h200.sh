@@ -14,7 +14,7 @@
 # 2026-12-05: speed ~2.5 min, bench ~1 min, hf ~2.5 min (1 min of it loading), llama ~10 s
 # after a ~5 min background build.
 # usage: h200.sh quick [STEPS] | speed | bench [STEPS] | llama-build | llama | hf
-#        | label [SECONDS] | eval SECONDS [ARGS...]
+#        | label [SECONDS] | eval SECONDS [ARGS...] | tune SECONDS [ARGS...]
 #        | arbor SECONDS SUBCOMMAND [ARGS...]
 set -u
 export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
@@ -134,18 +134,23 @@ for s in ('validation', 'held_out'):
     print('$f', s, json.dumps(r[s].get('selection')))" 2>/dev/null; done
   (cd $H && tar cf - *.safetensors *.json *.svg *.labels.jsonl *.log 2>/dev/null) | xz -T8 > "$OUT/heads.tar.xz"
   ;;
-eval|arbor)
+eval|tune|arbor)
   # `arbor eval ARGS` (or `arbor ARGS`: any subcommand, e.g. `prm train`) on the GPU, timed
   # and stopped after SECONDS; eval and prm train resume, so several calls can finish one run.
+  # `tune`: eval on 300 training questions from 4000 (the tuning split: neither the head's
+  # training questions, 1000-1937, nor the development split, 6973 on) into /tmp/tune, where
+  # search settings may be chosen; the traces' `candidates` show which answer rule would win.
   what=$1; secs=$2; shift 2
   [ "$what" = eval ] && set -- eval $M --device gpu "$@"
+  [ "$what" = tune ] && set -- eval $M --device gpu --dataset /tmp/train.jsonl --offset 4000 \
+    --limit 300 --out /tmp/tune "$@"
   s=$(date +%s)
   timeout "$secs" /tmp/arbor "$@" > /tmp/$what.log 2>&1
   echo "$what: exit $? after $(( $(date +%s) - s )) s"
   tail -c 1500 /tmp/$what.log
   ;;
 *)
-  echo "usage: $0 quick [STEPS] | speed | bench [STEPS] | llama-build | llama | hf | label [SECONDS] | eval SECONDS [ARGS...] | arbor SECONDS SUBCOMMAND [ARGS...]" >&2
+  echo "usage: $0 quick [STEPS] | speed | bench [STEPS] | llama-build | llama | hf | label [SECONDS] | eval SECONDS [ARGS...] | tune SECONDS [ARGS...] | arbor SECONDS SUBCOMMAND [ARGS...]" >&2
   exit 2
   ;;
 esac
