@@ -22,42 +22,16 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
         ss[t] = 0.0;
     }
     let groups = p.cols / 16u;
-    let xrow = p.cols / 4u;
     if (r < p.rows) {
         for (var g = lane; g < groups; g += LANES) {
             let sm = wscale(r, g);
-            let w = wgroup(r, g);
-            let w0 = bytes(w.x);
-            let w1 = bytes(w.y);
-            let w2 = bytes(w.z);
-            let w3 = bytes(w.w);
-            var g0 = vec4<f32>(1.0);
-            var g1 = g0;
-            var g2 = g0;
-            var g3 = g0;
-            if (NORM) {
-                g0 = gam[g * 4u];
-                g1 = gam[g * 4u + 1u];
-                g2 = gam[g * 4u + 2u];
-                g3 = gam[g * 4u + 3u];
-            }
+            let u = unpack16(wgroup(r, g));
+            let gm = gam_group(g);
             for (var t = 0u; t < TT; t++) {
                 if (t0 + t < p.n_tok) {
-                    let xb = (t0 + t) * xrow + g * 4u;
-                    var x0 = x[xb];
-                    var x1 = x[xb + 1u];
-                    var x2 = x[xb + 2u];
-                    var x3 = x[xb + 3u];
-                    if (NORM) {
-                        ss[t] += dot(x0, x0) + dot(x1, x1) + dot(x2, x2) + dot(x3, x3);
-                        x0 *= g0;
-                        x1 *= g1;
-                        x2 *= g2;
-                        x3 *= g3;
-                    }
-                    let d = dot(w0, x0) + dot(w1, x1) + dot(w2, x2) + dot(w3, x3);
-                    let s = dot(x0 + x1 + x2 + x3, vec4<f32>(1.0));
-                    acc[t] += sm.x * d - sm.y * s;
+                    let a = acts(t0 + t, g, gm);
+                    ss[t] += a.sq;
+                    acc[t] += group_dot(u, sm, a);
                 }
             }
         }

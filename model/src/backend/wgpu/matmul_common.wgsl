@@ -117,6 +117,50 @@ fn wscale(r: u32, g: u32) -> vec2<f32> {
     return bitcast<vec2<f32>>(wsm[e]);
 }
 
+// Group g's 16 norm weights with NORM (ones without), read once for every token of a tile.
+fn gam_group(g: u32) -> array<vec4<f32>, 4> {
+    if (NORM) {
+        return array<vec4<f32>, 4>(gam[g * 4u], gam[g * 4u + 1u], gam[g * 4u + 2u], gam[g * 4u + 3u]);
+    }
+    return array<vec4<f32>, 4>(vec4<f32>(1.0), vec4<f32>(1.0), vec4<f32>(1.0), vec4<f32>(1.0));
+}
+
+// Token tk's 16 activations of group g as the matrix-vector kernels read them: `v`, x (with
+// NORM, times the norm weights `gm`); `sum`, the sum of `v`, which the groups' minimums
+// multiply; `sq`, the sum of x's squares (NORM only), of which the token's RMS is taken.
+struct Acts {
+    v: array<vec4<f32>, 4>,
+    sum: f32,
+    sq: f32,
+}
+
+fn acts(tk: u32, g: u32, gm: array<vec4<f32>, 4>) -> Acts {
+    let xb = tk * (p.cols / 4u) + g * 4u;
+    var a: Acts;
+    a.sq = 0.0;
+    for (var j = 0u; j < 4u; j++) {
+        var v = x[xb + j];
+        if (NORM) {
+            a.sq += dot(v, v);
+            v *= gm[j];
+        }
+        a.v[j] = v;
+    }
+    a.sum = dot(a.v[0] + a.v[1] + a.v[2] + a.v[3], vec4<f32>(1.0));
+    return a;
+}
+
+// A group's 16 weights (`wgroup`'s bytes) as floats, decoded once for every token of a tile.
+fn unpack16(w: vec4<u32>) -> array<vec4<f32>, 4> {
+    return array<vec4<f32>, 4>(bytes(w.x), bytes(w.y), bytes(w.z), bytes(w.w));
+}
+
+// The group's share of a row's sum for one token: scale * sum(u * v) - min * sum(v).
+fn group_dot(u: array<vec4<f32>, 4>, sm: vec2<f32>, a: Acts) -> f32 {
+    let d = dot(u[0], a.v[0]) + dot(u[1], a.v[1]) + dot(u[2], a.v[2]) + dot(u[3], a.v[3]);
+    return sm.x * d - sm.y * a.sum;
+}
+
 fn silu_mul(g: f32, u: f32) -> f32 {
     return g / (1.0 + exp(-g)) * u;
 }

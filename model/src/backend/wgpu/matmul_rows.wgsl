@@ -28,7 +28,6 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
         ss[t] = 0.0;
     }
     let groups = p.cols / 16u;
-    let xrow = p.cols / 4u;
     // Rows past the end (in the last workgroup) read the last row and are never written, which
     // keeps every loop's bounds constant, so they unroll and the sums stay in registers.
     let last = p.rows - 1u;
@@ -40,36 +39,14 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
             sm[i] = wscale(row, g);
             w[i] = wgroup(row, g);
         }
-        var g0 = vec4<f32>(1.0);
-        var g1 = g0;
-        var g2 = g0;
-        var g3 = g0;
-        if (NORM) {
-            g0 = gam[g * 4u];
-            g1 = gam[g * 4u + 1u];
-            g2 = gam[g * 4u + 2u];
-            g3 = gam[g * 4u + 3u];
-        }
+        let gm = gam_group(g);
         for (var t = 0u; t < TT; t++) {
             if (t0 + t < p.n_tok) {
-                let xb = (t0 + t) * xrow + g * 4u;
-                var x0 = x[xb];
-                var x1 = x[xb + 1u];
-                var x2 = x[xb + 2u];
-                var x3 = x[xb + 3u];
-                if (NORM) {
-                    ss[t] += dot(x0, x0) + dot(x1, x1) + dot(x2, x2) + dot(x3, x3);
-                    x0 *= g0;
-                    x1 *= g1;
-                    x2 *= g2;
-                    x3 *= g3;
-                }
-                let s = dot(x0 + x1 + x2 + x3, vec4<f32>(1.0));
+                let a = acts(t0 + t, g, gm);
+                ss[t] += a.sq;
+                // Each row's weights decoded where they are used, not held for every token.
                 for (var i = 0u; i < RT; i++) {
-                    let wi = w[i];
-                    let d = dot(bytes(wi.x), x0) + dot(bytes(wi.y), x1) + dot(bytes(wi.z), x2)
-                        + dot(bytes(wi.w), x3);
-                    acc[i * TT + t] += sm[i].x * d - sm[i].y * s;
+                    acc[i * TT + t] += group_dot(unpack16(w[i]), sm[i], a);
                 }
             }
         }
