@@ -54,11 +54,6 @@ quick)
   ARBOR_BENCH_VARIANTS=0 ARBOR_BENCH_PROFILE=1 ARBOR_BENCH_STEPS=16 timeout 200 /tmp/bench --bench \
     > /tmp/profile.log 2>&1
   grep -A12 'profile' /tmp/profile.log | grep -v '^--$' | head -150
-  # The same with products of few tiles split over their columns (split_sum: the reductions).
-  ARBOR_WGPU_SPLIT_K=512 ARBOR_BENCH_VARIANTS=0 ARBOR_BENCH_PROFILE=1 ARBOR_BENCH_STEPS=16 \
-    timeout 200 /tmp/bench --bench > /tmp/profile-split.log 2>&1
-  echo "== profile, ARBOR_WGPU_SPLIT_K=512"
-  grep -A12 'profile' /tmp/profile-split.log | grep -v '^--$' | head -150
   ;;
 bench)
   # The dispatch floor, then the backends bench on the real model: decode at 1..256 sequences
