@@ -93,7 +93,7 @@ struct RunArgs {
     /// Searches in flight at once, all through one shared model worker (or, with
     /// --coordinator, on the coordinator: give it about the pool's capacity, e.g. 16 per
     /// worker). Default: 128 on a GPU (its batches fill at 64 to 128; the runs in docs/eval
-    /// used 128), 2 on the CPU, 16 on a coordinator
+    /// used 128), 2 on the CPU, 16 on a coordinator.
     #[arg(long)]
     concurrency: Option<usize>,
     /// Most KV cache blocks of 16 tokens the embedded worker may hold (about 0.4 MB each for
