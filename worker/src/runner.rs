@@ -242,7 +242,11 @@ impl Runner {
                     },
                 );
             }
-            Err(e) => self.answer(reply, Err(WorkerError::Model(e))),
+            Err(e) => {
+                self.publish();
+                self.answer(reply, Err(WorkerError::Model(e)));
+                return;
+            }
         }
         self.publish();
     }
@@ -354,6 +358,9 @@ impl Runner {
                 return;
             }
             Err(e) => {
+                // The failed job gave its sequences back: the snapshot says so before the
+                // caller wakes up.
+                self.publish();
                 self.answer(r.reply, Err(WorkerError::Model(e)));
                 return;
             }
