@@ -184,11 +184,25 @@ pub fn select_answer(
     finals: &[(Answer, Option<f64>)],
     selection: AnswerSelection,
 ) -> Option<usize> {
+    tally_of(finals)?
+        .pick(selection)
+        .map(|e| e.best_node.index())
+}
+
+/// The distinct answers among `finals` (as [`select_answer`] takes them) as a search's outcome
+/// lists them ([`crate::SearchOutcome::candidates`]): grouped by normalised key, most votes
+/// first; a node id is the final's index.
+pub fn tally_answers(finals: &[(Answer, Option<f64>)]) -> Vec<AnswerTally> {
+    tally_of(finals).map_or_else(Vec::new, |t| t.candidates())
+}
+
+/// `finals` tallied, node ids their indices (`None` past `u32::MAX` finals).
+fn tally_of(finals: &[(Answer, Option<f64>)]) -> Option<Tally> {
     let mut tally = Tally::default();
     for (i, (answer, value)) in finals.iter().enumerate() {
         tally.add(NodeId::from_raw(u32::try_from(i).ok()?), answer, *value);
     }
-    tally.pick(selection).map(|e| e.best_node.index())
+    Some(tally)
 }
 
 /// Follows the most visited child from the root (ties: higher Q, then the earlier child) and

@@ -880,12 +880,7 @@ async fn search_cell(
             outcome
                 .candidates
                 .iter()
-                .map(|c| TraceCandidate {
-                    answer: c.answer.raw.clone(),
-                    votes: c.votes,
-                    weight: c.weight,
-                    correct: equivalent(&c.answer.raw, &question.gold),
-                })
+                .map(|c| TraceCandidate::new(c, &question.gold))
                 .collect(),
         ),
         path,
@@ -955,13 +950,8 @@ async fn sample_cells(
                 candidates: Some(
                     derived
                         .candidates
-                        .into_iter()
-                        .map(|(answer, votes, weight)| TraceCandidate {
-                            correct: equivalent(&answer, &question.gold),
-                            answer,
-                            votes,
-                            weight,
-                        })
+                        .iter()
+                        .map(|c| TraceCandidate::new(c, &question.gold))
                         .collect(),
                 ),
                 path: chosen.map(|s| s.path.clone()).unwrap_or_default(),

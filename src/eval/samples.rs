@@ -22,9 +22,9 @@ use std::sync::Mutex;
 
 use anyhow::Result;
 use arbor_search::{
-    select_answer, Answer, AnswerSelection, LogProbScorer, NodeId, NodeState, Policy, PolicyCost,
-    PolicyError, Proposals, ProposeRequest, ScoreError, ScoreRequest, Scorer, Search, SearchConfig,
-    SearchControl, StepScores,
+    select_answer, tally_answers, Answer, AnswerSelection, AnswerTally, LogProbScorer, NodeId,
+    NodeState, Policy, PolicyCost, PolicyError, Proposals, ProposeRequest, ScoreError,
+    ScoreRequest, Scorer, Search, SearchConfig, SearchControl, StepScores,
 };
 use serde::{Deserialize, Serialize};
 
@@ -111,9 +111,9 @@ pub(crate) struct Derived {
     pub(crate) chosen: Option<(usize, usize)>,
     /// What the samples in the prefix cost, plus the part of the next one that the budget cut.
     pub(crate) costs: TraceCosts,
-    /// The distinct final answers among them (as first written, votes, sum of the values the
-    /// rule reads), most votes first.
-    pub(crate) candidates: Vec<(String, u32, f64)>,
+    /// The distinct final answers among them (votes, sum of the values the rule reads), most
+    /// votes first, as a search's outcome lists its own.
+    pub(crate) candidates: Vec<AnswerTally>,
 }
 
 /// The cell of `strategy` at `budget` generated tokens, from `chunks` (in chunk order).
@@ -161,23 +161,6 @@ pub(crate) fn derive(chunks: &[SampleChunk], budget: u64, strategy: Strategy) ->
         })
         .collect();
     let chosen = select_answer(&candidates, selection).map(|i| finals[i]);
-    let mut groups: Vec<(String, String, u32, f64)> = Vec::new();
-    for (answer, value) in &candidates {
-        match groups.iter_mut().find(|g| g.0 == answer.key) {
-            Some(g) => {
-                g.2 += 1;
-                g.3 += value.unwrap_or(0.0);
-            }
-            None => groups.push((
-                answer.key.clone(),
-                answer.raw.clone(),
-                1,
-                value.unwrap_or(0.0),
-            )),
-        }
-    }
-    // Most votes first; among equals, the first reached (a stable sort keeps that order).
-    groups.sort_by_key(|g| std::cmp::Reverse(g.2));
 
     let part = |x: u64, share: f64| (x as f64 * share).round() as u64;
     let mut costs = TraceCosts::default();
@@ -221,7 +204,7 @@ pub(crate) fn derive(chunks: &[SampleChunk], budget: u64, strategy: Strategy) ->
         samples: spent.iter().filter(|at| at.2 == 1.0).count() as u32,
         chosen,
         costs,
-        candidates: groups.into_iter().map(|g| (g.1, g.2, g.3)).collect(),
+        candidates: tally_answers(&candidates),
     }
 }
 

@@ -48,6 +48,18 @@ pub(crate) struct TraceCandidate {
     pub(crate) correct: bool,
 }
 
+impl TraceCandidate {
+    /// `found` as a trace records it, marked against the gold answer.
+    pub(crate) fn new(found: &arbor_search::AnswerTally, gold: &str) -> TraceCandidate {
+        TraceCandidate {
+            answer: found.answer.raw.clone(),
+            votes: found.votes,
+            weight: found.weight,
+            correct: arbor_search::equivalent(&found.answer.raw, gold),
+        }
+    }
+}
+
 /// One finished cell.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct TraceRecord {
