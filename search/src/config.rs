@@ -175,6 +175,10 @@ pub enum MctsAnswer {
     WeightedVote,
     /// The answer most final answers agree on (self-consistency over the tree).
     Majority,
+    /// [`AnswerSelection::ShareVote`]: each final answer counts by its path share.
+    ShareVote,
+    /// [`AnswerSelection::WeightedShareVote`]: share × value, summed per answer.
+    WeightedShareVote,
 }
 
 /// Settings of MCTS rollouts.
@@ -288,6 +292,24 @@ pub enum AnswerSelection {
     WeightedVote,
     /// The most frequent answer (ties: larger value sum).
     Majority,
+    /// The answer with the largest path share (`AnswerTally::share`): a vote in which each
+    /// final answer counts as often as the policy would reach it, so answers below a step the
+    /// search explored many times do not outvote the rest (ties: larger value sum). For
+    /// independent samples it is majority vote.
+    ShareVote,
+    /// The answer whose share × value sums highest (`AnswerTally::share_weight`; ties: larger
+    /// share). For independent samples it is the weighted vote.
+    WeightedShareVote,
+}
+
+impl AnswerSelection {
+    /// Whether the choice needs the finals' places in the tree.
+    pub fn uses_shares(self) -> bool {
+        matches!(
+            self,
+            AnswerSelection::ShareVote | AnswerSelection::WeightedShareVote
+        )
+    }
 }
 
 /// Which scorer values nodes.

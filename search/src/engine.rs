@@ -34,6 +34,16 @@ pub struct AnswerTally {
     pub best_node: NodeId,
     /// The first node that reached it; breaks ties deterministically.
     pub first_node: NodeId,
+    /// The tree's estimate of how often the policy reaches this answer: the sum of its final
+    /// answers' path shares, where the root's share is 1 and a node passes its share on
+    /// equally to those of its children under which some final answer lies. Answers below a
+    /// step the search explored many times thus count as often as the policy would reach them,
+    /// not once per rollout; for independent samples it is votes / all votes.
+    #[serde(default)]
+    pub share: f64,
+    /// The sum of share × value over its final answers (unscored answers add 0).
+    #[serde(default)]
+    pub share_weight: f64,
 }
 
 /// How the final answer is chosen, derived from the strategy.
@@ -51,6 +61,10 @@ impl AnswerRule {
                 MctsAnswer::BestValue => AnswerRule::Tally(AnswerSelection::BestValue),
                 MctsAnswer::WeightedVote => AnswerRule::Tally(AnswerSelection::WeightedVote),
                 MctsAnswer::Majority => AnswerRule::Tally(AnswerSelection::Majority),
+                MctsAnswer::ShareVote => AnswerRule::Tally(AnswerSelection::ShareVote),
+                MctsAnswer::WeightedShareVote => {
+                    AnswerRule::Tally(AnswerSelection::WeightedShareVote)
+                }
             },
             StrategyConfig::BestOfN(_) => AnswerRule::Tally(AnswerSelection::BestValue),
             StrategyConfig::WeightedBestOfN(_) => AnswerRule::Tally(AnswerSelection::WeightedVote),
@@ -63,10 +77,12 @@ impl AnswerRule {
 
 /// Final answers seen so far, by canonical key. A `BTreeMap` so iteration, and thus tie-breaking,
 /// never depends on hashing.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub(crate) struct Tally {
     entries: BTreeMap<String, AnswerTally>,
     total: u32,
+    /// Every final answer added: its node, key and value, for the path shares.
+    finals: Vec<(NodeId, String, Option<f64>)>,
 }
 
 impl Tally {
@@ -82,7 +98,10 @@ impl Tally {
                 best_value: None,
                 best_node: node,
                 first_node: node,
+                share: 0.0,
+                share_weight: 0.0,
             });
+        self.finals.push((node, answer.key.clone(), value));
         entry.votes += 1;
         if let Some(v) = value {
             entry.weight += v;
@@ -117,7 +136,45 @@ impl Tally {
                     .then(a.weight.total_cmp(&b.weight))
                     .then_with(|| earlier_first(a, b))
             }),
+            AnswerSelection::ShareVote => entries.max_by(|a, b| {
+                a.share
+                    .total_cmp(&b.share)
+                    .then(a.weight.total_cmp(&b.weight))
+                    .then_with(|| earlier_first(a, b))
+            }),
+            AnswerSelection::WeightedShareVote => entries.max_by(|a, b| {
+                a.share_weight
+                    .total_cmp(&b.share_weight)
+                    .then(a.share.total_cmp(&b.share))
+                    .then_with(|| earlier_first(a, b))
+            }),
         }
+    }
+
+    /// A copy with every entry's `share` and `share_weight` filled in from the finals' places
+    /// in `tree`; without a tree (independent samples, as [`tally_answers`] has) each final's
+    /// share is 1 / all finals.
+    pub(crate) fn with_shares(&self, tree: Option<&Tree>) -> Tally {
+        let mut out = self.clone();
+        let shares: Vec<f64> = match tree {
+            Some(tree) => {
+                let nodes: Vec<NodeId> = self.finals.iter().map(|f| f.0).collect();
+                let share = path_shares(tree, &nodes);
+                nodes.iter().map(|n| share[n.index()]).collect()
+            }
+            None => vec![1.0 / f64::from(self.total.max(1)); self.finals.len()],
+        };
+        for e in out.entries.values_mut() {
+            e.share = 0.0;
+            e.share_weight = 0.0;
+        }
+        for ((_, key, value), share) in self.finals.iter().zip(shares) {
+            if let Some(e) = out.entries.get_mut(key) {
+                e.share += share;
+                e.share_weight += share * value.unwrap_or(0.0);
+            }
+        }
+        out
     }
 
     /// The share of final answers so far that are equivalent to `answer` (0 before any).
@@ -185,6 +242,7 @@ pub fn select_answer(
     selection: AnswerSelection,
 ) -> Option<usize> {
     tally_of(finals)?
+        .with_shares(None)
         .pick(selection)
         .map(|e| e.best_node.index())
 }
@@ -193,7 +251,7 @@ pub fn select_answer(
 /// lists them ([`crate::SearchOutcome::candidates`]): grouped by normalised key, most votes
 /// first; a node id is the final's index.
 pub fn tally_answers(finals: &[(Answer, Option<f64>)]) -> Vec<AnswerTally> {
-    tally_of(finals).map_or_else(Vec::new, |t| t.candidates())
+    tally_of(finals).map_or_else(Vec::new, |t| t.with_shares(None).candidates())
 }
 
 /// `finals` tallied, node ids their indices (`None` past `u32::MAX` finals).
@@ -203,6 +261,39 @@ fn tally_of(finals: &[(Answer, Option<f64>)]) -> Option<Tally> {
         tally.add(NodeId::from_raw(u32::try_from(i).ok()?), answer, *value);
     }
     Some(tally)
+}
+
+/// Each node's path share, by node index: the root's is 1, and a node passes its share on in
+/// equal parts to those of its children under which one of `finals` lies (the others, and
+/// nodes with no final below them, get 0). Every node's parent comes before it in the tree.
+fn path_shares(tree: &Tree, finals: &[NodeId]) -> Vec<f64> {
+    let n = tree.len();
+    let mut reached = vec![false; n];
+    for f in finals {
+        reached[f.index()] = true;
+    }
+    let mut branches = vec![0u32; n];
+    let parents: Vec<Option<usize>> = tree
+        .nodes()
+        .map(|(_, node)| node.parent().map(NodeId::index))
+        .collect();
+    for i in (0..n).rev() {
+        if let (true, Some(p)) = (reached[i], parents[i]) {
+            debug_assert!(p < i, "a parent comes before its children");
+            branches[p] += 1;
+            reached[p] = true;
+        }
+    }
+    let mut share = vec![0.0; n];
+    if n > 0 && reached[0] {
+        share[0] = 1.0;
+    }
+    for i in 1..n {
+        if let (true, Some(p)) = (reached[i], parents[i]) {
+            share[i] = share[p] / f64::from(branches[p].max(1));
+        }
+    }
+    share
 }
 
 /// Follows the most visited child from the root (ties: higher Q, then the earlier child) and
@@ -251,6 +342,9 @@ fn best_answer(tree: &Tree, tally: &Tally, rule: AnswerRule) -> Option<BestAnswe
     match rule {
         AnswerRule::MostVisited(backup) => {
             most_visited(tree, tally, backup).or_else(|| tally.best(AnswerSelection::BestValue))
+        }
+        AnswerRule::Tally(selection) if selection.uses_shares() => {
+            tally.with_shares(Some(tree)).best(selection)
         }
         AnswerRule::Tally(selection) => tally.best(selection),
     }
@@ -912,6 +1006,98 @@ mod tests {
             AnswerSelection::BestValue,
             "3",
         );
+    }
+
+    /// Root → a (→ a1 "7", a2 → a21 "7", a3 "8"), b "9", c (no final below). Shares: b 1/2;
+    /// a's 1/2 split in three: a1 1/6, a21 1/6, a3 1/6. So "7" 1/3, "8" 1/6, "9" 1/2: the
+    /// vote (two "7"s) and the share vote ("9") disagree, as they should.
+    #[test]
+    fn share_vote_counts_each_final_as_often_as_the_policy_reaches_it() {
+        use crate::policy::{Step, StepStop};
+        use crate::tree::NewChild;
+        let new = |text: &str, terminal: bool| NewChild {
+            step: Arc::new(Step {
+                text: text.into(),
+                token_ids: vec![1],
+                token_logprobs: vec![-0.1],
+            }),
+            stop: StepStop::Delimiter,
+            prior: 0.5,
+            terminal,
+            failure: None,
+        };
+        let mut tree = Tree::new("q");
+        tree.begin_expanding(NodeId::ROOT);
+        let top = tree.expand(
+            NodeId::ROOT,
+            vec![
+                new("a", false),
+                new("The answer is 9.", true),
+                new("c", false),
+            ],
+        );
+        tree.begin_expanding(top[0]);
+        let under_a = tree.expand(
+            top[0],
+            vec![
+                new("The answer is 7.", true),
+                new("a2", false),
+                new("The answer is 8.", true),
+            ],
+        );
+        tree.begin_expanding(under_a[1]);
+        let deep = tree.expand(under_a[1], vec![new("The answer is 7.", true)]);
+        let mut tally = Tally::default();
+        let finals = [
+            (under_a[0], "7", 0.9),
+            (deep[0], "7", 0.8),
+            (under_a[2], "8", 0.2),
+            (top[1], "9", 0.5),
+        ];
+        for (node, raw, value) in finals {
+            tally.add(node, &answer(raw), Some(value));
+        }
+        let shared = tally.with_shares(Some(&tree));
+        let by_answer = |raw: &str| {
+            shared
+                .candidates()
+                .into_iter()
+                .find(|c| c.answer.raw == raw)
+                .unwrap()
+        };
+        assert!((by_answer("7").share - 1.0 / 3.0).abs() < 1e-12);
+        assert!((by_answer("8").share - 1.0 / 6.0).abs() < 1e-12);
+        assert!((by_answer("9").share - 0.5).abs() < 1e-12);
+        assert!((by_answer("7").share_weight - (0.9 + 0.8) / 6.0).abs() < 1e-12);
+        let total: f64 = shared.candidates().iter().map(|c| c.share).sum();
+        assert!((total - 1.0).abs() < 1e-12);
+        assert_eq!(
+            tally.best(AnswerSelection::Majority).unwrap().answer.raw,
+            "7"
+        );
+        assert_eq!(
+            shared.best(AnswerSelection::ShareVote).unwrap().answer.raw,
+            "9"
+        );
+        // 7: 1.7/6 = 0.283 against 9: 0.25.
+        assert_eq!(
+            shared
+                .best(AnswerSelection::WeightedShareVote)
+                .unwrap()
+                .answer
+                .raw,
+            "7"
+        );
+        // The rule as a search applies it fills the shares from the tree itself.
+        let rule = AnswerRule::Tally(AnswerSelection::ShareVote);
+        assert_eq!(best_answer(&tree, &tally, rule).unwrap().answer.raw, "9");
+        // Without a tree every final counts 1 / all: the share vote is the majority vote.
+        let flat = tally.with_shares(None);
+        assert_eq!(
+            flat.best(AnswerSelection::ShareVote).unwrap().answer.raw,
+            "7"
+        );
+        assert!((flat.candidates()[0].share - 0.5).abs() < 1e-12);
     }
 
     #[test]

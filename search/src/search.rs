@@ -118,7 +118,7 @@ impl Search {
         self.tree.check_invariants()?;
         Ok(SearchOutcome {
             answer,
-            candidates: tally.candidates(),
+            candidates: tally.with_shares(Some(&self.tree)).candidates(),
             termination,
             costs,
             stats: io.stats,

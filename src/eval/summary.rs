@@ -9,7 +9,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
-use super::trace::TraceRecord;
+use super::trace::{TraceCandidate, TraceRecord};
 use crate::search_cmd::Strategy;
 
 /// z for a two-sided 95% interval.
@@ -45,6 +45,59 @@ pub(crate) struct Row {
     /// Cells among whose final answers the gold answer was, where every cell recorded its
     /// answers (`None` otherwise: older traces, a coordinator's).
     pub(crate) found: Option<u64>,
+    /// Cells right under each of [`RULES`] applied to the cell's recorded answers, where every
+    /// cell recorded them with their path shares (`None` otherwise).
+    pub(crate) by_rule: Option<[u64; RULES.len()]>,
+}
+
+/// The answer rules `summary.md` re-applies to each cell's recorded answers, as named in a
+/// search config (`final_answer` of MCTS, `answer` of beam and DVTS).
+pub(crate) const RULES: [&str; 5] = [
+    "majority",
+    "weighted_vote",
+    "best_value",
+    "share_vote",
+    "weighted_share_vote",
+];
+
+/// The index of the answer `RULES[rule]` picks among `all` (ties: the earlier one, as the
+/// traces list answers: most votes first), if any.
+fn pick_by_rule(all: &[TraceCandidate], rule: usize) -> Option<usize> {
+    let key = |c: &TraceCandidate| -> (f64, f64) {
+        match rule {
+            0 => (f64::from(c.votes), c.weight),
+            1 => (c.weight, f64::from(c.votes)),
+            2 => (c.best.unwrap_or(f64::NEG_INFINITY), 0.0),
+            3 => (c.share, c.weight),
+            _ => (c.share_weight, c.share),
+        }
+    };
+    let mut best: Option<(usize, (f64, f64))> = None;
+    for (i, c) in all.iter().enumerate() {
+        if rule == 2 && c.best.is_none() {
+            continue;
+        }
+        let k = key(c);
+        if best.is_none_or(|(_, b)| k.0 > b.0 || (k.0 == b.0 && k.1 > b.1)) {
+            best = Some((i, k));
+        }
+    }
+    best.map(|(i, _)| i)
+}
+
+/// Cells right under each rule, when every cell recorded its answers with their shares.
+fn right_by_rule(cells: &[&TraceRecord]) -> Option<[u64; RULES.len()]> {
+    let mut right = [0u64; RULES.len()];
+    for cell in cells {
+        let all = cell.candidates.as_ref()?;
+        if !all.is_empty() && all.iter().all(|c| c.share == 0.0) {
+            return None; // recorded before shares were
+        }
+        for (rule, n) in right.iter_mut().enumerate() {
+            *n += pick_by_rule(all, rule).is_some_and(|i| all[i].correct) as u64;
+        }
+    }
+    Some(right)
 }
 
 impl Row {
@@ -119,6 +172,7 @@ pub(crate) fn summarize(records: &[TraceRecord]) -> Vec<Row> {
                             .map(|all| all.iter().any(|a| a.correct) as u64)
                     })
                     .sum(),
+                by_rule: right_by_rule(&cells),
             }
         })
         .collect()
@@ -216,6 +270,30 @@ pub(crate) fn to_markdown(rows: &[Row]) -> String {
             "\nGold among its answers: the cell reached the gold answer in at least one final \
              answer (for sampling rows, pass@N of the samples within the budget); chosen: how \
              often its rule then picked it (`candidates` in the traces).\n",
+        );
+    }
+    if rows.iter().any(|r| r.by_rule.is_some() && r.derived == 0) {
+        out.push_str("\n| strategy | budget |");
+        for rule in RULES {
+            let _ = write!(out, " {rule} |");
+        }
+        out.push_str("\n|---|---:|");
+        out.push_str(&"---:|".repeat(RULES.len()));
+        out.push('\n');
+        for r in rows.iter().filter(|r| r.derived == 0) {
+            let Some(right) = r.by_rule else { continue };
+            let _ = write!(out, "| {} | {} |", r.strategy, r.budget);
+            for n in right {
+                let _ = write!(out, " {:.1}% |", 100.0 * n as f64 / r.n.max(1) as f64);
+            }
+            out.push('\n');
+        }
+        out.push_str(
+            "\nEach search's recorded answers under every answer rule (the search itself does \
+             not depend on the rule, so this is what the search would have answered with that \
+             rule; ties: the answer listed first). Share: each final answer counts by its path \
+             share, the root's 1 split equally among the children with an answer below \
+             (`share_vote` in a search config).\n",
         );
     }
     out
@@ -348,6 +426,39 @@ pub(crate) fn write(dir: &Path, rows: &[Row], pairs: &[Paired]) -> Result<String
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two answers the rules disagree on: "7" has the votes, "9" the share and the best
+    /// value, and each rule picks as a search with it would.
+    #[test]
+    fn every_answer_rule_is_applied_to_the_recorded_answers() {
+        let cand =
+            |answer: &str, votes, weight, best, share, share_weight, correct| TraceCandidate {
+                answer: answer.into(),
+                votes,
+                weight,
+                best: Some(best),
+                share,
+                share_weight,
+                correct,
+            };
+        let all = [
+            cand("7", 3, 1.2, 0.5, 0.4, 0.2, false),
+            cand("9", 2, 1.5, 0.9, 0.6, 0.45, true),
+        ];
+        let picks: Vec<&str> = (0..RULES.len())
+            .map(|rule| all[pick_by_rule(&all, rule).unwrap()].answer.as_str())
+            .collect();
+        assert_eq!(picks, ["7", "9", "9", "9", "9"]);
+        // Ties go to the answer listed first.
+        let tied = [
+            cand("7", 2, 1.0, 0.5, 0.5, 0.25, false),
+            cand("9", 2, 1.0, 0.5, 0.5, 0.25, true),
+        ];
+        for rule in 0..RULES.len() {
+            assert_eq!(pick_by_rule(&tied, rule), Some(0), "{}", RULES[rule]);
+        }
+        assert_eq!(pick_by_rule(&[], 0), None);
+    }
     use crate::eval::trace::TraceCosts;
 
     fn check_interval(k: u64, n: u64, expected: (f64, f64)) {
@@ -396,6 +507,9 @@ mod tests {
                 answer: "1".into(),
                 votes: 1,
                 weight: 0.5,
+                best: Some(0.5),
+                share: 1.0,
+                share_weight: 0.5,
                 correct: correct || (strategy == "mcts" && generated == 500),
             }]),
             path: Vec::new(),

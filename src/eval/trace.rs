@@ -44,6 +44,15 @@ pub(crate) struct TraceCandidate {
     pub(crate) votes: u32,
     /// The sum of their values (what a weighted vote adds up).
     pub(crate) weight: f64,
+    /// The highest of their values, when any was scored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) best: Option<f64>,
+    /// Their summed path shares (`share_vote`; for samples, votes / all votes).
+    #[serde(default)]
+    pub(crate) share: f64,
+    /// Their summed share × value (`weighted_share_vote`).
+    #[serde(default)]
+    pub(crate) share_weight: f64,
     /// Whether it equals the gold answer.
     pub(crate) correct: bool,
 }
@@ -55,6 +64,9 @@ impl TraceCandidate {
             answer: found.answer.raw.clone(),
             votes: found.votes,
             weight: found.weight,
+            best: found.best_value,
+            share: found.share,
+            share_weight: found.share_weight,
             correct: arbor_search::equivalent(&found.answer.raw, gold),
         }
     }
