@@ -454,8 +454,8 @@ mod tests {
             cand("7", 2, 1.0, 0.5, 0.5, 0.25, false),
             cand("9", 2, 1.0, 0.5, 0.5, 0.25, true),
         ];
-        for rule in 0..RULES.len() {
-            assert_eq!(pick_by_rule(&tied, rule), Some(0), "{}", RULES[rule]);
+        for (rule, name) in RULES.iter().enumerate() {
+            assert_eq!(pick_by_rule(&tied, rule), Some(0), "{name}");
         }
         assert_eq!(pick_by_rule(&[], 0), None);
     }
