@@ -7,7 +7,10 @@ use anyhow::{bail, Context, Result};
 use arbor::rpc::pb;
 use arbor::strategy::strategy_config;
 pub(crate) use arbor::strategy::Strategy;
-use arbor_search::{LogProbScorer, ScorerChoice, Search, SearchConfig, SearchControl, SearchEvent};
+use arbor_search::{
+    AnswerSelection, LogProbScorer, MctsAnswer, ScorerChoice, Search, SearchConfig, SearchControl,
+    SearchEvent, StrategyConfig,
+};
 use arbor_worker::prm::AnyScorer;
 use arbor_worker::{LocalWorker, WorkerOptions};
 
@@ -22,6 +25,15 @@ pub(crate) struct SearchArgs {
     /// value sum, never by which answer came first.
     #[arg(long, value_enum, default_value_t = Strategy::Mcts)]
     strategy: Strategy,
+    /// How MCTS, beam and DVTS choose among the final answers they reached (default: each
+    /// strategy's own, see --print-config). `majority`: most final answers; `weighted_vote`:
+    /// largest value sum; `best_value`: the single highest value; `share_vote`: each final
+    /// answer counts by its path share (the root's 1 split equally among the children with an
+    /// answer below), so answers under a step the search explored many times count as often as
+    /// the policy would reach them; `weighted_share_vote`: share × value. Ties: larger value
+    /// sum, then the answer reached first. Applies over --config too.
+    #[arg(long, value_enum)]
+    tree_answer: Option<TreeAnswer>,
     /// Stop after this many generated tokens (the main compute budget).
     #[arg(long, default_value_t = 1024)]
     budget_tokens: u64,
@@ -101,6 +113,53 @@ pub(crate) struct SearchArgs {
     device: Device,
 }
 
+/// `--tree-answer`: an answer rule of the tree searches, named as in a search config.
+#[derive(
+    clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize,
+)]
+#[value(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum TreeAnswer {
+    Majority,
+    WeightedVote,
+    BestValue,
+    ShareVote,
+    WeightedShareVote,
+}
+
+impl TreeAnswer {
+    fn selection(self) -> AnswerSelection {
+        match self {
+            TreeAnswer::Majority => AnswerSelection::Majority,
+            TreeAnswer::WeightedVote => AnswerSelection::WeightedVote,
+            TreeAnswer::BestValue => AnswerSelection::BestValue,
+            TreeAnswer::ShareVote => AnswerSelection::ShareVote,
+            TreeAnswer::WeightedShareVote => AnswerSelection::WeightedShareVote,
+        }
+    }
+
+    /// Sets the rule of `strategy` when it is a tree search (sampling strategies keep theirs).
+    pub(crate) fn apply(self, strategy: &mut StrategyConfig) {
+        let selection = self.selection();
+        match strategy {
+            StrategyConfig::Mcts(m) => {
+                m.final_answer = match self {
+                    TreeAnswer::Majority => MctsAnswer::Majority,
+                    TreeAnswer::WeightedVote => MctsAnswer::WeightedVote,
+                    TreeAnswer::BestValue => MctsAnswer::BestValue,
+                    TreeAnswer::ShareVote => MctsAnswer::ShareVote,
+                    TreeAnswer::WeightedShareVote => MctsAnswer::WeightedShareVote,
+                }
+            }
+            StrategyConfig::Beam(b) => b.answer = selection,
+            StrategyConfig::Dvts(d) => d.answer = selection,
+            StrategyConfig::BestOfN(_)
+            | StrategyConfig::WeightedBestOfN(_)
+            | StrategyConfig::SelfConsistency(_) => {}
+        }
+    }
+}
+
 /// The knobs `arbor search` and `arbor eval` share; [`SearchKnobs::config`] turns them into a
 /// configuration (budget and seed are the caller's to set).
 #[derive(Debug, Clone, Copy)]
@@ -117,6 +176,8 @@ pub(crate) struct SearchKnobs {
     pub(crate) min_answer_depth: u32,
     /// Which scorer values nodes.
     pub(crate) scorer: ScorerChoice,
+    /// The tree searches' answer rule, when not their default.
+    pub(crate) tree_answer: Option<TreeAnswer>,
 }
 
 impl SearchKnobs {
@@ -130,6 +191,9 @@ impl SearchKnobs {
         );
         c.scoring.scorer = self.scorer;
         c.min_answer_depth = self.min_answer_depth;
+        if let Some(rule) = self.tree_answer {
+            rule.apply(&mut c.strategy);
+        }
         c
     }
 }
@@ -154,9 +218,13 @@ fn build_config(a: &SearchArgs) -> Result<SearchConfig> {
             max_step_tokens: a.max_step_tokens,
             min_answer_depth: a.min_answer_depth,
             scorer: ScorerChoice::LogProb,
+            tree_answer: None,
         }
         .config(),
     };
+    if let Some(rule) = a.tree_answer {
+        rule.apply(&mut config.strategy);
+    }
     if a.prm.is_some() {
         config.scoring.scorer = ScorerChoice::Provided;
     }

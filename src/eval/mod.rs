@@ -151,6 +151,11 @@ struct RunArgs {
     /// the default prompt, and almost never right).
     #[arg(long, default_value_t = 1)]
     min_answer_depth: u32,
+    /// How MCTS, beam and DVTS choose among their final answers, as `arbor search
+    /// --tree-answer` (default: each strategy's own). summary.md shows every rule's accuracy
+    /// on the same traces whichever is chosen; recorded in run.json.
+    #[arg(long, value_enum)]
+    tree_answer: Option<crate::search_cmd::TreeAnswer>,
     /// System prompt of every question (default: Arbor's step-by-step prompt, as `arbor
     /// search`). Recorded in run.json: a folder resumes only with the same one.
     #[arg(long)]
@@ -389,6 +394,7 @@ fn run_grid(a: RunArgs) -> Result<()> {
         scaled_trees: !a.fixed_tree_widths,
         min_answer_depth: a.min_answer_depth,
         system: a.system.clone(),
+        tree_answer: a.tree_answer,
     };
 
     // What is already done, and whether it was made from this dataset.
@@ -759,6 +765,7 @@ fn knobs(context: &Shared, strategy: Strategy, n: u32) -> SearchKnobs {
         max_step_tokens: context.settings.max_step_tokens,
         min_answer_depth: context.settings.min_answer_depth,
         scorer: context.prm_choice.scorer_choice(),
+        tree_answer: context.settings.tree_answer,
     }
 }
 
@@ -981,6 +988,7 @@ mod tests {
                     max_step_tokens: 128,
                     min_answer_depth: 1,
                     scorer: arbor_search::ScorerChoice::LogProb,
+                    tree_answer: None,
                 }
                 .config();
                 tree_widths(&mut c.strategy, budget, 192);

@@ -44,6 +44,11 @@ pub(crate) struct Settings {
     /// binary that made the folder.
     #[serde(default)]
     pub(crate) system: Option<String>,
+    /// The tree searches' answer rule (`--tree-answer`); `None`: each strategy's default as of
+    /// the binary that made the folder. Every rule's accuracy can be read off the traces
+    /// (summary.md), whichever one made the cells.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) tree_answer: Option<crate::search_cmd::TreeAnswer>,
 }
 
 fn one() -> u32 {
@@ -154,6 +159,7 @@ mod tests {
             scaled_trees: true,
             min_answer_depth: 1,
             system: None,
+            tree_answer: None,
         }
     }
 
