@@ -271,6 +271,40 @@ fn printed_config_round_trips_through_config() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// `--tree-answer` sets the answer rule of each tree search, and of no sampling one.
+#[test]
+fn tree_answer_sets_each_tree_searchs_rule() {
+    let config = |strategy: &str| -> serde_json::Value {
+        let out = arbor()
+            .args([
+                "search",
+                "--strategy",
+                strategy,
+                "--tree-answer",
+                "share_vote",
+            ])
+            .args(["--print-config", "q"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    assert_eq!(config("mcts")["strategy"]["final_answer"], "share_vote");
+    assert_eq!(config("beam")["strategy"]["answer"], "share_vote");
+    assert_eq!(config("dvts")["strategy"]["answer"], "share_vote");
+    assert_eq!(config("majority")["strategy"]["kind"], "self_consistency");
+    let out = arbor()
+        .args(["search", "--tree-answer", "loudest", "q"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("share_vote"));
+}
+
 #[test]
 fn help_teaches_the_commands() {
     let out = arbor().args(["search", "--help"]).output().unwrap();
