@@ -170,7 +170,9 @@ pub enum MctsAnswer {
     BestValue,
     /// Sum values per distinct answer over all final answers; the largest sum wins (the
     /// default: weighted voting beat plain majority and single best values on GSM8K with the
-    /// policy's own confidence, docs/eval).
+    /// policy's own confidence, docs/eval; the share votes were no better on the tuning
+    /// questions with the shipped head, docs/eval/gsm8k-tune-300-head-1024, and undo a good
+    /// verifier's guidance, search/tests/it/lookahead.rs).
     #[default]
     WeightedVote,
     /// The answer most final answers agree on (self-consistency over the tree).
