@@ -62,6 +62,8 @@ pub struct Engine {
     picks: Vec<(u32, f32)>,
     /// Picks of one pass, reused between calls.
     pass_picks: Vec<(u32, f32)>,
+    /// Forward passes run so far ([`Engine::passes`]).
+    passes: u64,
 }
 
 /// One entry of [`Engine::forward_at`]: tokens to append to a sequence, and the offsets into
@@ -164,7 +166,14 @@ impl Engine {
             hidden_layers: vec![HiddenLayer::Final],
             picks: Vec::new(),
             pass_picks: Vec::new(),
+            passes: 0,
         }
+    }
+
+    /// Forward passes run so far: one per [`Engine::forward_at`] call whose tokens fit
+    /// [`EngineOptions::batch_tokens_max`], more for longer ones.
+    pub fn passes(&self) -> u64 {
+        self.passes
     }
 
     /// The model's hyper-parameters.
@@ -557,6 +566,7 @@ impl Engine {
         outputs: (&mut Vec<f32>, &mut Vec<f32>),
         (sample_for, draws, picks): (&[u32], &[Draw], &mut Vec<(u32, f32)>),
     ) -> Result<()> {
+        self.passes += 1;
         let mut tokens = Vec::new();
         let mut positions = Vec::new();
         let mut seq_index = Vec::new();

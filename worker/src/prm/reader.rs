@@ -66,11 +66,15 @@ pub(crate) fn read_paths(
     what: &Read,
 ) -> Result<Vec<PathReadout>, ModelError> {
     let mut cursors: Vec<Cursor> = paths.iter().map(|_| Cursor { seq: None, len: 0 }).collect();
+    // (Inline reads replace these with one cursor per segment of the pass.)
     let before = engine.hidden_layers().to_vec();
     if let Read::Hidden(layers) = what {
         engine.set_hidden_layers(layers)?;
     }
-    let result = read_with(engine, &mut cache, paths, probe, what, &mut cursors);
+    let result = match probe {
+        Probe::Inline => read_inline(engine, &mut cache, paths, what, &mut cursors),
+        Probe::Fork(_) => read_with(engine, &mut cache, paths, probe, what, &mut cursors),
+    };
     for c in cursors {
         if let Some(seq) = c.seq {
             engine.free(seq);
@@ -80,6 +84,151 @@ pub(crate) fn read_paths(
         .set_hidden_layers(&before)
         .expect("the engine's own setting is valid");
     result
+}
+
+/// Where one row of an inline read comes from.
+enum Row {
+    /// This output row of the pass.
+    Output(usize),
+    /// The path's previous row again (an empty step reads where the one before did).
+    Repeat,
+}
+
+/// A run of one path's stream computed in one entry of the pass: from `start` (a fork of a
+/// cached sequence truncated there, or a new sequence at 0) to `end`, reading at `reads`.
+struct Segment {
+    path: usize,
+    start: usize,
+    end: usize,
+    /// Offsets into the segment's tokens.
+    reads: Vec<u32>,
+}
+
+/// Inline reads in one pass: each path's stream is cut into segments wherever the prefix
+/// cache lets it skip ahead (a path the policy just wrote is one token per step, each step a
+/// fork of the cached sequence), and every segment of every path is one entry of a single
+/// forward pass. A path no cache entry covers is one segment from its first token. The
+/// sequences go into `cursors` (one per segment) for the caller to free.
+fn read_inline(
+    engine: &mut Engine,
+    cache: &mut Option<&mut PrefixCache>,
+    paths: &[PathLayout],
+    what: &Read,
+    cursors: &mut Vec<Cursor>,
+) -> Result<Vec<PathReadout>, ModelError> {
+    cursors.clear();
+    let mut segments: Vec<Segment> = Vec::new();
+    let mut rows: Vec<Vec<Row>> = paths.iter().map(|_| Vec::new()).collect();
+    let mut out_rows = 0usize;
+    for (i, p) in paths.iter().enumerate() {
+        // Tokens the path's current segment reaches (0: none yet).
+        let mut pos = 0usize;
+        let mut current: Option<usize> = None;
+        for round in 0..p.step_ends.len() {
+            let (needed, end) = (p.read_at[round], p.step_ends[round]);
+            if needed < pos {
+                // Only an empty step reads where the previous one did.
+                if round > 0 && p.read_at[round - 1] == needed {
+                    rows[i].push(Row::Repeat);
+                    continue;
+                }
+                return Err(ModelError::InvalidRequest {
+                    field: "read_at",
+                    reason: format!("step {round} reads position {needed}, already passed"),
+                });
+            }
+            // Skip ahead through the cache when it holds more of the stream than the current
+            // segment would compute: everything before the read (which must be computed), a
+            // longer cached sequence truncated back to it.
+            let hit = cache
+                .as_deref_mut()
+                .and_then(|c| c.lookup_within(&p.tokens[..end], end))
+                .map(|(seq, len)| (seq, len.min(needed)))
+                .filter(|&(_, len)| len > pos);
+            if let Some((seq, len)) = hit {
+                let fork = engine.fork(seq)?;
+                cursors.push(Cursor {
+                    seq: Some(fork),
+                    len,
+                });
+                engine.truncate(fork, len)?;
+                segments.push(Segment {
+                    path: i,
+                    start: len,
+                    end: len,
+                    reads: Vec::new(),
+                });
+                current = Some(segments.len() - 1);
+            } else if current.is_none() {
+                cursors.push(Cursor {
+                    seq: Some(engine.new_sequence()),
+                    len: 0,
+                });
+                segments.push(Segment {
+                    path: i,
+                    start: 0,
+                    end: 0,
+                    reads: Vec::new(),
+                });
+                current = Some(segments.len() - 1);
+            }
+            let seg = &mut segments[current.expect("set above")];
+            seg.end = seg.end.max(end);
+            seg.reads.push((needed - seg.start) as u32);
+            pos = end;
+            rows[i].push(Row::Output(out_rows));
+            out_rows += 1;
+        }
+    }
+    // Output rows come entry by entry, in segment order: renumber the planned rows, which
+    // were counted path by path (the same order, as each path's segments are consecutive).
+    let entries: Vec<ForwardEntry<'_>> = segments
+        .iter()
+        .zip(cursors.iter())
+        .map(|(seg, c)| {
+            let tokens = &paths[seg.path].tokens[seg.start..seg.end];
+            let seq = c.seq.expect("every segment has its sequence");
+            match what {
+                Read::Logits(_) => ForwardEntry::logits_at(seq, tokens, &seg.reads),
+                Read::Hidden(_) => ForwardEntry::hidden_at(seq, tokens, &seg.reads),
+            }
+        })
+        .collect();
+    let width = match what {
+        Read::Hidden(layers) => engine.config().d_model * layers.len(),
+        Read::Logits(_) => 0,
+    };
+    let vocab = engine.config().vocab_size;
+    let outputs = if entries.is_empty() {
+        None
+    } else {
+        Some(engine.forward_at(&entries)?)
+    };
+    let mut out: Vec<PathReadout> = paths
+        .iter()
+        .map(|p| PathReadout {
+            rows: Vec::with_capacity(p.step_ends.len()),
+            tokens_computed: 0,
+        })
+        .collect();
+    for seg in &segments {
+        out[seg.path].tokens_computed += (seg.end - seg.start) as u64;
+    }
+    for (i, plan) in rows.into_iter().enumerate() {
+        for row in plan {
+            let value = match (row, &outputs) {
+                (Row::Output(r), Some(o)) => take_row(o.logits, o.hidden, r, what, vocab, width),
+                (Row::Repeat, _) => out[i]
+                    .rows
+                    .last()
+                    .cloned()
+                    .expect("a previous step was read"),
+                (Row::Output(_), None) => unreachable!("a planned row means a pass ran"),
+            };
+            out[i].rows.push(value);
+        }
+    }
+    Ok(out)
 }
 
 fn read_with(

@@ -574,6 +574,56 @@ fn prm_value_head_scores_real_paths_with_a_head_fitted_here() {
         assert_eq!(reply.cost.tokens_computed, 1, "{stops:?}");
     }
     assert_eq!(w.usage().sequences, w.usage().cached_sequences);
+    // The same solution cut into two steps: the cache holds the whole solution (not the bare
+    // prompt), so the prompt and the first step are computed in a new sequence and the second
+    // step read from a fork of the solution truncated one token back, both segments in one
+    // pass; the hidden states are the ones the whole path gives.
+    let sample = &out[0].samples[0];
+    let half = sample.tokens.len() / 2;
+    assert!(half >= 2, "{sample:?}");
+    let cut = |range: std::ops::Range<usize>| {
+        Arc::new(Step {
+            text: w.tokenizer().decode(&sample.tokens[range.clone()]).unwrap(),
+            token_ids: sample.tokens[range.clone()].to_vec(),
+            token_logprobs: sample.logprobs[range].to_vec(),
+        })
+    };
+    let two_steps = ScoreRequest {
+        steps: vec![cut(0..half), cut(half..sample.tokens.len())],
+        ..requests[0].clone()
+    };
+    let passes = || rt.block_on(w.with_engine(|e, _| e.passes())).unwrap();
+    let before = passes();
+    let read = rt
+        .block_on(step_hidden_states(&w, &[two_steps], &[HiddenLayer::Final]))
+        .unwrap();
+    assert_eq!(passes(), before + 1, "two steps, two segments, one pass");
+    let (rows, computed) = &read[0];
+    let mut tokens = w.tokenizer().encode(&prompt, true).unwrap();
+    let prompt_len = tokens.len();
+    assert_eq!(*computed, (prompt_len + half + 1) as u64);
+    tokens.extend_from_slice(&sample.tokens);
+    let all = rt
+        .block_on(w.with_engine(move |e, _| {
+            let s = e.new_sequence();
+            let h = e.forward_hidden(&[(s, &tokens)]).unwrap().to_vec();
+            e.free(s);
+            h
+        }))
+        .unwrap();
+    for (row, end) in rows
+        .iter()
+        .zip([prompt_len + half, prompt_len + sample.tokens.len()])
+    {
+        let want = &all[(end - 1) * d..end * d];
+        let err = row
+            .iter()
+            .zip(want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(err < 1e-3, "hidden state at {}: max error {err}", end - 1);
+    }
+    assert_eq!(w.usage().sequences, w.usage().cached_sequences);
 }
 
 /// A search with a PRM chosen by configuration: `ScorerChoice::Provided`, the judge's tokens
