@@ -378,6 +378,22 @@ impl LocalWorker {
         rx.await.map_err(|_| WorkerError::Stopped)
     }
 
+    /// Reads `what` after every step of every path, inline (at `PathLayout::read_at`), on the
+    /// engine thread at the next gap between passes, in one call with every other read
+    /// waiting there ([`runner::Command::Read`]): the scoring of many searches shares a pass.
+    pub(crate) async fn read_inline(
+        &self,
+        paths: Vec<prm::reader::PathLayout>,
+        what: prm::reader::Read,
+    ) -> Result<Result<Vec<prm::reader::PathReadout>, arbor_model::ModelError>, WorkerError> {
+        let (reply, rx) = oneshot::channel();
+        self.inner
+            .tx
+            .send(Command::Read(runner::ReadJob { paths, what, reply }))
+            .map_err(|_| WorkerError::Stopped)?;
+        rx.await.map_err(|_| WorkerError::Stopped)
+    }
+
     /// Takes one of the [`WorkerOptions::calls_in_flight_max`] call slots for work that is not
     /// an expansion (scoring), so it counts in [`LocalWorker::in_flight`] and is refused with
     /// [`WorkerError::Overloaded`] like one. The slot is given back when the guard drops.

@@ -17,6 +17,7 @@ use crossbeam_channel::{Receiver, TryRecvError};
 use tokio::sync::oneshot;
 
 use crate::cache::PrefixCache;
+use crate::prm::reader::{read_paths, PathLayout, PathReadout, Probe, Read};
 use crate::{Shared, Usage, WorkerError, WorkerOptions};
 
 /// One node to expand: a token prefix and how to continue it.
@@ -61,6 +62,17 @@ pub(crate) enum Command {
     /// Work that needs the engine to itself (scoring, cache control), run between passes. It
     /// returns its reply, which runs once the usage snapshot is current.
     Exclusive(ExclusiveWork),
+    /// A reward model's inline reads of the policy's own paths (a value head's hidden
+    /// states): every read waiting at a gap between passes runs in one `read_paths` call, so
+    /// the scoring of many searches shares one pass instead of taking one each.
+    Read(ReadJob),
+}
+
+/// See [`Command::Read`].
+pub(crate) struct ReadJob {
+    pub(crate) paths: Vec<PathLayout>,
+    pub(crate) what: Read,
+    pub(crate) reply: oneshot::Sender<Result<Vec<PathReadout>, ModelError>>,
 }
 
 /// Work run with the engine and prefix cache to itself; see [`Command::Exclusive`].
@@ -90,6 +102,8 @@ struct Runner {
     deferred: std::collections::VecDeque<Running>,
     /// Prompts submitted since the last pass (they are prefilled in the next one).
     new_prompts: usize,
+    /// Reads waiting for the next gap between passes ([`Command::Read`]).
+    reads: Vec<ReadJob>,
 }
 
 /// The largest pass buffer an idle engine keeps: one holding the logits of a dozen sequences
@@ -116,6 +130,7 @@ pub(crate) fn run(
         running: Default::default(),
         deferred: Default::default(),
         new_prompts: 0,
+        reads: Vec::new(),
     };
     // Dropped before `r` (and the reply channels it holds), on return or unwinding.
     let _alive = crate::EngineAlive(r.shared.clone());
@@ -153,6 +168,7 @@ pub(crate) fn run(
                 Err(TryRecvError::Disconnected) => break,
             }
         }
+        r.run_reads();
         r.drop_abandoned();
         if !r.batcher.is_idle() {
             r.step();
@@ -181,6 +197,7 @@ impl Runner {
                 deadline,
                 reply,
             } => self.start(items, deadline, reply, false),
+            Command::Read(job) => self.reads.push(job),
             Command::Exclusive(f) => {
                 let (engine, cache) = (&mut self.engine, &mut self.cache);
                 match std::panic::catch_unwind(AssertUnwindSafe(|| f(engine, cache))) {
@@ -284,6 +301,52 @@ impl Runner {
         for (reply, err) in replies {
             self.answer(reply, Err(err));
         }
+    }
+
+    /// Runs every waiting read: those reading the same thing in one `read_paths` call (one
+    /// pass when the prefix cache covers their paths). A merged call that fails is retried job
+    /// by job, so one job's error (a path too long for the KV cache) is its own.
+    fn run_reads(&mut self) {
+        while !self.reads.is_empty() {
+            let what = self.reads[0].what.clone();
+            let (group, rest): (Vec<ReadJob>, Vec<ReadJob>) = std::mem::take(&mut self.reads)
+                .into_iter()
+                .partition(|j| j.what == what);
+            self.reads = rest;
+            let merged = if group.len() > 1 {
+                let paths: Vec<PathLayout> =
+                    group.iter().flat_map(|j| j.paths.iter().cloned()).collect();
+                self.read(&paths, &what).ok()
+            } else {
+                None
+            };
+            let results: Vec<Result<Vec<PathReadout>, ModelError>> = match merged {
+                Some(mut all) => group
+                    .iter()
+                    .map(|j| Ok(all.drain(..j.paths.len()).collect()))
+                    .collect(),
+                None => group.iter().map(|j| self.read(&j.paths, &what)).collect(),
+            };
+            self.publish();
+            for (job, result) in group.into_iter().zip(results) {
+                let _ = job.reply.send(result);
+            }
+        }
+    }
+
+    /// One `read_paths` call on the engine and prefix cache; a panic in it is an error.
+    fn read(&mut self, paths: &[PathLayout], what: &Read) -> Result<Vec<PathReadout>, ModelError> {
+        let (engine, cache) = (&mut self.engine, &mut self.cache);
+        std::panic::catch_unwind(AssertUnwindSafe(|| {
+            read_paths(engine, Some(cache), paths, &Probe::Inline, what)
+        }))
+        .unwrap_or_else(|_| {
+            tracing::error!("reading paths panicked; the worker carries on");
+            Err(ModelError::InvalidRequest {
+                field: "paths",
+                reason: "reading them panicked".into(),
+            })
+        })
     }
 
     fn step(&mut self) {

@@ -22,7 +22,7 @@ use safetensors::tensor::{Dtype, TensorView};
 use serde::{Deserialize, Serialize};
 
 use super::classifier::Linear;
-use super::reader::{read_paths, PathLayout, Probe, Read};
+use super::reader::{PathLayout, Read};
 use super::{invalid, model_error, worker_error, PrmError};
 use crate::LocalWorker;
 use rayon::prelude::*;
@@ -777,9 +777,7 @@ pub async fn step_hidden_states(
         });
     }
     let readouts = worker
-        .with_engine_and_cache(move |engine, _, cache| {
-            read_paths(engine, Some(cache), &layouts, &Probe::Inline, &read)
-        })
+        .read_inline(layouts, read)
         .await
         .map_err(worker_error)?
         .map_err(model_error)?;

@@ -624,6 +624,46 @@ fn prm_value_head_scores_real_paths_with_a_head_fitted_here() {
         assert!(err < 1e-3, "hidden state at {}: max error {err}", end - 1);
     }
     assert_eq!(w.usage().sequences, w.usage().cached_sequences);
+    // Reads that wait together (here, while the engine thread is held) run together: two
+    // callers' paths in one pass, each answered with what it would have read alone.
+    let alone = rt
+        .block_on(step_hidden_states(
+            &w,
+            &requests[..1],
+            &[HiddenLayer::Final],
+        ))
+        .unwrap();
+    let before = passes();
+    let (hold, held) = std::sync::mpsc::channel::<()>();
+    let (started, running) = std::sync::mpsc::channel::<()>();
+    let blocker = {
+        let w = w.clone();
+        rt.spawn(async move {
+            w.with_engine(move |_, _| {
+                started.send(()).unwrap();
+                held.recv().unwrap();
+            })
+            .await
+            .unwrap()
+        })
+    };
+    running.recv().unwrap();
+    let reads: Vec<_> = (0..2)
+        .map(|i| {
+            let (w, r) = (w.clone(), requests[i..i + 1].to_vec());
+            rt.spawn(async move { step_hidden_states(&w, &r, &[HiddenLayer::Final]).await })
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    hold.send(()).unwrap();
+    rt.block_on(blocker).unwrap();
+    let got: Vec<_> = reads
+        .into_iter()
+        .map(|h| rt.block_on(h).unwrap().unwrap())
+        .collect();
+    assert_eq!(passes(), before + 1, "two callers' reads in one pass");
+    assert_eq!(got[0], alone);
+    assert_eq!(got[1], features[1..2].to_vec());
 }
 
 /// A search with a PRM chosen by configuration: `ScorerChoice::Provided`, the judge's tokens
