@@ -307,6 +307,8 @@ impl Runner {
     /// pass when the prefix cache covers their paths). A merged call that fails is retried job
     /// by job, so one job's error (a path too long for the KV cache) is its own.
     fn run_reads(&mut self) {
+        // A caller that went away (a search cancelled mid-scoring) needs nothing read.
+        self.reads.retain(|j| !j.reply.is_closed());
         while !self.reads.is_empty() {
             let what = self.reads[0].what.clone();
             let (group, rest): (Vec<ReadJob>, Vec<ReadJob>) = std::mem::take(&mut self.reads)
