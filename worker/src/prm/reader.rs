@@ -5,8 +5,9 @@
 //! step `i` the reader takes either the logits of some vocabulary ids or the final hidden state
 //! at a position inside the stream (`inline`), or forks the sequence there, appends a probe
 //! (a judge's question) and reads at the probe's last token (`fork`), so later steps never see
-//! the probe. Paths are advanced step by step, all paths of a call in the same passes, and the
-//! longest prefix the worker's prefix cache holds is forked instead of recomputed.
+//! the probe. Inline reads take one pass for every path of a call ([`read_inline`]); fork
+//! probes advance the paths step by step, all paths in the same passes. Either way the longest
+//! prefix the worker's prefix cache holds is forked instead of recomputed.
 
 use arbor_model::{Engine, ForwardEntry, HiddenLayer, ModelError, SeqId};
 
@@ -231,6 +232,8 @@ fn read_inline(
     Ok(out)
 }
 
+/// Step by step, all paths in the same passes: what fork probes need (the probe goes on a fork
+/// of each path after each step); it reads inline too.
 fn read_with(
     engine: &mut Engine,
     cache: &mut Option<&mut PrefixCache>,
