@@ -74,7 +74,7 @@ pub(crate) fn read_paths(
     }
     let result = match probe {
         Probe::Inline => read_inline(engine, &mut cache, paths, what, &mut cursors),
-        Probe::Fork(_) => read_with(engine, &mut cache, paths, probe, what, &mut cursors),
+        Probe::Fork(tokens) => read_forked(engine, &mut cache, paths, tokens, what, &mut cursors),
     };
     for c in cursors {
         if let Some(seq) = c.seq {
@@ -195,23 +195,13 @@ fn read_inline(
             }
         })
         .collect();
-    let width = match what {
-        Read::Hidden(layers) => engine.config().d_model * layers.len(),
-        Read::Logits(_) => 0,
-    };
-    let vocab = engine.config().vocab_size;
+    let (vocab, width) = row_sizes(engine, what);
     let outputs = if entries.is_empty() {
         None
     } else {
         Some(engine.forward_at(&entries)?)
     };
-    let mut out: Vec<PathReadout> = paths
-        .iter()
-        .map(|p| PathReadout {
-            rows: Vec::with_capacity(p.step_ends.len()),
-            tokens_computed: 0,
-        })
-        .collect();
+    let mut out = empty_readouts(paths);
     for seg in &segments {
         out[seg.path].tokens_computed += (seg.end - seg.start) as u64;
     }
@@ -232,69 +222,37 @@ fn read_inline(
     Ok(out)
 }
 
-/// Step by step, all paths in the same passes: what fork probes need (the probe goes on a fork
-/// of each path after each step); it reads inline too.
-fn read_with(
+/// Fork probes, step by step with all paths in the same passes: each path's main sequence is
+/// brought to the end of the step (from the cache where it can), then a fork of it gets the
+/// probe and is read and freed, so later steps never see the probe.
+fn read_forked(
     engine: &mut Engine,
     cache: &mut Option<&mut PrefixCache>,
     paths: &[PathLayout],
-    probe: &Probe,
+    probe_tokens: &[u32],
     what: &Read,
     cursors: &mut [Cursor],
 ) -> Result<Vec<PathReadout>, ModelError> {
-    let mut out: Vec<PathReadout> = paths
-        .iter()
-        .map(|p| PathReadout {
-            rows: Vec::with_capacity(p.step_ends.len()),
-            tokens_computed: 0,
-        })
-        .collect();
+    let mut out = empty_readouts(paths);
     let rounds = paths.iter().map(|p| p.step_ends.len()).max().unwrap_or(0);
-    let width = match what {
-        Read::Hidden(layers) => engine.config().d_model * layers.len(),
-        Read::Logits(_) => 0,
-    };
-    let vocab = engine.config().vocab_size;
+    let (vocab, width) = row_sizes(engine, what);
     for round in 0..rounds {
-        // Phase 1: bring every path's main sequence to the end of this step, reading inline.
-        // (path, read offset into the appended tokens, or None)
-        let mut appends: Vec<(usize, usize, Option<u32>)> = Vec::new();
-        // Paths whose inline read repeats the previous position (an empty step).
-        let mut repeats: Vec<usize> = Vec::new();
+        // Phase 1: bring every path's main sequence to the end of this step.
+        let mut appends: Vec<(usize, usize)> = Vec::new();
         for (i, p) in paths.iter().enumerate() {
             let Some(&end) = p.step_ends.get(round) else {
                 continue;
             };
-            // The longest prefix the cache may supply: everything before the inline read
-            // (which must be computed), or the whole stream up to the fork.
-            let (needed, usable_max) = match probe {
-                Probe::Inline => (p.read_at[round], p.read_at[round]),
-                Probe::Fork(_) => (end.saturating_sub(1), end),
-            };
             let c = &mut cursors[i];
-            if matches!(probe, Probe::Inline) && needed < c.len {
-                // Only an empty step reads where the previous one did.
-                if round > 0 && p.read_at[round - 1] == needed {
-                    repeats.push(i);
-                    continue;
-                }
-                return Err(ModelError::InvalidRequest {
-                    field: "read_at",
-                    reason: format!("step {round} reads position {needed}, already passed"),
-                });
-            }
             if let Some(cache) = cache.as_deref_mut() {
-                // A cached sequence that holds more (a finished solution, whole) is forked and
-                // truncated back to what is usable.
+                // The longest cached prefix of the stream up to this step's end is forked.
                 if let Some((seq, len)) = cache.lookup_within(&p.tokens[..end], end) {
-                    let usable = len.min(usable_max);
-                    if usable > c.len {
+                    if len > c.len {
                         let fork = engine.fork(seq)?;
                         if let Some(old) = c.seq.replace(fork) {
                             engine.free(old);
                         }
-                        engine.truncate(fork, usable)?;
-                        c.len = usable;
+                        c.len = len;
                     }
                 }
             }
@@ -302,87 +260,77 @@ fn read_with(
                 c.seq = Some(engine.new_sequence());
             }
             if c.len < end {
-                let read = matches!(probe, Probe::Inline).then(|| (needed - c.len) as u32);
-                appends.push((i, end, read));
+                appends.push((i, end));
             }
         }
         if !appends.is_empty() {
-            let reads: Vec<[u32; 1]> = appends.iter().map(|a| [a.2.unwrap_or(0)]).collect();
             let entries: Vec<ForwardEntry<'_>> = appends
                 .iter()
-                .zip(&reads)
-                .map(|(&(i, end, read), at)| {
+                .map(|&(i, end)| {
                     let c = &cursors[i];
-                    let tokens = &paths[i].tokens[c.len..end];
-                    let at: &[u32] = if read.is_some() { at } else { &[] };
-                    match what {
-                        Read::Logits(_) => ForwardEntry::logits_at(c.seq.expect("set"), tokens, at),
-                        Read::Hidden(_) => ForwardEntry::hidden_at(c.seq.expect("set"), tokens, at),
-                    }
+                    ForwardEntry::hidden_at(c.seq.expect("set"), &paths[i].tokens[c.len..end], &[])
                 })
                 .collect();
-            let outputs = engine.forward_at(&entries)?;
-            let mut row = 0;
-            for &(i, end, read) in &appends {
+            engine.forward_at(&entries)?;
+            for &(i, end) in &appends {
                 out[i].tokens_computed += (end - cursors[i].len) as u64;
                 cursors[i].len = end;
-                if read.is_some() {
-                    out[i].rows.push(take_row(
-                        outputs.logits,
-                        outputs.hidden,
-                        row,
-                        what,
-                        vocab,
-                        width,
-                    ));
-                    row += 1;
+            }
+        }
+        // Phase 2: fork each main sequence, append the probe, read, free.
+        let live: Vec<usize> = (0..paths.len())
+            .filter(|&i| round < paths[i].step_ends.len())
+            .collect();
+        let mut forks = Vec::with_capacity(live.len());
+        for &i in &live {
+            match engine.fork(cursors[i].seq.expect("advanced in phase 1")) {
+                Ok(f) => forks.push(f),
+                Err(e) => {
+                    forks.into_iter().for_each(|f| engine.free(f));
+                    return Err(e);
                 }
             }
         }
-        for i in repeats {
-            let last = out[i]
-                .rows
-                .last()
-                .cloned()
-                .expect("a previous step was read");
-            out[i].rows.push(last);
-        }
-        // Phase 2 (fork probes): fork each main sequence, append the probe, read, free.
-        if let Probe::Fork(probe_tokens) = probe {
-            let live: Vec<usize> = (0..paths.len())
-                .filter(|&i| round < paths[i].step_ends.len())
-                .collect();
-            let mut forks = Vec::with_capacity(live.len());
-            for &i in &live {
-                match engine.fork(cursors[i].seq.expect("advanced in phase 1")) {
-                    Ok(f) => forks.push(f),
-                    Err(e) => {
-                        forks.into_iter().for_each(|f| engine.free(f));
-                        return Err(e);
-                    }
-                }
-            }
-            let last = [probe_tokens.len() as u32 - 1];
-            let entries: Vec<ForwardEntry<'_>> = forks
-                .iter()
-                .map(|&f| match what {
-                    Read::Logits(_) => ForwardEntry::logits_at(f, probe_tokens, &last),
-                    Read::Hidden(_) => ForwardEntry::hidden_at(f, probe_tokens, &last),
-                })
-                .collect();
-            let result = engine.forward_at(&entries).map(|o| {
-                (0..live.len())
-                    .map(|j| take_row(o.logits, o.hidden, j, what, vocab, width))
-                    .collect::<Vec<_>>()
-            });
-            forks.into_iter().for_each(|f| engine.free(f));
-            for (&i, row) in live.iter().zip(result?) {
-                out[i].rows.push(row);
-                out[i].tokens_computed += probe_tokens.len() as u64;
-            }
+        let last = [probe_tokens.len() as u32 - 1];
+        let entries: Vec<ForwardEntry<'_>> = forks
+            .iter()
+            .map(|&f| match what {
+                Read::Logits(_) => ForwardEntry::logits_at(f, probe_tokens, &last),
+                Read::Hidden(_) => ForwardEntry::hidden_at(f, probe_tokens, &last),
+            })
+            .collect();
+        let result = engine.forward_at(&entries).map(|o| {
+            (0..live.len())
+                .map(|j| take_row(o.logits, o.hidden, j, what, vocab, width))
+                .collect::<Vec<_>>()
+        });
+        forks.into_iter().for_each(|f| engine.free(f));
+        for (&i, row) in live.iter().zip(result?) {
+            out[i].rows.push(row);
+            out[i].tokens_computed += probe_tokens.len() as u64;
         }
     }
     Ok(out)
+}
+
+/// One empty readout per path.
+fn empty_readouts(paths: &[PathLayout]) -> Vec<PathReadout> {
+    paths
+        .iter()
+        .map(|p| PathReadout {
+            rows: Vec::with_capacity(p.step_ends.len()),
+            tokens_computed: 0,
+        })
+        .collect()
+}
+
+/// The vocabulary size and the width of one hidden-state row (`d_model` per layer read).
+fn row_sizes(engine: &Engine, what: &Read) -> (usize, usize) {
+    let width = match what {
+        Read::Hidden(layers) => engine.config().d_model * layers.len(),
+        Read::Logits(_) => 0,
+    };
+    (engine.config().vocab_size, width)
 }
 
 fn take_row(

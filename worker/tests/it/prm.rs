@@ -35,6 +35,29 @@ const RIGHT: [&str; 3] = [
     "The answer is 72.",
 ];
 
+/// The final hidden state at every position of `tokens`, the plain way: the whole stream in
+/// one fresh sequence.
+fn plain_hidden(rt: &tokio::runtime::Runtime, w: &LocalWorker, tokens: Vec<u32>) -> Vec<f32> {
+    rt.block_on(w.with_engine(move |e, _| {
+        let s = e.new_sequence();
+        let h = e.forward_hidden(&[(s, &tokens)]).unwrap().to_vec();
+        e.free(s);
+        h
+    }))
+    .unwrap()
+}
+
+/// Asserts that `row` is the hidden state at position `at` of `all` (rows of `row.len()`).
+fn check_hidden_row(row: &[f32], all: &[f32], at: usize) {
+    let d = row.len();
+    let err = row
+        .iter()
+        .zip(&all[at * d..(at + 1) * d])
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(err < 1e-3, "hidden state at {at}: max error {err}");
+}
+
 fn check_scores(what: &str, scores: &[f32], steps: usize) {
     assert_eq!(scores.len(), steps, "{what}: one score per step");
     for s in scores {
@@ -441,23 +464,11 @@ fn prm_value_head_scores_real_paths_with_a_head_fitted_here() {
             tokens.extend_from_slice(&s.token_ids);
             ends.push(tokens.len() - 1);
         }
-        let all = rt
-            .block_on(w.with_engine(move |e, _| {
-                let s = e.new_sequence();
-                let h = e.forward_hidden(&[(s, &tokens)]).unwrap().to_vec();
-                e.free(s);
-                h
-            }))
-            .unwrap();
+        let all = plain_hidden(&rt, &w, tokens);
         assert_eq!(rows.len(), r.steps.len());
         for (row, &end) in rows.iter().zip(&ends) {
-            let want = &all[end * d..(end + 1) * d];
-            let err = row
-                .iter()
-                .zip(want)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
-            assert!(err < 1e-3, "hidden state at {end}: max error {err}");
+            assert_eq!(row.len(), d);
+            check_hidden_row(row, &all, end);
         }
     }
     // Fit "right path" against "wrong path" on these six steps.
@@ -603,25 +614,13 @@ fn prm_value_head_scores_real_paths_with_a_head_fitted_here() {
     let prompt_len = tokens.len();
     assert_eq!(*computed, (prompt_len + half + 1) as u64);
     tokens.extend_from_slice(&sample.tokens);
-    let all = rt
-        .block_on(w.with_engine(move |e, _| {
-            let s = e.new_sequence();
-            let h = e.forward_hidden(&[(s, &tokens)]).unwrap().to_vec();
-            e.free(s);
-            h
-        }))
-        .unwrap();
+    let all = plain_hidden(&rt, &w, tokens);
     for (row, end) in rows
         .iter()
         .zip([prompt_len + half, prompt_len + sample.tokens.len()])
     {
-        let want = &all[(end - 1) * d..end * d];
-        let err = row
-            .iter()
-            .zip(want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
-        assert!(err < 1e-3, "hidden state at {}: max error {err}", end - 1);
+        assert_eq!(row.len(), d);
+        check_hidden_row(row, &all, end - 1);
     }
     assert_eq!(w.usage().sequences, w.usage().cached_sequences);
     // Reads that wait together (here, while the engine thread is held) run together: two
