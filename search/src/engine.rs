@@ -113,42 +113,7 @@ impl Tally {
     }
 
     fn pick(&self, selection: AnswerSelection) -> Option<&AnswerTally> {
-        let earlier_first = |a: &AnswerTally, b: &AnswerTally| b.first_node.cmp(&a.first_node);
-        let entries = self.entries.values();
-        match selection {
-            AnswerSelection::BestValue => {
-                entries.filter(|e| e.best_value.is_some()).max_by(|a, b| {
-                    a.best_value
-                        .unwrap_or(0.0)
-                        .total_cmp(&b.best_value.unwrap_or(0.0))
-                        .then_with(|| earlier_first(a, b))
-                })
-            }
-            AnswerSelection::WeightedVote => entries.max_by(|a, b| {
-                a.weight
-                    .total_cmp(&b.weight)
-                    .then(a.votes.cmp(&b.votes))
-                    .then_with(|| earlier_first(a, b))
-            }),
-            AnswerSelection::Majority => entries.max_by(|a, b| {
-                a.votes
-                    .cmp(&b.votes)
-                    .then(a.weight.total_cmp(&b.weight))
-                    .then_with(|| earlier_first(a, b))
-            }),
-            AnswerSelection::ShareVote => entries.max_by(|a, b| {
-                a.share
-                    .total_cmp(&b.share)
-                    .then(a.weight.total_cmp(&b.weight))
-                    .then_with(|| earlier_first(a, b))
-            }),
-            AnswerSelection::WeightedShareVote => entries.max_by(|a, b| {
-                a.share_weight
-                    .total_cmp(&b.share_weight)
-                    .then(a.share.total_cmp(&b.share))
-                    .then_with(|| earlier_first(a, b))
-            }),
-        }
+        pick_among(self.entries.values().map(|e| (e.first_node, e)), selection).map(|(_, e)| e)
     }
 
     /// A copy with every entry's `share` and `share_weight` filled in from the finals' places
@@ -261,6 +226,58 @@ fn tally_of(finals: &[(Answer, Option<f64>)]) -> Option<Tally> {
         tally.add(NodeId::from_raw(u32::try_from(i).ok()?), answer, *value);
     }
     Some(tally)
+}
+
+/// The entry `selection` picks among `entries`, each with its rank: between equal keys the
+/// smaller rank wins (the answer reached first, or listed first).
+fn pick_among<'a, R: Ord>(
+    entries: impl Iterator<Item = (R, &'a AnswerTally)>,
+    selection: AnswerSelection,
+) -> Option<(R, &'a AnswerTally)> {
+    type Ranked<'a, R> = (R, &'a AnswerTally);
+    let earlier_first = |a: &Ranked<'_, R>, b: &Ranked<'_, R>| b.0.cmp(&a.0);
+    match selection {
+        AnswerSelection::BestValue => {
+            entries.filter(|e| e.1.best_value.is_some()).max_by(|a, b| {
+                a.1.best_value
+                    .unwrap_or(0.0)
+                    .total_cmp(&b.1.best_value.unwrap_or(0.0))
+                    .then_with(|| earlier_first(a, b))
+            })
+        }
+        AnswerSelection::WeightedVote => entries.max_by(|a, b| {
+            a.1.weight
+                .total_cmp(&b.1.weight)
+                .then(a.1.votes.cmp(&b.1.votes))
+                .then_with(|| earlier_first(a, b))
+        }),
+        AnswerSelection::Majority => entries.max_by(|a, b| {
+            a.1.votes
+                .cmp(&b.1.votes)
+                .then(a.1.weight.total_cmp(&b.1.weight))
+                .then_with(|| earlier_first(a, b))
+        }),
+        AnswerSelection::ShareVote => entries.max_by(|a, b| {
+            a.1.share
+                .total_cmp(&b.1.share)
+                .then(a.1.weight.total_cmp(&b.1.weight))
+                .then_with(|| earlier_first(a, b))
+        }),
+        AnswerSelection::WeightedShareVote => entries.max_by(|a, b| {
+            a.1.share_weight
+                .total_cmp(&b.1.share_weight)
+                .then(a.1.share.total_cmp(&b.1.share))
+                .then_with(|| earlier_first(a, b))
+        }),
+    }
+}
+
+/// Chooses among answers already tallied (a search's `candidates`, or a trace's), by the
+/// rule a search with `selection` applies, ties going to the answer listed first. Returns its
+/// index, or `None` when there is nothing to choose (for [`AnswerSelection::BestValue`]: no
+/// scored answer).
+pub fn pick_candidate(candidates: &[AnswerTally], selection: AnswerSelection) -> Option<usize> {
+    pick_among(candidates.iter().enumerate(), selection).map(|(i, _)| i)
 }
 
 /// Each node's path share, by node index: the root's is 1, and a node passes its share on in

@@ -53,7 +53,7 @@ pub use config::{
     ScoringConfig, SearchConfig, StrategyConfig, DEPTH_MAX, IN_FLIGHT_MAX, K_MAX, NODES_MAX,
 };
 pub use control::{BestAnswer, CancelToken, SearchControl, SearchEvent, TreeTap};
-pub use engine::{mix as mix_seed, select_answer, tally_answers, AnswerTally};
+pub use engine::{mix as mix_seed, pick_candidate, select_answer, tally_answers, AnswerTally};
 pub use error::{PolicyError, ScoreError, SearchError, Violation};
 pub use outcome::{Budget, Costs, SearchStats, Termination};
 pub use policy::{

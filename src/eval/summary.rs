@@ -8,6 +8,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use anyhow::{Context, Result};
+use arbor_search::{Answer, AnswerSelection, AnswerTally, NodeId};
 
 use super::trace::{TraceCandidate, TraceRecord};
 use crate::search_cmd::Strategy;
@@ -52,37 +53,31 @@ pub(crate) struct Row {
 
 /// The answer rules `summary.md` re-applies to each cell's recorded answers, as named in a
 /// search config (`final_answer` of MCTS, `answer` of beam and DVTS).
-pub(crate) const RULES: [&str; 5] = [
-    "majority",
-    "weighted_vote",
-    "best_value",
-    "share_vote",
-    "weighted_share_vote",
+pub(crate) const RULES: [(&str, AnswerSelection); 5] = [
+    ("majority", AnswerSelection::Majority),
+    ("weighted_vote", AnswerSelection::WeightedVote),
+    ("best_value", AnswerSelection::BestValue),
+    ("share_vote", AnswerSelection::ShareVote),
+    ("weighted_share_vote", AnswerSelection::WeightedShareVote),
 ];
 
-/// The index of the answer `RULES[rule]` picks among `all` (ties: the earlier one, as the
-/// traces list answers: most votes first), if any.
+/// The index of the answer `RULES[rule]` picks among `all`, as a search applies the rule
+/// ([`arbor_search::pick_candidate`]; ties: the answer listed first), if any.
 fn pick_by_rule(all: &[TraceCandidate], rule: usize) -> Option<usize> {
-    let key = |c: &TraceCandidate| -> (f64, f64) {
-        match rule {
-            0 => (f64::from(c.votes), c.weight),
-            1 => (c.weight, f64::from(c.votes)),
-            2 => (c.best.unwrap_or(f64::NEG_INFINITY), 0.0),
-            3 => (c.share, c.weight),
-            _ => (c.share_weight, c.share),
-        }
-    };
-    let mut best: Option<(usize, (f64, f64))> = None;
-    for (i, c) in all.iter().enumerate() {
-        if rule == 2 && c.best.is_none() {
-            continue;
-        }
-        let k = key(c);
-        if best.is_none_or(|(_, b)| k.0 > b.0 || (k.0 == b.0 && k.1 > b.1)) {
-            best = Some((i, k));
-        }
-    }
-    best.map(|(i, _)| i)
+    let tallied: Vec<AnswerTally> = all
+        .iter()
+        .map(|c| AnswerTally {
+            answer: Answer::new(c.answer.clone()),
+            votes: c.votes,
+            weight: c.weight,
+            best_value: c.best,
+            best_node: NodeId::ROOT,
+            first_node: NodeId::ROOT,
+            share: c.share,
+            share_weight: c.share_weight,
+        })
+        .collect();
+    arbor_search::pick_candidate(&tallied, RULES[rule].1)
 }
 
 /// Cells right under each rule, when every cell recorded its answers with their shares.
@@ -274,7 +269,7 @@ pub(crate) fn to_markdown(rows: &[Row]) -> String {
     }
     if rows.iter().any(|r| r.by_rule.is_some() && r.derived == 0) {
         out.push_str("\n| strategy | budget |");
-        for rule in RULES {
+        for (rule, _) in RULES {
             let _ = write!(out, " {rule} |");
         }
         out.push_str("\n|---|---:|");
@@ -454,7 +449,7 @@ mod tests {
             cand("7", 2, 1.0, 0.5, 0.5, 0.25, false),
             cand("9", 2, 1.0, 0.5, 0.5, 0.25, true),
         ];
-        for (rule, name) in RULES.iter().enumerate() {
+        for (rule, (name, _)) in RULES.iter().enumerate() {
             assert_eq!(pick_by_rule(&tied, rule), Some(0), "{name}");
         }
         assert_eq!(pick_by_rule(&[], 0), None);
