@@ -80,14 +80,13 @@ impl AnswerRule {
 #[derive(Debug, Default, Clone)]
 pub(crate) struct Tally {
     entries: BTreeMap<String, AnswerTally>,
-    total: u32,
-    /// Every final answer added: its node, key and value, for the path shares.
+    /// Every final answer added: its node, key and value (their count is the vote total; the
+    /// nodes give the path shares).
     finals: Vec<(NodeId, String, Option<f64>)>,
 }
 
 impl Tally {
     pub(crate) fn add(&mut self, node: NodeId, answer: &Answer, value: Option<f64>) {
-        self.total += 1;
         let entry = self
             .entries
             .entry(answer.key.clone())
@@ -127,7 +126,7 @@ impl Tally {
                 let share = path_shares(tree, &nodes);
                 nodes.iter().map(|n| share[n.index()]).collect()
             }
-            None => vec![1.0 / f64::from(self.total.max(1)); self.finals.len()],
+            None => vec![1.0 / self.finals.len().max(1) as f64; self.finals.len()],
         };
         for e in out.entries.values_mut() {
             e.share = 0.0;
@@ -145,12 +144,12 @@ impl Tally {
     /// The share of final answers so far that are equivalent to `answer` (0 before any).
     pub(crate) fn share(&self, answer: &Answer) -> f64 {
         let votes = self.entries.get(&answer.key).map_or(0, |e| e.votes);
-        f64::from(votes) / f64::from(self.total.max(1))
+        f64::from(votes) / self.finals.len().max(1) as f64
     }
 
     /// True before the first final answer.
     pub(crate) fn is_empty(&self) -> bool {
-        self.total == 0
+        self.finals.is_empty()
     }
 
     /// Mean depth of the distinct final answers so far (each at the node that first reached it).
@@ -168,7 +167,8 @@ impl Tally {
 
     fn converged(&self, min_answers: u32, min_share: f64) -> bool {
         let top = self.entries.values().map(|e| e.votes).max().unwrap_or(0);
-        self.total >= min_answers && f64::from(top) >= min_share * f64::from(self.total)
+        let total = self.finals.len();
+        total >= min_answers as usize && f64::from(top) >= min_share * total as f64
     }
 
     pub(crate) fn candidates(&self) -> Vec<AnswerTally> {
