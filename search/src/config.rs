@@ -128,6 +128,13 @@ pub struct MctsConfig {
     pub widen_c: f64,
     /// Exponent of progressive widening, in [0, 1]; see `widen_c`.
     pub widen_alpha: f64,
+    /// Independent samples the search starts from: the first round gives the root
+    /// `max(expand_k, root_samples)` children and runs every one of them on to a final answer
+    /// (with rollouts on), each its own simulation, before PUCT chooses among them. Their
+    /// answers enter the vote like any other, so the tree keeps the coverage of that many
+    /// independent samples, and later simulations branch off their steps. 0 or 1: the first
+    /// round expands the root like any leaf and follows its best child only.
+    pub root_samples: u32,
 }
 
 impl Default for MctsConfig {
@@ -143,6 +150,7 @@ impl Default for MctsConfig {
             rollout: Some(RolloutConfig::default()),
             widen_c: 1.0,
             widen_alpha: 0.5,
+            root_samples: 0,
         }
     }
 }
@@ -472,6 +480,7 @@ impl SearchConfig {
                 if !(m.widen_c.is_finite() && m.widen_c >= 0.0) {
                     return Err(invalid("strategy.widen_c", "must be finite and >= 0"));
                 }
+                in_range("strategy.root_samples", m.root_samples, 0, K_MAX)?;
                 if !(0.0..=1.0).contains(&m.widen_alpha) {
                     return Err(invalid("strategy.widen_alpha", "must be in [0, 1]"));
                 }

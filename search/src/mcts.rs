@@ -10,7 +10,9 @@
 //! call per step for all simulations of the round, and **every rollout step becomes a tree node**
 //! (so later simulations share the prefix, and the final answer enters the vote). Each simulation
 //! backs up `(1 - w) * leaf value + w * answer value`. Final answers are never revisited: they are
-//! valued once, when they are made, so every simulation adds a new path.
+//! valued once, when they are made, so every simulation adds a new path. With
+//! [`MctsConfig::root_samples`] the first round gives the root that many children and runs
+//! every one on to an answer: the search starts from independent samples, all in the vote.
 //!
 //! The search ends `exhausted` only when the root is: every node it reaches holds
 //! [`crate::SearchConfig::max_children`] children and all of them are final or failed.
@@ -150,6 +152,13 @@ async fn round<P: Policy, S: Scorer>(
     while sims.len() < slots && attempts < 2 * slots {
         attempts += 1;
         let (leaf, k) = match descend(flight.tree(), puct, config, &mut io.stats.node_visits) {
+            // The first expansion of the root: as many children as independent samples asked.
+            Descent::Leaf(NodeId::ROOT) => (
+                NodeId::ROOT,
+                k.max(config.root_samples)
+                    .min(flight.tree().max_children())
+                    .max(1),
+            ),
             Descent::Leaf(leaf) => (leaf, k),
             Descent::Widen(node, more) => (node, more),
             Descent::Busy(node) => {
@@ -201,6 +210,36 @@ async fn round<P: Policy, S: Scorer>(
             sim.start = Some(child);
             if flight.tree().node(child).state() == NodeState::Terminal {
                 sim.end = Some(child);
+            }
+        }
+    }
+    // Root samples: every other new child of the root becomes a simulation of its own.
+    if config.root_samples > 1 {
+        let first = sims
+            .iter()
+            .find(|sim| sim.leaf == NodeId::ROOT)
+            .and_then(|sim| sim.start);
+        if let Some(first) = first {
+            let others: Vec<NodeId> = children
+                .iter()
+                .copied()
+                .filter(|&c| c != first)
+                .filter(|&c| flight.tree().node(c).parent() == Some(NodeId::ROOT))
+                .filter(|&c| flight.tree().node(c).state() != NodeState::Failed)
+                .take(sims_left.saturating_sub(sims.len() as u64) as usize)
+                .collect();
+            for child in others {
+                let slot = flight.load(NodeId::ROOT);
+                flight.step_down(slot, child);
+                io.stats.node_visits += 2;
+                let terminal = flight.tree().node(child).state() == NodeState::Terminal;
+                sims.push(Simulation {
+                    slot,
+                    leaf: NodeId::ROOT,
+                    start: Some(child),
+                    end: terminal.then_some(child),
+                    added: 0,
+                });
             }
         }
     }

@@ -139,6 +139,12 @@ struct RunArgs {
     /// over so many nodes that no path reaches an answer.
     #[arg(long)]
     fixed_tree_widths: bool,
+    /// With widths that follow the budget: the share of the P solutions the budget pays for
+    /// that MCTS starts with as independent samples from the root (its `root_samples`, rounded;
+    /// each is run to an answer and votes with the rest of the tree), in [0, 1]. 0: MCTS
+    /// expands the root like any other leaf.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_share, conflicts_with = "fixed_tree_widths")]
+    root_share: f64,
     /// Sampling temperature of reasoning steps.
     #[arg(long, default_value_t = 0.7)]
     temperature: f32,
@@ -316,6 +322,15 @@ impl Shared {
     }
 }
 
+/// A share in [0, 1] (`--root-share`).
+fn parse_share(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(x) if (0.0..=1.0).contains(&x) => Ok(x),
+        Ok(x) => Err(format!("{x} is not a share: give a number from 0 to 1")),
+        Err(e) => Err(format!("{text:?} is not a number: {e}")),
+    }
+}
+
 fn parse_prm_arg(spec: &str) -> Result<PrmChoice, String> {
     PrmChoice::parse(spec).map_err(|e| format!("{e:#}"))
 }
@@ -392,6 +407,7 @@ fn run_grid(a: RunArgs) -> Result<()> {
         sample_chunk: a.sample_chunk,
         sample_reuse: !a.no_sample_reuse && a.coordinator.is_none(),
         scaled_trees: !a.fixed_tree_widths,
+        root_share: a.root_share,
         min_answer_depth: a.min_answer_depth,
         system: a.system.clone(),
         tree_answer: a.tree_answer,
@@ -772,7 +788,13 @@ fn knobs(context: &Shared, strategy: Strategy, n: u32) -> SearchKnobs {
 /// Sets a tree search's widths to what `budget` pays for: P = budget / `solution_tokens` whole
 /// solutions (at least 1), spent about once per tree level, so a path can reach an answer
 /// within the budget. Sampling strategies are left alone (their N follows the budget already).
-pub(crate) fn tree_widths(strategy: &mut StrategyConfig, budget: u64, solution_tokens: u32) {
+/// MCTS starts from `root_share` × P independent samples (rounded; fewer than 2 are none).
+pub(crate) fn tree_widths(
+    strategy: &mut StrategyConfig,
+    budget: u64,
+    solution_tokens: u32,
+    root_share: f64,
+) {
     let p = u32::try_from(budget / u64::from(solution_tokens.max(1)))
         .unwrap_or(u32::MAX)
         .clamp(1, 16);
@@ -780,6 +802,7 @@ pub(crate) fn tree_widths(strategy: &mut StrategyConfig, budget: u64, solution_t
         StrategyConfig::Mcts(m) => {
             m.expand_k = 2;
             m.simulations_in_flight = (p / 2).max(1);
+            m.root_samples = (root_share * f64::from(p)).round() as u32;
         }
         StrategyConfig::Beam(b) => {
             let width = ((p as f64).sqrt().floor() as u32).max(1);
@@ -814,7 +837,12 @@ async fn search_cell(
     };
     let mut config = knobs(context, strategy, n).config();
     if context.settings.scaled_trees {
-        tree_widths(&mut config.strategy, budget, context.settings.sample_tokens);
+        tree_widths(
+            &mut config.strategy,
+            budget,
+            context.settings.sample_tokens,
+            context.settings.root_share,
+        );
     }
     config.seed = seed;
     config.budget.max_generated_tokens = Some(budget);
@@ -991,7 +1019,7 @@ mod tests {
                     tree_answer: None,
                 }
                 .config();
-                tree_widths(&mut c.strategy, budget, 192);
+                tree_widths(&mut c.strategy, budget, 192, 0.0);
                 c.validate().unwrap();
                 let samples_per_level = match &c.strategy {
                     StrategyConfig::Mcts(m) => m.expand_k * m.simulations_in_flight,

@@ -36,6 +36,10 @@ pub(crate) struct Settings {
     /// `n` and the strategies' defaults. Runs made before the setting existed used fixed widths.
     #[serde(default)]
     pub(crate) scaled_trees: bool,
+    /// With scaled trees, the share of the budget's solutions MCTS starts with as independent
+    /// root samples (`--root-share`); runs made before the setting existed had none.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub(crate) root_share: f64,
     /// Fewest steps before a final answer counts (`--min-answer-depth`); runs made before the
     /// setting existed accepted answers at any depth.
     #[serde(default = "one")]
@@ -53,6 +57,10 @@ pub(crate) struct Settings {
 
 fn one() -> u32 {
     1
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 /// One invocation that wrote into the folder.
@@ -157,6 +165,7 @@ mod tests {
             sample_chunk: 8,
             sample_reuse: true,
             scaled_trees: true,
+            root_share: 0.0,
             min_answer_depth: 1,
             system: None,
             tree_answer: None,

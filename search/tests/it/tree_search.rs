@@ -542,3 +542,49 @@ fn share_votes_undo_a_scorers_guidance() {
         );
     }
 }
+
+/// `root_samples`: the first round gives the root that many children and runs each one on to a
+/// final answer as its own simulation, so the search starts from that many independent samples,
+/// every one in the vote; later rounds branch off them.
+#[test]
+fn mcts_root_samples_start_the_tree_from_independent_samples() {
+    for seed in 0..SEEDS {
+        let game = PathGame::new(seed, 4, 0.6);
+        let fields = r#""strategy": {"kind": "mcts", "root_samples": 5, "max_simulations": 5},
+            "budget": {"max_generated_tokens": 100000}"#;
+        let played = play(game.clone(), fields, seed);
+        let tree = &played.tree;
+        assert_eq!(
+            played.outcome.termination,
+            Termination::Budget(Budget::Simulations),
+            "seed {seed}"
+        );
+        let root = tree.node(arbor_search::NodeId::ROOT);
+        assert_eq!(root.edges().len(), 5, "seed {seed}: one child per sample");
+        assert_eq!(root.expansions(), 1, "seed {seed}: in one call");
+        // Each root child leads down a single path to one final answer: five whole samples.
+        for edge in root.edges() {
+            let mut at = edge.child();
+            loop {
+                let node = tree.node(at);
+                match node.edges() {
+                    [] => break,
+                    [only] => at = only.child(),
+                    more => panic!("seed {seed}: {at} has {} children", more.len()),
+                }
+            }
+            assert_eq!(tree.node(at).state(), NodeState::Terminal, "seed {seed}");
+            assert_eq!(tree.incoming(edge.child()).visits, 1, "seed {seed}");
+        }
+        let votes: u32 = played.outcome.candidates.iter().map(|c| c.votes).sum();
+        assert_eq!(votes, 5, "seed {seed}: every sample votes");
+        // Without root samples the same five simulations share the root's first two children.
+        let fields = r#""strategy": {"kind": "mcts", "max_simulations": 5},
+            "budget": {"max_generated_tokens": 100000}"#;
+        let plain = play(game, fields, seed);
+        assert!(
+            plain.tree.node(arbor_search::NodeId::ROOT).edges().len() < 5,
+            "seed {seed}"
+        );
+    }
+}
