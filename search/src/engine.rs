@@ -486,6 +486,19 @@ impl<'a, P: Policy, S: Scorer> Io<'a, P, S> {
         Ok(())
     }
 
+    /// Generated tokens the budget has left, if it sets one.
+    pub(crate) fn tokens_left(&self) -> Option<u64> {
+        self.config
+            .budget
+            .max_generated_tokens
+            .map(|max| max.saturating_sub(self.costs.generated_tokens))
+    }
+
+    /// Longest step the policy may take.
+    pub(crate) fn max_step_tokens(&self) -> u32 {
+        self.config.sampling.max_step_tokens
+    }
+
     /// How many more nodes the tree may take.
     pub(crate) fn nodes_left(&self, tree: &Tree) -> u64 {
         u64::from(self.config.budget.max_nodes).saturating_sub(tree.len() as u64)

@@ -309,7 +309,7 @@ async fn roll_out<P: Policy, S: Scorer>(
         return Ok(());
     };
     loop {
-        let active: Vec<usize> = (0..sims.len())
+        let mut active: Vec<usize> = (0..sims.len())
             .filter(|&i| {
                 let sim = &sims[i];
                 sim.end.is_none()
@@ -329,6 +329,24 @@ async fn roll_out<P: Policy, S: Scorer>(
         }
         if io.nodes_left(flight.tree()) < active.len() as u64 {
             return Ok(());
+        }
+        // The finish: when what is left of the budget cannot pay a full step for every rollout,
+        // only the rollouts furthest along go on (as many as it pays full steps for, at least
+        // one), so the budget ends in answers instead of in as many cut, unanswered paths.
+        if let Some(left) = io.tokens_left() {
+            let step = u64::from(io.max_step_tokens()).max(1);
+            let affordable = usize::try_from(left / step).unwrap_or(usize::MAX).max(1);
+            if affordable < active.len() {
+                let tree = flight.tree();
+                let depth = |i: usize| {
+                    flight
+                        .end(sims[i].slot)
+                        .map_or(0, |at| tree.node(at).depth())
+                };
+                active.sort_by_key(|&i| (std::cmp::Reverse(depth(i)), i));
+                active.truncate(affordable);
+                active.sort_unstable();
+            }
         }
         let mut leaves = Vec::with_capacity(active.len());
         for &i in &active {
