@@ -37,6 +37,14 @@ pub(crate) struct SearchArgs {
     /// Stop after this many generated tokens (the main compute budget).
     #[arg(long, default_value_t = 1024)]
     budget_tokens: u64,
+    /// MCTS: independent samples the search starts from. The first round gives the question
+    /// this many first steps and runs each on to an answer; all of them vote with the rest of
+    /// the tree, and later simulations branch off their steps (0 or 1: none). Default: 0.8 of
+    /// the solutions the budget pays for at 192 tokens each (4 at 1,024 tokens; chosen on
+    /// GSM8K training questions, docs/eval/gsm8k-tune-300-root-samples). Applies over
+    /// --config when given.
+    #[arg(long)]
+    root_samples: Option<u32>,
     /// Wall-clock deadline in milliseconds (optional).
     #[arg(long)]
     deadline_ms: Option<u64>,
@@ -224,6 +232,18 @@ fn build_config(a: &SearchArgs) -> Result<SearchConfig> {
     };
     if let Some(rule) = a.tree_answer {
         rule.apply(&mut config.strategy);
+    }
+    match (&mut config.strategy, a.root_samples) {
+        (StrategyConfig::Mcts(m), Some(r)) => m.root_samples = r,
+        (StrategyConfig::Mcts(m), None) if a.config.is_none() => {
+            m.root_samples = arbor::strategy::root_samples(
+                a.budget_tokens,
+                arbor::strategy::SOLUTION_TOKENS,
+                arbor::strategy::ROOT_SHARE,
+            );
+        }
+        (_, Some(_)) => bail!("--root-samples is an MCTS setting; --strategy is not mcts"),
+        _ => {}
     }
     if a.prm.is_some() {
         config.scoring.scorer = ScorerChoice::Provided;

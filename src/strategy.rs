@@ -38,6 +38,28 @@ impl Strategy {
     }
 }
 
+/// Expected generated tokens of one sampled solution with the default model and prompt: a
+/// budget of B tokens pays for about B / this whole solutions.
+pub const SOLUTION_TOKENS: u32 = 192;
+
+/// The share of the solutions a budget pays for that MCTS spends first on independent samples
+/// from the root (`arbor search --root-samples`, `arbor eval --root-share`). Chosen on GSM8K
+/// training questions 4000-4299 with the shipped head (docs/eval/gsm8k-tune-300-root-samples):
+/// 0.8 beat none by 5-11 of 300 questions at 1,024 tokens and by 15 at 2,048.
+pub const ROOT_SHARE: f64 = 0.8;
+
+/// Whole solutions `budget` pays for at `solution_tokens` each: 1 to 16.
+pub fn solutions_in(budget: u64, solution_tokens: u32) -> u32 {
+    u32::try_from(budget / u64::from(solution_tokens.max(1)))
+        .unwrap_or(u32::MAX)
+        .clamp(1, 16)
+}
+
+/// MCTS's root samples for `share` of the solutions `budget` pays for (rounded).
+pub fn root_samples(budget: u64, solution_tokens: u32, share: f64) -> u32 {
+    (share * f64::from(solutions_in(budget, solution_tokens))).round() as u32
+}
+
 /// The search configuration of `strategy` with `n` samples (best-of-n, weighted, majority) or
 /// beams (beam: at most 4 kept; dvts: all), steps sampled at `temperature` with at most
 /// `max_step_tokens` tokens, valued by the policy's own log-probs. Budgets and seed are the

@@ -588,3 +588,25 @@ fn mcts_root_samples_start_the_tree_from_independent_samples() {
         );
     }
 }
+
+/// Root samples run in lockstep, so a budget that pays for them only just used to end with
+/// every one cut short and no answer (37 of 300 GSM8K tuning questions with four samples at
+/// 1,024 tokens). When the budget left cannot pay a full step for every rollout, only those
+/// furthest along go on.
+#[test]
+fn mcts_rollouts_finish_when_the_budget_runs_short() {
+    for seed in 0..SEEDS {
+        let game = PathGame::new(seed, 5, 0.7);
+        // Eight samples of five steps want about 8 × 5 × 10 tokens; the budget pays for half.
+        let fields = r#""strategy": {"kind": "mcts", "root_samples": 8},
+            "sampling": {"max_step_tokens": 16},
+            "budget": {"max_generated_tokens": 200}"#;
+        let played = play(game, fields, seed);
+        assert!(
+            played.outcome.answer.is_some(),
+            "seed {seed}: no answer from {} tokens",
+            played.outcome.costs.generated_tokens
+        );
+        assert!(played.outcome.costs.generated_tokens <= 200, "seed {seed}");
+    }
+}
