@@ -7,11 +7,12 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
+use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::{Engine, ForwardEntry, SeqId};
 use crate::error::{ModelError, Result};
-use crate::sampling::{log_prob, Sampler, SamplingParams};
+use crate::sampling::{Draw, RowPicker, Sampler, SamplingParams};
 use crate::tokenizer::Tokenizer;
 
 /// Most samples one request may ask for.
@@ -137,6 +138,23 @@ struct Live {
     done: bool,
 }
 
+/// What one pass gives back: the rows of logits of the new requests of several samples, the
+/// first picks of the new requests of one sample (each with its sampler, past the draw), in
+/// request order (`None` where the request has a row), and the live samples' picks.
+#[derive(Default)]
+struct Passed {
+    prompt_rows: Vec<f32>,
+    firsts: Vec<Option<(Sampler, (u32, f32))>>,
+    picks: Vec<(u32, f32)>,
+}
+
+/// [`Passed`]'s first tokens, taken request after request.
+struct First<'a> {
+    rows: &'a [f32],
+    row: usize,
+    firsts: std::vec::IntoIter<Option<(Sampler, (u32, f32))>>,
+}
+
 /// Continuous batching over one [`Engine`].
 ///
 /// [`Batcher::submit`] validates a job and forks its prefixes at once (so a prefix sequence may be
@@ -253,7 +271,11 @@ impl Batcher {
             .map(|(&id, _)| id)
             .collect();
         new.sort();
-        let (prompt_rows, picks) = loop {
+        let Passed {
+            prompt_rows,
+            firsts,
+            picks,
+        } = loop {
             match self.pass(engine, &new) {
                 Ok(done) => break done,
                 Err(e) if !new.is_empty() => {
@@ -308,17 +330,14 @@ impl Batcher {
             }
         }
         // The new jobs' samples: fork each root once per extra sample, take the first token.
-        let mut row = 0;
+        let mut at = First {
+            rows: &prompt_rows,
+            row: 0,
+            firsts: firsts.into_iter(),
+        };
         for &id in &new {
-            if let Err(e) = self.start_samples(
-                engine,
-                tokenizer,
-                id,
-                &prompt_rows,
-                &mut row,
-                vocab,
-                &mut on_token,
-            ) {
+            if let Err(e) = self.start_samples(engine, tokenizer, id, &mut at, vocab, &mut on_token)
+            {
                 finished.push((id, Err(e)));
                 self.cancel(engine, id);
             }
@@ -369,7 +388,7 @@ impl Batcher {
     /// Returns the logits after each new prompt (request after request) and each live sample's
     /// next token with its log-probability. On error nothing has changed.
     #[allow(clippy::type_complexity)]
-    fn pass(&mut self, engine: &mut Engine, new: &[JobId]) -> Result<(Vec<f32>, Vec<(u32, f32)>)> {
+    fn pass(&mut self, engine: &mut Engine, new: &[JobId]) -> Result<Passed> {
         let last: Vec<[u32; 1]> = self
             .live
             .iter()
@@ -394,13 +413,33 @@ impl Batcher {
                     .collect::<Vec<_>>()
             })
             .collect();
+        // A request of one sample has its first token picked where the logits are, like a live
+        // sample's next one (its sampler is the one it will keep); a request of several reads
+        // its row back, and its samples pick from it on the host.
+        let mut firsts: Vec<Option<(Sampler, (Draw, StdRng))>> = Vec::new();
+        for id in new {
+            for r in &self.jobs[id].requests {
+                firsts.push((r.n == 1).then(|| {
+                    let sampler = Sampler::new(r.sampling.clone(), 0);
+                    let draw = sampler.peek();
+                    (sampler, draw)
+                }));
+            }
+        }
         let mut entries: Vec<ForwardEntry<'_>> = Vec::new();
+        let mut n_rows = 0;
         for id in new {
             let job = &self.jobs[id];
             for (ri, r) in job.requests.iter().enumerate() {
                 let tokens = &r.prompt[job.held[ri]..];
-                let at = &prompt_end[entries.len()];
-                entries.push(ForwardEntry::logits_at(job.roots[ri], tokens, at));
+                let i = entries.len();
+                entries.push(match &firsts[i] {
+                    Some((_, (draw, _))) => ForwardEntry::sampled(job.roots[ri], tokens, *draw),
+                    None => {
+                        n_rows += 1;
+                        ForwardEntry::logits_at(job.roots[ri], tokens, &prompt_end[i])
+                    }
+                });
             }
         }
         let n_prompts = entries.len();
@@ -413,39 +452,62 @@ impl Batcher {
                 .map(|((l, t), (d, _))| ForwardEntry::sampled(l.seq, &t[..], *d)),
         );
         if entries.is_empty() {
-            return Ok((Vec::new(), Vec::new()));
+            return Ok(Passed::default());
         }
         let vocab = engine.config().vocab_size;
         let out = engine.forward_at(&entries)?;
         drop(entries);
-        let prompt_rows = out.logits[..n_prompts * vocab].to_vec();
-        let picks = out.picks.to_vec();
+        let prompt_rows = out.logits[..n_rows * vocab].to_vec();
+        let n_first = firsts.iter().flatten().count();
+        let mut first_picks = out.picks[..n_first].iter();
+        let firsts = firsts
+            .into_iter()
+            .map(|f| {
+                f.map(|(mut sampler, (_, rng))| {
+                    sampler.commit(rng);
+                    (
+                        sampler,
+                        *first_picks.next().expect("one pick per sampled prompt"),
+                    )
+                })
+            })
+            .collect();
+        debug_assert_eq!(n_prompts, n_rows + n_first);
+        let picks = out.picks[n_first..].to_vec();
         for (l, (_, rng)) in self.live.iter_mut().zip(draws) {
             l.sampler.commit(rng);
         }
-        Ok((prompt_rows, picks))
+        Ok(Passed {
+            prompt_rows,
+            firsts,
+            picks,
+        })
     }
 
-    /// Forks the samples of new job `id` from its roots and gives each its first token, read from
-    /// `prompt_rows` starting at row `*row`.
-    #[allow(clippy::too_many_arguments)]
+    /// Forks the samples of new job `id` from its roots and gives each its first token: the
+    /// pick made in the pass (a request of one sample) or one from its row of logits, taken from
+    /// `at` request after request.
     fn start_samples(
         &mut self,
         engine: &mut Engine,
         tokenizer: &Tokenizer,
         id: JobId,
-        prompt_rows: &[f32],
-        row: &mut usize,
+        at: &mut First<'_>,
         vocab: usize,
         on_token: &mut impl FnMut(JobId, usize, usize, u32),
     ) -> Result<()> {
         let job = self.jobs.get_mut(&id).expect("new jobs exist");
         job.prefilled = true;
-        let first_row = *row;
-        *row += job.requests.len();
         for (ri, r) in job.requests.iter().enumerate() {
             job.stats.prompt_tokens_computed += (r.prompt.len() - job.held[ri]) as u64;
-            let logits = &prompt_rows[(first_row + ri) * vocab..(first_row + ri + 1) * vocab];
+            let mut picked = at.firsts.next().expect("one first pick or row per request");
+            let mut picker = None;
+            if picked.is_none() {
+                // One picker for the request's samples: the row's passes are made once.
+                let logits = &at.rows[at.row * vocab..(at.row + 1) * vocab];
+                at.row += 1;
+                picker = Some(RowPicker::new(logits));
+            }
             for si in 0..r.n {
                 let seq = if si == 0 {
                     job.roots[ri]
@@ -459,7 +521,10 @@ impl Batcher {
                     request: ri,
                     sample: si,
                     seq,
-                    sampler: Sampler::new(r.sampling.clone(), si as u64),
+                    sampler: match &picked {
+                        Some((sampler, _)) => sampler.clone(),
+                        None => Sampler::new(r.sampling.clone(), si as u64),
+                    },
                     out: GenOutput {
                         tokens: vec![],
                         logprobs: vec![],
@@ -469,16 +534,12 @@ impl Batcher {
                     },
                     done: false,
                 };
-                let tok = l.sampler.sample(logits);
-                accept_token(
-                    &mut l,
-                    tok,
-                    log_prob(logits, tok),
-                    r,
-                    tokenizer,
-                    &mut job.stats,
-                    on_token,
-                )?;
+                let (tok, lp) = match (picked.take(), picker.as_mut()) {
+                    (Some((_, pick)), _) => pick,
+                    (None, Some(picker)) => l.sampler.sample_with(picker),
+                    (None, None) => unreachable!("a request without a pick has a row"),
+                };
+                accept_token(&mut l, tok, lp, r, tokenizer, &mut job.stats, on_token)?;
                 job.live += 1;
                 self.live.push(l);
             }

@@ -111,28 +111,67 @@ pub struct Draw {
 /// (weights `exp(logit / T - max)`; tokens of weight 0 are never picked). Sums are taken in
 /// f64, so the reference is closer to exact than any device's f32 sums.
 pub fn pick(logits: &[f32], d: &Draw) -> (u32, f32) {
-    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    let log_z = log_sum_exp_shifted(logits, max);
-    let lp = |t: u32| logits[t as usize] - max - log_z;
-    if d.temperature == 0.0 {
-        let t = argmax(logits);
-        return (t, lp(t));
-    }
-    let kept = Kept::new(logits, max, d);
-    let total: f64 = logits.iter().map(|&v| kept.weight(v) as f64).sum();
-    let mut r = d.uniform as f64 * total;
-    let mut last = 0;
-    for (i, &v) in logits.iter().enumerate() {
-        let w = kept.weight(v);
-        if w > 0.0 {
-            r -= w as f64;
-            last = i as u32;
-            if r <= 0.0 {
-                return (i as u32, lp(i as u32));
-            }
+    RowPicker::new(logits).pick(d)
+}
+
+/// [`pick`] for several draws from one row (the first tokens of a request's samples): the
+/// row's max and log-normaliser are computed once, and the kept weights once per distinct
+/// temperature, top-k and top-p, so each further draw is one walk over cached weights instead
+/// of several passes of `exp` over the vocabulary. Picks equal [`pick`]'s, which is this with
+/// one draw.
+pub struct RowPicker<'a> {
+    logits: &'a [f32],
+    max: f32,
+    log_z: f32,
+    /// The draw parameters (uniform 0) the cached weights are for, the weights, their sum.
+    kept: Option<(Draw, Vec<f32>, f64)>,
+}
+
+impl<'a> RowPicker<'a> {
+    /// A picker over `logits`: one max and one log-sum-exp pass.
+    pub fn new(logits: &'a [f32]) -> Self {
+        let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let log_z = log_sum_exp_shifted(logits, max);
+        RowPicker {
+            logits,
+            max,
+            log_z,
+            kept: None,
         }
     }
-    (last, lp(last))
+
+    /// `log_softmax(logits)[token]` (temperature 1), as [`log_prob`].
+    pub fn log_prob(&self, token: u32) -> f32 {
+        self.logits[token as usize] - self.max - self.log_z
+    }
+
+    /// The pick of `d`: `(token, log_prob)`, as [`pick`] defines it.
+    pub fn pick(&mut self, d: &Draw) -> (u32, f32) {
+        if d.temperature == 0.0 {
+            let t = argmax(self.logits);
+            return (t, self.log_prob(t));
+        }
+        let params = Draw { uniform: 0.0, ..*d };
+        if self.kept.as_ref().is_none_or(|(p, _, _)| *p != params) {
+            let kept = Kept::new(self.logits, self.max, d);
+            let w: Vec<f32> = self.logits.iter().map(|&v| kept.weight(v)).collect();
+            let total: f64 = w.iter().map(|&x| x as f64).sum();
+            self.kept = Some((params, w, total));
+        }
+        let (_, weights, total) = self.kept.as_ref().expect("cached above");
+        let mut r = d.uniform as f64 * total;
+        let mut last = 0;
+        for (i, &w) in weights.iter().enumerate() {
+            if w > 0.0 {
+                r -= w as f64;
+                last = i as u32;
+                if r <= 0.0 {
+                    return (last, self.log_prob(last));
+                }
+            }
+        }
+        (last, self.log_prob(last))
+    }
 }
 
 /// The weight [`pick`] gives each token under `d` (0 for a cut token), for checking another
@@ -248,9 +287,15 @@ impl Sampler {
 
     /// Picks the next token on the host.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        self.sample_with(&mut RowPicker::new(logits)).0
+    }
+
+    /// Picks the next token from `picker`'s row: `(token, log_prob)`. Samplers drawing from
+    /// the same row share one picker, so the row's passes are made once.
+    pub fn sample_with(&mut self, picker: &mut RowPicker<'_>) -> (u32, f32) {
         let (draw, rng) = self.peek();
         self.commit(rng);
-        pick(logits, &draw).0
+        picker.pick(&draw)
     }
 }
 
@@ -264,6 +309,40 @@ mod tests {
         assert_eq!(Sampler::new(SamplingParams::greedy(), 0).sample(&logits), 1);
         let total: f32 = (0..4).map(|t| log_prob(&logits, t).exp()).sum();
         assert!((total - 1.0).abs() < 1e-6);
+    }
+
+    /// One picker serving many draws (as a request's samples share their prompt's row) picks
+    /// what a fresh [`pick`] per draw picks, with the same log-probability, whatever the
+    /// order of greedy, top-k, top-p and plain draws.
+    #[test]
+    fn a_shared_row_picker_picks_as_fresh_picks() {
+        let logits: Vec<f32> = (0..5000)
+            .map(|i| ((i as f32 * 0.731).sin() * 7.0) + if i % 97 == 0 { 4.0 } else { 0.0 })
+            .collect();
+        let mut picker = RowPicker::new(&logits);
+        let mut rng = StdRng::seed_from_u64(3);
+        let params = [
+            (0.7, 0, 1.0),
+            (0.7, 0, 1.0),
+            (1.0, 40, 1.0),
+            (0.0, 0, 1.0),
+            (0.5, 0, 0.9),
+        ];
+        let mut distinct = std::collections::HashSet::new();
+        for round in 0..200 {
+            let (temperature, top_k, top_p) = params[round % params.len()];
+            let d = Draw {
+                temperature,
+                top_k,
+                top_p,
+                uniform: rng.gen(),
+            };
+            let shared = picker.pick(&d);
+            assert_eq!(shared, pick(&logits, &d), "draw {round}: {d:?}");
+            assert_eq!(shared.1, log_prob(&logits, shared.0));
+            distinct.insert(shared.0);
+        }
+        assert!(distinct.len() > 20, "the draws spread: {}", distinct.len());
     }
 
     #[test]
