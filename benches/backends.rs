@@ -80,7 +80,7 @@ fn decode_step(
         let entries: Vec<_> = seqs
             .iter()
             .zip(&inputs)
-            .map(|(s, t)| ForwardEntry::sampled(*s, t, greedy))
+            .map(|(s, t)| ForwardEntry::sampled(*s, t, &greedy))
             .collect();
         let out = engine.forward_at(&entries)?;
         for (t, p) in toks.iter_mut().zip(out.picks) {

@@ -78,9 +78,10 @@ pub struct ForwardEntry<'a> {
     pub logits_at: &'a [u32],
     /// Offsets into `tokens` whose final hidden states are wanted, in output order.
     pub hidden_at: &'a [u32],
-    /// Pick the next token after the last of `tokens` with this draw (on the device, for a
-    /// backend that samples there): only the token and its log-probability come back.
-    pub sample: Option<Draw>,
+    /// Pick the next token after the last of `tokens` once with each of these draws (on the
+    /// device, for a backend that samples there): only the tokens and their log-probabilities
+    /// come back, in draw order.
+    pub samples: &'a [Draw],
 }
 
 impl<'a> ForwardEntry<'a> {
@@ -91,18 +92,24 @@ impl<'a> ForwardEntry<'a> {
             tokens,
             logits_at: at,
             hidden_at: &[],
-            sample: None,
+            samples: &[],
         }
     }
 
     /// An entry that wants the next token after its last one picked with `draw`.
-    pub fn sampled(seq: SeqId, tokens: &'a [u32], draw: Draw) -> Self {
+    pub fn sampled(seq: SeqId, tokens: &'a [u32], draw: &'a Draw) -> Self {
+        Self::sampled_n(seq, tokens, std::slice::from_ref(draw))
+    }
+
+    /// An entry that wants the next token after its last one picked once with each of `draws`
+    /// (the first tokens of several samples of one prompt).
+    pub fn sampled_n(seq: SeqId, tokens: &'a [u32], draws: &'a [Draw]) -> Self {
         ForwardEntry {
             seq,
             tokens,
             logits_at: &[],
             hidden_at: &[],
-            sample: Some(draw),
+            samples: draws,
         }
     }
 
@@ -113,7 +120,7 @@ impl<'a> ForwardEntry<'a> {
             tokens,
             logits_at: &[],
             hidden_at: at,
-            sample: None,
+            samples: &[],
         }
     }
 }
@@ -125,7 +132,7 @@ pub struct ForwardOutputs<'a> {
     pub logits: &'a [f32],
     /// `d_model` values per requested hidden state, entry after entry.
     pub hidden: &'a [f32],
-    /// `(token, log_prob)` for each entry with a draw, entry after entry.
+    /// `(token, log_prob)` for each draw, entry after entry.
     pub picks: &'a [(u32, f32)],
 }
 
@@ -397,9 +404,8 @@ impl Engine {
         for e in entries {
             logit_rows.push(numbered(e.logits_at, &mut n_logits));
             hidden_rows.push(numbered(e.hidden_at, &mut n_hidden));
-            let last = [e.tokens.len() as u32 - 1];
-            let at: &[u32] = if e.sample.is_some() { &last } else { &[] };
-            pick_rows.push(numbered(at, &mut n_picks));
+            let at = vec![e.tokens.len() as u32 - 1; e.samples.len()];
+            pick_rows.push(numbered(&at, &mut n_picks));
         }
         // Reused buffers: a fresh 600 kB vector per step would be a fresh mmap and page faults.
         let mut logits = std::mem::take(&mut self.logits);
@@ -449,7 +455,7 @@ impl Engine {
                 let before = want_picks.len();
                 in_pass(&pick_rows[*i], &mut want_picks);
                 if want_picks.len() > before {
-                    draws.push(entries[*i].sample.expect("pick rows come from draws"));
+                    draws.extend_from_slice(entries[*i].samples);
                 }
                 idx += toks.len();
             }

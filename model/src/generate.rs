@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::{Engine, ForwardEntry, SeqId};
 use crate::error::{ModelError, Result};
-use crate::sampling::{Draw, RowPicker, Sampler, SamplingParams};
+use crate::sampling::{Draw, Sampler, SamplingParams};
 use crate::tokenizer::Tokenizer;
 
 /// Most samples one request may ask for.
@@ -138,21 +138,15 @@ struct Live {
     done: bool,
 }
 
-/// What one pass gives back: the rows of logits of the new requests of several samples, the
-/// first picks of the new requests of one sample (each with its sampler, past the draw), in
-/// request order (`None` where the request has a row), and the live samples' picks.
+/// A new request's samples, each with its sampler (past its first draw) and first pick.
+type Firsts = Vec<(Sampler, (u32, f32))>;
+
+/// What one pass gives back: the new requests' first picks, request after request, and the
+/// live samples' picks.
 #[derive(Default)]
 struct Passed {
-    prompt_rows: Vec<f32>,
-    firsts: Vec<Option<(Sampler, (u32, f32))>>,
+    firsts: Vec<Firsts>,
     picks: Vec<(u32, f32)>,
-}
-
-/// [`Passed`]'s first tokens, taken request after request.
-struct First<'a> {
-    rows: &'a [f32],
-    row: usize,
-    firsts: std::vec::IntoIter<Option<(Sampler, (u32, f32))>>,
 }
 
 /// Continuous batching over one [`Engine`].
@@ -271,11 +265,7 @@ impl Batcher {
             .map(|(&id, _)| id)
             .collect();
         new.sort();
-        let Passed {
-            prompt_rows,
-            firsts,
-            picks,
-        } = loop {
+        let Passed { firsts, picks } = loop {
             match self.pass(engine, &new) {
                 Ok(done) => break done,
                 Err(e) if !new.is_empty() => {
@@ -303,7 +293,6 @@ impl Batcher {
                 }
             }
         };
-        let vocab = engine.config().vocab_size;
         let secs = t0.elapsed().as_secs_f64();
         let blocks = engine.kv_blocks_in_use();
         for (id, job) in self.jobs.iter_mut() {
@@ -330,14 +319,9 @@ impl Batcher {
             }
         }
         // The new jobs' samples: fork each root once per extra sample, take the first token.
-        let mut at = First {
-            rows: &prompt_rows,
-            row: 0,
-            firsts: firsts.into_iter(),
-        };
+        let mut firsts = firsts.into_iter();
         for &id in &new {
-            if let Err(e) = self.start_samples(engine, tokenizer, id, &mut at, vocab, &mut on_token)
-            {
+            if let Err(e) = self.start_samples(engine, tokenizer, id, &mut firsts, &mut on_token) {
                 finished.push((id, Err(e)));
                 self.cancel(engine, id);
             }
@@ -399,116 +383,88 @@ impl Batcher {
                     .expect("a live sample has accepted a token")]
             })
             .collect();
-        // The prompts want logits (each of their samples draws its first token from them);
-        // the live samples want only their next token, picked where the logits are (on the
-        // device for a GPU backend, which then reads back 8 bytes a sample instead of a row).
-        let prompt_end: Vec<[u32; 1]> = new
-            .iter()
-            .flat_map(|id| {
-                let job = &self.jobs[id];
-                job.requests
-                    .iter()
-                    .enumerate()
-                    .map(|(ri, r)| [(r.prompt.len() - job.held[ri]).saturating_sub(1) as u32])
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-        // A request of one sample has its first token picked where the logits are, like a live
-        // sample's next one (its sampler is the one it will keep); a request of several reads
-        // its row back, and its samples pick from it on the host.
-        let mut firsts: Vec<Option<(Sampler, (Draw, StdRng))>> = Vec::new();
+        // Every new request's samples pick their first tokens where the logits are, like the
+        // live samples their next ones (on the device for a GPU backend: no row comes back):
+        // sample `si` draws from its own stream, which it keeps.
+        let mut firsts: Vec<Vec<(Sampler, (Draw, StdRng))>> = Vec::new();
         for id in new {
             for r in &self.jobs[id].requests {
-                firsts.push((r.n == 1).then(|| {
-                    let sampler = Sampler::new(r.sampling.clone(), 0);
-                    let draw = sampler.peek();
-                    (sampler, draw)
-                }));
+                firsts.push(
+                    (0..r.n)
+                        .map(|si| {
+                            let sampler = Sampler::new(r.sampling.clone(), si as u64);
+                            let draw = sampler.peek();
+                            (sampler, draw)
+                        })
+                        .collect(),
+                );
             }
         }
+        let first_draws: Vec<Vec<Draw>> = firsts
+            .iter()
+            .map(|f| f.iter().map(|(_, (d, _))| *d).collect())
+            .collect();
         let mut entries: Vec<ForwardEntry<'_>> = Vec::new();
-        let mut n_rows = 0;
         for id in new {
             let job = &self.jobs[id];
             for (ri, r) in job.requests.iter().enumerate() {
                 let tokens = &r.prompt[job.held[ri]..];
-                let i = entries.len();
-                entries.push(match &firsts[i] {
-                    Some((_, (draw, _))) => ForwardEntry::sampled(job.roots[ri], tokens, *draw),
-                    None => {
-                        n_rows += 1;
-                        ForwardEntry::logits_at(job.roots[ri], tokens, &prompt_end[i])
-                    }
-                });
+                let draws = &first_draws[entries.len()];
+                entries.push(ForwardEntry::sampled_n(job.roots[ri], tokens, draws));
             }
         }
-        let n_prompts = entries.len();
         let draws: Vec<_> = self.live.iter().map(|l| l.sampler.peek()).collect();
         entries.extend(
             self.live
                 .iter()
                 .zip(&last)
                 .zip(&draws)
-                .map(|((l, t), (d, _))| ForwardEntry::sampled(l.seq, &t[..], *d)),
+                .map(|((l, t), (d, _))| ForwardEntry::sampled(l.seq, &t[..], d)),
         );
         if entries.is_empty() {
             return Ok(Passed::default());
         }
-        let vocab = engine.config().vocab_size;
         let out = engine.forward_at(&entries)?;
         drop(entries);
-        let prompt_rows = out.logits[..n_rows * vocab].to_vec();
-        let n_first = firsts.iter().flatten().count();
-        let mut first_picks = out.picks[..n_first].iter();
+        let mut first_picks = out.picks.iter();
         let firsts = firsts
             .into_iter()
-            .map(|f| {
-                f.map(|(mut sampler, (_, rng))| {
-                    sampler.commit(rng);
-                    (
-                        sampler,
-                        *first_picks.next().expect("one pick per sampled prompt"),
-                    )
-                })
+            .map(|samples| {
+                samples
+                    .into_iter()
+                    .map(|(mut sampler, (_, rng))| {
+                        sampler.commit(rng);
+                        let pick = *first_picks.next().expect("one pick per draw");
+                        (sampler, pick)
+                    })
+                    .collect()
             })
             .collect();
-        debug_assert_eq!(n_prompts, n_rows + n_first);
+        let n_first = out.picks.len() - first_picks.len();
         let picks = out.picks[n_first..].to_vec();
         for (l, (_, rng)) in self.live.iter_mut().zip(draws) {
             l.sampler.commit(rng);
         }
-        Ok(Passed {
-            prompt_rows,
-            firsts,
-            picks,
-        })
+        Ok(Passed { firsts, picks })
     }
 
-    /// Forks the samples of new job `id` from its roots and gives each its first token: the
-    /// pick made in the pass (a request of one sample) or one from its row of logits, taken from
-    /// `at` request after request.
+    /// Forks the samples of new job `id` from its roots and gives each its first token, picked
+    /// in the pass: `firsts` yields them request after request.
     fn start_samples(
         &mut self,
         engine: &mut Engine,
         tokenizer: &Tokenizer,
         id: JobId,
-        at: &mut First<'_>,
-        vocab: usize,
+        firsts: &mut impl Iterator<Item = Firsts>,
         on_token: &mut impl FnMut(JobId, usize, usize, u32),
     ) -> Result<()> {
         let job = self.jobs.get_mut(&id).expect("new jobs exist");
         job.prefilled = true;
         for (ri, r) in job.requests.iter().enumerate() {
             job.stats.prompt_tokens_computed += (r.prompt.len() - job.held[ri]) as u64;
-            let mut picked = at.firsts.next().expect("one first pick or row per request");
-            let mut picker = None;
-            if picked.is_none() {
-                // One picker for the request's samples: the row's passes are made once.
-                let logits = &at.rows[at.row * vocab..(at.row + 1) * vocab];
-                at.row += 1;
-                picker = Some(RowPicker::new(logits));
-            }
-            for si in 0..r.n {
+            let samples = firsts.next().expect("first picks for every request");
+            debug_assert_eq!(samples.len(), r.n);
+            for (si, (sampler, (tok, lp))) in samples.into_iter().enumerate() {
                 let seq = if si == 0 {
                     job.roots[ri]
                 } else {
@@ -521,10 +477,7 @@ impl Batcher {
                     request: ri,
                     sample: si,
                     seq,
-                    sampler: match &picked {
-                        Some((sampler, _)) => sampler.clone(),
-                        None => Sampler::new(r.sampling.clone(), si as u64),
-                    },
+                    sampler,
                     out: GenOutput {
                         tokens: vec![],
                         logprobs: vec![],
@@ -533,11 +486,6 @@ impl Batcher {
                         seq: r.keep_sequences.then_some(seq),
                     },
                     done: false,
-                };
-                let (tok, lp) = match (picked.take(), picker.as_mut()) {
-                    (Some((_, pick)), _) => pick,
-                    (None, Some(picker)) => l.sampler.sample_with(picker),
-                    (None, None) => unreachable!("a request without a pick has a row"),
                 };
                 accept_token(&mut l, tok, lp, r, tokenizer, &mut job.stats, on_token)?;
                 job.live += 1;

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 use crate::arch::ModelConfig;
 use crate::error::Result;
-use crate::sampling::{pick, Draw};
+use crate::sampling::{Draw, RowPicker};
 
 /// One forward pass over a batch of tokens from any number of sequences.
 ///
@@ -161,10 +161,11 @@ pub trait Backend: Send {
     /// Like [`Backend::forward`], and also picks the next token after each token listed in
     /// `sample_for` with the matching draw, writing `(token, log_prob)` per entry into
     /// `picks`: the rows of `sample_for` are neither returned nor (on a device) read back.
-    /// Picks must equal [`crate::sampling::pick`] on the backend's own logits, up to the
-    /// rounding of a sum (a uniform within a few ulps of a boundary between two tokens).
+    /// A token may be listed more than once (several draws from one row). Picks must equal
+    /// [`crate::sampling::pick`] on the backend's own logits, up to the rounding of a sum (a
+    /// uniform within a few ulps of a boundary between two tokens).
     ///
-    /// The default computes the rows and picks on the host.
+    /// The default computes each listed row once and picks on the host.
     fn forward_sampled(
         &mut self,
         batch: &ForwardBatch<'_>,
@@ -177,7 +178,21 @@ pub trait Backend: Send {
         if sample_for.is_empty() {
             return self.forward(batch, logits, hidden);
         }
-        let rows: Vec<u32> = batch.logits_for.iter().chain(sample_for).copied().collect();
+        // Each distinct token's row once, with the draws that pick from it.
+        let mut unique: Vec<u32> = Vec::new();
+        let mut draws_of: Vec<Vec<(usize, Draw)>> = Vec::new();
+        for (i, (&t, d)) in sample_for.iter().zip(draws).enumerate() {
+            let u = match unique.iter().position(|&x| x == t) {
+                Some(u) => u,
+                None => {
+                    unique.push(t);
+                    draws_of.push(Vec::new());
+                    unique.len() - 1
+                }
+            };
+            draws_of[u].push((i, *d));
+        }
+        let rows: Vec<u32> = batch.logits_for.iter().chain(&unique).copied().collect();
         let with_rows = ForwardBatch {
             logits_for: &rows,
             ..*batch
@@ -185,19 +200,31 @@ pub trait Backend: Send {
         self.forward(&with_rows, logits, hidden)?;
         let vocab = self.config().vocab_size;
         let sampled = &logits[batch.logits_for.len() * vocab..];
-        host_picks(sampled, vocab, draws, picks);
+        picks.resize(sample_for.len(), (0, 0.0));
+        for (u, picked) in host_picks(sampled, vocab, &draws_of)
+            .into_iter()
+            .enumerate()
+        {
+            for ((i, _), p) in draws_of[u].iter().zip(picked) {
+                picks[*i] = p;
+            }
+        }
         logits.truncate(batch.logits_for.len() * vocab);
         Ok(())
     }
 }
 
-/// [`crate::sampling::pick`] on each row of `rows` (`vocab` logits each) with its draw, over
-/// the cores when there are several: every pick reads the whole row.
-pub(crate) fn host_picks(rows: &[f32], vocab: usize, draws: &[Draw], picks: &mut Vec<(u32, f32)>) {
-    let one = |(row, d): (&[f32], &Draw)| pick(row, d);
+/// [`crate::sampling::pick`] on each row of `rows` (`vocab` logits each) with each of its
+/// draws, over the cores when there are several rows: the draws of a row share one
+/// [`RowPicker`], whose passes over the row they make once.
+fn host_picks(rows: &[f32], vocab: usize, draws: &[Vec<(usize, Draw)>]) -> Vec<Vec<(u32, f32)>> {
+    let one = |(row, ds): (&[f32], &Vec<(usize, Draw)>)| {
+        let mut picker = RowPicker::new(row);
+        ds.iter().map(|(_, d)| picker.pick(d)).collect::<Vec<_>>()
+    };
     if draws.len() >= 4 {
-        picks.par_extend(rows.par_chunks(vocab).zip(draws).map(one));
+        rows.par_chunks(vocab).zip(draws).map(one).collect()
     } else {
-        picks.extend(rows.chunks(vocab).zip(draws).map(one));
+        rows.chunks(vocab).zip(draws).map(one).collect()
     }
 }

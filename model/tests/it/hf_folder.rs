@@ -152,7 +152,7 @@ fn hidden_states_match_the_plain_reference_at_chosen_offsets() {
                     tokens: &a,
                     logits_at: &logits_a,
                     hidden_at: &hidden_a,
-                    sample: None,
+                    samples: &[],
                 },
                 ForwardEntry::hidden_at(sb, &b, &sep),
             ])

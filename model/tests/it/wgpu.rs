@@ -508,20 +508,27 @@ fn draws(n: usize) -> Vec<Draw> {
 fn check_device_picks(e: &mut Engine, prompt: &[u32], next: u32, n: usize, what: &str) {
     let root = e.new_sequence();
     e.forward(&[(root, prompt)]).unwrap();
-    let forks: Vec<_> = (0..=n).map(|_| e.fork(root).unwrap()).collect();
+    let forks: Vec<_> = (0..=n + 1).map(|_| e.fork(root).unwrap()).collect();
     let ds = draws(n);
     let tok = [next];
     let at = [0u32];
     let mut entries = vec![ForwardEntry::logits_at(forks[0], &tok, &at)];
     entries.extend(
-        forks[1..]
+        forks[1..=n]
             .iter()
             .zip(&ds)
-            .map(|(&s, d)| ForwardEntry::sampled(s, &tok, *d)),
+            .map(|(&s, d)| ForwardEntry::sampled(s, &tok, d)),
     );
+    // The last fork draws all of them from its one row, as a prompt's samples do.
+    entries.push(ForwardEntry::sampled_n(forks[n + 1], &tok, &ds));
     let out = e.forward_at(&entries).unwrap();
-    let (logits, picks) = (out.logits.to_vec(), out.picks.to_vec());
-    assert_eq!(picks.len(), n, "{what}: one pick per draw");
+    let (logits, mut picks) = (out.logits.to_vec(), out.picks.to_vec());
+    assert_eq!(picks.len(), 2 * n, "{what}: one pick per draw");
+    let from_one_row = picks.split_off(n);
+    assert_eq!(
+        from_one_row, picks,
+        "{what}: draws from one row pick as the same draws from rows of their own"
+    );
     let mut distinct = std::collections::HashSet::new();
     let mut inexact = 0;
     for (j, (d, &(token, lp))) in ds.iter().zip(&picks).enumerate() {
@@ -571,6 +578,37 @@ fn check_device_picks(e: &mut Engine, prompt: &[u32], next: u32, n: usize, what:
     for s in forks.into_iter().chain([root]) {
         e.free(s);
     }
+}
+
+/// The host's picks (the CPU backend): several draws from one entry's row, interleaved with
+/// another row's, each equal to the reference pick on its own row's logits.
+#[test]
+fn host_picks_of_several_draws_from_one_row_equal_the_reference() {
+    let dir = std::env::temp_dir().join(format!("arbor-host-pick-{}", std::process::id()));
+    TinyModel::new("qwen2").write(&dir).unwrap();
+    let model = Model::load(&dir).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    let mut e = cpu_engine(&model);
+    let prompt: Vec<u32> = (0..20u32).map(|i| (i * 37 + 11) % 256).collect();
+    let root = e.new_sequence();
+    e.forward(&[(root, &prompt)]).unwrap();
+    let forks: Vec<_> = (0..4).map(|_| e.fork(root).unwrap()).collect();
+    let ds = draws(12);
+    let (seven, nine, at) = ([7u32], [9u32], [0u32]);
+    let entries = [
+        ForwardEntry::sampled_n(forks[0], &seven, &ds[..10]),
+        ForwardEntry::sampled(forks[1], &nine, &ds[10]),
+        ForwardEntry::logits_at(forks[2], &seven, &at),
+        ForwardEntry::logits_at(forks[3], &nine, &at),
+    ];
+    let out = e.forward_at(&entries).unwrap();
+    let vocab = model.config.vocab_size;
+    let (row7, row9) = out.logits.split_at(vocab);
+    assert_eq!(out.picks.len(), 11);
+    for (j, d) in ds[..10].iter().enumerate() {
+        assert_eq!(out.picks[j], pick(row7, d), "draw {j} from the first row");
+    }
+    assert_eq!(out.picks[10], pick(row9, &ds[10]), "the other row's draw");
 }
 
 #[test]
