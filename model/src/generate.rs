@@ -369,9 +369,8 @@ impl Batcher {
     }
 
     /// One forward pass over the prompts of `new` and the last token of every live sample.
-    /// Returns the logits after each new prompt (request after request) and each live sample's
-    /// next token with its log-probability. On error nothing has changed.
-    #[allow(clippy::type_complexity)]
+    /// Returns the first picks of each new request's samples (request after request) and each
+    /// live sample's next token with its log-probability. On error nothing has changed.
     fn pass(&mut self, engine: &mut Engine, new: &[JobId]) -> Result<Passed> {
         let last: Vec<[u32; 1]> = self
             .live

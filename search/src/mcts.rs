@@ -144,6 +144,9 @@ async fn round<P: Policy, S: Scorer>(
         .min(room)
         .min(sims_left) as usize;
 
+    // Root samples belong to the root's first expansion only, not to its later widenings.
+    let root_samples =
+        tree.node(NodeId::ROOT).state() == NodeState::Unexpanded && config.root_samples > 1;
     let mut flight = InFlight::new(tree);
     let mut sims: Vec<Simulation> = Vec::with_capacity(slots);
     let mut leaves: Vec<(NodeId, u32)> = Vec::with_capacity(slots);
@@ -214,7 +217,7 @@ async fn round<P: Policy, S: Scorer>(
         }
     }
     // Root samples: every other new child of the root becomes a simulation of its own.
-    if config.root_samples > 1 {
+    if root_samples {
         let first = sims
             .iter()
             .find(|sim| sim.leaf == NodeId::ROOT)
