@@ -333,11 +333,14 @@ async fn roll_out<P: Policy, S: Scorer>(
         if io.nodes_left(flight.tree()) < active.len() as u64 {
             return Ok(());
         }
-        // The finish: when what is left of the budget cannot pay a full step for every rollout,
-        // only the rollouts furthest along go on (as many as it pays full steps for, at least
-        // one), so the budget ends in answers instead of in as many cut, unanswered paths.
+        // The finish: when what is left of the budget cannot pay two full steps for every
+        // rollout, only the rollouts furthest along go on (as many as it pays two full steps
+        // for, at least one). The others wait, not end: they go on if the first finish with
+        // budget to spare. The tokens spent are the same; they go to fewer paths at a time, so
+        // the budget ends in answers (as a sampler's does, finishing one sample after another)
+        // instead of in as many cut, unanswered paths.
         if let Some(left) = io.tokens_left() {
-            let step = u64::from(io.max_step_tokens()).max(1);
+            let step = 2 * u64::from(io.max_step_tokens()).max(1);
             let affordable = usize::try_from(left / step).unwrap_or(usize::MAX).max(1);
             if affordable < active.len() {
                 let tree = flight.tree();
