@@ -455,14 +455,16 @@ fn a_call_that_fails_in_part_keeps_the_part_that_came_back() {
 ///
 /// | answer value | p 0.6, 600 | p 0.75, 1200 | p 0.6, 1500 |
 /// |---|---|---|---|
-/// | score | 14 | 42 | 15 |
-/// | consistency | 14 | 37 | 14 |
-/// | score × consistency | 15 | 42 | 26 |
+/// | score | 15 | 44 | 19 |
+/// | consistency | 14 | 34 | 18 |
+/// | score × consistency | 17 | 44 | 19 |
 ///
 /// Steering by the share alone concentrates the tree on an early plurality and does not pay;
-/// the product is never worse and pays when the budget is long. This pins that the product
-/// stays at least as good as the score in each regime, and better in the long one. (The
-/// default stays `score` until the development split says otherwise.)
+/// the product is never worse. It used to pay when the budget is long (20 against 16 at 1500
+/// while rollouts narrowed only one step before the budget ran out; 26 against 15 before
+/// that), but since rollouts narrow two steps ahead (`0680ac0`) and finish more often, the
+/// score has caught up there. This pins that the product stays at least as good as the score
+/// in each regime. (The default stays `score` until the development split says otherwise.)
 #[test]
 fn consistency_values_for_mcts_rollouts_on_a_scorer_without_signal() {
     let games = 60;
@@ -485,12 +487,6 @@ fn consistency_values_for_mcts_rollouts_on_a_scorer_without_signal() {
             both >= score,
             "p {p}, {budget}: product {both} < score {score}"
         );
-        if budget == 1500 {
-            assert!(
-                both > score,
-                "p {p}, {budget}: product {both}, score {score}"
-            );
-        }
     }
 }
 
@@ -504,9 +500,10 @@ fn consistency_values_for_mcts_rollouts_on_a_scorer_without_signal() {
 /// | no signal | 0.75, 1200 | 42 / 49 / 45 | 46 / 47 / 47 | 49 / 48 / 45 |
 /// | no signal | 0.6, 1500 | 15 / 13 / 11 | 14 / 12 / 11 | 13 / 15 / 15 |
 /// | signal (0.2, 0.3) | 0.6, 600 | 52 / 4 / 25 | 60 / 27 / 50 | 60 / 23 / 48 |
-/// | signal | 0.6, 1500 | 59 / 1 / 18 | 60 / 9 / 40 | 60 / 14 / 32 |
+/// | signal | 0.6, 1500 | 59 / 0 / 9 | 60 / 9 / 40 | 60 / 14 / 32 |
 ///
-/// No better without a signal, far worse with one: so the weighted vote stays the default (on
+/// (The last row as of `0680ac0`'s two-step finish; the MCTS cells of the others were
+/// measured before it.) No better without a signal, far worse with one: so the weighted vote stays the default (on
 /// GSM8K's tuning questions with the shipped head the five rules were within noise of each
 /// other, docs/eval/gsm8k-tune-300-head-1024). This pins the second half.
 #[test]
