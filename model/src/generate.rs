@@ -385,24 +385,21 @@ impl Batcher {
         // Every new request's samples pick their first tokens where the logits are, like the
         // live samples their next ones (on the device for a GPU backend: no row comes back):
         // sample `si` draws from its own stream, which it keeps.
-        let mut firsts: Vec<Vec<(Sampler, (Draw, StdRng))>> = Vec::new();
+        let mut samplers: Vec<Vec<(Sampler, StdRng)>> = Vec::new();
+        let mut first_draws: Vec<Vec<Draw>> = Vec::new();
         for id in new {
             for r in &self.jobs[id].requests {
-                firsts.push(
-                    (0..r.n)
-                        .map(|si| {
-                            let sampler = Sampler::new(r.sampling.clone(), si as u64);
-                            let draw = sampler.peek();
-                            (sampler, draw)
-                        })
-                        .collect(),
-                );
+                let (s, d): (Vec<_>, Vec<_>) = (0..r.n)
+                    .map(|si| {
+                        let sampler = Sampler::new(r.sampling.clone(), si as u64);
+                        let (draw, rng) = sampler.peek();
+                        ((sampler, rng), draw)
+                    })
+                    .unzip();
+                samplers.push(s);
+                first_draws.push(d);
             }
         }
-        let first_draws: Vec<Vec<Draw>> = firsts
-            .iter()
-            .map(|f| f.iter().map(|(_, (d, _))| *d).collect())
-            .collect();
         let mut entries: Vec<ForwardEntry<'_>> = Vec::new();
         for id in new {
             let job = &self.jobs[id];
@@ -425,22 +422,23 @@ impl Batcher {
         }
         let out = engine.forward_at(&entries)?;
         drop(entries);
-        let mut first_picks = out.picks.iter();
-        let firsts = firsts
+        let n_first = first_draws.iter().map(Vec::len).sum();
+        let (first_picks, picks) = out.picks.split_at(n_first);
+        let mut first_picks = first_picks.iter();
+        let firsts = samplers
             .into_iter()
             .map(|samples| {
                 samples
                     .into_iter()
-                    .map(|(mut sampler, (_, rng))| {
+                    .zip(first_picks.by_ref())
+                    .map(|((mut sampler, rng), &pick)| {
                         sampler.commit(rng);
-                        let pick = *first_picks.next().expect("one pick per draw");
                         (sampler, pick)
                     })
                     .collect()
             })
             .collect();
-        let n_first = out.picks.len() - first_picks.len();
-        let picks = out.picks[n_first..].to_vec();
+        let picks = picks.to_vec();
         for (l, (_, rng)) in self.live.iter_mut().zip(draws) {
             l.sampler.commit(rng);
         }

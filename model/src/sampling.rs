@@ -287,15 +287,9 @@ impl Sampler {
 
     /// Picks the next token on the host.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        self.sample_with(&mut RowPicker::new(logits)).0
-    }
-
-    /// Picks the next token from `picker`'s row: `(token, log_prob)`. Samplers drawing from
-    /// the same row share one picker, so the row's passes are made once.
-    pub fn sample_with(&mut self, picker: &mut RowPicker<'_>) -> (u32, f32) {
         let (draw, rng) = self.peek();
         self.commit(rng);
-        picker.pick(&draw)
+        pick(logits, &draw).0
     }
 }
 

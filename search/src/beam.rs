@@ -191,14 +191,13 @@ fn plan<P: Policy, S: Scorer>(
     wanted: u64,
     probe: u64,
 ) -> Next {
-    let Some(max) = io.config.budget.max_generated_tokens else {
+    let Some(left) = io.tokens_left() else {
         return Next::Branch {
             proposals: wanted,
             cap: None,
             probe: false,
         };
     };
-    let left = max.saturating_sub(io.costs.generated_tokens);
     let Some(cost) = step_cost(tree, io) else {
         let worst = wanted.saturating_mul(u64::from(io.config.sampling.max_step_tokens));
         let probing = worst.saturating_mul(2) > left && probe < wanted;
@@ -305,11 +304,10 @@ fn finishable<P: Policy, S: Scorer>(
     tally: &Tally,
     heads: &[NodeId],
 ) -> usize {
-    let (Some(max), Some(cost)) = (io.config.budget.max_generated_tokens, step_cost(tree, io))
-    else {
+    let (Some(left), Some(cost)) = (io.tokens_left(), step_cost(tree, io)) else {
         return heads.len().max(1);
     };
-    let left = max.saturating_sub(io.costs.generated_tokens) as f64;
+    let left = left as f64;
     let at = heads
         .iter()
         .map(|&h| tree.node(h).depth())
@@ -385,11 +383,10 @@ fn affordable<P: Policy, S: Scorer>(
     tally: &Tally,
     at: u32,
 ) -> usize {
-    let (Some(max), Some(cost)) = (io.config.budget.max_generated_tokens, step_cost(tree, io))
-    else {
+    let (Some(left), Some(cost)) = (io.tokens_left(), step_cost(tree, io)) else {
         return 0;
     };
-    let left = max.saturating_sub(io.costs.generated_tokens) as f64;
+    let left = left as f64;
     (left / (steps_to_go(tree, tally, at) * cost.mean)) as usize
 }
 
@@ -409,11 +406,8 @@ async fn run_on<P: Policy, S: Scorer>(
             return Ok(());
         }
         // When the budget cannot pay every head a whole step, the weakest are dropped.
-        if let (Some(max), Some(cost)) =
-            (io.config.budget.max_generated_tokens, step_cost(tree, io))
-        {
-            let left = max.saturating_sub(io.costs.generated_tokens) as f64;
-            let afford = (left / (1.5 * cost.mean)) as usize;
+        if let (Some(left), Some(cost)) = (io.tokens_left(), step_cost(tree, io)) {
+            let afford = (left as f64 / (1.5 * cost.mean)) as usize;
             heads.truncate(afford.max(1));
         }
         let leaves: Vec<(NodeId, u32)> = heads.iter().map(|&h| (h, 1)).collect();

@@ -494,11 +494,6 @@ impl<'a, P: Policy, S: Scorer> Io<'a, P, S> {
             .map(|max| max.saturating_sub(self.costs.generated_tokens))
     }
 
-    /// Longest step the policy may take.
-    pub(crate) fn max_step_tokens(&self) -> u32 {
-        self.config.sampling.max_step_tokens
-    }
-
     /// How many more nodes the tree may take.
     pub(crate) fn nodes_left(&self, tree: &Tree) -> u64 {
         u64::from(self.config.budget.max_nodes).saturating_sub(tree.len() as u64)
@@ -536,10 +531,9 @@ impl<'a, P: Policy, S: Scorer> Io<'a, P, S> {
         // generates (a rollout PRM) will score each new step at about its cost so far per
         // request: that much is kept back for it, and a call that would leave it less is not
         // made.
-        if let Some(max) = self.config.budget.max_generated_tokens {
+        if let Some(left) = self.tokens_left() {
             let samples: u64 = batch.iter().map(|r| u64::from(r.k)).sum::<u64>().max(1);
             let scoring = samples.saturating_mul(self.scorer_generated_per_request());
-            let left = max.saturating_sub(self.costs.generated_tokens);
             if scoring > 0 && left < scoring.saturating_add(samples) {
                 return Err(Termination::Budget(Budget::GeneratedTokens));
             }

@@ -158,9 +158,7 @@ async fn round<P: Policy, S: Scorer>(
             // The first expansion of the root: as many children as independent samples asked.
             Descent::Leaf(NodeId::ROOT) => (
                 NodeId::ROOT,
-                k.max(config.root_samples)
-                    .min(flight.tree().max_children())
-                    .max(1),
+                k.max(config.root_samples).min(flight.tree().max_children()),
             ),
             Descent::Leaf(leaf) => (leaf, k),
             Descent::Widen(node, more) => (node, more),
@@ -340,7 +338,7 @@ async fn roll_out<P: Policy, S: Scorer>(
         // the budget ends in answers (as a sampler's does, finishing one sample after another)
         // instead of in as many cut, unanswered paths.
         if let Some(left) = io.tokens_left() {
-            let step = 2 * u64::from(io.max_step_tokens()).max(1);
+            let step = 2 * u64::from(io.config.sampling.max_step_tokens);
             let affordable = usize::try_from(left / step).unwrap_or(usize::MAX).max(1);
             if affordable < active.len() {
                 let tree = flight.tree();
